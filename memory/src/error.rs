@@ -1,0 +1,110 @@
+//! The one error type of the crate: every variant carries the figures a user needs to act on it.
+
+use std::time::Duration;
+
+use crate::lease::LeaseId;
+
+/// Everything that can go wrong in `usine-memory`.
+///
+/// Messages are lowercase, without a trailing period, and name the pool and the figures.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum MemoryError {
+    /// No pool has this name.
+    #[error("unknown pool `{pool}` (known pools: {})", known.join(", "))]
+    UnknownPool {
+        /// The name that was asked for.
+        pool: String,
+        /// The pools that exist, sorted.
+        known: Vec<String>,
+    },
+    /// A pool with this name already exists.
+    #[error("pool `{pool}` already exists")]
+    DuplicatePool {
+        /// The name that is taken.
+        pool: String,
+    },
+    /// A pool name that cannot be used (it becomes a metric label, so it is kept short and plain).
+    #[error("invalid pool name `{name}`: {reason}")]
+    InvalidName {
+        /// The rejected name.
+        name: String,
+        /// Which rule it breaks.
+        reason: &'static str,
+    },
+    /// A pool must hold at least one block.
+    #[error("pool `{pool}` has zero capacity")]
+    ZeroCapacity {
+        /// The pool being created.
+        pool: String,
+    },
+    /// The block size is zero or does not divide the capacity.
+    #[error("pool `{pool}`: block size {block_size} bytes does not divide capacity {capacity} bytes")]
+    BlockSize {
+        /// The pool being created.
+        pool: String,
+        /// Its capacity in bytes.
+        capacity: u64,
+        /// The offending block size in bytes.
+        block_size: u64,
+    },
+    /// The high-water mark is a percentage of capacity, from 1 to 100.
+    #[error("pool `{pool}`: high-water mark {percent} % is outside 1..=100 %")]
+    HighWater {
+        /// The pool being created.
+        pool: String,
+        /// The offending percentage.
+        percent: u8,
+    },
+    /// Not enough free space right now; it may succeed later (see [`Pool::allocate_wait`](crate::Pool::allocate_wait)).
+    #[error(
+        "pool `{pool}` exhausted: requested {requested} bytes, {available} available{}",
+        if *waiters > 0 { format!(", {waiters} waiters queued first") } else { String::new() }
+    )]
+    Exhausted {
+        /// The pool asked.
+        pool: String,
+        /// Bytes requested (before rounding up to whole blocks).
+        requested: u64,
+        /// Bytes free in the pool at that moment.
+        available: u64,
+        /// Waiters ahead in the queue; a new request never overtakes them.
+        waiters: usize,
+    },
+    /// The request exceeds the pool's whole capacity and can never succeed.
+    #[error("request of {requested} bytes exceeds the whole capacity of pool `{pool}` ({capacity} bytes)")]
+    TooLarge {
+        /// The pool asked.
+        pool: String,
+        /// Bytes requested.
+        requested: u64,
+        /// The pool's capacity in bytes.
+        capacity: u64,
+    },
+    /// Waited the whole timeout without the space coming free.
+    #[error("timed out after {waited:?} waiting for {requested} bytes in pool `{pool}` ({available} available)")]
+    TimedOut {
+        /// The pool asked.
+        pool: String,
+        /// Bytes requested.
+        requested: u64,
+        /// Bytes free when the wait gave up.
+        available: u64,
+        /// How long the request waited.
+        waited: Duration,
+    },
+    /// The lease was taken back by the GC or by [`MemoryManager::release_scope`](crate::MemoryManager::release_scope).
+    #[error("lease {lease} of pool `{pool}` was revoked")]
+    Revoked {
+        /// The pool the lease came from.
+        pool: String,
+        /// The revoked lease.
+        lease: LeaseId,
+    },
+    /// The GC sweeper needs a tokio runtime to run on.
+    #[error("no tokio runtime to run the gc sweeper on")]
+    NoRuntime,
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = MemoryError> = std::result::Result<T, E>;

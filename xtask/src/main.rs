@@ -1,0 +1,39 @@
+//! `cargo xtask <verb>`: what a person would otherwise type by hand, in Rust.
+//!
+//! - `tidy`: checks the architecture invariants (layers, application-only crates, lints, file docs).
+//!   The same checks run under `cargo test`.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::{Result, bail};
+
+mod tidy;
+
+const USAGE: &str =
+    "usage: cargo xtask <verb>\n\nverbs:\n  tidy    check the architecture invariants of ARCHITECTURE.md";
+
+fn main() -> Result<ExitCode> {
+    let verb = std::env::args().nth(1);
+    match verb.as_deref() {
+        Some("tidy") => {
+            let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace root");
+            let violations = tidy::run(root)?;
+            for violation in &violations {
+                eprintln!("tidy: {violation}");
+            }
+            if violations.is_empty() {
+                eprintln!("tidy: the workspace keeps its invariants");
+                Ok(ExitCode::SUCCESS)
+            } else {
+                eprintln!("tidy: {} violations", violations.len());
+                Ok(ExitCode::FAILURE)
+            }
+        }
+        Some("help" | "--help" | "-h") | None => {
+            eprintln!("{USAGE}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(other) => bail!("unknown verb `{other}`\n\n{USAGE}"),
+    }
+}

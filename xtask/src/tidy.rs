@@ -1,0 +1,282 @@
+//! `cargo xtask tidy`: the architecture invariants of ARCHITECTURE.md, checked on the real workspace.
+//!
+//! - Layers: a crate depends only on the workspace crates its row of [`LAYERS`] allows.
+//! - No library crate reaches `metrics-exporter-prometheus`, `clap`, `axum` or `anyhow`, even
+//!   through a third-party crate; only the applications (`usine-cli`, `xtask`, `usine-tests`) may.
+//! - Every crate takes the workspace lints, and every Rust file opens with a `//!` line saying what it is for.
+//!
+//! The checks are pure functions over a small [`Workspace`] model, so that their tests can feed them
+//! broken workspaces; [`Workspace::load`] fills the model from `cargo metadata`.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use cargo_metadata::{DependencyKind, MetadataCommand};
+
+/// Which workspace crates each crate may depend on (any kind: normal, build or dev).
+pub(crate) const LAYERS: &[(&str, &[&str])] = &[
+    ("usine-memory", &[]),
+    ("usine-storage", &[]),
+    ("usine-engine", &[]),
+    ("usine-engine-webllm", &["usine-engine"]),
+    ("usine-engine-transformers", &["usine-engine"]),
+    ("usine-engine-candle", &["usine-engine"]),
+    ("usine-kernel", &["usine-memory", "usine-storage", "usine-engine"]),
+    ("usine-executor", &["usine-kernel", "usine-memory", "usine-engine"]),
+    ("usine-cli", ANY),
+    ("usine-tests", ANY),
+    ("xtask", &[]),
+];
+
+/// Marks a row that may depend on every workspace crate.
+const ANY: &[&str] = &["*"];
+
+/// Crates that belong to applications: reaching them from a library is a violation.
+pub(crate) const APPLICATION_ONLY: &[&str] = &["metrics-exporter-prometheus", "clap", "axum", "anyhow"];
+
+/// The crates allowed to use [`APPLICATION_ONLY`] crates.
+const APPLICATIONS: &[&str] = &["usine-cli", "usine-tests", "xtask"];
+
+/// What the checks need to know of the workspace.
+#[derive(Debug, Default)]
+pub(crate) struct Workspace {
+    /// Workspace crates, by name, with their folder.
+    pub(crate) members: BTreeMap<String, PathBuf>,
+    /// Direct dependencies of each workspace crate on other workspace crates, all kinds.
+    pub(crate) internal: BTreeMap<String, BTreeSet<String>>,
+    /// The resolved graph of normal and build dependencies (what a user of the crate compiles), by name.
+    pub(crate) graph: BTreeMap<String, BTreeSet<String>>,
+}
+
+impl Workspace {
+    /// Reads the workspace whose root manifest is in `root`.
+    pub(crate) fn load(root: &Path) -> Result<Self> {
+        let metadata =
+            MetadataCommand::new().manifest_path(root.join("Cargo.toml")).exec().context("running `cargo metadata`")?;
+        let members: BTreeSet<_> = metadata.workspace_members.iter().collect();
+        let mut workspace = Self::default();
+        let mut names = BTreeMap::new();
+        for package in &metadata.packages {
+            names.insert(&package.id, package.name.to_string());
+            if !members.contains(&package.id) {
+                continue;
+            }
+            let folder = package.manifest_path.parent().context("a manifest has a folder")?;
+            workspace.members.insert(package.name.to_string(), folder.as_std_path().to_owned());
+        }
+        for package in metadata.packages.iter().filter(|package| members.contains(&package.id)) {
+            let internal = package
+                .dependencies
+                .iter()
+                .filter(|dependency| workspace.members.contains_key(&dependency.name))
+                .map(|dependency| dependency.name.clone())
+                .collect();
+            workspace.internal.insert(package.name.to_string(), internal);
+        }
+        let resolve = metadata.resolve.context("`cargo metadata` resolved no graph")?;
+        for node in &resolve.nodes {
+            let compiled = node
+                .deps
+                .iter()
+                .filter(|dep| dep.dep_kinds.iter().any(|info| info.kind != DependencyKind::Development))
+                .map(|dep| names[&dep.pkg].clone());
+            workspace.graph.entry(names[&node.id].clone()).or_default().extend(compiled);
+        }
+        Ok(workspace)
+    }
+}
+
+/// Violations of the layer table: unknown crates, and dependencies their row does not allow.
+pub(crate) fn check_layers(workspace: &Workspace) -> Vec<String> {
+    let layers: BTreeMap<_, _> = LAYERS.iter().copied().collect();
+    let mut violations = Vec::new();
+    for (krate, deps) in &workspace.internal {
+        let Some(allowed) = layers.get(krate.as_str()) else {
+            violations.push(format!("`{krate}` is not in the layer table of xtask/src/tidy.rs and ARCHITECTURE.md"));
+            continue;
+        };
+        if *allowed == ANY {
+            continue;
+        }
+        for dep in deps.iter().filter(|dep| !allowed.contains(&dep.as_str())) {
+            violations.push(format!("`{krate}` depends on `{dep}`, a layer it may not reach (allowed: {allowed:?})"));
+        }
+    }
+    violations
+}
+
+/// Violations of "no library reaches an application-only crate", with the path that reaches it.
+pub(crate) fn check_application_only(workspace: &Workspace) -> Vec<String> {
+    let mut violations = Vec::new();
+    for krate in workspace.members.keys().filter(|krate| !APPLICATIONS.contains(&krate.as_str())) {
+        // Breadth first, remembering how each crate was reached, to print the shortest path.
+        let mut via: BTreeMap<&str, &str> = BTreeMap::new();
+        let mut queue = VecDeque::from([krate.as_str()]);
+        while let Some(current) = queue.pop_front() {
+            for dep in workspace.graph.get(current).into_iter().flatten() {
+                if dep == krate || via.contains_key(dep.as_str()) {
+                    continue;
+                }
+                via.insert(dep, current);
+                if APPLICATION_ONLY.contains(&dep.as_str()) {
+                    let mut path = vec![dep.as_str()];
+                    while let Some(&previous) = via.get(path[path.len() - 1]) {
+                        path.push(previous);
+                    }
+                    path.reverse();
+                    violations.push(format!(
+                        "library `{krate}` reaches `{dep}`, which only applications may use: {}",
+                        path.join(" -> ")
+                    ));
+                } else {
+                    queue.push_back(dep);
+                }
+            }
+        }
+    }
+    violations
+}
+
+/// Crates whose manifest does not take the workspace lints.
+pub(crate) fn check_lints(workspace: &Workspace) -> Result<Vec<String>> {
+    let mut violations = Vec::new();
+    for (krate, folder) in &workspace.members {
+        let manifest = std::fs::read_to_string(folder.join("Cargo.toml"))?;
+        if !manifest.contains("[lints]\nworkspace = true") {
+            violations.push(format!("`{krate}` does not say `[lints] workspace = true` in its Cargo.toml"));
+        }
+    }
+    Ok(violations)
+}
+
+/// Rust files that do not open with a `//!` line.
+pub(crate) fn check_file_docs(workspace: &Workspace) -> Result<Vec<String>> {
+    let mut violations = Vec::new();
+    for folder in workspace.members.values() {
+        for file in rust_files(folder)? {
+            let text = std::fs::read_to_string(&file)?;
+            if !text.starts_with("//!") {
+                violations.push(format!("{} does not open with a `//!` line saying what it is for", file.display()));
+            }
+        }
+    }
+    Ok(violations)
+}
+
+/// The `.rs` files of a crate's folder, skipping build output and nested crates.
+fn rust_files(folder: &Path) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    let mut pending = vec![folder.to_owned()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+            let path = entry?.path();
+            if path.is_dir() {
+                let nested_crate = path.join("Cargo.toml").exists();
+                if !nested_crate && path.file_name().is_some_and(|name| name != "target") {
+                    pending.push(path);
+                }
+            } else if path.extension().is_some_and(|ext| ext == "rs") {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Every check on the workspace in `root`.
+pub(crate) fn run(root: &Path) -> Result<Vec<String>> {
+    let workspace = Workspace::load(root)?;
+    let mut violations = check_layers(&workspace);
+    violations.extend(check_application_only(&workspace));
+    violations.extend(check_lints(&workspace)?);
+    violations.extend(check_file_docs(&workspace)?);
+    Ok(violations)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn workspace(internal: &[(&str, &[&str])], graph: &[(&str, &[&str])]) -> Workspace {
+        let set = |names: &[&str]| names.iter().map(|name| name.to_string()).collect();
+        Workspace {
+            members: internal.iter().map(|(name, _)| (name.to_string(), PathBuf::new())).collect(),
+            internal: internal.iter().map(|(name, deps)| (name.to_string(), set(deps))).collect(),
+            graph: graph.iter().map(|(name, deps)| (name.to_string(), set(deps))).collect(),
+        }
+    }
+
+    #[test]
+    fn this_workspace_is_tidy() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace root");
+        let violations = run(root).unwrap();
+        assert!(violations.is_empty(), "tidy found:\n{}", violations.join("\n"));
+    }
+
+    #[test]
+    fn this_workspace_is_read_whole() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+        let workspace = Workspace::load(root).unwrap();
+        assert!(workspace.members.contains_key("usine-memory"));
+        assert!(workspace.graph["xtask"].contains("anyhow"), "the graph follows normal dependencies");
+        assert!(
+            !workspace.graph["usine-memory"].contains("proptest"),
+            "dev-dependencies do not reach a library's users"
+        );
+    }
+
+    #[test]
+    fn a_lower_layer_reaching_a_higher_one_is_reported() {
+        let bad = workspace(&[("usine-memory", &["usine-kernel"]), ("usine-kernel", &["usine-memory"])], &[]);
+        let violations = check_layers(&bad);
+        assert_eq!(violations.len(), 1, "{violations:?}");
+        assert!(violations[0].contains("`usine-memory` depends on `usine-kernel`"));
+    }
+
+    #[test]
+    fn the_kernel_may_not_name_a_concrete_engine() {
+        let bad = workspace(&[("usine-kernel", &["usine-engine", "usine-engine-webllm"])], &[]);
+        assert_eq!(check_layers(&bad).len(), 1);
+    }
+
+    #[test]
+    fn an_unknown_crate_must_join_the_table() {
+        let bad = workspace(&[("usine-surprise", &[])], &[]);
+        assert!(check_layers(&bad)[0].contains("not in the layer table"));
+    }
+
+    #[test]
+    fn applications_may_depend_on_everything() {
+        let fine = workspace(&[("usine-cli", &["usine-memory", "usine-kernel"]), ("usine-tests", &["usine-cli"])], &[]);
+        assert!(check_layers(&fine).is_empty());
+    }
+
+    #[test]
+    fn a_library_reaching_anyhow_through_a_third_party_crate_is_reported_with_the_path() {
+        let bad = workspace(
+            &[("usine-storage", &[]), ("usine-cli", &[])],
+            &[
+                ("usine-storage", &["helper"]),
+                ("helper", &["anyhow"]),
+                ("usine-cli", &["clap", "axum", "metrics-exporter-prometheus"]),
+            ],
+        );
+        let violations = check_application_only(&bad);
+        assert_eq!(
+            violations,
+            [
+                "library `usine-storage` reaches `anyhow`, which only applications may use: usine-storage -> helper -> anyhow"
+            ]
+        );
+    }
+
+    #[test]
+    fn every_application_only_crate_is_caught_in_a_library() {
+        for forbidden in APPLICATION_ONLY {
+            let bad = workspace(&[("usine-memory", &[])], &[("usine-memory", &[forbidden])]);
+            assert_eq!(check_application_only(&bad).len(), 1, "{forbidden}");
+        }
+    }
+}
