@@ -27,8 +27,8 @@ use crate::stats::{MemoryStats, PoolStats};
 /// assert_eq!(memory.pool_stats(KV_CACHE)?.used, 1 << 20);
 ///
 /// // Too much for the pool right now: a typed error with the figures, never a panic.
-/// let err = memory.allocate(KV_CACHE, 45 << 20, request).unwrap_err();
-/// assert!(matches!(err, MemoryError::Exhausted { requested, .. } if requested == 45 << 20));
+/// let err = memory.allocate(KV_CACHE, 44 << 20, request).unwrap_err();
+/// assert!(matches!(err, MemoryError::Exhausted { requested, .. } if requested == 44 << 20));
 ///
 /// // The request ends: every lease of its scope comes back at once.
 /// assert_eq!(memory.release_scope(request).leases, 1);
