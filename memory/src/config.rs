@@ -15,6 +15,8 @@ pub const UNIFORMS: &str = "uniforms";
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default high-water mark: 90 % of capacity.
 pub const DEFAULT_HIGH_WATER_PERCENT: u8 = 90;
+/// Default low-water mark: 80 % of capacity.
+pub const DEFAULT_LOW_WATER_PERCENT: u8 = 80;
 /// Default block size: 4 KiB.
 pub const DEFAULT_BLOCK_SIZE: u64 = 4096;
 /// Longest pool name, in bytes (names become metric labels).
@@ -29,19 +31,23 @@ pub struct PoolConfig {
     pub block_size: u64,
     /// The GC revokes leases not used for longer than this; `None` never revokes.
     pub idle_timeout: Option<Duration>,
-    /// Use at or above this percentage of capacity is "high pressure" (an event each way).
+    /// Use at or above this percentage of capacity turns the pressure high (an event).
     pub high_water_percent: u8,
+    /// Use at or below this percentage turns high pressure back to normal (an event). The gap between
+    /// the marks keeps a pool that hovers near the high mark from flapping.
+    pub low_water_percent: u8,
 }
 
 impl PoolConfig {
     /// A pool of `capacity` bytes in blocks of `block_size`, with the default idle timeout (30 s) and
-    /// high-water mark (90 %).
+    /// water marks (high at 90 %, back to normal at 80 %).
     pub fn new(capacity: u64, block_size: u64) -> Self {
         Self {
             capacity,
             block_size,
             idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
             high_water_percent: DEFAULT_HIGH_WATER_PERCENT,
+            low_water_percent: DEFAULT_LOW_WATER_PERCENT,
         }
     }
 
@@ -52,10 +58,12 @@ impl PoolConfig {
         self
     }
 
-    /// Sets the high-water mark, in percent of capacity (1 to 100).
+    /// Sets the water marks, in percent of capacity: pressure turns high at `high` (1 to 100) and
+    /// back to normal at `low` (below `high`).
     #[must_use]
-    pub fn high_water_percent(mut self, percent: u8) -> Self {
-        self.high_water_percent = percent;
+    pub fn water_marks(mut self, high: u8, low: u8) -> Self {
+        self.high_water_percent = high;
+        self.low_water_percent = low;
         self
     }
 
@@ -71,8 +79,9 @@ impl PoolConfig {
                 block_size: self.block_size,
             });
         }
-        if !(1..=100).contains(&self.high_water_percent) {
-            return Err(MemoryError::HighWater { pool: name.to_owned(), percent: self.high_water_percent });
+        let (high, low) = (self.high_water_percent, self.low_water_percent);
+        if !(1..=100).contains(&high) || low >= high {
+            return Err(MemoryError::WaterMarks { pool: name.to_owned(), high, low });
         }
         Ok(())
     }

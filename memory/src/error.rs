@@ -48,13 +48,15 @@ pub enum MemoryError {
         /// The offending block size in bytes.
         block_size: u64,
     },
-    /// The high-water mark is a percentage of capacity, from 1 to 100.
-    #[error("pool `{pool}`: high-water mark {percent} % is outside 1..=100 %")]
-    HighWater {
+    /// The water marks are percentages of capacity with `low < high <= 100`.
+    #[error("pool `{pool}`: water marks must satisfy low < high <= 100 %, got high {high} %, low {low} %")]
+    WaterMarks {
         /// The pool being created.
         pool: String,
-        /// The offending percentage.
-        percent: u8,
+        /// The high-water mark asked for.
+        high: u8,
+        /// The low-water mark asked for.
+        low: u8,
     },
     /// Not enough free space right now; it may succeed later (see [`Pool::allocate_wait`](crate::Pool::allocate_wait)).
     #[error(

@@ -106,7 +106,8 @@ pub enum Event {
         /// How long it waited.
         waited: Duration,
     },
-    /// Use crossed the pool's high-water mark, up or down.
+    /// Use reached the pool's high-water mark (pressure high), or fell back to its low-water mark
+    /// (pressure normal).
     Pressure {
         /// The pool.
         pool: PoolName,
@@ -163,9 +164,9 @@ impl FailureReason {
 /// Which side of the high-water mark a pool's use is on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum PressureLevel {
-    /// At or above the mark.
+    /// Use reached the high-water mark.
     High,
-    /// Back below the mark.
+    /// Use fell back to the low-water mark.
     Normal,
 }
 
@@ -210,8 +211,8 @@ pub struct Lagged {
 /// The events of a [`MemoryManager`](crate::MemoryManager), from the moment of subscribing.
 ///
 /// A `Stream` of `Result<Event, Lagged>`: an `Err` says how many events a slow reader missed, then
-/// the stream goes on with the oldest event still held. It ends when the manager and all its pools
-/// are gone.
+/// the stream goes on with the oldest event still held. It ends when the manager, its pools and
+/// their leases are all gone.
 pub struct EventStream {
     inner: BroadcastStream<Event>,
     subscribers: Arc<AtomicUsize>,

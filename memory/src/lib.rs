@@ -52,8 +52,8 @@ mod pool;
 mod stats;
 
 pub use config::{
-    ACTIVATIONS, DEFAULT_BLOCK_SIZE, DEFAULT_HIGH_WATER_PERCENT, DEFAULT_IDLE_TIMEOUT, KV_CACHE, MAX_POOL_NAME_LEN,
-    ManagerConfig, PoolConfig, StandardPools, UNIFORMS,
+    ACTIVATIONS, DEFAULT_BLOCK_SIZE, DEFAULT_HIGH_WATER_PERCENT, DEFAULT_IDLE_TIMEOUT, DEFAULT_LOW_WATER_PERCENT,
+    KV_CACHE, MAX_POOL_NAME_LEN, ManagerConfig, PoolConfig, StandardPools, UNIFORMS,
 };
 pub use error::{MemoryError, Result};
 pub use events::{Event, EventStream, FailureReason, Lagged, PoolName, PressureLevel, ReclaimReason};

@@ -89,7 +89,7 @@ impl MemoryManager {
     /// Creates a pool.
     ///
     /// Fails with [`MemoryError::DuplicatePool`], [`MemoryError::InvalidName`],
-    /// [`MemoryError::ZeroCapacity`], [`MemoryError::BlockSize`] or [`MemoryError::HighWater`].
+    /// [`MemoryError::ZeroCapacity`], [`MemoryError::BlockSize`] or [`MemoryError::WaterMarks`].
     pub fn create_pool(&self, name: &str, config: PoolConfig) -> Result<Pool> {
         config.validate(name)?;
         let mut pools = self.inner.pools.write();

@@ -51,8 +51,10 @@ pub(crate) struct PoolShared {
     pub(crate) name: PoolName,
     capacity: u64,
     block_size: u64,
-    /// `used` at or above this is high pressure.
+    /// `used` at or above this turns the pressure high.
     high_water: u64,
+    /// `used` at or below this turns it back to normal.
+    low_water: u64,
     idle_timeout: Option<Duration>,
     state: Mutex<PoolState>,
     events: Arc<EventBus>,
@@ -99,14 +101,16 @@ type Deferred = Vec<Lease>;
 
 impl PoolShared {
     pub(crate) fn new(name: &str, config: &PoolConfig, events: Arc<EventBus>) -> Self {
-        let percent = u128::from(config.high_water_percent);
-        let high_water = u64::try_from((u128::from(config.capacity) * percent).div_ceil(100))
-            .expect("at most 100 % of a u64 capacity");
+        let mark = |percent: u8| {
+            u64::try_from((u128::from(config.capacity) * u128::from(percent)).div_ceil(100))
+                .expect("at most 100 % of a u64 capacity")
+        };
         Self {
             name: name.into(),
             capacity: config.capacity,
             block_size: config.block_size,
-            high_water,
+            high_water: mark(config.high_water_percent),
+            low_water: mark(config.low_water_percent),
             idle_timeout: config.idle_timeout,
             state: Mutex::new(PoolState {
                 used: 0,
@@ -185,7 +189,7 @@ impl PoolShared {
         Lease { pool: Arc::clone(self), slot, id: LeaseId(id), scope, len, reserved }
     }
 
-    /// After any change of `used` or of the lease count: peak, gauges, and the high-water mark.
+    /// After any change of `used` or of the lease count: peak, gauges, and the water marks.
     fn used_changed(&self, st: &mut PoolState) {
         if st.used > st.peak {
             st.peak = st.used;
@@ -193,7 +197,7 @@ impl PoolShared {
         }
         self.metrics.used.set(to_f64(st.used));
         self.metrics.leases.set(to_f64(st.leases.len() as u64));
-        let high = st.used >= self.high_water;
+        let high = if st.high { st.used > self.low_water } else { st.used >= self.high_water };
         if high != st.high {
             st.high = high;
             self.events.emit(|| Event::Pressure {

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use tokio_stream::StreamExt;
+use tokio_stream::{Stream, StreamExt};
 use usine_memory::{
     Event, EventStream, FailureReason, Lagged, ManagerConfig, MemoryManager, PoolConfig, PoolName, PressureLevel,
     ReclaimReason, ScopeId,
@@ -21,15 +21,15 @@ async fn drain(events: &mut EventStream) -> Vec<Result<Event, Lagged>> {
 async fn subscribers_see_every_change_in_order() {
     let memory = MemoryManager::default();
     let mut events = memory.subscribe();
-    let pool = memory.create_pool("kv", PoolConfig::new(10 * 1024, 1024).high_water_percent(80)).unwrap();
+    let pool = memory.create_pool("kv", PoolConfig::new(10 * 1024, 1024).water_marks(80, 70)).unwrap();
     let (scope, other) = (ScopeId::new(5), ScopeId::new(6));
     let mut a = pool.allocate(7 * 1024, scope).unwrap();
     let a_id = a.id();
-    a.try_grow(1024).unwrap(); // 8 of 10 blocks: the 80 % mark
+    a.try_grow(1024).unwrap(); // 8 of 10 blocks: the high mark
     pool.allocate(4096, scope).unwrap_err();
     pool.allocate_wait(4096, scope, Duration::from_millis(500)).await.unwrap_err();
     pool.allocate(4096 * 4, scope).unwrap_err();
-    a.shrink(1024).unwrap();
+    a.shrink(1024).unwrap(); // 7 of 10: the low mark
     let b = pool.allocate(1024, other).unwrap();
     memory.release_scope(scope);
     let b_id = b.id();
@@ -92,4 +92,33 @@ async fn a_subscriber_sees_only_what_happens_after_it_subscribed_and_the_stream_
     drop(pool);
     drop(memory);
     assert_eq!(events.next().await, None);
+}
+
+#[test]
+fn pressure_does_not_flap_between_the_water_marks() {
+    let memory = MemoryManager::default();
+    let pool = memory.create_pool("kv", PoolConfig::new(100 * 1024, 1024)).unwrap(); // marks at 90 and 80 blocks
+    let mut events = memory.subscribe();
+    let base = pool.allocate(85 * 1024, ScopeId::new(1)).unwrap();
+    let mut levels = Vec::new();
+    for _ in 0..10 {
+        let top = pool.allocate(5 * 1024, ScopeId::new(1)).unwrap(); // 90: high
+        drop(top); // 85: still high, above the low mark
+    }
+    drop(base); // 0: normal
+    while let Some(Ok(event)) = futures_now(&mut events) {
+        if let Event::Pressure { used, level, .. } = event {
+            levels.push((used / 1024, level));
+        }
+    }
+    assert_eq!(levels, [(90, PressureLevel::High), (0, PressureLevel::Normal)]);
+}
+
+/// The next event if one is ready, without a runtime.
+fn futures_now(events: &mut EventStream) -> Option<Result<Event, Lagged>> {
+    let waker = std::task::Waker::noop();
+    match std::pin::Pin::new(events).poll_next(&mut std::task::Context::from_waker(waker)) {
+        std::task::Poll::Ready(next) => next,
+        std::task::Poll::Pending => None,
+    }
 }

@@ -17,13 +17,18 @@ fn bad_pool_configurations_are_typed_errors_that_name_the_pool() {
         ("noblock", PoolConfig::new(4096, 0), "pool `noblock`: block size 0 bytes does not divide capacity 4096 bytes"),
         (
             "calm",
-            PoolConfig::new(4096, 1024).high_water_percent(0),
-            "pool `calm`: high-water mark 0 % is outside 1..=100 %",
+            PoolConfig::new(4096, 1024).water_marks(0, 0),
+            "pool `calm`: water marks must satisfy low < high <= 100 %, got high 0 %, low 0 %",
         ),
         (
             "over",
-            PoolConfig::new(4096, 1024).high_water_percent(101),
-            "pool `over`: high-water mark 101 % is outside 1..=100 %",
+            PoolConfig::new(4096, 1024).water_marks(101, 80),
+            "pool `over`: water marks must satisfy low < high <= 100 %, got high 101 %, low 80 %",
+        ),
+        (
+            "flat",
+            PoolConfig::new(4096, 1024).water_marks(90, 90),
+            "pool `flat`: water marks must satisfy low < high <= 100 %, got high 90 %, low 90 %",
         ),
         ("", PoolConfig::new(4096, 1024), "invalid pool name ``: empty"),
         ("KV", PoolConfig::new(4096, 1024), "invalid pool name `KV`: only a-z, 0-9, `-` and `_` are allowed"),
