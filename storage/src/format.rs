@@ -1,0 +1,244 @@
+//! The graph file format, version 1, and its decoder: pure functions over bytes, so they can be fuzzed.
+//!
+//! ```text
+//! offset  size         field
+//! 0       8            magic, b"USINE-GR"
+//! 8       2            format version, u16 little-endian (1)
+//! 10      4            header length H, u32 little-endian, at most 64 KiB
+//! 14      H            header, JSON (see `Header`): readable without touching the payload
+//! 14+H    P            payload, encoded by the codec the header names; P is the header's `payload_len`
+//! 14+H+P  16           XXH3-128 of every byte before it, u128 little-endian
+//! ```
+//!
+//! The decoder trusts no length: each is checked against the real size of the file before use, and the
+//! checksum is verified before the header is parsed or the payload decoded.
+
+use serde::{Deserialize, Serialize};
+use xxhash_rust::xxh3::{Xxh3, xxh3_128};
+
+use crate::key::GraphKey;
+
+/// The first bytes of every graph file.
+pub const MAGIC: [u8; 8] = *b"USINE-GR";
+/// The newest format version this build writes and reads.
+pub const FORMAT_VERSION: u16 = 1;
+/// Longest header, in bytes.
+pub const MAX_HEADER_LEN: u32 = 64 * 1024;
+/// Magic, version and header length.
+pub(crate) const PREFIX_LEN: usize = 14;
+/// The trailing checksum.
+pub(crate) const TRAILER_LEN: usize = 16;
+
+/// The readable header of a graph file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Header {
+    /// The format version, as in the prefix.
+    pub format: u16,
+    /// Every part of the key the graph was saved under.
+    pub key: GraphKey,
+    /// The payload's codec, for instance `bincode-1.3.3`.
+    pub codec: String,
+    /// When the graph was saved, in milliseconds since the Unix epoch.
+    pub created_unix_ms: u64,
+    /// Length of the payload in bytes.
+    pub payload_len: u64,
+    /// XXH3-128 of the payload alone, in hex, to compare payloads without reading them.
+    pub payload_xxh3: String,
+}
+
+/// Why a file is not a valid graph file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Corruption {
+    /// Shorter than the smallest possible file (an empty file, say).
+    #[error("truncated: {len} bytes, fewer than the {min} of an empty graph")]
+    Truncated {
+        /// The file's length.
+        len: u64,
+        /// The least a valid file holds.
+        min: u64,
+    },
+    /// Not a graph file at all.
+    #[error("wrong magic bytes")]
+    BadMagic,
+    /// A length field points outside the file or exceeds its limit.
+    #[error("the {field} length says {claimed} bytes, the file allows {actual}")]
+    BadLength {
+        /// Which length.
+        field: &'static str,
+        /// What the file claims.
+        claimed: u64,
+        /// What is possible.
+        actual: u64,
+    },
+    /// The checksum does not match: a flipped bit, a torn write.
+    #[error("checksum mismatch")]
+    Checksum,
+    /// The header is not the JSON it should be.
+    #[error("unreadable header: {0}")]
+    Header(String),
+    /// The payload does not decode.
+    #[error("unreadable payload: {0}")]
+    Payload(String),
+}
+
+impl Corruption {
+    /// A short fixed name, used as a metric label.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Truncated { .. } => "truncated",
+            Self::BadMagic => "bad_magic",
+            Self::BadLength { .. } => "bad_length",
+            Self::Checksum => "checksum",
+            Self::Header(_) => "header",
+            Self::Payload(_) => "payload",
+        }
+    }
+}
+
+/// What the decoder found in a file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decoded<'a> {
+    /// A valid file of this format: its header and its payload bytes.
+    Valid {
+        /// The parsed header.
+        header: Box<Header>,
+        /// The payload, still encoded.
+        payload: &'a [u8],
+    },
+    /// A file of a format newer than this build knows: left alone.
+    Newer {
+        /// Its format version.
+        format: u16,
+    },
+}
+
+/// Writes a graph file's bytes, piece by piece, computing the trailer as it goes.
+pub(crate) struct Encoder {
+    hasher: Xxh3,
+}
+
+impl Encoder {
+    /// The prefix and header of a file holding `header`.
+    pub(crate) fn start(header: &Header) -> (Self, Vec<u8>) {
+        let json = serde_json::to_vec(header).expect("a header is plain data");
+        let mut head = Vec::with_capacity(PREFIX_LEN + json.len());
+        head.extend_from_slice(&MAGIC);
+        head.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        head.extend_from_slice(&u32::try_from(json.len()).expect("a header is far below 4 GiB").to_le_bytes());
+        head.extend_from_slice(&json);
+        let mut hasher = Xxh3::new();
+        hasher.update(&head);
+        (Self { hasher }, head)
+    }
+
+    /// Adds the payload to the checksum.
+    pub(crate) fn payload(&mut self, payload: &[u8]) {
+        self.hasher.update(payload);
+    }
+
+    /// The trailer.
+    pub(crate) fn finish(self) -> [u8; TRAILER_LEN] {
+        self.hasher.digest128().to_le_bytes()
+    }
+}
+
+/// The XXH3-128 of a payload, as in the header.
+pub(crate) fn payload_digest(payload: &[u8]) -> String {
+    format!("{:032x}", xxh3_128(payload))
+}
+
+/// Checks magic, version and header length; returns the format version and header length.
+fn prefix(bytes: &[u8]) -> Result<(u16, usize), Corruption> {
+    if bytes.len() < PREFIX_LEN {
+        return Err(Corruption::Truncated { len: bytes.len() as u64, min: (PREFIX_LEN + TRAILER_LEN) as u64 });
+    }
+    if bytes[..8] != MAGIC {
+        return Err(Corruption::BadMagic);
+    }
+    let version = u16::from_le_bytes([bytes[8], bytes[9]]);
+    if version == 0 {
+        return Err(Corruption::Header("format version 0 does not exist".into()));
+    }
+    let header_len = u32::from_le_bytes([bytes[10], bytes[11], bytes[12], bytes[13]]);
+    if header_len > MAX_HEADER_LEN {
+        return Err(Corruption::BadLength {
+            field: "header",
+            claimed: header_len.into(),
+            actual: MAX_HEADER_LEN.into(),
+        });
+    }
+    Ok((version, header_len as usize))
+}
+
+/// Decodes a whole file: verifies the checksum, parses the header, locates the payload.
+pub fn decode(bytes: &[u8]) -> Result<Decoded<'_>, Corruption> {
+    let min = PREFIX_LEN + TRAILER_LEN;
+    if bytes.len() < min {
+        // Too short for anything of this format, but say "wrong magic" when it is not ours at all.
+        if bytes.len() >= MAGIC.len() && bytes[..8] != MAGIC {
+            return Err(Corruption::BadMagic);
+        }
+        return Err(Corruption::Truncated { len: bytes.len() as u64, min: min as u64 });
+    }
+    let (version, header_len) = prefix(bytes)?;
+    if version > FORMAT_VERSION {
+        return Ok(Decoded::Newer { format: version });
+    }
+    let room = bytes.len() - min;
+    if header_len > room {
+        return Err(Corruption::BadLength { field: "header", claimed: header_len as u64, actual: room as u64 });
+    }
+    let (body, trailer) = bytes.split_at(bytes.len() - TRAILER_LEN);
+    let expected = u128::from_le_bytes(trailer.try_into().expect("the trailer is 16 bytes"));
+    if xxh3_128(body) != expected {
+        return Err(Corruption::Checksum);
+    }
+    let header: Header = serde_json::from_slice(&body[PREFIX_LEN..PREFIX_LEN + header_len])
+        .map_err(|error| Corruption::Header(error.to_string()))?;
+    if header.format != version {
+        return Err(Corruption::Header(format!("format {} in the header, {version} in the prefix", header.format)));
+    }
+    let payload = &body[PREFIX_LEN + header_len..];
+    if header.payload_len != payload.len() as u64 {
+        return Err(Corruption::BadLength {
+            field: "payload",
+            claimed: header.payload_len,
+            actual: payload.len() as u64,
+        });
+    }
+    Ok(Decoded::Valid { header: Box::new(header), payload })
+}
+
+/// Reads only the header from the start of a file, without the payload and without the checksum:
+/// enough to list a file. `read` fills a buffer from the file's start and returns how much it read.
+pub(crate) fn read_header(
+    mut read: impl FnMut(&mut [u8]) -> std::io::Result<usize>,
+) -> std::io::Result<Result<Option<Header>, Corruption>> {
+    let mut start = [0u8; PREFIX_LEN];
+    let got = read_full(&mut read, &mut start)?;
+    let (version, header_len) = match prefix(&start[..got]) {
+        Ok(found) => found,
+        Err(corruption) => return Ok(Err(corruption)),
+    };
+    if version > FORMAT_VERSION {
+        return Ok(Ok(None));
+    }
+    let mut json = vec![0u8; header_len];
+    let got = read_full(&mut read, &mut json)?;
+    if got < header_len {
+        return Ok(Err(Corruption::BadLength { field: "header", claimed: header_len as u64, actual: got as u64 }));
+    }
+    Ok(serde_json::from_slice(&json).map(Some).map_err(|error| Corruption::Header(error.to_string())))
+}
+
+fn read_full(read: &mut impl FnMut(&mut [u8]) -> std::io::Result<usize>, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match read(&mut buf[filled..])? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    Ok(filled)
+}

@@ -1,0 +1,619 @@
+//! `StorageManager`: save, get, remove, and the files behind them (crash-safe writes, quarantine, locks).
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::{ErrorKind, Read, Write};
+use std::ops::Deref;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use parking_lot::Mutex;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::codec::{self, CODEC};
+use crate::error::{Result, StorageError};
+use crate::format::{self, Corruption, Decoded, FORMAT_VERSION, Header};
+use crate::key::{GraphKey, KeyPart};
+use crate::metrics::StoreMetrics;
+use crate::migrate::Migrations;
+
+/// The environment variable that overrides the default cache folder.
+pub const CACHE_DIR_ENV: &str = "USINE_CACHE_DIR";
+/// Files at least this large are mapped rather than read (see `benches/graphs.rs`).
+pub const DEFAULT_MAP_THRESHOLD: u64 = 1 << 20;
+
+/// Where the store lives and how large it may grow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StorageConfig {
+    /// The cache root; graphs live in `graphs/` below it.
+    pub root: PathBuf,
+    /// Size limit of all graph files together, in bytes; over it the least recently used go first.
+    pub max_bytes: Option<u64>,
+    /// Files at least this large are mapped into memory instead of read into a buffer.
+    pub map_threshold: u64,
+}
+
+impl StorageConfig {
+    /// A store rooted at `root`, without a size limit.
+    pub fn at(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into(), max_bytes: None, map_threshold: DEFAULT_MAP_THRESHOLD }
+    }
+
+    /// The default root: `$USINE_CACHE_DIR` if set, else the platform's cache folder (for instance
+    /// `$XDG_CACHE_HOME/usine` or `~/.cache/usine` on Linux).
+    pub fn from_env() -> Result<Self> {
+        match std::env::var_os(CACHE_DIR_ENV) {
+            Some(dir) if !dir.is_empty() => Ok(Self::at(dir)),
+            _ => dirs::cache_dir().map(|dir| Self::at(dir.join("usine"))).ok_or(StorageError::NoCacheDir),
+        }
+    }
+
+    /// Sets the size limit.
+    #[must_use]
+    pub fn max_bytes(mut self, max_bytes: Option<u64>) -> Self {
+        self.max_bytes = max_bytes;
+        self
+    }
+}
+
+/// The answer to [`StorageManager::get`]: the graph, or why there is none to serve.
+#[derive(Debug)]
+pub enum Lookup<T> {
+    /// The graph, whole and verified.
+    Hit(Hit<T>),
+    /// No usable graph: compile again.
+    Miss(Miss),
+}
+
+impl<T> Lookup<T> {
+    /// The graph, if it was a hit.
+    pub fn hit(self) -> Option<T> {
+        match self {
+            Self::Hit(hit) => Some(hit.graph),
+            Self::Miss(_) => None,
+        }
+    }
+
+    /// The miss, if it was one.
+    pub fn miss(&self) -> Option<&Miss> {
+        match self {
+            Self::Hit(_) => None,
+            Self::Miss(miss) => Some(miss),
+        }
+    }
+}
+
+/// A graph served from the store.
+#[derive(Debug)]
+pub struct Hit<T> {
+    /// The decoded graph.
+    pub graph: T,
+    /// The file's header.
+    pub header: Header,
+    /// The schema it was stored at when it had to be migrated on the way.
+    pub migrated_from: Option<u32>,
+}
+
+/// Why no graph was served.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Miss {
+    /// Nothing is stored under the key.
+    #[error("absent")]
+    Absent,
+    /// The file was damaged; it was moved to `graphs/quarantine/`.
+    #[error("corrupt ({0}); quarantined")]
+    Corrupt(Corruption),
+    /// The file was written by a newer usine; it is left alone.
+    #[error("written in format {found}, newer than {supported}; left alone")]
+    NewerFormat {
+        /// The file's format version.
+        found: u16,
+        /// The newest this build reads.
+        supported: u16,
+    },
+    /// The payload is in a codec this build does not know; the file is left alone.
+    #[error("payload codec `{codec}` is unknown here; left alone")]
+    UnknownCodec {
+        /// The codec the header names.
+        codec: String,
+    },
+    /// The file under this key's name holds another key's graph (a renamed file); quarantined.
+    #[error("the file holds another key (differs in {}); quarantined", parts(.differs))]
+    KeyMismatch {
+        /// Where the stored key differs from the one asked for.
+        differs: Vec<KeyPart>,
+    },
+    /// An older schema of the graph is stored, but migrating it failed; it is left alone.
+    #[error("migration from schema {from} failed: {message}")]
+    MigrationFailed {
+        /// The stored schema.
+        from: u32,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+fn parts(parts: &[KeyPart]) -> String {
+    parts.iter().copied().map(KeyPart::as_str).collect::<Vec<_>>().join(", ")
+}
+
+/// The reason of a miss, as counted in stats and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MissReason {
+    /// [`Miss::Absent`].
+    Absent = 0,
+    /// [`Miss::Corrupt`].
+    Corrupt = 1,
+    /// [`Miss::NewerFormat`] and [`Miss::UnknownCodec`].
+    UnsupportedVersion = 2,
+    /// [`Miss::KeyMismatch`].
+    KeyMismatch = 3,
+    /// [`Miss::MigrationFailed`].
+    MigrationFailed = 4,
+}
+
+impl MissReason {
+    /// Every reason, in order.
+    pub const ALL: [MissReason; 5] =
+        [Self::Absent, Self::Corrupt, Self::UnsupportedVersion, Self::KeyMismatch, Self::MigrationFailed];
+
+    /// A short fixed name, used as a metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Absent => "absent",
+            Self::Corrupt => "corrupt",
+            Self::UnsupportedVersion => "unsupported_version",
+            Self::KeyMismatch => "key_mismatch",
+            Self::MigrationFailed => "migration_failed",
+        }
+    }
+}
+
+impl Miss {
+    /// The counted reason.
+    pub fn reason(&self) -> MissReason {
+        match self {
+            Self::Absent => MissReason::Absent,
+            Self::Corrupt(_) => MissReason::Corrupt,
+            Self::NewerFormat { .. } | Self::UnknownCodec { .. } => MissReason::UnsupportedVersion,
+            Self::KeyMismatch { .. } => MissReason::KeyMismatch,
+            Self::MigrationFailed { .. } => MissReason::MigrationFailed,
+        }
+    }
+}
+
+/// What a save wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Saved {
+    /// The graph file.
+    pub path: PathBuf,
+    /// Its size in bytes.
+    pub bytes: u64,
+    /// Graphs evicted to stay under the size limit.
+    pub evicted: Vec<GraphKey>,
+}
+
+/// The compiled-graph store of one cache folder, shared safely by threads and by processes.
+///
+/// Cheap to clone. See the crate documentation for an example.
+#[derive(Clone)]
+pub struct StorageManager {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) config: StorageConfig,
+    pub(crate) graphs: PathBuf,
+    pub(crate) quarantine: PathBuf,
+    locks: PathBuf,
+    pub(crate) migrations: Migrations,
+    /// Graphs in use in this process, by file name, with a count: never evicted.
+    pub(crate) pins: Mutex<HashMap<String, usize>>,
+    pub(crate) counters: Counters,
+    pub(crate) metrics: StoreMetrics,
+}
+
+/// Counters since the store was opened in this process.
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub(crate) hits: AtomicU64,
+    pub(crate) misses: [AtomicU64; 5],
+    pub(crate) quarantined: AtomicU64,
+    pub(crate) evicted: AtomicU64,
+    pub(crate) bytes_read: AtomicU64,
+    pub(crate) bytes_written: AtomicU64,
+    pub(crate) saves: AtomicU64,
+}
+
+/// The bytes of a file, mapped or read.
+enum FileBytes {
+    Mapped(memmap2::Mmap),
+    Read(Vec<u8>),
+}
+
+impl Deref for FileBytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Self::Mapped(map) => map,
+            Self::Read(bytes) => bytes,
+        }
+    }
+}
+
+/// The prefix of temporary files; the rest of the name is the target's stem and random letters.
+pub(crate) const TEMP_PREFIX: &str = ".tmp-";
+/// The extension of graph files.
+pub(crate) const GRAPH_EXT: &str = "graph";
+
+impl StorageManager {
+    /// Opens (creating if needed) the store at `config.root` and sweeps the temporary files of writers
+    /// that crashed.
+    pub fn open(config: StorageConfig, migrations: Migrations) -> Result<Self> {
+        let graphs = config.root.join("graphs");
+        let quarantine = graphs.join("quarantine");
+        let locks = graphs.join("locks");
+        for dir in [&graphs, &quarantine, &locks] {
+            fs::create_dir_all(dir).map_err(StorageError::io("creating", dir))?;
+        }
+        let store = Self {
+            inner: Arc::new(Inner {
+                config,
+                graphs,
+                quarantine,
+                locks,
+                migrations,
+                pins: Mutex::new(HashMap::new()),
+                counters: Counters::default(),
+                metrics: StoreMetrics::register(),
+            }),
+        };
+        store.sweep_temporary_files()?;
+        store.refresh_gauges()?;
+        Ok(store)
+    }
+
+    /// The folder of the graph files.
+    pub fn graphs_dir(&self) -> &Path {
+        &self.inner.graphs
+    }
+
+    /// The folder damaged files are moved to.
+    pub fn quarantine_dir(&self) -> &Path {
+        &self.inner.quarantine
+    }
+
+    /// Removes temporary files whose writer is gone. A writer holds a lock on its temporary file until
+    /// the rename; the lock dies with the process, so a file that can be locked is stale.
+    fn sweep_temporary_files(&self) -> Result<usize> {
+        let mut swept = 0;
+        let dir = &self.inner.graphs;
+        for entry in fs::read_dir(dir).map_err(StorageError::io("listing", dir))? {
+            let entry = entry.map_err(StorageError::io("listing", dir))?;
+            if !entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
+                continue;
+            }
+            let path = entry.path();
+            let Ok(file) = File::open(&path) else { continue }; // gone already
+            if file.try_lock().is_ok() {
+                match fs::remove_file(&path) {
+                    Ok(()) => swept += 1,
+                    Err(error) if error.kind() == ErrorKind::NotFound => {}
+                    Err(error) => return Err(StorageError::io("removing", &path)(error)),
+                }
+            }
+        }
+        Ok(swept)
+    }
+
+    /// The path of `key`'s graph file.
+    pub fn path_of(&self, key: &GraphKey) -> PathBuf {
+        self.inner.graphs.join(key.file_name())
+    }
+
+    /// Saves `graph` under `key`, atomically: a reader sees the old graph or the new one, never a part.
+    ///
+    /// Writes a temporary file in the same folder, syncs it, renames it over the target and syncs the
+    /// folder. Refuses with [`StorageError::NewerFormat`] to replace a file written by a newer usine.
+    /// Then evicts the least recently used graphs if the store is over its size limit.
+    pub fn save<T: Serialize + ?Sized>(&self, key: &GraphKey, graph: &T) -> Result<Saved> {
+        key.validate()?;
+        let started = Instant::now();
+        let payload = codec::encode(graph)?;
+        let saved = self.save_encoded(key, &payload)?;
+        self.inner.metrics.save.record(started.elapsed().as_secs_f64());
+        Ok(saved)
+    }
+
+    pub(crate) fn save_encoded(&self, key: &GraphKey, payload: &[u8]) -> Result<Saved> {
+        let target = self.path_of(key);
+        if let Some(found) = self.newer_format_at(&target)? {
+            return Err(StorageError::NewerFormat { found, supported: FORMAT_VERSION });
+        }
+        let header = Header {
+            format: FORMAT_VERSION,
+            key: key.clone(),
+            codec: CODEC.to_owned(),
+            created_unix_ms: unix_ms(SystemTime::now()),
+            payload_len: payload.len() as u64,
+            payload_xxh3: format::payload_digest(payload),
+        };
+        let (mut encoder, head) = format::Encoder::start(&header);
+        encoder.payload(payload);
+        let trailer = encoder.finish();
+
+        let dir = &self.inner.graphs;
+        let stem = key.file_name().trim_end_matches(".graph").to_owned();
+        let mut temp = tempfile::Builder::new()
+            .prefix(&format!("{TEMP_PREFIX}{stem}-"))
+            .tempfile_in(dir)
+            .map_err(StorageError::io("creating a temporary file in", dir))?;
+        let temp_path = temp.path().to_owned();
+        // Held until the file is closed after the rename: the sweeper leaves a locked file alone.
+        temp.as_file().lock().map_err(StorageError::io("locking", &temp_path))?;
+        let file = temp.as_file_mut();
+        for piece in [&head[..], payload, &trailer[..]] {
+            file.write_all(piece).map_err(StorageError::io("writing", &temp_path))?;
+        }
+        file.sync_all().map_err(StorageError::io("syncing", &temp_path))?;
+        temp.persist(&target).map_err(|error| StorageError::io("renaming into", &target)(error.error))?;
+        sync_dir(dir)?;
+
+        let bytes = (head.len() + payload.len() + trailer.len()) as u64;
+        self.inner.counters.saves.fetch_add(1, Ordering::Relaxed);
+        self.inner.counters.bytes_written.fetch_add(bytes, Ordering::Relaxed);
+        self.inner.metrics.written_bytes.increment(bytes);
+        let evicted = self.enforce_limit()?;
+        Ok(Saved { path: target, bytes, evicted })
+    }
+
+    /// The format version of the file at `path` when it is newer than this build's.
+    fn newer_format_at(&self, path: &Path) -> Result<Option<u16>> {
+        let mut file = match File::open(path) {
+            Ok(file) => file,
+            Err(error) if error.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(error) => return Err(StorageError::io("opening", path)(error)),
+        };
+        let mut prefix = [0u8; 10];
+        match file.read_exact(&mut prefix) {
+            Ok(()) if prefix[..8] == format::MAGIC => {
+                let found = u16::from_le_bytes([prefix[8], prefix[9]]);
+                Ok((found > FORMAT_VERSION).then_some(found))
+            }
+            _ => Ok(None), // damaged or foreign: replacing it is the fix
+        }
+    }
+
+    /// The graph stored under `key`, verified and decoded; or why there is none.
+    ///
+    /// A damaged file is moved to `graphs/quarantine/` and counted; a file from a newer usine is left
+    /// alone. When only an older schema of the graph is stored and [`Migrations`] can bring it to
+    /// `key.schema`, it is migrated, saved under `key` and served. Errors are kept for the store failing
+    /// (a folder it cannot read, say); everything wrong with a graph is a [`Miss`].
+    pub fn get<T: DeserializeOwned>(&self, key: &GraphKey) -> Result<Lookup<T>> {
+        key.validate()?;
+        let started = Instant::now();
+        let lookup = match self.read_graph::<T>(key)? {
+            Lookup::Miss(Miss::Absent) => self.migrate_on_read(key)?,
+            found => found,
+        };
+        let counters = &self.inner.counters;
+        match &lookup {
+            Lookup::Hit(_) => {
+                counters.hits.fetch_add(1, Ordering::Relaxed);
+                self.inner.metrics.hits.increment(1);
+                self.inner.metrics.load.record(started.elapsed().as_secs_f64());
+            }
+            Lookup::Miss(miss) => {
+                counters.misses[miss.reason() as usize].fetch_add(1, Ordering::Relaxed);
+                self.inner.metrics.miss(miss.reason()).increment(1);
+            }
+        }
+        Ok(lookup)
+    }
+
+    /// Reads, verifies and decodes the file of `key`, without migrating.
+    fn read_graph<T: DeserializeOwned>(&self, key: &GraphKey) -> Result<Lookup<T>> {
+        let path = self.path_of(key);
+        let Some((file, bytes)) = self.read_file(&path)? else { return Ok(Lookup::Miss(Miss::Absent)) };
+        let (header, payload) = match self.check(&path, &bytes, key)? {
+            Ok(valid) => valid,
+            Err(miss) => return Ok(Lookup::Miss(miss)),
+        };
+        match codec::decode::<T>(payload) {
+            Ok(graph) => {
+                // The last use, for LRU eviction across processes; an owner-only operation, so best effort.
+                let _ = file.set_modified(SystemTime::now());
+                Ok(Lookup::Hit(Hit { graph, header, migrated_from: None }))
+            }
+            Err(message) => {
+                let corruption = Corruption::Payload(message);
+                self.quarantine(&path, corruption.as_str())?;
+                Ok(Lookup::Miss(Miss::Corrupt(corruption)))
+            }
+        }
+    }
+
+    /// Opens and reads (or maps) a graph file; `None` when it does not exist.
+    fn read_file(&self, path: &Path) -> Result<Option<(File, FileBytes)>> {
+        let file = match File::options().read(true).open(path) {
+            Ok(file) => file,
+            Err(error) if error.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(error) => return Err(StorageError::io("opening", path)(error)),
+        };
+        let len = file.metadata().map_err(StorageError::io("reading metadata of", path))?.len();
+        let bytes = if len >= self.inner.config.map_threshold && len > 0 {
+            FileBytes::Mapped(map(&file).map_err(StorageError::io("mapping", path))?)
+        } else {
+            let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+            (&file).read_to_end(&mut bytes).map_err(StorageError::io("reading", path))?;
+            FileBytes::Read(bytes)
+        };
+        self.inner.counters.bytes_read.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        self.inner.metrics.read_bytes.increment(bytes.len() as u64);
+        Ok(Some((file, bytes)))
+    }
+
+    /// Decodes the file's bytes and checks they hold `key`'s graph; quarantines what is damaged.
+    fn check<'a>(&self, path: &Path, bytes: &'a [u8], key: &GraphKey) -> Result<Result<(Header, &'a [u8]), Miss>> {
+        match format::decode(bytes) {
+            Err(corruption) => {
+                self.quarantine(path, corruption.as_str())?;
+                Ok(Err(Miss::Corrupt(corruption)))
+            }
+            Ok(Decoded::Newer { format }) => Ok(Err(Miss::NewerFormat { found: format, supported: FORMAT_VERSION })),
+            Ok(Decoded::Valid { header, payload }) => {
+                if header.key != *key {
+                    self.quarantine(path, "key_mismatch")?;
+                    return Ok(Err(Miss::KeyMismatch { differs: key.differences(&header.key) }));
+                }
+                if header.codec != CODEC {
+                    return Ok(Err(Miss::UnknownCodec { codec: header.codec }));
+                }
+                Ok(Ok((*header, payload)))
+            }
+        }
+    }
+
+    /// On a miss, looks for the graph at an older schema that the migrations can upgrade.
+    fn migrate_on_read<T: DeserializeOwned>(&self, key: &GraphKey) -> Result<Lookup<T>> {
+        for from in self.inner.migrations.sources(&key.engine, key.schema) {
+            let upgraded = match self.upgrade(key, from)? {
+                None => continue, // absent, quarantined or left alone: an older one may still serve
+                Some(Err(message)) => return Ok(Lookup::Miss(Miss::MigrationFailed { from, message })),
+                Some(Ok(upgraded)) => upgraded,
+            };
+            let graph = match codec::decode::<T>(&upgraded) {
+                Ok(graph) => graph,
+                Err(message) => return Ok(Lookup::Miss(Miss::MigrationFailed { from, message })),
+            };
+            let saved = self.save_encoded(key, &upgraded)?;
+            remove_if_present(&self.path_of(&key.clone().schema(from)))?;
+            let header = self.header_of(&saved.path)?;
+            return Ok(Lookup::Hit(Hit { graph, header, migrated_from: Some(from) }));
+        }
+        Ok(Lookup::Miss(Miss::Absent))
+    }
+
+    /// The payload of `key`'s graph stored at schema `from`, run through the migrations up to
+    /// `key.schema`: `None` when no usable file is stored at `from`, `Some(Err)` when a step fails.
+    pub(crate) fn upgrade(&self, key: &GraphKey, from: u32) -> Result<Option<Result<Vec<u8>, String>>> {
+        let old_key = key.clone().schema(from);
+        let old_path = self.path_of(&old_key);
+        let Some((_file, bytes)) = self.read_file(&old_path)? else { return Ok(None) };
+        let Ok((_, payload)) = self.check(&old_path, &bytes, &old_key)? else { return Ok(None) };
+        Ok(Some(self.inner.migrations.run(&key.engine, from, key.schema, payload)))
+    }
+
+    /// The header of a file just written by this store.
+    fn header_of(&self, path: &Path) -> Result<Header> {
+        let mut file = File::open(path).map_err(StorageError::io("opening", path))?;
+        match format::read_header(|buf| file.read(buf)).map_err(StorageError::io("reading", path))? {
+            Ok(Some(header)) => Ok(header),
+            _ => Err(StorageError::io("reading the header of", path)(std::io::Error::new(
+                ErrorKind::InvalidData,
+                "the file was replaced by an unreadable one",
+            ))),
+        }
+    }
+
+    /// Removes `key`'s graph; returns whether there was one.
+    pub fn remove(&self, key: &GraphKey) -> Result<bool> {
+        let removed = remove_if_present(&self.path_of(key))?;
+        if removed {
+            sync_dir(&self.inner.graphs)?;
+        }
+        Ok(removed)
+    }
+
+    /// Moves a damaged file to the quarantine folder, under its name, the reason and the time.
+    pub(crate) fn quarantine(&self, path: &Path, reason: &str) -> Result<()> {
+        let name = path.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default();
+        let target = self.inner.quarantine.join(format!("{name}.{reason}.{}", unix_ms(SystemTime::now())));
+        match fs::rename(path, &target) {
+            Ok(()) => {
+                self.inner.counters.quarantined.fetch_add(1, Ordering::Relaxed);
+                self.inner.metrics.quarantined.increment(1);
+                Ok(())
+            }
+            // Another process moved or replaced it first.
+            Err(error) if error.kind() == ErrorKind::NotFound => Ok(()),
+            Err(error) => Err(StorageError::io("quarantining", path)(error)),
+        }
+    }
+
+    /// Takes the cross-process lock of `key`, waiting for it: one process compiles, the others wait and
+    /// then read what it saved. Blocks the thread; from async code, call it on a blocking thread.
+    ///
+    /// Locks are per open file: two `lock` calls for one key on one thread wait for each other forever.
+    pub fn lock(&self, key: &GraphKey) -> Result<KeyLock> {
+        let (file, path) = self.lock_file(key)?;
+        file.lock().map_err(StorageError::io("locking", &path))?;
+        Ok(KeyLock { _file: file })
+    }
+
+    /// The lock of `key` if it is free now.
+    pub fn try_lock(&self, key: &GraphKey) -> Result<Option<KeyLock>> {
+        let (file, path) = self.lock_file(key)?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(KeyLock { _file: file })),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+            Err(std::fs::TryLockError::Error(error)) => Err(StorageError::io("locking", &path)(error)),
+        }
+    }
+
+    fn lock_file(&self, key: &GraphKey) -> Result<(File, PathBuf)> {
+        let path = self.inner.locks.join(key.file_name().replace(".graph", ".lock"));
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(StorageError::io("opening", &path))?;
+        Ok((file, path))
+    }
+}
+
+impl std::fmt::Debug for StorageManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StorageManager").field("root", &self.inner.config.root).finish_non_exhaustive()
+    }
+}
+
+/// Held while a process works on one key; released when dropped, or when the process dies.
+#[derive(Debug)]
+pub struct KeyLock {
+    _file: File,
+}
+
+/// Maps a graph file. Graph files are never modified in place: writers rename a complete new file over
+/// the old one, which leaves a mapping of the old file intact.
+#[allow(unsafe_code, reason = "mapping is what makes large loads fast; see the safety note")]
+fn map(file: &File) -> std::io::Result<memmap2::Mmap> {
+    // SAFETY: the mapped file is never written in place by this crate (saves rename a new file over it,
+    // removals unlink it; both leave an existing mapping valid). Only an outside program truncating the
+    // file in place could invalidate the mapping, and the cache folder belongs to usine.
+    unsafe { memmap2::MmapOptions::new().populate().map(file) }
+}
+
+pub(crate) fn remove_if_present(path: &Path) -> Result<bool> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(error) if error.kind() == ErrorKind::NotFound => Ok(false),
+        Err(error) => Err(StorageError::io("removing", path)(error)),
+    }
+}
+
+/// Makes a rename or removal in `dir` durable.
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|dir| dir.sync_all()).map_err(StorageError::io("syncing", dir))
+}
+
+pub(crate) fn unix_ms(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH).map_or(0, |since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
+}
