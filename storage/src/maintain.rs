@@ -297,7 +297,7 @@ impl StorageManager {
         if total <= limit {
             return Ok(Vec::new());
         }
-        entries.sort_by_key(|entry| entry.last_use);
+        entries.sort_by(|a, b| (a.last_use, &a.file_name).cmp(&(b.last_use, &b.file_name)));
         let mut evicted = Vec::new();
         for entry in entries {
             if total <= limit {

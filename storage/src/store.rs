@@ -45,7 +45,12 @@ impl StorageConfig {
     /// The default root: `$USINE_CACHE_DIR` if set, else the platform's cache folder (for instance
     /// `$XDG_CACHE_HOME/usine` or `~/.cache/usine` on Linux).
     pub fn from_env() -> Result<Self> {
-        match std::env::var_os(CACHE_DIR_ENV) {
+        Self::from_override(std::env::var_os(CACHE_DIR_ENV))
+    }
+
+    /// The default root given the value of `USINE_CACHE_DIR` (`None` or empty: the platform's folder).
+    pub fn from_override(cache_dir: Option<std::ffi::OsString>) -> Result<Self> {
+        match cache_dir {
             Some(dir) if !dir.is_empty() => Ok(Self::at(dir)),
             _ => dirs::cache_dir().map(|dir| Self::at(dir.join("usine"))).ok_or(StorageError::NoCacheDir),
         }
@@ -360,6 +365,9 @@ impl StorageManager {
         for piece in [&head[..], payload, &trailer[..]] {
             file.write_all(piece).map_err(StorageError::io("writing", &temp_path))?;
         }
+        // The last use, at full precision: the kernel stamps writes with a coarse clock, which would tie
+        // graphs saved within a few milliseconds in the LRU order.
+        file.set_modified(SystemTime::now()).map_err(StorageError::io("stamping", &temp_path))?;
         file.sync_all().map_err(StorageError::io("syncing", &temp_path))?;
         temp.persist(&target).map_err(|error| StorageError::io("renaming into", &target)(error.error))?;
         sync_dir(dir)?;
