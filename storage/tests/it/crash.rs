@@ -55,7 +55,7 @@ fn writer() {
     let dir = tempfile::tempdir().unwrap();
     let root = child.clone().map_or_else(|| dir.path().to_owned(), std::path::PathBuf::from);
     let store = StorageManager::open(StorageConfig::at(&root), Migrations::new()).unwrap();
-    let start = std::process::id() as u64 * 1000; // generations differ between children
+    let start = u64::from(std::process::id()) * 1000; // generations differ between children
     for generation in start.. {
         for key in 0..KEYS {
             store.save(&graph_key(key), &Written::new(key, generation)).unwrap();

@@ -1,5 +1,6 @@
 //! Integration tests of `usine-storage`: one test binary, one module per capability.
 
+#![allow(clippy::cast_possible_truncation, reason = "test patterns wrap bytes on purpose")]
 #![allow(
     clippy::unwrap_used,
     reason = "helpers outside #[test] fns unwrap too: a panic is a test failure with its message"
