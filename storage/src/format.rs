@@ -14,7 +14,7 @@
 //! checksum is verified before the header is parsed or the payload decoded.
 
 use serde::{Deserialize, Serialize};
-use xxhash_rust::xxh3::{Xxh3, xxh3_128};
+use twox_hash::XxHash3_128;
 
 use crate::key::GraphKey;
 
@@ -115,7 +115,7 @@ pub enum Decoded<'a> {
 
 /// Writes a graph file's bytes, piece by piece, computing the trailer as it goes.
 pub(crate) struct Encoder {
-    hasher: Xxh3,
+    hasher: XxHash3_128,
 }
 
 impl Encoder {
@@ -127,25 +127,25 @@ impl Encoder {
         head.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
         head.extend_from_slice(&u32::try_from(json.len()).expect("a header is far below 4 GiB").to_le_bytes());
         head.extend_from_slice(&json);
-        let mut hasher = Xxh3::new();
-        hasher.update(&head);
+        let mut hasher = XxHash3_128::new();
+        hasher.write(&head);
         (Self { hasher }, head)
     }
 
     /// Adds the payload to the checksum.
     pub(crate) fn payload(&mut self, payload: &[u8]) {
-        self.hasher.update(payload);
+        self.hasher.write(payload);
     }
 
     /// The trailer.
     pub(crate) fn finish(self) -> [u8; TRAILER_LEN] {
-        self.hasher.digest128().to_le_bytes()
+        self.hasher.finish_128().to_le_bytes()
     }
 }
 
 /// The XXH3-128 of a payload, as in the header.
 pub(crate) fn payload_digest(payload: &[u8]) -> String {
-    format!("{:032x}", xxh3_128(payload))
+    format!("{:032x}", XxHash3_128::oneshot(payload))
 }
 
 /// Checks magic, version and header length; returns the format version and header length.
@@ -191,7 +191,7 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded<'_>, Corruption> {
     }
     let (body, trailer) = bytes.split_at(bytes.len() - TRAILER_LEN);
     let expected = u128::from_le_bytes(trailer.try_into().expect("the trailer is 16 bytes"));
-    if xxh3_128(body) != expected {
+    if XxHash3_128::oneshot(body) != expected {
         return Err(Corruption::Checksum);
     }
     let header: Header = serde_json::from_slice(&body[PREFIX_LEN..PREFIX_LEN + header_len])

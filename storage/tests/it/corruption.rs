@@ -4,9 +4,9 @@
 use std::fs;
 use std::path::Path;
 
+use twox_hash::XxHash3_128;
 use usine_storage::format::{FORMAT_VERSION, MAGIC, MAX_HEADER_LEN};
 use usine_storage::{Corruption, GraphKey, Header, Lookup, Miss, MissReason, StorageError, StorageManager};
-use xxhash_rust::xxh3::xxh3_128;
 
 use crate::{Graph, key, quarantined, store};
 
@@ -17,7 +17,7 @@ pub(crate) fn assemble(version: u16, header: &[u8], payload: &[u8]) -> Vec<u8> {
     bytes.extend_from_slice(&(header.len() as u32).to_le_bytes());
     bytes.extend_from_slice(header);
     bytes.extend_from_slice(payload);
-    let sum = xxh3_128(&bytes);
+    let sum = XxHash3_128::oneshot(&bytes);
     bytes.extend_from_slice(&sum.to_le_bytes());
     bytes
 }
