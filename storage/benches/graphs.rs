@@ -32,7 +32,10 @@ struct Graph {
 }
 
 fn graph(mib: usize) -> Graph {
-    Graph { name: format!("bench-{mib}"), weights: (0..mib * MIB).map(|i| (i * 31 % 251) as u8).collect() }
+    Graph {
+        name: format!("bench-{mib}"),
+        weights: (0..mib * MIB).map(|i| u8::try_from(i * 31 % 251).expect("below 251")).collect(),
+    }
 }
 
 fn key(mib: usize) -> GraphKey {

@@ -10,7 +10,7 @@ use crate::{Graph, key, store};
 #[test]
 fn a_saved_graph_comes_back_whole_small_or_mapped() {
     let (_dir, store) = store();
-    for (model, len) in [("small", 100), ("large", 3 << 20)] {
+    for (model, len) in [("small", 100), ("mapped", 5 << 20)] {
         let graph = Graph::sample(7, len);
         let saved = store.save(&key(model), &graph).unwrap();
         assert!(saved.path.starts_with(store.graphs_dir()));
