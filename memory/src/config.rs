@@ -19,6 +19,8 @@ pub const DEFAULT_HIGH_WATER_PERCENT: u8 = 90;
 pub const DEFAULT_LOW_WATER_PERCENT: u8 = 80;
 /// Default block size: 4 KiB.
 pub const DEFAULT_BLOCK_SIZE: u64 = 4096;
+/// Most events kept for a slow subscriber; a larger [`ManagerConfig::event_capacity`] is cut to this.
+pub const MAX_EVENT_CAPACITY: usize = 1 << 20;
 /// Longest pool name, in bytes (names become metric labels).
 pub const MAX_POOL_NAME_LEN: usize = 64;
 
@@ -103,7 +105,8 @@ fn validate_name(name: &str) -> Result<()> {
 /// Settings of the manager itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ManagerConfig {
-    /// Events kept for a slow subscriber before it starts losing the oldest (default 1024).
+    /// Events kept for a slow subscriber before it starts losing the oldest (default 1024, at most
+    /// [`MAX_EVENT_CAPACITY`]).
     pub event_capacity: usize,
     /// How often the background GC sweeps (default 10 s).
     pub gc_interval: Duration,

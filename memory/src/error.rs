@@ -103,9 +103,20 @@ pub enum MemoryError {
         /// The revoked lease.
         lease: LeaseId,
     },
-    /// The GC sweeper needs a tokio runtime to run on.
-    #[error("no tokio runtime to run the gc sweeper on")]
-    NoRuntime,
+    /// Waiting and the GC sweeper need a tokio runtime (with time enabled).
+    #[error("no tokio runtime to {purpose}")]
+    NoRuntime {
+        /// What needed it.
+        purpose: &'static str,
+    },
+    /// The request's scope was released while it waited for space.
+    #[error("the {scope} was released while waiting for space in pool `{pool}`")]
+    ScopeReleased {
+        /// The pool waited on.
+        pool: String,
+        /// The released scope.
+        scope: crate::lease::ScopeId,
+    },
 }
 
 /// Shorthand for results of this crate.

@@ -180,7 +180,7 @@ pub(crate) struct EventBus {
 
 impl EventBus {
     pub(crate) fn new(capacity: usize) -> Self {
-        let (sender, _) = broadcast::channel(capacity.max(1));
+        let (sender, _) = broadcast::channel(capacity.clamp(1, crate::config::MAX_EVENT_CAPACITY));
         Self { sender, subscribers: Arc::new(AtomicUsize::new(0)) }
     }
 

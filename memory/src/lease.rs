@@ -107,7 +107,8 @@ impl Lease {
         self.scope
     }
 
-    /// Bytes asked for, as grown and shrunk.
+    /// Bytes asked for, as grown and shrunk. A revoked lease keeps its last figures; see
+    /// [`is_revoked`](Self::is_revoked).
     pub fn len(&self) -> u64 {
         self.len
     }
@@ -136,9 +137,11 @@ impl Lease {
 
     /// Grows the lease by `additional` bytes, reserving more blocks only when the new length needs them.
     ///
-    /// Fails without change with [`MemoryError::Exhausted`] when the pool cannot give the blocks now
-    /// (or waiters are queued first), [`MemoryError::TooLarge`] when the new length exceeds the pool's
-    /// capacity, and [`MemoryError::Revoked`] when the lease was taken back.
+    /// A grow takes free blocks even when requests are queued for space: a running sequence that
+    /// finishes frees its memory sooner than one that stalls. Fails without change with
+    /// [`MemoryError::Exhausted`] when the blocks are not free (`requested` is `additional`),
+    /// [`MemoryError::TooLarge`] when the new length exceeds the pool's capacity (`requested` is the
+    /// new length), and [`MemoryError::Revoked`] when the lease was taken back.
     pub fn try_grow(&mut self, additional: u64) -> Result<()> {
         let (len, reserved) = self.pool.resize(self, ResizeBy::Grow(additional))?;
         self.len = len;

@@ -53,11 +53,11 @@ mod stats;
 
 pub use config::{
     ACTIVATIONS, DEFAULT_BLOCK_SIZE, DEFAULT_HIGH_WATER_PERCENT, DEFAULT_IDLE_TIMEOUT, DEFAULT_LOW_WATER_PERCENT,
-    KV_CACHE, MAX_POOL_NAME_LEN, ManagerConfig, PoolConfig, StandardPools, UNIFORMS,
+    KV_CACHE, MAX_EVENT_CAPACITY, MAX_POOL_NAME_LEN, ManagerConfig, PoolConfig, StandardPools, UNIFORMS,
 };
 pub use error::{MemoryError, Result};
 pub use events::{Event, EventStream, FailureReason, Lagged, PoolName, PressureLevel, ReclaimReason};
 pub use lease::{Lease, LeaseId, ScopeId};
-pub use manager::{GcTask, MemoryManager, Reclaimed};
+pub use manager::{GcTask, MAX_GC_INTERVAL, MemoryManager, Reclaimed};
 pub use pool::Pool;
 pub use stats::{MemoryStats, PoolStats};

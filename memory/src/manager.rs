@@ -71,19 +71,29 @@ impl Default for MemoryManager {
 
 impl MemoryManager {
     /// A manager with no pools yet.
+    ///
+    /// Metric handles are registered with the recorder installed when each pool is created: install
+    /// the exporter (in the binary) before creating pools, or their figures go nowhere.
     pub fn new(config: ManagerConfig) -> Self {
         describe_metrics();
         let events = Arc::new(EventBus::new(config.event_capacity));
         Self { inner: Arc::new(Inner { config, pools: RwLock::new(BTreeMap::new()), events }) }
     }
 
-    /// A manager with the three standard pools, `kv-cache`, `activations` and `uniforms`.
+    /// A manager with default settings and the three standard pools, `kv-cache`, `activations` and
+    /// `uniforms`.
     pub fn with_standard_pools(pools: &StandardPools) -> Result<Self> {
         let manager = Self::default();
-        for (name, config) in pools.named() {
-            manager.create_pool(name, config.clone())?;
-        }
+        manager.create_standard_pools(pools)?;
         Ok(manager)
+    }
+
+    /// Creates the three standard pools in this manager.
+    pub fn create_standard_pools(&self, pools: &StandardPools) -> Result<()> {
+        for (name, config) in pools.named() {
+            self.create_pool(name, config.clone())?;
+        }
+        Ok(())
     }
 
     /// Creates a pool.
@@ -135,7 +145,8 @@ impl MemoryManager {
         self.pool(pool).is_ok_and(|pool| pool.can_allocate(bytes))
     }
 
-    /// Revokes every lease of `scope`, in every pool, at once; their later drops free nothing.
+    /// Revokes every lease of `scope`, in every pool, at once; their later drops free nothing. Requests
+    /// of the scope still waiting for space stop waiting, with [`MemoryError::ScopeReleased`].
     pub fn release_scope(&self, scope: ScopeId) -> Reclaimed {
         let mut reclaimed = Reclaimed::default();
         for pool in self.pools() {
@@ -159,9 +170,11 @@ impl MemoryManager {
     /// The sweeper stops when the returned handle is dropped, or when the manager is gone. Fails with
     /// [`MemoryError::NoRuntime`] outside a tokio runtime.
     pub fn start_gc(&self) -> Result<GcTask> {
-        let runtime = tokio::runtime::Handle::try_current().map_err(|_| MemoryError::NoRuntime)?;
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|_| MemoryError::NoRuntime { purpose: "run the gc sweeper on" })?;
         let manager = Arc::downgrade(&self.inner);
-        let period = self.inner.config.gc_interval.max(Duration::from_millis(1));
+        // Bounded both ways: a zero period would spin, and `Duration::MAX` would overflow the clock.
+        let period = self.inner.config.gc_interval.clamp(Duration::from_millis(1), MAX_GC_INTERVAL);
         let task = runtime.spawn(sweep(manager, period));
         Ok(GcTask { task })
     }
@@ -200,10 +213,20 @@ async fn sweep(manager: Weak<Inner>, period: Duration) {
     }
 }
 
+/// The longest GC interval: one day.
+pub const MAX_GC_INTERVAL: Duration = Duration::from_secs(86_400);
+
 /// The running GC sweeper; dropping it stops the sweeper.
 #[derive(Debug)]
 pub struct GcTask {
     task: tokio::task::JoinHandle<()>,
+}
+
+impl GcTask {
+    /// Whether the sweeper has stopped (its manager is gone).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
 }
 
 impl Drop for GcTask {

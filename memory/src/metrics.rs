@@ -48,7 +48,7 @@ pub fn describe_metrics() {
     describe_histogram!(
         WAIT_DURATION_SECONDS,
         Unit::Seconds,
-        "Time requests waited for space in a memory pool, granted or timed out."
+        "Time requests waited for space in a memory pool: granted, timed out, cancelled or released."
     );
 }
 

@@ -36,6 +36,8 @@ use crate::stats::PoolStats;
 /// let next = tokio::spawn(async move {
 ///     waiter.allocate_wait(4096, ScopeId::new(8), Duration::from_millis(500)).await
 /// });
+/// tokio::task::yield_now().await; // let it queue
+/// assert_eq!(activations.stats().waiters, 1);
 /// drop(step);
 /// let next = next.await.expect("the task does not panic")?;
 /// assert_eq!(next.reserved(), 4096);
@@ -93,7 +95,8 @@ struct Waiter {
     reserved: u64,
     scope: ScopeId,
     since: Instant,
-    grant: oneshot::Sender<Lease>,
+    /// Carries the lease, or the error that ended the wait (its scope was released).
+    grant: oneshot::Sender<Result<Lease>>,
 }
 
 /// Leases built under the lock that must be dropped after it (their `Drop` takes the lock).
@@ -101,16 +104,16 @@ type Deferred = Vec<Lease>;
 
 impl PoolShared {
     pub(crate) fn new(name: &str, config: &PoolConfig, events: Arc<EventBus>) -> Self {
-        let mark = |percent: u8| {
-            u64::try_from((u128::from(config.capacity) * u128::from(percent)).div_ceil(100))
-                .expect("at most 100 % of a u64 capacity")
-        };
+        // The high mark rounds up and the low one down, so that they differ even in a tiny pool and a
+        // pool whose use does not change never flips between the two levels.
+        let share = |percent: u8| u128::from(config.capacity) * u128::from(percent);
+        let mark = |bytes: u128| u64::try_from(bytes).expect("at most 100 % of a u64 capacity");
         Self {
             name: name.into(),
             capacity: config.capacity,
             block_size: config.block_size,
-            high_water: mark(config.high_water_percent),
-            low_water: mark(config.low_water_percent),
+            high_water: mark(share(config.high_water_percent).div_ceil(100)),
+            low_water: mark(share(config.low_water_percent) / 100),
             idle_timeout: config.idle_timeout,
             state: Mutex::new(PoolState {
                 used: 0,
@@ -155,14 +158,10 @@ impl PoolShared {
         st.waiters.is_empty() && reserved <= self.capacity - st.used
     }
 
-    fn exhausted(&self, st: &mut PoolState, requested: u64) -> MemoryError {
+    /// The error for a request that does not fit now; `waiters` are the requests queued ahead of it.
+    fn exhausted(&self, st: &mut PoolState, requested: u64, waiters: usize) -> MemoryError {
         self.failed(st, requested, FailureReason::Exhausted);
-        MemoryError::Exhausted {
-            pool: self.name.to_string(),
-            requested,
-            available: self.capacity - st.used,
-            waiters: st.waiters.len(),
-        }
+        MemoryError::Exhausted { pool: self.name.to_string(), requested, available: self.capacity - st.used, waiters }
     }
 
     fn failed(&self, st: &mut PoolState, requested: u64, reason: FailureReason) {
@@ -191,6 +190,11 @@ impl PoolShared {
 
     /// After any change of `used` or of the lease count: peak, gauges, and the water marks.
     fn used_changed(&self, st: &mut PoolState) {
+        debug_assert_eq!(
+            st.used,
+            st.leases.iter().map(|(_, record)| record.reserved).sum::<u64>(),
+            "`used` is the sum of the live leases' reservations"
+        );
         if st.used > st.peak {
             st.peak = st.used;
             self.metrics.peak.set(to_f64(st.peak));
@@ -222,8 +226,9 @@ impl PoolShared {
             let waiter = st.waiters.pop_front().expect("the head was just seen");
             let lease = self.reserve(st, waiter.requested, waiter.reserved, waiter.scope, now);
             self.waited(st, now - waiter.since);
-            if let Err(lease) = waiter.grant.send(lease) {
-                // The waiter gave up in the meantime: its lease returns once the lock is released.
+            // A successful `send` hands the lease to the receiver, which drops it if its waiter is gone
+            // (tokio >= 1.38). A failed one gives it back: it returns once the lock is released.
+            if let Err(Ok(lease)) = waiter.grant.send(Ok(lease)) {
                 deferred.push(lease);
             }
         }
@@ -244,7 +249,8 @@ impl PoolShared {
         self.with_state(|st, _| {
             let reserved = self.reservation(st, bytes)?;
             if !self.fits_now(st, reserved) {
-                return Err(self.exhausted(st, bytes));
+                let waiters = st.waiters.len();
+                return Err(self.exhausted(st, bytes, waiters));
             }
             Ok(self.reserve(st, bytes, reserved, scope, Instant::now()))
         })
@@ -288,9 +294,10 @@ impl PoolShared {
             };
             let reserved = self.reservation(st, len)?;
             if reserved > old_reserved {
+                // A grow does not queue behind waiters: see `Lease::try_grow`.
                 let extra = reserved - old_reserved;
-                if !self.fits_now(st, extra) {
-                    return Err(self.exhausted(st, len - old_len));
+                if extra > self.capacity - st.used {
+                    return Err(self.exhausted(st, len - old_len, 0));
                 }
                 st.used += extra;
             } else {
@@ -344,8 +351,22 @@ impl PoolShared {
                     reason,
                 });
             }
+            let mut released_waiters = false;
+            if reason == ReclaimReason::Scope {
+                // Requests of a released scope stop waiting: their work has ended.
+                while let Some(index) = st.waiters.iter().position(|waiter| doomed(&waiter.scope, Duration::ZERO)) {
+                    let waiter = st.waiters.remove(index).expect("the index was just found");
+                    self.waited(st, now - waiter.since);
+                    let error = MemoryError::ScopeReleased { pool: self.name.to_string(), scope: waiter.scope };
+                    // Nothing to give back if the waiter is gone already: it holds no lease.
+                    let _ = waiter.grant.send(Err(error));
+                    released_waiters = true;
+                }
+            }
             if !slots.is_empty() {
                 self.used_changed(st);
+            }
+            if !slots.is_empty() || released_waiters {
                 self.grant_waiters(st, deferred);
             }
             (slots.len(), bytes)
@@ -420,9 +441,14 @@ impl Pool {
     /// Waiters are served strictly first come, first served, so a large request is not starved by
     /// small ones. The wait is woken when space returns; nothing polls. Dropping the returned future
     /// leaves nothing reserved. Fails at once with [`MemoryError::TooLarge`] for a request that could
-    /// never fit, and with [`MemoryError::TimedOut`] after `timeout`.
+    /// never fit, with [`MemoryError::TimedOut`] after `timeout`, with [`MemoryError::ScopeReleased`]
+    /// when [`MemoryManager::release_scope`](crate::MemoryManager::release_scope) ends its scope, and
+    /// with [`MemoryError::NoRuntime`] outside a tokio runtime (which must have time enabled).
     pub async fn allocate_wait(&self, bytes: u64, scope: ScopeId, timeout: Duration) -> Result<Lease> {
         let shared = &self.shared;
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(MemoryError::NoRuntime { purpose: "wait for space on" });
+        }
         let since = Instant::now();
         let queued = shared.with_state(|st, _| {
             let reserved = shared.reservation(st, bytes)?;
@@ -450,9 +476,9 @@ impl Pool {
         let granted = wait.granted.insert(granted);
         let outcome = tokio::time::timeout(timeout, granted).await;
         match outcome {
-            Ok(Ok(lease)) => {
-                wait.granted = None; // served: the grant took the request off the queue
-                Ok(lease)
+            Ok(Ok(served)) => {
+                wait.granted = None; // served: the grant (or the scope release) took it off the queue
+                served
             }
             // `Ok(Err(_))` cannot happen: a waiter's sender is only dropped after sending.
             Ok(Err(_)) | Err(_) => wait.give_up(bytes),
@@ -478,7 +504,7 @@ impl std::fmt::Debug for Pool {
 /// The first step of `allocate_wait`: served at once, or queued.
 enum Queued {
     Served(Lease),
-    Waiting(Wait, oneshot::Receiver<Lease>),
+    Waiting(Wait, oneshot::Receiver<Result<Lease>>),
 }
 
 /// A queued request; leaving the queue when dropped is what makes a cancelled wait leave nothing.
@@ -487,7 +513,7 @@ struct Wait {
     id: u64,
     since: Instant,
     /// `None` once served.
-    granted: Option<oneshot::Receiver<Lease>>,
+    granted: Option<oneshot::Receiver<Result<Lease>>>,
 }
 
 impl Wait {
@@ -511,9 +537,9 @@ impl Wait {
         let granted = self.granted.take();
         match timed_out {
             Some(error) => Err(error),
-            None => Ok(granted
+            None => granted
                 .and_then(|mut granted| granted.try_recv().ok())
-                .expect("a request off the queue that did not leave it itself was sent its lease under the lock")),
+                .expect("a request taken off the queue by another was sent its answer under the lock"),
         }
     }
 

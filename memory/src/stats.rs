@@ -31,7 +31,7 @@ pub struct PoolStats {
     pub reclaimed: u64,
     /// Requests waiting for space now.
     pub waiters: usize,
-    /// Time spent waiting by requests that finished waiting (granted or timed out).
+    /// Time spent waiting by requests that finished waiting: granted, timed out, cancelled or released.
     pub total_wait: Duration,
 }
 
@@ -48,13 +48,13 @@ impl MemoryStats {
         self.pools.iter().find(|pool| pool.name == name)
     }
 
-    /// Capacity of all pools together, in bytes.
+    /// Capacity of all pools together, in bytes (saturating at `u64::MAX`).
     pub fn capacity(&self) -> u64 {
-        self.pools.iter().map(|pool| pool.capacity).sum()
+        self.pools.iter().fold(0, |total, pool| total.saturating_add(pool.capacity))
     }
 
-    /// Bytes reserved in all pools together.
+    /// Bytes reserved in all pools together (saturating at `u64::MAX`).
     pub fn used(&self) -> u64 {
-        self.pools.iter().map(|pool| pool.used).sum()
+        self.pools.iter().fold(0, |total, pool| total.saturating_add(pool.used))
     }
 }

@@ -176,3 +176,60 @@ async fn shrinking_and_scope_release_also_wake_waiters() {
     memory.release_scope(SCOPE);
     assert_eq!(task.await.unwrap().unwrap().reserved(), 2048);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_grow_does_not_queue_behind_waiters() {
+    let (_memory, pool) = one_pool(4);
+    let mut running = pool.allocate(1024, SCOPE).unwrap();
+    let mut waiting = Box::pin(pool.allocate_wait(4096, ScopeId::new(2), TIMEOUT));
+    poll_once(waiting.as_mut()).await;
+    running.try_grow(2048).unwrap(); // a running sequence goes on
+    let err = pool.allocate(1024, SCOPE).unwrap_err(); // a new request does not overtake
+    assert!(matches!(err, MemoryError::Exhausted { waiters: 1, .. }), "{err}");
+    drop(running);
+    assert_eq!(waiting.await.unwrap().reserved(), 4096);
+}
+
+#[tokio::test(start_paused = true)]
+async fn releasing_a_scope_ends_its_waits_and_serves_the_next() {
+    let (memory, pool) = one_pool(2);
+    let _held = pool.allocate(1024, ScopeId::new(1)).unwrap();
+    let (doomed, other) = (ScopeId::new(2), ScopeId::new(3));
+    let waiter = pool.clone();
+    let ended = tokio::spawn(async move { waiter.allocate_wait(2048, doomed, TIMEOUT).await });
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let waiter = pool.clone();
+    let next = tokio::spawn(async move { waiter.allocate_wait(1024, other, TIMEOUT).await });
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(pool.stats().waiters, 2);
+
+    let start = Instant::now();
+    assert_eq!(memory.release_scope(doomed).leases, 0);
+    let err = ended.await.unwrap().unwrap_err();
+    assert_eq!(err, MemoryError::ScopeReleased { pool: "test".into(), scope: doomed });
+    assert_eq!(err.to_string(), "the scope 2 was released while waiting for space in pool `test`");
+    assert_eq!(next.await.unwrap().unwrap().scope(), other, "the request behind it fits now");
+    assert_eq!(start.elapsed(), Duration::ZERO);
+    assert_eq!(pool.stats().waiters, 0);
+}
+
+#[test]
+fn waiting_outside_a_runtime_is_a_typed_error() {
+    let (_memory, pool) = one_pool(1);
+    let _held = pool.allocate(1024, SCOPE).unwrap();
+    let waiting = pool.allocate_wait(1024, SCOPE, TIMEOUT);
+    let err = futures_block_on(waiting).unwrap_err();
+    assert_eq!(err, MemoryError::NoRuntime { purpose: "wait for space on" });
+    assert_eq!(pool.stats().waiters, 0);
+}
+
+/// Polls a future to completion on this thread, outside any tokio runtime.
+fn futures_block_on<F: Future>(future: F) -> F::Output {
+    let mut future = pin!(future);
+    let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+    loop {
+        if let std::task::Poll::Ready(output) = future.as_mut().poll(&mut context) {
+            return output;
+        }
+    }
+}

@@ -122,3 +122,29 @@ fn futures_now(events: &mut EventStream) -> Option<Result<Event, Lagged>> {
         std::task::Poll::Pending => None,
     }
 }
+
+#[test]
+fn even_a_tiny_pool_has_two_distinct_water_marks() {
+    let memory = MemoryManager::default();
+    let pool = memory.create_pool("tiny", PoolConfig::new(4, 1)).unwrap(); // high at 4 bytes, low at 3
+    let mut events = memory.subscribe();
+    let mut lease = pool.allocate(4, ScopeId::new(1)).unwrap();
+    lease.shrink(1).unwrap(); // 3: back to normal
+    lease.try_grow(0).unwrap(); // no change, no event
+    let mut levels = Vec::new();
+    while let Some(Ok(event)) = futures_now(&mut events) {
+        if let Event::Pressure { used, level, .. } = event {
+            levels.push((used, level));
+        }
+    }
+    assert_eq!(levels, [(4, PressureLevel::High), (3, PressureLevel::Normal)]);
+}
+
+#[test]
+fn an_absurd_event_capacity_is_cut_to_the_limit() {
+    let memory = MemoryManager::new(ManagerConfig { event_capacity: usize::MAX, ..Default::default() });
+    let mut events = memory.subscribe();
+    memory.create_pool("kv", PoolConfig::new(1024, 1024)).unwrap();
+    assert!(matches!(futures_now(&mut events), Some(Ok(Event::PoolCreated { .. }))));
+    assert_eq!(usine_memory::MAX_EVENT_CAPACITY, 1 << 20);
+}

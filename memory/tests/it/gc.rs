@@ -94,9 +94,23 @@ async fn dropping_the_sweeper_or_the_manager_stops_it() {
     assert!(!lease.is_revoked());
 
     let (memory, _pool) = manager();
-    let _sweeper = memory.start_gc().unwrap();
+    let sweeper = memory.start_gc().unwrap();
     drop(memory); // the sweeper holds only a weak reference, and ends at its next tick
-    sleep(Duration::from_secs(11)).await;
+    sleep(Duration::from_secs(9)).await;
+    assert!(!sweeper.is_finished());
+    sleep(Duration::from_secs(2)).await;
+    assert!(sweeper.is_finished());
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_absurd_interval_is_bounded_not_a_crash() {
+    let memory = MemoryManager::new(ManagerConfig { gc_interval: Duration::MAX, ..Default::default() });
+    let pool = memory.create_pool("kv", PoolConfig::new(1024, 1024)).unwrap();
+    let lease = pool.allocate(1024, SCOPE).unwrap();
+    let sweeper = memory.start_gc().unwrap();
+    sleep(usine_memory::MAX_GC_INTERVAL + Duration::from_secs(1)).await;
+    assert!(lease.is_revoked(), "swept once a day at most");
+    assert!(!sweeper.is_finished());
 }
 
 #[tokio::test(start_paused = true)]
@@ -113,6 +127,6 @@ async fn a_pool_without_idle_timeout_is_never_collected() {
 fn the_sweeper_needs_a_runtime() {
     let (memory, _pool) = manager();
     let err = memory.start_gc().unwrap_err();
-    assert_eq!(err, MemoryError::NoRuntime);
+    assert_eq!(err, MemoryError::NoRuntime { purpose: "run the gc sweeper on" });
     assert_eq!(err.to_string(), "no tokio runtime to run the gc sweeper on");
 }

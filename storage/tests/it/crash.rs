@@ -2,13 +2,12 @@
 //! moments, many times. After each kill the store opens, sweeps the dead writer's temporary files, and
 //! every graph is whole and valid, or absent; never served torn, never quarantined.
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use usine_storage::{GraphKey, Lookup, Migrations, StorageConfig, StorageManager};
 
-use crate::quarantined;
+use crate::{quarantined, spawn_child};
 
 const CHILD_DIR: &str = "USINE_TEST_CRASH_WRITER_DIR";
 const KEYS: u64 = 6;
@@ -76,13 +75,7 @@ fn killed_writers_never_leave_a_torn_graph() {
     let mut seed = 0x5EED_u64;
     let (mut served, mut absent) = (0, 0);
     for _round in 0..ROUNDS {
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "crash::writer", "--nocapture", "--test-threads=1"])
-            .env(CHILD_DIR, dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child = spawn_child("crash::writer", CHILD_DIR, dir.path());
         seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
         std::thread::sleep(Duration::from_millis(5 + (seed >> 33) % 80));
         child.kill().unwrap(); // SIGKILL

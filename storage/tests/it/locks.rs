@@ -1,13 +1,12 @@
 //! Per-key locks across threads and across processes: one compiles, the others wait and then read.
 
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use usine_storage::{Migrations, StorageConfig, StorageManager};
 
-use crate::{Graph, key, store};
+use crate::{Graph, key, spawn_child, store};
 
 const CHILD_DIR: &str = "USINE_TEST_LOCK_HOLDER_DIR";
 
@@ -60,13 +59,7 @@ fn holder() {
 #[test]
 fn a_lock_held_by_another_process_is_released_when_it_dies() {
     let (dir, store) = store();
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "locks::holder", "--nocapture", "--test-threads=1"])
-        .env(CHILD_DIR, dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_child("locks::holder", CHILD_DIR, dir.path());
     let started = Instant::now();
     while !dir.path().join("locked").exists() {
         assert!(started.elapsed() < Duration::from_secs(30), "the child never took the lock");

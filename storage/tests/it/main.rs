@@ -59,3 +59,14 @@ fn quarantined(store: &StorageManager) -> Vec<String> {
     names.sort();
     names
 }
+
+/// Runs one test of this binary in a child process, in child mode: `env` names the folder it works in.
+fn spawn_child(test: &str, env: &str, dir: &std::path::Path) -> std::process::Child {
+    std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", test, "--nocapture", "--test-threads=1"])
+        .env(env, dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
