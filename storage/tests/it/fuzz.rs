@@ -51,6 +51,9 @@ fn mutation() -> impl Strategy<Value = Mutation> {
 }
 
 fn apply(bytes: &mut Vec<u8>, mutation: &Mutation) {
+    if bytes.is_empty() && !matches!(mutation, Mutation::Insert { .. }) {
+        return; // truncated to nothing already: only an insertion changes it
+    }
     match mutation {
         Mutation::Flip { at, bit } => {
             let i = at.index(bytes.len());
