@@ -50,6 +50,21 @@ pub enum StorageError {
         /// The newest format this build reads.
         supported: u16,
     },
+    /// The graph's file alone would exceed the store's size limit.
+    #[error("the graph's file is {bytes} bytes, over the store's size limit of {limit} bytes")]
+    ExceedsLimit {
+        /// The file's size.
+        bytes: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// The file stored under this key holds its payload in a codec this build does not know; it is
+    /// left alone.
+    #[error("a graph in codec `{codec}` (unknown here) is stored under this key; it is left alone")]
+    UnknownCodec {
+        /// The codec the file's header names.
+        codec: String,
+    },
     /// A migration step failed.
     #[error("migrating `{engine}` graphs from schema {from} to {to}: {message}")]
     Migration {

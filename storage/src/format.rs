@@ -11,7 +11,9 @@
 //! ```
 //!
 //! The decoder trusts no length: each is checked against the real size of the file before use, and the
-//! checksum is verified before the header is parsed or the payload decoded.
+//! checksum is verified before the version is believed, the header parsed or the payload decoded. Every
+//! later format keeps the magic and the trailer, so this holds across versions; and the digest that
+//! names a file covers the format version and the codec, so two formats never share a file name.
 
 use serde::{Deserialize, Serialize};
 use twox_hash::XxHash3_128;
@@ -77,9 +79,6 @@ pub enum Corruption {
     /// The header is not the JSON it should be.
     #[error("unreadable header: {0}")]
     Header(String),
-    /// The payload does not decode.
-    #[error("unreadable payload: {0}")]
-    Payload(String),
 }
 
 impl Corruption {
@@ -91,7 +90,6 @@ impl Corruption {
             Self::BadLength { .. } => "bad_length",
             Self::Checksum => "checksum",
             Self::Header(_) => "header",
-            Self::Payload(_) => "payload",
         }
     }
 }
@@ -148,20 +146,21 @@ pub(crate) fn payload_digest(payload: &[u8]) -> String {
     format!("{:032x}", XxHash3_128::oneshot(payload))
 }
 
-/// Checks magic, version and header length; returns the format version and header length.
+/// Reads the prefix: checks the magic, and for this format the header length; returns the format
+/// version and the header length. Version 0 does not exist.
 fn prefix(bytes: &[u8]) -> Result<(u16, usize), Corruption> {
+    if bytes.len() >= MAGIC.len() && bytes[..MAGIC.len()] != MAGIC {
+        return Err(Corruption::BadMagic);
+    }
     if bytes.len() < PREFIX_LEN {
         return Err(Corruption::Truncated { len: bytes.len() as u64, min: (PREFIX_LEN + TRAILER_LEN) as u64 });
-    }
-    if bytes[..8] != MAGIC {
-        return Err(Corruption::BadMagic);
     }
     let version = u16::from_le_bytes([bytes[8], bytes[9]]);
     if version == 0 {
         return Err(Corruption::Header("format version 0 does not exist".into()));
     }
     let header_len = u32::from_le_bytes([bytes[10], bytes[11], bytes[12], bytes[13]]);
-    if header_len > MAX_HEADER_LEN {
+    if version <= FORMAT_VERSION && header_len > MAX_HEADER_LEN {
         return Err(Corruption::BadLength {
             field: "header",
             claimed: header_len.into(),
@@ -171,28 +170,31 @@ fn prefix(bytes: &[u8]) -> Result<(u16, usize), Corruption> {
     Ok((version, header_len as usize))
 }
 
-/// Decodes a whole file: verifies the checksum, parses the header, locates the payload.
+/// Decodes a whole file: verifies the checksum, then parses the header and locates the payload.
+///
+/// Every format version, this one and any later one, starts with the same magic and ends with the
+/// XXH3-128 of all the bytes before it. The checksum is verified before anything else is trusted, the
+/// version included: a flipped bit never passes a damaged file off as a newer one.
 pub fn decode(bytes: &[u8]) -> Result<Decoded<'_>, Corruption> {
     let min = PREFIX_LEN + TRAILER_LEN;
+    if bytes.len() >= MAGIC.len() && bytes[..MAGIC.len()] != MAGIC {
+        return Err(Corruption::BadMagic);
+    }
     if bytes.len() < min {
-        // Too short for anything of this format, but say "wrong magic" when it is not ours at all.
-        if bytes.len() >= MAGIC.len() && bytes[..8] != MAGIC {
-            return Err(Corruption::BadMagic);
-        }
         return Err(Corruption::Truncated { len: bytes.len() as u64, min: min as u64 });
-    }
-    let (version, header_len) = prefix(bytes)?;
-    if version > FORMAT_VERSION {
-        return Ok(Decoded::Newer { format: version });
-    }
-    let room = bytes.len() - min;
-    if header_len > room {
-        return Err(Corruption::BadLength { field: "header", claimed: header_len as u64, actual: room as u64 });
     }
     let (body, trailer) = bytes.split_at(bytes.len() - TRAILER_LEN);
     let expected = u128::from_le_bytes(trailer.try_into().expect("the trailer is 16 bytes"));
     if XxHash3_128::oneshot(body) != expected {
         return Err(Corruption::Checksum);
+    }
+    let (version, header_len) = prefix(bytes)?;
+    if version > FORMAT_VERSION {
+        return Ok(Decoded::Newer { format: version });
+    }
+    let room = body.len() - PREFIX_LEN;
+    if header_len > room {
+        return Err(Corruption::BadLength { field: "header", claimed: header_len as u64, actual: room as u64 });
     }
     let header: Header = serde_json::from_slice(&body[PREFIX_LEN..PREFIX_LEN + header_len])
         .map_err(|error| Corruption::Header(error.to_string()))?;
@@ -210,26 +212,39 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded<'_>, Corruption> {
     Ok(Decoded::Valid { header: Box::new(header), payload })
 }
 
-/// Reads only the header from the start of a file, without the payload and without the checksum:
-/// enough to list a file. `read` fills a buffer from the file's start and returns how much it read.
-pub(crate) fn read_header(
-    mut read: impl FnMut(&mut [u8]) -> std::io::Result<usize>,
-) -> std::io::Result<Result<Option<Header>, Corruption>> {
+/// What the start of a file says, read without the payload and without the checksum.
+#[derive(Debug)]
+pub(crate) enum HeaderRead {
+    /// A header of this format.
+    Valid(Header),
+    /// A newer format, whose header this build does not read.
+    Newer(u16),
+    /// Not a readable header.
+    Unreadable(Corruption),
+}
+
+/// Reads only the header from the start of a file: enough to list it. `read` fills a buffer from the
+/// file's start and returns how much it read.
+pub(crate) fn read_header(mut read: impl FnMut(&mut [u8]) -> std::io::Result<usize>) -> std::io::Result<HeaderRead> {
     let mut start = [0u8; PREFIX_LEN];
     let got = read_full(&mut read, &mut start)?;
     let (version, header_len) = match prefix(&start[..got]) {
         Ok(found) => found,
-        Err(corruption) => return Ok(Err(corruption)),
+        Err(corruption) => return Ok(HeaderRead::Unreadable(corruption)),
     };
     if version > FORMAT_VERSION {
-        return Ok(Ok(None));
+        return Ok(HeaderRead::Newer(version));
     }
     let mut json = vec![0u8; header_len];
     let got = read_full(&mut read, &mut json)?;
     if got < header_len {
-        return Ok(Err(Corruption::BadLength { field: "header", claimed: header_len as u64, actual: got as u64 }));
+        let corruption = Corruption::BadLength { field: "header", claimed: header_len as u64, actual: got as u64 };
+        return Ok(HeaderRead::Unreadable(corruption));
     }
-    Ok(serde_json::from_slice(&json).map(Some).map_err(|error| Corruption::Header(error.to_string())))
+    Ok(match serde_json::from_slice(&json) {
+        Ok(header) => HeaderRead::Valid(header),
+        Err(error) => HeaderRead::Unreadable(Corruption::Header(error.to_string())),
+    })
 }
 
 fn read_full(read: &mut impl FnMut(&mut [u8]) -> std::io::Result<usize>, buf: &mut [u8]) -> std::io::Result<usize> {

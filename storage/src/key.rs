@@ -4,7 +4,9 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::codec::CODEC;
 use crate::error::{Result, StorageError};
+use crate::format::FORMAT_VERSION;
 
 /// Longest key part, in bytes.
 pub const MAX_KEY_PART_LEN: usize = 1024;
@@ -140,7 +142,10 @@ impl GraphKey {
 
     /// The file name of this key's graph: 32 hex digits of a BLAKE3 digest of every part, then `.graph`.
     pub fn file_name(&self) -> String {
-        let mut hasher = blake3::Hasher::new_derive_key("usine-storage graph key v1");
+        // The context names the file format and the codec: a build that writes another format or codec
+        // names its files differently, so two usine versions sharing a folder never overwrite each other.
+        let context = format!("usine-storage graph file, format {FORMAT_VERSION}, payload {CODEC}");
+        let mut hasher = blake3::Hasher::new_derive_key(&context);
         for part in KeyPart::ALL {
             // Length-prefixed, so that moving bytes from one part to the next changes the digest.
             let value = self.part(part);

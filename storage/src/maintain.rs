@@ -7,11 +7,12 @@ use std::io::Read;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
+use crate::codec::CODEC;
 use crate::error::{Result, StorageError};
-use crate::format::{self, Corruption, Decoded, Header};
+use crate::format::{self, Corruption, Decoded, Header, HeaderRead};
 use crate::key::{GraphKey, KeyPart};
 use crate::metrics::to_f64;
-use crate::store::{GRAPH_EXT, MissReason, StorageManager, remove_if_present};
+use crate::store::{FileId, GRAPH_EXT, MissReason, StorageManager, remove_if_present};
 
 /// One graph file, as listed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,6 +25,8 @@ pub struct Entry {
     pub last_use: SystemTime,
     /// What its header says.
     pub status: EntryStatus,
+    /// Which file it was, to act on this file and not on one saved at its path since.
+    pub(crate) id: FileId,
 }
 
 /// What a listed file's header says, read without touching the payload.
@@ -31,10 +34,12 @@ pub struct Entry {
 pub enum EntryStatus {
     /// A readable header.
     Valid(Box<Header>),
-    /// A format newer than this build's.
-    Newer,
-    /// A header that does not read.
+    /// A format newer than this build's: left alone.
+    Newer(u16),
+    /// A header that does not read: a damaged file.
     Unreadable(Corruption),
+    /// A file this process may not open (another user's, say).
+    Inaccessible(String),
 }
 
 impl Entry {
@@ -43,6 +48,16 @@ impl Entry {
         match &self.status {
             EntryStatus::Valid(header) => Some(header),
             _ => None,
+        }
+    }
+
+    /// Whether this build owns the file: its format and codec. Files of a newer usine, and files this
+    /// process cannot open, are never evicted or cleaned up.
+    fn is_ours(&self) -> bool {
+        match &self.status {
+            EntryStatus::Valid(header) => header.codec == CODEC,
+            EntryStatus::Unreadable(_) => true,
+            EntryStatus::Newer(_) | EntryStatus::Inaccessible(_) => false,
         }
     }
 }
@@ -68,7 +83,7 @@ pub struct StorageStats {
     /// Graphs served.
     pub hits: u64,
     /// Misses, by reason, in the order of [`MissReason::ALL`].
-    pub misses: [u64; 5],
+    pub misses: [u64; 6],
     /// Graphs saved.
     pub saves: u64,
     /// Files moved to quarantine.
@@ -178,22 +193,27 @@ impl StorageManager {
             if path.extension().is_none_or(|ext| ext != GRAPH_EXT) || !entry.file_type().is_ok_and(|t| t.is_file()) {
                 continue;
             }
-            let mut file = match File::open(&path) {
-                Ok(file) => file,
+            let metadata = match entry.metadata() {
+                Ok(metadata) => metadata,
                 Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue, // removed meanwhile
-                Err(error) => return Err(StorageError::io("opening", &path)(error)),
+                Err(error) => return Err(StorageError::io("reading metadata of", &path)(error)),
             };
-            let metadata = file.metadata().map_err(StorageError::io("reading metadata of", &path))?;
-            let status = match format::read_header(|buf| file.read(buf)).map_err(StorageError::io("reading", &path))? {
-                Ok(Some(header)) => EntryStatus::Valid(Box::new(header)),
-                Ok(None) => EntryStatus::Newer,
-                Err(corruption) => EntryStatus::Unreadable(corruption),
+            let status = match File::open(&path) {
+                Ok(mut file) => match format::read_header(|buf| file.read(buf)) {
+                    Ok(HeaderRead::Valid(header)) => EntryStatus::Valid(Box::new(header)),
+                    Ok(HeaderRead::Newer(format)) => EntryStatus::Newer(format),
+                    Ok(HeaderRead::Unreadable(corruption)) => EntryStatus::Unreadable(corruption),
+                    Err(error) => EntryStatus::Inaccessible(error.to_string()),
+                },
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(error) => EntryStatus::Inaccessible(error.to_string()),
             };
             entries.push(Entry {
                 file_name: entry.file_name().to_string_lossy().into_owned(),
                 bytes: metadata.len(),
                 last_use: metadata.modified().unwrap_or(SystemTime::UNIX_EPOCH),
                 status,
+                id: FileId::of(&metadata),
             });
         }
         entries.sort_by(|a, b| a.file_name.cmp(&b.file_name));
@@ -211,18 +231,30 @@ impl StorageManager {
     }
 
     /// Reads and verifies every graph file; damaged ones (and files whose header holds another key than
-    /// their name says) go to quarantine.
+    /// their name says) go to quarantine. Files of a newer usine are counted and left alone.
     pub fn verify(&self) -> Result<VerifyReport> {
         let mut report = VerifyReport::default();
         for entry in self.list()? {
+            if let EntryStatus::Inaccessible(_) = entry.status {
+                report.newer += 1; // not ours to judge
+                continue;
+            }
             let path = self.inner.graphs.join(&entry.file_name);
-            let bytes = match fs::read(&path) {
-                Ok(bytes) => bytes,
+            let (id, bytes) = match File::open(&path).and_then(|mut file| {
+                let id = FileId::of(&file.metadata()?);
+                let mut bytes = Vec::new();
+                file.read_to_end(&mut bytes).map(|_| (id, bytes))
+            }) {
+                Ok(read) => read,
                 Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(error) => return Err(StorageError::io("reading", &path)(error)),
             };
             let problem = match format::decode(&bytes) {
                 Ok(Decoded::Newer { .. }) => {
+                    report.newer += 1;
+                    continue;
+                }
+                Ok(Decoded::Valid { header, .. }) if header.codec != CODEC => {
                     report.newer += 1;
                     continue;
                 }
@@ -235,7 +267,7 @@ impl StorageManager {
                 }
                 Err(corruption) => corruption.as_str().to_owned(),
             };
-            self.quarantine(&path, &problem)?;
+            self.quarantine(&path, id, &problem)?;
             report.quarantined.push((entry.file_name, problem));
         }
         self.refresh_gauges()?;
@@ -289,7 +321,8 @@ impl StorageManager {
         self.inner.pins.lock().contains_key(file_name)
     }
 
-    /// Evicts the least recently used graphs, never a pinned one, until the store is under its limit.
+    /// Evicts the least recently used graphs, never a pinned one nor one of a newer usine, until the store
+    /// is under its limit (or nothing more may go).
     pub fn enforce_limit(&self) -> Result<Vec<GraphKey>> {
         let Some(limit) = self.inner.config.max_bytes else { return Ok(Vec::new()) };
         let mut entries = self.list()?;
@@ -303,10 +336,10 @@ impl StorageManager {
             if total <= limit {
                 break;
             }
-            if self.is_pinned(&entry.file_name) {
+            if self.is_pinned(&entry.file_name) || !entry.is_ours() {
                 continue;
             }
-            if remove_if_present(&self.inner.graphs.join(&entry.file_name))? {
+            if self.remove_exact(&self.inner.graphs.join(&entry.file_name), entry.id)? {
                 total -= entry.bytes;
                 self.count_evicted();
                 if let Some(header) = entry.header() {
@@ -323,13 +356,14 @@ impl StorageManager {
         self.inner.metrics.evicted.increment(1);
     }
 
-    /// Removes the graphs that can never be asked for again, and those unused for too long; never a
-    /// pinned one, and never one of a newer engine version or schema (a newer usine may share the folder).
+    /// Removes the graphs that can never be asked for again (an engine version older than the current
+    /// one, or an older schema no migration reaches) and the graphs of any version unused for longer
+    /// than `unused_for`. Never a pinned graph, and never a file of a newer format or codec.
     pub fn cleanup(&self, policy: &Cleanup) -> Result<Maintenance> {
         let now = SystemTime::now();
         let mut report = Maintenance::default();
         for entry in self.list()? {
-            if self.is_pinned(&entry.file_name) {
+            if self.is_pinned(&entry.file_name) || !entry.is_ours() {
                 continue;
             }
             let Some(header) = entry.header() else { continue };
@@ -351,7 +385,7 @@ impl StorageManager {
                 })
             };
             if let Some(reason) = reason
-                && remove_if_present(&self.inner.graphs.join(&entry.file_name))?
+                && self.remove_exact(&self.inner.graphs.join(&entry.file_name), entry.id)?
             {
                 self.count_evicted();
                 report.done.push((key.clone(), reason));
@@ -394,12 +428,33 @@ impl StorageManager {
     }
 }
 
-/// Whether dotted version `a` is older than `b`, comparing numeric parts as numbers; versions that do not
-/// parse are never called older.
+/// Whether dotted version `a` is older than `b`, comparing numeric parts as numbers, missing parts as
+/// zeros (`1.0` is `1.0.0`); versions that do not parse are never called older.
 fn older_version(a: &str, b: &str) -> bool {
     let parse = |version: &str| version.split(['.', '-', '+']).map(str::parse::<u64>).collect::<Result<Vec<_>, _>>();
     match (parse(a), parse(b)) {
-        (Ok(a), Ok(b)) => a < b,
+        (Ok(mut a), Ok(mut b)) => {
+            let len = a.len().max(b.len());
+            a.resize(len, 0);
+            b.resize(len, 0);
+            a < b
+        }
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::older_version;
+
+    #[test]
+    fn versions_compare_as_numbers_with_missing_parts_as_zeros() {
+        assert!(older_version("0.2.9", "0.2.79"));
+        assert!(older_version("1.9", "1.10"));
+        assert!(!older_version("1.0", "1.0.0"));
+        assert!(!older_version("1.0.0", "1.0"));
+        assert!(older_version("1.0", "1.0.1"));
+        assert!(!older_version("2.0", "1.99.99"));
+        assert!(!older_version("nightly", "1.0"), "what does not parse is never older");
     }
 }

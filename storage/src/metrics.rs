@@ -33,7 +33,7 @@ pub fn describe_metrics() {
     describe_counter!(
         MISSES_TOTAL,
         Unit::Count,
-        "Lookups with no usable graph, by reason: absent, corrupt, unsupported_version, key_mismatch, migration_failed."
+        "Lookups with no usable graph, by reason: absent, corrupt, unsupported_version, key_mismatch, migration_failed, undecodable."
     );
     describe_counter!(QUARANTINED_TOTAL, Unit::Count, "Damaged graph files moved to graphs/quarantine/.");
     describe_counter!(EVICTED_TOTAL, Unit::Count, "Graphs removed by the size limit or by cleanup.");
@@ -48,7 +48,7 @@ pub fn describe_metrics() {
 /// The metric handles of one store.
 pub(crate) struct StoreMetrics {
     pub(crate) hits: Counter,
-    misses: [Counter; 5],
+    misses: [Counter; 6],
     pub(crate) quarantined: Counter,
     pub(crate) evicted: Counter,
     pub(crate) read_bytes: Counter,

@@ -15,7 +15,7 @@ use serde::de::DeserializeOwned;
 
 use crate::codec::{self, CODEC};
 use crate::error::{Result, StorageError};
-use crate::format::{self, Corruption, Decoded, FORMAT_VERSION, Header};
+use crate::format::{self, Corruption, Decoded, FORMAT_VERSION, Header, HeaderRead};
 use crate::key::{GraphKey, KeyPart};
 use crate::metrics::StoreMetrics;
 use crate::migrate::Migrations;
@@ -134,6 +134,13 @@ pub enum Miss {
         /// Where the stored key differs from the one asked for.
         differs: Vec<KeyPart>,
     },
+    /// The file is whole (its checksum holds) but its payload does not decode as the type asked for:
+    /// the caller's type changed without a new schema version. The file is left alone.
+    #[error("the payload does not decode as the type asked for: {message}")]
+    Undecodable {
+        /// The codec's message.
+        message: String,
+    },
     /// An older schema of the graph is stored, but migrating it failed; it is left alone.
     #[error("migration from schema {from} failed: {message}")]
     MigrationFailed {
@@ -161,12 +168,20 @@ pub enum MissReason {
     KeyMismatch = 3,
     /// [`Miss::MigrationFailed`].
     MigrationFailed = 4,
+    /// [`Miss::Undecodable`].
+    Undecodable = 5,
 }
 
 impl MissReason {
     /// Every reason, in order.
-    pub const ALL: [MissReason; 5] =
-        [Self::Absent, Self::Corrupt, Self::UnsupportedVersion, Self::KeyMismatch, Self::MigrationFailed];
+    pub const ALL: [MissReason; 6] = [
+        Self::Absent,
+        Self::Corrupt,
+        Self::UnsupportedVersion,
+        Self::KeyMismatch,
+        Self::MigrationFailed,
+        Self::Undecodable,
+    ];
 
     /// A short fixed name, used as a metric label.
     pub fn as_str(self) -> &'static str {
@@ -176,6 +191,7 @@ impl MissReason {
             Self::UnsupportedVersion => "unsupported_version",
             Self::KeyMismatch => "key_mismatch",
             Self::MigrationFailed => "migration_failed",
+            Self::Undecodable => "undecodable",
         }
     }
 }
@@ -189,6 +205,7 @@ impl Miss {
             Self::NewerFormat { .. } | Self::UnknownCodec { .. } => MissReason::UnsupportedVersion,
             Self::KeyMismatch { .. } => MissReason::KeyMismatch,
             Self::MigrationFailed { .. } => MissReason::MigrationFailed,
+            Self::Undecodable { .. } => MissReason::Undecodable,
         }
     }
 }
@@ -228,7 +245,7 @@ pub(crate) struct Inner {
 #[derive(Default)]
 pub(crate) struct Counters {
     pub(crate) hits: AtomicU64,
-    pub(crate) misses: [AtomicU64; 5],
+    pub(crate) misses: [AtomicU64; 6],
     pub(crate) quarantined: AtomicU64,
     pub(crate) evicted: AtomicU64,
     pub(crate) bytes_read: AtomicU64,
@@ -255,12 +272,54 @@ impl Deref for FileBytes {
 
 /// The prefix of temporary files; the rest of the name is the target's stem and random letters.
 pub(crate) const TEMP_PREFIX: &str = ".tmp-";
+/// The prefix of files on their way out (eviction, cleanup), checked before they are removed.
+pub(crate) const EVICT_PREFIX: &str = ".evict-";
+
+/// Which file a path named when it was read: saves replace files (a new inode), so a file seen earlier
+/// and the file at its path now can be told apart before acting on the path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FileId {
+    dev: u64,
+    ino: u64,
+}
+
+impl FileId {
+    /// On platforms without inode numbers every file has the same id, and the checks pass.
+    pub(crate) fn of(metadata: &fs::Metadata) -> Self {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            Self { dev: metadata.dev(), ino: metadata.ino() }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = metadata;
+            Self { dev: 0, ino: 0 }
+        }
+    }
+}
+
+/// A file opened for reading, with its bytes and its identity.
+struct Opened {
+    file: File,
+    bytes: FileBytes,
+    id: FileId,
+}
+
+/// A number for names that must not collide within this process.
+fn unique() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!("{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+}
 /// The extension of graph files.
 pub(crate) const GRAPH_EXT: &str = "graph";
 
 impl StorageManager {
     /// Opens (creating if needed) the store at `config.root` and sweeps the temporary files of writers
     /// that crashed.
+    ///
+    /// Metric handles are registered with the recorder installed now: install the exporter (in the
+    /// binary) before opening the store, or its figures go nowhere.
     pub fn open(config: StorageConfig, migrations: Migrations) -> Result<Self> {
         let graphs = config.root.join("graphs");
         let quarantine = graphs.join("quarantine");
@@ -295,19 +354,22 @@ impl StorageManager {
         &self.inner.quarantine
     }
 
-    /// Removes temporary files whose writer is gone. A writer holds a lock on its temporary file until
-    /// the rename; the lock dies with the process, so a file that can be locked is stale.
+    /// Removes temporary files whose writer is gone, and files a crashed eviction left on their way out.
+    /// A writer holds a lock on its temporary file until the rename; the lock dies with the process, so
+    /// a file that can be locked is stale. (A writer between creating its file and locking it can lose
+    /// it here; it notices at the rename and writes again.)
     fn sweep_temporary_files(&self) -> Result<usize> {
         let mut swept = 0;
         let dir = &self.inner.graphs;
         for entry in fs::read_dir(dir).map_err(StorageError::io("listing", dir))? {
             let entry = entry.map_err(StorageError::io("listing", dir))?;
-            if !entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !name.starts_with(TEMP_PREFIX) && !name.starts_with(EVICT_PREFIX) {
                 continue;
             }
             let path = entry.path();
             let Ok(file) = File::open(&path) else { continue }; // gone already
-            if file.try_lock().is_ok() {
+            if name.starts_with(EVICT_PREFIX) || file.try_lock().is_ok() {
                 match fs::remove_file(&path) {
                     Ok(()) => swept += 1,
                     Err(error) if error.kind() == ErrorKind::NotFound => {}
@@ -326,8 +388,10 @@ impl StorageManager {
     /// Saves `graph` under `key`, atomically: a reader sees the old graph or the new one, never a part.
     ///
     /// Writes a temporary file in the same folder, syncs it, renames it over the target and syncs the
-    /// folder. Refuses with [`StorageError::NewerFormat`] to replace a file written by a newer usine.
-    /// Then evicts the least recently used graphs if the store is over its size limit.
+    /// folder. Refuses with [`StorageError::NewerFormat`] or [`StorageError::UnknownCodec`] to replace a
+    /// file written by a newer usine, and with [`StorageError::ExceedsLimit`] a graph whose file alone
+    /// would exceed the size limit. Then evicts the least recently used graphs if the store is over its
+    /// size limit.
     pub fn save<T: Serialize + ?Sized>(&self, key: &GraphKey, graph: &T) -> Result<Saved> {
         key.validate()?;
         let started = Instant::now();
@@ -339,9 +403,7 @@ impl StorageManager {
 
     pub(crate) fn save_encoded(&self, key: &GraphKey, payload: &[u8]) -> Result<Saved> {
         let target = self.path_of(key);
-        if let Some(found) = self.newer_format_at(&target)? {
-            return Err(StorageError::NewerFormat { found, supported: FORMAT_VERSION });
-        }
+        self.refuse_foreign(&target)?;
         let header = Header {
             format: FORMAT_VERSION,
             key: key.clone(),
@@ -353,28 +415,24 @@ impl StorageManager {
         let (mut encoder, head) = format::Encoder::start(&header);
         encoder.payload(payload);
         let trailer = encoder.finish();
-
-        let dir = &self.inner.graphs;
-        let stem = key.file_name().trim_end_matches(".graph").to_owned();
-        let mut temp = tempfile::Builder::new()
-            .prefix(&format!("{TEMP_PREFIX}{stem}-"))
-            .tempfile_in(dir)
-            .map_err(StorageError::io("creating a temporary file in", dir))?;
-        let temp_path = temp.path().to_owned();
-        // Held until the file is closed after the rename: the sweeper leaves a locked file alone.
-        temp.as_file().lock().map_err(StorageError::io("locking", &temp_path))?;
-        let file = temp.as_file_mut();
-        for piece in [&head[..], payload, &trailer[..]] {
-            file.write_all(piece).map_err(StorageError::io("writing", &temp_path))?;
-        }
-        // The last use, at full precision: the kernel stamps writes with a coarse clock, which would tie
-        // graphs saved within a few milliseconds in the LRU order.
-        file.set_modified(SystemTime::now()).map_err(StorageError::io("stamping", &temp_path))?;
-        file.sync_all().map_err(StorageError::io("syncing", &temp_path))?;
-        temp.persist(&target).map_err(|error| StorageError::io("renaming into", &target)(error.error))?;
-        sync_dir(dir)?;
-
         let bytes = (head.len() + payload.len() + trailer.len()) as u64;
+        if let Some(limit) = self.inner.config.max_bytes
+            && bytes > limit
+        {
+            return Err(StorageError::ExceedsLimit { bytes, limit });
+        }
+
+        let pieces = [&head[..], payload, &trailer[..]];
+        // A store opening in another process can sweep our temporary file in the instant between its
+        // creation and our lock; the rename then finds it gone, and writing again is the fix.
+        match self.write_atomically(key, &pieces, &target) {
+            Err(StorageError::Io { action: "renaming into", source, .. }) if source.kind() == ErrorKind::NotFound => {
+                self.write_atomically(key, &pieces, &target)?;
+            }
+            written => written?,
+        }
+        sync_dir(&self.inner.graphs)?;
+
         self.inner.counters.saves.fetch_add(1, Ordering::Relaxed);
         self.inner.counters.bytes_written.fetch_add(bytes, Ordering::Relaxed);
         self.inner.metrics.written_bytes.increment(bytes);
@@ -382,20 +440,45 @@ impl StorageManager {
         Ok(Saved { path: target, bytes, evicted })
     }
 
-    /// The format version of the file at `path` when it is newer than this build's.
-    fn newer_format_at(&self, path: &Path) -> Result<Option<u16>> {
+    /// Writes `pieces` to a temporary file beside `target`, syncs it and renames it over `target`.
+    fn write_atomically(&self, key: &GraphKey, pieces: &[&[u8]], target: &Path) -> Result<()> {
+        let dir = &self.inner.graphs;
+        let stem = key.file_name().trim_end_matches(".graph").to_owned();
+        let prefix = format!("{TEMP_PREFIX}{stem}-");
+        let mut builder = tempfile::Builder::new();
+        builder.prefix(&prefix);
+        #[cfg(unix)]
+        builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644)); // readable by other users, as a cache
+        let mut temp = builder.tempfile_in(dir).map_err(StorageError::io("creating a temporary file in", dir))?;
+        let temp_path = temp.path().to_owned();
+        // Held until the file is closed after the rename: the sweeper leaves a locked file alone.
+        temp.as_file().lock().map_err(StorageError::io("locking", &temp_path))?;
+        let file = temp.as_file_mut();
+        for piece in pieces {
+            file.write_all(piece).map_err(StorageError::io("writing", &temp_path))?;
+        }
+        // The last use, at full precision: the kernel stamps writes with a coarse clock, which would tie
+        // graphs saved within a few milliseconds in the LRU order.
+        file.set_modified(SystemTime::now()).map_err(StorageError::io("stamping", &temp_path))?;
+        file.sync_all().map_err(StorageError::io("syncing", &temp_path))?;
+        temp.persist(target).map_err(|error| StorageError::io("renaming into", target)(error.error))?;
+        Ok(())
+    }
+
+    /// Refuses to replace a file that a newer usine wrote: a newer format, or a codec unknown here.
+    fn refuse_foreign(&self, path: &Path) -> Result<()> {
         let mut file = match File::open(path) {
             Ok(file) => file,
-            Err(error) if error.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(error) if error.kind() == ErrorKind::NotFound => return Ok(()),
             Err(error) => return Err(StorageError::io("opening", path)(error)),
         };
-        let mut prefix = [0u8; 10];
-        match file.read_exact(&mut prefix) {
-            Ok(()) if prefix[..8] == format::MAGIC => {
-                let found = u16::from_le_bytes([prefix[8], prefix[9]]);
-                Ok((found > FORMAT_VERSION).then_some(found))
+        match format::read_header(|buf| file.read(buf)).map_err(StorageError::io("reading", path))? {
+            HeaderRead::Newer(found) => Err(StorageError::NewerFormat { found, supported: FORMAT_VERSION }),
+            HeaderRead::Valid(header) if header.codec != CODEC => {
+                Err(StorageError::UnknownCodec { codec: header.codec })
             }
-            _ => Ok(None), // damaged or foreign: replacing it is the fix
+            // Ours, or damaged: replacing it is the fix.
+            HeaderRead::Valid(_) | HeaderRead::Unreadable(_) => Ok(()),
         }
     }
 
@@ -430,33 +513,31 @@ impl StorageManager {
     /// Reads, verifies and decodes the file of `key`, without migrating.
     fn read_graph<T: DeserializeOwned>(&self, key: &GraphKey) -> Result<Lookup<T>> {
         let path = self.path_of(key);
-        let Some((file, bytes)) = self.read_file(&path)? else { return Ok(Lookup::Miss(Miss::Absent)) };
-        let (header, payload) = match self.check(&path, &bytes, key)? {
+        let Some(opened) = self.read_file(&path)? else { return Ok(Lookup::Miss(Miss::Absent)) };
+        let (header, payload) = match self.check(&path, &opened, key)? {
             Ok(valid) => valid,
             Err(miss) => return Ok(Lookup::Miss(miss)),
         };
         match codec::decode::<T>(payload) {
             Ok(graph) => {
                 // The last use, for LRU eviction across processes; an owner-only operation, so best effort.
-                let _ = file.set_modified(SystemTime::now());
+                let _ = opened.file.set_modified(SystemTime::now());
                 Ok(Lookup::Hit(Hit { graph, header, migrated_from: None }))
             }
-            Err(message) => {
-                let corruption = Corruption::Payload(message);
-                self.quarantine(&path, corruption.as_str())?;
-                Ok(Lookup::Miss(Miss::Corrupt(corruption)))
-            }
+            // Whole but not of the type asked for: not damage, so not quarantined.
+            Err(message) => Ok(Lookup::Miss(Miss::Undecodable { message })),
         }
     }
 
     /// Opens and reads (or maps) a graph file; `None` when it does not exist.
-    fn read_file(&self, path: &Path) -> Result<Option<(File, FileBytes)>> {
+    fn read_file(&self, path: &Path) -> Result<Option<Opened>> {
         let file = match File::options().read(true).open(path) {
             Ok(file) => file,
             Err(error) if error.kind() == ErrorKind::NotFound => return Ok(None),
             Err(error) => return Err(StorageError::io("opening", path)(error)),
         };
-        let len = file.metadata().map_err(StorageError::io("reading metadata of", path))?.len();
+        let metadata = file.metadata().map_err(StorageError::io("reading metadata of", path))?;
+        let len = metadata.len();
         let bytes = if len >= self.inner.config.map_threshold && len > 0 {
             FileBytes::Mapped(map(&file).map_err(StorageError::io("mapping", path))?)
         } else {
@@ -466,20 +547,20 @@ impl StorageManager {
         };
         self.inner.counters.bytes_read.fetch_add(bytes.len() as u64, Ordering::Relaxed);
         self.inner.metrics.read_bytes.increment(bytes.len() as u64);
-        Ok(Some((file, bytes)))
+        Ok(Some(Opened { file, bytes, id: FileId::of(&metadata) }))
     }
 
-    /// Decodes the file's bytes and checks they hold `key`'s graph; quarantines what is damaged.
-    fn check<'a>(&self, path: &Path, bytes: &'a [u8], key: &GraphKey) -> Result<Result<(Header, &'a [u8]), Miss>> {
-        match format::decode(bytes) {
+    /// Decodes an opened file and checks it holds `key`'s graph; quarantines what is damaged.
+    fn check<'a>(&self, path: &Path, opened: &'a Opened, key: &GraphKey) -> Result<Result<(Header, &'a [u8]), Miss>> {
+        match format::decode(&opened.bytes) {
             Err(corruption) => {
-                self.quarantine(path, corruption.as_str())?;
+                self.quarantine(path, opened.id, corruption.as_str())?;
                 Ok(Err(Miss::Corrupt(corruption)))
             }
             Ok(Decoded::Newer { format }) => Ok(Err(Miss::NewerFormat { found: format, supported: FORMAT_VERSION })),
             Ok(Decoded::Valid { header, payload }) => {
                 if header.key != *key {
-                    self.quarantine(path, "key_mismatch")?;
+                    self.quarantine(path, opened.id, "key_mismatch")?;
                     return Ok(Err(Miss::KeyMismatch { differs: key.differences(&header.key) }));
                 }
                 if header.codec != CODEC {
@@ -515,8 +596,8 @@ impl StorageManager {
     pub(crate) fn upgrade(&self, key: &GraphKey, from: u32) -> Result<Option<Result<Vec<u8>, String>>> {
         let old_key = key.clone().schema(from);
         let old_path = self.path_of(&old_key);
-        let Some((_file, bytes)) = self.read_file(&old_path)? else { return Ok(None) };
-        let Ok((_, payload)) = self.check(&old_path, &bytes, &old_key)? else { return Ok(None) };
+        let Some(opened) = self.read_file(&old_path)? else { return Ok(None) };
+        let Ok((_, payload)) = self.check(&old_path, &opened, &old_key)? else { return Ok(None) };
         Ok(Some(self.inner.migrations.run(&key.engine, from, key.schema, payload)))
     }
 
@@ -524,11 +605,10 @@ impl StorageManager {
     fn header_of(&self, path: &Path) -> Result<Header> {
         let mut file = File::open(path).map_err(StorageError::io("opening", path))?;
         match format::read_header(|buf| file.read(buf)).map_err(StorageError::io("reading", path))? {
-            Ok(Some(header)) => Ok(header),
-            _ => Err(StorageError::io("reading the header of", path)(std::io::Error::new(
-                ErrorKind::InvalidData,
-                "the file was replaced by an unreadable one",
-            ))),
+            HeaderRead::Valid(header) => Ok(header),
+            HeaderRead::Newer(_) | HeaderRead::Unreadable(_) => Err(StorageError::io("reading the header of", path)(
+                std::io::Error::new(ErrorKind::InvalidData, "the file was replaced by an unreadable one"),
+            )),
         }
     }
 
@@ -541,20 +621,28 @@ impl StorageManager {
         Ok(removed)
     }
 
-    /// Moves a damaged file to the quarantine folder, under its name, the reason and the time.
-    pub(crate) fn quarantine(&self, path: &Path, reason: &str) -> Result<()> {
+    /// Moves the damaged file `id` from `path` to the quarantine folder, named after it, the reason and
+    /// the time. When another process saved a new file at `path` since it was read, that one stays.
+    pub(crate) fn quarantine(&self, path: &Path, id: FileId, reason: &str) -> Result<()> {
         let name = path.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default();
-        let target = self.inner.quarantine.join(format!("{name}.{reason}.{}", unix_ms(SystemTime::now())));
-        match fs::rename(path, &target) {
-            Ok(()) => {
-                self.inner.counters.quarantined.fetch_add(1, Ordering::Relaxed);
-                self.inner.metrics.quarantined.increment(1);
-                Ok(())
-            }
-            // Another process moved or replaced it first.
-            Err(error) if error.kind() == ErrorKind::NotFound => Ok(()),
-            Err(error) => Err(StorageError::io("quarantining", path)(error)),
+        let target = self.inner.quarantine.join(format!("{name}.{reason}.{}.{}", unix_ms(SystemTime::now()), unique()));
+        if take_exact(path, id, &target)? {
+            self.inner.counters.quarantined.fetch_add(1, Ordering::Relaxed);
+            self.inner.metrics.quarantined.increment(1);
         }
+        Ok(())
+    }
+
+    /// Removes the file `id` from `path`, unless another process saved a new file there since it was
+    /// listed; returns whether it removed it.
+    pub(crate) fn remove_exact(&self, path: &Path, id: FileId) -> Result<bool> {
+        let name = path.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default();
+        let aside = self.inner.graphs.join(format!("{EVICT_PREFIX}{name}-{}", unique()));
+        let taken = take_exact(path, id, &aside)?;
+        if taken {
+            remove_if_present(&aside)?;
+        }
+        Ok(taken)
     }
 
     /// Takes the cross-process lock of `key`, waiting for it: one process compiles, the others wait and
@@ -606,9 +694,37 @@ pub struct KeyLock {
 #[allow(unsafe_code, reason = "mapping is what makes large loads fast; see the safety note")]
 fn map(file: &File) -> std::io::Result<memmap2::Mmap> {
     // SAFETY: the mapped file is never written in place by this crate (saves rename a new file over it,
-    // removals unlink it; both leave an existing mapping valid). Only an outside program truncating the
-    // file in place could invalidate the mapping, and the cache folder belongs to usine.
+    // removals unlink it; both leave an existing mapping valid). Only an outside program truncating or
+    // rewriting the file in place (restoring a backup with `cp` over the folder, say), or a failing disk,
+    // could change the mapped bytes under us; the process then gets SIGBUS rather than a typed error.
+    // The cache folder belongs to usine, and the README says so.
     unsafe { memmap2::MmapOptions::new().populate().map(file) }
+}
+
+/// Renames the file at `path` to `to` if it is still the file `id`; else puts back what it moved (unless
+/// a newer file took `path` meanwhile) and returns `false`.
+fn take_exact(path: &Path, id: FileId, to: &Path) -> Result<bool> {
+    match fs::rename(path, to) {
+        Ok(()) => {}
+        Err(error) if error.kind() == ErrorKind::NotFound => return Ok(false), // gone already
+        Err(error) => return Err(StorageError::io("moving", path)(error)),
+    }
+    let moved = match fs::symlink_metadata(to) {
+        Ok(moved) => moved,
+        Err(error) if error.kind() == ErrorKind::NotFound => return Ok(false),
+        Err(error) => return Err(StorageError::io("reading metadata of", to)(error)),
+    };
+    if FileId::of(&moved) == id {
+        return Ok(true);
+    }
+    // A file saved after we looked: back where it was, unless an even newer one is there now.
+    match fs::hard_link(to, path) {
+        Ok(()) => {}
+        Err(error) if error.kind() == ErrorKind::AlreadyExists => {}
+        Err(error) => return Err(StorageError::io("restoring", path)(error)),
+    }
+    remove_if_present(to)?;
+    Ok(false)
 }
 
 pub(crate) fn remove_if_present(path: &Path) -> Result<bool> {
@@ -626,4 +742,39 @@ fn sync_dir(dir: &Path) -> Result<()> {
 
 pub(crate) fn unix_ms(time: SystemTime) -> u64 {
     time.duration_since(UNIX_EPOCH).map_or(0, |since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(path: &Path) -> FileId {
+        FileId::of(&fs::metadata(path).unwrap())
+    }
+
+    #[test]
+    fn take_exact_takes_the_file_it_was_shown() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, aside) = (dir.path().join("a.graph"), dir.path().join("aside"));
+        fs::write(&path, b"damaged").unwrap();
+        assert!(take_exact(&path, id(&path), &aside).unwrap());
+        assert_eq!(fs::read(&aside).unwrap(), b"damaged");
+        assert!(!path.exists());
+        assert!(!take_exact(&path, id(&aside), &aside).unwrap(), "nothing left to take");
+    }
+
+    #[test]
+    fn take_exact_leaves_a_file_saved_since_it_looked() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, aside) = (dir.path().join("a.graph"), dir.path().join("aside"));
+        fs::write(&path, b"damaged").unwrap();
+        let seen = id(&path);
+        // Another process saves a good file: a new inode renamed over the old one.
+        let fresh = dir.path().join(".tmp-fresh");
+        fs::write(&fresh, b"good").unwrap();
+        fs::rename(&fresh, &path).unwrap();
+        assert!(!take_exact(&path, seen, &aside).unwrap());
+        assert_eq!(fs::read(&path).unwrap(), b"good", "put back");
+        assert!(!aside.exists());
+    }
 }

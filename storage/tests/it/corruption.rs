@@ -22,6 +22,13 @@ pub(crate) fn assemble(version: u16, header: &[u8], payload: &[u8]) -> Vec<u8> {
     bytes
 }
 
+/// Recomputes the trailer after a deliberate change, so that the decoder looks past the checksum.
+fn reseal(bytes: &mut [u8]) {
+    let body = bytes.len() - 16;
+    let sum = XxHash3_128::oneshot(&bytes[..body]);
+    bytes[body..].copy_from_slice(&sum.to_le_bytes());
+}
+
 fn header_json(key: &GraphKey, codec: &str, payload_len: u64) -> Vec<u8> {
     serde_json::to_vec(&Header {
         format: FORMAT_VERSION,
@@ -75,7 +82,10 @@ fn every_kind_of_damage_is_a_typed_miss_and_quarantined() {
     let lookup = damaged(&store, "short", |bytes| bytes.truncate(20));
     assert_corrupt(&lookup, |c| matches!(c, Corruption::Truncated { len: 20, .. }), &store, "short");
 
-    let lookup = damaged(&store, "header-len", |bytes| bytes[10..14].copy_from_slice(&60_000u32.to_le_bytes()));
+    let lookup = damaged(&store, "header-len", |bytes| {
+        bytes[10..14].copy_from_slice(&60_000u32.to_le_bytes());
+        reseal(bytes);
+    });
     assert_corrupt(
         &lookup,
         |c| matches!(c, Corruption::BadLength { field: "header", claimed: 60_000, .. }),
@@ -83,7 +93,10 @@ fn every_kind_of_damage_is_a_typed_miss_and_quarantined() {
         "header-len",
     );
 
-    let lookup = damaged(&store, "huge-header", |bytes| bytes[10..14].copy_from_slice(&u32::MAX.to_le_bytes()));
+    let lookup = damaged(&store, "huge-header", |bytes| {
+        bytes[10..14].copy_from_slice(&u32::MAX.to_le_bytes());
+        reseal(bytes);
+    });
     assert_corrupt(
         &lookup,
         |c| matches!(c, Corruption::BadLength { claimed, actual, .. } if *claimed == u64::from(u32::MAX) && *actual == u64::from(MAX_HEADER_LEN)),
@@ -118,7 +131,25 @@ fn a_payload_with_a_lying_inner_length_fails_without_allocating_it() {
     let bytes = assemble(FORMAT_VERSION, &header_json(&key, usine_storage::CODEC, 8), &payload);
     fs::write(store.path_of(&key), bytes).unwrap();
     let lookup = store.get::<Graph>(&key).unwrap();
-    assert!(matches!(lookup.miss(), Some(Miss::Corrupt(Corruption::Payload(_)))), "{lookup:?}");
+    assert!(matches!(lookup.miss(), Some(Miss::Undecodable { .. })), "{lookup:?}");
+    assert_eq!(store.stats().unwrap().misses(MissReason::Undecodable), 1);
+}
+
+#[test]
+fn a_whole_graph_read_as_another_type_is_undecodable_and_left_alone() {
+    let (_dir, store) = store();
+    store.save(&key("typed"), &Graph::sample(1, 100)).unwrap();
+    let lookup = store.get::<(u64, u64, u64, u64, u64, u64, u64, u64)>(&key("typed")).unwrap();
+    assert!(matches!(lookup.miss(), Some(Miss::Undecodable { .. })), "{lookup:?}");
+    assert!(quarantined(&store).is_empty(), "not damage: the caller's type changed");
+    assert_eq!(store.get::<Graph>(&key("typed")).unwrap().hit(), Some(Graph::sample(1, 100)));
+}
+
+#[test]
+fn a_flipped_version_bit_is_damage_not_a_newer_format() {
+    let (_dir, store) = store();
+    let lookup = damaged(&store, "version", |bytes| bytes[9] ^= 0x01); // version 1 reads as 257
+    assert_corrupt(&lookup, |c| *c == Corruption::Checksum, &store, "version");
 }
 
 #[test]
@@ -169,7 +200,9 @@ fn a_payload_in_an_unknown_codec_is_left_alone() {
     let bytes = assemble(FORMAT_VERSION, &header_json(&key, "wincode-1", 4), b"abcd");
     fs::write(store.path_of(&key), &bytes).unwrap();
     assert_eq!(store.get::<Graph>(&key).unwrap().miss(), Some(&Miss::UnknownCodec { codec: "wincode-1".into() }));
-    assert!(store.path_of(&key).exists());
+    let err = store.save(&key, &Graph::sample(1, 10)).unwrap_err();
+    assert!(matches!(&err, StorageError::UnknownCodec { codec } if codec == "wincode-1"), "{err}");
+    assert_eq!(fs::read(store.path_of(&key)).unwrap(), bytes, "left exactly as it was");
 }
 
 #[test]

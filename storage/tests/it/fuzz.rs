@@ -6,7 +6,7 @@
 
 use proptest::prelude::*;
 use usine_storage::format::{self, Decoded};
-use usine_storage::{Lookup, Miss};
+use usine_storage::{Header, Lookup, Miss};
 
 use crate::{Graph, key, store};
 
@@ -97,6 +97,59 @@ proptest! {
                 prop_assert!(newer, "a newer format, as the decoder says");
             }
             Lookup::Miss(miss) => prop_assert!(false, "unexpected miss {}", miss),
+        }
+    }
+}
+
+/// Headers that parse or nearly parse, and payloads of any bytes, behind a correct checksum: what a
+/// buggy or hostile writer could leave. Whatever the decoder and the codec make of it, nothing panics,
+/// and a graph is served only when its header names the key asked for.
+fn header_text() -> impl Strategy<Value = Vec<u8>> {
+    let valid = serde_json::to_string(&Header {
+        format: 1,
+        key: key("fuzz"),
+        codec: usine_storage::CODEC.into(),
+        created_unix_ms: 0,
+        payload_len: 0,
+        payload_xxh3: String::new(),
+    })
+    .unwrap();
+    prop_oneof![
+        prop::collection::vec(any::<u8>(), 0..300),
+        (0..valid.len(), any::<u8>()).prop_map(move |(at, byte)| {
+            let mut text = valid.clone().into_bytes();
+            text[at] = byte;
+            text
+        }),
+        (0u64..5000).prop_map(|payload_len| {
+            serde_json::to_vec(&Header {
+                format: 1,
+                key: key("fuzz"),
+                codec: usine_storage::CODEC.into(),
+                created_unix_ms: 0,
+                payload_len,
+                payload_xxh3: String::new(),
+            })
+            .unwrap()
+        }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 500, ..ProptestConfig::default() })]
+
+    #[test]
+    fn files_with_a_good_checksum_and_any_content_never_panic(
+        version in 0u16..3,
+        header in header_text(),
+        payload in prop::collection::vec(any::<u8>(), 0..5000),
+    ) {
+        let bytes = crate::corruption::assemble(version, &header, &payload);
+        let _ = format::decode(&bytes);
+        let (_dir, store) = store();
+        std::fs::write(store.path_of(&key("fuzz")), &bytes).unwrap();
+        if let Lookup::Hit(hit) = store.get::<Graph>(&key("fuzz")).unwrap() {
+            prop_assert_eq!(hit.header.key, key("fuzz"));
         }
     }
 }

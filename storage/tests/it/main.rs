@@ -7,7 +7,7 @@
 )]
 
 mod basics;
-mod corruption;
+pub(crate) mod corruption;
 mod crash;
 mod fuzz;
 mod locks;

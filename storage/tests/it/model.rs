@@ -54,7 +54,14 @@ proptest! {
             match op {
                 Op::Save { key: k, seed, len } => {
                     let graph = Graph::sample(seed, len);
-                    let saved = store.save(&key(&name(k)), &graph).unwrap();
+                    let saved = match store.save(&key(&name(k)), &graph) {
+                        Ok(saved) => saved,
+                        Err(usine_storage::StorageError::ExceedsLimit { bytes, limit: refused }) => {
+                            prop_assert!(bytes > limit && refused == limit);
+                            continue; // refused before writing: the store is unchanged
+                        }
+                        Err(error) => panic!("{error}"),
+                    };
                     model.insert(k, Stored { graph, bytes: saved.bytes, last_use: tick });
                     // Evict in LRU order, skipping pinned graphs, until under the limit.
                     let mut expected = Vec::new();

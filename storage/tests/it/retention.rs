@@ -39,15 +39,38 @@ fn over_the_limit_the_least_recently_used_unpinned_graphs_go_first() {
 }
 
 #[test]
-fn when_everything_is_pinned_nothing_is_evicted() {
+fn pinned_graphs_and_files_of_a_newer_usine_are_never_evicted() {
     let dir = tempfile::tempdir().unwrap();
-    let store = StorageManager::open(StorageConfig::at(dir.path()).max_bytes(Some(1)), Migrations::new()).unwrap();
-    let _pin = store.pin(&key("a"));
-    let saved = store.save(&key("a"), &Graph::sample(1, 100)).unwrap();
-    assert!(saved.evicted.is_empty());
-    assert_eq!(store.list().unwrap().len(), 1);
-    drop(_pin);
-    assert_eq!(store.enforce_limit().unwrap(), [key("a")]);
+    let probe = StorageManager::open(StorageConfig::at(dir.path().join("probe")), Migrations::new()).unwrap();
+    let one = probe.save(&key("probe"), &Graph::sample(0, 1000)).unwrap().bytes;
+    let store =
+        StorageManager::open(StorageConfig::at(dir.path()).max_bytes(Some(one * 3 / 2)), Migrations::new()).unwrap();
+    let newer = crate::corruption::assemble(2, b"{}", &[7; 4000]);
+    let newer_path = store.graphs_dir().join(key("from-the-future").file_name());
+    std::fs::write(&newer_path, &newer).unwrap();
+    File::options().write(true).open(&newer_path).unwrap().set_modified(SystemTime::UNIX_EPOCH).unwrap();
+
+    let pins = [store.pin(&key("a")), store.pin(&key("b"))];
+    assert!(store.save(&key("a"), &Graph::sample(1, 1000)).unwrap().evicted.is_empty());
+    assert!(store.save(&key("b"), &Graph::sample(2, 1000)).unwrap().evicted.is_empty());
+    assert_eq!(store.list().unwrap().len(), 3, "over the limit, but nothing may go");
+    drop(pins);
+    assert_eq!(store.enforce_limit().unwrap(), [key("a"), key("b")]);
+    assert_eq!(std::fs::read(&newer_path).unwrap(), newer, "the newer usine's file is untouched");
+}
+
+#[test]
+fn a_graph_larger_than_the_whole_limit_is_refused_before_writing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StorageManager::open(StorageConfig::at(dir.path()).max_bytes(Some(1000)), Migrations::new()).unwrap();
+    let err = store.save(&key("big"), &Graph::sample(1, 2000)).unwrap_err();
+    let usine_storage::StorageError::ExceedsLimit { bytes, limit: 1000 } = err else { panic!("{err}") };
+    assert!(bytes > 2000);
+    assert_eq!(
+        err.to_string(),
+        format!("the graph's file is {bytes} bytes, over the store's size limit of 1000 bytes")
+    );
+    assert!(std::fs::read_dir(store.graphs_dir()).unwrap().all(|entry| entry.unwrap().path().is_dir()));
 }
 
 #[test]
