@@ -1,0 +1,196 @@
+//! The conformance kit: the contract of [`Engine`], checked on any engine by one call from its tests.
+//!
+//! Turn it on in an engine crate's dev-dependencies (`features = ["conformance"]`), then:
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! use usine_engine::{ModelSpec, ZeroEngine, conformance};
+//!
+//! let report = conformance::check(&ZeroEngine::new(), &ModelSpec::new("any", "zero", "default")).await;
+//! let report = report.unwrap_or_else(|failure| panic!("{failure}"));
+//! assert!(report.checks.len() >= 10);
+//! # }
+//! ```
+//!
+//! What it checks: the descriptor names the engine; compiling reports progress from 0 to 1, never
+//! backwards; the graph survives a serde round trip (what storage does) and loads, while a graph of
+//! another engine or version is refused with a typed error; the memory plan holds together; text
+//! survives tokenizing and detokenizing; the same seed gives the same text; `max_tokens` and stop
+//! sequences are honoured; bad parameters and a context overflow are typed errors; and decoding with
+//! the prepare stage of step N+1 running during the compute stage of step N gives the same tokens as
+//! decoding one stage after the other.
+
+use std::sync::Mutex;
+
+use crate::engine::{Engine, LoadedModel};
+use crate::error::{EngineError, ErrorKind};
+use crate::generate::{check_context, generate};
+use crate::types::{CompiledGraph, FinishReason, GenerationParams, ModelSpec, Progress, TokenId};
+
+/// The text the kit tokenizes and prompts with.
+const SAMPLE: &str = "The kernel keeps the right models resident; the engine computes. Ünïcödé, too: 日本語 ✓";
+
+/// Which checks passed.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// The names of the checks, in order.
+    pub checks: Vec<&'static str>,
+}
+
+/// The first check that failed, and what was seen.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("conformance check `{check}` failed: {detail}")]
+pub struct Failure {
+    /// The check.
+    pub check: &'static str,
+    /// What was seen.
+    pub detail: String,
+}
+
+fn fail<T>(check: &'static str, detail: impl Into<String>) -> Result<T, Failure> {
+    Err(Failure { check, detail: detail.into() })
+}
+
+fn ensure(check: &'static str, holds: bool, detail: impl FnOnce() -> String) -> Result<(), Failure> {
+    if holds { Ok(()) } else { fail(check, detail()) }
+}
+
+fn engine_error(check: &'static str) -> impl FnOnce(EngineError) -> Failure {
+    move |error| Failure { check, detail: format!("unexpected error: {error}") }
+}
+
+/// Runs every check on `engine`, compiling `spec` (which must name a profile the engine has).
+pub async fn check(engine: &dyn Engine, spec: &ModelSpec) -> Result<Report, Failure> {
+    let mut report = Report::default();
+    let mut passed = |name| report.checks.push(name);
+
+    let descriptor = engine.descriptor();
+    ensure("descriptor", !descriptor.name.is_empty() && !descriptor.version.is_empty(), || format!("{descriptor:?}"))?;
+    ensure("descriptor", descriptor.profiles.contains(&spec.profile), || {
+        format!("profile `{}` is not among {:?}", spec.profile, descriptor.profiles)
+    })?;
+    passed("descriptor");
+
+    let seen = Mutex::new(Vec::<Progress>::new());
+    let record = |progress: Progress| seen.lock().expect("not poisoned").push(progress);
+    let graph = engine.compile(spec, &record).await.map_err(engine_error("compile"))?;
+    let seen = seen.into_inner().expect("not poisoned");
+    let fractions: Vec<f64> = seen.iter().map(|progress| progress.fraction).collect();
+    ensure("progress", fractions.first() == Some(&0.0) && fractions.last() == Some(&1.0), || {
+        format!("progress must go from 0 to 1, saw {fractions:?}")
+    })?;
+    ensure("progress", fractions.windows(2).all(|pair| pair[0] <= pair[1]), || {
+        format!("progress went backwards: {fractions:?}")
+    })?;
+    ensure("progress", seen.iter().all(|progress| !progress.stage.is_empty()), || "a stage without a name".into())?;
+    passed("progress");
+
+    ensure("graph", graph.engine == descriptor.name && graph.engine_version == descriptor.version, || {
+        format!("the graph says {} {}", graph.engine, graph.engine_version)
+    })?;
+    let json = serde_json::to_vec(&graph).map_err(|error| Failure { check: "graph", detail: error.to_string() })?;
+    let stored: CompiledGraph =
+        serde_json::from_slice(&json).map_err(|error| Failure { check: "graph", detail: error.to_string() })?;
+    ensure("graph", stored == graph, || "the graph changed in a serde round trip".into())?;
+    passed("graph round trip");
+
+    let mut foreign = stored.clone();
+    foreign.engine_version.push_str("-other");
+    match engine.load(&foreign).await {
+        Err(error) if error.kind() == ErrorKind::InvalidInput => {}
+        Err(error) => return fail("foreign graph", format!("refused, but as {:?}: {error}", error.kind())),
+        Ok(_) => return fail("foreign graph", "a graph of another engine version was loaded"),
+    }
+    passed("foreign graph refused");
+
+    let model = engine.load(&stored).await.map_err(engine_error("load"))?;
+    let plan = model.memory_plan();
+    ensure("memory plan", plan.is_consistent(), || format!("{plan:?}"))?;
+    passed("memory plan");
+
+    let tokens = model.tokenize(SAMPLE);
+    let mut detokenizer = model.detokenizer();
+    let mut text: String = tokens.iter().map(|&token| detokenizer.push(token)).collect();
+    text.push_str(&detokenizer.finish());
+    ensure("tokenizer", text == SAMPLE && !tokens.is_empty(), || format!("{SAMPLE:?} came back as {text:?}"))?;
+    passed("tokenizer round trip");
+
+    let params = GenerationParams { max_tokens: 24, seed: 7, ..GenerationParams::default() };
+    let first = generate(model.as_ref(), SAMPLE, &params).await.map_err(engine_error("determinism"))?;
+    let second = generate(model.as_ref(), SAMPLE, &params).await.map_err(engine_error("determinism"))?;
+    ensure("determinism", first == second, || format!("{first:?} then {second:?}"))?;
+    ensure("determinism", !first.tokens.is_empty(), || "no token generated".into())?;
+    passed("same seed, same text");
+
+    let short = GenerationParams { max_tokens: 3, ..params.clone() };
+    let out = generate(model.as_ref(), SAMPLE, &short).await.map_err(engine_error("max tokens"))?;
+    ensure("max tokens", out.tokens.len() <= 3, || format!("{} tokens for max_tokens 3", out.tokens.len()))?;
+    ensure("max tokens", out.finish != FinishReason::Length || out.tokens.len() == 3, || format!("{out:?}"))?;
+    passed("max tokens honoured");
+
+    stop_sequences(model.as_ref(), &params, &first.text).await?;
+    passed("stop sequences honoured");
+
+    let bad = GenerationParams { temperature: f32::NAN, ..params.clone() };
+    match model.prefill(&tokens, &bad).await {
+        Err(EngineError::InvalidParams { name: "temperature", .. }) => {}
+        Err(error) => return fail("typed errors", format!("a NaN temperature gave {error}")),
+        Ok(_) => return fail("typed errors", "a NaN temperature was accepted by prefill"),
+    }
+    let too_long = GenerationParams { max_tokens: plan.max_context_tokens, ..params.clone() };
+    match check_context(model.as_ref(), tokens.len(), &too_long) {
+        Err(EngineError::ContextOverflow { .. }) => {}
+        other => return fail("typed errors", format!("a prompt over the context gave {other:?}")),
+    }
+    passed("typed errors");
+
+    let pipelined = pipelined_tokens(model.as_ref(), &tokens, &params).await?;
+    let expected: Vec<TokenId> = first.tokens.clone();
+    ensure("pipelining", pipelined.starts_with(&expected) || expected.starts_with(&pipelined), || {
+        format!("pipelined {pipelined:?}, sequential {expected:?}")
+    })?;
+    passed("prepare N+1 during compute N");
+
+    Ok(report)
+}
+
+/// Picks a stop sequence from the middle of a generated text and checks the generation stops right
+/// before it.
+async fn stop_sequences(model: &dyn LoadedModel, params: &GenerationParams, text: &str) -> Result<(), Failure> {
+    let chars: Vec<(usize, char)> = text.char_indices().collect();
+    if chars.len() < 6 {
+        return fail("stop sequences", format!("the generated text {text:?} is too short to cut"));
+    }
+    let (from, to) = (chars[chars.len() / 2].0, chars.get(chars.len() / 2 + 2).map_or(text.len(), |&(at, _)| at));
+    let stop = text[from..to].to_owned();
+    let expected = &text[..text.find(&stop).expect("cut from the text")];
+    let with_stop = GenerationParams { stop: vec![stop.clone()], ..params.clone() };
+    let out = generate(model, SAMPLE, &with_stop).await.map_err(engine_error("stop sequences"))?;
+    ensure("stop sequences", out.finish == FinishReason::Stop && out.text == expected, || {
+        format!("stop {stop:?}: expected {expected:?} and a stop, got {:?} ({:?})", out.text, out.finish)
+    })
+}
+
+/// Decodes with the prepare stage of each next step running during the compute stage of the current
+/// one, as the executor does.
+async fn pipelined_tokens(
+    model: &dyn LoadedModel,
+    prompt: &[TokenId],
+    params: &GenerationParams,
+) -> Result<Vec<TokenId>, Failure> {
+    let sequence = model.prefill(prompt, params).await.map_err(engine_error("pipelining"))?;
+    let mut tokens = Vec::new();
+    let mut previous = prompt.last().copied();
+    let mut prepared = sequence.prepare(0).await.map_err(engine_error("pipelining"))?;
+    for step in 0..params.max_tokens {
+        let (token, next) = tokio::join!(sequence.compute(prepared, previous), sequence.prepare(step + 1));
+        let token = token.map_err(engine_error("pipelining"))?;
+        if token.end_of_sequence {
+            break;
+        }
+        tokens.push(token.id);
+        previous = Some(token.id);
+        prepared = next.map_err(engine_error("pipelining"))?;
+    }
+    Ok(tokens)
+}

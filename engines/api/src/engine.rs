@@ -1,0 +1,136 @@
+//! The traits: an `Engine` compiles and loads, a `LoadedModel` tokenizes and prefills, a `Sequence`
+//! decodes in two stages that can overlap.
+
+use std::any::Any;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::error::EngineError;
+use crate::types::{
+    CompiledGraph, EngineDescriptor, GenerationParams, MemoryPlan, ModelSpec, ProgressSink, Token, TokenId,
+};
+
+/// An inference engine: compiles a model into a graph, and loads a graph into a model.
+///
+/// Object safe: engines are chosen at run time, by name. The kernel keeps the graphs (storage) and the
+/// memory (pools); an engine computes, and says what memory it needs ([`LoadedModel::memory_plan`]).
+#[async_trait]
+pub trait Engine: Send + Sync {
+    /// What the engine is and offers.
+    fn descriptor(&self) -> &EngineDescriptor;
+
+    /// Compiles `spec` into a graph, reporting progress from 0 to 1 (never backwards) as it goes.
+    async fn compile(&self, spec: &ModelSpec, progress: &dyn ProgressSink) -> Result<CompiledGraph, EngineError>;
+
+    /// Loads a graph this engine compiled (same name, version and schema; see [`check_graph`]).
+    async fn load(&self, graph: &CompiledGraph) -> Result<Arc<dyn LoadedModel>, EngineError>;
+}
+
+/// A model ready to generate.
+#[async_trait]
+pub trait LoadedModel: Send + Sync {
+    /// What the model needs from the memory pools.
+    fn memory_plan(&self) -> MemoryPlan;
+
+    /// The tokens of `text`; every text has some (byte fallback).
+    fn tokenize(&self, text: &str) -> Vec<TokenId>;
+
+    /// A detokenizer that turns tokens into text one at a time, as they stream.
+    fn detokenizer(&self) -> Box<dyn Detokenizer>;
+
+    /// Processes the prompt and starts a sequence. Checks `params` ([`GenerationParams::validate`]).
+    async fn prefill(&self, prompt: &[TokenId], params: &GenerationParams) -> Result<Box<dyn Sequence>, EngineError>;
+}
+
+/// Turns tokens into text incrementally: a token's text is out as soon as it is whole (a character split
+/// across tokens comes out with its last byte).
+pub trait Detokenizer: Send {
+    /// The text that `token` completes.
+    fn push(&mut self, token: TokenId) -> String;
+
+    /// Whatever is still held back at the end.
+    fn finish(&mut self) -> String;
+}
+
+/// One sequence being decoded, one token per step, in two stages.
+///
+/// The **prepare** stage of step N+1 (CPU work: positions, masks, buffers, sampling state) needs only
+/// the step number, never the token of step N; so it can run while the **compute** stage of step N
+/// (the forward pass and the sampling, on the device) is still going. Both take `&self` for that
+/// reason. Step 0 is the first generated token; its compute takes the last prompt token (or `None`
+/// for an empty prompt).
+#[async_trait]
+pub trait Sequence: Send + Sync {
+    /// The prepare stage of `step`.
+    async fn prepare(&self, step: u32) -> Result<Prepared, EngineError>;
+
+    /// The compute stage: runs the step `prepared` was made for, from the token before it, and returns
+    /// the next token.
+    async fn compute(&self, prepared: Prepared, previous: Option<TokenId>) -> Result<Token, EngineError>;
+}
+
+/// What the prepare stage hands to the compute stage: the step and the engine's own data.
+pub struct Prepared {
+    step: u32,
+    data: Box<dyn Any + Send + Sync>,
+}
+
+impl Prepared {
+    /// The prepared work of `step`.
+    pub fn new(step: u32, data: impl Any + Send + Sync) -> Self {
+        Self { step, data: Box::new(data) }
+    }
+
+    /// The step it was prepared for.
+    pub fn step(&self) -> u32 {
+        self.step
+    }
+
+    /// The engine's data, if it is a `T`.
+    pub fn data<T: Any>(&self) -> Option<&T> {
+        self.data.downcast_ref()
+    }
+}
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared").field("step", &self.step).finish_non_exhaustive()
+    }
+}
+
+/// Checks that `graph` was compiled by the engine `descriptor` describes: same name, version and schema.
+pub fn check_graph(descriptor: &EngineDescriptor, graph: &CompiledGraph) -> Result<(), EngineError> {
+    if graph.engine == descriptor.name
+        && graph.engine_version == descriptor.version
+        && graph.schema == descriptor.graph_schema
+    {
+        return Ok(());
+    }
+    Err(EngineError::GraphMismatch {
+        found: format!("{} {} (schema {})", graph.engine, graph.engine_version, graph.schema),
+        expected: format!("{} {} (schema {})", descriptor.name, descriptor.version, descriptor.graph_schema),
+    })
+}
+
+/// Checks that `spec` names a profile and a quantization the engine has.
+pub fn check_spec(descriptor: &EngineDescriptor, spec: &ModelSpec) -> Result<(), EngineError> {
+    let unsupported = |what, name: &str, known: &[String]| EngineError::Unsupported {
+        engine: descriptor.name.clone(),
+        what,
+        name: name.to_owned(),
+        known: known.to_vec(),
+    };
+    if spec.engine != descriptor.name {
+        return Err(unsupported("engine name", &spec.engine, std::slice::from_ref(&descriptor.name)));
+    }
+    if !descriptor.profiles.contains(&spec.profile) {
+        return Err(unsupported("profile", &spec.profile, &descriptor.profiles));
+    }
+    if let Some(quantization) = &spec.quantization
+        && !descriptor.quantizations.contains(quantization)
+    {
+        return Err(unsupported("quantization", quantization, &descriptor.quantizations));
+    }
+    Ok(())
+}

@@ -1,0 +1,69 @@
+//! The reference driver: one sequence, step after step, stop sequences and limits honoured. The
+//! executor pipelines and streams the same way; this one is for tests, tools and the conformance kit.
+
+use crate::engine::LoadedModel;
+use crate::error::EngineError;
+use crate::text::StopMatcher;
+use crate::types::{FinishReason, Generation, GenerationParams};
+
+/// Generates from `prompt` with `params`, one step at a time, without pipelining.
+///
+/// Checks the parameters and that the prompt and `max_tokens` fit the model's context; stops at the
+/// first stop sequence (not included in the text), at an end-of-sequence token, or after `max_tokens`.
+pub async fn generate(
+    model: &dyn LoadedModel,
+    prompt: &str,
+    params: &GenerationParams,
+) -> Result<Generation, EngineError> {
+    params.validate()?;
+    let prompt_tokens = model.tokenize(prompt);
+    check_context(model, prompt_tokens.len(), params)?;
+    let sequence = model.prefill(&prompt_tokens, params).await?;
+    let mut detokenizer = model.detokenizer();
+    let mut stops = StopMatcher::new(&params.stop);
+    let mut previous = prompt_tokens.last().copied();
+    let mut generation = Generation {
+        text: String::new(),
+        tokens: Vec::new(),
+        finish: FinishReason::Length,
+        prompt_tokens: u32::try_from(prompt_tokens.len()).unwrap_or(u32::MAX),
+    };
+    for step in 0..params.max_tokens {
+        let prepared = sequence.prepare(step).await?;
+        let token = sequence.compute(prepared, previous).await?;
+        if token.end_of_sequence {
+            generation.finish = FinishReason::EndOfSequence;
+            break;
+        }
+        generation.tokens.push(token.id);
+        let released = stops.push(&detokenizer.push(token.id));
+        generation.text.push_str(&released.text);
+        if released.stopped {
+            generation.finish = FinishReason::Stop;
+            return Ok(generation);
+        }
+        previous = Some(token.id);
+    }
+    let released = stops.push(&detokenizer.finish());
+    generation.text.push_str(&released.text);
+    if released.stopped {
+        generation.finish = FinishReason::Stop;
+    } else {
+        generation.text.push_str(&stops.finish());
+    }
+    Ok(generation)
+}
+
+/// Fails with [`EngineError::ContextOverflow`] when `prompt_tokens + max_tokens` exceeds the context.
+pub fn check_context(
+    model: &dyn LoadedModel,
+    prompt_tokens: usize,
+    params: &GenerationParams,
+) -> Result<(), EngineError> {
+    let limit = model.memory_plan().max_context_tokens;
+    let tokens = prompt_tokens as u64 + u64::from(params.max_tokens);
+    if tokens > u64::from(limit) {
+        return Err(EngineError::ContextOverflow { tokens, limit });
+    }
+    Ok(())
+}

@@ -1,0 +1,137 @@
+//! Integration tests of `usine-engine`: the zero engine against the conformance kit, the reference
+//! driver, the parameters' limits and the errors' classes.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "helpers outside #[test] fns unwrap too: a panic is a test failure with its message"
+)]
+
+use usine_engine::{
+    Engine, EngineError, ErrorKind, FinishReason, GenerationParams, MemoryPlan, ModelSpec, NoProgress, ZeroEngine,
+    conformance, generate,
+};
+
+fn spec() -> ModelSpec {
+    ModelSpec::new("any", "zero", "default")
+}
+
+#[tokio::test]
+async fn the_zero_engine_passes_the_conformance_kit() {
+    let report = conformance::check(&ZeroEngine::new(), &spec()).await.unwrap_or_else(|failure| panic!("{failure}"));
+    assert_eq!(
+        report.checks,
+        [
+            "descriptor",
+            "progress",
+            "graph round trip",
+            "foreign graph refused",
+            "memory plan",
+            "tokenizer round trip",
+            "same seed, same text",
+            "max tokens honoured",
+            "stop sequences honoured",
+            "typed errors",
+            "prepare N+1 during compute N",
+        ]
+    );
+}
+
+#[tokio::test]
+async fn the_kit_catches_an_engine_that_breaks_the_contract() {
+    // A memory plan whose full-context kv-cache overflows is not consistent.
+    let broken = ZeroEngine::with_plan(MemoryPlan {
+        weights_bytes: 1,
+        kv_bytes_per_token: u64::MAX,
+        activation_bytes_per_step: 1,
+        max_context_tokens: 4096,
+    });
+    let failure = conformance::check(&broken, &spec()).await.unwrap_err();
+    assert_eq!(failure.check, "memory plan");
+    // A spec the engine does not know stops the kit at once.
+    let failure = conformance::check(&ZeroEngine::new(), &ModelSpec::new("any", "zero", "7b")).await.unwrap_err();
+    assert_eq!(failure.check, "descriptor");
+}
+
+#[tokio::test]
+async fn the_reference_driver_honours_limits_and_stops() {
+    let engine = ZeroEngine::new();
+    let model = engine.load(&engine.compile(&spec(), &NoProgress).await.unwrap()).await.unwrap();
+    let params = GenerationParams { max_tokens: 15, ..Default::default() };
+    let out = generate(model.as_ref(), "prompt", &params).await.unwrap();
+    assert_eq!((out.text.as_str(), out.finish, out.prompt_tokens), ("the zero engine", FinishReason::Length, 6));
+
+    let stopped = GenerationParams { stop: vec![" eng".into()], ..params.clone() };
+    let out = generate(model.as_ref(), "prompt", &stopped).await.unwrap();
+    assert_eq!((out.text.as_str(), out.finish), ("the zero", FinishReason::Stop));
+
+    let seeded = GenerationParams { seed: 4, max_tokens: 4, ..params.clone() };
+    assert_eq!(generate(model.as_ref(), "", &seeded).await.unwrap().text, "zero");
+
+    let overflow = GenerationParams { max_tokens: 4096, ..params };
+    let err = generate(model.as_ref(), "prompt", &overflow).await.unwrap_err();
+    assert_eq!(err, EngineError::ContextOverflow { tokens: 4102, limit: 4096 });
+    assert_eq!(err.to_string(), "4102 tokens (prompt and max_tokens) exceed the context of 4096 tokens");
+}
+
+#[test]
+fn every_parameter_has_a_limit_that_its_error_names() {
+    let cases = [
+        (
+            GenerationParams { max_tokens: 0, ..Default::default() },
+            "generation parameter `max_tokens` is 0, outside 1..=1048576",
+        ),
+        (
+            GenerationParams { temperature: 2.5, ..Default::default() },
+            "generation parameter `temperature` is 2.5, outside 0..=2",
+        ),
+        (
+            GenerationParams { temperature: f32::NAN, ..Default::default() },
+            "generation parameter `temperature` is NaN, outside 0..=2",
+        ),
+        (
+            GenerationParams { top_p: 0.0, ..Default::default() },
+            "generation parameter `top_p` is 0, outside above 0, at most 1",
+        ),
+        (
+            GenerationParams { stop: vec![String::new()], ..Default::default() },
+            "generation parameter `stop` is a sequence of 0 bytes, outside 1..=256 bytes each",
+        ),
+        (
+            GenerationParams { stop: vec!["x".into(); 17], ..Default::default() },
+            "generation parameter `stop` is 17 sequences, outside at most 16 sequences",
+        ),
+    ];
+    for (params, message) in cases {
+        let err = params.validate().unwrap_err();
+        assert_eq!(err.to_string(), message);
+        assert_eq!(err.kind(), ErrorKind::InvalidInput);
+    }
+    assert!(GenerationParams::default().validate().is_ok());
+}
+
+#[test]
+fn errors_say_whether_a_retry_is_worth_it() {
+    assert!(EngineError::Transient { message: "device lost".into() }.is_transient());
+    assert_eq!(EngineError::Fatal { message: "bad weights".into() }.kind(), ErrorKind::Fatal);
+    assert_eq!(EngineError::OutOfMemory { needed: 2, available: 1 }.kind(), ErrorKind::OutOfMemory);
+    assert_eq!(EngineError::Cancelled.kind(), ErrorKind::Cancelled);
+    assert_eq!(EngineError::CorruptGraph { message: String::new() }.kind(), ErrorKind::Fatal);
+    assert!(!EngineError::Cancelled.is_transient());
+}
+
+#[tokio::test]
+async fn unknown_profiles_and_foreign_graphs_are_typed_errors() {
+    let engine = ZeroEngine::new();
+    let err = engine.compile(&ModelSpec::new("m", "zero", "7b"), &NoProgress).await.unwrap_err();
+    assert_eq!(err.to_string(), "engine `zero` has no profile `7b` (it has: default)");
+    let err = engine.compile(&spec().quantization("q4"), &NoProgress).await.unwrap_err();
+    assert_eq!(err.to_string(), "engine `zero` has no quantization `q4` (it has: none)");
+
+    let mut graph = engine.compile(&spec(), &NoProgress).await.unwrap();
+    graph.schema = 2;
+    let err = engine.load(&graph).await.err().unwrap();
+    assert_eq!(err.to_string(), "graph compiled by zero 0.1.0 (schema 2) cannot be loaded by zero 0.1.0 (schema 1)");
+    graph.schema = 1;
+    graph.bytes = b"torn".to_vec();
+    assert!(matches!(engine.load(&graph).await.err().unwrap(), EngineError::CorruptGraph { .. }));
+}
