@@ -39,6 +39,12 @@ pub trait LoadedModel: Send + Sync {
     /// A detokenizer that turns tokens into text one at a time, as they stream.
     fn detokenizer(&self) -> Box<dyn Detokenizer>;
 
+    /// Runs a throwaway generation so that the first real one pays no first-use cost (kernel
+    /// compilation, caches); what the kernel's warm-up calls. Does nothing by default.
+    async fn warm_up(&self) -> Result<(), EngineError> {
+        Ok(())
+    }
+
     /// Processes the prompt and starts a sequence. Checks `params` ([`GenerationParams::validate`]).
     async fn prefill(&self, prompt: &[TokenId], params: &GenerationParams) -> Result<Box<dyn Sequence>, EngineError>;
 }

@@ -1,0 +1,312 @@
+//! `SimEngine`: an `Engine` that simulates compute time and nothing else. Compiled graphs are real bytes
+//! (checked on load), tokens are real tokens of real text, and every delay goes through `tokio::time`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use usine_engine::{
+    CompiledGraph, Detokenizer, Device, Engine, EngineDescriptor, EngineError, GenerationParams, LoadedModel,
+    MemoryPlan, ModelSpec, Prepared, Progress, ProgressSink, Sequence, Token, TokenId, check_graph, check_spec,
+};
+
+use crate::pace::Pacer;
+use crate::profile::{Profile, Quantization};
+use crate::rng::Rng;
+use crate::text::{END_OF_SEQUENCE, Language, SimDetokenizer};
+
+/// What makes one simulated engine differ from another.
+#[derive(Debug, Clone)]
+pub struct Flavor {
+    /// The engine's name.
+    pub name: &'static str,
+    /// Its version.
+    pub version: &'static str,
+    /// Where it computes.
+    pub device: Device,
+    /// Its profiles; the first is the default.
+    pub profiles: Vec<Profile>,
+    /// Its quantizations; the first is the default and the reference speed.
+    pub quantizations: Vec<Quantization>,
+}
+
+/// Faults to inject, for the tests of the layers above.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Faults {
+    /// Every compile fails (fatal).
+    pub compile_fails: bool,
+    /// Every load runs out of memory.
+    pub load_out_of_memory: bool,
+    /// The compute of token `k` fails with a transient error, `n` times in all (across sequences).
+    pub transient_at: Option<(u32, u32)>,
+    /// The compute of token `k` fails with a fatal error, every time.
+    pub fatal_at: Option<u32>,
+    /// The compute of token `k` stalls for this long, every time.
+    pub stall_at: Option<(u32, Duration)>,
+}
+
+/// How a simulated engine behaves.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SimConfig {
+    /// Delays vary by up to this fraction around their nominal value (0, the default: exact timelines).
+    pub jitter: f64,
+    /// Seed of the jitter (the text's seed is the generation's).
+    pub seed: u64,
+    /// Faults to inject.
+    pub faults: Faults,
+}
+
+/// A simulated engine of some [`Flavor`].
+pub struct SimEngine {
+    flavor: Flavor,
+    descriptor: EngineDescriptor,
+    config: SimConfig,
+    language: Arc<Language>,
+    transient_left: Arc<AtomicU32>,
+}
+
+/// The first bytes of a simulated graph.
+const GRAPH_MAGIC: &[u8] = b"usine-sim-graph\n";
+
+impl SimEngine {
+    /// An engine of `flavor` configured by `config`.
+    pub fn new(flavor: Flavor, config: SimConfig) -> Self {
+        let descriptor = EngineDescriptor {
+            name: flavor.name.into(),
+            version: flavor.version.into(),
+            graph_schema: 1,
+            device: flavor.device,
+            quantizations: flavor.quantizations.iter().map(|q| q.name.to_owned()).collect(),
+            profiles: flavor.profiles.iter().map(|p| p.name.to_owned()).collect(),
+        };
+        let transient_left = Arc::new(AtomicU32::new(config.faults.transient_at.map_or(0, |(_, times)| times)));
+        Self { flavor, descriptor, config, language: Arc::new(Language::corpus()), transient_left }
+    }
+
+    /// The profile and quantization a spec names (checked against the descriptor first).
+    fn resolve(&self, spec: &ModelSpec) -> Result<(Profile, Quantization), EngineError> {
+        check_spec(&self.descriptor, spec)?;
+        let profile = self.flavor.profiles.iter().find(|p| p.name == spec.profile).expect("checked by check_spec");
+        let quantization = match &spec.quantization {
+            Some(name) => *self.flavor.quantizations.iter().find(|q| q.name == name).expect("checked by check_spec"),
+            None => self.flavor.quantizations[0],
+        };
+        Ok((profile.clone(), quantization))
+    }
+
+    /// A pacer for one stream of work, seeded from the engine's seed and `salt`.
+    fn pacer(&self, salt: u64) -> Pacer {
+        Pacer::new(self.config.seed ^ salt.wrapping_mul(0x9E37_79B9_7F4A_7C15), self.config.jitter)
+    }
+}
+
+impl std::fmt::Debug for SimEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimEngine").field("descriptor", &self.descriptor).field("config", &self.config).finish()
+    }
+}
+
+/// The graph's bytes: a magic line, the profile and quantization, seeded filler up to the profile's
+/// size, and an FNV-1a checksum of all that.
+fn graph_bytes(profile: &Profile, quantization: &Quantization, seed: u64) -> Vec<u8> {
+    let mut bytes = GRAPH_MAGIC.to_vec();
+    bytes.extend_from_slice(format!("{} {}\n", profile.name, quantization.name).as_bytes());
+    let mut rng = Rng::new(seed);
+    let body = profile.graph_bytes.max(64) - 8;
+    while bytes.len() < body {
+        let word = rng.next_u64().to_le_bytes();
+        let take = word.len().min(body - bytes.len());
+        bytes.extend_from_slice(&word[..take]);
+    }
+    let sum = fnv1a(&bytes);
+    bytes.extend_from_slice(&sum.to_le_bytes());
+    bytes
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xCBF2_9CE4_8422_2325, |hash, &byte| (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01B3))
+}
+
+/// Checks a graph's bytes: magic, checksum, and the profile and quantization its spec names.
+fn check_bytes(graph: &CompiledGraph, profile: &Profile, quantization: &Quantization) -> Result<(), EngineError> {
+    let corrupt = |message: &str| Err(EngineError::CorruptGraph { message: message.to_owned() });
+    let Some((body, sum)) = graph.bytes.split_last_chunk::<8>() else { return corrupt("too short") };
+    if !body.starts_with(GRAPH_MAGIC) {
+        return corrupt("not a simulated graph");
+    }
+    if fnv1a(body) != u64::from_le_bytes(*sum) {
+        return corrupt("checksum mismatch");
+    }
+    let expected = format!("{} {}\n", profile.name, quantization.name);
+    if !body[GRAPH_MAGIC.len()..].starts_with(expected.as_bytes()) {
+        return corrupt("compiled for another profile or quantization");
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Engine for SimEngine {
+    fn descriptor(&self) -> &EngineDescriptor {
+        &self.descriptor
+    }
+
+    async fn compile(&self, spec: &ModelSpec, progress: &dyn ProgressSink) -> Result<CompiledGraph, EngineError> {
+        let (profile, quantization) = self.resolve(spec)?;
+        let total = profile.timeline.compile_total();
+        let mut pacer = self.pacer(0xC0);
+        let mut done = Duration::ZERO;
+        for (stage, duration) in &profile.timeline.compile {
+            let fraction = done.as_secs_f64() / total.as_secs_f64().max(f64::MIN_POSITIVE);
+            progress.report(Progress { stage: (*stage).to_owned(), fraction, eta: Some(total - done) });
+            pacer.wait(*duration).await;
+            done += *duration;
+            if self.config.faults.compile_fails {
+                return Err(EngineError::Fatal { message: format!("injected: compile failed in `{stage}`") });
+            }
+        }
+        progress.report(Progress { stage: "done".into(), fraction: 1.0, eta: Some(Duration::ZERO) });
+        let mut metadata = std::collections::BTreeMap::new();
+        metadata.insert("profile".to_owned(), profile.name.to_owned());
+        metadata.insert("quantization".to_owned(), quantization.name.to_owned());
+        metadata.insert("source".to_owned(), profile.source.to_owned());
+        Ok(CompiledGraph {
+            engine: self.descriptor.name.clone(),
+            engine_version: self.descriptor.version.clone(),
+            schema: self.descriptor.graph_schema,
+            spec: spec.clone(),
+            metadata,
+            bytes: graph_bytes(&profile, &quantization, self.config.seed),
+        })
+    }
+
+    async fn load(&self, graph: &CompiledGraph) -> Result<Arc<dyn LoadedModel>, EngineError> {
+        check_graph(&self.descriptor, graph)?;
+        let (profile, quantization) = self.resolve(&graph.spec)?;
+        check_bytes(graph, &profile, &quantization)?;
+        let plan = profile.shape.memory_plan(&quantization);
+        self.pacer(0x10AD).wait(profile.timeline.load).await;
+        if self.config.faults.load_out_of_memory {
+            return Err(EngineError::OutOfMemory { needed: plan.weights_bytes, available: plan.weights_bytes / 2 });
+        }
+        // Whole milliseconds, tokio's timer resolution, so that timelines stay exact on paused time.
+        let step_ms = (profile.timeline.compute.as_secs_f64() * 1e3 * quantization.step_factor).round();
+        Ok(Arc::new(SimModel {
+            step: Duration::from_secs_f64(step_ms / 1e3),
+            profile,
+            plan,
+            device: self.flavor.device,
+            config: self.config.clone(),
+            language: Arc::clone(&self.language),
+            transient_left: Arc::clone(&self.transient_left),
+            warmed: AtomicBool::new(false),
+        }))
+    }
+}
+
+struct SimModel {
+    profile: Profile,
+    plan: MemoryPlan,
+    device: Device,
+    /// The compute stage of one step, with this quantization.
+    step: Duration,
+    config: SimConfig,
+    language: Arc<Language>,
+    transient_left: Arc<AtomicU32>,
+    warmed: AtomicBool,
+}
+
+#[async_trait]
+impl LoadedModel for SimModel {
+    fn memory_plan(&self) -> MemoryPlan {
+        self.plan
+    }
+
+    fn tokenize(&self, text: &str) -> Vec<TokenId> {
+        self.language.tokenize(text)
+    }
+
+    fn detokenizer(&self) -> Box<dyn Detokenizer> {
+        Box::new(SimDetokenizer::new(Arc::clone(&self.language)))
+    }
+
+    async fn warm_up(&self) -> Result<(), EngineError> {
+        if !self.warmed.swap(true, Ordering::SeqCst) {
+            Pacer::new(self.config.seed, self.config.jitter).wait(self.profile.timeline.first_use).await;
+        }
+        Ok(())
+    }
+
+    async fn prefill(&self, prompt: &[TokenId], params: &GenerationParams) -> Result<Box<dyn Sequence>, EngineError> {
+        params.validate()?;
+        let seed = self.config.seed ^ params.seed;
+        let mut pacer = Pacer::new(seed, self.config.jitter);
+        let first_use =
+            if self.warmed.swap(true, Ordering::SeqCst) { Duration::ZERO } else { self.profile.timeline.first_use };
+        let tokens = u32::try_from(prompt.len()).unwrap_or(u32::MAX);
+        pacer.wait(first_use + self.profile.timeline.prefill_per_token * tokens).await;
+        // On a GPU the two stages run on different hardware and overlap; on a CPU they share the cores,
+        // so one waits for the other.
+        let device = Arc::new(tokio::sync::Mutex::new(pacer));
+        let cpu = match self.device {
+            Device::Gpu => Arc::new(tokio::sync::Mutex::new(Pacer::new(seed ^ 1, self.config.jitter))),
+            Device::Cpu => Arc::clone(&device),
+        };
+        Ok(Box::new(SimSequence {
+            prepare: self.profile.timeline.prepare,
+            step: self.step,
+            params: params.clone(),
+            faults: self.config.faults.clone(),
+            language: Arc::clone(&self.language),
+            transient_left: Arc::clone(&self.transient_left),
+            rng: Mutex::new(Rng::new(params.seed)),
+            generated: AtomicU32::new(0),
+            cpu,
+            device,
+        }))
+    }
+}
+
+struct SimSequence {
+    prepare: Duration,
+    step: Duration,
+    params: GenerationParams,
+    faults: Faults,
+    language: Arc<Language>,
+    transient_left: Arc<AtomicU32>,
+    /// The sampler's state; only the compute stage draws from it, so pipelining does not change the text.
+    rng: Mutex<Rng>,
+    /// Tokens computed so far: a model does not end its answer before saying something.
+    generated: AtomicU32,
+    /// The prepare stage's pacer: its own on a GPU engine, the compute stage's on a CPU engine.
+    cpu: Arc<tokio::sync::Mutex<Pacer>>,
+    device: Arc<tokio::sync::Mutex<Pacer>>,
+}
+
+#[async_trait]
+impl Sequence for SimSequence {
+    async fn prepare(&self, step: u32) -> Result<Prepared, EngineError> {
+        self.cpu.lock().await.wait(self.prepare).await;
+        Ok(Prepared::new(step, ()))
+    }
+
+    async fn compute(&self, prepared: Prepared, previous: Option<TokenId>) -> Result<Token, EngineError> {
+        let step = prepared.step();
+        let mut device = self.device.lock().await;
+        let stall = self.faults.stall_at.filter(|&(at, _)| at == step).map_or(Duration::ZERO, |(_, d)| d);
+        device.wait(self.step + stall).await;
+        if self.faults.fatal_at == Some(step) {
+            return Err(EngineError::Fatal { message: format!("injected: fatal error at token {step}") });
+        }
+        if self.faults.transient_at.is_some_and(|(at, _)| at == step)
+            && self.transient_left.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| left.checked_sub(1)).is_ok()
+        {
+            return Err(EngineError::Transient { message: format!("injected: transient error at token {step}") });
+        }
+        let may_end = self.generated.fetch_add(1, Ordering::SeqCst) > 0;
+        let id =
+            self.language.sample(previous, may_end, self.params.temperature, self.params.top_p, &mut self.rng.lock());
+        Ok(Token { id, end_of_sequence: id == END_OF_SEQUENCE })
+    }
+}

@@ -1,0 +1,223 @@
+//! Integration tests of the simulated WebLLM-like engine: the conformance kit, the profiles' exact
+//! virtual timings, memory plans from shapes, jitter, text, and fault injection.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "helpers outside #[test] fns unwrap too: a panic is a test failure with its message"
+)]
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use usine_engine::{
+    Engine, EngineError, FinishReason, GenerationParams, LoadedModel, ModelSpec, NoProgress, Progress, conformance,
+    generate,
+};
+use usine_engine_sim::{Faults, SimConfig};
+use usine_engine_webllm::webllm;
+
+fn spec(profile: &str) -> ModelSpec {
+    ModelSpec::new("llama", "webllm", profile)
+}
+
+async fn loaded(config: SimConfig, spec: &ModelSpec) -> Arc<dyn LoadedModel> {
+    let engine = webllm(config);
+    let graph = engine.compile(spec, &NoProgress).await.unwrap();
+    engine.load(&graph).await.unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn both_profiles_and_both_quantizations_pass_the_conformance_kit() {
+    for spec in [spec("tiny"), spec("7b"), spec("7b").quantization("q5")] {
+        conformance::check(&webllm(SimConfig::default()), &spec)
+            .await
+            .unwrap_or_else(|failure| panic!("{spec:?}: {failure}"));
+    }
+    let jittery = SimConfig { jitter: 0.1, seed: 9, ..Default::default() };
+    conformance::check(&webllm(jittery), &spec("tiny")).await.unwrap_or_else(|failure| panic!("{failure}"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_7b_compile_takes_4_s_in_named_stages_with_progress() {
+    let seen = Mutex::new(Vec::new());
+    let start = Instant::now();
+    let record = |progress: Progress| seen.lock().unwrap().push((start.elapsed(), progress));
+    let graph = webllm(SimConfig::default()).compile(&spec("7b"), &record).await.unwrap();
+    assert_eq!(start.elapsed(), Duration::from_secs(4));
+    let seen = seen.into_inner().unwrap();
+    let timeline: Vec<(u128, &str, f64, u128)> =
+        seen.iter().map(|(at, p)| (at.as_millis(), p.stage.as_str(), p.fraction, p.eta.unwrap().as_millis())).collect();
+    assert_eq!(
+        timeline,
+        [
+            (0, "fetching weights", 0.0, 4000),
+            (1200, "compiling shaders", 0.3, 2800),
+            (3200, "building pipelines", 0.8, 800),
+            (3800, "writing cache", 0.95, 200),
+            (4000, "done", 1.0, 0),
+        ]
+    );
+    assert_eq!(graph.bytes.len(), 4 << 20, "a graph of a realistic size");
+    assert_eq!(graph.metadata["profile"], "7b");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_7b_loads_in_150_ms_and_decodes_at_28_tokens_a_second() {
+    let engine = webllm(SimConfig::default());
+    let graph = engine.compile(&spec("7b"), &NoProgress).await.unwrap();
+    let start = Instant::now();
+    let model = engine.load(&graph).await.unwrap();
+    assert_eq!(start.elapsed(), Duration::from_millis(150));
+
+    // The first generation pays 800 ms that warming removes; prefill costs 1.5 ms a prompt token.
+    let prompt = model.tokenize("The kernel keeps the right models resident and loads them");
+    assert_eq!(prompt.len(), 10);
+    let params = GenerationParams { max_tokens: 10, ..Default::default() };
+    let start = Instant::now();
+    let sequence = model.prefill(&prompt, &params).await.unwrap();
+    assert_eq!(start.elapsed(), Duration::from_millis(800 + 15));
+    let start = Instant::now();
+    model.prefill(&prompt, &params).await.unwrap();
+    assert_eq!(start.elapsed(), Duration::from_millis(15), "no penalty the second time");
+
+    // One step: 2 ms of CPU preparation, then 36 ms on the device.
+    let start = Instant::now();
+    let prepared = sequence.prepare(0).await.unwrap();
+    sequence.compute(prepared, prompt.last().copied()).await.unwrap();
+    assert_eq!(start.elapsed(), Duration::from_millis(2 + 36));
+    // Pipelined: the preparation of the next step hides under the device's work.
+    let prepared = sequence.prepare(1).await.unwrap();
+    let start = Instant::now();
+    let (token, next) = tokio::join!(sequence.compute(prepared, None), sequence.prepare(2));
+    assert_eq!(start.elapsed(), Duration::from_millis(36));
+    assert!(token.is_ok() && next.is_ok());
+}
+
+#[tokio::test(start_paused = true)]
+async fn warming_up_removes_the_first_generation_penalty() {
+    let model = loaded(SimConfig::default(), &spec("7b")).await;
+    let start = Instant::now();
+    model.warm_up().await.unwrap();
+    assert_eq!(start.elapsed(), Duration::from_millis(800));
+    let start = Instant::now();
+    model.prefill(&model.tokenize("The kernel"), &GenerationParams::default()).await.unwrap();
+    assert_eq!(start.elapsed(), Duration::from_millis(3));
+    let start = Instant::now();
+    model.warm_up().await.unwrap();
+    assert_eq!(start.elapsed(), Duration::ZERO, "once is enough");
+}
+
+#[tokio::test(start_paused = true)]
+async fn memory_plans_come_from_the_shape_and_q5_is_bigger_and_slower() {
+    let q4 = loaded(SimConfig::default(), &spec("7b")).await;
+    let q5 = loaded(SimConfig::default(), &spec("7b").quantization("q5")).await;
+    let plan = q4.memory_plan();
+    assert_eq!(plan.weights_bytes, 6_740_000_000 * 45 / 80); // 4.5 bits a weight
+    assert_eq!(plan.kv_bytes_per_token, 2 * 32 * 32 * 128 * 2); // K and V, 32 layers, 32 heads of 128, f16
+    assert_eq!(plan.activation_bytes_per_step, (4 * 4096 + 32_000) * 4);
+    assert_eq!(plan.max_context_tokens, 4096);
+    assert_eq!(q5.memory_plan().weights_bytes, 6_740_000_000 * 55 / 80);
+    assert_eq!(q5.memory_plan().kv_bytes_per_token, plan.kv_bytes_per_token);
+
+    let params = GenerationParams { max_tokens: 1, ..Default::default() };
+    let mut step = Vec::new();
+    for model in [&q4, &q5] {
+        model.warm_up().await.unwrap();
+        let sequence = model.prefill(&[], &params).await.unwrap();
+        let prepared = sequence.prepare(0).await.unwrap();
+        let start = Instant::now();
+        sequence.compute(prepared, None).await.unwrap();
+        step.push(start.elapsed());
+    }
+    assert_eq!(step, [Duration::from_millis(36), Duration::from_millis(41)]); // 36 ms x 1.15, to the millisecond
+}
+
+#[tokio::test(start_paused = true)]
+async fn jitter_is_seeded_and_bounded() {
+    let compile_time = |seed: u64| async move {
+        let start = Instant::now();
+        webllm(SimConfig { jitter: 0.1, seed, ..Default::default() }).compile(&spec("7b"), &NoProgress).await.unwrap();
+        start.elapsed()
+    };
+    let (a, b, c) = (compile_time(1).await, compile_time(1).await, compile_time(2).await);
+    assert_eq!(a, b, "the same seed, the same timeline");
+    assert_ne!(a, c);
+    for took in [a, c] {
+        assert!(took >= Duration::from_millis(3600) && took <= Duration::from_millis(4400), "{took:?}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_text_is_readable_and_sometimes_ends_on_its_own() {
+    let model = loaded(SimConfig::default(), &spec("tiny")).await;
+    let mut ended = 0;
+    for seed in 0..20 {
+        let params = GenerationParams { max_tokens: 60, seed, ..Default::default() };
+        let out = generate(model.as_ref(), "What does the kernel do?", &params).await.unwrap();
+        assert!(out.text.split_whitespace().count() >= 2, "{out:?}");
+        assert!(out.text.chars().all(|c| c.is_ascii_alphanumeric() || " .".contains(c)), "{:?}", out.text);
+        if out.finish == FinishReason::EndOfSequence {
+            ended += 1;
+        }
+    }
+    assert!((1..20).contains(&ended), "{ended} of 20 ended on their own");
+}
+
+#[tokio::test(start_paused = true)]
+async fn faults_are_injected_where_asked() {
+    let failing =
+        webllm(SimConfig { faults: Faults { compile_fails: true, ..Default::default() }, ..Default::default() });
+    let start = Instant::now();
+    let err = failing.compile(&spec("7b"), &NoProgress).await.unwrap_err();
+    assert_eq!(err, EngineError::Fatal { message: "injected: compile failed in `fetching weights`".into() });
+    assert_eq!(start.elapsed(), Duration::from_millis(1200));
+
+    let engine = webllm(SimConfig::default());
+    let graph = engine.compile(&spec("tiny"), &NoProgress).await.unwrap();
+    let oom =
+        webllm(SimConfig { faults: Faults { load_out_of_memory: true, ..Default::default() }, ..Default::default() });
+    assert!(matches!(oom.load(&graph).await.err().unwrap(), EngineError::OutOfMemory { .. }));
+
+    let faults = Faults {
+        transient_at: Some((2, 2)),
+        fatal_at: Some(5),
+        stall_at: Some((3, Duration::from_secs(2))),
+        ..Default::default()
+    };
+    let model = loaded(SimConfig { faults, ..Default::default() }, &spec("tiny")).await;
+    let sequence = model.prefill(&[], &GenerationParams::default()).await.unwrap();
+    let mut outcomes = Vec::new();
+    for step in [0, 1, 2, 2, 2, 3, 4, 5] {
+        let prepared = sequence.prepare(step).await.unwrap();
+        let start = Instant::now();
+        let result = sequence.compute(prepared, None).await;
+        outcomes.push((step, result.map_err(|error| error.kind()).map(|_| ()), start.elapsed().as_millis()));
+    }
+    use usine_engine::ErrorKind::{Fatal, Transient};
+    assert_eq!(
+        outcomes,
+        [
+            (0, Ok(()), 2),
+            (1, Ok(()), 2),
+            (2, Err(Transient), 2),
+            (2, Err(Transient), 2),
+            (2, Ok(()), 2),
+            (3, Ok(()), 2002),
+            (4, Ok(()), 2),
+            (5, Err(Fatal), 2),
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_graph_with_damaged_bytes_is_refused() {
+    let engine = webllm(SimConfig::default());
+    let mut graph = engine.compile(&spec("tiny"), &NoProgress).await.unwrap();
+    let middle = graph.bytes.len() / 2;
+    graph.bytes[middle] ^= 1;
+    assert_eq!(
+        engine.load(&graph).await.err().unwrap(),
+        EngineError::CorruptGraph { message: "checksum mismatch".into() }
+    );
+}
