@@ -20,7 +20,8 @@ pub(crate) const LAYERS: &[(&str, &[&str])] = &[
     ("usine-storage", &[]),
     ("usine-engine", &[]),
     ("usine-engine-sim", &["usine-engine"]),
-    ("usine-engine-webllm", &["usine-engine", "usine-engine-sim"]),
+    // The WebLLM-like engine's accuracy benchmark runs the Transformers-like one beside it (a dev-dependency).
+    ("usine-engine-webllm", &["usine-engine", "usine-engine-sim", "usine-engine-transformers"]),
     ("usine-engine-transformers", &["usine-engine", "usine-engine-sim"]),
     ("usine-engine-candle", &["usine-engine"]),
     ("usine-kernel", &["usine-memory", "usine-storage", "usine-engine"]),
