@@ -1,5 +1,6 @@
-//! The zero engine's costs: the floor of every executor benchmark. One decode step (prepare, then
-//! compute), and a whole 100-token generation through the reference driver.
+//! The zero engine's costs: the floor of every executor benchmark. Decode steps (prepare, then compute),
+//! 1,000 to an iteration so that the runtime's entry is not what is measured, and a whole 100-token
+//! generation through the reference driver.
 //!
 //! Run with `cargo bench -p usine-engine`.
 
@@ -22,17 +23,17 @@ fn model(runtime: &tokio::runtime::Runtime) -> std::sync::Arc<dyn LoadedModel> {
     })
 }
 
-#[divan::bench]
-fn zero_step(bencher: Bencher<'_, '_>) {
+#[divan::bench(counter = divan::counter::ItemsCount::new(1000usize))]
+fn zero_steps(bencher: Bencher<'_, '_>) {
     let runtime = runtime();
     let model = model(&runtime);
-    let sequence = runtime.block_on(model.prefill(&[1, 2, 3], &GenerationParams::default())).expect("prefills");
-    let mut step = 0;
+    let sequence = runtime.block_on(model.prefill(&[1, 2, 3], &[], &GenerationParams::default())).expect("prefills");
     bencher.bench_local(|| {
         runtime.block_on(async {
-            let prepared = sequence.prepare(step).await.expect("prepares");
-            step += 1;
-            black_box(sequence.compute(prepared, Some(7)).await.expect("computes"))
+            for step in 0..1000 {
+                let prepared = sequence.prepare(step).await.expect("prepares");
+                black_box(sequence.compute(prepared, Some(7)).await.expect("computes"));
+            }
         })
     });
 }

@@ -14,17 +14,18 @@
 //!
 //! What it checks: the descriptor names the engine; compiling reports progress from 0 to 1, never
 //! backwards; the graph survives a serde round trip (what storage does) and loads, while a graph of
-//! another engine or version is refused with a typed error; the memory plan holds together; text
-//! survives tokenizing and detokenizing; the same seed gives the same text; `max_tokens` and stop
-//! sequences are honoured; bad parameters and a context overflow are typed errors; and decoding with
-//! the prepare stage of step N+1 running during the compute stage of step N gives the same tokens as
-//! decoding one stage after the other.
+//! another engine or version is refused as an unusable graph; the memory plan, known before the load,
+//! holds together and is the loaded model's; text survives tokenizing and detokenizing; the same seed
+//! gives the same text; `max_tokens` and stop sequences are honoured; bad parameters and a context
+//! overflow are typed errors from `prefill`; decoding with the prepare stage of step N+1 running during
+//! the compute stage of step N gives the same tokens as one stage after the other; and a generation
+//! resumed after a break goes on with the tokens the unbroken one had.
 
 use std::sync::Mutex;
 
 use crate::engine::{Engine, LoadedModel};
 use crate::error::{EngineError, ErrorKind};
-use crate::generate::{check_context, generate};
+use crate::generate::generate;
 use crate::types::{CompiledGraph, FinishReason, GenerationParams, ModelSpec, Progress, TokenId};
 
 /// The text the kit tokenizes and prompts with.
@@ -97,16 +98,22 @@ pub async fn check(engine: &dyn Engine, spec: &ModelSpec) -> Result<Report, Fail
     let mut foreign = stored.clone();
     foreign.engine_version.push_str("-other");
     match engine.load(&foreign).await {
-        Err(error) if error.kind() == ErrorKind::InvalidInput => {}
+        Err(error) if error.kind() == ErrorKind::UnusableGraph => {}
         Err(error) => return fail("foreign graph", format!("refused, but as {:?}: {error}", error.kind())),
         Ok(_) => return fail("foreign graph", "a graph of another engine version was loaded"),
     }
+    match engine.memory_plan(&foreign) {
+        Err(error) if error.kind() == ErrorKind::UnusableGraph => {}
+        other => return fail("foreign graph", format!("its memory plan was {other:?}")),
+    }
     passed("foreign graph refused");
 
+    let planned = engine.memory_plan(&stored).map_err(engine_error("memory plan"))?;
     let model = engine.load(&stored).await.map_err(engine_error("load"))?;
     let plan = model.memory_plan();
     ensure("memory plan", plan.is_consistent(), || format!("{plan:?}"))?;
-    passed("memory plan");
+    ensure("memory plan", planned == plan, || format!("{planned:?} before the load, {plan:?} after"))?;
+    passed("memory plan, before and after the load");
 
     let tokens = model.tokenize(SAMPLE);
     let mut detokenizer = model.detokenizer();
@@ -132,24 +139,32 @@ pub async fn check(engine: &dyn Engine, spec: &ModelSpec) -> Result<Report, Fail
     passed("stop sequences honoured");
 
     let bad = GenerationParams { temperature: f32::NAN, ..params.clone() };
-    match model.prefill(&tokens, &bad).await {
+    match model.prefill(&tokens, &[], &bad).await {
         Err(EngineError::InvalidParams { name: "temperature", .. }) => {}
         Err(error) => return fail("typed errors", format!("a NaN temperature gave {error}")),
         Ok(_) => return fail("typed errors", "a NaN temperature was accepted by prefill"),
     }
-    let too_long = GenerationParams { max_tokens: plan.max_context_tokens, ..params.clone() };
-    match check_context(model.as_ref(), tokens.len(), &too_long) {
-        Err(EngineError::ContextOverflow { .. }) => {}
-        other => return fail("typed errors", format!("a prompt over the context gave {other:?}")),
+    let full = vec![tokens[0]; plan.max_context_tokens as usize];
+    let one = GenerationParams { max_tokens: 1, ..params.clone() };
+    match model.prefill(&full, &[], &one).await {
+        Err(EngineError::ContextOverflow { limit, .. }) if limit == plan.max_context_tokens => {}
+        Err(error) => return fail("typed errors", format!("a prompt that fills the context gave {error}")),
+        Ok(_) => return fail("typed errors", "prefill accepted a prompt with no room for a token"),
     }
     passed("typed errors");
 
-    let pipelined = pipelined_tokens(model.as_ref(), &tokens, &params).await?;
-    let expected: Vec<TokenId> = first.tokens.clone();
-    ensure("pipelining", pipelined.starts_with(&expected) || expected.starts_with(&pipelined), || {
-        format!("pipelined {pipelined:?}, sequential {expected:?}")
+    let pipelined = decode(model.as_ref(), &tokens, &[], &params, true).await?;
+    ensure("pipelining", pipelined == first.tokens, || {
+        format!("pipelined {pipelined:?}, one stage after the other {:?}", first.tokens)
     })?;
     passed("prepare N+1 during compute N");
+
+    let half = first.tokens.len() / 2;
+    let resumed = decode(model.as_ref(), &tokens, &first.tokens[..half], &params, false).await?;
+    ensure("resume", resumed == first.tokens[half..], || {
+        format!("resumed after {half} tokens with {resumed:?}, the run without a break had {:?}", &first.tokens[half..])
+    })?;
+    passed("resume after a break");
 
     Ok(report)
 }
@@ -171,26 +186,43 @@ async fn stop_sequences(model: &dyn LoadedModel, params: &GenerationParams, text
     })
 }
 
-/// Decodes with the prepare stage of each next step running during the compute stage of the current
-/// one, as the executor does.
-async fn pipelined_tokens(
+/// Decodes the steps after `generated` up to `max_tokens` (or an end of sequence), one stage after the
+/// other or, `pipelined`, with the prepare stage of each next step running during the compute stage of
+/// the current one, as the executor does. Returns the tokens after `generated`.
+async fn decode(
     model: &dyn LoadedModel,
     prompt: &[TokenId],
+    generated: &[TokenId],
     params: &GenerationParams,
+    pipelined: bool,
 ) -> Result<Vec<TokenId>, Failure> {
-    let sequence = model.prefill(prompt, params).await.map_err(engine_error("pipelining"))?;
+    let check = if pipelined { "pipelining" } else { "resume" };
+    let sequence = model.prefill(prompt, generated, params).await.map_err(engine_error(check))?;
     let mut tokens = Vec::new();
-    let mut previous = prompt.last().copied();
-    let mut prepared = sequence.prepare(0).await.map_err(engine_error("pipelining"))?;
-    for step in 0..params.max_tokens {
-        let (token, next) = tokio::join!(sequence.compute(prepared, previous), sequence.prepare(step + 1));
-        let token = token.map_err(engine_error("pipelining"))?;
+    let mut previous = generated.last().or(prompt.last()).copied();
+    let first = u32::try_from(generated.len()).expect("fewer than max_tokens");
+    let mut prepared = sequence.prepare(first).await.map_err(engine_error(check))?;
+    for step in first..params.max_tokens {
+        let last = step + 1 == params.max_tokens;
+        let (token, next) = if pipelined && !last {
+            let (token, next) = tokio::join!(sequence.compute(prepared, previous), sequence.prepare(step + 1));
+            (token, Some(next))
+        } else {
+            (sequence.compute(prepared, previous).await, None)
+        };
+        let token = token.map_err(engine_error(check))?;
         if token.end_of_sequence {
             break;
         }
         tokens.push(token.id);
         previous = Some(token.id);
-        prepared = next.map_err(engine_error("pipelining"))?;
+        if last {
+            break;
+        }
+        prepared = match next {
+            Some(next) => next.map_err(engine_error(check))?,
+            None => sequence.prepare(step + 1).await.map_err(engine_error(check))?,
+        };
     }
     Ok(tokens)
 }

@@ -14,11 +14,20 @@ use crate::types::{
 /// An inference engine: compiles a model into a graph, and loads a graph into a model.
 ///
 /// Object safe: engines are chosen at run time, by name. The kernel keeps the graphs (storage) and the
-/// memory (pools); an engine computes, and says what memory it needs ([`LoadedModel::memory_plan`]).
+/// memory (pools); an engine computes, and says what memory it needs ([`Engine::memory_plan`]), before
+/// it loads anything.
+///
+/// Every future of this trait and of [`LoadedModel`] and [`Sequence`] may be dropped at any `.await`
+/// (a cancelled request, a pre-empted warm-up): the engine, its models and other sequences stay usable,
+/// and nothing is counted as done that did not finish.
 #[async_trait]
 pub trait Engine: Send + Sync {
     /// What the engine is and offers.
     fn descriptor(&self) -> &EngineDescriptor;
+
+    /// What a model loaded from `graph` will need, known without loading it: the kernel reserves the
+    /// weights (evicting other models if it must) before it calls [`load`](Self::load).
+    fn memory_plan(&self, graph: &CompiledGraph) -> Result<MemoryPlan, EngineError>;
 
     /// Compiles `spec` into a graph, reporting progress from 0 to 1 (never backwards) as it goes.
     async fn compile(&self, spec: &ModelSpec, progress: &dyn ProgressSink) -> Result<CompiledGraph, EngineError>;
@@ -45,8 +54,18 @@ pub trait LoadedModel: Send + Sync {
         Ok(())
     }
 
-    /// Processes the prompt and starts a sequence. Checks `params` ([`GenerationParams::validate`]).
-    async fn prefill(&self, prompt: &[TokenId], params: &GenerationParams) -> Result<Box<dyn Sequence>, EngineError>;
+    /// Processes the prompt and starts a sequence whose first step is `generated.len()`.
+    ///
+    /// `generated` is empty for a new generation. To resume one after a failure, pass the tokens
+    /// already generated: the sequence goes on from there and, with the same parameters, produces what
+    /// an uninterrupted run would have (so a reader never sees a token twice, nor a different one).
+    /// Checks `params` ([`GenerationParams::validate`]) and the context ([`check_context`]).
+    async fn prefill(
+        &self,
+        prompt: &[TokenId],
+        generated: &[TokenId],
+        params: &GenerationParams,
+    ) -> Result<Box<dyn Sequence>, EngineError>;
 }
 
 /// Turns tokens into text incrementally: a token's text is out as soon as it is whole (a character split
@@ -65,7 +84,11 @@ pub trait Detokenizer: Send {
 /// the step number, never the token of step N; so it can run while the **compute** stage of step N
 /// (the forward pass and the sampling, on the device) is still going. Both take `&self` for that
 /// reason. Step 0 is the first generated token; its compute takes the last prompt token (or `None`
-/// for an empty prompt).
+/// for an empty prompt). Steps are numbered across resumes (see [`LoadedModel::prefill`]).
+///
+/// After an error from either stage, the sequence is done: resume with a new one from `prefill`.
+/// Activations: at most two steps are in flight (one prepared, one computing), and the engine's
+/// [`MemoryPlan::activation_bytes_per_step`] covers one step; reserve it for each.
 #[async_trait]
 pub trait Sequence: Send + Sync {
     /// The prepare stage of `step`.

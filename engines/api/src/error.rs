@@ -86,6 +86,8 @@ pub enum ErrorKind {
     Cancelled,
     /// The caller's input is wrong: report it, do not retry.
     InvalidInput,
+    /// The compiled graph cannot be loaded (damaged, or from another engine version): compile again.
+    UnusableGraph,
 }
 
 impl EngineError {
@@ -93,13 +95,13 @@ impl EngineError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Self::Transient { .. } => ErrorKind::Transient,
-            Self::Fatal { .. } | Self::CorruptGraph { .. } => ErrorKind::Fatal,
+            Self::Fatal { .. } => ErrorKind::Fatal,
+            Self::CorruptGraph { .. } | Self::GraphMismatch { .. } => ErrorKind::UnusableGraph,
             Self::OutOfMemory { .. } => ErrorKind::OutOfMemory,
             Self::Cancelled => ErrorKind::Cancelled,
-            Self::InvalidParams { .. }
-            | Self::ContextOverflow { .. }
-            | Self::Unsupported { .. }
-            | Self::GraphMismatch { .. } => ErrorKind::InvalidInput,
+            Self::InvalidParams { .. } | Self::ContextOverflow { .. } | Self::Unsupported { .. } => {
+                ErrorKind::InvalidInput
+            }
         }
     }
 

@@ -4,7 +4,7 @@
 use crate::engine::LoadedModel;
 use crate::error::EngineError;
 use crate::text::StopMatcher;
-use crate::types::{FinishReason, Generation, GenerationParams};
+use crate::types::{FinishReason, Generation, GenerationParams, MemoryPlan};
 
 /// Generates from `prompt` with `params`, one step at a time, without pipelining.
 ///
@@ -17,8 +17,7 @@ pub async fn generate(
 ) -> Result<Generation, EngineError> {
     params.validate()?;
     let prompt_tokens = model.tokenize(prompt);
-    check_context(model, prompt_tokens.len(), params)?;
-    let sequence = model.prefill(&prompt_tokens, params).await?;
+    let sequence = model.prefill(&prompt_tokens, &[], params).await?;
     let mut detokenizer = model.detokenizer();
     let mut stops = StopMatcher::new(&params.stop);
     let mut previous = prompt_tokens.last().copied();
@@ -54,13 +53,10 @@ pub async fn generate(
     Ok(generation)
 }
 
-/// Fails with [`EngineError::ContextOverflow`] when `prompt_tokens + max_tokens` exceeds the context.
-pub fn check_context(
-    model: &dyn LoadedModel,
-    prompt_tokens: usize,
-    params: &GenerationParams,
-) -> Result<(), EngineError> {
-    let limit = model.memory_plan().max_context_tokens;
+/// Fails with [`EngineError::ContextOverflow`] when `prompt_tokens + max_tokens` exceeds the plan's
+/// context; engines call it in [`LoadedModel::prefill`] (with the prompt and the tokens already generated).
+pub fn check_context(plan: &MemoryPlan, prompt_tokens: usize, params: &GenerationParams) -> Result<(), EngineError> {
+    let limit = plan.max_context_tokens;
     let tokens = prompt_tokens as u64 + u64::from(params.max_tokens);
     if tokens > u64::from(limit) {
         return Err(EngineError::ContextOverflow { tokens, limit });

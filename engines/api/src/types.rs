@@ -84,19 +84,21 @@ impl GenerationParams {
             Err(EngineError::InvalidParams { name, value, limit: limit.to_owned() })
         };
         if !(1..=MAX_TOKENS_LIMIT).contains(&self.max_tokens) {
-            return invalid("max_tokens", self.max_tokens.to_string(), "1..=1048576");
+            return invalid("max_tokens", self.max_tokens.to_string(), &format!("1..={MAX_TOKENS_LIMIT}"));
         }
         if !(0.0..=MAX_TEMPERATURE).contains(&self.temperature) {
-            return invalid("temperature", self.temperature.to_string(), "0..=2");
+            return invalid("temperature", self.temperature.to_string(), &format!("0..={MAX_TEMPERATURE}"));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return invalid("top_p", self.top_p.to_string(), "above 0, at most 1");
+            return invalid("top_p", self.top_p.to_string(), "(0, 1]");
         }
         if self.stop.len() > MAX_STOP_SEQUENCES {
-            return invalid("stop", format!("{} sequences", self.stop.len()), "at most 16 sequences");
+            let limit = format!("at most {MAX_STOP_SEQUENCES} sequences");
+            return invalid("stop", format!("{} sequences", self.stop.len()), &limit);
         }
         if let Some(bad) = self.stop.iter().find(|stop| stop.is_empty() || stop.len() > MAX_STOP_LEN) {
-            return invalid("stop", format!("a sequence of {} bytes", bad.len()), "1..=256 bytes each");
+            let limit = format!("1..={MAX_STOP_LEN} bytes each");
+            return invalid("stop", format!("a sequence of {} bytes", bad.len()), &limit);
         }
         Ok(())
     }

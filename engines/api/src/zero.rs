@@ -7,6 +7,7 @@ use async_trait::async_trait;
 
 use crate::engine::{Detokenizer, Engine, LoadedModel, Prepared, Sequence, check_graph, check_spec};
 use crate::error::EngineError;
+use crate::generate::check_context;
 use crate::text::Utf8Decoder;
 use crate::types::{
     CompiledGraph, Device, EngineDescriptor, GenerationParams, MemoryPlan, ModelSpec, Progress, ProgressSink, Token,
@@ -95,6 +96,11 @@ impl Engine for ZeroEngine {
         })
     }
 
+    fn memory_plan(&self, graph: &CompiledGraph) -> Result<MemoryPlan, EngineError> {
+        check_graph(&self.descriptor, graph)?;
+        Ok(self.plan)
+    }
+
     async fn load(&self, graph: &CompiledGraph) -> Result<Arc<dyn LoadedModel>, EngineError> {
         check_graph(&self.descriptor, graph)?;
         if graph.bytes != b"zero" {
@@ -122,8 +128,14 @@ impl LoadedModel for ZeroModel {
         Box::new(ByteDetokenizer::default())
     }
 
-    async fn prefill(&self, _prompt: &[TokenId], params: &GenerationParams) -> Result<Box<dyn Sequence>, EngineError> {
+    async fn prefill(
+        &self,
+        prompt: &[TokenId],
+        generated: &[TokenId],
+        params: &GenerationParams,
+    ) -> Result<Box<dyn Sequence>, EngineError> {
         params.validate()?;
+        check_context(&self.plan, prompt.len() + generated.len(), params)?;
         let start = usize::try_from(params.seed % TEXT.len() as u64).expect("below the text's length");
         Ok(Box::new(ZeroSequence { start }))
     }

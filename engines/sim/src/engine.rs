@@ -2,14 +2,15 @@
 //! (checked on load), tokens are real tokens of real text, and every delay goes through `tokio::time`.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use parking_lot::Mutex;
+use tokio::sync::{Mutex, OnceCell};
 use usine_engine::{
     CompiledGraph, Detokenizer, Device, Engine, EngineDescriptor, EngineError, GenerationParams, LoadedModel,
-    MemoryPlan, ModelSpec, Prepared, Progress, ProgressSink, Sequence, Token, TokenId, check_graph, check_spec,
+    MemoryPlan, ModelSpec, Prepared, Progress, ProgressSink, Sequence, Token, TokenId, check_context, check_graph,
+    check_spec,
 };
 
 use crate::pace::Pacer;
@@ -39,7 +40,8 @@ pub struct Faults {
     pub compile_fails: bool,
     /// Every load runs out of memory.
     pub load_out_of_memory: bool,
-    /// The compute of token `k` fails with a transient error, `n` times in all (across sequences).
+    /// The compute of token `k` fails with a transient error, `n` times in all: across every sequence
+    /// of every model this engine loads.
     pub transient_at: Option<(u32, u32)>,
     /// The compute of token `k` fails with a fatal error, every time.
     pub fatal_at: Option<u32>,
@@ -58,6 +60,18 @@ pub struct SimConfig {
     pub faults: Faults,
 }
 
+/// A configuration or flavor that cannot make an engine.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// Jitter is a fraction of each delay, from 0 to 1.
+    #[error("jitter {0} is outside 0..=1")]
+    Jitter(f64),
+    /// A flavor needs at least one profile and one quantization.
+    #[error("flavor `{0}` has no {1}")]
+    Empty(&'static str, &'static str),
+}
+
 /// A simulated engine of some [`Flavor`].
 pub struct SimEngine {
     flavor: Flavor,
@@ -72,7 +86,16 @@ const GRAPH_MAGIC: &[u8] = b"usine-sim-graph\n";
 
 impl SimEngine {
     /// An engine of `flavor` configured by `config`.
-    pub fn new(flavor: Flavor, config: SimConfig) -> Self {
+    pub fn new(flavor: Flavor, config: SimConfig) -> Result<Self, ConfigError> {
+        if !(0.0..=1.0).contains(&config.jitter) {
+            return Err(ConfigError::Jitter(config.jitter));
+        }
+        if flavor.profiles.is_empty() {
+            return Err(ConfigError::Empty(flavor.name, "profile"));
+        }
+        if flavor.quantizations.is_empty() {
+            return Err(ConfigError::Empty(flavor.name, "quantization"));
+        }
         let descriptor = EngineDescriptor {
             name: flavor.name.into(),
             version: flavor.version.into(),
@@ -82,7 +105,7 @@ impl SimEngine {
             profiles: flavor.profiles.iter().map(|p| p.name.to_owned()).collect(),
         };
         let transient_left = Arc::new(AtomicU32::new(config.faults.transient_at.map_or(0, |(_, times)| times)));
-        Self { flavor, descriptor, config, language: Arc::new(Language::corpus()), transient_left }
+        Ok(Self { flavor, descriptor, config, language: Arc::new(Language::corpus()), transient_left })
     }
 
     /// The profile and quantization a spec names (checked against the descriptor first).
@@ -181,6 +204,12 @@ impl Engine for SimEngine {
         })
     }
 
+    fn memory_plan(&self, graph: &CompiledGraph) -> Result<MemoryPlan, EngineError> {
+        check_graph(&self.descriptor, graph)?;
+        let (profile, quantization) = self.resolve(&graph.spec)?;
+        Ok(profile.shape.memory_plan(&quantization))
+    }
+
     async fn load(&self, graph: &CompiledGraph) -> Result<Arc<dyn LoadedModel>, EngineError> {
         check_graph(&self.descriptor, graph)?;
         let (profile, quantization) = self.resolve(&graph.spec)?;
@@ -200,7 +229,8 @@ impl Engine for SimEngine {
             config: self.config.clone(),
             language: Arc::clone(&self.language),
             transient_left: Arc::clone(&self.transient_left),
-            warmed: AtomicBool::new(false),
+            warm: OnceCell::new(),
+            hardware: Arc::new(Mutex::new(())),
         }))
     }
 }
@@ -214,7 +244,21 @@ struct SimModel {
     config: SimConfig,
     language: Arc<Language>,
     transient_left: Arc<AtomicU32>,
-    warmed: AtomicBool,
+    /// Set once the first-use cost is paid; a wait dropped half way leaves it unset.
+    warm: OnceCell<()>,
+    /// The device (or, for a CPU flavor, the cores) that the model's sequences take turns on.
+    hardware: Arc<Mutex<()>>,
+}
+
+impl SimModel {
+    /// Pays the first-use cost once; callers that come while it is being paid wait for it too.
+    async fn first_use(&self) {
+        self.warm
+            .get_or_init(|| async {
+                Pacer::new(self.config.seed, self.config.jitter).wait(self.profile.timeline.first_use).await;
+            })
+            .await;
+    }
 }
 
 #[async_trait]
@@ -232,25 +276,31 @@ impl LoadedModel for SimModel {
     }
 
     async fn warm_up(&self) -> Result<(), EngineError> {
-        if !self.warmed.swap(true, Ordering::SeqCst) {
-            Pacer::new(self.config.seed, self.config.jitter).wait(self.profile.timeline.first_use).await;
-        }
+        self.first_use().await;
         Ok(())
     }
 
-    async fn prefill(&self, prompt: &[TokenId], params: &GenerationParams) -> Result<Box<dyn Sequence>, EngineError> {
+    async fn prefill(
+        &self,
+        prompt: &[TokenId],
+        generated: &[TokenId],
+        params: &GenerationParams,
+    ) -> Result<Box<dyn Sequence>, EngineError> {
         params.validate()?;
+        check_context(&self.plan, prompt.len() + generated.len(), params)?;
+        self.first_use().await;
         let seed = self.config.seed ^ params.seed;
         let mut pacer = Pacer::new(seed, self.config.jitter);
-        let first_use =
-            if self.warmed.swap(true, Ordering::SeqCst) { Duration::ZERO } else { self.profile.timeline.first_use };
-        let tokens = u32::try_from(prompt.len()).unwrap_or(u32::MAX);
-        pacer.wait(first_use + self.profile.timeline.prefill_per_token * tokens).await;
-        // On a GPU the two stages run on different hardware and overlap; on a CPU they share the cores,
-        // so one waits for the other.
-        let device = Arc::new(tokio::sync::Mutex::new(pacer));
+        let tokens = u32::try_from(prompt.len() + generated.len()).unwrap_or(u32::MAX);
+        {
+            let _hardware = self.hardware.lock().await;
+            pacer.wait(self.profile.timeline.prefill_per_token * tokens).await;
+        }
+        // On a CPU both stages are one stream of work on the same cores: one pacer, so that the timer's
+        // overshoot in one stage is paid back in the other. On a GPU each stage keeps its own pace.
+        let device = Arc::new(Mutex::new(pacer));
         let cpu = match self.device {
-            Device::Gpu => Arc::new(tokio::sync::Mutex::new(Pacer::new(seed ^ 1, self.config.jitter))),
+            Device::Gpu => Arc::new(Mutex::new(Pacer::new(seed ^ 1, self.config.jitter))),
             Device::Cpu => Arc::clone(&device),
         };
         Ok(Box::new(SimSequence {
@@ -260,8 +310,8 @@ impl LoadedModel for SimModel {
             faults: self.config.faults.clone(),
             language: Arc::clone(&self.language),
             transient_left: Arc::clone(&self.transient_left),
-            rng: Mutex::new(Rng::new(params.seed)),
-            generated: AtomicU32::new(0),
+            hardware: Arc::clone(&self.hardware),
+            prepare_on_hardware: self.device == Device::Cpu,
             cpu,
             device,
         }))
@@ -275,27 +325,30 @@ struct SimSequence {
     faults: Faults,
     language: Arc<Language>,
     transient_left: Arc<AtomicU32>,
-    /// The sampler's state; only the compute stage draws from it, so pipelining does not change the text.
-    rng: Mutex<Rng>,
-    /// Tokens computed so far: a model does not end its answer before saying something.
-    generated: AtomicU32,
-    /// The prepare stage's pacer: its own on a GPU engine, the compute stage's on a CPU engine.
-    cpu: Arc<tokio::sync::Mutex<Pacer>>,
-    device: Arc<tokio::sync::Mutex<Pacer>>,
+    /// The model's device: compute stages of all its sequences take turns on it.
+    hardware: Arc<Mutex<()>>,
+    /// On a CPU engine the prepare stage needs the same cores, so it takes its turn too; on a GPU engine
+    /// it runs on the CPU beside the device's work.
+    prepare_on_hardware: bool,
+    cpu: Arc<Mutex<Pacer>>,
+    device: Arc<Mutex<Pacer>>,
 }
 
 #[async_trait]
 impl Sequence for SimSequence {
     async fn prepare(&self, step: u32) -> Result<Prepared, EngineError> {
+        let _cores = if self.prepare_on_hardware { Some(self.hardware.lock().await) } else { None };
         self.cpu.lock().await.wait(self.prepare).await;
         Ok(Prepared::new(step, ()))
     }
 
     async fn compute(&self, prepared: Prepared, previous: Option<TokenId>) -> Result<Token, EngineError> {
         let step = prepared.step();
-        let mut device = self.device.lock().await;
         let stall = self.faults.stall_at.filter(|&(at, _)| at == step).map_or(Duration::ZERO, |(_, d)| d);
-        device.wait(self.step + stall).await;
+        {
+            let _device = self.hardware.lock().await;
+            self.device.lock().await.wait(self.step + stall).await;
+        }
         if self.faults.fatal_at == Some(step) {
             return Err(EngineError::Fatal { message: format!("injected: fatal error at token {step}") });
         }
@@ -304,9 +357,10 @@ impl Sequence for SimSequence {
         {
             return Err(EngineError::Transient { message: format!("injected: transient error at token {step}") });
         }
-        let may_end = self.generated.fetch_add(1, Ordering::SeqCst) > 0;
-        let id =
-            self.language.sample(previous, may_end, self.params.temperature, self.params.top_p, &mut self.rng.lock());
+        // The draw of a step depends on the seed and the step alone: a resumed sequence, or a pipelined
+        // one, draws what an unbroken one would. A model says something before it ends its answer.
+        let mut rng = Rng::new(self.params.seed ^ u64::from(step).wrapping_mul(0xD1B5_4A32_D192_ED03));
+        let id = self.language.sample(previous, step > 0, self.params.temperature, self.params.top_p, &mut rng);
         Ok(Token { id, end_of_sequence: id == END_OF_SEQUENCE })
     }
 }

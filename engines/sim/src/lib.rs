@@ -13,7 +13,7 @@ mod profile;
 mod rng;
 pub mod text;
 
-pub use engine::{Faults, Flavor, SimConfig, SimEngine};
+pub use engine::{ConfigError, Faults, Flavor, SimConfig, SimEngine};
 pub use pace::Pacer;
 pub use profile::{Profile, Q4, Q5, Quantization, Shape, Timeline};
 pub use rng::Rng;

@@ -171,8 +171,12 @@ fn pick(candidates: &[(TokenId, u32)], temperature: f32, top_p: f32, rng: &mut R
         let best = candidates.iter().map(|&(_, n)| n).max().unwrap_or(0);
         return candidates.iter().filter(|&&(_, n)| n == best).map(|&(id, _)| id).min().unwrap_or(END_OF_SEQUENCE);
     }
-    let mut weighted: Vec<(TokenId, f64)> =
-        candidates.iter().map(|&(id, n)| (id, f64::from(n).powf(1.0 / f64::from(temperature)))).collect();
+    // In log space, relative to the most frequent, so that a tiny temperature cannot overflow.
+    let most = f64::from(candidates.iter().map(|&(_, n)| n).max().unwrap_or(1));
+    let mut weighted: Vec<(TokenId, f64)> = candidates
+        .iter()
+        .map(|&(id, n)| (id, ((f64::from(n).ln() - most.ln()) / f64::from(temperature)).exp()))
+        .collect();
     weighted.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     let total: f64 = weighted.iter().map(|(_, w)| w).sum();
     let mut kept = 0.0;
@@ -234,6 +238,16 @@ mod tests {
         }
         assert_eq!(language.tokenize(" kernel").len(), 1, "corpus words are single tokens");
         assert!(language.vocabulary_size() > 300);
+    }
+
+    #[test]
+    fn a_tiny_temperature_is_all_but_greedy() {
+        let language = Language::corpus();
+        let the = language.tokenize("The")[0];
+        let greedy = language.sample(Some(the), true, 0.0, 1.0, &mut Rng::new(1));
+        for seed in 0..20 {
+            assert_eq!(language.sample(Some(the), true, 0.0005, 1.0, &mut Rng::new(seed)), greedy);
+        }
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() -> Result<(), usine_engine::EngineError> {
 //! assert_eq!(cpu_1b(4).timeline.compute.as_millis(), 84); // about 12 tokens/s on 4 threads
 //! assert_eq!(cpu_1b(8).timeline.compute.as_millis(), 42); // twice as fast on 8
-//! let engine = transformers(Default::default(), 4);
+//! let engine = transformers(Default::default(), 4).expect("a valid configuration");
 //! let graph = engine.compile(&ModelSpec::new("tinyllama", "transformers", "cpu-1b"), &NoProgress).await?;
 //! assert!(engine.load(&graph).await.is_ok());
 //! # Ok(()) }
@@ -18,7 +18,7 @@
 use std::time::Duration;
 
 use usine_engine::Device;
-use usine_engine_sim::{Flavor, Profile, Q4, Q5, Shape, SimConfig, SimEngine, Timeline};
+use usine_engine_sim::{ConfigError, Flavor, Profile, Q4, Q5, Shape, SimConfig, SimEngine, Timeline};
 
 /// The engine's name, as model specs name it.
 pub const NAME: &str = "transformers";
@@ -108,7 +108,7 @@ pub fn flavor(threads: usize) -> Flavor {
 }
 
 /// A simulated Transformers-like engine decoding on `threads` threads ([`default_threads`] is the
-/// seeds' default).
-pub fn transformers(config: SimConfig, threads: usize) -> SimEngine {
+/// seeds' default); fails on a jitter outside 0..=1.
+pub fn transformers(config: SimConfig, threads: usize) -> Result<SimEngine, ConfigError> {
     SimEngine::new(flavor(threads), config)
 }

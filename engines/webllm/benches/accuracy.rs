@@ -3,7 +3,8 @@
 //! under 2 ms of device work) and 3 ms for the Transformers-like engine on 8 threads (1 ms of
 //! preparation, then 2 ms of compute, on the same cores); the measured time should be within 2 %.
 //!
-//! Run with `cargo bench -p usine-engine-webllm`; the ratio is measured / (1,000 x the profile's step).
+//! Run with `cargo bench -p usine-engine-webllm`. Before divan's table, one timed run of each prints
+//! its ratio: measured / (1,000 x the profile's step).
 
 use std::sync::Arc;
 
@@ -14,6 +15,29 @@ use usine_engine_sim::SimConfig;
 const STEPS: u32 = 1000;
 
 fn main() {
+    let runtime = runtime();
+    let engines: [(&str, Box<dyn Engine>, ModelSpec, f64); 2] = [
+        (
+            "webllm tiny",
+            Box::new(usine_engine_webllm::webllm(SimConfig::default()).expect("a valid configuration")),
+            ModelSpec::new("m", "webllm", "tiny"),
+            2.0,
+        ),
+        (
+            "transformers tiny, 8 threads",
+            Box::new(usine_engine_transformers::transformers(SimConfig::default(), 8).expect("a valid configuration")),
+            ModelSpec::new("m", "transformers", "tiny"),
+            3.0,
+        ),
+    ];
+    for (name, engine, spec, step_ms) in engines {
+        let model = load(&runtime, engine.as_ref(), &spec);
+        let start = std::time::Instant::now();
+        decode(&runtime, model.as_ref());
+        let measured = start.elapsed().as_secs_f64();
+        let profile = f64::from(STEPS) * step_ms / 1e3;
+        eprintln!("{name}: {STEPS} steps in {measured:.4} s, profile {profile:.3} s, ratio {:.4}", measured / profile);
+    }
     divan::main();
 }
 
@@ -33,7 +57,7 @@ fn load(runtime: &tokio::runtime::Runtime, engine: &dyn Engine, spec: &ModelSpec
 fn decode(runtime: &tokio::runtime::Runtime, model: &dyn LoadedModel) {
     runtime.block_on(async {
         let params = GenerationParams { max_tokens: STEPS, ..GenerationParams::default() };
-        let sequence = model.prefill(&[], &params).await.expect("prefills");
+        let sequence = model.prefill(&[], &[], &params).await.expect("prefills");
         let mut prepared = sequence.prepare(0).await.expect("prepares");
         let mut previous = None;
         for step in 0..STEPS {
@@ -47,7 +71,7 @@ fn decode(runtime: &tokio::runtime::Runtime, model: &dyn LoadedModel) {
 #[divan::bench(sample_count = 3, sample_size = 1)]
 fn webllm_tiny_1000_steps_of_2_ms(bencher: Bencher<'_, '_>) {
     let runtime = runtime();
-    let engine = usine_engine_webllm::webllm(SimConfig::default());
+    let engine = usine_engine_webllm::webllm(SimConfig::default()).expect("a valid configuration");
     let model = load(&runtime, &engine, &ModelSpec::new("m", "webllm", "tiny"));
     bencher.bench_local(|| decode(&runtime, model.as_ref()));
 }
@@ -55,7 +79,7 @@ fn webllm_tiny_1000_steps_of_2_ms(bencher: Bencher<'_, '_>) {
 #[divan::bench(sample_count = 3, sample_size = 1)]
 fn transformers_tiny_8_threads_1000_steps_of_3_ms(bencher: Bencher<'_, '_>) {
     let runtime = runtime();
-    let engine = usine_engine_transformers::transformers(SimConfig::default(), 8);
+    let engine = usine_engine_transformers::transformers(SimConfig::default(), 8).expect("a valid configuration");
     let model = load(&runtime, &engine, &ModelSpec::new("m", "transformers", "tiny"));
     bencher.bench_local(|| decode(&runtime, model.as_ref()));
 }

@@ -7,7 +7,7 @@
 //! use usine_engine_webllm::webllm;
 //!
 //! # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() -> Result<(), usine_engine::EngineError> {
-//! let engine = webllm(Default::default());
+//! let engine = webllm(Default::default()).expect("a valid configuration");
 //! let graph = engine.compile(&ModelSpec::new("llama-7b", "webllm", "7b"), &NoProgress).await?; // 4 s, virtual
 //! let model = engine.load(&graph).await?;
 //! assert_eq!(model.memory_plan().kv_bytes_per_token, 512 * 1024);
@@ -19,7 +19,7 @@
 use std::time::Duration;
 
 use usine_engine::Device;
-use usine_engine_sim::{Flavor, Profile, Q4, Q5, Shape, SimConfig, SimEngine, Timeline};
+use usine_engine_sim::{ConfigError, Flavor, Profile, Q4, Q5, Shape, SimConfig, SimEngine, Timeline};
 
 /// The engine's name, as model specs name it.
 pub const NAME: &str = "webllm";
@@ -109,7 +109,7 @@ pub fn flavor() -> Flavor {
     }
 }
 
-/// A simulated WebLLM-like engine.
-pub fn webllm(config: SimConfig) -> SimEngine {
+/// A simulated WebLLM-like engine; fails on a jitter outside 0..=1.
+pub fn webllm(config: SimConfig) -> Result<SimEngine, ConfigError> {
     SimEngine::new(flavor(), config)
 }

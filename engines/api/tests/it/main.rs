@@ -25,13 +25,14 @@ async fn the_zero_engine_passes_the_conformance_kit() {
             "progress",
             "graph round trip",
             "foreign graph refused",
-            "memory plan",
+            "memory plan, before and after the load",
             "tokenizer round trip",
             "same seed, same text",
             "max tokens honoured",
             "stop sequences honoured",
             "typed errors",
             "prepare N+1 during compute N",
+            "resume after a break",
         ]
     );
 }
@@ -88,10 +89,7 @@ fn every_parameter_has_a_limit_that_its_error_names() {
             GenerationParams { temperature: f32::NAN, ..Default::default() },
             "generation parameter `temperature` is NaN, outside 0..=2",
         ),
-        (
-            GenerationParams { top_p: 0.0, ..Default::default() },
-            "generation parameter `top_p` is 0, outside above 0, at most 1",
-        ),
+        (GenerationParams { top_p: 0.0, ..Default::default() }, "generation parameter `top_p` is 0, outside (0, 1]"),
         (
             GenerationParams { stop: vec![String::new()], ..Default::default() },
             "generation parameter `stop` is a sequence of 0 bytes, outside 1..=256 bytes each",
@@ -115,7 +113,10 @@ fn errors_say_whether_a_retry_is_worth_it() {
     assert_eq!(EngineError::Fatal { message: "bad weights".into() }.kind(), ErrorKind::Fatal);
     assert_eq!(EngineError::OutOfMemory { needed: 2, available: 1 }.kind(), ErrorKind::OutOfMemory);
     assert_eq!(EngineError::Cancelled.kind(), ErrorKind::Cancelled);
-    assert_eq!(EngineError::CorruptGraph { message: String::new() }.kind(), ErrorKind::Fatal);
+    // Either way the graph cannot be used: compile again.
+    assert_eq!(EngineError::CorruptGraph { message: String::new() }.kind(), ErrorKind::UnusableGraph);
+    let mismatch = EngineError::GraphMismatch { found: "a".into(), expected: "b".into() };
+    assert_eq!(mismatch.kind(), ErrorKind::UnusableGraph);
     assert!(!EngineError::Cancelled.is_transient());
 }
 
@@ -134,4 +135,91 @@ async fn unknown_profiles_and_foreign_graphs_are_typed_errors() {
     graph.schema = 1;
     graph.bytes = b"torn".to_vec();
     assert!(matches!(engine.load(&graph).await.err().unwrap(), EngineError::CorruptGraph { .. }));
+}
+
+/// An engine that breaks one rule of the contract, around the zero engine.
+struct Broken {
+    inner: ZeroEngine,
+    progress_backwards: bool,
+    nondeterministic: bool,
+}
+
+#[async_trait::async_trait]
+impl Engine for Broken {
+    fn descriptor(&self) -> &usine_engine::EngineDescriptor {
+        self.inner.descriptor()
+    }
+
+    fn memory_plan(&self, graph: &usine_engine::CompiledGraph) -> Result<MemoryPlan, EngineError> {
+        self.inner.memory_plan(graph)
+    }
+
+    async fn compile(
+        &self,
+        spec: &ModelSpec,
+        progress: &dyn usine_engine::ProgressSink,
+    ) -> Result<usine_engine::CompiledGraph, EngineError> {
+        if self.progress_backwards {
+            for fraction in [0.0, 0.6, 0.3, 1.0] {
+                progress.report(usine_engine::Progress { stage: "step".into(), fraction, eta: None });
+            }
+            return self.inner.compile(spec, &NoProgress).await;
+        }
+        self.inner.compile(spec, progress).await
+    }
+
+    async fn load(
+        &self,
+        graph: &usine_engine::CompiledGraph,
+    ) -> Result<std::sync::Arc<dyn usine_engine::LoadedModel>, EngineError> {
+        let model = self.inner.load(graph).await?;
+        if self.nondeterministic {
+            return Ok(std::sync::Arc::new(Forgetful { inner: model, runs: std::sync::atomic::AtomicU64::new(0) }));
+        }
+        Ok(model)
+    }
+}
+
+/// A model that ignores the seed: every run starts somewhere else.
+struct Forgetful {
+    inner: std::sync::Arc<dyn usine_engine::LoadedModel>,
+    runs: std::sync::atomic::AtomicU64,
+}
+
+#[async_trait::async_trait]
+impl usine_engine::LoadedModel for Forgetful {
+    fn memory_plan(&self) -> MemoryPlan {
+        self.inner.memory_plan()
+    }
+
+    fn tokenize(&self, text: &str) -> Vec<usine_engine::TokenId> {
+        self.inner.tokenize(text)
+    }
+
+    fn detokenizer(&self) -> Box<dyn usine_engine::Detokenizer> {
+        self.inner.detokenizer()
+    }
+
+    async fn prefill(
+        &self,
+        prompt: &[usine_engine::TokenId],
+        generated: &[usine_engine::TokenId],
+        params: &GenerationParams,
+    ) -> Result<Box<dyn usine_engine::Sequence>, EngineError> {
+        let run = self.runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let params = GenerationParams { seed: params.seed + run, ..params.clone() };
+        self.inner.prefill(prompt, generated, &params).await
+    }
+}
+
+#[tokio::test]
+async fn the_kit_catches_progress_going_backwards_and_text_that_ignores_the_seed() {
+    let backwards = Broken { inner: ZeroEngine::new(), progress_backwards: true, nondeterministic: false };
+    let failure = conformance::check(&backwards, &spec()).await.unwrap_err();
+    assert_eq!(failure.check, "progress");
+    assert!(failure.detail.contains("went backwards"), "{failure}");
+
+    let forgetful = Broken { inner: ZeroEngine::new(), progress_backwards: false, nondeterministic: true };
+    let failure = conformance::check(&forgetful, &spec()).await.unwrap_err();
+    assert_eq!(failure.check, "determinism");
 }

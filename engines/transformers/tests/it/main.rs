@@ -13,6 +13,10 @@ use usine_engine::{Device, Engine, GenerationParams, ModelSpec, NoProgress, conf
 use usine_engine_sim::SimConfig;
 use usine_engine_transformers::{default_threads, transformers};
 
+fn cpu(config: SimConfig, threads: usize) -> usine_engine_sim::SimEngine {
+    transformers(config, threads).unwrap()
+}
+
 fn spec(profile: &str) -> ModelSpec {
     ModelSpec::new("tinyllama", "transformers", profile)
 }
@@ -20,7 +24,7 @@ fn spec(profile: &str) -> ModelSpec {
 #[tokio::test(start_paused = true)]
 async fn both_profiles_pass_the_conformance_kit() {
     for profile in ["tiny", "cpu-1b"] {
-        conformance::check(&transformers(SimConfig::default(), 4), &spec(profile))
+        conformance::check(&cpu(SimConfig::default(), 4), &spec(profile))
             .await
             .unwrap_or_else(|failure| panic!("{profile}: {failure}"));
     }
@@ -28,7 +32,7 @@ async fn both_profiles_pass_the_conformance_kit() {
 
 #[tokio::test(start_paused = true)]
 async fn the_cpu_profile_optimizes_in_1_5_s_loads_in_300_ms_and_decodes_12_tokens_a_second_on_4_threads() {
-    let engine = transformers(SimConfig::default(), 4);
+    let engine = cpu(SimConfig::default(), 4);
     assert_eq!(engine.descriptor().device, Device::Cpu);
     let start = Instant::now();
     let graph = engine.compile(&spec("cpu-1b"), &NoProgress).await.unwrap();
@@ -38,7 +42,7 @@ async fn the_cpu_profile_optimizes_in_1_5_s_loads_in_300_ms_and_decodes_12_token
     assert_eq!(start.elapsed(), Duration::from_millis(300));
     model.warm_up().await.unwrap();
 
-    let sequence = model.prefill(&model.tokenize("The kernel"), &GenerationParams::default()).await.unwrap();
+    let sequence = model.prefill(&model.tokenize("The kernel"), &[], &GenerationParams::default()).await.unwrap();
     let start = Instant::now();
     let prepared = sequence.prepare(0).await.unwrap();
     let (token, next) = tokio::join!(sequence.compute(prepared, None), sequence.prepare(1));
@@ -51,10 +55,10 @@ async fn the_cpu_profile_optimizes_in_1_5_s_loads_in_300_ms_and_decodes_12_token
 async fn decode_scales_with_threads() {
     let mut steps = Vec::new();
     for threads in [1, 2, 4, 8] {
-        let engine = transformers(SimConfig::default(), threads);
+        let engine = cpu(SimConfig::default(), threads);
         let model = engine.load(&engine.compile(&spec("cpu-1b"), &NoProgress).await.unwrap()).await.unwrap();
         model.warm_up().await.unwrap();
-        let sequence = model.prefill(&[], &GenerationParams::default()).await.unwrap();
+        let sequence = model.prefill(&[], &[], &GenerationParams::default()).await.unwrap();
         let prepared = sequence.prepare(0).await.unwrap();
         let start = Instant::now();
         sequence.compute(prepared, None).await.unwrap();
@@ -62,4 +66,47 @@ async fn decode_scales_with_threads() {
     }
     assert_eq!(steps, [336, 168, 84, 42]);
     assert!(default_threads() >= 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn prefill_costs_6_ms_a_token_and_the_first_use_400_ms_unless_warmed() {
+    let engine = cpu(SimConfig::default(), 4);
+    let graph = engine.compile(&spec("cpu-1b"), &NoProgress).await.unwrap();
+    let prompt = [300, 301, 302, 303, 304];
+    for warm in [false, true] {
+        let model = engine.load(&graph).await.unwrap();
+        if warm {
+            let start = Instant::now();
+            model.warm_up().await.unwrap();
+            assert_eq!(start.elapsed(), Duration::from_millis(400));
+        }
+        let start = Instant::now();
+        model.prefill(&prompt, &[], &GenerationParams::default()).await.unwrap();
+        let penalty = if warm { 0 } else { 400 };
+        assert_eq!(start.elapsed(), Duration::from_millis(penalty + 5 * 6), "warmed: {warm}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_tiny_profile_takes_milliseconds() {
+    let engine = cpu(SimConfig::default(), 4);
+    let start = Instant::now();
+    let graph = engine.compile(&spec("tiny"), &NoProgress).await.unwrap();
+    assert_eq!(start.elapsed(), Duration::from_millis(80));
+    let model = engine.load(&graph).await.unwrap();
+    assert_eq!(start.elapsed(), Duration::from_millis(100));
+    model.warm_up().await.unwrap();
+    let sequence = model.prefill(&[300, 301], &[], &GenerationParams::default()).await.unwrap();
+    assert_eq!(start.elapsed(), Duration::from_millis(121)); // 20 ms first use, 2 x 0.5 ms of prefill
+    let prepared = sequence.prepare(0).await.unwrap();
+    sequence.compute(prepared, None).await.unwrap();
+    assert_eq!(start.elapsed(), Duration::from_millis(126)); // 1 ms prepare, 4 ms compute
+}
+
+#[test]
+fn a_jitter_outside_its_range_is_a_typed_error() {
+    for jitter in [f64::NAN, -0.1, 1.5] {
+        let err = transformers(SimConfig { jitter, ..Default::default() }, 4).unwrap_err();
+        assert!(err.to_string().starts_with("jitter"), "{err}");
+    }
 }

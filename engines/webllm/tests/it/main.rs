@@ -17,12 +17,16 @@ use usine_engine::{
 use usine_engine_sim::{Faults, SimConfig};
 use usine_engine_webllm::webllm;
 
+fn web(config: SimConfig) -> usine_engine_sim::SimEngine {
+    webllm(config).unwrap()
+}
+
 fn spec(profile: &str) -> ModelSpec {
     ModelSpec::new("llama", "webllm", profile)
 }
 
 async fn loaded(config: SimConfig, spec: &ModelSpec) -> Arc<dyn LoadedModel> {
-    let engine = webllm(config);
+    let engine = web(config);
     let graph = engine.compile(spec, &NoProgress).await.unwrap();
     engine.load(&graph).await.unwrap()
 }
@@ -30,12 +34,12 @@ async fn loaded(config: SimConfig, spec: &ModelSpec) -> Arc<dyn LoadedModel> {
 #[tokio::test(start_paused = true)]
 async fn both_profiles_and_both_quantizations_pass_the_conformance_kit() {
     for spec in [spec("tiny"), spec("7b"), spec("7b").quantization("q5")] {
-        conformance::check(&webllm(SimConfig::default()), &spec)
+        conformance::check(&web(SimConfig::default()), &spec)
             .await
             .unwrap_or_else(|failure| panic!("{spec:?}: {failure}"));
     }
     let jittery = SimConfig { jitter: 0.1, seed: 9, ..Default::default() };
-    conformance::check(&webllm(jittery), &spec("tiny")).await.unwrap_or_else(|failure| panic!("{failure}"));
+    conformance::check(&web(jittery), &spec("tiny")).await.unwrap_or_else(|failure| panic!("{failure}"));
 }
 
 #[tokio::test(start_paused = true)]
@@ -43,7 +47,7 @@ async fn the_7b_compile_takes_4_s_in_named_stages_with_progress() {
     let seen = Mutex::new(Vec::new());
     let start = Instant::now();
     let record = |progress: Progress| seen.lock().unwrap().push((start.elapsed(), progress));
-    let graph = webllm(SimConfig::default()).compile(&spec("7b"), &record).await.unwrap();
+    let graph = web(SimConfig::default()).compile(&spec("7b"), &record).await.unwrap();
     assert_eq!(start.elapsed(), Duration::from_secs(4));
     let seen = seen.into_inner().unwrap();
     let timeline: Vec<(u128, &str, f64, u128)> =
@@ -64,7 +68,7 @@ async fn the_7b_compile_takes_4_s_in_named_stages_with_progress() {
 
 #[tokio::test(start_paused = true)]
 async fn the_7b_loads_in_150_ms_and_decodes_at_28_tokens_a_second() {
-    let engine = webllm(SimConfig::default());
+    let engine = web(SimConfig::default());
     let graph = engine.compile(&spec("7b"), &NoProgress).await.unwrap();
     let start = Instant::now();
     let model = engine.load(&graph).await.unwrap();
@@ -75,10 +79,10 @@ async fn the_7b_loads_in_150_ms_and_decodes_at_28_tokens_a_second() {
     assert_eq!(prompt.len(), 10);
     let params = GenerationParams { max_tokens: 10, ..Default::default() };
     let start = Instant::now();
-    let sequence = model.prefill(&prompt, &params).await.unwrap();
+    let sequence = model.prefill(&prompt, &[], &params).await.unwrap();
     assert_eq!(start.elapsed(), Duration::from_millis(800 + 15));
     let start = Instant::now();
-    model.prefill(&prompt, &params).await.unwrap();
+    model.prefill(&prompt, &[], &params).await.unwrap();
     assert_eq!(start.elapsed(), Duration::from_millis(15), "no penalty the second time");
 
     // One step: 2 ms of CPU preparation, then 36 ms on the device.
@@ -101,7 +105,7 @@ async fn warming_up_removes_the_first_generation_penalty() {
     model.warm_up().await.unwrap();
     assert_eq!(start.elapsed(), Duration::from_millis(800));
     let start = Instant::now();
-    model.prefill(&model.tokenize("The kernel"), &GenerationParams::default()).await.unwrap();
+    model.prefill(&model.tokenize("The kernel"), &[], &GenerationParams::default()).await.unwrap();
     assert_eq!(start.elapsed(), Duration::from_millis(3));
     let start = Instant::now();
     model.warm_up().await.unwrap();
@@ -124,7 +128,7 @@ async fn memory_plans_come_from_the_shape_and_q5_is_bigger_and_slower() {
     let mut step = Vec::new();
     for model in [&q4, &q5] {
         model.warm_up().await.unwrap();
-        let sequence = model.prefill(&[], &params).await.unwrap();
+        let sequence = model.prefill(&[], &[], &params).await.unwrap();
         let prepared = sequence.prepare(0).await.unwrap();
         let start = Instant::now();
         sequence.compute(prepared, None).await.unwrap();
@@ -137,7 +141,7 @@ async fn memory_plans_come_from_the_shape_and_q5_is_bigger_and_slower() {
 async fn jitter_is_seeded_and_bounded() {
     let compile_time = |seed: u64| async move {
         let start = Instant::now();
-        webllm(SimConfig { jitter: 0.1, seed, ..Default::default() }).compile(&spec("7b"), &NoProgress).await.unwrap();
+        web(SimConfig { jitter: 0.1, seed, ..Default::default() }).compile(&spec("7b"), &NoProgress).await.unwrap();
         start.elapsed()
     };
     let (a, b, c) = (compile_time(1).await, compile_time(1).await, compile_time(2).await);
@@ -166,17 +170,16 @@ async fn the_text_is_readable_and_sometimes_ends_on_its_own() {
 
 #[tokio::test(start_paused = true)]
 async fn faults_are_injected_where_asked() {
-    let failing =
-        webllm(SimConfig { faults: Faults { compile_fails: true, ..Default::default() }, ..Default::default() });
+    let failing = web(SimConfig { faults: Faults { compile_fails: true, ..Default::default() }, ..Default::default() });
     let start = Instant::now();
     let err = failing.compile(&spec("7b"), &NoProgress).await.unwrap_err();
     assert_eq!(err, EngineError::Fatal { message: "injected: compile failed in `fetching weights`".into() });
     assert_eq!(start.elapsed(), Duration::from_millis(1200));
 
-    let engine = webllm(SimConfig::default());
+    let engine = web(SimConfig::default());
     let graph = engine.compile(&spec("tiny"), &NoProgress).await.unwrap();
     let oom =
-        webllm(SimConfig { faults: Faults { load_out_of_memory: true, ..Default::default() }, ..Default::default() });
+        web(SimConfig { faults: Faults { load_out_of_memory: true, ..Default::default() }, ..Default::default() });
     assert!(matches!(oom.load(&graph).await.err().unwrap(), EngineError::OutOfMemory { .. }));
 
     let faults = Faults {
@@ -186,7 +189,7 @@ async fn faults_are_injected_where_asked() {
         ..Default::default()
     };
     let model = loaded(SimConfig { faults, ..Default::default() }, &spec("tiny")).await;
-    let sequence = model.prefill(&[], &GenerationParams::default()).await.unwrap();
+    let sequence = model.prefill(&[], &[], &GenerationParams::default()).await.unwrap();
     let mut outcomes = Vec::new();
     for step in [0, 1, 2, 2, 2, 3, 4, 5] {
         let prepared = sequence.prepare(step).await.unwrap();
@@ -212,7 +215,7 @@ async fn faults_are_injected_where_asked() {
 
 #[tokio::test(start_paused = true)]
 async fn a_graph_with_damaged_bytes_is_refused() {
-    let engine = webllm(SimConfig::default());
+    let engine = web(SimConfig::default());
     let mut graph = engine.compile(&spec("tiny"), &NoProgress).await.unwrap();
     let middle = graph.bytes.len() / 2;
     graph.bytes[middle] ^= 1;
@@ -220,4 +223,17 @@ async fn a_graph_with_damaged_bytes_is_refused() {
         engine.load(&graph).await.err().unwrap(),
         EngineError::CorruptGraph { message: "checksum mismatch".into() }
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn sequences_of_one_model_take_turns_on_its_device() {
+    let model = loaded(SimConfig::default(), &spec("7b")).await;
+    model.warm_up().await.unwrap();
+    let params = GenerationParams::default();
+    let (a, b) = (model.prefill(&[], &[], &params).await.unwrap(), model.prefill(&[], &[], &params).await.unwrap());
+    let (pa, pb) = (a.prepare(0).await.unwrap(), b.prepare(0).await.unwrap());
+    let start = Instant::now();
+    let (ta, tb) = tokio::join!(a.compute(pa, None), b.compute(pb, None));
+    assert!(ta.is_ok() && tb.is_ok());
+    assert_eq!(start.elapsed(), Duration::from_millis(2 * 36), "one GPU: one step after the other");
 }
