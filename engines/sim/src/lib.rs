@@ -15,5 +15,5 @@ pub mod text;
 
 pub use engine::{ConfigError, Faults, Flavor, SimConfig, SimEngine};
 pub use pace::Pacer;
-pub use profile::{Profile, Q4, Q5, Quantization, Shape, Timeline};
+pub use profile::{Profile, Q4, Q5, Quantization, Shape, TINY, Timeline};
 pub use rng::Rng;

@@ -24,6 +24,10 @@ pub struct Shape {
     pub max_context: u32,
 }
 
+/// The toy shape of the `tiny` profiles: 10M parameters, for demos and fast tests.
+pub const TINY: Shape =
+    Shape { params: 10_000_000, layers: 4, hidden: 256, kv_heads: 4, head_dim: 64, vocab: 4096, max_context: 2048 };
+
 /// Bytes of one kv-cache element: f16.
 const KV_ELEMENT_BYTES: u64 = 2;
 /// Bytes of one activation element: f32.

@@ -18,7 +18,7 @@
 use std::time::Duration;
 
 use usine_engine::Device;
-use usine_engine_sim::{ConfigError, Flavor, Profile, Q4, Q5, Shape, SimConfig, SimEngine, Timeline};
+use usine_engine_sim::{ConfigError, Flavor, Profile, Q4, Q5, Shape, SimConfig, SimEngine, TINY, Timeline};
 
 /// The engine's name, as model specs name it.
 pub const NAME: &str = "transformers";
@@ -46,15 +46,7 @@ pub fn tiny(threads: usize) -> Profile {
     Profile {
         name: "tiny",
         source: "a 10M-parameter toy shape; timings scaled down from cpu-1b for fast tests",
-        shape: Shape {
-            params: 10_000_000,
-            layers: 4,
-            hidden: 256,
-            kv_heads: 4,
-            head_dim: 64,
-            vocab: 4096,
-            max_context: 2048,
-        },
+        shape: TINY,
         timeline: Timeline {
             compile: vec![("loading weights", ms(30)), ("optimizing graph", ms(50))],
             load: ms(20),

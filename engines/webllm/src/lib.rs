@@ -19,7 +19,7 @@
 use std::time::Duration;
 
 use usine_engine::Device;
-use usine_engine_sim::{ConfigError, Flavor, Profile, Q4, Q5, Shape, SimConfig, SimEngine, Timeline};
+use usine_engine_sim::{ConfigError, Flavor, Profile, Q4, Q5, Shape, SimConfig, SimEngine, TINY, Timeline};
 
 /// The engine's name, as model specs name it.
 pub const NAME: &str = "webllm";
@@ -37,15 +37,7 @@ pub fn tiny() -> Profile {
     Profile {
         name: "tiny",
         source: "a 10M-parameter toy shape; timings scaled down from the 7b profile for fast tests",
-        shape: Shape {
-            params: 10_000_000,
-            layers: 4,
-            hidden: 256,
-            kv_heads: 4,
-            head_dim: 64,
-            vocab: 4096,
-            max_context: 2048,
-        },
+        shape: TINY,
         timeline: Timeline {
             compile: vec![
                 ("fetching weights", ms(40)),
