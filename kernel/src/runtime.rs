@@ -1,0 +1,596 @@
+//! `RuntimeManager`: the catalog, the engines, and which models are resident.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::{Notify, broadcast, watch};
+use tokio::time::Instant;
+use usine_engine::{CompiledGraph, Engine, EngineError, ErrorKind, LoadedModel, MemoryPlan, ModelSpec, Progress};
+use usine_memory::{Lease, MemoryError, MemoryManager, Pool, PoolConfig, ScopeId};
+use usine_storage::{GraphKey, Lookup, StorageManager};
+
+use crate::error::{Holder, KernelError};
+use crate::events::{EvictReason, KernelEvent, LoadSource};
+use crate::handle::ModelHandle;
+use crate::metrics::KernelMetrics;
+
+/// How long an idle model stays loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeepAlive {
+    /// This long after its last handle is dropped.
+    For(Duration),
+    /// Until evicted for room or unloaded by hand.
+    Forever,
+    /// Unloaded as soon as its last handle is dropped.
+    UnloadNow,
+}
+
+/// The kernel's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelConfig {
+    /// The pool the models' weights come from (created with `weights_capacity` if absent).
+    pub weights_pool: String,
+    /// Capacity of the weights pool when the kernel creates it, in bytes.
+    pub weights_capacity: u64,
+    /// Most models loaded at once.
+    pub max_loaded: usize,
+    /// How long a load waits for room before it fails.
+    pub load_timeout: Duration,
+    /// Default keep-alive of idle models (5 minutes).
+    pub keep_alive: KeepAlive,
+}
+
+impl Default for KernelConfig {
+    fn default() -> Self {
+        Self {
+            weights_pool: "weights".into(),
+            weights_capacity: 16 << 30,
+            max_loaded: 8,
+            load_timeout: Duration::from_secs(30),
+            keep_alive: KeepAlive::For(Duration::from_secs(300)),
+        }
+    }
+}
+
+/// Per-load settings.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Keep-alive of this model from now on, instead of the default.
+    pub keep_alive: Option<KeepAlive>,
+    /// How long to wait for room, instead of the default.
+    pub timeout: Option<Duration>,
+}
+
+/// A model in memory.
+pub(crate) struct Entry {
+    pub(crate) id: String,
+    pub(crate) model: Arc<dyn LoadedModel>,
+    pub(crate) plan: MemoryPlan,
+    pub(crate) source: LoadSource,
+    pub(crate) load_duration: Duration,
+    /// Live handles; only the load path makes it leave zero, under the state lock.
+    pub(crate) handles: AtomicUsize,
+    pub(crate) last_use: Mutex<Instant>,
+    pub(crate) keep_alive: Mutex<KeepAlive>,
+    _weights: Lease,
+}
+
+pub(crate) struct Inner {
+    pub(crate) config: KernelConfig,
+    weights: Pool,
+    storage: StorageManager,
+    engines: RwLock<BTreeMap<String, Arc<dyn Engine>>>,
+    catalog: RwLock<BTreeMap<String, ModelSpec>>,
+    state: Mutex<State>,
+    /// Room may have come (a handle dropped, a model unloaded), or the kernel is going: shared with the
+    /// keep-alive reaper, which holds no strong reference to the kernel.
+    pub(crate) changed: Arc<Notify>,
+    events: broadcast::Sender<KernelEvent>,
+    counters: Mutex<Counters>,
+    metrics: KernelMetrics,
+}
+
+/// The outcome of a load under way, shared by everyone waiting for it (`None` until it ends).
+type Outcome = watch::Receiver<Option<Result<Arc<Entry>, KernelError>>>;
+
+#[derive(Default)]
+struct State {
+    loaded: BTreeMap<String, Arc<Entry>>,
+    loading: HashMap<String, Outcome>,
+    pinned: BTreeSet<String>,
+}
+
+/// What the kernel has done since it started.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KernelStats {
+    /// Loads served by a model already in memory.
+    pub memory_hits: u64,
+    /// Loads served from a stored graph.
+    pub disk_hits: u64,
+    /// Loads that compiled.
+    pub compiles: u64,
+    /// Evictions, by reason.
+    pub evictions: BTreeMap<EvictReason, u64>,
+    /// Total time of loads from disk, and of loads that compiled.
+    pub load_time: BTreeMap<LoadSource, Duration>,
+}
+
+type Counters = KernelStats;
+
+/// One loaded model, as `ollama ps` would show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelInfo {
+    /// The model's id.
+    pub id: String,
+    /// Bytes of weights it holds.
+    pub weights_bytes: u64,
+    /// Where it was loaded from.
+    pub source: LoadSource,
+    /// How long its load took.
+    pub load_duration: Duration,
+    /// Live handles.
+    pub handles: usize,
+    /// Pinned: never evicted.
+    pub pinned: bool,
+    /// Since its last use, when idle.
+    pub idle_for: Option<Duration>,
+    /// Until keep-alive unloads it, when idle and not kept forever.
+    pub expires_in: Option<Duration>,
+}
+
+/// Decides which models are in memory, and gets a model ready as fast as it can.
+///
+/// Cheap to clone. See the crate documentation for an example.
+#[derive(Clone)]
+pub struct RuntimeManager {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl RuntimeManager {
+    /// A kernel over `memory` (its weights pool is created if absent) and `storage`, with a keep-alive
+    /// reaper on the current tokio runtime (it stops when the kernel is dropped).
+    pub fn new(config: KernelConfig, memory: &MemoryManager, storage: StorageManager) -> Result<Self, KernelError> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| KernelError::NoRuntime)?;
+        let weights = match memory.pool(&config.weights_pool) {
+            Ok(pool) => pool,
+            Err(_) => memory
+                .create_pool(&config.weights_pool, PoolConfig::new(config.weights_capacity, 1).idle_timeout(None))
+                .map_err(|source| KernelError::Memory { model: String::new(), source })?,
+        };
+        let inner = Arc::new(Inner {
+            config,
+            weights,
+            storage,
+            engines: RwLock::default(),
+            catalog: RwLock::default(),
+            state: Mutex::default(),
+            changed: Arc::new(Notify::new()),
+            events: broadcast::channel(1024).0,
+            counters: Mutex::default(),
+            metrics: KernelMetrics::register(),
+        });
+        runtime.spawn(reap(Arc::downgrade(&inner), Arc::clone(&inner.changed)));
+        Ok(Self { inner })
+    }
+
+    /// Registers an engine under its descriptor's name.
+    pub fn register_engine(&self, engine: Arc<dyn Engine>) {
+        self.inner.engines.write().insert(engine.descriptor().name.clone(), engine);
+    }
+
+    /// Adds (or replaces) a model in the catalog, under its spec's id.
+    pub fn register_model(&self, spec: ModelSpec) {
+        self.inner.catalog.write().insert(spec.id.clone(), spec);
+    }
+
+    /// The engine that runs `model` (the seed's `getEngineFor`).
+    pub fn engine_for(&self, model: &str) -> Result<Arc<dyn Engine>, KernelError> {
+        let spec = self.spec(model)?;
+        let engines = self.inner.engines.read();
+        engines.get(&spec.engine).cloned().ok_or_else(|| KernelError::UnknownEngine {
+            model: model.to_owned(),
+            engine: spec.engine.clone(),
+            known: engines.keys().cloned().collect(),
+        })
+    }
+
+    fn spec(&self, model: &str) -> Result<ModelSpec, KernelError> {
+        let catalog = self.inner.catalog.read();
+        catalog.get(model).cloned().ok_or_else(|| KernelError::UnknownModel {
+            model: model.to_owned(),
+            known: catalog.keys().cloned().collect(),
+        })
+    }
+
+    /// A stream of kernel events from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<KernelEvent> {
+        self.inner.events.subscribe()
+    }
+
+    /// Loads `model` with the default options.
+    pub async fn load_model(&self, model: &str) -> Result<ModelHandle, KernelError> {
+        self.load_with(model, LoadOptions::default()).await
+    }
+
+    /// Hands out `model`: at once if it is in memory; else from its stored graph; else compiled, saved
+    /// and loaded. Concurrent calls for one model share one load, which goes on if its callers leave.
+    pub async fn load_with(&self, model: &str, options: LoadOptions) -> Result<ModelHandle, KernelError> {
+        loop {
+            let mut outcome = {
+                let mut state = self.inner.state.lock();
+                if let Some(entry) = state.loaded.get(model) {
+                    self.inner.count(|c| c.memory_hits += 1);
+                    self.inner.metrics.load(LoadSource::Memory, Duration::ZERO);
+                    return Ok(self.handle(entry, options));
+                }
+                match state.loading.get(model) {
+                    Some(outcome) => outcome.clone(),
+                    None => {
+                        let engine = self.engine_for(model)?;
+                        let spec = self.spec(model)?;
+                        let (done, outcome) = watch::channel(None);
+                        state.loading.insert(model.to_owned(), outcome.clone());
+                        tokio::spawn(load_task(Arc::clone(&self.inner), spec, engine, options, done));
+                        outcome
+                    }
+                }
+            };
+            let result = loop {
+                if let Some(result) = outcome.borrow_and_update().clone() {
+                    break result;
+                }
+                if outcome.changed().await.is_err() {
+                    break Err(KernelError::Engine { model: model.to_owned(), source: EngineError::Cancelled });
+                }
+            };
+            let entry = result?;
+            let state = self.inner.state.lock();
+            match state.loaded.get(model) {
+                Some(loaded) if Arc::ptr_eq(loaded, &entry) => return Ok(self.handle(loaded, options)),
+                _ => continue, // unloaded in the meantime: load it again
+            }
+        }
+    }
+
+    /// A new handle on `entry`; called under the state lock.
+    fn handle(&self, entry: &Arc<Entry>, options: LoadOptions) -> ModelHandle {
+        entry.handles.fetch_add(1, Ordering::SeqCst);
+        *entry.last_use.lock() = Instant::now();
+        if let Some(keep_alive) = options.keep_alive {
+            *entry.keep_alive.lock() = keep_alive;
+        }
+        ModelHandle::new(Arc::clone(entry), Arc::downgrade(&self.inner))
+    }
+
+    /// Keeps `model` loaded whatever happens, once it is (an unknown id is an error).
+    pub fn pin(&self, model: &str) -> Result<(), KernelError> {
+        self.spec(model)?;
+        self.inner.state.lock().pinned.insert(model.to_owned());
+        Ok(())
+    }
+
+    /// Lets `model` be evicted again.
+    pub fn unpin(&self, model: &str) {
+        self.inner.state.lock().pinned.remove(model);
+        self.inner.changed.notify_waiters();
+    }
+
+    /// Unloads `model` now if no handle holds it and it is not pinned; returns whether it did.
+    pub fn unload(&self, model: &str) -> bool {
+        self.inner.unload_if(model, EvictReason::Unloaded, |_| true)
+    }
+
+    /// The loaded models.
+    pub fn loaded(&self) -> Vec<ModelInfo> {
+        let state = self.inner.state.lock();
+        let now = Instant::now();
+        state
+            .loaded
+            .values()
+            .map(|entry| {
+                let handles = entry.handles.load(Ordering::SeqCst);
+                let idle_for = (handles == 0).then(|| now - *entry.last_use.lock());
+                let expires_in = match (*entry.keep_alive.lock(), idle_for) {
+                    (KeepAlive::For(keep), Some(idle)) => Some(keep.saturating_sub(idle)),
+                    (KeepAlive::UnloadNow, Some(_)) => Some(Duration::ZERO),
+                    _ => None,
+                };
+                ModelInfo {
+                    id: entry.id.clone(),
+                    weights_bytes: entry.plan.weights_bytes,
+                    source: entry.source,
+                    load_duration: entry.load_duration,
+                    handles,
+                    pinned: state.pinned.contains(&entry.id),
+                    idle_for,
+                    expires_in,
+                }
+            })
+            .collect()
+    }
+
+    /// What the kernel has done since it started.
+    pub fn stats(&self) -> KernelStats {
+        self.inner.counters.lock().clone()
+    }
+}
+
+impl std::fmt::Debug for RuntimeManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RuntimeManager").field("config", &self.inner.config).finish_non_exhaustive()
+    }
+}
+
+impl Inner {
+    fn count(&self, change: impl FnOnce(&mut Counters)) {
+        change(&mut self.counters.lock());
+    }
+
+    fn emit(&self, event: KernelEvent) {
+        let _ = self.events.send(event); // no subscriber: nobody to tell
+    }
+
+    /// Unloads `model` if it is idle, unpinned and `also` agrees; the weights return when the entry goes.
+    fn unload_if(&self, model: &str, reason: EvictReason, also: impl FnOnce(&Entry) -> bool) -> bool {
+        let removed = {
+            let mut state = self.state.lock();
+            let idle = state.loaded.get(model).is_some_and(|entry| {
+                entry.handles.load(Ordering::SeqCst) == 0 && !state.pinned.contains(model) && also(entry)
+            });
+            if idle { state.loaded.remove(model) } else { None }
+        };
+        let Some(entry) = removed else { return false };
+        drop(entry);
+        self.count(|c| *c.evictions.entry(reason).or_default() += 1);
+        self.metrics.evicted(reason);
+        self.emit(KernelEvent::Evicted { model: model.to_owned(), reason });
+        self.changed.notify_waiters();
+        true
+    }
+
+    /// Evicts the least recently used idle, unpinned model; returns whether there was one.
+    fn evict_one(&self, reason: EvictReason) -> bool {
+        let victim = {
+            let state = self.state.lock();
+            state
+                .loaded
+                .values()
+                .filter(|entry| entry.handles.load(Ordering::SeqCst) == 0 && !state.pinned.contains(&entry.id))
+                .min_by_key(|entry| *entry.last_use.lock())
+                .map(|entry| entry.id.clone())
+        };
+        victim.is_some_and(|model| self.unload_if(&model, reason, |_| true))
+    }
+
+    /// The models in the way of a load, and why they stay.
+    fn holders(&self) -> Vec<Holder> {
+        let state = self.state.lock();
+        state
+            .loaded
+            .values()
+            .map(|entry| Holder {
+                model: entry.id.clone(),
+                bytes: entry.plan.weights_bytes,
+                why: if state.pinned.contains(&entry.id) { "pinned" } else { "in use" },
+            })
+            .collect()
+    }
+
+    /// Reserves `needed` bytes of weights, evicting idle models (least recently used first) and
+    /// waiting for room until `timeout`.
+    async fn reserve(&self, model: &str, needed: u64, timeout: Duration) -> Result<Lease, KernelError> {
+        let started = Instant::now();
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let loaded = self.state.lock().loaded.len();
+            if loaded >= self.config.max_loaded {
+                if self.evict_one(EvictReason::MaxLoaded) {
+                    continue;
+                }
+            } else {
+                match self.weights.allocate(needed, ScopeId::new(0)) {
+                    Ok(lease) => return Ok(lease),
+                    Err(MemoryError::TooLarge { capacity, .. }) => {
+                        return Err(KernelError::TooLarge { model: model.to_owned(), needed, capacity });
+                    }
+                    Err(MemoryError::Exhausted { .. }) => {
+                        if self.evict_one(EvictReason::Lru) {
+                            continue;
+                        }
+                    }
+                    Err(source) => return Err(KernelError::Memory { model: model.to_owned(), source }),
+                }
+            }
+            let left = timeout.saturating_sub(started.elapsed());
+            if tokio::time::timeout(left, changed).await.is_err() {
+                let waited = started.elapsed();
+                if loaded >= self.config.max_loaded {
+                    let limit = self.config.max_loaded;
+                    return Err(KernelError::TooManyLoaded { model: model.to_owned(), limit, waited });
+                }
+                let free = self.weights.stats().available;
+                return Err(KernelError::OutOfMemory {
+                    model: model.to_owned(),
+                    needed,
+                    free,
+                    waited,
+                    holders: self.holders(),
+                });
+            }
+        }
+    }
+}
+
+/// The key of a model's graph: every part that decides the engine's output.
+fn graph_key(spec: &ModelSpec, engine: &dyn Engine) -> GraphKey {
+    let descriptor = engine.descriptor();
+    GraphKey::new(&spec.id, &descriptor.name, &descriptor.version)
+        .device(&spec.profile)
+        .options(&(&spec.quantization, &spec.options))
+        .schema(descriptor.graph_schema)
+}
+
+/// Loads one model for every caller waiting on `done`; runs detached, so that a caller leaving does not
+/// stop the others' load.
+async fn load_task(
+    inner: Arc<Inner>,
+    spec: ModelSpec,
+    engine: Arc<dyn Engine>,
+    options: LoadOptions,
+    done: watch::Sender<Option<Result<Arc<Entry>, KernelError>>>,
+) {
+    let model = spec.id.clone();
+    inner.emit(KernelEvent::LoadStarted { model: model.clone() });
+    let result = load(&inner, &spec, engine.as_ref(), options).await.map(Arc::new);
+    {
+        let mut state = inner.state.lock();
+        state.loading.remove(&model);
+        if let Ok(entry) = &result {
+            state.loaded.insert(model.clone(), Arc::clone(entry));
+        }
+    }
+    if let Ok(entry) = &result {
+        let (source, duration) = (entry.source, entry.load_duration);
+        inner.count(|c| {
+            match source {
+                LoadSource::Disk => c.disk_hits += 1,
+                LoadSource::Compile => c.compiles += 1,
+                LoadSource::Memory => c.memory_hits += 1,
+            }
+            *c.load_time.entry(source).or_default() += duration;
+        });
+        inner.metrics.load(source, duration);
+        inner.emit(KernelEvent::Loaded { model: model.clone(), source, duration });
+    }
+    let _ = done.send(Some(result)); // nobody waits any more: the model is loaded all the same
+}
+
+/// The load path: stored graph or compile, room for the weights, then the engine's load. A stored graph
+/// the engine cannot use is removed and compiled again.
+async fn load(
+    inner: &Arc<Inner>,
+    spec: &ModelSpec,
+    engine: &dyn Engine,
+    options: LoadOptions,
+) -> Result<Entry, KernelError> {
+    let started = Instant::now();
+    let model = spec.id.clone();
+    let key = graph_key(spec, engine);
+    let storage_error = |source| KernelError::Storage { model: model.clone(), source: Arc::new(source) };
+    let engine_error = |source| KernelError::Engine { model: model.clone(), source };
+    for attempt in 0..2 {
+        let (graph, source) = {
+            // One process compiles a key; the others wait here, then read what it saved.
+            let store = inner.storage.clone();
+            let lock_key = key.clone();
+            let _lock = blocking(move || store.lock(&lock_key)).await.map_err(storage_error)?;
+            let store = inner.storage.clone();
+            let get_key = key.clone();
+            match blocking(move || store.get::<CompiledGraph>(&get_key)).await.map_err(storage_error)? {
+                Lookup::Hit(hit) if attempt == 0 => (hit.graph, LoadSource::Disk),
+                _ => {
+                    let events = inner.events.clone();
+                    let id = model.clone();
+                    let progress = move |progress: Progress| {
+                        let _ = events.send(KernelEvent::Progress { model: id.clone(), progress });
+                    };
+                    let graph = engine.compile(spec, &progress).await.map_err(engine_error)?;
+                    let store = inner.storage.clone();
+                    let (save_key, saved) = (key.clone(), graph.clone());
+                    if let Err(error) = blocking(move || store.save(&save_key, &saved)).await {
+                        // The model still loads; the next load compiles again.
+                        inner.emit(KernelEvent::SaveFailed { model: model.clone(), message: error.to_string() });
+                    }
+                    (graph, LoadSource::Compile)
+                }
+            }
+        };
+        let plan = match engine.memory_plan(&graph) {
+            Ok(plan) => plan,
+            Err(error) if error.kind() == ErrorKind::UnusableGraph && source == LoadSource::Disk => continue,
+            Err(error) => return Err(engine_error(error)),
+        };
+        let timeout = options.timeout.unwrap_or(inner.config.load_timeout);
+        let weights = inner.reserve(&model, plan.weights_bytes, timeout).await?;
+        let loaded = match engine.load(&graph).await {
+            Ok(loaded) => loaded,
+            Err(error) if error.kind() == ErrorKind::UnusableGraph && source == LoadSource::Disk => continue,
+            Err(error) => return Err(engine_error(error)),
+        };
+        return Ok(Entry {
+            id: model.clone(),
+            model: loaded,
+            plan,
+            source,
+            load_duration: started.elapsed(),
+            handles: AtomicUsize::new(0),
+            last_use: Mutex::new(Instant::now()),
+            keep_alive: Mutex::new(options.keep_alive.unwrap_or(inner.config.keep_alive)),
+            _weights: weights,
+        });
+    }
+    Err(engine_error(EngineError::CorruptGraph { message: "a freshly compiled graph was refused".into() }))
+}
+
+/// Runs storage's file work on a blocking thread (which also holds paused time still in tests).
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, usine_storage::StorageError> + Send + 'static,
+) -> Result<T, usine_storage::StorageError> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(result) => result,
+        Err(join) => std::panic::resume_unwind(join.into_panic()),
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.changed.notify_waiters(); // the reaper wakes, finds the kernel gone, and ends
+    }
+}
+
+/// Unloads idle models whose keep-alive ran out, sleeping until the next expiry or a change.
+async fn reap(inner: std::sync::Weak<Inner>, notify: Arc<Notify>) {
+    loop {
+        let changed = notify.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        let Some(kernel) = inner.upgrade() else { return };
+        let now = Instant::now();
+        let mut next: Option<Instant> = None;
+        let expired: Vec<String> = {
+            let state = kernel.state.lock();
+            state
+                .loaded
+                .values()
+                .filter(|entry| entry.handles.load(Ordering::SeqCst) == 0 && !state.pinned.contains(&entry.id))
+                .filter_map(|entry| {
+                    let expiry = match *entry.keep_alive.lock() {
+                        KeepAlive::For(keep) => *entry.last_use.lock() + keep,
+                        KeepAlive::UnloadNow => *entry.last_use.lock(),
+                        KeepAlive::Forever => return None,
+                    };
+                    if expiry <= now {
+                        return Some(entry.id.clone());
+                    }
+                    next = Some(next.map_or(expiry, |next| next.min(expiry)));
+                    None
+                })
+                .collect()
+        };
+        for model in expired {
+            kernel.unload_if(&model, EvictReason::KeepAlive, |entry| entry.handles.load(Ordering::SeqCst) == 0);
+        }
+        drop(kernel);
+        match next {
+            Some(next) => {
+                let _ = tokio::time::timeout_at(next, changed).await;
+            }
+            None => changed.await,
+        }
+    }
+}

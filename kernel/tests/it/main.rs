@@ -1,0 +1,266 @@
+//! Integration tests of `usine-kernel`, on paused time, with the zero engine slowed down to a known
+//! timeline: the load path and its sources, one load per model, LRU under the weights budget, pins,
+//! keep-alive, waiting for room, and the catalog's errors.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "helpers outside #[test] fns unwrap too: a panic is a test failure with its message"
+)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use usine_engine::{
+    CompiledGraph, Engine, EngineDescriptor, EngineError, LoadedModel, MemoryPlan, ModelSpec, ProgressSink, ZeroEngine,
+};
+use usine_kernel::{
+    EvictReason, KeepAlive, KernelConfig, KernelError, KernelEvent, LoadOptions, LoadSource, RuntimeManager,
+};
+use usine_memory::MemoryManager;
+use usine_storage::{Migrations, StorageConfig, StorageManager};
+
+const COMPILE: Duration = Duration::from_secs(4);
+const LOAD: Duration = Duration::from_millis(150);
+const WEIGHTS: u64 = 1000;
+
+/// The zero engine with a compile of 4 s and a load of 150 ms, counting compiles.
+struct Slow {
+    zero: ZeroEngine,
+    compiles: AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl Engine for Slow {
+    fn descriptor(&self) -> &EngineDescriptor {
+        self.zero.descriptor()
+    }
+
+    fn memory_plan(&self, graph: &CompiledGraph) -> Result<MemoryPlan, EngineError> {
+        self.zero.memory_plan(graph)
+    }
+
+    async fn compile(&self, spec: &ModelSpec, progress: &dyn ProgressSink) -> Result<CompiledGraph, EngineError> {
+        self.compiles.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(COMPILE).await;
+        self.zero.compile(spec, progress).await
+    }
+
+    async fn load(&self, graph: &CompiledGraph) -> Result<Arc<dyn LoadedModel>, EngineError> {
+        tokio::time::sleep(LOAD).await;
+        self.zero.load(graph).await
+    }
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    kernel: RuntimeManager,
+    engine: Arc<Slow>,
+    storage: StorageManager,
+}
+
+fn fixture(config: KernelConfig, models: &[&str]) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = StorageManager::open(StorageConfig::at(dir.path()), Migrations::new()).unwrap();
+    let kernel = RuntimeManager::new(config, &MemoryManager::default(), storage.clone()).unwrap();
+    let plan = MemoryPlan {
+        weights_bytes: WEIGHTS,
+        kv_bytes_per_token: 0,
+        activation_bytes_per_step: 0,
+        max_context_tokens: 4096,
+    };
+    let engine = Arc::new(Slow { zero: ZeroEngine::with_plan(plan), compiles: AtomicUsize::new(0) });
+    kernel.register_engine(engine.clone());
+    for model in models {
+        kernel.register_model(ModelSpec::new(*model, "zero", "default"));
+    }
+    Fixture { _dir: dir, kernel, engine, storage }
+}
+
+fn config(models_that_fit: u64) -> KernelConfig {
+    KernelConfig { weights_capacity: models_that_fit * WEIGHTS, ..KernelConfig::default() }
+}
+
+#[tokio::test(start_paused = true)]
+async fn compile_once_then_memory_hits_then_disk_after_an_unload() {
+    let f = fixture(config(4), &["a"]);
+    let start = Instant::now();
+    let first = f.kernel.load_model("a").await.unwrap();
+    assert_eq!((first.source(), start.elapsed()), (LoadSource::Compile, COMPILE + LOAD));
+
+    let start = Instant::now();
+    let again = f.kernel.load_model("a").await.unwrap();
+    assert_eq!(start.elapsed(), Duration::ZERO, "a memory hit");
+    drop((first, again));
+
+    assert!(f.kernel.unload("a"));
+    let start = Instant::now();
+    let from_disk = f.kernel.load_model("a").await.unwrap();
+    assert_eq!((from_disk.source(), start.elapsed()), (LoadSource::Disk, LOAD));
+
+    let stats = f.kernel.stats();
+    assert_eq!((stats.compiles, stats.disk_hits, stats.memory_hits), (1, 1, 1));
+    assert_eq!(stats.load_time[&LoadSource::Compile], COMPILE + LOAD);
+    assert_eq!(stats.evictions[&EvictReason::Unloaded], 1);
+    assert_eq!(f.engine.compiles.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn ten_concurrent_loads_of_one_model_compile_once() {
+    let f = fixture(config(4), &["a"]);
+    let mut events = f.kernel.subscribe();
+    let start = Instant::now();
+    let loads: Vec<_> = (0..10)
+        .map(|_| {
+            let kernel = f.kernel.clone();
+            tokio::spawn(async move { kernel.load_model("a").await })
+        })
+        .collect();
+    for load in loads {
+        load.await.unwrap().unwrap();
+    }
+    assert_eq!(start.elapsed(), COMPILE + LOAD);
+    assert_eq!(f.engine.compiles.load(Ordering::SeqCst), 1);
+    let mut started = 0;
+    while let Ok(event) = events.try_recv() {
+        started += usize::from(matches!(event, KernelEvent::LoadStarted { .. }));
+    }
+    assert_eq!(started, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_caller_that_leaves_does_not_stop_the_shared_load() {
+    let f = fixture(config(4), &["a"]);
+    let leaving = tokio::time::timeout(Duration::from_secs(1), f.kernel.load_model("a")).await;
+    assert!(leaving.is_err(), "gave up after a second");
+    let start = Instant::now();
+    let handle = f.kernel.load_model("a").await.unwrap();
+    assert_eq!(start.elapsed(), COMPILE + LOAD - Duration::from_secs(1), "joined the load under way");
+    assert_eq!(handle.source(), LoadSource::Compile);
+}
+
+#[tokio::test(start_paused = true)]
+async fn lru_evicts_the_least_recently_used_idle_model_never_a_pinned_or_busy_one() {
+    let f = fixture(config(3), &["a", "b", "c", "d", "e"]);
+    for model in ["a", "b", "c"] {
+        drop(f.kernel.load_model(model).await.unwrap());
+        tokio::time::advance(Duration::from_secs(1)).await;
+    }
+    f.kernel.pin("a").unwrap(); // the oldest, but pinned
+    let busy = f.kernel.load_model("b").await.unwrap(); // in use
+    let mut events = f.kernel.subscribe();
+    drop(f.kernel.load_model("d").await.unwrap());
+    assert_eq!(evictions(&mut events), [KernelEvent::Evicted { model: "c".into(), reason: EvictReason::Lru }]);
+    let loaded: Vec<String> = f.kernel.loaded().into_iter().map(|info| info.id).collect();
+    assert_eq!(loaded, ["a", "b", "d"]);
+    drop(busy);
+    f.kernel.unpin("a");
+    drop(f.kernel.load_model("e").await.unwrap());
+    let loaded: Vec<String> = f.kernel.loaded().into_iter().map(|info| info.id).collect();
+    assert_eq!(loaded, ["b", "d", "e"], "`a` is now the least recently used");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_limit_of_loaded_models_is_honoured() {
+    let f = fixture(KernelConfig { max_loaded: 2, ..config(10) }, &["a", "b", "c"]);
+    for model in ["a", "b", "c"] {
+        drop(f.kernel.load_model(model).await.unwrap());
+        tokio::time::advance(Duration::from_millis(1)).await;
+    }
+    let loaded: Vec<String> = f.kernel.loaded().into_iter().map(|info| info.id).collect();
+    assert_eq!(loaded, ["b", "c"]);
+    assert_eq!(f.kernel.stats().evictions[&EvictReason::MaxLoaded], 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn idle_models_leave_after_their_keep_alive() {
+    let f = fixture(config(4), &["a", "b", "c"]);
+    drop(f.kernel.load_model("a").await.unwrap()); // default: 5 minutes
+    let idle_since = Instant::now();
+    let options = |keep_alive| LoadOptions { keep_alive: Some(keep_alive), timeout: None };
+    drop(f.kernel.load_with("b", options(KeepAlive::Forever)).await.unwrap());
+    let c = f.kernel.load_with("c", options(KeepAlive::UnloadNow)).await.unwrap();
+    assert_eq!(f.kernel.loaded().len(), 3);
+    drop(c);
+    tokio::task::yield_now().await;
+    let loaded: Vec<String> = f.kernel.loaded().into_iter().map(|info| info.id).collect();
+    assert_eq!(loaded, ["a", "b"], "unload now");
+
+    let a = f.kernel.loaded().into_iter().find(|info| info.id == "a").unwrap();
+    assert_eq!(a.expires_in, Some(Duration::from_secs(300) - (Instant::now() - idle_since)));
+    tokio::time::sleep_until(idle_since + Duration::from_secs(300) - Duration::from_millis(1)).await;
+    assert_eq!(f.kernel.loaded().len(), 2);
+    let mut events = f.kernel.subscribe();
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    tokio::task::yield_now().await;
+    assert_eq!(evictions(&mut events), [KernelEvent::Evicted { model: "a".into(), reason: EvictReason::KeepAlive }]);
+    let loaded: Vec<String> = f.kernel.loaded().into_iter().map(|info| info.id).collect();
+    assert_eq!(loaded, ["b"], "kept forever");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_load_without_room_waits_for_it_then_fails_with_the_figures() {
+    let f = fixture(KernelConfig { load_timeout: Duration::from_secs(2), ..config(1) }, &["a", "b"]);
+    f.kernel.pin("a").unwrap();
+    let a = f.kernel.load_model("a").await.unwrap();
+    drop(f.kernel.load_model("b").await.err()); // compiles b's graph, then waits 2 s for room
+    let start = Instant::now();
+    let err = f.kernel.load_model("b").await.unwrap_err();
+    assert_eq!(start.elapsed(), Duration::from_secs(2), "the graph is on disk now: only the wait");
+    let KernelError::OutOfMemory { needed, free, waited, holders, .. } = &err else { panic!("{err}") };
+    assert_eq!((*needed, *free, *waited), (WEIGHTS, 0, Duration::from_secs(2)));
+    assert_eq!(holders[0].model, "a");
+    assert_eq!(holders[0].why, "pinned");
+    assert_eq!(
+        err.to_string(),
+        "model `b` needs 1000 bytes of weights; 0 free after 2s, held by `a` (1000 bytes, pinned)"
+    );
+
+    // Room comes back during the wait: the load goes on at that moment.
+    let kernel = f.kernel.clone();
+    let waiting = tokio::spawn(async move { kernel.load_model("b").await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    f.kernel.unpin("a");
+    let start = Instant::now();
+    drop(a);
+    let b = waiting.await.unwrap().unwrap();
+    assert_eq!(start.elapsed(), LOAD);
+    assert_eq!(b.source(), LoadSource::Disk);
+}
+
+#[tokio::test(start_paused = true)]
+async fn unknown_models_and_engines_list_what_is_known() {
+    let f = fixture(config(1), &["a"]);
+    f.kernel.register_model(ModelSpec::new("orphan", "webllm", "7b"));
+    let err = f.kernel.load_model("nope").await.unwrap_err();
+    assert_eq!(err.to_string(), "unknown model `nope` (known: a, orphan)");
+    let err = f.kernel.load_model("orphan").await.unwrap_err();
+    assert_eq!(err.to_string(), "model `orphan` needs engine `webllm`, which is not registered (registered: zero)");
+    assert!(f.kernel.pin("nope").is_err());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_damaged_stored_graph_means_compile_again() {
+    let f = fixture(config(2), &["a"]);
+    drop(f.kernel.load_model("a").await.unwrap());
+    assert!(f.kernel.unload("a"));
+    for entry in f.storage.list().unwrap() {
+        std::fs::write(f.storage.graphs_dir().join(&entry.file_name), b"garbage").unwrap();
+    }
+    let start = Instant::now();
+    let handle = f.kernel.load_model("a").await.unwrap();
+    assert_eq!((handle.source(), start.elapsed()), (LoadSource::Compile, COMPILE + LOAD));
+    assert_eq!(f.engine.compiles.load(Ordering::SeqCst), 2);
+}
+
+/// The evictions among the events received so far.
+fn evictions(events: &mut tokio::sync::broadcast::Receiver<KernelEvent>) -> Vec<KernelEvent> {
+    let mut seen = Vec::new();
+    while let Ok(event) = events.try_recv() {
+        if matches!(event, KernelEvent::Evicted { .. }) {
+            seen.push(event);
+        }
+    }
+    seen
+}
