@@ -83,6 +83,11 @@ pub enum KernelEvent {
         /// Why.
         reason: EvictReason,
     },
+    /// A warm-up load gave its slot to a user load and went back to the front of the queue.
+    WarmupPreempted {
+        /// The model.
+        model: String,
+    },
     /// A compiled graph could not be saved; the model is loaded all the same.
     SaveFailed {
         /// The model.

@@ -1,6 +1,6 @@
 //! `RuntimeManager`: the catalog, the engines, and which models are resident.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -41,6 +41,9 @@ pub struct KernelConfig {
     pub load_timeout: Duration,
     /// Default keep-alive of idle models (5 minutes).
     pub keep_alive: KeepAlive,
+    /// Loads in parallel: warm-ups start only while fewer run, and a user load that finds them all
+    /// taken by warm-ups pre-empts one (2).
+    pub load_slots: usize,
 }
 
 impl Default for KernelConfig {
@@ -51,6 +54,7 @@ impl Default for KernelConfig {
             max_loaded: 8,
             load_timeout: Duration::from_secs(30),
             keep_alive: KeepAlive::For(Duration::from_secs(300)),
+            load_slots: 2,
         }
     }
 }
@@ -62,6 +66,9 @@ pub struct LoadOptions {
     pub keep_alive: Option<KeepAlive>,
     /// How long to wait for room, instead of the default.
     pub timeout: Option<Duration>,
+    /// Run a throwaway generation after the load ([`LoadedModel::warm_up`]), so that the first real one
+    /// pays no first-use cost. Warm-ups always do.
+    pub warm: bool,
 }
 
 /// A model in memory.
@@ -96,11 +103,21 @@ pub(crate) struct Inner {
 /// The outcome of a load under way, shared by everyone waiting for it (`None` until it ends).
 type Outcome = watch::Receiver<Option<Result<Arc<Entry>, KernelError>>>;
 
+/// A load under way.
+struct Loading {
+    outcome: Outcome,
+    task: tokio::task::AbortHandle,
+    /// Started by the warm-up queue, and no user waits for it: it may be pre-empted.
+    warm: bool,
+}
+
 #[derive(Default)]
 struct State {
     loaded: BTreeMap<String, Arc<Entry>>,
-    loading: HashMap<String, Outcome>,
+    loading: HashMap<String, Loading>,
     pinned: BTreeSet<String>,
+    /// Models waiting to be warmed, in order.
+    warm_queue: VecDeque<String>,
 }
 
 /// What the kernel has done since it started.
@@ -188,21 +205,39 @@ impl RuntimeManager {
 
     /// The engine that runs `model` (the seed's `getEngineFor`).
     pub fn engine_for(&self, model: &str) -> Result<Arc<dyn Engine>, KernelError> {
-        let spec = self.spec(model)?;
-        let engines = self.inner.engines.read();
-        engines.get(&spec.engine).cloned().ok_or_else(|| KernelError::UnknownEngine {
-            model: model.to_owned(),
-            engine: spec.engine.clone(),
-            known: engines.keys().cloned().collect(),
-        })
+        self.inner.engine_for(model)
     }
 
     fn spec(&self, model: &str) -> Result<ModelSpec, KernelError> {
-        let catalog = self.inner.catalog.read();
-        catalog.get(model).cloned().ok_or_else(|| KernelError::UnknownModel {
-            model: model.to_owned(),
-            known: catalog.keys().cloned().collect(),
-        })
+        self.inner.spec(model)
+    }
+
+    /// Queues `models` for warming in the background, in order, behind those already queued. They load
+    /// (and run a throwaway generation) while fewer than `load_slots` loads run; a user load of a queued
+    /// model takes it out of the queue, and a user load that finds every slot taken by warm-ups
+    /// pre-empts one, which goes back to the front of the queue.
+    pub fn warm_up(&self, models: &[&str]) -> Result<(), KernelError> {
+        for model in models {
+            self.spec(model)?;
+        }
+        {
+            let mut state = self.inner.state.lock();
+            for model in models {
+                let known = state.loaded.contains_key(*model)
+                    || state.loading.contains_key(*model)
+                    || state.warm_queue.iter().any(|queued| queued == model);
+                if !known {
+                    state.warm_queue.push_back((*model).to_owned());
+                }
+            }
+        }
+        self.inner.pump();
+        Ok(())
+    }
+
+    /// The models waiting to be warmed, in order.
+    pub fn warm_queue(&self) -> Vec<String> {
+        self.inner.state.lock().warm_queue.iter().cloned().collect()
     }
 
     /// A stream of kernel events from now on.
@@ -226,17 +261,17 @@ impl RuntimeManager {
                     self.inner.metrics.load(LoadSource::Memory, Duration::ZERO);
                     return Ok(self.handle(entry, options));
                 }
-                match state.loading.get(model) {
-                    Some(outcome) => outcome.clone(),
-                    None => {
-                        let engine = self.engine_for(model)?;
-                        let spec = self.spec(model)?;
-                        let (done, outcome) = watch::channel(None);
-                        state.loading.insert(model.to_owned(), outcome.clone());
-                        tokio::spawn(load_task(Arc::clone(&self.inner), spec, engine, options, done));
-                        outcome
+                // A user asks: the model leaves the warm-up queue, and a warm-up load of it becomes theirs.
+                state.warm_queue.retain(|queued| queued != model);
+                let outcome = match state.loading.get_mut(model) {
+                    Some(loading) => {
+                        loading.warm = false;
+                        loading.outcome.clone()
                     }
-                }
+                    None => self.inner.start_load(&mut state, model, options, false)?,
+                };
+                self.inner.preempt_warm_ups(&mut state, model);
+                outcome
             };
             let result = loop {
                 if let Some(result) = outcome.borrow_and_update().clone() {
@@ -325,6 +360,72 @@ impl std::fmt::Debug for RuntimeManager {
 }
 
 impl Inner {
+    fn engine_for(&self, model: &str) -> Result<Arc<dyn Engine>, KernelError> {
+        let spec = self.spec(model)?;
+        let engines = self.engines.read();
+        engines.get(&spec.engine).cloned().ok_or_else(|| KernelError::UnknownEngine {
+            model: model.to_owned(),
+            engine: spec.engine.clone(),
+            known: engines.keys().cloned().collect(),
+        })
+    }
+
+    fn spec(&self, model: &str) -> Result<ModelSpec, KernelError> {
+        let catalog = self.catalog.read();
+        catalog.get(model).cloned().ok_or_else(|| KernelError::UnknownModel {
+            model: model.to_owned(),
+            known: catalog.keys().cloned().collect(),
+        })
+    }
+
+    /// Starts the shared load of `model`; called under the state lock.
+    fn start_load(
+        self: &Arc<Self>,
+        state: &mut State,
+        model: &str,
+        options: LoadOptions,
+        warm: bool,
+    ) -> Result<Outcome, KernelError> {
+        let engine = self.engine_for(model)?;
+        let spec = self.spec(model)?;
+        let (done, outcome) = watch::channel(None);
+        let task =
+            tokio::spawn(load_task(Arc::clone(self), spec, engine, options, done, outcome.clone())).abort_handle();
+        state.loading.insert(model.to_owned(), Loading { outcome: outcome.clone(), task, warm });
+        Ok(outcome)
+    }
+
+    /// While more loads run than there are slots, cancels a warm-up load (not of `model`) and puts it
+    /// back at the front of the queue; called under the state lock.
+    fn preempt_warm_ups(&self, state: &mut State, model: &str) {
+        while state.loading.len() > self.config.load_slots {
+            let Some(warm) =
+                state.loading.iter().find(|(id, loading)| loading.warm && *id != model).map(|(id, _)| id.clone())
+            else {
+                return;
+            };
+            let loading = state.loading.remove(&warm).expect("found just above");
+            loading.task.abort(); // at its next await; a storage write under way still finishes whole
+            state.warm_queue.push_front(warm.clone());
+            self.emit(KernelEvent::WarmupPreempted { model: warm });
+        }
+    }
+
+    /// Starts queued warm-ups while fewer loads than slots run.
+    fn pump(self: &Arc<Self>) {
+        let mut state = self.state.lock();
+        while state.loading.len() < self.config.load_slots {
+            let Some(model) = state.warm_queue.pop_front() else { return };
+            if state.loaded.contains_key(&model) || state.loading.contains_key(&model) {
+                continue;
+            }
+            let options = LoadOptions { warm: true, ..LoadOptions::default() };
+            if self.start_load(&mut state, &model, options, true).is_err() {
+                continue; // removed from the catalog since it was queued
+            }
+        }
+    }
+
     fn count(&self, change: impl FnOnce(&mut Counters)) {
         change(&mut self.counters.lock());
     }
@@ -443,17 +544,22 @@ async fn load_task(
     engine: Arc<dyn Engine>,
     options: LoadOptions,
     done: watch::Sender<Option<Result<Arc<Entry>, KernelError>>>,
+    mine: Outcome,
 ) {
     let model = spec.id.clone();
     inner.emit(KernelEvent::LoadStarted { model: model.clone() });
     let result = load(&inner, &spec, engine.as_ref(), options).await.map(Arc::new);
     {
         let mut state = inner.state.lock();
-        state.loading.remove(&model);
+        // Unless this load was pre-empted in the meantime and another took its place.
+        if state.loading.get(&model).is_some_and(|loading| loading.outcome.same_channel(&mine)) {
+            state.loading.remove(&model);
+        }
         if let Ok(entry) = &result {
             state.loaded.insert(model.clone(), Arc::clone(entry));
         }
     }
+    inner.pump(); // a slot is free
     if let Ok(entry) = &result {
         let (source, duration) = (entry.source, entry.load_duration);
         inner.count(|c| {
@@ -522,6 +628,9 @@ async fn load(
             Err(error) if error.kind() == ErrorKind::UnusableGraph && source == LoadSource::Disk => continue,
             Err(error) => return Err(engine_error(error)),
         };
+        if options.warm {
+            loaded.warm_up().await.map_err(engine_error)?;
+        }
         return Ok(Entry {
             id: model.clone(),
             model: loaded,

@@ -178,7 +178,7 @@ async fn idle_models_leave_after_their_keep_alive() {
     let f = fixture(config(4), &["a", "b", "c"]);
     drop(f.kernel.load_model("a").await.unwrap()); // default: 5 minutes
     let idle_since = Instant::now();
-    let options = |keep_alive| LoadOptions { keep_alive: Some(keep_alive), timeout: None };
+    let options = |keep_alive| LoadOptions { keep_alive: Some(keep_alive), ..LoadOptions::default() };
     drop(f.kernel.load_with("b", options(KeepAlive::Forever)).await.unwrap());
     let c = f.kernel.load_with("c", options(KeepAlive::UnloadNow)).await.unwrap();
     assert_eq!(f.kernel.loaded().len(), 3);
@@ -263,4 +263,51 @@ fn evictions(events: &mut tokio::sync::broadcast::Receiver<KernelEvent>) -> Vec<
         }
     }
     seen
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_user_load_is_as_fast_with_twenty_warm_ups_queued_as_with_none() {
+    let models: Vec<String> = (0..21).map(|i| format!("m{i}")).collect();
+    let names: Vec<&str> = models.iter().map(String::as_str).collect();
+    let f = fixture(KernelConfig { load_slots: 1, max_loaded: 30, ..config(30) }, &names);
+    let mut events = f.kernel.subscribe();
+    f.kernel.warm_up(&names[1..]).unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await; // the first warm-up is compiling
+    assert_eq!(f.kernel.warm_queue().len(), 19);
+
+    let start = Instant::now();
+    let user = f.kernel.load_model("m0").await.unwrap();
+    assert_eq!(start.elapsed(), COMPILE + LOAD, "as with an empty queue");
+    assert_eq!(user.source(), LoadSource::Compile);
+    let mut preempted = Vec::new();
+    while let Ok(event) = events.try_recv() {
+        if let KernelEvent::WarmupPreempted { model } = event {
+            preempted.push(model);
+        }
+    }
+    assert_eq!(preempted, ["m1"]);
+    // Put back at the front of the queue, m1 took the slot again as soon as the user's load ended.
+    assert_eq!(f.kernel.warm_queue().len(), 19);
+    assert_eq!(f.kernel.warm_queue()[0], "m2");
+
+    // Then the warm-ups go on, one at a time, and all of them end up loaded.
+    tokio::time::sleep((COMPILE + LOAD) * 20 + Duration::from_secs(1)).await;
+    assert!(f.kernel.warm_queue().is_empty());
+    assert_eq!(f.kernel.loaded().len(), 21);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_user_load_of_a_warming_model_takes_over_its_load_and_a_queued_one_leaves_the_queue() {
+    let f = fixture(KernelConfig { load_slots: 1, ..config(4) }, &["a", "b"]);
+    f.kernel.warm_up(&["a", "b"]).unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let start = Instant::now();
+    let a = f.kernel.load_model("a").await.unwrap();
+    assert_eq!(start.elapsed(), COMPILE + LOAD - Duration::from_secs(1), "joined the warm-up under way");
+    drop(a);
+    assert!(f.kernel.warm_queue().is_empty(), "b left the queue for the free slot");
+    let start = Instant::now();
+    let b = f.kernel.load_model("b").await.unwrap();
+    assert_eq!(start.elapsed(), COMPILE + LOAD, "joined b's warm-up, which had just started");
+    assert_eq!((b.source(), f.engine.compiles.load(Ordering::SeqCst)), (LoadSource::Compile, 2));
 }
