@@ -97,6 +97,8 @@ pub(crate) struct Inner {
     pub(crate) changed: Arc<Notify>,
     events: broadcast::Sender<KernelEvent>,
     counters: Mutex<Counters>,
+    /// Uses per model, as kept in the cache folder, and when they were last written.
+    usage: Mutex<(BTreeMap<String, u64>, Option<Instant>)>,
     metrics: KernelMetrics,
 }
 
@@ -171,6 +173,7 @@ impl RuntimeManager {
     /// reaper on the current tokio runtime (it stops when the kernel is dropped).
     pub fn new(config: KernelConfig, memory: &MemoryManager, storage: StorageManager) -> Result<Self, KernelError> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| KernelError::NoRuntime)?;
+        let storage_root = storage.root().to_owned();
         let weights = match memory.pool(&config.weights_pool) {
             Ok(pool) => pool,
             Err(_) => memory
@@ -187,6 +190,7 @@ impl RuntimeManager {
             changed: Arc::new(Notify::new()),
             events: broadcast::channel(1024).0,
             counters: Mutex::default(),
+            usage: Mutex::new((usage::read(&usage::path(&storage_root)), None)),
             metrics: KernelMetrics::register(),
         });
         runtime.spawn(reap(Arc::downgrade(&inner), Arc::clone(&inner.changed)));
@@ -233,6 +237,50 @@ impl RuntimeManager {
         }
         self.inner.pump();
         Ok(())
+    }
+
+    /// The `n` most used models, most used first, from the counts kept in the cache folder across
+    /// runs (the seed's smart pre-loading): warm them at start-up with [`warm_up`](Self::warm_up).
+    pub fn most_used(&self, n: usize) -> Vec<(String, u64)> {
+        let usage = self.inner.usage.lock();
+        let mut counts: Vec<(String, u64)> = usage.0.iter().map(|(model, n)| (model.clone(), *n)).collect();
+        counts.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        counts.truncate(n);
+        counts
+    }
+
+    /// Writes the counts of use to the cache folder now (they are also written at most once a second
+    /// as loads happen).
+    pub async fn save_usage(&self) -> Result<(), KernelError> {
+        let counts = self.inner.usage.lock().0.clone();
+        let path = usage::path(self.inner.storage.root());
+        blocking(move || usage::write(&path, &counts))
+            .await
+            .map_err(|source| KernelError::Storage { model: String::new(), source: Arc::new(source) })
+    }
+
+    /// Removes the stored graphs that no registered engine can ask for again (an older engine version,
+    /// or a schema older than the engine's); graphs of other engines are left alone.
+    pub async fn cleanup_graphs(&self) -> Result<usine_storage::Maintenance, KernelError> {
+        let current = self
+            .inner
+            .engines
+            .read()
+            .values()
+            .map(|engine| {
+                let descriptor = engine.descriptor();
+                usine_storage::CurrentEngine {
+                    engine: descriptor.name.clone(),
+                    version: descriptor.version.clone(),
+                    schema: descriptor.graph_schema,
+                }
+            })
+            .collect();
+        let store = self.inner.storage.clone();
+        let policy = usine_storage::Cleanup { unused_for: None, current };
+        blocking(move || store.cleanup(&policy))
+            .await
+            .map_err(|source| KernelError::Storage { model: String::new(), source: Arc::new(source) })
     }
 
     /// The models waiting to be warmed, in order.
@@ -290,8 +338,9 @@ impl RuntimeManager {
         }
     }
 
-    /// A new handle on `entry`; called under the state lock.
+    /// A new handle on `entry`, counted as a use; called under the state lock.
     fn handle(&self, entry: &Arc<Entry>, options: LoadOptions) -> ModelHandle {
+        self.inner.used(&entry.id);
         entry.handles.fetch_add(1, Ordering::SeqCst);
         *entry.last_use.lock() = Instant::now();
         if let Some(keep_alive) = options.keep_alive {
@@ -424,6 +473,20 @@ impl Inner {
                 continue; // removed from the catalog since it was queued
             }
         }
+    }
+
+    /// Counts a use of `model`, and writes the counts at most once a second, off the caller's path.
+    fn used(&self, model: &str) {
+        let mut usage = self.usage.lock();
+        *usage.0.entry(model.to_owned()).or_default() += 1;
+        let now = Instant::now();
+        if usage.1.is_some_and(|last| now - last < Duration::from_secs(1)) {
+            return;
+        }
+        usage.1 = Some(now);
+        let (counts, path) = (usage.0.clone(), usage::path(self.storage.root()));
+        // Advisory figures: a failed write only loses counts since the last one.
+        drop(tokio::task::spawn_blocking(move || usage::write(&path, &counts)));
     }
 
     fn count(&self, change: impl FnOnce(&mut Counters)) {
@@ -701,5 +764,34 @@ async fn reap(inner: std::sync::Weak<Inner>, notify: Arc<Notify>) {
             }
             None => changed.await,
         }
+    }
+}
+
+/// The counts of use per model, in `usage.json` in the cache folder.
+mod usage {
+    use std::collections::BTreeMap;
+    use std::io::Write;
+    use std::path::{Path, PathBuf};
+
+    use usine_storage::StorageError;
+
+    pub(super) fn path(root: &Path) -> PathBuf {
+        root.join("usage.json")
+    }
+
+    /// The counts in `path`; none when the file is absent or unreadable (they are advisory).
+    pub(super) fn read(path: &Path) -> BTreeMap<String, u64> {
+        std::fs::read(path).ok().and_then(|bytes| serde_json::from_slice(&bytes).ok()).unwrap_or_default()
+    }
+
+    /// Writes the counts atomically: a reader sees the old file or the new one.
+    pub(super) fn write(path: &Path, counts: &BTreeMap<String, u64>) -> Result<(), StorageError> {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let io = |action| move |source| StorageError::Io { action, path: path.to_owned(), source };
+        let mut file = tempfile::NamedTempFile::new_in(dir).map_err(io("creating a temporary file for"))?;
+        let json = serde_json::to_vec(counts).expect("a map of strings to numbers");
+        file.write_all(&json).map_err(io("writing"))?;
+        file.persist(path).map_err(|error| io("renaming into")(error.error))?;
+        Ok(())
     }
 }

@@ -344,6 +344,11 @@ impl StorageManager {
         Ok(store)
     }
 
+    /// The cache root.
+    pub fn root(&self) -> &Path {
+        &self.inner.config.root
+    }
+
     /// The folder of the graph files.
     pub fn graphs_dir(&self) -> &Path {
         &self.inner.graphs

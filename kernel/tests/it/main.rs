@@ -311,3 +311,33 @@ async fn a_user_load_of_a_warming_model_takes_over_its_load_and_a_queued_one_lea
     assert_eq!(start.elapsed(), COMPILE + LOAD, "joined b's warm-up, which had just started");
     assert_eq!((b.source(), f.engine.compiles.load(Ordering::SeqCst)), (LoadSource::Compile, 2));
 }
+
+#[tokio::test(start_paused = true)]
+async fn uses_are_counted_across_runs_to_warm_the_most_used_first() {
+    let f = fixture(config(4), &["a", "b", "c"]);
+    for (model, uses) in [("a", 1), ("b", 3), ("c", 2)] {
+        for _ in 0..uses {
+            drop(f.kernel.load_model(model).await.unwrap());
+        }
+    }
+    f.kernel.save_usage().await.unwrap();
+    assert_eq!(f.kernel.most_used(2), [("b".to_owned(), 3), ("c".to_owned(), 2)]);
+
+    // The next run reads the counts from the cache folder.
+    let next = RuntimeManager::new(config(4), &MemoryManager::default(), f.storage.clone()).unwrap();
+    assert_eq!(next.most_used(3), [("b".to_owned(), 3), ("c".to_owned(), 2), ("a".to_owned(), 1)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn cleanup_drops_the_graphs_of_older_engine_versions() {
+    let f = fixture(config(4), &["a"]);
+    drop(f.kernel.load_model("a").await.unwrap());
+    let old = usine_storage::GraphKey::new("a", "zero", "0.0.1").device("default");
+    f.storage.save(&old, &"an old graph").unwrap();
+    let other = usine_storage::GraphKey::new("a", "webllm", "0.0.1");
+    f.storage.save(&other, &"another engine's graph").unwrap();
+    let report = f.kernel.cleanup_graphs().await.unwrap();
+    assert_eq!(report.done.len(), 1);
+    assert_eq!(report.done[0].0, old);
+    assert_eq!(f.storage.list().unwrap().len(), 2, "the current graph and the other engine's stay");
+}
