@@ -654,28 +654,47 @@ async fn load(
     let engine_error = |source| KernelError::Engine { model: model.clone(), source };
     for attempt in 0..2 {
         let (graph, source) = {
-            // One process compiles a key; the others wait here, then read what it saved.
-            let store = inner.storage.clone();
-            let lock_key = key.clone();
-            let _lock = blocking(move || store.lock(&lock_key)).await.map_err(storage_error)?;
+            // A stored graph is read without the lock (saves are atomic renames). On a miss, the key's
+            // lock makes one process compile while the others wait, then read what it saved.
             let store = inner.storage.clone();
             let get_key = key.clone();
-            match blocking(move || store.get::<CompiledGraph>(&get_key)).await.map_err(storage_error)? {
-                Lookup::Hit(hit) if attempt == 0 => (hit.graph, LoadSource::Disk),
-                _ => {
-                    let events = inner.events.clone();
-                    let id = model.clone();
-                    let progress = move |progress: Progress| {
-                        let _ = events.send(KernelEvent::Progress { model: id.clone(), progress });
-                    };
-                    let graph = engine.compile(spec, &progress).await.map_err(engine_error)?;
+            let stored = if attempt == 0 {
+                blocking(move || store.get::<CompiledGraph>(&get_key)).await.map_err(storage_error)?.hit()
+            } else {
+                None
+            };
+            match stored {
+                Some(graph) => (graph, LoadSource::Disk),
+                None => {
                     let store = inner.storage.clone();
-                    let (save_key, saved) = (key.clone(), graph.clone());
-                    if let Err(error) = blocking(move || store.save(&save_key, &saved)).await {
-                        // The model still loads; the next load compiles again.
-                        inner.emit(KernelEvent::SaveFailed { model: model.clone(), message: error.to_string() });
-                    }
-                    (graph, LoadSource::Compile)
+                    let lock_key = key.clone();
+                    let (lock, stored) = blocking(move || {
+                        let lock = store.lock(&lock_key)?;
+                        Ok((lock, store.get::<CompiledGraph>(&lock_key)?))
+                    })
+                    .await
+                    .map_err(storage_error)?;
+                    let found = match stored {
+                        Lookup::Hit(hit) if attempt == 0 => (hit.graph, LoadSource::Disk),
+                        _ => {
+                            let events = inner.events.clone();
+                            let id = model.clone();
+                            let progress = move |progress: Progress| {
+                                let _ = events.send(KernelEvent::Progress { model: id.clone(), progress });
+                            };
+                            let graph = engine.compile(spec, &progress).await.map_err(engine_error)?;
+                            let store = inner.storage.clone();
+                            let (save_key, saved) = (key.clone(), graph.clone());
+                            if let Err(error) = blocking(move || store.save(&save_key, &saved)).await {
+                                // The model still loads; the next load compiles again.
+                                inner
+                                    .emit(KernelEvent::SaveFailed { model: model.clone(), message: error.to_string() });
+                            }
+                            (graph, LoadSource::Compile)
+                        }
+                    };
+                    drop(lock);
+                    found
                 }
             }
         };
