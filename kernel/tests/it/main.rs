@@ -341,3 +341,35 @@ async fn cleanup_drops_the_graphs_of_older_engine_versions() {
     assert_eq!(report.done[0].0, old);
     assert_eq!(f.storage.list().unwrap().len(), 2, "the current graph and the other engine's stay");
 }
+
+#[tokio::test(start_paused = true)]
+async fn loads_and_evictions_reach_the_metrics_facade_described() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+    let recorder = DebuggingRecorder::new();
+    let f = metrics::with_local_recorder(&recorder, || fixture(config(1), &["a", "b"]));
+    drop(f.kernel.load_model("a").await.unwrap());
+    drop(f.kernel.load_model("a").await.unwrap());
+    drop(f.kernel.load_model("b").await.unwrap()); // evicts a
+    let seen: Vec<(String, DebugValue, bool)> = recorder
+        .snapshotter()
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .map(|(key, _, description, value)| {
+            let key = key.key();
+            let labels: Vec<String> = key.labels().map(|l| format!("{}={}", l.key(), l.value())).collect();
+            (format!("{}{{{}}}", key.name(), labels.join(",")), value, description.is_some())
+        })
+        .collect();
+    let value =
+        |name: &str| seen.iter().find(|(key, _, _)| key == name).map(|(_, value, described)| (value, *described));
+    assert_eq!(value("usine_kernel_loads_total{source=compile}"), Some((&DebugValue::Counter(2), true)));
+    assert_eq!(value("usine_kernel_loads_total{source=memory}"), Some((&DebugValue::Counter(1), true)));
+    assert_eq!(value("usine_kernel_evictions_total{reason=lru}"), Some((&DebugValue::Counter(1), true)));
+    let Some((DebugValue::Histogram(compiles), true)) = value("usine_kernel_load_duration_seconds{source=compile}")
+    else {
+        panic!("no compile durations")
+    };
+    let seconds: Vec<f64> = compiles.iter().map(|value| value.into_inner()).collect();
+    assert_eq!(seconds, [(COMPILE + LOAD).as_secs_f64(); 2]);
+}
