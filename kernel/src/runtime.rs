@@ -590,6 +590,10 @@ impl Inner {
     }
 }
 
+/// Stored graphs up to this size are read on the runtime's thread: tens of microseconds, less than the
+/// trip to a blocking thread costs. Larger ones are read on a blocking thread.
+const INLINE_READ_MAX: u64 = 64 << 10;
+
 /// The key of a model's graph: every part that decides the engine's output.
 fn graph_key(spec: &ModelSpec, engine: &dyn Engine) -> GraphKey {
     let descriptor = engine.descriptor();
@@ -658,10 +662,13 @@ async fn load(
             // lock makes one process compile while the others wait, then read what it saved.
             let store = inner.storage.clone();
             let get_key = key.clone();
-            let stored = if attempt == 0 {
-                blocking(move || store.get::<CompiledGraph>(&get_key)).await.map_err(storage_error)?.hit()
-            } else {
+            let stored = if attempt > 0 {
                 None
+            } else if std::fs::metadata(store.path_of(&key)).is_ok_and(|file| file.len() <= INLINE_READ_MAX) {
+                // A small graph reads in microseconds: less than the trip to a blocking thread.
+                store.get::<CompiledGraph>(&get_key).map_err(storage_error)?.hit()
+            } else {
+                blocking(move || store.get::<CompiledGraph>(&get_key)).await.map_err(storage_error)?.hit()
             };
             match stored {
                 Some(graph) => (graph, LoadSource::Disk),
