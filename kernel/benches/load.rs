@@ -45,7 +45,7 @@ fn memory_hit(bencher: Bencher<'_, '_>) {
     bencher.bench_local(|| s.runtime.block_on(async { black_box(s.kernel.load_model("m").await.expect("loaded")) }));
 }
 
-#[divan::bench]
+#[divan::bench(sample_size = 1)]
 fn disk_hit(bencher: Bencher<'_, '_>) {
     let s = setup();
     // The unload happens before each measured load, outside the timing.

@@ -35,6 +35,11 @@ impl ModelHandle {
         self.entry.plan
     }
 
+    /// Keeps the model this long once idle, from now on.
+    pub fn set_keep_alive(&self, keep_alive: crate::KeepAlive) {
+        *self.entry.keep_alive.lock() = keep_alive;
+    }
+
     /// Where this model was loaded from when it came into memory.
     pub fn source(&self) -> LoadSource {
         self.entry.source

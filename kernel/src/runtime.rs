@@ -82,7 +82,30 @@ pub(crate) struct Entry {
     pub(crate) handles: AtomicUsize,
     pub(crate) last_use: Mutex<Instant>,
     pub(crate) keep_alive: Mutex<KeepAlive>,
-    _weights: Lease,
+    _weights: Weights,
+}
+
+/// A model's weights: returned to the pool when dropped, and then the kernel's waiters are told.
+pub(crate) struct Weights {
+    lease: Option<Lease>,
+    changed: Arc<Notify>,
+}
+
+impl Drop for Weights {
+    fn drop(&mut self) {
+        drop(self.lease.take()); // free first, then wake: a waiter must find the room
+        self.changed.notify_waiters();
+    }
+}
+
+/// A reservation made for a load that has not yet joined the loaded models: counted against
+/// `max_loaded` until it does (or fails).
+struct Pending(Arc<AtomicUsize>);
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 pub(crate) struct Inner {
@@ -97,13 +120,20 @@ pub(crate) struct Inner {
     pub(crate) changed: Arc<Notify>,
     events: broadcast::Sender<KernelEvent>,
     counters: Mutex<Counters>,
+    /// Reservations of loads not yet among the loaded models.
+    pending: Arc<AtomicUsize>,
+    /// The scope of the kernel's weights leases: its own, so no request's scope release can touch them.
+    scope: ScopeId,
+    /// The runtime the kernel was made on: loads are spawned there, also from synchronous calls.
+    runtime: tokio::runtime::Handle,
     /// Uses per model, as kept in the cache folder, and when they were last written.
     usage: Mutex<(BTreeMap<String, u64>, Option<Instant>)>,
     metrics: KernelMetrics,
 }
 
 /// The outcome of a load under way, shared by everyone waiting for it (`None` until it ends).
-type Outcome = watch::Receiver<Option<Result<Arc<Entry>, KernelError>>>;
+/// It holds a handle: the new model cannot be evicted before every waiter has its own.
+type Outcome = watch::Receiver<Option<Result<ModelHandle, KernelError>>>;
 
 /// A load under way.
 struct Loading {
@@ -178,7 +208,7 @@ impl RuntimeManager {
             Ok(pool) => pool,
             Err(_) => memory
                 .create_pool(&config.weights_pool, PoolConfig::new(config.weights_capacity, 1).idle_timeout(None))
-                .map_err(|source| KernelError::Memory { model: String::new(), source })?,
+                .map_err(|source| KernelError::Memory { model: "(weights pool)".into(), source })?,
         };
         let inner = Arc::new(Inner {
             config,
@@ -190,6 +220,9 @@ impl RuntimeManager {
             changed: Arc::new(Notify::new()),
             events: broadcast::channel(1024).0,
             counters: Mutex::default(),
+            pending: Arc::new(AtomicUsize::new(0)),
+            scope: ScopeId::fresh(),
+            runtime: runtime.clone(),
             usage: Mutex::new((usage::read(&usage::path(&storage_root)), None)),
             metrics: KernelMetrics::register(),
         });
@@ -256,7 +289,7 @@ impl RuntimeManager {
         let path = usage::path(self.inner.storage.root());
         blocking(move || usage::write(&path, &counts))
             .await
-            .map_err(|source| KernelError::Storage { model: String::new(), source: Arc::new(source) })
+            .map_err(|source| KernelError::Storage { model: "(cleanup)".into(), source: Arc::new(source) })
     }
 
     /// Removes the stored graphs that no registered engine can ask for again (an older engine version,
@@ -280,7 +313,7 @@ impl RuntimeManager {
         let policy = usine_storage::Cleanup { unused_for: None, current };
         blocking(move || store.cleanup(&policy))
             .await
-            .map_err(|source| KernelError::Storage { model: String::new(), source: Arc::new(source) })
+            .map_err(|source| KernelError::Storage { model: "(cleanup)".into(), source: Arc::new(source) })
     }
 
     /// The models waiting to be warmed, in order.
@@ -299,15 +332,17 @@ impl RuntimeManager {
     }
 
     /// Hands out `model`: at once if it is in memory; else from its stored graph; else compiled, saved
-    /// and loaded. Concurrent calls for one model share one load, which goes on if its callers leave.
+    /// and loaded. Concurrent calls for one model share one load, which goes on if its callers leave;
+    /// a caller that joins a load under way gets its keep-alive, but the load's timeout and warming are
+    /// those of the caller that started it.
     pub async fn load_with(&self, model: &str, options: LoadOptions) -> Result<ModelHandle, KernelError> {
-        loop {
+        {
             let mut outcome = {
                 let mut state = self.inner.state.lock();
                 if let Some(entry) = state.loaded.get(model) {
                     self.inner.count(|c| c.memory_hits += 1);
                     self.inner.metrics.load(LoadSource::Memory, Duration::ZERO);
-                    return Ok(self.handle(entry, options));
+                    return Ok(self.inner.handle(entry, options));
                 }
                 // A user asks: the model leaves the warm-up queue, and a warm-up load of it becomes theirs.
                 state.warm_queue.retain(|queued| queued != model);
@@ -329,24 +364,13 @@ impl RuntimeManager {
                     break Err(KernelError::Engine { model: model.to_owned(), source: EngineError::Cancelled });
                 }
             };
-            let entry = result?;
-            let state = self.inner.state.lock();
-            match state.loaded.get(model) {
-                Some(loaded) if Arc::ptr_eq(loaded, &entry) => return Ok(self.handle(loaded, options)),
-                _ => continue, // unloaded in the meantime: load it again
+            let handle = result?; // a clone of the load's own handle: the model stays
+            self.inner.used(handle.id());
+            if let Some(keep_alive) = options.keep_alive {
+                handle.set_keep_alive(keep_alive);
             }
+            Ok(handle)
         }
-    }
-
-    /// A new handle on `entry`, counted as a use; called under the state lock.
-    fn handle(&self, entry: &Arc<Entry>, options: LoadOptions) -> ModelHandle {
-        self.inner.used(&entry.id);
-        entry.handles.fetch_add(1, Ordering::SeqCst);
-        *entry.last_use.lock() = Instant::now();
-        if let Some(keep_alive) = options.keep_alive {
-            *entry.keep_alive.lock() = keep_alive;
-        }
-        ModelHandle::new(Arc::clone(entry), Arc::downgrade(&self.inner))
     }
 
     /// Keeps `model` loaded whatever happens, once it is (an unknown id is an error).
@@ -409,6 +433,17 @@ impl std::fmt::Debug for RuntimeManager {
 }
 
 impl Inner {
+    /// A new handle on `entry`, counted as a use; called under the state lock.
+    fn handle(self: &Arc<Self>, entry: &Arc<Entry>, options: LoadOptions) -> ModelHandle {
+        self.used(&entry.id);
+        entry.handles.fetch_add(1, Ordering::SeqCst);
+        *entry.last_use.lock() = Instant::now();
+        if let Some(keep_alive) = options.keep_alive {
+            *entry.keep_alive.lock() = keep_alive;
+        }
+        ModelHandle::new(Arc::clone(entry), Arc::downgrade(self))
+    }
+
     fn engine_for(&self, model: &str) -> Result<Arc<dyn Engine>, KernelError> {
         let spec = self.spec(model)?;
         let engines = self.engines.read();
@@ -438,8 +473,10 @@ impl Inner {
         let engine = self.engine_for(model)?;
         let spec = self.spec(model)?;
         let (done, outcome) = watch::channel(None);
-        let task =
-            tokio::spawn(load_task(Arc::clone(self), spec, engine, options, done, outcome.clone())).abort_handle();
+        let task = self
+            .runtime
+            .spawn(load_task(Arc::clone(self), spec, engine, options, done, outcome.clone()))
+            .abort_handle();
         state.loading.insert(model.to_owned(), Loading { outcome: outcome.clone(), task, warm });
         Ok(outcome)
     }
@@ -458,6 +495,22 @@ impl Inner {
             state.warm_queue.push_front(warm.clone());
             self.emit(KernelEvent::WarmupPreempted { model: warm });
         }
+    }
+
+    /// Cancels one warm-up load (not of `model`) that may hold room, putting it back at the front of the
+    /// queue; returns whether there was one.
+    fn preempt_one_warm_up(&self, model: &str) -> bool {
+        let mut state = self.state.lock();
+        let Some(warm) =
+            state.loading.iter().find(|(id, loading)| loading.warm && *id != model).map(|(id, _)| id.clone())
+        else {
+            return false;
+        };
+        let loading = state.loading.remove(&warm).expect("found just above");
+        loading.task.abort();
+        state.warm_queue.push_front(warm.clone());
+        self.emit(KernelEvent::WarmupPreempted { model: warm });
+        true
     }
 
     /// Starts queued warm-ups while fewer loads than slots run.
@@ -545,30 +598,50 @@ impl Inner {
 
     /// Reserves `needed` bytes of weights, evicting idle models (least recently used first) and
     /// waiting for room until `timeout`.
-    async fn reserve(&self, model: &str, needed: u64, timeout: Duration) -> Result<Lease, KernelError> {
+    async fn reserve(
+        &self,
+        model: &str,
+        needed: u64,
+        timeout: Duration,
+        user: bool,
+    ) -> Result<(Weights, Pending), KernelError> {
         let started = Instant::now();
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            let loaded = self.state.lock().loaded.len();
-            if loaded >= self.config.max_loaded {
-                if self.evict_one(EvictReason::MaxLoaded) {
-                    continue;
+            // The count and the allocation under the state lock, so that two loads cannot both take the
+            // last place under `max_loaded`; the lock is released before any await.
+            let (loaded, allocated) = {
+                let state = self.state.lock();
+                let loaded = state.loaded.len() + self.pending.load(Ordering::SeqCst);
+                let allocated = (loaded < self.config.max_loaded).then(|| self.weights.allocate(needed, self.scope));
+                if matches!(allocated, Some(Ok(_))) {
+                    self.pending.fetch_add(1, Ordering::SeqCst);
                 }
-            } else {
-                match self.weights.allocate(needed, ScopeId::new(0)) {
-                    Ok(lease) => return Ok(lease),
-                    Err(MemoryError::TooLarge { capacity, .. }) => {
-                        return Err(KernelError::TooLarge { model: model.to_owned(), needed, capacity });
+                drop(state);
+                (loaded, allocated)
+            };
+            match allocated {
+                None => {
+                    if self.evict_one(EvictReason::MaxLoaded) || (user && self.preempt_one_warm_up(model)) {
+                        continue;
                     }
-                    Err(MemoryError::Exhausted { .. }) => {
-                        if self.evict_one(EvictReason::Lru) {
-                            continue;
-                        }
-                    }
-                    Err(source) => return Err(KernelError::Memory { model: model.to_owned(), source }),
                 }
+                Some(Ok(lease)) => {
+                    let weights = Weights { lease: Some(lease), changed: Arc::clone(&self.changed) };
+                    return Ok((weights, Pending(Arc::clone(&self.pending))));
+                }
+                Some(Err(MemoryError::TooLarge { capacity, .. })) => {
+                    return Err(KernelError::TooLarge { model: model.to_owned(), needed, capacity });
+                }
+                Some(Err(MemoryError::Exhausted { .. })) => {
+                    // A user never waits behind background work: a warm-up holding room gives it up.
+                    if self.evict_one(EvictReason::Lru) || (user && self.preempt_one_warm_up(model)) {
+                        continue;
+                    }
+                }
+                Some(Err(source)) => return Err(KernelError::Memory { model: model.to_owned(), source }),
             }
             let left = timeout.saturating_sub(started.elapsed());
             if tokio::time::timeout(left, changed).await.is_err() {
@@ -610,37 +683,67 @@ async fn load_task(
     spec: ModelSpec,
     engine: Arc<dyn Engine>,
     options: LoadOptions,
-    done: watch::Sender<Option<Result<Arc<Entry>, KernelError>>>,
+    done: watch::Sender<Option<Result<ModelHandle, KernelError>>>,
     mine: Outcome,
 ) {
     let model = spec.id.clone();
+    // Whatever happens (an end, a panic, an abort at an await), this load leaves the table of loads
+    // under way, if it is still there, and frees its slot for the warm-up queue.
+    let leave = Leave { inner: Arc::clone(&inner), model: model.clone(), mine };
     inner.emit(KernelEvent::LoadStarted { model: model.clone() });
-    let result = load(&inner, &spec, engine.as_ref(), options).await.map(Arc::new);
-    {
-        let mut state = inner.state.lock();
-        // Unless this load was pre-empted in the meantime and another took its place.
-        if state.loading.get(&model).is_some_and(|loading| loading.outcome.same_channel(&mine)) {
-            state.loading.remove(&model);
-        }
-        if let Ok(entry) = &result {
-            state.loaded.insert(model.clone(), Arc::clone(entry));
-        }
-    }
-    inner.pump(); // a slot is free
-    if let Ok(entry) = &result {
-        let (source, duration) = (entry.source, entry.load_duration);
-        inner.count(|c| {
-            match source {
-                LoadSource::Disk => c.disk_hits += 1,
-                LoadSource::Compile => c.compiles += 1,
-                LoadSource::Memory => c.memory_hits += 1,
+    let outcome = match load(&inner, &spec, engine.as_ref(), options).await {
+        Err(error) => Err(error),
+        Ok((entry, pending)) => {
+            let entry = Arc::new(entry);
+            let mut state = inner.state.lock();
+            let current = state.loading.get(&model).is_some_and(|loading| loading.outcome.same_channel(&leave.mine));
+            if !current || state.loaded.contains_key(&model) {
+                // Pre-empted after its last await, or loaded by another meanwhile: not ours to insert.
+                drop(state);
+                drop((entry, pending));
+                return;
             }
-            *c.load_time.entry(source).or_default() += duration;
-        });
-        inner.metrics.load(source, duration);
-        inner.emit(KernelEvent::Loaded { model: model.clone(), source, duration });
+            state.loaded.insert(model.clone(), Arc::clone(&entry));
+            drop(pending); // counted among the loaded models from now on
+            // The load's own handle, held by the outcome until every waiter has a clone (not a use).
+            entry.handles.fetch_add(1, Ordering::SeqCst);
+            let handle = ModelHandle::new(Arc::clone(&entry), Arc::downgrade(&inner));
+            drop(state);
+            let (source, duration) = (entry.source, entry.load_duration);
+            inner.count(|c| {
+                match source {
+                    LoadSource::Disk => c.disk_hits += 1,
+                    LoadSource::Compile => c.compiles += 1,
+                    LoadSource::Memory => c.memory_hits += 1,
+                }
+                *c.load_time.entry(source).or_default() += duration;
+            });
+            inner.metrics.load(source, duration);
+            inner.emit(KernelEvent::Loaded { model: model.clone(), source, duration });
+            Ok(handle)
+        }
+    };
+    let _ = done.send(Some(outcome)); // nobody waits any more: the model is loaded all the same
+}
+
+/// Takes a finished, failed or cancelled load out of the table of loads under way.
+struct Leave {
+    inner: Arc<Inner>,
+    model: String,
+    mine: Outcome,
+}
+
+impl Drop for Leave {
+    fn drop(&mut self) {
+        {
+            let mut state = self.inner.state.lock();
+            if state.loading.get(&self.model).is_some_and(|loading| loading.outcome.same_channel(&self.mine)) {
+                state.loading.remove(&self.model);
+            }
+        }
+        self.inner.changed.notify_waiters(); // the reaper sees a new idle model; waiters may find room
+        self.inner.pump();
     }
-    let _ = done.send(Some(result)); // nobody waits any more: the model is loaded all the same
 }
 
 /// The load path: stored graph or compile, room for the weights, then the engine's load. A stored graph
@@ -650,7 +753,7 @@ async fn load(
     spec: &ModelSpec,
     engine: &dyn Engine,
     options: LoadOptions,
-) -> Result<Entry, KernelError> {
+) -> Result<(Entry, Pending), KernelError> {
     let started = Instant::now();
     let model = spec.id.clone();
     let key = graph_key(spec, engine);
@@ -711,7 +814,7 @@ async fn load(
             Err(error) => return Err(engine_error(error)),
         };
         let timeout = options.timeout.unwrap_or(inner.config.load_timeout);
-        let weights = inner.reserve(&model, plan.weights_bytes, timeout).await?;
+        let (weights, pending) = inner.reserve(&model, plan.weights_bytes, timeout, !options.warm).await?;
         let loaded = match engine.load(&graph).await {
             Ok(loaded) => loaded,
             Err(error) if error.kind() == ErrorKind::UnusableGraph && source == LoadSource::Disk => continue,
@@ -720,7 +823,7 @@ async fn load(
         if options.warm {
             loaded.warm_up().await.map_err(engine_error)?;
         }
-        return Ok(Entry {
+        let entry = Entry {
             id: model.clone(),
             model: loaded,
             plan,
@@ -730,7 +833,8 @@ async fn load(
             last_use: Mutex::new(Instant::now()),
             keep_alive: Mutex::new(options.keep_alive.unwrap_or(inner.config.keep_alive)),
             _weights: weights,
-        });
+        };
+        return Ok((entry, pending));
     }
     Err(engine_error(EngineError::CorruptGraph { message: "a freshly compiled graph was refused".into() }))
 }
@@ -741,7 +845,12 @@ async fn blocking<T: Send + 'static>(
 ) -> Result<T, usine_storage::StorageError> {
     match tokio::task::spawn_blocking(work).await {
         Ok(result) => result,
-        Err(join) => std::panic::resume_unwind(join.into_panic()),
+        Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
+        Err(_) => Err(usine_storage::StorageError::Io {
+            action: "running storage work on a blocking thread (the runtime is shutting down)",
+            path: std::path::PathBuf::new(),
+            source: std::io::Error::other("cancelled"),
+        }),
     }
 }
 
@@ -768,7 +877,8 @@ async fn reap(inner: std::sync::Weak<Inner>, notify: Arc<Notify>) {
                 .filter(|entry| entry.handles.load(Ordering::SeqCst) == 0 && !state.pinned.contains(&entry.id))
                 .filter_map(|entry| {
                     let expiry = match *entry.keep_alive.lock() {
-                        KeepAlive::For(keep) => *entry.last_use.lock() + keep,
+                        // A keep-alive too long to add to a clock is forever.
+                        KeepAlive::For(keep) => entry.last_use.lock().checked_add(keep)?,
                         KeepAlive::UnloadNow => *entry.last_use.lock(),
                         KeepAlive::Forever => return None,
                     };

@@ -25,10 +25,12 @@ const COMPILE: Duration = Duration::from_secs(4);
 const LOAD: Duration = Duration::from_millis(150);
 const WEIGHTS: u64 = 1000;
 
-/// The zero engine with a compile of 4 s and a load of 150 ms, counting compiles.
+/// The zero engine with a compile of 4 s and a load of 150 ms, counting compiles; the load of the model
+/// named in `failing` fails.
 struct Slow {
     zero: ZeroEngine,
     compiles: AtomicUsize,
+    failing: Option<&'static str>,
 }
 
 #[async_trait::async_trait]
@@ -49,6 +51,9 @@ impl Engine for Slow {
 
     async fn load(&self, graph: &CompiledGraph) -> Result<Arc<dyn LoadedModel>, EngineError> {
         tokio::time::sleep(LOAD).await;
+        if self.failing == Some(graph.spec.id.as_str()) {
+            return Err(EngineError::Fatal { message: "injected".into() });
+        }
         self.zero.load(graph).await
     }
 }
@@ -61,6 +66,10 @@ struct Fixture {
 }
 
 fn fixture(config: KernelConfig, models: &[&str]) -> Fixture {
+    fixture_failing(config, models, None)
+}
+
+fn fixture_failing(config: KernelConfig, models: &[&str], failing: Option<&'static str>) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let storage = StorageManager::open(StorageConfig::at(dir.path()), Migrations::new()).unwrap();
     let kernel = RuntimeManager::new(config, &MemoryManager::default(), storage.clone()).unwrap();
@@ -70,7 +79,7 @@ fn fixture(config: KernelConfig, models: &[&str]) -> Fixture {
         activation_bytes_per_step: 0,
         max_context_tokens: 4096,
     };
-    let engine = Arc::new(Slow { zero: ZeroEngine::with_plan(plan), compiles: AtomicUsize::new(0) });
+    let engine = Arc::new(Slow { zero: ZeroEngine::with_plan(plan), compiles: AtomicUsize::new(0), failing });
     kernel.register_engine(engine.clone());
     for model in models {
         kernel.register_model(ModelSpec::new(*model, "zero", "default"));
@@ -147,18 +156,19 @@ async fn lru_evicts_the_least_recently_used_idle_model_never_a_pinned_or_busy_on
         drop(f.kernel.load_model(model).await.unwrap());
         tokio::time::advance(Duration::from_secs(1)).await;
     }
+    drop(f.kernel.load_model("c").await.unwrap()); // a memory hit makes c the most recently used
+    tokio::time::advance(Duration::from_secs(1)).await;
     f.kernel.pin("a").unwrap(); // the oldest, but pinned
-    let busy = f.kernel.load_model("b").await.unwrap(); // in use
     let mut events = f.kernel.subscribe();
-    drop(f.kernel.load_model("d").await.unwrap());
-    assert_eq!(evictions(&mut events), [KernelEvent::Evicted { model: "c".into(), reason: EvictReason::Lru }]);
-    let loaded: Vec<String> = f.kernel.loaded().into_iter().map(|info| info.id).collect();
-    assert_eq!(loaded, ["a", "b", "d"]);
-    drop(busy);
+    drop(f.kernel.load_model("d").await.unwrap()); // b is older than c: b goes
+    assert_eq!(evictions(&mut events), [KernelEvent::Evicted { model: "b".into(), reason: EvictReason::Lru }]);
+    let busy = f.kernel.load_model("c").await.unwrap(); // in use
     f.kernel.unpin("a");
-    drop(f.kernel.load_model("e").await.unwrap());
+    drop(f.kernel.load_model("e").await.unwrap()); // a is the oldest idle one now; c is busy
+    assert_eq!(evictions(&mut events), [KernelEvent::Evicted { model: "a".into(), reason: EvictReason::Lru }]);
     let loaded: Vec<String> = f.kernel.loaded().into_iter().map(|info| info.id).collect();
-    assert_eq!(loaded, ["b", "d", "e"], "`a` is now the least recently used");
+    assert_eq!(loaded, ["c", "d", "e"]);
+    drop(busy);
 }
 
 #[tokio::test(start_paused = true)]
@@ -372,4 +382,19 @@ async fn loads_and_evictions_reach_the_metrics_facade_described() {
     };
     let seconds: Vec<f64> = compiles.iter().map(|value| value.into_inner()).collect();
     assert_eq!(seconds, [(COMPILE + LOAD).as_secs_f64(); 2]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn room_freed_by_a_failed_load_wakes_the_loads_waiting_for_it() {
+    let f = fixture_failing(config(1), &["a", "b"], Some("a"));
+    drop(f.kernel.load_model("b").await.unwrap()); // b's graph is stored
+    assert!(f.kernel.unload("b"));
+    let kernel = f.kernel.clone();
+    let failing = tokio::spawn(async move { kernel.load_model("a").await });
+    tokio::time::sleep(COMPILE + Duration::from_millis(50)).await; // a holds the room, its load fails at 150 ms
+    let start = Instant::now();
+    let b = f.kernel.load_model("b").await.unwrap();
+    assert_eq!(start.elapsed(), Duration::from_millis(100) + LOAD, "woken when a's room came back");
+    assert_eq!(b.source(), LoadSource::Disk);
+    assert!(failing.await.unwrap().is_err());
 }
