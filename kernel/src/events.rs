@@ -76,6 +76,13 @@ pub enum KernelEvent {
         /// How long it took.
         duration: Duration,
     },
+    /// A load failed.
+    LoadFailed {
+        /// The model.
+        model: String,
+        /// The error, as text.
+        message: String,
+    },
     /// A model left memory.
     Evicted {
         /// The model.

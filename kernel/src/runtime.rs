@@ -190,6 +190,32 @@ pub struct ModelInfo {
     pub expires_in: Option<Duration>,
 }
 
+/// One model's compile progress; see [`RuntimeManager::progress`].
+#[derive(Debug)]
+pub struct ProgressStream {
+    events: broadcast::Receiver<KernelEvent>,
+    model: String,
+}
+
+impl ProgressStream {
+    /// The next report (stage, fraction, time left), or `None` once the model is loaded (or the kernel
+    /// is gone). A reader that falls behind skips the reports it missed.
+    pub async fn next(&mut self) -> Option<Progress> {
+        loop {
+            match self.events.recv().await {
+                Ok(KernelEvent::Progress { model, progress }) if model == self.model => return Some(progress),
+                Ok(KernelEvent::Loaded { model, .. } | KernelEvent::LoadFailed { model, .. })
+                    if model == self.model =>
+                {
+                    return None;
+                }
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    }
+}
+
 /// Decides which models are in memory, and gets a model ready as fast as it can.
 ///
 /// Cheap to clone. See the crate documentation for an example.
@@ -324,6 +350,11 @@ impl RuntimeManager {
     /// A stream of kernel events from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<KernelEvent> {
         self.inner.events.subscribe()
+    }
+
+    /// The progress of `model`'s next (or current) compile, until it is loaded or its load fails.
+    pub fn progress(&self, model: &str) -> ProgressStream {
+        ProgressStream { events: self.inner.events.subscribe(), model: model.to_owned() }
     }
 
     /// Loads `model` with the default options.
@@ -692,7 +723,10 @@ async fn load_task(
     let leave = Leave { inner: Arc::clone(&inner), model: model.clone(), mine };
     inner.emit(KernelEvent::LoadStarted { model: model.clone() });
     let outcome = match load(&inner, &spec, engine.as_ref(), options).await {
-        Err(error) => Err(error),
+        Err(error) => {
+            inner.emit(KernelEvent::LoadFailed { model: model.clone(), message: error.to_string() });
+            Err(error)
+        }
         Ok((entry, pending)) => {
             let entry = Arc::new(entry);
             let mut state = inner.state.lock();

@@ -398,3 +398,33 @@ async fn room_freed_by_a_failed_load_wakes_the_loads_waiting_for_it() {
     assert_eq!(b.source(), LoadSource::Disk);
     assert!(failing.await.unwrap().is_err());
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_progress_of_a_failing_load_ends_with_it() {
+    let f = fixture_failing(config(1), &["a"], Some("a"));
+    let mut progress = f.kernel.progress("a");
+    let kernel = f.kernel.clone();
+    let load = tokio::spawn(async move { kernel.load_model("a").await });
+    let mut reports = 0;
+    while progress.next().await.is_some() {
+        reports += 1;
+    }
+    assert_eq!(reports, 2);
+    assert!(load.await.unwrap().is_err());
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_load_s_progress_can_be_followed_to_the_end() {
+    let f = fixture(config(2), &["a", "b"]);
+    let mut progress = f.kernel.progress("a");
+    let kernel = f.kernel.clone();
+    let other = tokio::spawn(async move { kernel.load_model("b").await });
+    let kernel = f.kernel.clone();
+    let load = tokio::spawn(async move { kernel.load_model("a").await });
+    let mut fractions = Vec::new();
+    while let Some(report) = progress.next().await {
+        fractions.push(report.fraction);
+    }
+    assert_eq!(fractions, [0.0, 1.0], "a's reports only, then the end");
+    assert!(load.await.unwrap().is_ok() && other.await.unwrap().is_ok());
+}
