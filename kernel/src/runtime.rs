@@ -367,41 +367,39 @@ impl RuntimeManager {
     /// a caller that joins a load under way gets its keep-alive, but the load's timeout and warming are
     /// those of the caller that started it.
     pub async fn load_with(&self, model: &str, options: LoadOptions) -> Result<ModelHandle, KernelError> {
-        {
-            let mut outcome = {
-                let mut state = self.inner.state.lock();
-                if let Some(entry) = state.loaded.get(model) {
-                    self.inner.count(|c| c.memory_hits += 1);
-                    self.inner.metrics.load(LoadSource::Memory, Duration::ZERO);
-                    return Ok(self.inner.handle(entry, options));
-                }
-                // A user asks: the model leaves the warm-up queue, and a warm-up load of it becomes theirs.
-                state.warm_queue.retain(|queued| queued != model);
-                let outcome = match state.loading.get_mut(model) {
-                    Some(loading) => {
-                        loading.warm = false;
-                        loading.outcome.clone()
-                    }
-                    None => self.inner.start_load(&mut state, model, options, false)?,
-                };
-                self.inner.preempt_warm_ups(&mut state, model);
-                outcome
-            };
-            let result = loop {
-                if let Some(result) = outcome.borrow_and_update().clone() {
-                    break result;
-                }
-                if outcome.changed().await.is_err() {
-                    break Err(KernelError::Engine { model: model.to_owned(), source: EngineError::Cancelled });
-                }
-            };
-            let handle = result?; // a clone of the load's own handle: the model stays
-            self.inner.used(handle.id());
-            if let Some(keep_alive) = options.keep_alive {
-                handle.set_keep_alive(keep_alive);
+        let mut outcome = {
+            let mut state = self.inner.state.lock();
+            if let Some(entry) = state.loaded.get(model) {
+                self.inner.count(|c| c.memory_hits += 1);
+                self.inner.metrics.load(LoadSource::Memory, Duration::ZERO);
+                return Ok(self.inner.handle(entry, options));
             }
-            Ok(handle)
+            // A user asks: the model leaves the warm-up queue, and a warm-up load of it becomes theirs.
+            state.warm_queue.retain(|queued| queued != model);
+            let outcome = match state.loading.get_mut(model) {
+                Some(loading) => {
+                    loading.warm = false;
+                    loading.outcome.clone()
+                }
+                None => self.inner.start_load(&mut state, model, options, false)?,
+            };
+            self.inner.preempt_warm_ups(&mut state, model);
+            outcome
+        };
+        let result = loop {
+            if let Some(result) = outcome.borrow_and_update().clone() {
+                break result;
+            }
+            if outcome.changed().await.is_err() {
+                break Err(KernelError::Engine { model: model.to_owned(), source: EngineError::Cancelled });
+            }
+        };
+        let handle = result?; // a clone of the load's own handle: the model stays
+        self.inner.used(handle.id());
+        if let Some(keep_alive) = options.keep_alive {
+            handle.set_keep_alive(keep_alive);
         }
+        Ok(handle)
     }
 
     /// Keeps `model` loaded whatever happens, once it is (an unknown id is an error).
@@ -515,30 +513,24 @@ impl Inner {
     /// While more loads run than there are slots, cancels a warm-up load (not of `model`) and puts it
     /// back at the front of the queue; called under the state lock.
     fn preempt_warm_ups(&self, state: &mut State, model: &str) {
-        while state.loading.len() > self.config.load_slots {
-            let Some(warm) =
-                state.loading.iter().find(|(id, loading)| loading.warm && *id != model).map(|(id, _)| id.clone())
-            else {
-                return;
-            };
-            let loading = state.loading.remove(&warm).expect("found just above");
-            loading.task.abort(); // at its next await; a storage write under way still finishes whole
-            state.warm_queue.push_front(warm.clone());
-            self.emit(KernelEvent::WarmupPreempted { model: warm });
-        }
+        while state.loading.len() > self.config.load_slots && self.preempt_in(state, model) {}
     }
 
     /// Cancels one warm-up load (not of `model`) that may hold room, putting it back at the front of the
     /// queue; returns whether there was one.
     fn preempt_one_warm_up(&self, model: &str) -> bool {
-        let mut state = self.state.lock();
+        self.preempt_in(&mut self.state.lock(), model)
+    }
+
+    /// Cancels one warm-up load (not of `model`) and requeues it at the front; called under the state lock.
+    fn preempt_in(&self, state: &mut State, model: &str) -> bool {
         let Some(warm) =
             state.loading.iter().find(|(id, loading)| loading.warm && *id != model).map(|(id, _)| id.clone())
         else {
             return false;
         };
         let loading = state.loading.remove(&warm).expect("found just above");
-        loading.task.abort();
+        loading.task.abort(); // at its next await; a storage write under way still finishes whole
         state.warm_queue.push_front(warm.clone());
         self.emit(KernelEvent::WarmupPreempted { model: warm });
         true
