@@ -1,0 +1,465 @@
+//! One generation, from its place in the queue to its last event: the model, the kv-cache, then the
+//! steps, two deep, with retries and time limits.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use usine_engine::{
+    EngineError, ErrorKind, FinishReason, GenerationParams, LoadedModel, MemoryPlan, Prepared, Sequence, StopMatcher,
+    Token, TokenId, check_context,
+};
+use usine_kernel::RuntimeManager;
+use usine_memory::{Lease, MemoryError, Pool, ScopeId};
+
+use crate::admission::{Slot, Ticket};
+use crate::config::{ExecutorConfig, KvReservation, Timeouts};
+use crate::error::{ExecError, Phase};
+use crate::event::{Event, Usage};
+use crate::metrics::{ExecutorMetrics, Outcome};
+use crate::request::Request;
+
+/// What every generation of one executor shares.
+pub(crate) struct Shared {
+    pub(crate) kernel: RuntimeManager,
+    pub(crate) kv: Pool,
+    pub(crate) activations: Pool,
+    pub(crate) config: ExecutorConfig,
+    pub(crate) metrics: Arc<ExecutorMetrics>,
+}
+
+pub(crate) type Sender = mpsc::Sender<Result<Event, ExecError>>;
+
+/// Why a generation stopped short of its end.
+enum Halt {
+    Failed(ExecError),
+    /// The reader dropped the stream: nobody to tell.
+    ReaderGone,
+}
+
+impl From<ExecError> for Halt {
+    fn from(error: ExecError) -> Self {
+        Self::Failed(error)
+    }
+}
+
+/// Counts a generation's outcome, tokens and dead time once, however it ends: a task aborted by a
+/// dropped stream is counted as cancelled.
+struct Tally {
+    metrics: Arc<ExecutorMetrics>,
+    outcome: Outcome,
+    tokens: u32,
+    idle: Duration,
+}
+
+impl Drop for Tally {
+    fn drop(&mut self) {
+        self.metrics.generation(self.tokens, self.idle);
+        self.metrics.outcome(self.outcome);
+    }
+}
+
+/// Runs one request and sends its events.
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    request: Request,
+    ticket: Ticket,
+    submitted: Instant,
+    seed: u64,
+    events: Sender,
+) {
+    let mut tally =
+        Tally { metrics: Arc::clone(&shared.metrics), outcome: Outcome::Cancelled, tokens: 0, idle: Duration::ZERO };
+    let limits = Limits { submitted, timeouts: shared.config.timeouts.overridden_by(&request.timeouts) };
+    let generation = Generation {
+        shared: &shared,
+        model_id: &request.model,
+        limits,
+        retries: 0,
+        jitter: fastrand::Rng::with_seed(seed),
+        events: &events,
+    };
+    let result = generation.drive(&request, ticket, &mut tally).await;
+    let last = match result {
+        Ok(usage) => {
+            tally.outcome = Outcome::Completed;
+            Ok(Event::Finished(usage))
+        }
+        Err(Halt::ReaderGone) => return,
+        Err(Halt::Failed(error)) => {
+            tally.outcome = match &error {
+                ExecError::Timeout { phase, .. } => {
+                    shared.metrics.timeout(*phase);
+                    Outcome::Timeout
+                }
+                _ => Outcome::Failed,
+            };
+            Err(error)
+        }
+    };
+    drop(tally); // counted before the reader sees the end
+    let _ = events.send(last).await; // a reader gone by now has nothing to hear
+}
+
+/// The time limits of one request.
+struct Limits {
+    submitted: Instant,
+    timeouts: Timeouts,
+}
+
+/// When a phase that began at `since` must end, and which limit ends it: the phase's own or the whole
+/// request's, whichever comes first.
+#[derive(Clone, Copy)]
+struct Deadline {
+    at: Instant,
+    phase: Phase,
+    limit: Duration,
+}
+
+impl Limits {
+    fn deadline(&self, phase: Phase, since: Instant) -> Option<Deadline> {
+        let own = match phase {
+            Phase::Queue => self.timeouts.queue,
+            Phase::FirstToken => self.timeouts.first_token,
+            Phase::BetweenTokens => self.timeouts.between_tokens,
+            Phase::Total => None,
+        }
+        .map(|limit| Deadline { at: since + limit, phase, limit });
+        let total =
+            self.timeouts.total.map(|limit| Deadline { at: self.submitted + limit, phase: Phase::Total, limit });
+        match (own, total) {
+            (Some(own), Some(total)) => Some(if total.at < own.at { total } else { own }),
+            (own, total) => own.or(total),
+        }
+    }
+}
+
+/// Runs `future` to its end or to `deadline`.
+async fn bounded<F: Future>(deadline: Option<Deadline>, future: F) -> Result<F::Output, ExecError> {
+    match deadline {
+        None => Ok(future.await),
+        Some(Deadline { at, phase, limit }) => {
+            tokio::time::timeout_at(at, future).await.map_err(|_| ExecError::Timeout { phase, limit })
+        }
+    }
+}
+
+/// A prepared step and the activations it holds until its compute ends.
+struct Ready {
+    prepared: Prepared,
+    activations: Option<Lease>,
+}
+
+/// A failure inside a step.
+enum Failure {
+    Engine(EngineError),
+    Memory(MemoryError),
+}
+
+/// The sequence being decoded, and the step prepared ahead of it.
+#[derive(Default)]
+struct Pipe {
+    sequence: Option<Box<dyn Sequence>>,
+    ahead: Option<Ready>,
+    /// A failure of the step prepared ahead, met after the token before it came out.
+    failed_ahead: Option<Failure>,
+}
+
+struct Generation<'a> {
+    shared: &'a Shared,
+    model_id: &'a str,
+    limits: Limits,
+    retries: u32,
+    jitter: fastrand::Rng,
+    events: &'a Sender,
+}
+
+/// The kv-cache of one sequence: one lease, grown in place, and more leases when it cannot grow.
+struct KvCache {
+    leases: Vec<Lease>,
+    per_token: u64,
+    tokens: u64,
+}
+
+impl Generation<'_> {
+    async fn drive(mut self, request: &Request, ticket: Ticket, tally: &mut Tally) -> Result<Usage, Halt> {
+        let slot: Slot = match ticket {
+            Ticket::Now(slot) => slot,
+            Ticket::Queued(place) => {
+                bounded(self.limits.deadline(Phase::Queue, self.limits.submitted), place.wait()).await?
+            }
+        };
+        let started = Instant::now();
+        let first_token = self.limits.deadline(Phase::FirstToken, started);
+
+        let handle = bounded(first_token, self.shared.kernel.load_model(&request.model)).await?.map_err(ExecError::from)?;
+        let load = started.elapsed();
+        let model = Arc::clone(handle.model());
+        let plan = handle.memory_plan();
+        let params = &request.params;
+        let prompt = model.tokenize(&request.input.render());
+        params.validate().map_err(|source| self.invalid(source))?;
+        check_context(&plan, prompt.len(), params).map_err(|source| self.invalid(source))?;
+        let scope = ScopeId::fresh();
+        let mut kv = bounded(first_token, self.reserve_kv(&plan, prompt.len(), params.max_tokens, scope)).await??;
+
+        let prompt_tokens = u32::try_from(prompt.len()).expect("the context check bounds the prompt");
+        let queued = started - self.limits.submitted;
+        self.send(Event::Started { source: handle.source(), queued, load, prompt_tokens }).await?;
+
+        let mut detokenizer = model.detokenizer();
+        let mut stops = StopMatcher::new(&params.stop);
+        let mut generated: Vec<TokenId> = Vec::new();
+        let mut pipe = Pipe::default();
+        let mut phase = (Phase::FirstToken, started);
+        let mut first_at = None;
+        let mut last_at = started;
+        let mut finish = FinishReason::Length;
+        while let Some(step) = u32::try_from(generated.len()).ok().filter(|&step| step < params.max_tokens) {
+            if let Some(failure) = pipe.failed_ahead.take() {
+                self.recover(failure, &mut pipe, phase).await?;
+                continue;
+            }
+            let deadline = self.limits.deadline(phase.0, phase.1);
+            let context = Step { model: model.as_ref(), prompt: &prompt, generated: &generated, params, scope };
+            let outcome = bounded(deadline, self.step(&context, &mut pipe, &mut kv, &mut tally.idle)).await?;
+            let token = match outcome {
+                Ok(token) => token,
+                Err(failure) => {
+                    self.recover(failure, &mut pipe, phase).await?;
+                    continue;
+                }
+            };
+            if token.end_of_sequence {
+                finish = FinishReason::EndOfSequence;
+                break;
+            }
+            let now = Instant::now();
+            match first_at {
+                None => {
+                    first_at = Some(now);
+                    self.shared.metrics.time_to_first_token.record((now - self.limits.submitted).as_secs_f64());
+                }
+                Some(_) => self.shared.metrics.time_between_tokens.record((now - last_at).as_secs_f64()),
+            }
+            last_at = now;
+            generated.push(token.id);
+            tally.tokens += 1;
+            let released = stops.push(&detokenizer.push(token.id));
+            self.send(Event::Token { index: step, id: token.id, text: released.text }).await?;
+            if released.stopped {
+                finish = FinishReason::Stop;
+                break;
+            }
+            phase = (Phase::BetweenTokens, Instant::now()); // time blocked on the reader is not the engine's
+        }
+        drop(pipe); // flush: a step prepared ahead returns its activations
+        if finish != FinishReason::Stop {
+            let released = stops.push(&detokenizer.finish());
+            let mut text = released.text;
+            if released.stopped {
+                finish = FinishReason::Stop;
+            } else {
+                text.push_str(&stops.finish());
+            }
+            if !text.is_empty() {
+                self.send(Event::Text(text)).await?;
+            }
+        }
+        drop((kv, handle, slot)); // memory, model and slot go back before the reader hears the end
+
+        let ended = Instant::now();
+        let generated_tokens = tally.tokens;
+        let tokens_per_second = match first_at {
+            Some(first) if generated_tokens > 1 && last_at > first => {
+                f64::from(generated_tokens - 1) / (last_at - first).as_secs_f64()
+            }
+            _ => 0.0,
+        };
+        Ok(Usage {
+            finish,
+            prompt_tokens,
+            generated_tokens,
+            time_to_first_token: first_at.map_or(Duration::ZERO, |first| first - self.limits.submitted),
+            tokens_per_second,
+            queued,
+            total: ended - self.limits.submitted,
+            retries: self.retries,
+            pipeline_idle: tally.idle,
+        })
+    }
+
+    /// One step: the sequence (prefilled again after a failure), the kv-cache for its token, its
+    /// prepared stage (from the step before, or now), then its compute, beside the prepare stage of the
+    /// next step when pipelining.
+    async fn step(
+        &self,
+        context: &Step<'_>,
+        pipe: &mut Pipe,
+        kv: &mut KvCache,
+        idle: &mut Duration,
+    ) -> Result<Token, Failure> {
+        let step = u32::try_from(context.generated.len()).expect("steps are bounded by max_tokens");
+        if pipe.sequence.is_none() {
+            let sequence = context.model.prefill(context.prompt, context.generated, context.params).await;
+            pipe.sequence = Some(sequence.map_err(Failure::Engine)?);
+        }
+        let sequence = pipe.sequence.as_deref().expect("set just above");
+        kv.cover(context.prompt.len() + context.generated.len() + 1, self, context.scope).await?;
+        let current = match pipe.ahead.take() {
+            Some(ready) => ready,
+            None => {
+                // Nothing overlaps this prepare stage: the compute stage waits for all of it.
+                let since = Instant::now();
+                let ready = self.prepare(sequence, step, context).await?;
+                *idle += since.elapsed();
+                ready
+            }
+        };
+        let previous = context.generated.last().or(context.prompt.last()).copied();
+        let ahead = self.shared.config.pipelining && step + 1 < context.params.max_tokens;
+        let Ready { prepared, activations } = current;
+        if !ahead {
+            let token = sequence.compute(prepared, previous).await;
+            drop(activations);
+            return token.map_err(Failure::Engine);
+        }
+        let compute = async {
+            let token = sequence.compute(prepared, previous).await;
+            drop(activations); // the next step's compute may need the room
+            (token, Instant::now())
+        };
+        let prepare = async { (self.prepare(sequence, step + 1, context).await, Instant::now()) };
+        let ((token, computed_at), (next, prepared_at)) = tokio::join!(compute, prepare);
+        let token = token.map_err(Failure::Engine)?; // a step prepared ahead of a failed one is dropped
+        match next {
+            Ok(ready) => {
+                *idle += prepared_at.saturating_duration_since(computed_at);
+                pipe.ahead = Some(ready);
+            }
+            Err(failure) => {
+                pipe.sequence = None;
+                pipe.failed_ahead = Some(failure);
+            }
+        }
+        Ok(token)
+    }
+
+    /// The prepare stage of `step`, with the activations it needs (waited for under pressure).
+    async fn prepare(&self, sequence: &dyn Sequence, step: u32, context: &Step<'_>) -> Result<Ready, Failure> {
+        let bytes = context.model.memory_plan().activation_bytes_per_step;
+        let activations = if bytes == 0 {
+            None
+        } else {
+            let wait = self.shared.config.memory_wait;
+            Some(self.shared.activations.allocate_wait(bytes, context.scope, wait).await.map_err(Failure::Memory)?)
+        };
+        let prepared = sequence.prepare(step).await.map_err(Failure::Engine)?;
+        Ok(Ready { prepared, activations })
+    }
+
+    /// After a failure: a transient one is retried after a backoff (the sequence is prefilled again with
+    /// the prompt and the tokens already sent, and goes on); anything else ends the generation.
+    async fn recover(&mut self, failure: Failure, pipe: &mut Pipe, phase: (Phase, Instant)) -> Result<(), ExecError> {
+        *pipe = Pipe::default();
+        let error = match failure {
+            Failure::Memory(source) => return Err(ExecError::Memory { model: self.model_id.to_owned(), source }),
+            Failure::Engine(error) => error,
+        };
+        match error.kind() {
+            ErrorKind::Transient => {}
+            ErrorKind::InvalidInput => return Err(self.invalid(error)),
+            _ => return Err(ExecError::Engine { model: self.model_id.to_owned(), source: error, retries: self.retries }),
+        }
+        let policy = &self.shared.config.retry;
+        if self.retries >= policy.max_retries {
+            return Err(ExecError::RetriesExhausted { model: self.model_id.to_owned(), retries: self.retries, last: error });
+        }
+        self.retries += 1;
+        self.shared.metrics.retry();
+        let backoff = policy.backoff(self.retries);
+        let spread = policy.jitter * (2.0 * self.jitter.f64() - 1.0);
+        let backoff = backoff.mul_f64(1.0 + spread);
+        bounded(self.limits.deadline(phase.0, phase.1), tokio::time::sleep(backoff)).await
+    }
+
+    async fn reserve_kv(
+        &self,
+        plan: &MemoryPlan,
+        prompt: usize,
+        max_tokens: u32,
+        scope: ScopeId,
+    ) -> Result<KvCache, ExecError> {
+        let tokens = match self.shared.config.kv_reservation {
+            KvReservation::UpFront => prompt as u64 + u64::from(max_tokens),
+            KvReservation::PerToken => prompt as u64,
+        };
+        let mut kv = KvCache { leases: Vec::new(), per_token: plan.kv_bytes_per_token, tokens: 0 };
+        if kv.per_token == 0 {
+            kv.tokens = u64::MAX;
+            return Ok(kv);
+        }
+        // The context check bounds `tokens` by the model's context, whose kv-cache fits a u64.
+        let bytes = tokens * kv.per_token;
+        let wait = self.shared.config.memory_wait;
+        let lease = self.shared.kv.allocate_wait(bytes, scope, wait).await.map_err(|source| self.memory(source))?;
+        kv.leases.push(lease);
+        kv.tokens = tokens;
+        Ok(kv)
+    }
+
+    fn invalid(&self, source: EngineError) -> ExecError {
+        ExecError::InvalidRequest { model: self.model_id.to_owned(), source }
+    }
+
+    fn memory(&self, source: MemoryError) -> ExecError {
+        ExecError::Memory { model: self.model_id.to_owned(), source }
+    }
+
+    async fn send(&self, event: Event) -> Result<(), Halt> {
+        self.events.send(Ok(event)).await.map_err(|_| Halt::ReaderGone)
+    }
+}
+
+/// What a step reads.
+struct Step<'a> {
+    model: &'a dyn LoadedModel,
+    prompt: &'a [TokenId],
+    generated: &'a [TokenId],
+    params: &'a GenerationParams,
+    scope: ScopeId,
+}
+
+impl KvCache {
+    /// Makes the cache hold `tokens` tokens, growing it by one token's worth at a time (waiting under
+    /// pressure), and marks it in use so that the GC leaves it alone.
+    async fn cover(&mut self, tokens: usize, generation: &Generation<'_>, scope: ScopeId) -> Result<(), Failure> {
+        for lease in &self.leases {
+            lease.touch().map_err(Failure::Memory)?;
+        }
+        while self.tokens < tokens as u64 {
+            let grown = match self.leases.last_mut() {
+                Some(lease) => lease.try_grow(self.per_token),
+                None => Err(MemoryError::Exhausted {
+                    pool: generation.shared.kv.name().to_owned(),
+                    requested: self.per_token,
+                    available: 0,
+                    waiters: 0,
+                }),
+            };
+            match grown {
+                Ok(()) => {}
+                Err(MemoryError::Exhausted { .. }) => {
+                    let wait = generation.shared.config.memory_wait;
+                    let lease = generation.shared.kv.allocate_wait(self.per_token, scope, wait).await;
+                    self.leases.push(lease.map_err(Failure::Memory)?);
+                }
+                Err(error) => return Err(Failure::Memory(error)),
+            }
+            self.tokens += 1;
+        }
+        Ok(())
+    }
+}

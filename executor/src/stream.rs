@@ -1,0 +1,75 @@
+//! `GenerationStream`: the reader's end of a generation. Dropping it cancels the generation.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use usine_engine::TokenId;
+
+use crate::error::ExecError;
+use crate::event::{Event, Usage};
+
+/// The events of one generation, as they come ([`Event`] gives their order). A `Stream`, and also
+/// readable without one with [`next`](Self::next).
+///
+/// Dropping it stops the generation within one step and returns every lease it held.
+#[derive(Debug)]
+pub struct GenerationStream {
+    events: mpsc::Receiver<Result<Event, ExecError>>,
+    task: JoinHandle<()>,
+}
+
+/// A whole generation, read to its end by [`GenerationStream::collect`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Output {
+    /// The text, without the prompt and without a stop sequence.
+    pub text: String,
+    /// The tokens generated.
+    pub tokens: Vec<TokenId>,
+    /// The figures.
+    pub usage: Usage,
+}
+
+impl GenerationStream {
+    pub(crate) fn new(events: mpsc::Receiver<Result<Event, ExecError>>, task: JoinHandle<()>) -> Self {
+        Self { events, task }
+    }
+
+    /// The next event; `None` after the last.
+    pub async fn next(&mut self) -> Option<Result<Event, ExecError>> {
+        self.events.recv().await
+    }
+
+    /// Reads the whole generation.
+    pub async fn collect(mut self) -> Result<Output, ExecError> {
+        let mut text = String::new();
+        let mut tokens = Vec::new();
+        while let Some(event) = self.next().await {
+            match event? {
+                Event::Started { .. } => {}
+                Event::Token { id, text: delta, .. } => {
+                    tokens.push(id);
+                    text.push_str(&delta);
+                }
+                Event::Text(delta) => text.push_str(&delta),
+                Event::Finished(usage) => return Ok(Output { text, tokens, usage }),
+            }
+        }
+        Err(ExecError::Aborted)
+    }
+}
+
+impl futures_core::Stream for GenerationStream {
+    type Item = Result<Event, ExecError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.events.poll_recv(cx)
+    }
+}
+
+impl Drop for GenerationStream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
