@@ -49,7 +49,9 @@ impl std::fmt::Display for Phase {
 #[non_exhaustive]
 pub enum ExecError {
     /// Every generation slot is taken and the admission queue is full: try again later.
-    #[error("admission queue full: {running} generations running (the limit), {queued} queued (the limit is {capacity})")]
+    #[error(
+        "admission queue full: {running} generations running (the limit), {queued} queued (the limit is {capacity})"
+    )]
     QueueFull {
         /// Generations running.
         running: usize,

@@ -60,7 +60,11 @@ impl Outcome {
 
 /// Describes every metric of this crate to the installed recorder.
 pub fn describe_metrics() {
-    describe_histogram!(TIME_TO_FIRST_TOKEN_SECONDS, Unit::Seconds, "Time from a request's submission to its first token.");
+    describe_histogram!(
+        TIME_TO_FIRST_TOKEN_SECONDS,
+        Unit::Seconds,
+        "Time from a request's submission to its first token."
+    );
     describe_histogram!(TIME_BETWEEN_TOKENS_SECONDS, Unit::Seconds, "Time between two tokens of one generation.");
     describe_counter!(TOKENS_TOTAL, Unit::Count, "Tokens generated.");
     describe_counter!(

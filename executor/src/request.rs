@@ -168,10 +168,8 @@ mod tests {
 
     #[test]
     fn a_conversation_renders_one_line_per_message_and_asks_for_the_answer() {
-        let input = Input::Chat(vec![
-            Message::new(Role::System, "Be brief."),
-            Message::new(Role::User, "What is usine?"),
-        ]);
+        let input =
+            Input::Chat(vec![Message::new(Role::System, "Be brief."), Message::new(Role::User, "What is usine?")]);
         assert_eq!(input.render(), "System: Be brief.\nUser: What is usine?\nAssistant:");
     }
 

@@ -61,46 +61,49 @@ impl Drop for Tally {
     }
 }
 
-/// Runs one request and sends its events.
-pub(crate) async fn run(
+/// The task that runs one request and sends its events. Its tally exists from now on, so that a
+/// request dropped before its task first runs is counted too (as cancelled).
+pub(crate) fn run(
     shared: Arc<Shared>,
     request: Request,
     ticket: Ticket,
     submitted: Instant,
     seed: u64,
     events: Sender,
-) {
+) -> impl Future<Output = ()> + Send + 'static {
     let mut tally =
         Tally { metrics: Arc::clone(&shared.metrics), outcome: Outcome::Cancelled, tokens: 0, idle: Duration::ZERO };
-    let limits = Limits { submitted, timeouts: shared.config.timeouts.overridden_by(&request.timeouts) };
-    let generation = Generation {
-        shared: &shared,
-        model_id: &request.model,
-        limits,
-        retries: 0,
-        jitter: fastrand::Rng::with_seed(seed),
-        events: &events,
-    };
-    let result = generation.drive(&request, ticket, &mut tally).await;
-    let last = match result {
-        Ok(usage) => {
-            tally.outcome = Outcome::Completed;
-            Ok(Event::Finished(usage))
-        }
-        Err(Halt::ReaderGone) => return,
-        Err(Halt::Failed(error)) => {
-            tally.outcome = match &error {
-                ExecError::Timeout { phase, .. } => {
-                    shared.metrics.timeout(*phase);
-                    Outcome::Timeout
-                }
-                _ => Outcome::Failed,
-            };
-            Err(error)
-        }
-    };
-    drop(tally); // counted before the reader sees the end
-    let _ = events.send(last).await; // a reader gone by now has nothing to hear
+    async move {
+        let limits = Limits { submitted, timeouts: shared.config.timeouts.overridden_by(&request.timeouts) };
+        let generation = Generation {
+            shared: &shared,
+            model_id: &request.model,
+            limits,
+            retries: 0,
+            jitter: fastrand::Rng::with_seed(seed),
+            events: &events,
+        };
+        let result = generation.drive(&request, ticket, &mut tally).await;
+        let last = match result {
+            Ok(usage) => {
+                tally.outcome = Outcome::Completed;
+                Ok(Event::Finished(usage))
+            }
+            Err(Halt::ReaderGone) => return,
+            Err(Halt::Failed(error)) => {
+                tally.outcome = match &error {
+                    ExecError::Timeout { phase, .. } => {
+                        shared.metrics.timeout(*phase);
+                        Outcome::Timeout
+                    }
+                    _ => Outcome::Failed,
+                };
+                Err(error)
+            }
+        };
+        drop(tally); // counted before the reader sees the end
+        let _ = events.send(last).await; // a reader gone by now has nothing to hear
+    }
 }
 
 /// The time limits of one request.
@@ -194,7 +197,8 @@ impl Generation<'_> {
         let started = Instant::now();
         let first_token = self.limits.deadline(Phase::FirstToken, started);
 
-        let handle = bounded(first_token, self.shared.kernel.load_model(&request.model)).await?.map_err(ExecError::from)?;
+        let handle =
+            bounded(first_token, self.shared.kernel.load_model(&request.model)).await?.map_err(ExecError::from)?;
         let load = started.elapsed();
         let model = Arc::clone(handle.model());
         let plan = handle.memory_plan();
@@ -303,7 +307,13 @@ impl Generation<'_> {
     ) -> Result<Token, Failure> {
         let step = u32::try_from(context.generated.len()).expect("steps are bounded by max_tokens");
         if pipe.sequence.is_none() {
-            let sequence = context.model.prefill(context.prompt, context.generated, context.params).await;
+            let sequence = if context.generated.is_empty() {
+                context.model.prefill(context.prompt, context.generated, context.params).await
+            } else {
+                // A resume asks for what is left, so that the engine's context check counts each token once.
+                let left = GenerationParams { max_tokens: context.params.max_tokens - step, ..context.params.clone() };
+                context.model.prefill(context.prompt, context.generated, &left).await
+            };
             pipe.sequence = Some(sequence.map_err(Failure::Engine)?);
         }
         let sequence = pipe.sequence.as_deref().expect("set just above");
@@ -371,11 +381,17 @@ impl Generation<'_> {
         match error.kind() {
             ErrorKind::Transient => {}
             ErrorKind::InvalidInput => return Err(self.invalid(error)),
-            _ => return Err(ExecError::Engine { model: self.model_id.to_owned(), source: error, retries: self.retries }),
+            _ => {
+                return Err(ExecError::Engine { model: self.model_id.to_owned(), source: error, retries: self.retries });
+            }
         }
         let policy = &self.shared.config.retry;
         if self.retries >= policy.max_retries {
-            return Err(ExecError::RetriesExhausted { model: self.model_id.to_owned(), retries: self.retries, last: error });
+            return Err(ExecError::RetriesExhausted {
+                model: self.model_id.to_owned(),
+                retries: self.retries,
+                last: error,
+            });
         }
         self.retries += 1;
         self.shared.metrics.retry();

@@ -25,9 +25,8 @@ pub(crate) const LAYERS: &[(&str, &[&str])] = &[
     ("usine-engine-transformers", &["usine-engine", "usine-engine-sim"]),
     ("usine-engine-candle", &["usine-engine"]),
     ("usine-kernel", &["usine-memory", "usine-storage", "usine-engine"]),
-    // Dev-dependencies only, beyond the design's three: the executor's tests build a kernel over a graph store
-    // in a temporary folder, and drive the simulated engine (set stage times, injected faults).
-    ("usine-executor", &["usine-kernel", "usine-memory", "usine-engine", "usine-storage", "usine-engine-sim"]),
+    // Storage only as a dev-dependency: the executor's tests build a kernel over a store in a temporary folder.
+    ("usine-executor", &["usine-kernel", "usine-memory", "usine-engine", "usine-storage"]),
     ("usine-cli", ANY),
     ("usine-tests", ANY),
     ("xtask", &[]),

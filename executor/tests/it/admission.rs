@@ -1,0 +1,118 @@
+//! Admission: at most N at once, a bounded queue served by priority, refusals at once, batches whole.
+
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use usine_executor::{Event, ExecError, ExecutorConfig, Priority, Request};
+
+use crate::{config, fixture};
+
+fn small() -> ExecutorConfig {
+    ExecutorConfig { max_concurrent: 1, queue_capacity: 2, ..config() }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_queue_refuses_at_once_with_the_figures() {
+    let f = fixture(small());
+    let _streams: Vec<_> =
+        (0..3).map(|_| f.executor.generate(Request::prompt("lab", "Hi").max_tokens(50)).unwrap()).collect();
+    let refused = f.executor.generate(Request::prompt("lab", "Hi")).unwrap_err();
+    let ExecError::QueueFull { running, queued, capacity, refused: count } = refused else { panic!("{refused}") };
+    assert_eq!((running, queued, capacity, count), (1, 2, 2, 1));
+    assert_eq!(refused.code(), "queue_full");
+    assert_eq!(
+        refused.to_string(),
+        "admission queue full: 1 generations running (the limit), 2 queued (the limit is 2)"
+    );
+    let stats = f.executor.stats();
+    assert_eq!((stats.running, stats.queued, stats.rejected), (1, 2, 1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_free_slot_goes_to_the_most_urgent_then_the_oldest() {
+    let f = fixture(ExecutorConfig { max_concurrent: 1, queue_capacity: 8, ..config() });
+    let _model = f.loaded().await;
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let mut readers = Vec::new();
+    let requests = [
+        ("first", Priority::Normal),
+        ("low", Priority::Low),
+        ("normal-1", Priority::Normal),
+        ("high", Priority::High),
+        ("normal-2", Priority::Normal),
+    ];
+    for (name, priority) in requests {
+        let stream = f.executor.generate(Request::prompt("lab", "Hi").max_tokens(3).priority(priority)).unwrap();
+        let order = Arc::clone(&order);
+        readers.push(tokio::spawn(async move {
+            let mut stream = stream;
+            while let Some(event) = stream.next().await {
+                if let Ok(Event::Started { .. }) = event {
+                    order.lock().push(name);
+                }
+            }
+        }));
+    }
+    for reader in readers {
+        reader.await.unwrap();
+    }
+    assert_eq!(*order.lock(), ["first", "high", "normal-1", "normal-2", "low"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_batch_is_admitted_whole_or_refused_whole() {
+    let f = fixture(small());
+    let batch = |n| (0..n).map(|_| Request::prompt("lab", "Hi").max_tokens(5)).collect::<Vec<_>>();
+    let refused = f.executor.generate_batch(batch(4)).unwrap_err();
+    assert!(matches!(refused, ExecError::QueueFull { refused: 4, .. }), "{refused}");
+    assert_eq!((f.executor.stats().running, f.executor.stats().queued), (0, 0), "nothing half admitted");
+    let streams = f.executor.generate_batch(batch(3)).unwrap();
+    assert_eq!((f.executor.stats().running, f.executor.stats().queued), (1, 2));
+    for stream in streams {
+        assert_eq!(stream.collect().await.unwrap().usage.generated_tokens, 5);
+    }
+    assert_eq!(f.executor.stats().completed, 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_dropped_while_queued_leaves_the_queue_and_the_slot_passes_on() {
+    let f = fixture(small());
+    let _model = f.loaded().await;
+    let first = f.executor.generate(Request::prompt("lab", "Hi").max_tokens(5)).unwrap();
+    let dropped = f.executor.generate(Request::prompt("lab", "Hi").max_tokens(5)).unwrap();
+    let last = f.executor.generate(Request::prompt("lab", "Hi").max_tokens(5)).unwrap();
+    tokio::task::yield_now().await;
+    drop(dropped);
+    tokio::task::yield_now().await;
+    assert_eq!(f.executor.stats().queued, 1);
+    first.collect().await.unwrap();
+    assert_eq!(last.collect().await.unwrap().usage.generated_tokens, 5);
+    let stats = f.executor.stats();
+    assert_eq!((stats.running, stats.queued, stats.completed, stats.cancelled), (0, 0, 2, 1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_closed_executor_takes_no_new_work() {
+    let f = fixture(config());
+    f.executor.close();
+    assert!(matches!(f.executor.generate(Request::prompt("lab", "Hi")), Err(ExecError::ShuttingDown)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unknown_model_is_a_typed_error_in_the_stream() {
+    let f = fixture(config());
+    let error = f.executor.generate(Request::prompt("nope", "Hi")).unwrap().collect().await.unwrap_err();
+    assert_eq!(error.code(), "unknown_model");
+    assert!(error.to_string().contains("unknown model `nope` (known: lab)"), "{error}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn parameters_out_of_range_are_refused_with_the_limit() {
+    let f = fixture(config());
+    let error = f.executor.generate(Request::prompt("lab", "Hi").max_tokens(0)).unwrap().collect().await.unwrap_err();
+    assert_eq!(error.code(), "invalid_request");
+    assert!(error.to_string().contains("`max_tokens` is 0, outside 1..="), "{error}");
+    let error =
+        f.executor.generate(Request::prompt("lab", "Hi").max_tokens(5000)).unwrap().collect().await.unwrap_err();
+    assert!(error.to_string().contains("5002 tokens (prompt and max_tokens) exceed the context of 4096"), "{error}");
+}
