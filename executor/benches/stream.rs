@@ -1,2 +1,266 @@
-//! placeholder
-fn main() {}
+//! The executor's speed, in real time.
+//!
+//! - `pipeline`: tokens/s of one stream whose engine takes 2 ms to prepare a step and 5 ms to compute it,
+//!   pipelined and not; the ideal is one token per 5 ms (`1 / max(cpu, gpu)`), the sequential sum one per
+//!   7 ms. The bench engine paces its stages on an ideal timeline (a stage the timer stretched makes the
+//!   next one shorter), so that the timer's millisecond granularity is not counted against the executor.
+//! - `overhead`: the zero-cost engine, so that only usine is measured: one stream of 1,000 tokens against
+//!   the floor of a bare tokio bounded channel passing 1,000 items between two tasks, and the aggregate
+//!   over 1, 100 and 1,000 concurrent streams.
+//!
+//! Run with `cargo bench -p usine-executor`; divan prints items (tokens) per second.
+
+#![allow(clippy::unwrap_used, reason = "a benchmark's setup failing is a bug to see at once")]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use divan::Bencher;
+use divan::counter::ItemsCount;
+use parking_lot::Mutex;
+use tokio::time::Instant;
+use usine_engine::{
+    CompiledGraph, Detokenizer, Engine, EngineDescriptor, EngineError, GenerationParams, LoadedModel, MemoryPlan,
+    ModelSpec, Prepared, ProgressSink, Sequence, Token, TokenId, ZeroEngine,
+};
+use usine_executor::{ExecutorConfig, Request, TaskExecutor, Timeouts};
+use usine_kernel::{KernelConfig, ModelHandle, RuntimeManager};
+use usine_memory::{MemoryManager, StandardPools};
+use usine_storage::{Migrations, StorageConfig, StorageManager};
+
+fn main() {
+    divan::main();
+}
+
+const PREPARE: Duration = Duration::from_millis(2);
+const COMPUTE: Duration = Duration::from_millis(5);
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    executor: TaskExecutor,
+    _model: ModelHandle,
+}
+
+/// An executor over `engine`, its model `bench` loaded ahead.
+fn setup(runtime: &tokio::runtime::Runtime, engine: Arc<dyn Engine>, config: ExecutorConfig) -> Setup {
+    runtime.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let memory = MemoryManager::with_standard_pools(&StandardPools::from_budget(4 << 30).unwrap()).unwrap();
+        let storage = StorageManager::open(StorageConfig::at(dir.path()), Migrations::new()).unwrap();
+        let kernel = RuntimeManager::new(KernelConfig::default(), &memory, storage).unwrap();
+        kernel.register_engine(engine);
+        kernel.register_model(ModelSpec::new("bench", "zero", "default"));
+        let model = kernel.load_model("bench").await.unwrap();
+        let config = ExecutorConfig { timeouts: Timeouts::default(), ..config };
+        Setup { _dir: dir, executor: TaskExecutor::new(config, &kernel, &memory).unwrap(), _model: model }
+    })
+}
+
+/// A plan that makes every step take real leases: 1 KiB of kv-cache a token, 4 KiB of activations a step.
+const PLAN: MemoryPlan = MemoryPlan {
+    weights_bytes: 1 << 20,
+    kv_bytes_per_token: 1024,
+    activation_bytes_per_step: 4096,
+    max_context_tokens: 8192,
+};
+
+/// Tokens of each stream in the pipelining benchmark.
+const PIPELINE_TOKENS: u32 = 100;
+
+#[divan::bench(args = [true, false], sample_count = 10, sample_size = 1)]
+fn pipeline(bencher: Bencher<'_, '_>, pipelining: bool) {
+    let runtime = runtime();
+    let engine = Arc::new(Paced { zero: ZeroEngine::with_plan(PLAN) });
+    let setup = setup(&runtime, engine, ExecutorConfig { pipelining, ..ExecutorConfig::default() });
+    bencher.counter(ItemsCount::new(PIPELINE_TOKENS)).bench_local(|| {
+        runtime.block_on(async {
+            let request = Request::prompt("bench", "Hi").max_tokens(PIPELINE_TOKENS);
+            let output = setup.executor.generate(request).unwrap().collect().await.unwrap();
+            assert_eq!(output.usage.generated_tokens, PIPELINE_TOKENS);
+        });
+    });
+}
+
+/// Tokens of the one-stream overhead benchmark and its floor.
+const ONE_STREAM_TOKENS: u32 = 1000;
+
+#[divan::bench(sample_count = 50)]
+fn overhead_one_stream(bencher: Bencher<'_, '_>) {
+    let runtime = runtime();
+    let setup = setup(&runtime, Arc::new(ZeroEngine::with_plan(PLAN)), ExecutorConfig::default());
+    bencher.counter(ItemsCount::new(ONE_STREAM_TOKENS)).bench_local(|| {
+        runtime.block_on(async {
+            let request = Request::prompt("bench", "Hi").max_tokens(ONE_STREAM_TOKENS);
+            let mut stream = setup.executor.generate(request).unwrap();
+            let mut events = 0;
+            while let Some(event) = stream.next().await {
+                divan::black_box(event.unwrap());
+                events += 1;
+            }
+            assert_eq!(events, ONE_STREAM_TOKENS + 2);
+        });
+    });
+}
+
+/// The floor: the same number of items through a bare bounded channel of the same capacity, from a
+/// spawned producer task to the reader.
+#[divan::bench(sample_count = 50)]
+fn overhead_floor_bare_channel(bencher: Bencher<'_, '_>) {
+    let runtime = runtime();
+    let capacity = ExecutorConfig::default().channel_capacity;
+    bencher.counter(ItemsCount::new(ONE_STREAM_TOKENS)).bench_local(|| {
+        runtime.block_on(async {
+            let (sender, mut receiver) = tokio::sync::mpsc::channel(capacity);
+            tokio::spawn(async move {
+                for item in 0..ONE_STREAM_TOKENS {
+                    if sender.send(item).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            let mut items = 0;
+            while let Some(item) = receiver.recv().await {
+                divan::black_box(item);
+                items += 1;
+            }
+            assert_eq!(items, ONE_STREAM_TOKENS);
+        });
+    });
+}
+
+/// Tokens of each stream when many run at once.
+const CONCURRENT_TOKENS: u32 = 200;
+
+#[divan::bench(args = [1, 100, 1000], sample_count = 5, sample_size = 1)]
+fn overhead_concurrent_streams(bencher: Bencher<'_, '_>, streams: u32) {
+    let runtime = runtime();
+    let slots = usize::try_from(streams).unwrap();
+    let config = ExecutorConfig { max_concurrent: slots, queue_capacity: 0, ..ExecutorConfig::default() };
+    let setup = setup(&runtime, Arc::new(ZeroEngine::with_plan(PLAN)), config);
+    bencher.counter(ItemsCount::new(streams * CONCURRENT_TOKENS)).bench_local(|| {
+        runtime.block_on(async {
+            let requests = (0..streams).map(|_| Request::prompt("bench", "Hi").max_tokens(CONCURRENT_TOKENS));
+            let readers: Vec<_> = setup
+                .executor
+                .generate_batch(requests.collect())
+                .unwrap()
+                .into_iter()
+                .map(|mut stream| {
+                    tokio::spawn(async move {
+                        let mut tokens = 0;
+                        while let Some(event) = stream.next().await {
+                            if let usine_executor::Event::Token { .. } = event.unwrap() {
+                                tokens += 1;
+                            }
+                        }
+                        tokens
+                    })
+                })
+                .collect();
+            for reader in readers {
+                assert_eq!(reader.await.unwrap(), CONCURRENT_TOKENS);
+            }
+        });
+    });
+}
+
+/// The zero engine with a prepare stage of [`PREPARE`] and a compute stage of [`COMPUTE`], each paced
+/// on its own schedule.
+struct Paced {
+    zero: ZeroEngine,
+}
+
+#[async_trait::async_trait]
+impl Engine for Paced {
+    fn descriptor(&self) -> &EngineDescriptor {
+        self.zero.descriptor()
+    }
+
+    fn memory_plan(&self, graph: &CompiledGraph) -> Result<MemoryPlan, EngineError> {
+        self.zero.memory_plan(graph)
+    }
+
+    async fn compile(&self, spec: &ModelSpec, progress: &dyn ProgressSink) -> Result<CompiledGraph, EngineError> {
+        self.zero.compile(spec, progress).await
+    }
+
+    async fn load(&self, graph: &CompiledGraph) -> Result<Arc<dyn LoadedModel>, EngineError> {
+        Ok(Arc::new(PacedModel { inner: self.zero.load(graph).await? }))
+    }
+}
+
+struct PacedModel {
+    inner: Arc<dyn LoadedModel>,
+}
+
+#[async_trait::async_trait]
+impl LoadedModel for PacedModel {
+    fn memory_plan(&self) -> MemoryPlan {
+        self.inner.memory_plan()
+    }
+
+    fn tokenize(&self, text: &str) -> Vec<TokenId> {
+        self.inner.tokenize(text)
+    }
+
+    fn detokenizer(&self) -> Box<dyn Detokenizer> {
+        self.inner.detokenizer()
+    }
+
+    async fn prefill(
+        &self,
+        prompt: &[TokenId],
+        generated: &[TokenId],
+        params: &GenerationParams,
+    ) -> Result<Box<dyn Sequence>, EngineError> {
+        let inner = self.inner.prefill(prompt, generated, params).await?;
+        Ok(Box::new(PacedSequence { inner, schedule: Schedule::default() }))
+    }
+}
+
+/// When the stages of a sequence should end, planned as on an ideal timeline: a stage that starts
+/// right after a stage ended (within [`SLACK`], what a timer may overshoot) is planned from that stage's
+/// planned end, so that a wait the timer stretched makes the next one shorter; any other is planned
+/// from now.
+#[derive(Default)]
+struct Schedule(Mutex<[Option<Instant>; 2]>);
+
+const SLACK: Duration = Duration::from_micros(1500);
+const CPU: usize = 0;
+const DEVICE: usize = 1;
+
+impl Schedule {
+    async fn wait(&self, stage: usize, duration: Duration) {
+        let target = {
+            let mut planned = self.0.lock();
+            let now = Instant::now();
+            let start =
+                planned.iter().flatten().copied().filter(|&end| end <= now && now - end < SLACK).max().unwrap_or(now);
+            planned[stage] = Some(start + duration);
+            start + duration
+        };
+        tokio::time::sleep_until(target).await;
+    }
+}
+
+struct PacedSequence {
+    inner: Box<dyn Sequence>,
+    schedule: Schedule,
+}
+
+#[async_trait::async_trait]
+impl Sequence for PacedSequence {
+    async fn prepare(&self, step: u32) -> Result<Prepared, EngineError> {
+        self.schedule.wait(CPU, PREPARE).await;
+        self.inner.prepare(step).await
+    }
+
+    async fn compute(&self, prepared: Prepared, previous: Option<TokenId>) -> Result<Token, EngineError> {
+        self.schedule.wait(DEVICE, COMPUTE).await;
+        self.inner.compute(prepared, previous).await
+    }
+}

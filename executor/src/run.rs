@@ -382,7 +382,11 @@ impl Generation<'_> {
             ErrorKind::Transient => {}
             ErrorKind::InvalidInput => return Err(self.invalid(error)),
             _ => {
-                return Err(ExecError::Engine { model: self.model_id.to_owned(), source: error, retries: self.retries });
+                return Err(ExecError::Engine {
+                    model: self.model_id.to_owned(),
+                    source: error,
+                    retries: self.retries,
+                });
             }
         }
         let policy = &self.shared.config.retry;
