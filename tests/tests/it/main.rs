@@ -6,4 +6,5 @@
     reason = "helpers outside #[test] fns unwrap too: a panic is a test failure with its message"
 )]
 
+mod executor;
 mod kernel;
