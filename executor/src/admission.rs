@@ -68,21 +68,24 @@ impl Admission {
                 refused: priorities.len(),
             });
         }
-        let mut tickets = Vec::with_capacity(priorities.len());
-        for &priority in priorities {
-            if st.running < self.limit {
+        // Free slots go to the batch's most urgent requests first; the rest queue in their order.
+        let mut order: Vec<usize> = (0..priorities.len()).collect();
+        order.sort_by_key(|&index| Reverse(priorities[index]));
+        let mut tickets: Vec<Option<Ticket>> = (0..priorities.len()).map(|_| None).collect();
+        for index in order {
+            tickets[index] = Some(if st.running < self.limit {
                 st.running += 1;
-                tickets.push(Ticket::Now(Slot { admission: Arc::clone(self) }));
+                Ticket::Now(Slot { admission: Arc::clone(self) })
             } else {
-                let key = (Reverse(priority), st.next);
-                st.next += 1;
+                let key = (Reverse(priorities[index]), st.next + index as u64);
                 let (grant, granted) = oneshot::channel();
                 st.queue.insert(key, grant);
-                tickets.push(Ticket::Queued(Place { admission: Arc::clone(self), key, granted: Some(granted) }));
-            }
+                Ticket::Queued(Place { admission: Arc::clone(self), key, granted: Some(granted) })
+            });
         }
+        st.next += priorities.len() as u64;
         self.publish(&st);
-        Ok(tickets)
+        Ok(tickets.into_iter().map(|ticket| ticket.expect("every index is in the order")).collect())
     }
 
     /// Running generations and queued requests.

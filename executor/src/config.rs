@@ -8,6 +8,8 @@ use usine_memory::{ACTIVATIONS, KV_CACHE};
 pub const MAX_SLOTS: usize = 1 << 16;
 /// Most tokens buffered between a generation and its reader.
 pub const MAX_CHANNEL_CAPACITY: usize = 1 << 16;
+/// The longest wait between two tries of a request.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(3600);
 
 /// How a sequence's kv-cache is reserved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -71,9 +73,10 @@ pub struct Timeouts {
 }
 
 impl Timeouts {
-    /// The executor's defaults: a minute in the queue, five minutes to the first token (room for a
-    /// compile), thirty seconds between tokens, no limit on the whole.
-    pub fn defaults() -> Self {
+    /// The executor's standard limits (its default): a minute in the queue, five minutes to the first
+    /// token (room for a compile), thirty seconds between tokens, no limit on the whole. (`default()`
+    /// sets no limit at all: what a request uses to keep the executor's.)
+    pub fn standard() -> Self {
         Self {
             queue: Some(Duration::from_secs(60)),
             first_token: Some(Duration::from_secs(300)),
@@ -130,7 +133,7 @@ impl Default for ExecutorConfig {
             kv_reservation: KvReservation::UpFront,
             memory_wait: Duration::from_millis(500),
             retry: RetryPolicy::default(),
-            timeouts: Timeouts::defaults(),
+            timeouts: Timeouts::standard(),
         }
     }
 }
@@ -163,6 +166,13 @@ impl ExecutorConfig {
         }
         if !(0.0..=1.0).contains(&self.retry.jitter) {
             return outside("retry.jitter", self.retry.jitter.to_string(), "0..=1".into());
+        }
+        for (name, backoff) in
+            [("retry.initial_backoff", self.retry.initial_backoff), ("retry.max_backoff", self.retry.max_backoff)]
+        {
+            if backoff > MAX_BACKOFF {
+                return outside(name, format!("{backoff:?}"), format!("at most {MAX_BACKOFF:?}"));
+            }
         }
         Ok(())
     }

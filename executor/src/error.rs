@@ -50,7 +50,7 @@ impl std::fmt::Display for Phase {
 pub enum ExecError {
     /// Every generation slot is taken and the admission queue is full: try again later.
     #[error(
-        "admission queue full: {running} generations running (the limit), {queued} queued (the limit is {capacity})"
+        "admission queue full: {queued} of {capacity} places taken, {running} generations running; refused {refused} request(s)"
     )]
     QueueFull {
         /// Generations running.
@@ -133,6 +133,7 @@ impl ExecError {
             Self::Kernel(_) => "model_unavailable",
             Self::InvalidRequest { .. } => "invalid_request",
             Self::Memory { .. } => "out_of_memory",
+            Self::Engine { source, .. } if source.kind() == usine_engine::ErrorKind::OutOfMemory => "out_of_memory",
             Self::Engine { .. } | Self::RetriesExhausted { .. } | Self::Aborted => "engine_failure",
             Self::ShuttingDown => "shutting_down",
             Self::Config(_) | Self::NoRuntime => "setup",

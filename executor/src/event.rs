@@ -10,7 +10,7 @@ use usine_kernel::LoadSource;
 /// A stream that fails yields its error instead of whatever would have come next, and ends.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
-    /// The model is ready and the prompt is processed: tokens follow.
+    /// The model is ready and the kv-cache reserved: the prompt's prefill and the tokens follow.
     Started {
         /// Where the model came from when it was loaded into memory.
         source: LoadSource,

@@ -39,7 +39,7 @@ pub struct ExecutorStats {
     pub completed: u64,
     /// Requests whose reader dropped the stream first.
     pub cancelled: u64,
-    /// Requests refused because the queue was full.
+    /// Requests refused at once: queue full, parameters out of range, executor closed.
     pub rejected: u64,
     /// Requests that ran out of time, in any phase.
     pub timed_out: u64,
@@ -93,10 +93,19 @@ impl TaskExecutor {
     }
 
     /// Starts several generations in one admission pass: all are admitted (running or queued) or, if
-    /// the queue cannot take all that must wait, none is.
+    /// the queue cannot take all that must wait, none is. Free slots go to the most urgent first. A
+    /// request whose parameters are out of range refuses the batch ([`ExecError::InvalidRequest`]).
     pub fn generate_batch(&self, requests: Vec<Request>) -> Result<Vec<GenerationStream>, ExecError> {
         if self.closed.load(Ordering::Acquire) {
+            requests.iter().for_each(|_| self.shared.metrics.outcome(Outcome::Rejected));
             return Err(ExecError::ShuttingDown);
+        }
+        // Parameters out of range are refused before they take a place, a slot or a model load.
+        for request in &requests {
+            if let Err(source) = request.params.validate() {
+                requests.iter().for_each(|_| self.shared.metrics.outcome(Outcome::Rejected));
+                return Err(ExecError::InvalidRequest { model: request.model.clone(), source });
+            }
         }
         let submitted = Instant::now();
         let priorities: Vec<_> = requests.iter().map(|request| request.priority).collect();

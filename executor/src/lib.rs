@@ -3,9 +3,10 @@
 //!
 //! A [`TaskExecutor`] admits at most [`max_concurrent`](ExecutorConfig::max_concurrent) generations at
 //! once and queues the rest by [`Priority`], refusing at once when its queue is full. Each generation
-//! gets its model from the kernel, reserves its kv-cache from the `kv-cache` pool and one step's
-//! activations at a time from the `activations` pool (waiting a bounded time under pressure), and runs
-//! its steps two deep: the prepare stage of step N+1 beside the compute stage of step N. Tokens cross a
+//! gets its model from the kernel, reserves its kv-cache from the `kv-cache` pool and each step's
+//! activations from the `activations` pool (waiting a bounded time under pressure), and runs its steps
+//! two deep: the prepare stage of step N+1 beside the compute stage of step N, so at most two steps'
+//! activations at once (one when the pool has no room for the second: the overlap waits). Tokens cross a
 //! bounded channel, so a slow reader slows the generation instead of filling memory. Transient engine
 //! failures are retried with backoff, resuming where the stream stopped; every phase has a time limit.
 //! Dropping a [`GenerationStream`] cancels its generation within one step and returns every lease.
@@ -50,7 +51,9 @@ mod request;
 mod run;
 mod stream;
 
-pub use config::{ConfigError, ExecutorConfig, KvReservation, MAX_CHANNEL_CAPACITY, MAX_SLOTS, RetryPolicy, Timeouts};
+pub use config::{
+    ConfigError, ExecutorConfig, KvReservation, MAX_BACKOFF, MAX_CHANNEL_CAPACITY, MAX_SLOTS, RetryPolicy, Timeouts,
+};
 pub use error::{ExecError, Phase};
 pub use event::{Event, Usage};
 pub use executor::{ExecutorStats, TaskExecutor};

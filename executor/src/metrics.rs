@@ -34,7 +34,7 @@ pub(crate) enum Outcome {
     Completed,
     /// Its reader dropped the stream.
     Cancelled,
-    /// Refused by admission (queue full).
+    /// Refused at once: queue full, parameters out of range, executor closed.
     Rejected,
     /// A phase ran out of time.
     Timeout,
@@ -70,7 +70,7 @@ pub fn describe_metrics() {
     describe_counter!(
         REQUESTS_TOTAL,
         Unit::Count,
-        "Requests, by outcome: completed, cancelled, rejected, timeout, failed."
+        "Requests, by outcome: completed, cancelled, rejected (refused at once), timeout, failed."
     );
     describe_counter!(
         TIMEOUTS_TOTAL,

@@ -21,6 +21,10 @@ use crate::event::{Event, Usage};
 use crate::metrics::{ExecutorMetrics, Outcome};
 use crate::request::Request;
 
+/// How often a generation blocked on its reader marks its kv-cache in use: well inside any idle timeout
+/// a pool's GC would use.
+const KEEP_ALIVE_TICK: Duration = Duration::from_secs(1);
+
 /// What every generation of one executor shares.
 pub(crate) struct Shared {
     pub(crate) kernel: RuntimeManager,
@@ -56,6 +60,9 @@ struct Tally {
 
 impl Drop for Tally {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.outcome = Outcome::Failed; // the engine panicked: the reader gets `Aborted`
+        }
         self.metrics.generation(self.tokens, self.idle);
         self.metrics.outcome(self.outcome);
     }
@@ -129,9 +136,12 @@ impl Limits {
             Phase::BetweenTokens => self.timeouts.between_tokens,
             Phase::Total => None,
         }
-        .map(|limit| Deadline { at: since + limit, phase, limit });
-        let total =
-            self.timeouts.total.map(|limit| Deadline { at: self.submitted + limit, phase: Phase::Total, limit });
+        // A limit too far to be an instant is no limit.
+        .and_then(|limit| Some(Deadline { at: since.checked_add(limit)?, phase, limit }));
+        let total = self
+            .timeouts
+            .total
+            .and_then(|limit| Some(Deadline { at: self.submitted.checked_add(limit)?, phase: Phase::Total, limit }));
         match (own, total) {
             (Some(own), Some(total)) => Some(if total.at < own.at { total } else { own }),
             (own, total) => own.or(total),
@@ -227,7 +237,8 @@ impl Generation<'_> {
                 continue;
             }
             let deadline = self.limits.deadline(phase.0, phase.1);
-            let context = Step { model: model.as_ref(), prompt: &prompt, generated: &generated, params, scope };
+            let context =
+                Step { model: model.as_ref(), plan: &plan, prompt: &prompt, generated: &generated, params, scope };
             let outcome = bounded(deadline, self.step(&context, &mut pipe, &mut kv, &mut tally.idle)).await?;
             let token = match outcome {
                 Ok(token) => token,
@@ -250,9 +261,20 @@ impl Generation<'_> {
             }
             last_at = now;
             generated.push(token.id);
-            tally.tokens += 1;
             let released = stops.push(&detokenizer.push(token.id));
-            self.send(Event::Token { index: step, id: token.id, text: released.text }).await?;
+            let event = Ok(Event::Token { index: step, id: token.id, text: released.text });
+            match self.events.try_send(event) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Closed(_)) => return Err(Halt::ReaderGone),
+                Err(mpsc::error::TrySendError::Full(event)) => {
+                    // The reader is behind: the step prepared ahead gives its activations back while we
+                    // wait (it is prepared again, without overlap, once the reader catches up).
+                    pipe.ahead = None;
+                    self.wait_for_reader(event, &kv).await?;
+                }
+            }
+            tally.tokens += 1;
+            kv.touch().map_err(|source| self.memory(source))?; // in use, however long the reader took
             if released.stopped {
                 finish = FinishReason::Stop;
                 break;
@@ -260,6 +282,7 @@ impl Generation<'_> {
             phase = (Phase::BetweenTokens, Instant::now()); // time blocked on the reader is not the engine's
         }
         drop(pipe); // flush: a step prepared ahead returns its activations
+        drop((kv, handle, slot)); // memory, model and slot go back before the reader hears the end
         if finish != FinishReason::Stop {
             let released = stops.push(&detokenizer.finish());
             let mut text = released.text;
@@ -272,7 +295,6 @@ impl Generation<'_> {
                 self.send(Event::Text(text)).await?;
             }
         }
-        drop((kv, handle, slot)); // memory, model and slot go back before the reader hears the end
 
         let ended = Instant::now();
         let generated_tokens = tally.tokens;
@@ -315,6 +337,7 @@ impl Generation<'_> {
                 context.model.prefill(context.prompt, context.generated, &left).await
             };
             pipe.sequence = Some(sequence.map_err(Failure::Engine)?);
+            kv.touch().map_err(Failure::Memory)?; // a long prefill is use, not idleness
         }
         let sequence = pipe.sequence.as_deref().expect("set just above");
         kv.cover(context.prompt.len() + context.generated.len() + 1, self, context.scope).await?;
@@ -329,19 +352,25 @@ impl Generation<'_> {
             }
         };
         let previous = context.generated.last().or(context.prompt.last()).copied();
-        let ahead = self.shared.config.pipelining && step + 1 < context.params.max_tokens;
         let Ready { prepared, activations } = current;
-        if !ahead {
+        // The step ahead takes its activations only if they are free now: waiting for them would hold
+        // back this step's token. Without room, the next step is prepared after this one, as when
+        // pipelining is off.
+        let ahead = self.shared.config.pipelining && step + 1 < context.params.max_tokens;
+        let Some(activations_ahead) = ahead.then(|| self.free_activations(context)).flatten() else {
             let token = sequence.compute(prepared, previous).await;
             drop(activations);
             return token.map_err(Failure::Engine);
-        }
+        };
         let compute = async {
             let token = sequence.compute(prepared, previous).await;
             drop(activations); // the next step's compute may need the room
             (token, Instant::now())
         };
-        let prepare = async { (self.prepare(sequence, step + 1, context).await, Instant::now()) };
+        let prepare = async {
+            let prepared = sequence.prepare(step + 1).await.map_err(Failure::Engine);
+            (prepared.map(|prepared| Ready { prepared, activations: activations_ahead }), Instant::now())
+        };
         let ((token, computed_at), (next, prepared_at)) = tokio::join!(compute, prepare);
         let token = token.map_err(Failure::Engine)?; // a step prepared ahead of a failed one is dropped
         match next {
@@ -357,9 +386,17 @@ impl Generation<'_> {
         Ok(token)
     }
 
+    /// A step's activations if they are free now (`Some(None)` when the model needs none).
+    fn free_activations(&self, context: &Step<'_>) -> Option<Option<Lease>> {
+        match context.plan.activation_bytes_per_step {
+            0 => Some(None),
+            bytes => self.shared.activations.allocate(bytes, context.scope).ok().map(Some),
+        }
+    }
+
     /// The prepare stage of `step`, with the activations it needs (waited for under pressure).
     async fn prepare(&self, sequence: &dyn Sequence, step: u32, context: &Step<'_>) -> Result<Ready, Failure> {
-        let bytes = context.model.memory_plan().activation_bytes_per_step;
+        let bytes = context.plan.activation_bytes_per_step;
         let activations = if bytes == 0 {
             None
         } else {
@@ -401,7 +438,7 @@ impl Generation<'_> {
         self.shared.metrics.retry();
         let backoff = policy.backoff(self.retries);
         let spread = policy.jitter * (2.0 * self.jitter.f64() - 1.0);
-        let backoff = backoff.mul_f64(1.0 + spread);
+        let backoff = Duration::try_from_secs_f64(backoff.as_secs_f64() * (1.0 + spread)).unwrap_or(policy.max_backoff);
         bounded(self.limits.deadline(phase.0, phase.1), tokio::time::sleep(backoff)).await
     }
 
@@ -421,8 +458,10 @@ impl Generation<'_> {
             kv.tokens = u64::MAX;
             return Ok(kv);
         }
-        // The context check bounds `tokens` by the model's context, whose kv-cache fits a u64.
-        let bytes = tokens * kv.per_token;
+        let Some(bytes) = tokens.checked_mul(kv.per_token) else {
+            let (pool, capacity) = (self.shared.kv.name().to_owned(), self.shared.kv.capacity());
+            return Err(self.memory(MemoryError::TooLarge { pool, requested: u64::MAX, capacity }));
+        };
         let wait = self.shared.config.memory_wait;
         let lease = self.shared.kv.allocate_wait(bytes, scope, wait).await.map_err(|source| self.memory(source))?;
         kv.leases.push(lease);
@@ -438,14 +477,40 @@ impl Generation<'_> {
         ExecError::Memory { model: self.model_id.to_owned(), source }
     }
 
+    /// Waits until a slow reader takes `event`, at most until the request's whole limit, keeping the
+    /// kv-cache marked in use meanwhile (a generation waiting for its reader is not idle memory).
+    async fn wait_for_reader(&self, event: Result<Event, ExecError>, kv: &KvCache) -> Result<(), Halt> {
+        let send = self.events.send(event);
+        let keep_alive = async {
+            let mut ticks = tokio::time::interval(KEEP_ALIVE_TICK);
+            loop {
+                ticks.tick().await;
+                if let Err(source) = kv.touch() {
+                    return source;
+                }
+            }
+        };
+        let total = self.limits.deadline(Phase::Total, self.limits.submitted);
+        let outcome = bounded(total, async {
+            tokio::select! {
+                sent = send => sent.map_err(|_| Halt::ReaderGone),
+                revoked = keep_alive => Err(Halt::Failed(self.memory(revoked))),
+            }
+        });
+        outcome.await?
+    }
+
+    /// Sends an event, waiting for a slow reader at most until the request's whole limit.
     async fn send(&self, event: Event) -> Result<(), Halt> {
-        self.events.send(Ok(event)).await.map_err(|_| Halt::ReaderGone)
+        let total = self.limits.deadline(Phase::Total, self.limits.submitted);
+        bounded(total, self.events.send(Ok(event))).await?.map_err(|_| Halt::ReaderGone)
     }
 }
 
 /// What a step reads.
 struct Step<'a> {
     model: &'a dyn LoadedModel,
+    plan: &'a MemoryPlan,
     prompt: &'a [TokenId],
     generated: &'a [TokenId],
     params: &'a GenerationParams,
@@ -453,12 +518,14 @@ struct Step<'a> {
 }
 
 impl KvCache {
+    /// Marks every lease in use now, so that the GC leaves them alone for another idle period.
+    fn touch(&self) -> Result<(), MemoryError> {
+        self.leases.iter().try_for_each(Lease::touch)
+    }
+
     /// Makes the cache hold `tokens` tokens, growing it by one token's worth at a time (waiting under
-    /// pressure), and marks it in use so that the GC leaves it alone.
+    /// pressure).
     async fn cover(&mut self, tokens: usize, generation: &Generation<'_>, scope: ScopeId) -> Result<(), Failure> {
-        for lease in &self.leases {
-            lease.touch().map_err(Failure::Memory)?;
-        }
         while self.tokens < tokens as u64 {
             let grown = match self.leases.last_mut() {
                 Some(lease) => lease.try_grow(self.per_token),

@@ -18,6 +18,8 @@ use crate::event::{Event, Usage};
 pub struct GenerationStream {
     events: mpsc::Receiver<Result<Event, ExecError>>,
     task: JoinHandle<()>,
+    /// The last event (`Finished` or an error) was read, or the end was reported.
+    ended: bool,
 }
 
 /// A whole generation, read to its end by [`GenerationStream::collect`].
@@ -33,12 +35,29 @@ pub struct Output {
 
 impl GenerationStream {
     pub(crate) fn new(events: mpsc::Receiver<Result<Event, ExecError>>, task: JoinHandle<()>) -> Self {
-        Self { events, task }
+        Self { events, task, ended: false }
     }
 
-    /// The next event; `None` after the last.
+    /// The next event; `None` after the last. A generation whose task ended without its last event (the
+    /// engine panicked) yields [`ExecError::Aborted`] once.
     pub async fn next(&mut self) -> Option<Result<Event, ExecError>> {
-        self.events.recv().await
+        let event = self.events.recv().await;
+        self.settle(event)
+    }
+
+    /// Notes the end of the stream, and reports a task that ended without saying so.
+    fn settle(&mut self, event: Option<Result<Event, ExecError>>) -> Option<Result<Event, ExecError>> {
+        match event {
+            Some(event) => {
+                self.ended |= matches!(event, Ok(Event::Finished(_)) | Err(_));
+                Some(event)
+            }
+            None if self.ended => None,
+            None => {
+                self.ended = true;
+                Some(Err(ExecError::Aborted))
+            }
+        }
     }
 
     /// Reads the whole generation.
@@ -56,7 +75,7 @@ impl GenerationStream {
                 Event::Finished(usage) => return Ok(Output { text, tokens, usage }),
             }
         }
-        Err(ExecError::Aborted)
+        Err(ExecError::Aborted) // unreachable: `next` reports an end without `Finished` as an error
     }
 }
 
@@ -64,7 +83,8 @@ impl futures_core::Stream for GenerationStream {
     type Item = Result<Event, ExecError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.events.poll_recv(cx)
+        let event = std::task::ready!(self.events.poll_recv(cx));
+        Poll::Ready(self.settle(event))
     }
 }
 

@@ -275,6 +275,12 @@ impl RuntimeManager {
         self.inner.spec(model)
     }
 
+    /// The key `model`'s compiled graph is stored under (for `usine cache explain`, say).
+    pub fn graph_key(&self, model: &str) -> Result<usine_storage::GraphKey, KernelError> {
+        let spec = self.spec(model)?;
+        Ok(graph_key(&spec, self.engine_for(model)?.as_ref()))
+    }
+
     /// Queues `models` for warming in the background, in order, behind those already queued. They load
     /// (and run a throwaway generation) while fewer than `load_slots` loads run; a user load of a queued
     /// model takes it out of the queue, and a user load that finds every slot taken by warm-ups

@@ -59,7 +59,7 @@ async fn thousands_of_faulty_cancelled_and_timed_out_generations_leave_nothing_b
         max_concurrent: 16,
         queue_capacity: 64,
         retry: RetryPolicy { max_retries: 2, initial_backoff: Duration::from_millis(5), ..RetryPolicy::default() },
-        timeouts: Timeouts { between_tokens: Some(Duration::from_millis(200)), ..Timeouts::defaults() },
+        timeouts: Timeouts { between_tokens: Some(Duration::from_millis(200)), ..Timeouts::standard() },
         ..ExecutorConfig::default()
     };
     let executor = TaskExecutor::new(config, &kernel, &memory).unwrap();

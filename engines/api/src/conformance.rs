@@ -197,7 +197,10 @@ async fn decode(
     pipelined: bool,
 ) -> Result<Vec<TokenId>, Failure> {
     let check = if pipelined { "pipelining" } else { "resume" };
-    let sequence = model.prefill(prompt, generated, params).await.map_err(engine_error(check))?;
+    // A resume asks for what is left (see `LoadedModel::prefill`); the steps still count from the start.
+    let left = params.max_tokens - u32::try_from(generated.len()).expect("fewer than max_tokens");
+    let resume = GenerationParams { max_tokens: left, ..params.clone() };
+    let sequence = model.prefill(prompt, generated, &resume).await.map_err(engine_error(check))?;
     let mut tokens = Vec::new();
     let mut previous = generated.last().or(prompt.last()).copied();
     let first = u32::try_from(generated.len()).expect("fewer than max_tokens");

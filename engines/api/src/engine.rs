@@ -57,8 +57,10 @@ pub trait LoadedModel: Send + Sync {
     /// Processes the prompt and starts a sequence whose first step is `generated.len()`.
     ///
     /// `generated` is empty for a new generation. To resume one after a failure, pass the tokens
-    /// already generated: the sequence goes on from there and, with the same parameters, produces what
-    /// an uninterrupted run would have (so a reader never sees a token twice, nor a different one).
+    /// already generated, and the same parameters but for `max_tokens`, which counts what is left (the
+    /// original less `generated.len()`, so that the context check counts each token once): the sequence
+    /// goes on from there and produces what an uninterrupted run would have (so a reader never sees a
+    /// token twice, nor a different one).
     /// Checks `params` ([`GenerationParams::validate`]) and the context ([`check_context`]).
     async fn prefill(
         &self,

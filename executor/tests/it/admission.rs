@@ -22,7 +22,7 @@ async fn a_full_queue_refuses_at_once_with_the_figures() {
     assert_eq!(refused.code(), "queue_full");
     assert_eq!(
         refused.to_string(),
-        "admission queue full: 1 generations running (the limit), 2 queued (the limit is 2)"
+        "admission queue full: 2 of 2 places taken, 1 generations running; refused 1 request(s)"
     );
     let stats = f.executor.stats();
     assert_eq!((stats.running, stats.queued, stats.rejected), (1, 2, 1));
@@ -109,10 +109,28 @@ async fn an_unknown_model_is_a_typed_error_in_the_stream() {
 #[tokio::test(start_paused = true)]
 async fn parameters_out_of_range_are_refused_with_the_limit() {
     let f = fixture(config());
-    let error = f.executor.generate(Request::prompt("lab", "Hi").max_tokens(0)).unwrap().collect().await.unwrap_err();
+    // Refused at once, before a place in the queue or a model load.
+    let error = f.executor.generate(Request::prompt("lab", "Hi").max_tokens(0)).unwrap_err();
     assert_eq!(error.code(), "invalid_request");
+    assert_eq!(f.executor.stats().rejected, 1);
+    assert!(f.kernel.loaded().is_empty());
     assert!(error.to_string().contains("`max_tokens` is 0, outside 1..="), "{error}");
     let error =
         f.executor.generate(Request::prompt("lab", "Hi").max_tokens(5000)).unwrap().collect().await.unwrap_err();
     assert!(error.to_string().contains("5002 tokens (prompt and max_tokens) exceed the context of 4096"), "{error}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn within_a_batch_free_slots_go_to_the_most_urgent() {
+    let f = fixture(ExecutorConfig { max_concurrent: 1, queue_capacity: 8, ..config() });
+    let _model = f.loaded().await;
+    let batch = vec![
+        Request::prompt("lab", "Hi").max_tokens(2).priority(Priority::Low),
+        Request::prompt("lab", "Hi").max_tokens(2).priority(Priority::High),
+    ];
+    let mut streams = f.executor.generate_batch(batch).unwrap().into_iter();
+    let (low, high) = (streams.next().unwrap(), streams.next().unwrap());
+    let (low, high) = tokio::join!(low.collect(), high.collect());
+    assert_eq!(high.unwrap().usage.queued, std::time::Duration::ZERO, "the urgent one took the slot");
+    assert!(low.unwrap().usage.queued > std::time::Duration::ZERO);
 }

@@ -70,14 +70,64 @@ async fn a_reader_that_does_not_read_stops_the_generation_at_the_channel_capacit
     let _model = f.loaded().await;
     let mut stream = f.executor.generate(Request::prompt("lab", "Hi").max_tokens(1000)).unwrap();
     tokio::time::sleep(Duration::from_secs(10)).await; // long enough for 500 tokens
-    // The start and three tokens fill the channel; the fourth token waits to be sent, the fifth is
-    // prepared ahead.
+    // The start and three tokens fill the channel; the fourth token waits to be sent, and the step
+    // prepared ahead gave its activations back meanwhile.
     assert_eq!(f.script.lock().computes, 4);
-    assert_eq!(f.used(ACTIVATIONS), crate::ACTIVATIONS_PER_STEP);
+    assert_eq!(f.used(ACTIVATIONS), 0);
     for expected in 0..10 {
         let event = stream.next().await.unwrap().unwrap();
         if expected > 0 {
             assert!(matches!(event, Event::Token { index, .. } if index == expected - 1), "{event:?}");
         }
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reader_that_stops_reading_ends_at_the_total_limit_and_frees_everything() {
+    let limit = Duration::from_secs(1);
+    let timeouts = usine_executor::Timeouts { total: Some(limit), ..usine_executor::Timeouts::default() };
+    let f = fixture(ExecutorConfig { channel_capacity: 2, timeouts, ..config() });
+    let _model = f.loaded().await;
+    let mut stream = f.executor.generate(Request::prompt("lab", "Hi").max_tokens(1000)).unwrap();
+    tokio::time::sleep(limit).await;
+    tokio::task::yield_now().await;
+    assert_eq!((f.used(ACTIVATIONS), f.used(KV_CACHE)), (0, 0));
+    let stats = f.executor.stats();
+    assert_eq!((stats.running, stats.timed_out), (0, 1));
+    let mut last = None;
+    while let Some(event) = stream.next().await {
+        last = Some(event);
+    }
+    assert!(matches!(last, Some(Err(usine_executor::ExecError::Timeout { .. }))), "{last:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_generation_waiting_for_its_reader_keeps_its_memory_from_the_gc() {
+    let f = fixture(ExecutorConfig { channel_capacity: 2, ..config() });
+    let gc_pool = usine_memory::PoolConfig::new(1 << 20, 1024).idle_timeout(Some(Duration::from_secs(2)));
+    f.memory.create_pool("kv-gc", gc_pool).unwrap();
+    let _gc = f.memory.start_gc().unwrap();
+    let executor =
+        usine_executor::TaskExecutor::new(ExecutorConfig { kv_pool: "kv-gc".into(), ..config() }, &f.kernel, &f.memory)
+            .unwrap();
+    let _model = f.loaded().await;
+    let mut stream = executor.generate(Request::prompt("lab", "Hi").max_tokens(20)).unwrap();
+    stream.next().await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_secs(10)).await; // five idle timeouts without reading
+    let output = stream.collect().await.unwrap();
+    assert_eq!(output.usage.generated_tokens, 20);
+    assert_eq!(f.memory.pool_stats("kv-gc").unwrap().reclaimed, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_engine_that_panics_ends_the_stream_with_an_error_counted_as_a_failure() {
+    let f = fixture(config());
+    f.script.lock().panic_at = Some(3);
+    let _model = f.loaded().await;
+    let error = f.executor.generate(Request::prompt("lab", "Hi").max_tokens(10)).unwrap().collect().await.unwrap_err();
+    assert!(matches!(error, usine_executor::ExecError::Aborted), "{error}");
+    tokio::task::yield_now().await;
+    assert_eq!((f.used(ACTIVATIONS), f.used(KV_CACHE)), (0, 0));
+    let stats = f.executor.stats();
+    assert_eq!((stats.failed, stats.cancelled, stats.running), (1, 0, 0));
 }

@@ -46,6 +46,8 @@ struct Script {
     stall: Option<(u32, Duration)>,
     /// The compute of this step ends the sequence.
     end_at: Option<u32>,
+    /// The compute of this step panics (an engine bug).
+    panic_at: Option<u32>,
     /// Every prefill: prompt tokens, tokens already generated, `max_tokens` asked.
     prefills: Vec<(usize, usize, u32)>,
     /// Computes started.
@@ -136,6 +138,7 @@ impl Sequence for LabSequence {
         tokio::time::sleep(delay).await;
         let injected = {
             let mut script = self.script.lock();
+            assert_ne!(script.panic_at, Some(step), "injected panic at {step}");
             if script.fatal == Some(step) {
                 Some(Err(EngineError::Fatal { message: format!("injected at {step}") }))
             } else if let Some(left) = script.transient.get_mut(&step).filter(|left| **left > 0) {

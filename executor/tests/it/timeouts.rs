@@ -94,3 +94,11 @@ async fn time_blocked_on_a_slow_reader_is_not_a_stall() {
     }
     assert_eq!(read, 42); // the start, 40 tokens, the end
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_limit_too_far_to_reach_is_no_limit() {
+    let f = fixture(config());
+    let forever = Timeouts { total: Some(Duration::MAX), between_tokens: Some(Duration::MAX), ..Timeouts::default() };
+    let output = f.executor.generate(Request::prompt("lab", "Hi").max_tokens(3).timeouts(forever)).unwrap();
+    assert_eq!(output.collect().await.unwrap().usage.generated_tokens, 3);
+}

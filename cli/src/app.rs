@@ -1,0 +1,157 @@
+//! What every command builds from the configuration: the catalog of models, and the pools, graph store,
+//! kernel and executor that run them.
+
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use usine_engine::ModelSpec;
+use usine_engine_sim::{Profile, SimConfig};
+use usine_executor::TaskExecutor;
+use usine_kernel::{KernelConfig, RuntimeManager};
+use usine_memory::{MemoryManager, StandardPools};
+use usine_storage::{Migrations, StorageConfig, StorageManager};
+
+use crate::config::Loaded;
+
+/// A model of the catalog: one profile of one engine.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Model {
+    /// `engine/profile`: the id the kernel, the store and the server know it by.
+    pub(crate) id: String,
+    pub(crate) engine: &'static str,
+    pub(crate) profile: &'static str,
+    /// Where the profile's figures come from.
+    pub(crate) about: &'static str,
+}
+
+/// Every model usine can run: each profile of each engine.
+pub(crate) struct Catalog {
+    pub(crate) models: Vec<Model>,
+}
+
+/// Each engine's model when none is named: the seeds' 7B on a laptop GPU, a 1B on a CPU.
+const DEFAULTS: &[(&str, &str)] = &[(usine_engine_webllm::NAME, "7b"), (usine_engine_transformers::NAME, "cpu-1b")];
+
+impl Catalog {
+    pub(crate) fn standard() -> Self {
+        let threads = usine_engine_transformers::REFERENCE_THREADS;
+        let engines: [(&'static str, Vec<Profile>); 2] = [
+            (usine_engine_webllm::NAME, usine_engine_webllm::flavor().profiles),
+            (usine_engine_transformers::NAME, usine_engine_transformers::flavor(threads).profiles),
+        ];
+        let models = engines
+            .into_iter()
+            .flat_map(|(engine, profiles)| {
+                profiles.into_iter().map(move |profile| Model {
+                    id: format!("{engine}/{}", profile.name),
+                    engine,
+                    profile: profile.name,
+                    about: profile.source,
+                })
+            })
+            .collect();
+        Self { models }
+    }
+
+    /// The engines, in the catalog's order.
+    pub(crate) fn engines(&self) -> Vec<&'static str> {
+        let mut engines: Vec<_> = self.models.iter().map(|model| model.engine).collect();
+        engines.dedup();
+        engines
+    }
+
+    /// The model `model` names (a profile of `engine`, or a full `engine/profile` id), or `engine`'s
+    /// default model.
+    pub(crate) fn resolve(&self, engine: &str, model: Option<&str>) -> anyhow::Result<&Model> {
+        let engines = self.engines();
+        if let Some(id) = model.filter(|id| id.contains('/')) {
+            return self.models.iter().find(|m| m.id == id).with_context(|| {
+                let known: Vec<_> = self.models.iter().map(|m| m.id.as_str()).collect();
+                format!("unknown model `{id}` (known: {})", known.join(", "))
+            });
+        }
+        anyhow::ensure!(engines.contains(&engine), "unknown engine `{engine}` (known: {})", engines.join(", "));
+        let profile = match model {
+            Some(profile) => profile,
+            None => DEFAULTS.iter().find(|(name, _)| *name == engine).map(|(_, profile)| *profile).unwrap_or_default(),
+        };
+        self.models.iter().find(|m| m.engine == engine && m.profile == profile).with_context(|| {
+            let known: Vec<_> = self.models.iter().filter(|m| m.engine == engine).map(|m| m.profile).collect();
+            format!("engine `{engine}` has no model `{profile}` (it has: {})", known.join(", "))
+        })
+    }
+}
+
+/// The running parts.
+pub(crate) struct App {
+    pub(crate) memory: MemoryManager,
+    pub(crate) storage: StorageManager,
+    pub(crate) kernel: RuntimeManager,
+    pub(crate) executor: TaskExecutor,
+    pub(crate) catalog: Catalog,
+}
+
+/// The graph store the configuration names.
+pub(crate) fn storage(loaded: &Loaded) -> anyhow::Result<StorageManager> {
+    let config = match &loaded.config.cache_dir {
+        Some(dir) => StorageConfig::at(dir),
+        None => StorageConfig::from_env().context("no cache folder: set `cache_dir` or USINE_CACHE_DIR")?,
+    };
+    let root = config.root.clone();
+    StorageManager::open(config, Migrations::new())
+        .with_context(|| format!("cannot open the graph cache in {}", root.display()))
+}
+
+/// The threads of the CPU engine.
+pub(crate) fn threads(loaded: &Loaded) -> usize {
+    loaded.config.threads.unwrap_or_else(usine_engine_transformers::default_threads)
+}
+
+/// The three standard pools cut from the configured budget.
+pub(crate) fn pools(loaded: &Loaded) -> anyhow::Result<StandardPools> {
+    StandardPools::from_budget(loaded.config.memory_budget_mib << 20).context("`memory_budget_mib` is too small")
+}
+
+impl App {
+    /// Builds everything on the current tokio runtime, with the whole catalog registered.
+    pub(crate) fn build(loaded: &Loaded) -> anyhow::Result<Self> {
+        let config = &loaded.config;
+        let memory = MemoryManager::with_standard_pools(&pools(loaded)?)?;
+        let storage = storage(loaded)?;
+        let kernel_config =
+            KernelConfig { weights_capacity: config.weights_budget_mib << 20, ..KernelConfig::default() };
+        let kernel = RuntimeManager::new(kernel_config, &memory, storage.clone())?;
+        let sim = SimConfig { jitter: config.jitter, seed: config.seed, ..SimConfig::default() };
+        kernel.register_engine(Arc::new(usine_engine_webllm::webllm(sim.clone())?));
+        kernel.register_engine(Arc::new(usine_engine_transformers::transformers(sim, threads(loaded))?));
+        let catalog = Catalog::standard();
+        for model in &catalog.models {
+            kernel.register_model(ModelSpec::new(&model.id, model.engine, model.profile));
+        }
+        let executor = TaskExecutor::new(loaded.executor_config(), &kernel, &memory)?;
+        Ok(Self { memory, storage, kernel, executor, catalog })
+    }
+
+    /// The model the configuration names.
+    pub(crate) fn model(&self, loaded: &Loaded) -> anyhow::Result<&Model> {
+        self.catalog.resolve(&loaded.config.engine, loaded.config.model.as_deref())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn models_resolve_by_profile_by_id_or_by_default() {
+        let catalog = Catalog::standard();
+        assert_eq!(catalog.resolve("webllm", None).unwrap().id, "webllm/7b");
+        assert_eq!(catalog.resolve("transformers", None).unwrap().id, "transformers/cpu-1b");
+        assert_eq!(catalog.resolve("webllm", Some("tiny")).unwrap().id, "webllm/tiny");
+        assert_eq!(catalog.resolve("webllm", Some("transformers/tiny")).unwrap().id, "transformers/tiny");
+        let error = catalog.resolve("webllm", Some("13b")).unwrap_err().to_string();
+        assert_eq!(error, "engine `webllm` has no model `13b` (it has: tiny, 7b)");
+        let error = catalog.resolve("cuda", None).unwrap_err().to_string();
+        assert_eq!(error, "unknown engine `cuda` (known: webllm, transformers)");
+    }
+}

@@ -1,0 +1,254 @@
+//! `usine cache`: the compiled-graph store, read and maintained.
+
+use std::time::{Duration, SystemTime};
+
+use clap::Subcommand;
+use serde_json::json;
+use usine_storage::{Cleanup, CurrentEngine, EntryStatus, Maintenance, StorageManager};
+
+use crate::app::App;
+use crate::config::{Flags, Loaded};
+use crate::output;
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum CacheCommand {
+    /// Lists the stored graphs with their headers.
+    Ls(Json),
+    /// Shows the store's size and counters.
+    Stats(Json),
+    /// Checks every graph's checksum; damaged files are quarantined.
+    Verify(Json),
+    /// Says whether a model's graph is stored, and else what differs from the closest one.
+    Explain {
+        #[command(flatten)]
+        model: crate::ModelArgs,
+        #[command(flatten)]
+        json: Json,
+    },
+    /// Removes graphs of engine versions no longer built, and graphs unused for a while.
+    Gc {
+        /// Also remove graphs unused for this many days.
+        #[arg(long, value_name = "DAYS")]
+        unused_for_days: Option<u64>,
+        #[command(flatten)]
+        json: Json,
+    },
+    /// Upgrades stored graphs of older schemas.
+    Migrate(Json),
+    /// Removes every stored graph.
+    Clear {
+        /// Confirms: without it, nothing is removed.
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub(crate) struct Json {
+    /// Machine-readable output.
+    #[arg(long)]
+    json: bool,
+}
+
+impl CacheCommand {
+    /// The flags that set configuration values.
+    pub(crate) fn flags(&self) -> Flags {
+        match self {
+            Self::Explain { model, .. } => crate::model_flags(model),
+            _ => Flags::default(),
+        }
+    }
+}
+
+/// Most days `gc --unused-for-days` takes (a century).
+const MAX_DAYS: u64 = 36_500;
+
+pub(crate) async fn cache(loaded: &Loaded, command: CacheCommand) -> anyhow::Result<()> {
+    let storage = crate::app::storage(loaded)?;
+    match command {
+        CacheCommand::Ls(Json { json }) => ls(&storage, json),
+        CacheCommand::Stats(Json { json }) => stats(&storage, json),
+        CacheCommand::Verify(Json { json }) => {
+            let report = storage.verify()?;
+            if json {
+                let quarantined: Vec<_> =
+                    report.quarantined.iter().map(|(file, why)| json!({ "file": file, "reason": why })).collect();
+                output::json(&json!({ "valid": report.valid, "newer": report.newer, "quarantined": quarantined }));
+            } else {
+                println!(
+                    "{} valid, {} of a newer usine (left alone), {} quarantined",
+                    report.valid,
+                    report.newer,
+                    report.quarantined.len()
+                );
+                for (file, why) in &report.quarantined {
+                    println!("  {file}: {why} (moved to {})", storage.quarantine_dir().display());
+                }
+            }
+            Ok(())
+        }
+        CacheCommand::Explain { json: Json { json }, .. } => {
+            let app = App::build(loaded)?;
+            let model = app.model(loaded)?;
+            let key = app.kernel.graph_key(&model.id)?;
+            let explanation = storage.explain(&key)?;
+            if json {
+                let closest = explanation.closest.as_ref().map(|(key, differs)| {
+                    json!({ "key": key.to_string(), "differs": differs.iter().map(|part| part.as_str()).collect::<Vec<_>>() })
+                });
+                output::json(&json!({
+                    "model": model.id, "key": key.to_string(), "file": key.file_name(),
+                    "stored": explanation.stored, "closest": closest,
+                }));
+            } else {
+                println!("{explanation}");
+                println!("file: {}", storage.path_of(&key).display());
+            }
+            Ok(())
+        }
+        CacheCommand::Gc { unused_for_days, json: Json { json } } => {
+            if let Some(days) = unused_for_days {
+                anyhow::ensure!(days <= MAX_DAYS, "--unused-for-days {days} is more than {MAX_DAYS} (the limit)");
+            }
+            let app = App::build(loaded)?;
+            let current = app
+                .catalog
+                .engines()
+                .into_iter()
+                .filter_map(|engine| {
+                    app.kernel.engine_for(&app.catalog.models.iter().find(|m| m.engine == engine)?.id).ok()
+                })
+                .map(|engine| {
+                    let descriptor = engine.descriptor();
+                    CurrentEngine {
+                        engine: descriptor.name.clone(),
+                        version: descriptor.version.clone(),
+                        schema: descriptor.graph_schema,
+                    }
+                })
+                .collect();
+            let policy =
+                Cleanup { unused_for: unused_for_days.map(|days| Duration::from_secs(days * 86_400)), current };
+            maintenance("removed", &storage.cleanup(&policy)?, json);
+            Ok(())
+        }
+        CacheCommand::Migrate(Json { json }) => {
+            maintenance("migrated", &storage.migrate()?, json);
+            Ok(())
+        }
+        CacheCommand::Clear { yes } => {
+            let entries = storage.list()?;
+            if !yes {
+                println!(
+                    "{} graphs in {}; run `usine cache clear --yes` to remove them",
+                    entries.len(),
+                    storage.graphs_dir().display()
+                );
+                return Ok(());
+            }
+            let mut removed = 0;
+            for entry in &entries {
+                if let Some(header) = entry.header() {
+                    removed += usize::from(storage.remove(&header.key)?);
+                }
+            }
+            println!(
+                "removed {removed} of {} graphs (files of a newer usine or unreadable are left to `verify`)",
+                entries.len()
+            );
+            Ok(())
+        }
+    }
+}
+
+fn ls(storage: &StorageManager, json: bool) -> anyhow::Result<()> {
+    let entries = storage.list()?;
+    let age = |time: SystemTime| SystemTime::now().duration_since(time).unwrap_or_default();
+    if json {
+        let entries: Vec<_> = entries
+            .iter()
+            .map(|entry| {
+                let (status, key) = match &entry.status {
+                    EntryStatus::Valid(header) => ("valid", Some(header.key.to_string())),
+                    EntryStatus::Newer(_) => ("newer", None),
+                    EntryStatus::Unreadable(_) => ("unreadable", None),
+                    EntryStatus::Inaccessible(_) => ("inaccessible", None),
+                };
+                json!({
+                    "file": entry.file_name, "bytes": entry.bytes, "status": status, "key": key,
+                    "idle_seconds": age(entry.last_use).as_secs(),
+                })
+            })
+            .collect();
+        output::json(&serde_json::Value::Array(entries));
+        return Ok(());
+    }
+    if entries.is_empty() {
+        println!("no compiled graphs in {}", storage.graphs_dir().display());
+        return Ok(());
+    }
+    let rows = entries.iter().map(|entry| {
+        let (model, engine, device, status) = match &entry.status {
+            EntryStatus::Valid(header) => {
+                let key = &header.key;
+                (
+                    key.model.clone(),
+                    format!("{} {}", key.engine, key.engine_version),
+                    key.device.clone(),
+                    "valid".to_owned(),
+                )
+            }
+            EntryStatus::Newer(format) => {
+                (String::new(), String::new(), String::new(), format!("format {format}, newer"))
+            }
+            EntryStatus::Unreadable(why) => (String::new(), String::new(), String::new(), format!("unreadable: {why}")),
+            EntryStatus::Inaccessible(why) => {
+                (String::new(), String::new(), String::new(), format!("inaccessible: {why}"))
+            }
+        };
+        let file: String = entry.file_name.chars().take(12).collect();
+        [
+            model,
+            engine,
+            device,
+            output::bytes(entry.bytes),
+            format!("{} ago", output::duration(age(entry.last_use))),
+            status,
+            file,
+        ]
+    });
+    println!("{}", output::table(["model", "engine", "profile", "size", "last use", "status", "file"], rows));
+    Ok(())
+}
+
+fn stats(storage: &StorageManager, json: bool) -> anyhow::Result<()> {
+    let stats = storage.stats()?;
+    if json {
+        output::json(&json!({
+            "root": storage.root(), "graphs": stats.graphs, "bytes": stats.bytes, "quarantined": stats.quarantined,
+            "evicted": stats.evicted,
+        }));
+        return Ok(());
+    }
+    println!("{} graphs, {} in {}", stats.graphs, output::bytes(stats.bytes), storage.graphs_dir().display());
+    Ok(())
+}
+
+fn maintenance(verb: &str, done: &Maintenance, json: bool) {
+    if json {
+        let list = |items: &[(usine_storage::GraphKey, String)]| {
+            items.iter().map(|(key, why)| json!({ "key": key.to_string(), "reason": why })).collect::<Vec<_>>()
+        };
+        output::json(&json!({ verb: list(&done.done), "failed": list(&done.failed) }));
+        return;
+    }
+    if done.done.is_empty() && done.failed.is_empty() {
+        println!("nothing to do");
+    }
+    for (key, why) in &done.done {
+        println!("{verb} {key}: {why}");
+    }
+    for (key, why) in &done.failed {
+        println!("failed {key}: {why}");
+    }
+}

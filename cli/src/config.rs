@@ -1,0 +1,265 @@
+//! The configuration: defaults, then `usine.toml` (the user's config folder, then the working folder,
+//! or the file `--config` names), then `USINE_*` environment variables, then flags; each value remembers
+//! where it came from, for `usine config show` and for error messages.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::value::{Dict, Map};
+use figment::{Figment, Metadata, Profile, Provider};
+use serde::{Deserialize, Serialize};
+use usine_engine::GenerationParams;
+
+/// Every setting, with its default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Config {
+    /// The engine: `webllm` or `transformers`.
+    pub(crate) engine: String,
+    /// The model: one of the engine's profiles, or `engine/profile`; the engine's default when unset.
+    pub(crate) model: Option<String>,
+    /// The compiled-graph cache; `USINE_CACHE_DIR` or the platform's cache folder when unset.
+    pub(crate) cache_dir: Option<PathBuf>,
+    /// MiB shared by the `kv-cache`, `activations` and `uniforms` pools (70 / 25 / 5 %).
+    pub(crate) memory_budget_mib: u64,
+    /// MiB of the `weights` pool: loaded models.
+    pub(crate) weights_budget_mib: u64,
+    /// Threads of the CPU engine; cores minus two, at least one, when unset.
+    pub(crate) threads: Option<usize>,
+    /// How much the simulated engines' delays vary, a fraction from 0 to 1.
+    pub(crate) jitter: f64,
+    /// Most tokens to generate.
+    pub(crate) max_tokens: u32,
+    /// Sampling temperature, 0 (greedy) to 2.
+    pub(crate) temperature: f32,
+    /// Nucleus sampling mass, above 0 and at most 1.
+    pub(crate) top_p: f32,
+    /// Seed of the sampler: the same seed gives the same text.
+    pub(crate) seed: u64,
+    /// Run a throwaway generation after loading, so that the first answer pays no first-use cost.
+    pub(crate) warm: bool,
+    /// Overlap the CPU stage of each step with the device stage of the one before.
+    pub(crate) pipelining: bool,
+    /// Most generations at once.
+    pub(crate) max_concurrent: usize,
+    /// Most requests waiting for a generation slot.
+    pub(crate) queue_capacity: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let params = GenerationParams::default();
+        Self {
+            engine: usine_engine_webllm::NAME.into(),
+            model: None,
+            cache_dir: None,
+            memory_budget_mib: 4096,
+            weights_budget_mib: 16384,
+            threads: None,
+            jitter: 0.05,
+            max_tokens: 64,
+            temperature: params.temperature,
+            top_p: params.top_p,
+            seed: 0,
+            warm: true,
+            pipelining: true,
+            max_concurrent: 4,
+            queue_capacity: 64,
+        }
+    }
+}
+
+/// The keys, in the order `config show` prints them.
+pub(crate) const KEYS: &[&str] = &[
+    "engine",
+    "model",
+    "cache_dir",
+    "memory_budget_mib",
+    "weights_budget_mib",
+    "threads",
+    "jitter",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "seed",
+    "warm",
+    "pipelining",
+    "max_concurrent",
+    "queue_capacity",
+];
+
+/// The name of the configuration file.
+pub(crate) const FILE_NAME: &str = "usine.toml";
+
+/// Values set by flags: only those given are layered over the rest.
+#[derive(Debug, Clone, Default, Serialize)]
+pub(crate) struct Flags(pub(crate) Dict);
+
+impl Flags {
+    /// Sets `key` to `value` when a flag gave one.
+    pub(crate) fn set(&mut self, key: &str, value: Option<impl Serialize>) {
+        if let Some(value) = value {
+            let value = figment::value::Value::serialize(value).expect("flag values are plain data");
+            self.0.insert(key.to_owned(), value);
+        }
+    }
+}
+
+impl Provider for Flags {
+    fn metadata(&self) -> Metadata {
+        Metadata::named("command-line flag")
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        Ok(Map::from([(Profile::Default, self.0.clone())]))
+    }
+}
+
+/// The configuration and where each value came from.
+pub(crate) struct Loaded {
+    pub(crate) config: Config,
+    figment: Figment,
+}
+
+/// The files read, lowest precedence first: the user's, then the working folder's; or only `explicit`.
+pub(crate) fn files(explicit: Option<&Path>) -> anyhow::Result<Vec<PathBuf>> {
+    if let Some(path) = explicit {
+        anyhow::ensure!(path.is_file(), "configuration file {} does not exist", path.display());
+        return Ok(vec![path.to_owned()]);
+    }
+    let mut files = Vec::new();
+    if let Some(dir) = dirs::config_dir() {
+        files.push(dir.join("usine").join(FILE_NAME));
+    }
+    files.push(PathBuf::from(FILE_NAME));
+    Ok(files.into_iter().filter(|path| path.is_file()).collect())
+}
+
+/// Loads the configuration: defaults, `files`, the environment, then `flags`.
+pub(crate) fn load(files: &[PathBuf], flags: Flags) -> anyhow::Result<Loaded> {
+    let mut figment = Figment::from(Serialized::defaults(Config::default()));
+    for file in files {
+        figment = figment.merge(Toml::file_exact(file));
+    }
+    let figment = figment.merge(Env::prefixed("USINE_").only(KEYS)).merge(flags);
+    let config: Config = figment.extract().map_err(|error| anyhow::anyhow!(describe(&error)))?;
+    let loaded = Loaded { config, figment };
+    loaded.validate()?;
+    Ok(loaded)
+}
+
+/// A configuration error in one line per problem: where, which key, what was wrong.
+fn describe(error: &figment::Error) -> String {
+    error
+        .clone()
+        .into_iter()
+        .map(|error| {
+            let key = error.path.join(".");
+            let origin = error.metadata.as_ref().map(|metadata| origin(metadata, &error.path));
+            match origin {
+                Some(origin) if !key.is_empty() => {
+                    format!("bad configuration in {origin}: key `{key}`: {}", error.kind)
+                }
+                Some(origin) => format!("bad configuration in {origin}: {}", error.kind),
+                None => format!("bad configuration: {}", error.kind),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Where a value came from, for people: a file's path, an environment variable's name, a flag.
+fn origin(metadata: &Metadata, path: &[String]) -> String {
+    match &metadata.source {
+        Some(figment::Source::File(file)) => file.display().to_string(),
+        _ if metadata.name.contains("environment") => {
+            format!("environment variable {}", metadata.interpolate(&Profile::Default, path))
+        }
+        _ => metadata.name.to_string(),
+    }
+}
+
+impl Loaded {
+    /// Where `key`'s value came from.
+    pub(crate) fn origin_of(&self, key: &str) -> String {
+        match self.figment.find_metadata(key) {
+            Some(metadata) if metadata.name.contains("Serialized") || metadata.name.contains("default") => {
+                "default".to_owned()
+            }
+            Some(metadata) => origin(metadata, &[key.to_owned()]),
+            None => "default".to_owned(),
+        }
+    }
+
+    /// Checks the values against their limits, naming the key and where its value came from.
+    fn validate(&self) -> anyhow::Result<()> {
+        let config = &self.config;
+        let outside = |key: &str, value: String, expected: &str| {
+            anyhow::anyhow!("bad configuration in {}: key `{key}` is {value}, expected {expected}", self.origin_of(key))
+        };
+        let params = self.params();
+        if let Err(usine_engine::EngineError::InvalidParams { name, value, limit }) = params.validate() {
+            return Err(outside(name, value, &limit));
+        }
+        if !(0.0..=1.0).contains(&config.jitter) {
+            return Err(outside("jitter", config.jitter.to_string(), "0..=1"));
+        }
+        if config.memory_budget_mib == 0 {
+            return Err(outside("memory_budget_mib", "0".into(), "at least 1"));
+        }
+        if config.weights_budget_mib == 0 {
+            return Err(outside("weights_budget_mib", "0".into(), "at least 1"));
+        }
+        if config.threads == Some(0) {
+            return Err(outside("threads", "0".into(), "at least 1"));
+        }
+        let executor = self.executor_config();
+        executor.validate().map_err(|error| outside(error.name, error.value, &error.limit))?;
+        crate::app::Catalog::standard().resolve(&config.engine, config.model.as_deref()).with_context(|| {
+            format!(
+                "bad configuration in {} / {}: keys `engine` and `model`",
+                self.origin_of("engine"),
+                self.origin_of("model")
+            )
+        })?;
+        Ok(())
+    }
+
+    /// The generation parameters the configuration gives.
+    pub(crate) fn params(&self) -> GenerationParams {
+        let config = &self.config;
+        GenerationParams {
+            max_tokens: config.max_tokens,
+            temperature: config.temperature,
+            top_p: config.top_p,
+            seed: config.seed,
+            stop: Vec::new(),
+        }
+    }
+
+    /// The executor's settings the configuration gives.
+    pub(crate) fn executor_config(&self) -> usine_executor::ExecutorConfig {
+        usine_executor::ExecutorConfig {
+            max_concurrent: self.config.max_concurrent,
+            queue_capacity: self.config.queue_capacity,
+            pipelining: self.config.pipelining,
+            ..usine_executor::ExecutorConfig::default()
+        }
+    }
+
+    /// Every key, its value, and where the value came from.
+    pub(crate) fn show(&self) -> Vec<(&'static str, String, String)> {
+        let values = serde_json::to_value(&self.config).expect("the configuration is plain data");
+        KEYS.iter()
+            .map(|&key| {
+                let value = match &values[key] {
+                    serde_json::Value::Null => "(unset)".to_owned(),
+                    serde_json::Value::String(text) => text.clone(),
+                    other => other.to_string(),
+                };
+                (key, value, self.origin_of(key))
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,237 @@
+//! The `usine` command: run a model, benchmark engines, inspect the graph cache, the pools and the
+//! catalog, check the machine.
+
+#![allow(clippy::print_stdout, clippy::print_stderr, reason = "a command line prints: that is its job")]
+
+mod app;
+mod bench;
+mod cache;
+mod config;
+mod doctor;
+mod inspect;
+mod output;
+mod plot;
+mod run;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, CommandFactory, Parser, Subcommand};
+
+/// usine: the runtime kernel for LLM inference, from the command line.
+#[derive(Debug, Parser)]
+#[command(name = "usine", version, about, propagate_version = true)]
+#[command(
+    after_help = "Examples:\n  usine run \"Bonjour\"\n  usine bench warm --json\n  usine cache ls\n  usine doctor"
+)]
+struct Cli {
+    /// A configuration file, instead of `usine.toml` in the working folder and the user's config folder.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    /// The compiled-graph cache folder (default: USINE_CACHE_DIR, else the platform's cache folder).
+    #[arg(long, global = true, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Streams a model's answer to a prompt (read from stdin when not given).
+    #[command(
+        after_help = "Examples:\n  usine run \"Bonjour\"\n  echo \"What is usine?\" | usine run --engine transformers\n  usine run --model tiny --max-tokens 20 --json \"Hi\""
+    )]
+    Run(RunArgs),
+    /// Benchmarks an engine: cold start, warm runs, prompt length, max tokens, pipelining.
+    #[command(
+        after_help = "Examples:\n  usine bench\n  usine bench warm --runs 5 --model tiny\n  usine bench all --json --plot bench.svg"
+    )]
+    Bench(bench::BenchArgs),
+    /// Inspects and maintains the compiled-graph cache.
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  usine cache ls\n  usine cache explain --model 7b\n  usine cache gc --unused-for-days 30"
+    )]
+    Cache(cache::CacheCommand),
+    /// Shows the memory pools: capacity, use, peak, waiters.
+    #[command(after_help = "Example:\n  usine pools --json")]
+    Pools(JsonArg),
+    /// Shows the catalog of models and which are compiled, loaded or pinned.
+    #[command(after_help = "Example:\n  usine models")]
+    Models(JsonArg),
+    /// Shows what this machine is and the profile usine picks for it.
+    #[command(after_help = "Example:\n  usine doctor --json")]
+    Doctor(JsonArg),
+    /// Shows the configuration and where each value came from.
+    #[command(subcommand, after_help = "Example:\n  USINE_MAX_TOKENS=20 usine config show")]
+    Config(ConfigCommand),
+    /// Prints a shell completion script.
+    #[command(after_help = "Example:\n  usine completions bash > ~/.local/share/bash-completion/completions/usine")]
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Prints every setting, its value and its source.
+    Show(JsonArg),
+}
+
+/// `--json`.
+#[derive(Debug, Args)]
+struct JsonArg {
+    /// Machine-readable output.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Which model: shared by the commands that run one.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct ModelArgs {
+    /// The model: a profile of the engine (`7b`, `tiny`, `cpu-1b`) or `engine/profile`.
+    #[arg(long, short)]
+    model: Option<String>,
+    /// The engine: `webllm` or `transformers`.
+    #[arg(long, short)]
+    engine: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// The prompt; read from stdin when absent.
+    prompt: Option<String>,
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Most tokens to generate.
+    #[arg(long)]
+    max_tokens: Option<u32>,
+    /// Sampling temperature, 0 (greedy) to 2.
+    #[arg(long)]
+    temperature: Option<f32>,
+    /// Seed of the sampler: the same seed gives the same text.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Warm the model up after loading it (the default), so that the first answer is fast.
+    #[arg(long, overrides_with = "no_warm")]
+    warm: bool,
+    /// Do not warm the model up.
+    #[arg(long)]
+    no_warm: bool,
+    /// One JSON event per line on stdout, for scripts.
+    #[arg(long)]
+    json: bool,
+}
+
+/// An error that is the user's to fix (a flag, the configuration): exit code 2, as for bad usage.
+#[derive(Debug)]
+pub(crate) struct UsageError(pub(crate) anyhow::Error);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#}", self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+/// Exit code of a run stopped by Ctrl-C (128 + SIGINT), as shells expect.
+pub(crate) const INTERRUPTED: u8 = 130;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(cli) {
+        Ok(code) => code,
+        Err(error) => {
+            let code = if error.is::<UsageError>() { 2 } else { 1 };
+            if std::env::var_os("RUST_BACKTRACE").is_some_and(|value| value != "0") {
+                eprintln!("error: {error:?}");
+            } else {
+                eprintln!("error: {error:#}");
+            }
+            ExitCode::from(code)
+        }
+    }
+}
+
+/// Loads the configuration with the flags that set values; a bad one is a usage error.
+fn configure(
+    cli_config: Option<&std::path::Path>,
+    cache_dir: Option<PathBuf>,
+    flags: config::Flags,
+) -> anyhow::Result<config::Loaded> {
+    let mut flags = flags;
+    flags.set("cache_dir", cache_dir);
+    config::files(cli_config).and_then(|files| config::load(&files, flags)).map_err(|error| UsageError(error).into())
+}
+
+fn model_flags(model: &ModelArgs) -> config::Flags {
+    let mut flags = config::Flags::default();
+    flags.set("model", model.model.clone());
+    flags.set("engine", model.engine.clone());
+    flags
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    let Cli { config: file, cache_dir, command } = cli;
+    let file = file.as_deref();
+    let runtime = || tokio::runtime::Builder::new_multi_thread().enable_all().build();
+    match command {
+        Command::Run(args) => {
+            let mut flags = model_flags(&args.model);
+            flags.set("max_tokens", args.max_tokens);
+            flags.set("temperature", args.temperature);
+            flags.set("seed", args.seed);
+            flags.set("warm", if args.no_warm { Some(false) } else { args.warm.then_some(true) });
+            let loaded = configure(file, cache_dir, flags)?;
+            runtime()?.block_on(run::run(&loaded, args.prompt, args.json))
+        }
+        Command::Bench(args) => {
+            let loaded = configure(file, cache_dir, model_flags(&args.model))?;
+            runtime()?.block_on(bench::bench(&loaded, &args))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Cache(command) => {
+            let loaded = configure(file, cache_dir, command.flags())?;
+            runtime()?.block_on(cache::cache(&loaded, command))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Pools(JsonArg { json }) => {
+            let loaded = configure(file, cache_dir, config::Flags::default())?;
+            inspect::pools(&loaded, json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Models(JsonArg { json }) => {
+            let loaded = configure(file, cache_dir, config::Flags::default())?;
+            runtime()?.block_on(inspect::models(&loaded, json))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Doctor(JsonArg { json }) => {
+            let loaded = configure(file, cache_dir, config::Flags::default())?;
+            doctor::doctor(&loaded, json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Config(ConfigCommand::Show(JsonArg { json })) => {
+            let loaded = configure(file, cache_dir, config::Flags::default())?;
+            output::config_show(&loaded, json);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "usine", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+}

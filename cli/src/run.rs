@@ -1,0 +1,253 @@
+//! `usine run`: load the model (showing the compile the first time), then stream the answer token by
+//! token; Ctrl-C stops the generation cleanly.
+
+use std::io::{IsTerminal as _, Read as _, Write as _};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde_json::json;
+use tokio::time::Instant;
+use usine_engine::Progress;
+use usine_executor::{Event, Request, Usage};
+use usine_kernel::{LoadOptions, LoadSource, RuntimeManager};
+
+use crate::app::App;
+use crate::config::Loaded;
+use crate::output;
+
+/// The longest prompt read from stdin: a bigger input is a mistake (a file piped by accident).
+pub(crate) const MAX_PROMPT_BYTES: usize = 1 << 20;
+
+pub(crate) async fn run(loaded: &Loaded, prompt: Option<String>, json: bool) -> anyhow::Result<ExitCode> {
+    let prompt = match prompt {
+        Some(prompt) => prompt,
+        None => read_prompt()?,
+    };
+    let app = App::build(loaded)?;
+    let model = app.model(loaded)?.clone();
+
+    let started = Instant::now();
+    let load = load(&app.kernel, &model.id, loaded.config.warm, json);
+    let handle = tokio::select! {
+        handle = load => handle?,
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("\nstopped while loading {}", model.id);
+            return Ok(ExitCode::from(crate::INTERRUPTED));
+        }
+    };
+    let took = started.elapsed();
+    let source = handle.source();
+    // The load alone, as the kernel timed it; the rest of `took` is the compile or the warm-up.
+    let load_only =
+        app.kernel.loaded().into_iter().find(|info| info.id == model.id).map_or(took, |info| info.load_duration);
+    if json {
+        println!(
+            "{}",
+            json!({
+                "event": "loaded", "model": model.id, "source": source.as_str(),
+                "load_seconds": load_only.as_secs_f64(), "ready_seconds": took.as_secs_f64(),
+            })
+        );
+    } else {
+        let how = match source {
+            LoadSource::Compile => format!("compiled and cached in {}", app.storage.root().display()),
+            LoadSource::Disk => format!("loaded from the compiled-graph cache in {}", output::duration(load_only)),
+            LoadSource::Memory => "already in memory".to_owned(),
+        };
+        let warmed = if loaded.config.warm { ", warmed up" } else { "" };
+        eprintln!("{}: {how}{warmed}; ready in {}", model.id, output::duration(took));
+    }
+
+    let request = Request::prompt(&model.id, prompt).params(loaded.params());
+    let mut stream = app.executor.generate(request)?;
+    let mut stdout = std::io::stdout().lock();
+    let mut tokens = 0_u32;
+    loop {
+        let event = tokio::select! {
+            event = stream.next() => event,
+            _ = tokio::signal::ctrl_c() => {
+                drop(stream); // cancels the generation; its memory goes back at once
+                if json {
+                    writeln!(stdout, "{}", json!({ "event": "cancelled", "generated_tokens": tokens }))?;
+                } else {
+                    writeln!(stdout)?;
+                    eprintln!("stopped after {tokens} tokens");
+                }
+                return Ok(ExitCode::from(crate::INTERRUPTED));
+            }
+        };
+        let Some(event) = event else { break };
+        match event {
+            Ok(Event::Started { .. }) => {}
+            Ok(Event::Token { index, id, text }) => {
+                tokens += 1;
+                if json {
+                    writeln!(stdout, "{}", json!({ "event": "token", "index": index, "id": id, "text": text }))?;
+                } else {
+                    write!(stdout, "{text}")?;
+                    stdout.flush()?;
+                }
+            }
+            Ok(Event::Text(text)) => {
+                if json {
+                    writeln!(stdout, "{}", json!({ "event": "text", "text": text }))?;
+                } else {
+                    write!(stdout, "{text}")?;
+                }
+            }
+            Ok(Event::Finished(usage)) => {
+                if json {
+                    writeln!(stdout, "{}", json!({ "event": "finished", "usage": usage_json(&usage) }))?;
+                } else {
+                    writeln!(stdout)?;
+                    eprintln!("{}", summary(&usage));
+                }
+            }
+            Err(error) => {
+                if json {
+                    writeln!(
+                        stdout,
+                        "{}",
+                        json!({ "event": "error", "code": error.code(), "message": error.to_string() })
+                    )?;
+                }
+                return Err(error).context("generation failed");
+            }
+        }
+    }
+    drop(handle);
+    app.kernel.save_usage().await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Reads the prompt from stdin, unless stdin is a terminal (then there is nothing to read).
+fn read_prompt() -> anyhow::Result<String> {
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        return Err(crate::UsageError(anyhow::anyhow!(
+            "no prompt: give one (`usine run \"Bonjour\"`) or pipe it on stdin"
+        ))
+        .into());
+    }
+    let mut prompt = String::new();
+    let read = stdin
+        .lock()
+        .take(MAX_PROMPT_BYTES as u64 + 1)
+        .read_to_string(&mut prompt)
+        .context("reading the prompt from stdin")?;
+    anyhow::ensure!(
+        read <= MAX_PROMPT_BYTES,
+        "the prompt on stdin is longer than {MAX_PROMPT_BYTES} bytes (the limit)"
+    );
+    let prompt = prompt.trim_end().to_owned();
+    anyhow::ensure!(!prompt.is_empty(), "the prompt on stdin is empty");
+    Ok(prompt)
+}
+
+/// Loads `model`, showing its compile's progress as it goes.
+pub(crate) async fn load(
+    kernel: &RuntimeManager,
+    model: &str,
+    warm: bool,
+    json: bool,
+) -> anyhow::Result<usine_kernel::ModelHandle> {
+    let mut progress = kernel.progress(model);
+    let model_id = model.to_owned();
+    let shown = tokio::spawn(async move {
+        let mut display = CompileDisplay::new(&model_id, json);
+        while let Some(report) = progress.next().await {
+            display.show(&report);
+        }
+        display.finish();
+    });
+    let handle = kernel.load_with(model, LoadOptions { warm, ..LoadOptions::default() }).await;
+    let _ = shown.await; // the display ends with the load's last event
+    Ok(handle?)
+}
+
+/// How a compile shows: a progress bar with the stage and the time left on a terminal, one line per
+/// stage otherwise, a JSON event per report with `--json`.
+struct CompileDisplay {
+    model: String,
+    bar: Option<ProgressBar>,
+    json: bool,
+    stage: String,
+}
+
+impl CompileDisplay {
+    fn new(model: &str, json: bool) -> Self {
+        Self { model: model.to_owned(), bar: None, json, stage: String::new() }
+    }
+
+    fn show(&mut self, report: &Progress) {
+        #[expect(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "a fraction in 0..=1, as per mille"
+        )]
+        let position = (report.fraction.clamp(0.0, 1.0) * 1000.0).round() as u64;
+        let left = report
+            .eta
+            .filter(|eta| !eta.is_zero())
+            .map(|eta| format!(" · {} left", output::duration(eta)))
+            .unwrap_or_default();
+        if self.json {
+            let eta = report.eta.map(|eta| eta.as_secs_f64());
+            println!(
+                "{}",
+                json!({ "event": "progress", "stage": report.stage, "fraction": report.fraction, "eta_seconds": eta })
+            );
+        } else if std::io::stderr().is_terminal() {
+            let bar = self.bar.get_or_insert_with(|| {
+                let bar = ProgressBar::with_draw_target(Some(1000), ProgressDrawTarget::stderr());
+                let style = ProgressStyle::with_template("compiling {prefix} [{bar:30}] {percent:>3}% {msg}")
+                    .expect("a valid template")
+                    .progress_chars("=> ");
+                bar.set_style(style);
+                bar.set_prefix(self.model.clone());
+                bar.enable_steady_tick(Duration::from_millis(100));
+                bar
+            });
+            bar.set_position(position);
+            bar.set_message(format!("{}{left}", report.stage));
+        } else if report.stage != self.stage {
+            eprintln!("compiling {}: {} ({:.0} %){left}", self.model, report.stage, report.fraction * 100.0);
+        }
+        self.stage.clone_from(&report.stage);
+    }
+
+    fn finish(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// One line of figures after an answer.
+fn summary(usage: &Usage) -> String {
+    format!(
+        "{} tokens in {} · first token after {} · {:.1} tokens/s{}",
+        usage.generated_tokens,
+        output::duration(usage.total),
+        output::duration(usage.time_to_first_token),
+        usage.tokens_per_second,
+        if usage.retries > 0 { format!(" · {} retries", usage.retries) } else { String::new() }
+    )
+}
+
+/// The usage figures as JSON.
+pub(crate) fn usage_json(usage: &Usage) -> serde_json::Value {
+    json!({
+        "finish": usage.finish,
+        "prompt_tokens": usage.prompt_tokens,
+        "generated_tokens": usage.generated_tokens,
+        "time_to_first_token_seconds": usage.time_to_first_token.as_secs_f64(),
+        "tokens_per_second": usage.tokens_per_second,
+        "queued_seconds": usage.queued.as_secs_f64(),
+        "total_seconds": usage.total.as_secs_f64(),
+        "retries": usage.retries,
+        "pipeline_idle_seconds": usage.pipeline_idle.as_secs_f64(),
+    })
+}
