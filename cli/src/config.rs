@@ -116,6 +116,19 @@ impl Provider for Flags {
     }
 }
 
+/// The defaults, as a layer named for people.
+struct Defaults;
+
+impl Provider for Defaults {
+    fn metadata(&self) -> Metadata {
+        Metadata::named("default")
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        Serialized::defaults(Config::default()).data()
+    }
+}
+
 /// The configuration and where each value came from.
 pub(crate) struct Loaded {
     pub(crate) config: Config,
@@ -138,7 +151,7 @@ pub(crate) fn files(explicit: Option<&Path>) -> anyhow::Result<Vec<PathBuf>> {
 
 /// Loads the configuration: defaults, `files`, the environment, then `flags`.
 pub(crate) fn load(files: &[PathBuf], flags: Flags) -> anyhow::Result<Loaded> {
-    let mut figment = Figment::from(Serialized::defaults(Config::default()));
+    let mut figment = Figment::from(Defaults);
     for file in files {
         figment = figment.merge(Toml::file_exact(file));
     }
@@ -174,7 +187,7 @@ fn origin(metadata: &Metadata, path: &[String]) -> String {
     match &metadata.source {
         Some(figment::Source::File(file)) => file.display().to_string(),
         _ if metadata.name.contains("environment") => {
-            format!("environment variable {}", metadata.interpolate(&Profile::Default, path))
+            format!("environment variable USINE_{}", path.join("_").to_uppercase())
         }
         _ => metadata.name.to_string(),
     }
@@ -184,9 +197,6 @@ impl Loaded {
     /// Where `key`'s value came from.
     pub(crate) fn origin_of(&self, key: &str) -> String {
         match self.figment.find_metadata(key) {
-            Some(metadata) if metadata.name.contains("Serialized") || metadata.name.contains("default") => {
-                "default".to_owned()
-            }
             Some(metadata) => origin(metadata, &[key.to_owned()]),
             None => "default".to_owned(),
         }
@@ -248,15 +258,17 @@ impl Loaded {
         }
     }
 
-    /// Every key, its value, and where the value came from.
+    /// Every key, its value as given (before any conversion), and where the value came from.
     pub(crate) fn show(&self) -> Vec<(&'static str, String, String)> {
-        let values = serde_json::to_value(&self.config).expect("the configuration is plain data");
         KEYS.iter()
             .map(|&key| {
-                let value = match &values[key] {
-                    serde_json::Value::Null => "(unset)".to_owned(),
-                    serde_json::Value::String(text) => text.clone(),
-                    other => other.to_string(),
+                let value = match self.figment.find_value(key) {
+                    Err(_) => "(unset)".to_owned(),
+                    Ok(value) => match serde_json::to_value(&value) {
+                        Ok(serde_json::Value::String(text)) => text,
+                        Ok(other) => other.to_string(),
+                        Err(_) => "?".to_owned(),
+                    },
                 };
                 (key, value, self.origin_of(key))
             })

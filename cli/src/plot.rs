@@ -1,5 +1,5 @@
 //! The benchmark's plot: latency against tokens generated, and tokens/s with pipelining on and off.
-//! SVG needs nothing; PNG draws its text with a TrueType font found on the system.
+//! SVG or PNG, with a font shipped in the binary.
 
 use std::path::Path;
 
@@ -9,16 +9,9 @@ use plotters::prelude::*;
 
 use crate::bench::Results;
 
-/// Where PNG text fonts are looked for, most common first.
-const FONTS: &[&str] = &[
-    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-    "/usr/share/fonts/TTF/DejaVuSans.ttf",
-    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
-    "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
-    "/Library/Fonts/Arial.ttf",
-    "/System/Library/Fonts/Supplemental/Arial.ttf",
-    "C:\\Windows\\Fonts\\arial.ttf",
-];
+/// The plots' font, shipped with usine (DejaVu Sans Mono, Bitstream Vera licence: see
+/// `assets/DejaVuSansMono.LICENSE`), so that a plot needs nothing from the system.
+const FONT: &[u8] = include_bytes!("../assets/DejaVuSansMono.ttf");
 
 const SIZE: (u32, u32) = (1000, 420);
 
@@ -29,27 +22,23 @@ pub(crate) fn draw(results: &Results, path: &Path) -> anyhow::Result<()> {
     );
     let extension = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
     match extension.as_deref() {
-        Some("svg") => render(results, &SVGBackend::new(path, SIZE).into_drawing_area()),
+        Some("svg") => {
+            register_font()?;
+            render(results, &SVGBackend::new(path, SIZE).into_drawing_area())
+        }
         Some("png") => {
             register_font()?;
-            let area = BitMapBackend::new(path, SIZE).into_drawing_area();
-            render(results, &area)
+            render(results, &BitMapBackend::new(path, SIZE).into_drawing_area())
         }
         _ => anyhow::bail!("cannot plot to {}: the file name must end in .svg or .png", path.display()),
     }
     .with_context(|| format!("drawing {}", path.display()))
 }
 
-/// Gives the bitmap backend a font (it has none of its own).
+/// Gives the backends their font: text is laid out with it (and drawn with it in a PNG).
 fn register_font() -> anyhow::Result<()> {
-    let path = FONTS.iter().find(|path| Path::new(path).is_file()).context(
-        "a PNG plot needs a TrueType font and none was found (on Debian: `apt install fonts-dejavu-core`); an SVG plot needs none",
-    )?;
-    let bytes = std::fs::read(path).with_context(|| format!("reading the font {path}"))?;
-    // The backend keeps fonts for the life of the process; this one is read once per run.
-    let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-    plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
-        .map_err(|_| anyhow::anyhow!("the font {path} does not read as TrueType"))
+    plotters::style::register_font("sans-serif", FontStyle::Normal, FONT)
+        .map_err(|_| anyhow::anyhow!("the shipped font does not read as TrueType"))
 }
 
 fn render<DB: DrawingBackend>(results: &Results, root: &DrawingArea<DB, Shift>) -> anyhow::Result<()>

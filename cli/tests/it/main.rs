@@ -1,0 +1,259 @@
+//! End-to-end tests of the `usine` binary: each runs the real command in a fresh folder (its own cache,
+//! no configuration but what the test writes) and checks its output and exit code.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "helpers outside #[test] fns unwrap too: a panic is a test failure with its message"
+)]
+
+use std::path::Path;
+
+use assert_cmd::Command;
+use serde_json::Value;
+
+/// `usine` in `dir`: its cache in `dir/cache`, its config folder `dir/config`, its working folder `dir`.
+fn usine(dir: &Path) -> Command {
+    let mut command = Command::cargo_bin("usine").unwrap();
+    command
+        .current_dir(dir)
+        .env("USINE_CACHE_DIR", dir.join("cache"))
+        .env("XDG_CONFIG_HOME", dir.join("config"))
+        .env("HOME", dir)
+        .env_remove("RUST_BACKTRACE");
+    for (key, _) in std::env::vars() {
+        if key.starts_with("USINE_") && key != "USINE_CACHE_DIR" {
+            command.env_remove(key);
+        }
+    }
+    command
+}
+
+fn stdout(output: &std::process::Output) -> String {
+    String::from_utf8(output.stdout.clone()).unwrap()
+}
+
+fn stderr(output: &std::process::Output) -> String {
+    String::from_utf8(output.stderr.clone()).unwrap()
+}
+
+/// The JSON lines of a `--json` run.
+fn json_lines(output: &std::process::Output) -> Vec<Value> {
+    stdout(output).lines().map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"))).collect()
+}
+
+#[test]
+fn run_compiles_the_first_time_then_loads_from_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = usine(dir.path()).args(["run", "--model", "tiny", "Bonjour"]).output().unwrap();
+    assert!(first.status.success(), "{}", stderr(&first));
+    assert!(stderr(&first).contains("webllm/tiny: compiled and cached in"), "{}", stderr(&first));
+    assert!(stdout(&first).trim().len() > 10, "an answer: {:?}", stdout(&first));
+
+    let second = usine(dir.path()).args(["run", "--model", "tiny", "Bonjour"]).output().unwrap();
+    assert!(second.status.success());
+    assert!(stderr(&second).contains("loaded from the compiled-graph cache in"), "{}", stderr(&second));
+    assert_eq!(stdout(&second), stdout(&first), "same seed, same answer");
+    assert!(stderr(&second).contains("tokens/s"));
+}
+
+#[test]
+fn run_json_prints_one_event_per_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = usine(dir.path()).args(["run", "--json", "-m", "tiny", "--max-tokens", "5", "Hi"]).output().unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    let events = json_lines(&output);
+    let kinds: Vec<&str> = events.iter().map(|event| event["event"].as_str().unwrap()).collect();
+    assert!(kinds.contains(&"progress"), "the compile reports progress: {kinds:?}");
+    assert_eq!(events.iter().find(|e| e["event"] == "loaded").unwrap()["source"], "compile");
+    let tokens = kinds.iter().filter(|kind| **kind == "token").count();
+    let finished = events.last().unwrap();
+    assert_eq!(finished["event"], "finished");
+    assert_eq!(finished["usage"]["generated_tokens"].as_u64().unwrap(), tokens as u64);
+    assert!(tokens <= 5 && tokens > 0);
+}
+
+#[test]
+fn run_reads_the_prompt_from_stdin() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = usine(dir.path())
+        .args(["run", "--engine", "transformers", "--model", "tiny", "--max-tokens", "8"])
+        .write_stdin("What does the kernel do?\n")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(stderr(&output).contains("transformers/tiny"));
+    assert!(!stdout(&output).trim().is_empty());
+}
+
+#[test]
+fn a_corrupt_graph_is_quarantined_and_the_run_still_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    assert!(usine(dir.path()).args(["run", "-m", "tiny", "Hi"]).output().unwrap().status.success());
+    let graphs = dir.path().join("cache").join("graphs");
+    let graph = std::fs::read_dir(&graphs)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .find(|path| path.extension().is_some_and(|ext| ext == "graph"))
+        .unwrap();
+    let mut bytes = std::fs::read(&graph).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xFF;
+    std::fs::write(&graph, bytes).unwrap();
+
+    let output = usine(dir.path()).args(["run", "-m", "tiny", "Hi"]).output().unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(stderr(&output).contains("compiled and cached"), "compiled again: {}", stderr(&output));
+    assert!(!stdout(&output).trim().is_empty());
+    assert_eq!(std::fs::read_dir(graphs.join("quarantine")).unwrap().count(), 1);
+}
+
+#[test]
+fn bench_json_parses_and_holds_sane_figures_and_the_plot_is_drawn() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = usine(dir.path())
+        .args(["bench", "all", "--model", "tiny", "--runs", "3", "--json", "--plot", "bench.svg"])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    let results: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(results["model"], "webllm/tiny");
+    let cold = &results["cold"];
+    assert!(cold["compile_seconds"].as_f64().unwrap() > 0.1, "the first bench compiles: {cold}");
+    for run in ["without_warming", "with_warming"] {
+        let run = &cold[run];
+        assert!(run["load_seconds"].as_f64().unwrap() < run["total_seconds"].as_f64().unwrap(), "{run}");
+    }
+    let warm = &results["warm"];
+    assert_eq!(warm["runs"], 3);
+    let (min, median, max) = (
+        warm["min_seconds"].as_f64().unwrap(),
+        warm["median_seconds"].as_f64().unwrap(),
+        warm["max_seconds"].as_f64().unwrap(),
+    );
+    assert!(0.0 < min && min <= median && median <= max, "{warm}");
+    assert!(warm["tokens_per_second"].as_f64().unwrap() > 50.0, "tiny decodes at ~500 tokens/s: {warm}");
+    let lengths = results["max_tokens"].as_array().unwrap();
+    assert_eq!(lengths.iter().map(|row| row["max_tokens"].as_u64().unwrap()).collect::<Vec<_>>(), [25, 50, 100, 150]);
+    for row in lengths {
+        assert!(row["tokens"].as_u64().unwrap() <= row["max_tokens"].as_u64().unwrap());
+    }
+    let contexts = results["context"].as_array().unwrap();
+    assert!(contexts[0]["prompt_tokens"].as_u64().unwrap() < contexts[2]["prompt_tokens"].as_u64().unwrap());
+    let pipeline = &results["pipeline"];
+    assert!(pipeline["speedup"].as_f64().unwrap() > 1.0, "pipelining helps on a GPU flavor: {pipeline}");
+    let svg = std::fs::read_to_string(dir.path().join("bench.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("latency against tokens"), "{}", &svg[..svg.len().min(200)]);
+}
+
+#[test]
+fn bad_flags_and_values_exit_2_with_one_clear_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = usine(dir.path()).args(["run", "--temperature", "5", "Hi"]).output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert_eq!(
+        stderr(&output).trim(),
+        "error: bad configuration in command-line flag: key `temperature` is 5, expected 0..=2"
+    );
+    let output = usine(dir.path()).args(["run", "--bogus"]).output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("unexpected argument '--bogus'"));
+    let output = usine(dir.path()).args(["run", "--model", "13b", "Hi"]).output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("engine `webllm` has no model `13b` (it has: tiny, 7b)"), "{}", stderr(&output));
+    assert!(!stderr(&output).contains("backtrace"));
+}
+
+#[test]
+fn bad_configuration_names_the_file_the_key_and_what_was_expected() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("usine.toml"), "max_tokens = \"many\"\n").unwrap();
+    let output = usine(dir.path()).args(["run", "Hi"]).output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let message = stderr(&output);
+    assert!(message.contains("usine.toml") && message.contains("`max_tokens`"), "{message}");
+    assert!(message.contains("expected u32"), "{message}");
+
+    std::fs::write(dir.path().join("usine.toml"), "max_token = 5\n").unwrap();
+    let message = stderr(&usine(dir.path()).args(["config", "show"]).output().unwrap());
+    assert!(message.contains("usine.toml: key `max_token`: unknown field"), "{message}");
+}
+
+#[test]
+fn config_show_says_where_each_value_came_from() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("usine.toml"), "temperature = 0.2\nmax_tokens = 10\n").unwrap();
+    let output = usine(dir.path()).args(["config", "show", "--json"]).env("USINE_MAX_TOKENS", "7").output().unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    let settings: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let setting = |key: &str| settings.as_array().unwrap().iter().find(|s| s["key"] == key).unwrap().clone();
+    assert_eq!(setting("max_tokens")["value"], "7");
+    assert_eq!(setting("max_tokens")["source"], "environment variable USINE_MAX_TOKENS");
+    assert_eq!(setting("temperature")["value"], "0.2");
+    assert!(setting("temperature")["source"].as_str().unwrap().ends_with("usine.toml"));
+    assert_eq!(setting("engine")["source"], "default");
+}
+
+#[test]
+fn cache_commands_list_explain_verify_and_clear() {
+    let dir = tempfile::tempdir().unwrap();
+    assert!(usine(dir.path()).args(["run", "-m", "tiny", "Hi"]).output().unwrap().status.success());
+    let ls: Value =
+        serde_json::from_slice(&usine(dir.path()).args(["cache", "ls", "--json"]).output().unwrap().stdout).unwrap();
+    assert_eq!(ls.as_array().unwrap().len(), 1);
+    assert_eq!(ls[0]["status"], "valid");
+
+    let explain = usine(dir.path()).args(["cache", "explain", "--model", "tiny"]).output().unwrap();
+    assert!(stdout(&explain).starts_with("a graph is stored for webllm/tiny"), "{}", stdout(&explain));
+    let explain = usine(dir.path()).args(["cache", "explain", "--model", "7b", "--json"]).output().unwrap();
+    let explain: Value = serde_json::from_slice(&explain.stdout).unwrap();
+    assert_eq!(explain["stored"], false);
+    assert!(explain["closest"]["differs"].as_array().unwrap().iter().any(|part| part == "model"));
+
+    let verify = usine(dir.path()).args(["cache", "verify"]).output().unwrap();
+    assert_eq!(stdout(&verify).lines().next().unwrap(), "1 valid, 0 of a newer usine (left alone), 0 quarantined");
+    let stats = usine(dir.path()).args(["cache", "stats"]).output().unwrap();
+    assert!(stdout(&stats).starts_with("1 graphs, "), "{}", stdout(&stats));
+    let gc = usine(dir.path()).args(["cache", "gc"]).output().unwrap();
+    assert_eq!(stdout(&gc).trim(), "nothing to do");
+
+    let clear = usine(dir.path()).args(["cache", "clear"]).output().unwrap();
+    assert!(stdout(&clear).contains("run `usine cache clear --yes`"));
+    let clear = usine(dir.path()).args(["cache", "clear", "--yes"]).output().unwrap();
+    assert!(stdout(&clear).starts_with("removed 1 of 1 graphs"), "{}", stdout(&clear));
+    let ls = usine(dir.path()).args(["cache", "ls"]).output().unwrap();
+    assert!(stdout(&ls).starts_with("no compiled graphs"));
+}
+
+#[test]
+fn models_pools_and_doctor_describe_the_setup() {
+    let dir = tempfile::tempdir().unwrap();
+    let models: Value =
+        serde_json::from_slice(&usine(dir.path()).args(["models", "--json"]).output().unwrap().stdout).unwrap();
+    let ids: Vec<&str> = models.as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["webllm/tiny", "webllm/7b", "transformers/tiny", "transformers/cpu-1b"]);
+    assert!(models.as_array().unwrap().iter().any(|m| m["default"] == true && m["id"] == "webllm/7b"));
+
+    let pools = usine(dir.path()).args(["pools", "--json"]).env("USINE_MEMORY_BUDGET_MIB", "1024").output().unwrap();
+    let pools: Value = serde_json::from_slice(&pools.stdout).unwrap();
+    let kv = pools.as_array().unwrap().iter().find(|p| p["name"] == "kv-cache").unwrap();
+    assert_eq!(kv["capacity"], 751_616_000, "70 % of 1 GiB in 4 KiB blocks");
+
+    let doctor: Value =
+        serde_json::from_slice(&usine(dir.path()).args(["doctor", "--json"]).output().unwrap().stdout).unwrap();
+    let cores = doctor["cores"].as_u64().unwrap();
+    assert!(cores >= 1 && doctor["memory_bytes"].as_u64().unwrap() > 0);
+    assert_eq!(doctor["threads"].as_u64().unwrap(), cores.saturating_sub(2).max(1));
+    assert_eq!(doctor["profile"]["name"], "cpu", "no GPU is read here");
+}
+
+#[test]
+fn help_has_examples_and_completions_are_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    for command in ["run", "bench", "cache", "pools", "models", "doctor", "config", "completions"] {
+        let help = usine(dir.path()).args([command, "--help"]).output().unwrap();
+        assert!(help.status.success());
+        assert!(stdout(&help).contains("Example"), "`usine {command} --help` has no example");
+    }
+    let completions = usine(dir.path()).args(["completions", "bash"]).output().unwrap();
+    assert!(stdout(&completions).contains("_usine()"));
+}
