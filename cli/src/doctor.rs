@@ -18,7 +18,7 @@ struct Gpu {
 /// the 7B at 5 bits (more exact); no GPU, the CPU engine.
 fn profile(gpu: Option<&Gpu>) -> (&'static str, &'static str, &'static str, &'static str) {
     match gpu.map(|gpu| gpu.memory_bytes) {
-        None => ("cpu", "transformers", "cpu-1b", "no GPU: the CPU engine, cores minus two threads"),
+        None => ("cpu", "transformers", "cpu-1b", "no GPU: the CPU engine"),
         Some(bytes) if bytes < 6 << 30 => ("low_memory", "webllm", "tiny", "under 6 GiB of GPU memory"),
         Some(bytes) if bytes < 12 << 30 => ("balanced", "webllm", "7b", "6 to 12 GiB: the 7B at q4"),
         Some(_) => ("performance", "webllm", "7b", "12 GiB or more: the 7B, q5 fits"),
@@ -85,8 +85,8 @@ pub(crate) fn doctor(loaded: &Loaded, json: bool) -> anyhow::Result<()> {
         }
     }
     println!("usine picks");
-    println!("  profile      {name}: {why}");
-    println!("  engine       {engine}, model {model}");
+    println!("  profile      {name} ({why})");
+    println!("  engine       {engine}, model {model} (for this hardware; `engine` and `model` choose another)");
     println!("  threads      {threads} (cores minus two, at least one; `threads` overrides)");
     println!(
         "  pools        kv-cache {}, activations {}, uniforms {} (memory_budget_mib {}); weights {}",

@@ -78,7 +78,8 @@ pub(crate) async fn models(loaded: &Loaded, json: bool) -> anyhow::Result<()> {
     }
     let rows = rows.into_iter().map(|(model, compiled, state)| {
         let id = if model.id == default { format!("{} (default)", model.id) } else { model.id.clone() };
-        [id, if compiled { "yes".into() } else { "no".into() }, state, model.about.to_owned()]
+        let shape = model.about.split(';').next().unwrap_or(model.about); // the rest is in `--json`
+        [id, if compiled { "yes".into() } else { "no".into() }, state, shape.to_owned()]
     });
     println!("{}", output::table(["model", "compiled", "state", "about"], rows));
     Ok(())

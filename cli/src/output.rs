@@ -13,6 +13,9 @@ pub(crate) fn table<const N: usize>(header: [&str; N], rows: impl IntoIterator<I
     let mut table = Table::new();
     if std::io::stdout().is_terminal() {
         table.load_preset(presets::UTF8_FULL_CONDENSED).set_content_arrangement(ContentArrangement::Dynamic);
+        if let Some((_, columns)) = console::Term::stdout().size_checked() {
+            table.set_width(columns); // long cells wrap inside the terminal
+        }
     } else {
         table.load_preset(presets::NOTHING);
     }
@@ -46,7 +49,9 @@ pub(crate) fn bytes(bytes: u64) -> String {
 
 /// A duration for people: `850 ms`, `4.15 s`.
 pub(crate) fn duration(duration: Duration) -> String {
-    if duration < Duration::from_secs(1) {
+    if duration < Duration::from_millis(10) {
+        format!("{:.1} ms", duration.as_secs_f64() * 1e3)
+    } else if duration < Duration::from_secs(1) {
         format!("{} ms", duration.as_millis())
     } else {
         format!("{:.2} s", duration.as_secs_f64())
@@ -78,6 +83,7 @@ mod tests {
         assert_eq!(bytes(4096), "4.0 KiB");
         assert_eq!(bytes(3 << 30), "3.0 GiB");
         assert_eq!(duration(Duration::from_millis(850)), "850 ms");
+        assert_eq!(duration(Duration::from_micros(2460)), "2.5 ms");
         assert_eq!(duration(Duration::from_millis(4150)), "4.15 s");
     }
 }

@@ -39,31 +39,31 @@ pub(crate) async fn run(loaded: &Loaded, prompt: Option<String>, json: bool) -> 
     };
     let took = started.elapsed();
     let source = handle.source();
-    // The load alone, as the kernel timed it; the rest of `took` is the compile or the warm-up.
-    let load_only =
-        app.kernel.loaded().into_iter().find(|info| info.id == model.id).map_or(took, |info| info.load_duration);
     if json {
-        println!(
-            "{}",
-            json!({
-                "event": "loaded", "model": model.id, "source": source.as_str(),
-                "load_seconds": load_only.as_secs_f64(), "ready_seconds": took.as_secs_f64(),
-            })
-        );
+        let event =
+            json!({ "event": "loaded", "model": model.id, "source": source.as_str(), "seconds": took.as_secs_f64() });
+        println!("{event}");
     } else {
-        let how = match source {
-            LoadSource::Compile => format!("compiled and cached in {}", app.storage.root().display()),
-            LoadSource::Disk => format!("loaded from the compiled-graph cache in {}", output::duration(load_only)),
-            LoadSource::Memory => "already in memory".to_owned(),
-        };
-        let warmed = if loaded.config.warm { ", warmed up" } else { "" };
-        eprintln!("{}: {how}{warmed}; ready in {}", model.id, output::duration(took));
+        let warmed = if loaded.config.warm { " and warmed up" } else { "" };
+        let took = output::duration(took);
+        match source {
+            LoadSource::Compile => {
+                eprintln!(
+                    "{}: compiled{warmed} in {took}; the graph is cached in {}",
+                    model.id,
+                    app.storage.root().display()
+                );
+            }
+            LoadSource::Disk => eprintln!("{}: loaded from the compiled-graph cache{warmed} in {took}", model.id),
+            LoadSource::Memory => eprintln!("{}: already in memory", model.id),
+        }
     }
 
     let request = Request::prompt(&model.id, prompt).params(loaded.params());
     let mut stream = app.executor.generate(request)?;
     let mut stdout = std::io::stdout().lock();
     let mut tokens = 0_u32;
+    let mut printed = false;
     loop {
         let event = tokio::select! {
             event = stream.next() => event,
@@ -86,6 +86,9 @@ pub(crate) async fn run(loaded: &Loaded, prompt: Option<String>, json: bool) -> 
                 if json {
                     writeln!(stdout, "{}", json!({ "event": "token", "index": index, "id": id, "text": text }))?;
                 } else {
+                    // The answer starts on its own line: leading spaces there are noise.
+                    let text = if printed { &text } else { text.trim_start() };
+                    printed |= !text.is_empty();
                     write!(stdout, "{text}")?;
                     stdout.flush()?;
                 }
