@@ -258,3 +258,31 @@ fn help_has_examples_and_completions_are_printed() {
     let completions = usine(dir.path()).args(["completions", "bash"]).output().unwrap();
     assert!(stdout(&completions).contains("_usine()"));
 }
+
+#[test]
+fn ctrl_c_stops_the_generation_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    assert!(
+        usine(dir.path()).args(["run", "-m", "tiny", "--max-tokens", "1", "Hi"]).output().unwrap().status.success()
+    );
+    // 2,000 tokens at 2 ms (greedy decoding never ends this one early): four seconds, stopped after one.
+    let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("usine"))
+        .args(["run", "-m", "tiny", "--temperature", "0", "--max-tokens", "2000", "Hi"]) // greedy: no sentence ends
+        .env("USINE_CACHE_DIR", dir.path().join("cache"))
+        .env("XDG_CONFIG_HOME", dir.path().join("config"))
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let kill = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(130), "{}", stderr(&output));
+    let message = stderr(&output);
+    let stopped =
+        message.lines().find(|line| line.starts_with("stopped after ")).unwrap_or_else(|| panic!("{message}"));
+    let tokens: u32 = stopped.split_whitespace().nth(2).unwrap().parse().unwrap();
+    assert!(tokens > 10 && tokens < 2000, "{stopped}");
+}
