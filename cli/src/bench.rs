@@ -194,7 +194,8 @@ pub(crate) async fn bench(loaded: &Loaded, args: &BenchArgs) -> anyhow::Result<(
     Ok(())
 }
 
-/// One generation to its end.
+/// One generation to its end. With `max_tokens` given, decoding is greedy, so that the model does not
+/// end its answer early and every length is reached (the suites that compare lengths need them).
 async fn generate(
     executor: &TaskExecutor,
     model: &str,
@@ -205,6 +206,7 @@ async fn generate(
     let mut params = loaded.params();
     if let Some(max_tokens) = max_tokens {
         params.max_tokens = max_tokens;
+        params.temperature = 0.0;
     }
     let output = executor.generate(Request::prompt(model, prompt).params(params))?.collect().await?;
     Ok(output.usage)
@@ -322,7 +324,7 @@ fn print_tables(results: &Results) {
                 format!("{:.1}", row.tokens_per_second),
             ]
         });
-        println!("\nmax tokens\n{}", output::table(["max tokens", "generated", "latency", "tokens/s"], rows));
+        println!("\nmax tokens (greedy)\n{}", output::table(["max tokens", "generated", "latency", "tokens/s"], rows));
     }
     if let Some(pipeline) = &results.pipeline {
         let row = [
@@ -331,6 +333,9 @@ fn print_tables(results: &Results) {
             format!("{:.1}", pipeline.off_tokens_per_second),
             format!("{:.2}×", pipeline.speedup),
         ];
-        println!("\npipelining\n{}", output::table(["tokens", "on, tokens/s", "off, tokens/s", "speed-up"], [row]));
+        println!(
+            "\npipelining (greedy)\n{}",
+            output::table(["tokens", "on, tokens/s", "off, tokens/s", "speed-up"], [row])
+        );
     }
 }

@@ -266,6 +266,7 @@ impl Loaded {
                     Err(_) => "(unset)".to_owned(),
                     Ok(value) => match serde_json::to_value(&value) {
                         Ok(serde_json::Value::String(text)) => text,
+                        Ok(serde_json::Value::Null) => "(unset)".to_owned(),
                         Ok(other) => other.to_string(),
                         Err(_) => "?".to_owned(),
                     },

@@ -136,8 +136,10 @@ fn bench_json_parses_and_holds_sane_figures_and_the_plot_is_drawn() {
     let lengths = results["max_tokens"].as_array().unwrap();
     assert_eq!(lengths.iter().map(|row| row["max_tokens"].as_u64().unwrap()).collect::<Vec<_>>(), [25, 50, 100, 150]);
     for row in lengths {
-        assert!(row["tokens"].as_u64().unwrap() <= row["max_tokens"].as_u64().unwrap());
+        assert_eq!(row["tokens"], row["max_tokens"], "greedy decoding reaches every length");
     }
+    let (short, long) = (&lengths[0], &lengths[3]);
+    assert!(short["total_seconds"].as_f64().unwrap() < long["total_seconds"].as_f64().unwrap());
     let contexts = results["context"].as_array().unwrap();
     assert!(contexts[0]["prompt_tokens"].as_u64().unwrap() < contexts[2]["prompt_tokens"].as_u64().unwrap());
     let pipeline = &results["pipeline"];
