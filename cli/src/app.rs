@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use usine_engine::ModelSpec;
+use usine_engine::{MemoryPlan, ModelSpec, ZeroEngine};
 use usine_engine_sim::{Profile, SimConfig};
 use usine_executor::TaskExecutor;
 use usine_kernel::{KernelConfig, RuntimeManager};
@@ -30,7 +30,16 @@ pub(crate) struct Catalog {
 }
 
 /// Each engine's model when none is named: the seeds' 7B on a laptop GPU, a 1B on a CPU.
-const DEFAULTS: &[(&str, &str)] = &[(usine_engine_webllm::NAME, "7b"), (usine_engine_transformers::NAME, "cpu-1b")];
+const DEFAULTS: &[(&str, &str)] =
+    &[(usine_engine_webllm::NAME, "7b"), (usine_engine_transformers::NAME, "cpu-1b"), (ZeroEngine::NAME, "default")];
+
+/// The zero engine's memory plan: small but real leases, so that overhead measurements include them.
+const ZERO_PLAN: MemoryPlan = MemoryPlan {
+    weights_bytes: 1 << 20,
+    kv_bytes_per_token: 1024,
+    activation_bytes_per_step: 4096,
+    max_context_tokens: 8192,
+};
 
 impl Catalog {
     pub(crate) fn standard() -> Self {
@@ -39,7 +48,7 @@ impl Catalog {
             (usine_engine_webllm::NAME, usine_engine_webllm::flavor().profiles),
             (usine_engine_transformers::NAME, usine_engine_transformers::flavor(threads).profiles),
         ];
-        let models = engines
+        let mut models: Vec<Model> = engines
             .into_iter()
             .flat_map(|(engine, profiles)| {
                 profiles.into_iter().map(move |profile| Model {
@@ -50,6 +59,12 @@ impl Catalog {
                 })
             })
             .collect();
+        models.push(Model {
+            id: format!("{}/default", ZeroEngine::NAME),
+            engine: ZeroEngine::NAME,
+            profile: "default",
+            about: "the zero-cost engine: no work at all, to measure usine itself; its text is fixed",
+        });
         Self { models }
     }
 
@@ -124,6 +139,7 @@ impl App {
         let sim = SimConfig { jitter: config.jitter, seed: config.seed, ..SimConfig::default() };
         kernel.register_engine(Arc::new(usine_engine_webllm::webllm(sim.clone())?));
         kernel.register_engine(Arc::new(usine_engine_transformers::transformers(sim, threads(loaded))?));
+        kernel.register_engine(Arc::new(ZeroEngine::with_plan(ZERO_PLAN)));
         let catalog = Catalog::standard();
         for model in &catalog.models {
             kernel.register_model(ModelSpec::new(&model.id, model.engine, model.profile));
@@ -152,6 +168,7 @@ mod tests {
         let error = catalog.resolve("webllm", Some("13b")).unwrap_err().to_string();
         assert_eq!(error, "engine `webllm` has no model `13b` (it has: tiny, 7b)");
         let error = catalog.resolve("cuda", None).unwrap_err().to_string();
-        assert_eq!(error, "unknown engine `cuda` (known: webllm, transformers)");
+        assert_eq!(error, "unknown engine `cuda` (known: webllm, transformers, zero)");
+        assert_eq!(catalog.resolve("zero", None).unwrap().id, "zero/default");
     }
 }

@@ -69,6 +69,9 @@ struct Cold {
 
 #[derive(Debug, Serialize)]
 struct ColdRun {
+    /// Where the model came from: `disk` (the graph cache), or `compile` when the stored graph did not
+    /// serve (damaged, say).
+    source: &'static str,
     load_seconds: f64,
     first_token_seconds: f64,
     total_seconds: f64,
@@ -111,12 +114,25 @@ pub(crate) struct Pipeline {
     pub(crate) speedup: f64,
 }
 
+/// Tokens generated in each run of the prompt-length suite.
+const CONTEXT_TOKENS: u32 = 32;
 /// The max-tokens suite's lengths (the seeds').
 const LENGTHS: [u32; 4] = [25, 50, 100, 150];
 /// A sentence of the simulated engines' corpus, repeated to make medium and long prompts.
 const SENTENCE: &str = "The kernel keeps the right models resident and loads them fast. ";
 
 pub(crate) async fn bench(loaded: &Loaded, args: &BenchArgs) -> anyhow::Result<()> {
+    if let Some(path) = &args.plot {
+        // Checked before minutes of measuring, not after.
+        crate::plot::check(path).map_err(crate::UsageError)?;
+        let plotted = [Suite::MaxTokens, Suite::Pipeline, Suite::All];
+        if !plotted.contains(&args.suite) {
+            return Err(crate::UsageError(anyhow::anyhow!(
+                "--plot draws the `max-tokens` and `pipeline` suites; run one of them or `all`"
+            ))
+            .into());
+        }
+    }
     let app = App::build(loaded)?;
     let model = app.model(loaded)?.id.clone();
     let runs = |suite| args.suite == suite || args.suite == Suite::All;
@@ -139,7 +155,8 @@ pub(crate) async fn bench(loaded: &Loaded, args: &BenchArgs) -> anyhow::Result<(
     if runs(Suite::Context) {
         say("prompt lengths");
         for (name, repeat) in [("short", 1), ("medium", 10), ("long", 60)] {
-            let usage = generate(&app.executor, &model, &SENTENCE.repeat(repeat), loaded, None).await?;
+            // A set length (greedy), so that only the prompt differs between the rows.
+            let usage = generate(&app.executor, &model, &SENTENCE.repeat(repeat), loaded, Some(CONTEXT_TOKENS)).await?;
             results.context.push(ContextRow {
                 prompt: name,
                 prompt_tokens: usage.prompt_tokens,
@@ -179,18 +196,18 @@ pub(crate) async fn bench(loaded: &Loaded, args: &BenchArgs) -> anyhow::Result<(
             speedup: if off.tokens_per_second > 0.0 { on.tokens_per_second / off.tokens_per_second } else { 0.0 },
         });
     }
+    if args.json {
+        output::json(&serde_json::to_value(&results).context("the results are plain data")?);
+    } else {
+        print_tables(&results);
+    }
     if let Some(path) = &args.plot {
         crate::plot::draw(&results, path)?;
         if !args.json {
             eprintln!("plot written to {}", path.display());
         }
     }
-    if args.json {
-        output::json(&serde_json::to_value(&results).context("the results are plain data")?);
-    } else {
-        print_tables(&results);
-    }
-    app.kernel.save_usage().await?;
+    // The bench's loads are not the user's: `usage.json` (what start-up warms) is left as it was.
     Ok(())
 }
 
@@ -212,10 +229,24 @@ async fn generate(
     Ok(output.usage)
 }
 
+/// Unloads `model`, waiting for the handles still on their way back (a load's own, released by its
+/// task just after its callers have theirs).
+async fn unload(app: &App, model: &str) -> anyhow::Result<()> {
+    let start = Instant::now();
+    while !app.kernel.unload(model) && app.kernel.loaded().iter().any(|info| info.id == model) {
+        anyhow::ensure!(
+            start.elapsed() < Duration::from_secs(5),
+            "{model} is still in use after 5 s: cannot measure a cold start"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    Ok(())
+}
+
 async fn cold(app: &App, model: &str, loaded: &Loaded) -> anyhow::Result<Cold> {
-    app.kernel.unload(model);
+    unload(app, model).await?;
     let key = app.kernel.graph_key(model)?;
-    let compile_seconds = if app.storage.explain(&key)?.stored {
+    let compile_seconds = if app.storage.path_of(&key).exists() {
         None
     } else {
         let start = Instant::now();
@@ -223,13 +254,15 @@ async fn cold(app: &App, model: &str, loaded: &Loaded) -> anyhow::Result<Cold> {
         Some(start.elapsed().as_secs_f64())
     };
     let run = async |warm: bool| -> anyhow::Result<ColdRun> {
-        app.kernel.unload(model);
+        unload(app, model).await?;
         let start = Instant::now();
         let handle = app.kernel.load_with(model, LoadOptions { warm, ..LoadOptions::default() }).await?;
         let load = start.elapsed();
+        let source = handle.source().as_str();
         let usage = generate(&app.executor, model, SENTENCE, loaded, None).await?;
         drop(handle);
         Ok(ColdRun {
+            source,
             load_seconds: load.as_secs_f64(),
             first_token_seconds: (load + usage.time_to_first_token).as_secs_f64(),
             total_seconds: start.elapsed().as_secs_f64(),
@@ -274,21 +307,22 @@ fn seconds(value: f64) -> String {
 }
 
 fn print_tables(results: &Results) {
-    println!("model {}", results.model);
+    outln!("model {}", results.model);
     if let Some(cold) = &results.cold {
         if let Some(compile) = cold.compile_seconds {
-            println!("\ncompile (first load, graph not cached): {}", seconds(compile));
+            outln!("\ncompile (first load, graph not cached): {}", seconds(compile));
         }
         let rows =
             [("without warming", &cold.without_warming), ("with warming", &cold.with_warming)].map(|(name, run)| {
                 [
                     name.to_owned(),
+                    run.source.to_owned(),
                     seconds(run.load_seconds),
                     seconds(run.first_token_seconds),
                     seconds(run.total_seconds),
                 ]
             });
-        println!("\ncold start (from the graph cache)\n{}", output::table(["", "load", "first token", "total"], rows));
+        outln!("\ncold start\n{}", output::table(["", "from", "load", "first token", "total"], rows));
     }
     if let Some(warm) = &results.warm {
         let row = [
@@ -301,7 +335,7 @@ fn print_tables(results: &Results) {
             format!("{:.1}", warm.tokens_per_second),
         ];
         let header = ["runs", "mean", "median", "min", "max", "std dev", "tokens/s"];
-        println!("\nwarm runs\n{}", output::table(header, [row]));
+        outln!("\nwarm runs\n{}", output::table(header, [row]));
     }
     if !results.context.is_empty() {
         let rows = results.context.iter().map(|row| {
@@ -313,7 +347,7 @@ fn print_tables(results: &Results) {
                 format!("{:.1}", row.tokens_per_second),
             ]
         });
-        println!("\nprompt length\n{}", output::table(["prompt", "tokens", "first token", "total", "tokens/s"], rows));
+        outln!("\nprompt length\n{}", output::table(["prompt", "tokens", "first token", "total", "tokens/s"], rows));
     }
     if !results.max_tokens.is_empty() {
         let rows = results.max_tokens.iter().map(|row| {
@@ -324,7 +358,7 @@ fn print_tables(results: &Results) {
                 format!("{:.1}", row.tokens_per_second),
             ]
         });
-        println!("\nmax tokens (greedy)\n{}", output::table(["max tokens", "generated", "latency", "tokens/s"], rows));
+        outln!("\nmax tokens (greedy)\n{}", output::table(["max tokens", "generated", "latency", "tokens/s"], rows));
     }
     if let Some(pipeline) = &results.pipeline {
         let row = [
@@ -333,7 +367,7 @@ fn print_tables(results: &Results) {
             format!("{:.1}", pipeline.off_tokens_per_second),
             format!("{:.2}×", pipeline.speedup),
         ];
-        println!(
+        outln!(
             "\npipelining (greedy)\n{}",
             output::table(["tokens", "on, tokens/s", "off, tokens/s", "speed-up"], [row])
         );

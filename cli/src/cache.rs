@@ -13,29 +13,39 @@ use crate::output;
 #[derive(Debug, Subcommand)]
 pub(crate) enum CacheCommand {
     /// Lists the stored graphs with their headers.
+    #[command(after_help = "Examples:\n  usine cache ls\n  usine cache ls --json")]
     Ls(Json),
-    /// Shows the store's size and counters.
+    /// Shows the store's size.
+    #[command(after_help = "Example:\n  usine cache stats")]
     Stats(Json),
     /// Checks every graph's checksum; damaged files are quarantined.
+    #[command(after_help = "Example:\n  usine cache verify")]
     Verify(Json),
     /// Says whether a model's graph is stored, and else what differs from the closest one.
+    #[command(after_help = "Examples:\n  usine cache explain 7b\n  usine cache explain --engine transformers cpu-1b")]
     Explain {
+        /// The model (as `--model`).
+        #[arg(value_name = "MODEL", conflicts_with = "model")]
+        name: Option<String>,
         #[command(flatten)]
         model: crate::ModelArgs,
         #[command(flatten)]
         json: Json,
     },
     /// Removes graphs of engine versions no longer built, and graphs unused for a while.
+    #[command(after_help = "Examples:\n  usine cache gc\n  usine cache gc --unused-for-days 30")]
     Gc {
-        /// Also remove graphs unused for this many days.
-        #[arg(long, value_name = "DAYS")]
+        /// Also remove graphs unused for this many days (1 to 36500).
+        #[arg(long, value_name = "DAYS", value_parser = clap::value_parser!(u64).range(1..=MAX_DAYS))]
         unused_for_days: Option<u64>,
         #[command(flatten)]
         json: Json,
     },
-    /// Upgrades stored graphs of older schemas.
+    /// Upgrades stored graphs of older schemas (the engines' migrations; none is needed yet).
+    #[command(after_help = "Example:\n  usine cache migrate")]
     Migrate(Json),
     /// Removes every stored graph.
+    #[command(after_help = "Example:\n  usine cache clear --yes")]
     Clear {
         /// Confirms: without it, nothing is removed.
         #[arg(long)]
@@ -54,7 +64,11 @@ impl CacheCommand {
     /// The flags that set configuration values.
     pub(crate) fn flags(&self) -> Flags {
         match self {
-            Self::Explain { model, .. } => crate::model_flags(model),
+            Self::Explain { model, name, .. } => {
+                let mut model = model.clone();
+                model.model = model.model.or_else(|| name.clone());
+                crate::model_flags(&model)
+            }
             _ => Flags::default(),
         }
     }
@@ -75,14 +89,14 @@ pub(crate) async fn cache(loaded: &Loaded, command: CacheCommand) -> anyhow::Res
                     report.quarantined.iter().map(|(file, why)| json!({ "file": file, "reason": why })).collect();
                 output::json(&json!({ "valid": report.valid, "newer": report.newer, "quarantined": quarantined }));
             } else {
-                println!(
+                outln!(
                     "{} valid, {} of a newer usine (left alone), {} quarantined",
                     report.valid,
                     report.newer,
                     report.quarantined.len()
                 );
                 for (file, why) in &report.quarantined {
-                    println!("  {file}: {why} (moved to {})", storage.quarantine_dir().display());
+                    outln!("  {file}: {why} (moved to {})", storage.quarantine_dir().display());
                 }
             }
             Ok(())
@@ -101,15 +115,12 @@ pub(crate) async fn cache(loaded: &Loaded, command: CacheCommand) -> anyhow::Res
                     "stored": explanation.stored, "closest": closest,
                 }));
             } else {
-                println!("{explanation}");
-                println!("file: {}", storage.path_of(&key).display());
+                outln!("{explanation}");
+                outln!("file: {}", storage.path_of(&key).display());
             }
             Ok(())
         }
         CacheCommand::Gc { unused_for_days, json: Json { json } } => {
-            if let Some(days) = unused_for_days {
-                anyhow::ensure!(days <= MAX_DAYS, "--unused-for-days {days} is more than {MAX_DAYS} (the limit)");
-            }
             let app = App::build(loaded)?;
             let current = app
                 .catalog
@@ -139,7 +150,7 @@ pub(crate) async fn cache(loaded: &Loaded, command: CacheCommand) -> anyhow::Res
         CacheCommand::Clear { yes } => {
             let entries = storage.list()?;
             if !yes {
-                println!(
+                outln!(
                     "{} graphs in {}; run `usine cache clear --yes` to remove them",
                     entries.len(),
                     storage.graphs_dir().display()
@@ -152,7 +163,7 @@ pub(crate) async fn cache(loaded: &Loaded, command: CacheCommand) -> anyhow::Res
                     removed += usize::from(storage.remove(&header.key)?);
                 }
             }
-            println!(
+            outln!(
                 "removed {removed} of {} graphs (files of a newer usine or unreadable are left to `verify`)",
                 entries.len()
             );
@@ -184,7 +195,7 @@ fn ls(storage: &StorageManager, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     if entries.is_empty() {
-        println!("no compiled graphs in {}", storage.graphs_dir().display());
+        outln!("no compiled graphs in {}", storage.graphs_dir().display());
         return Ok(());
     }
     let rows = entries.iter().map(|entry| {
@@ -217,7 +228,7 @@ fn ls(storage: &StorageManager, json: bool) -> anyhow::Result<()> {
             file,
         ]
     });
-    println!("{}", output::table(["model", "engine", "profile", "size", "last use", "status", "file"], rows));
+    outln!("{}", output::table(["model", "engine", "profile", "size", "last use", "status", "file"], rows));
     Ok(())
 }
 
@@ -230,7 +241,7 @@ fn stats(storage: &StorageManager, json: bool) -> anyhow::Result<()> {
         }));
         return Ok(());
     }
-    println!("{} graphs, {} in {}", stats.graphs, output::bytes(stats.bytes), storage.graphs_dir().display());
+    outln!("{} graphs, {} in {}", stats.graphs, output::bytes(stats.bytes), storage.graphs_dir().display());
     Ok(())
 }
 
@@ -243,12 +254,12 @@ fn maintenance(verb: &str, done: &Maintenance, json: bool) {
         return;
     }
     if done.done.is_empty() && done.failed.is_empty() {
-        println!("nothing to do");
+        outln!("nothing to do");
     }
     for (key, why) in &done.done {
-        println!("{verb} {key}: {why}");
+        outln!("{verb} {key}: {why}");
     }
     for (key, why) in &done.failed {
-        println!("failed {key}: {why}");
+        outln!("failed {key}: {why}");
     }
 }

@@ -15,7 +15,7 @@ use usine_engine::GenerationParams;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct Config {
-    /// The engine: `webllm` or `transformers`.
+    /// The engine: `webllm`, `transformers`, or `zero` (no work at all, to measure usine itself).
     pub(crate) engine: String,
     /// The model: one of the engine's profiles, or `engine/profile`; the engine's default when unset.
     pub(crate) model: Option<String>,
@@ -45,6 +45,33 @@ pub(crate) struct Config {
     pub(crate) max_concurrent: usize,
     /// Most requests waiting for a generation slot.
     pub(crate) queue_capacity: usize,
+    /// Most time a request waits for a slot, in milliseconds.
+    pub(crate) queue_timeout_ms: u64,
+    /// Most time from a slot to the first token (the load, a compile included), in milliseconds.
+    pub(crate) first_token_timeout_ms: u64,
+    /// Most time between two tokens, in milliseconds.
+    pub(crate) between_tokens_timeout_ms: u64,
+    /// Most time for a whole request, in milliseconds; none when unset.
+    pub(crate) request_timeout_ms: Option<u64>,
+    /// `usine serve`: the address to listen on. Any but loopback needs `api_key`.
+    pub(crate) bind: String,
+    /// `usine serve`: the bearer token every endpoint but `/health` (and `/metrics`, unless
+    /// `metrics_need_key`) demands; none when unset.
+    pub(crate) api_key: Option<String>,
+    /// `usine serve`: `/metrics` demands the key too.
+    pub(crate) metrics_need_key: bool,
+    /// `usine serve`: the largest request body, in bytes.
+    pub(crate) max_body_bytes: usize,
+    /// `usine serve`: the longest prompt (or conversation), in bytes.
+    pub(crate) max_prompt_bytes: usize,
+    /// `usine serve`: the most tokens a request may ask for.
+    pub(crate) max_tokens_limit: u32,
+    /// `usine serve`: models to warm up at start.
+    pub(crate) warmup: Vec<String>,
+    /// `usine serve`: report not ready (503) until the warm-ups are done.
+    pub(crate) wait_for_warmup: bool,
+    /// `usine serve`: how long running streams may go on after SIGTERM, in seconds.
+    pub(crate) shutdown_grace_seconds: u64,
 }
 
 impl Default for Config {
@@ -66,6 +93,19 @@ impl Default for Config {
             pipelining: true,
             max_concurrent: 4,
             queue_capacity: 64,
+            queue_timeout_ms: 60_000,
+            first_token_timeout_ms: 300_000,
+            between_tokens_timeout_ms: 30_000,
+            request_timeout_ms: None,
+            bind: "127.0.0.1:8080".into(),
+            api_key: None,
+            metrics_need_key: false,
+            max_body_bytes: 1 << 20,
+            max_prompt_bytes: 256 << 10,
+            max_tokens_limit: 4096,
+            warmup: Vec::new(),
+            wait_for_warmup: false,
+            shutdown_grace_seconds: 10,
         }
     }
 }
@@ -87,7 +127,26 @@ pub(crate) const KEYS: &[&str] = &[
     "pipelining",
     "max_concurrent",
     "queue_capacity",
+    "queue_timeout_ms",
+    "first_token_timeout_ms",
+    "between_tokens_timeout_ms",
+    "request_timeout_ms",
+    "bind",
+    "api_key",
+    "metrics_need_key",
+    "max_body_bytes",
+    "max_prompt_bytes",
+    "max_tokens_limit",
+    "warmup",
+    "wait_for_warmup",
+    "shutdown_grace_seconds",
 ];
+
+/// The largest memory budget, in MiB: a PiB, far beyond any machine, and far from overflowing bytes.
+pub(crate) const MAX_BUDGET_MIB: u64 = 1 << 30;
+
+/// The shortest API key taken: a guessable key is no key.
+pub(crate) const MIN_API_KEY_LEN: usize = 16;
 
 /// The name of the configuration file.
 pub(crate) const FILE_NAME: &str = "usine.toml";
@@ -179,7 +238,7 @@ fn describe(error: &figment::Error) -> String {
             }
         })
         .collect::<Vec<_>>()
-        .join("\n")
+        .join("; ")
 }
 
 /// Where a value came from, for people: a file's path, an environment variable's name, a flag.
@@ -215,14 +274,32 @@ impl Loaded {
         if !(0.0..=1.0).contains(&config.jitter) {
             return Err(outside("jitter", config.jitter.to_string(), "0..=1"));
         }
-        if config.memory_budget_mib == 0 {
-            return Err(outside("memory_budget_mib", "0".into(), "at least 1"));
+        for (key, mib) in
+            [("memory_budget_mib", config.memory_budget_mib), ("weights_budget_mib", config.weights_budget_mib)]
+        {
+            if !(1..=MAX_BUDGET_MIB).contains(&mib) {
+                return Err(outside(key, mib.to_string(), &format!("1..={MAX_BUDGET_MIB} (a PiB)")));
+            }
         }
-        if config.weights_budget_mib == 0 {
-            return Err(outside("weights_budget_mib", "0".into(), "at least 1"));
+        if config.cache_dir.as_ref().is_some_and(|dir| dir.as_os_str().is_empty()) {
+            return Err(outside("cache_dir", "empty".into(), "a folder (leave it unset for the default)"));
         }
         if config.threads == Some(0) {
             return Err(outside("threads", "0".into(), "at least 1"));
+        }
+        if config.max_body_bytes == 0 || config.max_prompt_bytes == 0 || config.max_tokens_limit == 0 {
+            let key =
+                [("max_body_bytes", config.max_body_bytes == 0), ("max_prompt_bytes", config.max_prompt_bytes == 0)]
+                    .into_iter()
+                    .find(|(_, zero)| *zero)
+                    .map_or("max_tokens_limit", |(key, _)| key);
+            return Err(outside(key, "0".into(), "at least 1"));
+        }
+        if config.bind.parse::<std::net::SocketAddr>().is_err() {
+            return Err(outside("bind", format!("`{}`", config.bind), "an address and port, such as 127.0.0.1:8080"));
+        }
+        if config.api_key.as_ref().is_some_and(|key| key.len() < MIN_API_KEY_LEN) {
+            return Err(outside("api_key", "too short".into(), &format!("at least {MIN_API_KEY_LEN} characters")));
         }
         let executor = self.executor_config();
         executor.validate().map_err(|error| outside(error.name, error.value, &error.limit))?;
@@ -250,10 +327,18 @@ impl Loaded {
 
     /// The executor's settings the configuration gives.
     pub(crate) fn executor_config(&self) -> usine_executor::ExecutorConfig {
+        let config = &self.config;
+        let millis = std::time::Duration::from_millis;
         usine_executor::ExecutorConfig {
-            max_concurrent: self.config.max_concurrent,
-            queue_capacity: self.config.queue_capacity,
-            pipelining: self.config.pipelining,
+            max_concurrent: config.max_concurrent,
+            queue_capacity: config.queue_capacity,
+            pipelining: config.pipelining,
+            timeouts: usine_executor::Timeouts {
+                queue: Some(millis(config.queue_timeout_ms)),
+                first_token: Some(millis(config.first_token_timeout_ms)),
+                between_tokens: Some(millis(config.between_tokens_timeout_ms)),
+                total: config.request_timeout_ms.map(millis),
+            },
             ..usine_executor::ExecutorConfig::default()
         }
     }
@@ -271,6 +356,7 @@ impl Loaded {
                         Err(_) => "?".to_owned(),
                     },
                 };
+                let value = if key == "api_key" && value != "(unset)" { "(set, hidden)".to_owned() } else { value };
                 (key, value, self.origin_of(key))
             })
             .collect()

@@ -72,23 +72,25 @@ pub(crate) fn doctor(loaded: &Loaded, json: bool) -> anyhow::Result<()> {
         }));
         return Ok(());
     }
-    println!("machine");
-    println!("  cores        {cores}");
-    println!("  memory       {} ({} available)", output::bytes(memory), output::bytes(available));
+    outln!("machine");
+    outln!("  cores        {cores}");
+    outln!("  memory       {} ({} available)", output::bytes(memory), output::bytes(available));
     match (&gpus[..], &gpu_note) {
-        ([], Some(note)) => println!("  gpu          none read ({note})"),
-        ([], None) => println!("  gpu          none"),
+        ([], Some(note)) => outln!("  gpu          none read ({note})"),
+        ([], None) => outln!("  gpu          none"),
         (gpus, _) => {
             for gpu in gpus {
-                println!("  gpu          {} ({})", gpu.name, output::bytes(gpu.memory_bytes));
+                outln!("  gpu          {} ({})", gpu.name, output::bytes(gpu.memory_bytes));
             }
         }
     }
-    println!("usine picks");
-    println!("  profile      {name} ({why})");
-    println!("  engine       {engine}, model {model} (for this hardware; `engine` and `model` choose another)");
-    println!("  threads      {threads} (cores minus two, at least one; `threads` overrides)");
-    println!(
+    outln!("usine's choices for this machine");
+    outln!("  profile      {name} ({why})");
+    outln!(
+        "  engine       {engine}, model {model} recommended (the default is webllm/7b, simulated; set `engine` and `model`)"
+    );
+    outln!("  threads      {threads} (cores minus two, at least one; `threads` overrides)");
+    outln!(
         "  pools        kv-cache {}, activations {}, uniforms {} (memory_budget_mib {}); weights {}",
         output::bytes(pools.kv_cache.capacity),
         output::bytes(pools.activations.capacity),

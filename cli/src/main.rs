@@ -3,6 +3,17 @@
 
 #![allow(clippy::print_stdout, clippy::print_stderr, reason = "a command line prints: that is its job")]
 
+/// `println!` that ends the process quietly when stdout is a closed pipe (`usine cache ls | head -1`),
+/// as a command killed by SIGPIPE would, instead of panicking.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(error) = writeln!(std::io::stdout(), $($arg)*) {
+            $crate::stdout_failed(&error);
+        }
+    }};
+}
+
 mod app;
 mod bench;
 mod cache;
@@ -12,6 +23,7 @@ mod inspect;
 mod output;
 mod plot;
 mod run;
+mod serve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -55,18 +67,28 @@ enum Command {
         after_help = "Examples:\n  usine cache ls\n  usine cache explain --model 7b\n  usine cache gc --unused-for-days 30"
     )]
     Cache(cache::CacheCommand),
-    /// Shows the memory pools: capacity, use, peak, waiters.
-    #[command(after_help = "Example:\n  usine pools --json")]
-    Pools(JsonArg),
-    /// Shows the catalog of models and which are compiled, loaded or pinned.
-    #[command(after_help = "Example:\n  usine models")]
-    Models(JsonArg),
+    /// Shows the memory pools: capacity, use, peak, waiters (of a running server with `--server`).
+    #[command(after_help = "Examples:\n  usine pools --json\n  usine pools --server http://127.0.0.1:8080")]
+    Pools(Inspect),
+    /// Shows the catalog of models and which are compiled, loaded, pinned, idle or expiring (of a running
+    /// server with `--server`).
+    #[command(after_help = "Examples:\n  usine models\n  usine models --server http://127.0.0.1:8080")]
+    Models(Inspect),
     /// Shows what this machine is and the profile usine picks for it.
     #[command(after_help = "Example:\n  usine doctor --json")]
     Doctor(JsonArg),
     /// Shows the configuration and where each value came from.
     #[command(subcommand, after_help = "Example:\n  USINE_MAX_TOKENS=20 usine config show")]
     Config(ConfigCommand),
+    /// Serves the OpenAI-compatible HTTP API, model lifecycle endpoints and Prometheus metrics.
+    #[command(
+        after_help = "Examples:\n  usine serve\n  USINE_API_KEY=$(openssl rand -hex 16) usine serve --bind 0.0.0.0:8080\n  curl -s localhost:8080/v1/completions -H 'content-type: application/json' \\\n    -d '{\"model\": \"webllm/tiny\", \"prompt\": \"Hi\", \"stream\": true}'"
+    )]
+    Serve {
+        /// The address to listen on (default: `bind` in the configuration, 127.0.0.1:8080).
+        #[arg(long, value_name = "ADDRESS:PORT")]
+        bind: Option<String>,
+    },
     /// Prints a shell completion script.
     #[command(after_help = "Example:\n  usine completions bash > ~/.local/share/bash-completion/completions/usine")]
     Completions {
@@ -78,7 +100,19 @@ enum Command {
 #[derive(Debug, Subcommand)]
 enum ConfigCommand {
     /// Prints every setting, its value and its source.
+    #[command(after_help = "Examples:\n  usine config show\n  USINE_MAX_TOKENS=20 usine config show --json")]
     Show(JsonArg),
+}
+
+/// `--json` and `--server`.
+#[derive(Debug, Args)]
+struct Inspect {
+    /// Machine-readable output.
+    #[arg(long)]
+    json: bool,
+    /// Ask a running `usine serve` at this address (with `api_key` from the configuration, if set).
+    #[arg(long, value_name = "URL")]
+    server: Option<String>,
 }
 
 /// `--json`.
@@ -95,7 +129,7 @@ pub(crate) struct ModelArgs {
     /// The model: a profile of the engine (`7b`, `tiny`, `cpu-1b`) or `engine/profile`.
     #[arg(long, short)]
     model: Option<String>,
-    /// The engine: `webllm` or `transformers`.
+    /// The engine: `webllm`, `transformers`, or `zero` (no work at all, to measure usine itself).
     #[arg(long, short)]
     engine: Option<String>,
 }
@@ -140,12 +174,29 @@ impl std::error::Error for UsageError {}
 
 /// Exit code of a run stopped by Ctrl-C (128 + SIGINT), as shells expect.
 pub(crate) const INTERRUPTED: u8 = 130;
+/// Exit code when stdout's reader went away (128 + SIGPIPE), as shells expect.
+const CLOSED_PIPE: u8 = 141;
+
+/// Stdout failed: a closed pipe ends the command quietly; anything else is an error line.
+pub(crate) fn stdout_failed(error: &std::io::Error) -> ! {
+    if error.kind() == std::io::ErrorKind::BrokenPipe {
+        std::process::exit(i32::from(CLOSED_PIPE));
+    }
+    eprintln!("error: writing to stdout: {error}");
+    std::process::exit(1);
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match dispatch(cli) {
         Ok(code) => code,
         Err(error) => {
+            let closed = error.chain().any(|cause| {
+                cause.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            });
+            if closed {
+                return ExitCode::from(CLOSED_PIPE);
+            }
             let code = if error.is::<UsageError>() { 2 } else { 1 };
             if std::env::var_os("RUST_BACKTRACE").is_some_and(|value| value != "0") {
                 eprintln!("error: {error:?}");
@@ -164,7 +215,12 @@ fn configure(
     flags: config::Flags,
 ) -> anyhow::Result<config::Loaded> {
     let mut flags = flags;
-    flags.set("cache_dir", cache_dir);
+    if let Some(dir) = &cache_dir {
+        let dir = dir
+            .to_str()
+            .ok_or_else(|| UsageError(anyhow::anyhow!("--cache-dir {} is not valid UTF-8", dir.display())))?;
+        flags.set("cache_dir", Some(dir));
+    }
     config::files(cli_config).and_then(|files| config::load(&files, flags)).map_err(|error| UsageError(error).into())
 }
 
@@ -178,7 +234,14 @@ fn model_flags(model: &ModelArgs) -> config::Flags {
 fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     let Cli { config: file, cache_dir, command } = cli;
     let file = file.as_deref();
-    let runtime = || tokio::runtime::Builder::new_multi_thread().enable_all().build();
+    // The runtime is shut down without waiting long for blocking work (a load queued behind another
+    // process's compile, say): a command that is done, or interrupted, exits.
+    let block_on = |future: std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<ExitCode>>>>| {
+        let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+        let result = runtime.block_on(future);
+        runtime.shutdown_timeout(std::time::Duration::from_millis(500));
+        result
+    };
     match command {
         Command::Run(args) => {
             let mut flags = model_flags(&args.model);
@@ -187,27 +250,26 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             flags.set("seed", args.seed);
             flags.set("warm", if args.no_warm { Some(false) } else { args.warm.then_some(true) });
             let loaded = configure(file, cache_dir, flags)?;
-            runtime()?.block_on(run::run(&loaded, args.prompt, args.json))
+            block_on(Box::pin(run::run(&loaded, args.prompt, args.json)))
         }
         Command::Bench(args) => {
             let loaded = configure(file, cache_dir, model_flags(&args.model))?;
-            runtime()?.block_on(bench::bench(&loaded, &args))?;
-            Ok(ExitCode::SUCCESS)
+            block_on(Box::pin(async { bench::bench(&loaded, &args).await.map(|()| ExitCode::SUCCESS) }))
         }
         Command::Cache(command) => {
             let loaded = configure(file, cache_dir, command.flags())?;
-            runtime()?.block_on(cache::cache(&loaded, command))?;
+            block_on(Box::pin(async { cache::cache(&loaded, command).await.map(|()| ExitCode::SUCCESS) }))
+        }
+        Command::Pools(Inspect { json, server }) => {
+            let loaded = configure(file, cache_dir, config::Flags::default())?;
+            inspect::pools(&loaded, json, server.as_deref())?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Pools(JsonArg { json }) => {
+        Command::Models(Inspect { json, server }) => {
             let loaded = configure(file, cache_dir, config::Flags::default())?;
-            inspect::pools(&loaded, json)?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Models(JsonArg { json }) => {
-            let loaded = configure(file, cache_dir, config::Flags::default())?;
-            runtime()?.block_on(inspect::models(&loaded, json))?;
-            Ok(ExitCode::SUCCESS)
+            block_on(Box::pin(async {
+                inspect::models(&loaded, json, server.as_deref()).await.map(|()| ExitCode::SUCCESS)
+            }))
         }
         Command::Doctor(JsonArg { json }) => {
             let loaded = configure(file, cache_dir, config::Flags::default())?;
@@ -218,6 +280,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             let loaded = configure(file, cache_dir, config::Flags::default())?;
             output::config_show(&loaded, json);
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Serve { bind } => {
+            let loaded = configure(file, cache_dir, config::Flags::default())?;
+            block_on(Box::pin(async { serve::serve(loaded, bind).await.map(|()| ExitCode::SUCCESS) }))
         }
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "usine", &mut std::io::stdout());

@@ -28,7 +28,7 @@ pub(crate) fn table<const N: usize>(header: [&str; N], rows: impl IntoIterator<I
 
 /// Pretty JSON on stdout.
 pub(crate) fn json(value: &serde_json::Value) {
-    println!("{}", serde_json::to_string_pretty(value).expect("a JSON value prints"));
+    outln!("{}", serde_json::to_string_pretty(value).expect("a JSON value prints"));
 }
 
 /// Bytes in binary units: `512 B`, `4.0 KiB`, `3.5 GiB`.
@@ -70,7 +70,7 @@ pub(crate) fn config_show(loaded: &Loaded, json: bool) {
         return;
     }
     let rows = settings.into_iter().map(|(key, value, origin)| [key.to_owned(), value, origin]);
-    println!("{}", table(["key", "value", "source"], rows));
+    outln!("{}", table(["key", "value", "source"], rows));
 }
 
 #[cfg(test)]

@@ -15,13 +15,24 @@ const FONT: &[u8] = include_bytes!("../assets/DejaVuSansMono.ttf");
 
 const SIZE: (u32, u32) = (1000, 420);
 
+/// Checks that `path` names a format the plot can be drawn in.
+pub(crate) fn check(path: &Path) -> anyhow::Result<()> {
+    match extension(path).as_deref() {
+        Some("svg" | "png") => Ok(()),
+        _ => anyhow::bail!("cannot plot to {}: the file name must end in .svg or .png", path.display()),
+    }
+}
+
+fn extension(path: &Path) -> Option<String> {
+    path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase)
+}
+
 pub(crate) fn draw(results: &Results, path: &Path) -> anyhow::Result<()> {
     anyhow::ensure!(
         !results.max_tokens.is_empty() || results.pipeline.is_some(),
         "nothing to plot: the plot shows the `max-tokens` and `pipeline` suites"
     );
-    let extension = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
-    match extension.as_deref() {
+    match extension(path).as_deref() {
         Some("svg") => {
             register_font()?;
             render(results, &SVGBackend::new(path, SIZE).into_drawing_area())

@@ -28,21 +28,26 @@ pub(crate) async fn run(loaded: &Loaded, prompt: Option<String>, json: bool) -> 
     let app = App::build(loaded)?;
     let model = app.model(loaded)?.clone();
 
+    // One listener for the whole run: a Ctrl-C at any point after this is seen (a new listener would
+    // miss one that came between two).
+    let interrupt = tokio::signal::ctrl_c();
+    tokio::pin!(interrupt);
     let started = Instant::now();
-    let load = load(&app.kernel, &model.id, loaded.config.warm, json);
-    let handle = tokio::select! {
-        handle = load => handle?,
-        _ = tokio::signal::ctrl_c() => {
-            eprintln!("\nstopped while loading {}", model.id);
-            return Ok(ExitCode::from(crate::INTERRUPTED));
+    let load = load(&app.kernel, &model.id, loaded.config.warm, json, &mut interrupt);
+    let Some(handle) = load.await? else {
+        if json {
+            outln!("{}", json!({ "event": "cancelled", "generated_tokens": 0 }));
+        } else {
+            eprintln!("stopped while loading {}", model.id);
         }
+        return Ok(ExitCode::from(crate::INTERRUPTED));
     };
     let took = started.elapsed();
     let source = handle.source();
     if json {
         let event =
             json!({ "event": "loaded", "model": model.id, "source": source.as_str(), "seconds": took.as_secs_f64() });
-        println!("{event}");
+        outln!("{event}");
     } else {
         let warmed = if loaded.config.warm { " and warmed up" } else { "" };
         let took = output::duration(took);
@@ -67,7 +72,7 @@ pub(crate) async fn run(loaded: &Loaded, prompt: Option<String>, json: bool) -> 
     loop {
         let event = tokio::select! {
             event = stream.next() => event,
-            _ = tokio::signal::ctrl_c() => {
+            _ = &mut interrupt => {
                 drop(stream); // cancels the generation; its memory goes back at once
                 if json {
                     writeln!(stdout, "{}", json!({ "event": "cancelled", "generated_tokens": tokens }))?;
@@ -109,6 +114,9 @@ pub(crate) async fn run(loaded: &Loaded, prompt: Option<String>, json: bool) -> 
                 }
             }
             Err(error) => {
+                if !json && printed {
+                    writeln!(stdout)?; // the error line starts on a line of its own
+                }
                 if json {
                     writeln!(
                         stdout,
@@ -149,25 +157,39 @@ fn read_prompt() -> anyhow::Result<String> {
     Ok(prompt)
 }
 
-/// Loads `model`, showing its compile's progress as it goes.
+/// Loads `model`, showing its compile's progress as it goes; `None` when `interrupt` came first (the
+/// display is cleared either way before this returns).
 pub(crate) async fn load(
     kernel: &RuntimeManager,
     model: &str,
     warm: bool,
     json: bool,
-) -> anyhow::Result<usine_kernel::ModelHandle> {
+    interrupt: &mut (impl std::future::Future + Unpin),
+) -> anyhow::Result<Option<usine_kernel::ModelHandle>> {
     let mut progress = kernel.progress(model);
     let model_id = model.to_owned();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let shown = tokio::spawn(async move {
         let mut display = CompileDisplay::new(&model_id, json);
-        while let Some(report) = progress.next().await {
-            display.show(&report);
+        tokio::pin!(stopped);
+        loop {
+            tokio::select! {
+                report = progress.next() => match report {
+                    Some(report) => display.show(&report),
+                    None => break,
+                },
+                _ = &mut stopped => break,
+            }
         }
         display.finish();
     });
-    let handle = kernel.load_with(model, LoadOptions { warm, ..LoadOptions::default() }).await;
-    let _ = shown.await; // the display ends with the load's last event
-    Ok(handle?)
+    let handle = tokio::select! {
+        handle = kernel.load_with(model, LoadOptions { warm, ..LoadOptions::default() }) => Some(handle),
+        _ = interrupt => None,
+    };
+    let _ = stop.send(()); // a memory hit, or a load that ended without an event, ends the display too
+    let _ = shown.await;
+    handle.transpose().map_err(Into::into)
 }
 
 /// How a compile shows: a progress bar with the stage and the time left on a terminal, one line per
@@ -198,7 +220,7 @@ impl CompileDisplay {
             .unwrap_or_default();
         if self.json {
             let eta = report.eta.map(|eta| eta.as_secs_f64());
-            println!(
+            outln!(
                 "{}",
                 json!({ "event": "progress", "stage": report.stage, "fraction": report.fraction, "eta_seconds": eta })
             );

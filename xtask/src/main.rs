@@ -2,16 +2,19 @@
 //!
 //! - `tidy`: checks the architecture invariants (layers, application-only crates, lints, file docs).
 //!   The same checks run under `cargo test`.
+//! - `integration`: starts `usine serve`, a real Prometheus and the official OpenAI Python client on
+//!   loopback, and checks what a deployment would see.
 
 use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::{Result, bail};
 
+mod integration;
 mod tidy;
 
-const USAGE: &str =
-    "usage: cargo xtask <verb>\n\nverbs:\n  tidy    check the architecture invariants of ARCHITECTURE.md";
+const USAGE: &str = "usage: cargo xtask <verb>\n\nverbs:\n  tidy         check the architecture invariants of ARCHITECTURE.md\n  \
+                     integration  run usine serve with Prometheus and the OpenAI client on loopback, and check it";
 
 fn main() -> Result<ExitCode> {
     let verb = std::env::args().nth(1);
@@ -29,6 +32,10 @@ fn main() -> Result<ExitCode> {
                 eprintln!("tidy: {} violations", violations.len());
                 Ok(ExitCode::FAILURE)
             }
+        }
+        Some("integration") => {
+            let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace root");
+            integration::run(root)
         }
         Some("help" | "--help" | "-h") | None => {
             eprintln!("{USAGE}");

@@ -120,9 +120,11 @@ fn bench_json_parses_and_holds_sane_figures_and_the_plot_is_drawn() {
     assert_eq!(results["model"], "webllm/tiny");
     let cold = &results["cold"];
     assert!(cold["compile_seconds"].as_f64().unwrap() > 0.1, "the first bench compiles: {cold}");
-    for run in ["without_warming", "with_warming"] {
+    for (run, least) in [("without_warming", 0.015), ("with_warming", 0.015 + 0.030)] {
         let run = &cold[run];
-        assert!(run["load_seconds"].as_f64().unwrap() < run["total_seconds"].as_f64().unwrap(), "{run}");
+        assert_eq!(run["source"], "disk", "a cold start loads from the graph cache: {run}");
+        // tiny's load takes 15 ms; warming adds its 30 ms first use.
+        assert!(run["load_seconds"].as_f64().unwrap() >= least, "{run}");
     }
     let warm = &results["warm"];
     assert_eq!(warm["runs"], 3);
@@ -143,7 +145,8 @@ fn bench_json_parses_and_holds_sane_figures_and_the_plot_is_drawn() {
     let contexts = results["context"].as_array().unwrap();
     assert!(contexts[0]["prompt_tokens"].as_u64().unwrap() < contexts[2]["prompt_tokens"].as_u64().unwrap());
     let pipeline = &results["pipeline"];
-    assert!(pipeline["speedup"].as_f64().unwrap() > 1.0, "pipelining helps on a GPU flavor: {pipeline}");
+    // tiny prepares in 1 ms and computes in 2: 1.5 times faster in theory; well above 1 even on a busy machine.
+    assert!(pipeline["speedup"].as_f64().unwrap() > 1.2, "pipelining helps on a GPU flavor: {pipeline}");
     let svg = std::fs::read_to_string(dir.path().join("bench.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("latency against tokens"), "{}", &svg[..svg.len().min(200)]);
 }
@@ -163,7 +166,10 @@ fn bad_flags_and_values_exit_2_with_one_clear_line() {
     let output = usine(dir.path()).args(["run", "--model", "13b", "Hi"]).output().unwrap();
     assert_eq!(output.status.code(), Some(2));
     assert!(stderr(&output).contains("engine `webllm` has no model `13b` (it has: tiny, 7b)"), "{}", stderr(&output));
-    assert!(!stderr(&output).contains("backtrace"));
+    assert_eq!(stderr(&output).lines().count(), 1, "one line: {}", stderr(&output));
+    let output = usine(dir.path()).args(["bench", "cold", "--plot", "x.jpg"]).output().unwrap();
+    assert_eq!(output.status.code(), Some(2), "checked before measuring");
+    assert!(stderr(&output).contains("must end in .svg or .png"), "{}", stderr(&output));
 }
 
 #[test]
@@ -205,7 +211,7 @@ fn cache_commands_list_explain_verify_and_clear() {
     assert_eq!(ls.as_array().unwrap().len(), 1);
     assert_eq!(ls[0]["status"], "valid");
 
-    let explain = usine(dir.path()).args(["cache", "explain", "--model", "tiny"]).output().unwrap();
+    let explain = usine(dir.path()).args(["cache", "explain", "tiny"]).output().unwrap();
     assert!(stdout(&explain).starts_with("a graph is stored for webllm/tiny"), "{}", stdout(&explain));
     let explain = usine(dir.path()).args(["cache", "explain", "--model", "7b", "--json"]).output().unwrap();
     let explain: Value = serde_json::from_slice(&explain.stdout).unwrap();
@@ -233,7 +239,7 @@ fn models_pools_and_doctor_describe_the_setup() {
     let models: Value =
         serde_json::from_slice(&usine(dir.path()).args(["models", "--json"]).output().unwrap().stdout).unwrap();
     let ids: Vec<&str> = models.as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
-    assert_eq!(ids, ["webllm/tiny", "webllm/7b", "transformers/tiny", "transformers/cpu-1b"]);
+    assert_eq!(ids, ["webllm/tiny", "webllm/7b", "transformers/tiny", "transformers/cpu-1b", "zero/default"]);
     assert!(models.as_array().unwrap().iter().any(|m| m["default"] == true && m["id"] == "webllm/7b"));
 
     let pools = usine(dir.path()).args(["pools", "--json"]).env("USINE_MEMORY_BUDGET_MIB", "1024").output().unwrap();
@@ -252,8 +258,27 @@ fn models_pools_and_doctor_describe_the_setup() {
 #[test]
 fn help_has_examples_and_completions_are_printed() {
     let dir = tempfile::tempdir().unwrap();
-    for command in ["run", "bench", "cache", "pools", "models", "doctor", "config", "completions"] {
-        let help = usine(dir.path()).args([command, "--help"]).output().unwrap();
+    let commands = [
+        "run",
+        "bench",
+        "cache",
+        "cache ls",
+        "cache stats",
+        "cache verify",
+        "cache explain",
+        "cache gc",
+        "cache migrate",
+        "cache clear",
+        "pools",
+        "models",
+        "doctor",
+        "config",
+        "config show",
+        "serve",
+        "completions",
+    ];
+    for command in commands {
+        let help = usine(dir.path()).args(command.split(' ')).arg("--help").output().unwrap();
         assert!(help.status.success());
         assert!(stdout(&help).contains("Example"), "`usine {command} --help` has no example");
     }
@@ -264,27 +289,28 @@ fn help_has_examples_and_completions_are_printed() {
 #[test]
 fn ctrl_c_stops_the_generation_cleanly() {
     let dir = tempfile::tempdir().unwrap();
-    assert!(
-        usine(dir.path()).args(["run", "-m", "tiny", "--max-tokens", "1", "Hi"]).output().unwrap().status.success()
-    );
-    // 2,000 tokens at 2 ms (greedy decoding never ends this one early): four seconds, stopped after one.
-    let child = std::process::Command::new(assert_cmd::cargo::cargo_bin("usine"))
-        .args(["run", "-m", "tiny", "--temperature", "0", "--max-tokens", "2000", "Hi"]) // greedy: no sentence ends
+    // 2,000 greedy tokens at 2 ms (greedy decoding never ends this one early): four seconds.
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("usine"))
+        .args(["run", "--json", "-m", "tiny", "--temperature", "0", "--max-tokens", "2000", "Hi"])
         .env("USINE_CACHE_DIR", dir.path().join("cache"))
         .env("XDG_CONFIG_HOME", dir.path().join("config"))
+        .env("HOME", dir.path())
         .current_dir(dir.path())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(std::time::Duration::from_secs(1));
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
+    // Interrupt once tokens flow (the handler is installed before the load).
+    let first = lines.by_ref().map(Result::unwrap).find(|line| line.contains("\"event\":\"token\"")).unwrap();
+    assert!(first.contains("\"index\":0"), "{first}");
     let kill = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
     assert!(kill.success());
-    let output = child.wait_with_output().unwrap();
-    assert_eq!(output.status.code(), Some(130), "{}", stderr(&output));
-    let message = stderr(&output);
-    let stopped =
-        message.lines().find(|line| line.starts_with("stopped after ")).unwrap_or_else(|| panic!("{message}"));
-    let tokens: u32 = stopped.split_whitespace().nth(2).unwrap().parse().unwrap();
-    assert!(tokens > 10 && tokens < 2000, "{stopped}");
+    let rest: Vec<Value> = lines.map(|line| serde_json::from_str(&line.unwrap()).unwrap()).collect();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    let last = rest.last().unwrap();
+    assert_eq!(last["event"], "cancelled", "{rest:?}");
+    let tokens = last["generated_tokens"].as_u64().unwrap();
+    assert!((1..2000).contains(&tokens), "{last}");
 }

@@ -1,0 +1,278 @@
+//! The router, in process: answers in the OpenAI shapes, the statuses of every error, auth, health,
+//! lifecycle, and a dropped stream's memory coming back.
+
+#![allow(clippy::unwrap_used, reason = "a panic is a test failure with its message")]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode, header};
+use http_body_util::BodyExt as _;
+use serde_json::{Value, json};
+use tower::ServiceExt as _;
+
+use super::{Shared, router};
+use crate::app::App;
+use crate::config::{Flags, load};
+
+struct Server {
+    _dir: tempfile::TempDir,
+    state: super::AppState,
+}
+
+fn server(settings: &[(&str, Value)]) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let mut flags = Flags::default();
+    flags.set("cache_dir", Some(dir.path().to_owned()));
+    for (key, value) in settings {
+        flags.set(key, Some(value.clone()));
+    }
+    let loaded = load(&[], flags).unwrap();
+    let app = App::build(&loaded).unwrap();
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder().handle();
+    Server { _dir: dir, state: Arc::new(Shared::new(app, loaded, metrics)) }
+}
+
+impl Server {
+    async fn send(&self, request: Request<Body>) -> (StatusCode, axum::http::HeaderMap, String) {
+        let response = router(Arc::clone(&self.state)).oneshot(request).await.unwrap();
+        let (parts, body) = response.into_parts();
+        let bytes = body.collect().await.unwrap().to_bytes();
+        (parts.status, parts.headers, String::from_utf8(bytes.to_vec()).unwrap())
+    }
+
+    async fn post(&self, path: &str, body: impl Into<Body>) -> (StatusCode, axum::http::HeaderMap, String) {
+        let request = Request::post(path).header(header::CONTENT_TYPE, "application/json").body(body.into()).unwrap();
+        self.send(request).await
+    }
+
+    async fn post_json(&self, path: &str, body: &Value) -> (StatusCode, Value) {
+        let (status, _, text) = self.post(path, body.to_string()).await;
+        (status, serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}")))
+    }
+
+    async fn get(&self, path: &str) -> (StatusCode, String) {
+        let (status, _, text) = self.send(Request::get(path).body(Body::empty()).unwrap()).await;
+        (status, text)
+    }
+
+    fn kv_used(&self) -> u64 {
+        self.state.app.memory.pool_stats(usine_memory::KV_CACHE).unwrap().used
+    }
+}
+
+/// The `data:` payloads of a server-sent event stream.
+fn sse_data(text: &str) -> Vec<String> {
+    text.lines().filter_map(|line| line.strip_prefix("data: ")).map(str::to_owned).collect()
+}
+
+#[tokio::test]
+async fn a_completion_answers_in_the_openai_shape() {
+    let s = server(&[]);
+    let (status, body) =
+        s.post_json("/v1/completions", &json!({ "model": "zero/default", "prompt": "Hi", "max_tokens": 8 })).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["object"], "text_completion");
+    assert_eq!(body["model"], "zero/default");
+    assert_eq!(body["choices"][0]["text"], "the zero");
+    assert_eq!(body["choices"][0]["finish_reason"], "length");
+    assert_eq!(body["usage"], json!({ "prompt_tokens": 2, "completion_tokens": 8, "total_tokens": 10 }));
+    assert!(body["id"].as_str().unwrap().starts_with("cmpl-"));
+}
+
+#[tokio::test]
+async fn a_streamed_completion_sends_the_same_text_in_chunks_then_done() {
+    let s = server(&[]);
+    let request = json!({ "model": "zero/default", "prompt": "Hi", "max_tokens": 8, "stream": true,
+                          "stream_options": { "include_usage": true } });
+    let (status, headers, text) = s.post("/v1/completions", request.to_string()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers[header::CONTENT_TYPE], "text/event-stream");
+    let data = sse_data(&text);
+    assert_eq!(data.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect();
+    let streamed: String =
+        chunks.iter().filter_map(|c| c["choices"].get(0)).map(|c| c["text"].as_str().unwrap()).collect();
+    assert_eq!(streamed, "the zero");
+    let finish = chunks.iter().filter_map(|c| c["choices"].get(0)).find(|c| !c["finish_reason"].is_null()).unwrap();
+    assert_eq!(finish["finish_reason"], "length");
+    assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], 8);
+}
+
+#[tokio::test]
+async fn a_chat_completion_answers_as_the_assistant_streamed_or_not() {
+    let s = server(&[]);
+    let messages = json!([{ "role": "system", "content": "Be brief." }, { "role": "user", "content": "Hi" }]);
+    let (status, body) = s
+        .post_json("/v1/chat/completions", &json!({ "model": "zero/default", "messages": messages, "max_tokens": 3 }))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["object"], "chat.completion");
+    assert_eq!(body["choices"][0]["message"], json!({ "role": "assistant", "content": "the" }));
+
+    let request = json!({ "model": "zero/default", "messages": messages, "max_tokens": 3, "stream": true });
+    let (_, _, text) = s.post("/v1/chat/completions", request.to_string()).await;
+    let data = sse_data(&text);
+    let first: Value = serde_json::from_str(&data[0]).unwrap();
+    assert_eq!(first["object"], "chat.completion.chunk");
+    assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
+    let content: String = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str::<Value>(d).unwrap())
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(content, "the");
+}
+
+#[tokio::test]
+async fn every_bad_request_gets_its_status_and_an_openai_error() {
+    let s = server(&[("max_body_bytes", json!(4096)), ("max_prompt_bytes", json!(1000))]);
+    let cases = [
+        ("{\"model\": ", StatusCode::BAD_REQUEST, "malformed_request"),
+        ("{\"model\": \"zero/default\"}", StatusCode::BAD_REQUEST, "malformed_request"),
+        ("{\"model\": \"../../etc/passwd\", \"prompt\": \"Hi\"}", StatusCode::NOT_FOUND, "model_not_found"),
+        (
+            "{\"model\": \"zero/default\", \"prompt\": \"Hi\", \"max_tokens\": 100000}",
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_parameter",
+        ),
+        (
+            "{\"model\": \"zero/default\", \"prompt\": \"Hi\", \"temperature\": 5}",
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_parameter",
+        ),
+        (
+            "{\"model\": \"zero/default\", \"prompt\": \"Hi\", \"max_tokens\": -1}",
+            StatusCode::BAD_REQUEST,
+            "malformed_request",
+        ),
+        (
+            "{\"model\": \"zero/default\", \"prompt\": \"Hi\", \"n\": 3}",
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_parameter",
+        ),
+    ];
+    for (body, status, code) in cases {
+        let (got, _, text) = s.post("/v1/completions", body).await;
+        let error: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+        assert_eq!((got, error["error"]["code"].as_str().unwrap()), (status, code), "{body}: {text}");
+        assert!(error["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+    let (_, _, text) =
+        s.post("/v1/completions", "{\"model\": \"zero/default\", \"prompt\": \"Hi\", \"max_tokens\": 100000}").await;
+    assert!(text.contains("more than the limit of 4096"), "{text}");
+
+    let long_prompt = json!({ "model": "zero/default", "prompt": "x".repeat(2000) });
+    let (status, body) = s.post_json("/v1/completions", &long_prompt).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(body["error"]["message"].as_str().unwrap().contains("more than the limit of 1000 bytes"));
+
+    let huge = json!({ "model": "zero/default", "prompt": "x".repeat(10_000) });
+    let (status, body) = s.post_json("/v1/completions", &huge).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(body["error"]["message"], "the body is larger than the limit of 4096 bytes");
+
+    let (status, body) = s.post_json("/v1/chat/completions", &json!({ "model": "zero/default", "messages": [] })).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    let (status, _) = s.get("/nowhere").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn a_full_queue_answers_429_with_retry_after() {
+    let s = server(&[("max_concurrent", json!(1)), ("queue_capacity", json!(0))]);
+    // A stream of 2,000 greedy tokens of the tiny model holds the only slot for four seconds.
+    let long = json!({ "model": "webllm/tiny", "prompt": "Hi", "max_tokens": 2000, "temperature": 0, "stream": true });
+    let request = Request::post("/v1/completions")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(long.to_string()))
+        .unwrap();
+    let response = router(Arc::clone(&s.state)).oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let (status, headers, text) =
+        s.post("/v1/completions", json!({ "model": "zero/default", "prompt": "Hi" }).to_string()).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{text}");
+    assert_eq!(headers[header::RETRY_AFTER], "1");
+    assert!(text.contains("\"type\":\"rate_limit_error\""));
+
+    // The client goes away: the generation stops and its kv-cache returns.
+    assert!(s.kv_used() > 0);
+    drop(response);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(s.kv_used(), 0);
+    assert_eq!(s.state.app.executor.stats().cancelled, 1);
+}
+
+#[tokio::test]
+async fn off_loopback_every_endpoint_but_health_and_metrics_demands_the_key() {
+    let key = "0123456789abcdef0123";
+    let s = server(&[("api_key", json!(key))]);
+    let (status, text) = s.get("/v1/models").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{text}");
+    assert!(text.contains("invalid_api_key"));
+    let request =
+        Request::get("/v1/models").header(header::AUTHORIZATION, format!("Bearer {key}")).body(Body::empty()).unwrap();
+    assert_eq!(s.send(request).await.0, StatusCode::OK);
+    let request = Request::get("/v1/models").header(header::AUTHORIZATION, "Bearer wrong").body(Body::empty()).unwrap();
+    assert_eq!(s.send(request).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(s.get("/health").await.0, StatusCode::OK);
+    assert_eq!(s.get("/metrics").await.0, StatusCode::OK);
+
+    let s = server(&[("api_key", json!(key)), ("metrics_need_key", json!(true))]);
+    assert_eq!(s.get("/metrics").await.0, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn health_says_why_it_is_not_ready_and_generations_wait_for_it() {
+    let s = server(&[]);
+    assert_eq!(s.get("/health").await, (StatusCode::OK, "{\"status\":\"ready\"}".to_owned()));
+    *s.state.not_ready.lock() = Some("warming up webllm/7b".into());
+    let (status, text) = s.get("/health").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(text.contains("warming up webllm/7b"));
+    let (status, _) = s.post_json("/v1/completions", &json!({ "model": "zero/default", "prompt": "Hi" })).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+}
+
+#[tokio::test]
+async fn models_are_listed_loaded_pinned_and_unloaded() {
+    let s = server(&[]);
+    let (_, text) = s.get("/v1/models").await;
+    let models: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(models["object"], "list");
+    assert!(models["data"].as_array().unwrap().iter().any(|m| m["id"] == "webllm/7b" && m["object"] == "model"));
+
+    let (status, body) =
+        s.post_json("/usine/models/load", &json!({ "model": "webllm/tiny", "keep_alive_seconds": -1 })).await;
+    assert_eq!((status, body["source"].as_str().unwrap()), (StatusCode::OK, "compile"), "{body}");
+    assert_eq!(s.post_json("/usine/models/pin", &json!({ "model": "webllm/tiny" })).await.0, StatusCode::OK);
+    let (_, text) = s.get("/usine/models/loaded").await;
+    let loaded: Value = serde_json::from_str(&text).unwrap();
+    let tiny = &loaded["models"][0];
+    assert_eq!((tiny["model"].as_str().unwrap(), tiny["pinned"].as_bool().unwrap()), ("webllm/tiny", true));
+    assert!(tiny["weights_bytes"].as_u64().unwrap() > 0);
+    assert_eq!(s.post_json("/usine/models/unpin", &json!({ "model": "webllm/tiny" })).await.0, StatusCode::OK);
+    let (_, body) = s.post_json("/usine/models/unload", &json!({ "model": "webllm/tiny" })).await;
+    assert_eq!(body["unloaded"], true);
+    let (status, _) = s.post_json("/usine/models/load", &json!({ "model": "nope" })).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) =
+        s.post_json("/usine/models/load", &json!({ "model": "webllm/tiny", "keep_alive_seconds": -5 })).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+}
+
+#[tokio::test]
+async fn a_compile_streams_its_progress() {
+    let s = server(&[]);
+    let progress = router(Arc::clone(&s.state))
+        .oneshot(Request::get("/usine/models/progress?model=webllm/tiny").body(Body::empty()).unwrap());
+    let body = json!({ "model": "webllm/tiny" });
+    let load = s.post_json("/usine/models/load", &body);
+    let (progress, _) = tokio::join!(progress, load);
+    let text = progress.unwrap().into_body().collect().await.unwrap().to_bytes();
+    let stages: Vec<Value> =
+        sse_data(std::str::from_utf8(&text).unwrap()).iter().map(|d| serde_json::from_str(d).unwrap()).collect();
+    assert_eq!(stages.first().unwrap()["stage"], "fetching weights");
+    assert_eq!(stages.last().unwrap()["fraction"], 1.0);
+}
