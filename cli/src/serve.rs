@@ -110,6 +110,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/health", get(health))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint", "not_found") })
         .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn_with_state(Arc::clone(&state), refuse_announced_excess))
         .layer(middleware::from_fn(count))
         .with_state(state)
 }
@@ -126,6 +127,18 @@ async fn count(request: Request, next: Next) -> Response {
     metrics::counter!(HTTP_REQUESTS_TOTAL, "route" => route.clone(), "status" => status).increment(1);
     metrics::histogram!(HTTP_REQUEST_DURATION_SECONDS, "route" => route).record(start.elapsed().as_secs_f64());
     response
+}
+
+/// Refuses a body whose announced length is over the limit at once, before reading any of it (a body
+/// without a length, or lying about it, still stops at the limit as it is read).
+async fn refuse_announced_excess(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let limit = state.loaded.config.max_body_bytes;
+    let announced = request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if announced.is_some_and(|length| length > limit as u64) {
+        let message = format!("the body is larger than the limit of {limit} bytes");
+        return ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, message, "body_too_large").into_response();
+    }
+    next.run(request).await
 }
 
 /// Demands the bearer token, when one is configured.
