@@ -4,17 +4,20 @@
 //!   The same checks run under `cargo test`.
 //! - `integration`: starts `usine serve`, a real Prometheus and the official OpenAI Python client on
 //!   loopback, and checks what a deployment would see.
+//! - `bench-http`: tokens/s through `usine serve` to local clients with the zero-cost engine.
 
 use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::{Result, bail};
 
+mod bench_http;
 mod integration;
 mod tidy;
 
 const USAGE: &str = "usage: cargo xtask <verb>\n\nverbs:\n  tidy         check the architecture invariants of ARCHITECTURE.md\n  \
-                     integration  run usine serve with Prometheus and the OpenAI client on loopback, and check it";
+                     integration  run usine serve with Prometheus and the OpenAI client on loopback, and check it\n  \
+                     bench-http   tokens/s streamed through usine serve with the zero engine, 1 and 100 streams";
 
 fn main() -> Result<ExitCode> {
     let verb = std::env::args().nth(1);
@@ -32,6 +35,10 @@ fn main() -> Result<ExitCode> {
                 eprintln!("tidy: {} violations", violations.len());
                 Ok(ExitCode::FAILURE)
             }
+        }
+        Some("bench-http") => {
+            let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace root");
+            bench_http::run(root)
         }
         Some("integration") => {
             let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace root");

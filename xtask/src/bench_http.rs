@@ -1,0 +1,109 @@
+//! `cargo xtask bench-http`: streaming tokens/s through `usine serve` to local clients, with the
+//! zero-cost engine, for 1 and 100 concurrent streams: the HTTP layer's share of the cost, to set beside
+//! the executor's own figures (`cargo bench -p usine-executor`).
+
+use std::io::{BufRead as _, BufReader};
+use std::path::Path;
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, ensure};
+
+/// Streams and tokens per stream of each measurement; each is run `RUNS` times and the median kept.
+const CASES: [(usize, u32); 2] = [(1, 8000), (100, 1000)];
+const RUNS: usize = 5;
+
+#[allow(clippy::print_stdout, reason = "the table is the command's output")]
+pub(crate) fn run(root: &Path) -> Result<ExitCode> {
+    eprintln!("bench-http: building usine (release)");
+    let status = Command::new(env!("CARGO")).args(["build", "--quiet", "--release", "-p", "usine-cli"]).current_dir(root).status()?;
+    ensure!(status.success(), "cargo build --release -p usine-cli failed");
+    let metadata = cargo_metadata::MetadataCommand::new().current_dir(root).no_deps().exec()?;
+    let binary = metadata.target_directory.join("release").join(format!("usine{}", std::env::consts::EXE_SUFFIX));
+    let work = tempfile::Builder::new().prefix("usine-bench-http-").tempdir()?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut server = Command::new(binary.as_std_path())
+        .arg("serve")
+        .current_dir(work.path())
+        .env("USINE_CACHE_DIR", work.path().join("cache"))
+        .env("XDG_CONFIG_HOME", work.path().join("config"))
+        .env("USINE_BIND", format!("127.0.0.1:{port}"))
+        .env("USINE_MAX_CONCURRENT", "128")
+        .env("USINE_QUEUE_CAPACITY", "128")
+        .env("USINE_MAX_TOKENS_LIMIT", "8000")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let result = measure(&base);
+    let _ = server.kill();
+    let _ = server.wait();
+    let rows = result?;
+    println!("| streams | tokens in all | median time | tokens/s through HTTP |");
+    println!("|---|---|---|---|");
+    for (streams, tokens, time) in rows {
+        #[expect(clippy::cast_precision_loss, reason = "a figure for people")]
+        let rate = tokens as f64 / time.as_secs_f64();
+        println!("| {streams} | {tokens} | {time:.2?} | {rate:.0} |");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn measure(base: &str) -> Result<Vec<(usize, u64, Duration)>> {
+    let http = ureq::AgentBuilder::new().timeout(Duration::from_secs(120)).build();
+    let start = Instant::now();
+    while http.get(&format!("{base}/health")).call().is_err() {
+        ensure!(start.elapsed() < Duration::from_secs(30), "usine serve did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    http.post(&format!("{base}/usine/models/load"))
+        .set("Content-Type", "application/json")
+        .send_string("{\"model\": \"zero/default\", \"keep_alive_seconds\": -1}")?;
+    let mut rows = Vec::new();
+    for (streams, max_tokens) in CASES {
+        let mut times = Vec::new();
+        let mut tokens = 0;
+        for _ in 0..RUNS {
+            let (counted, time) = round(base, streams, max_tokens)?;
+            tokens = counted;
+            times.push(time);
+        }
+        times.sort();
+        rows.push((streams, tokens, times[RUNS / 2]));
+    }
+    Ok(rows)
+}
+
+/// `streams` concurrent streams of `max_tokens` each; the tokens received and the time they took.
+fn round(base: &str, streams: usize, max_tokens: u32) -> Result<(u64, Duration)> {
+    let barrier = Arc::new(Barrier::new(streams + 1));
+    let threads: Vec<_> = (0..streams)
+        .map(|_| {
+            let (barrier, base) = (Arc::clone(&barrier), base.to_owned());
+            std::thread::spawn(move || -> Result<u64> {
+                let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(120)).build();
+                let body = format!("{{\"model\": \"zero/default\", \"prompt\": \"Hi\", \"max_tokens\": {max_tokens}, \"stream\": true}}");
+                barrier.wait();
+                let response = agent.post(&format!("{base}/v1/completions")).set("Content-Type", "application/json").send_string(&body)?;
+                let mut tokens = 0;
+                for line in BufReader::new(response.into_reader()).lines() {
+                    let line = line?;
+                    if line.starts_with("data: {") && line.contains("\"finish_reason\":null") {
+                        tokens += 1;
+                    }
+                }
+                Ok(tokens)
+            })
+        })
+        .collect();
+    barrier.wait();
+    let start = Instant::now();
+    let mut tokens = 0;
+    for thread in threads {
+        tokens += thread.join().expect("a client thread").context("a stream")?;
+    }
+    let time = start.elapsed();
+    ensure!(tokens == streams as u64 * u64::from(max_tokens), "{tokens} tokens received of {}", streams as u64 * u64::from(max_tokens));
+    Ok((tokens, time))
+}
