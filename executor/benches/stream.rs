@@ -5,8 +5,9 @@
 //!   7 ms. The bench engine paces its stages on an ideal timeline (a stage the timer stretched makes the
 //!   next one shorter), so that the timer's millisecond granularity is not counted against the executor.
 //! - `overhead`: the zero-cost engine, so that only usine is measured: one stream of 1,000 tokens against
-//!   the floor of a bare tokio bounded channel passing 1,000 items between two tasks, and the aggregate
-//!   over 1, 100 and 1,000 concurrent streams.
+//!   the floor of a bare tokio bounded channel passing 1,000 items between two tasks (both on one thread,
+//!   so that the per-token cost is measured, not thread wake-ups), and the aggregate over 1, 100 and
+//!   1,000 concurrent streams on two worker threads.
 //!
 //! Run with `cargo bench -p usine-executor`; divan prints items (tokens) per second.
 
@@ -37,6 +38,12 @@ const COMPUTE: Duration = Duration::from_millis(5);
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+/// One thread: the per-token cost alone, without the wake-ups between threads (which dominate and vary
+/// from run to run on two cores).
+fn single_thread() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
 }
 
 struct Setup {
@@ -90,7 +97,7 @@ const ONE_STREAM_TOKENS: u32 = 1000;
 
 #[divan::bench(sample_count = 50)]
 fn overhead_one_stream(bencher: Bencher<'_, '_>) {
-    let runtime = runtime();
+    let runtime = single_thread();
     let setup = setup(&runtime, Arc::new(ZeroEngine::with_plan(PLAN)), ExecutorConfig::default());
     bencher.counter(ItemsCount::new(ONE_STREAM_TOKENS)).bench_local(|| {
         runtime.block_on(async {
@@ -110,7 +117,7 @@ fn overhead_one_stream(bencher: Bencher<'_, '_>) {
 /// spawned producer task to the reader.
 #[divan::bench(sample_count = 50)]
 fn overhead_floor_bare_channel(bencher: Bencher<'_, '_>) {
-    let runtime = runtime();
+    let runtime = single_thread();
     let capacity = ExecutorConfig::default().channel_capacity;
     bencher.counter(ItemsCount::new(ONE_STREAM_TOKENS)).bench_local(|| {
         runtime.block_on(async {
