@@ -109,6 +109,13 @@ pub(crate) fn router(state: AppState) -> Router {
         .merge(metrics_route)
         .route("/health", get(health))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint", "not_found") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "this endpoint does not take that method",
+                "method_not_allowed",
+            )
+        })
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn_with_state(Arc::clone(&state), refuse_announced_excess))
         .layer(middleware::from_fn(count))
@@ -144,18 +151,22 @@ async fn refuse_announced_excess(State(state): State<AppState>, request: Request
 /// Demands the bearer token, when one is configured.
 async fn authorize(State(state): State<AppState>, headers: HeaderMap, request: Request, next: Next) -> Response {
     let Some(key) = &state.loaded.config.api_key else { return next.run(request).await };
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+    let given = headers.get(header::AUTHORIZATION).and_then(|value| value.to_str().ok()).and_then(|value| {
+        let (scheme, token) = value.split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then_some(token.trim())
+    });
     match given {
         Some(given) if constant_time_eq(given.as_bytes(), key.as_bytes()) => next.run(request).await,
-        _ => ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "a valid API key is needed: `Authorization: Bearer <key>`",
-            "invalid_api_key",
-        )
-        .into_response(),
+        _ => {
+            let mut response = ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "a valid API key is needed: `Authorization: Bearer <key>`",
+                "invalid_api_key",
+            )
+            .into_response();
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+            response
+        }
     }
 }
 
@@ -166,7 +177,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 async fn metrics_text(State(state): State<AppState>) -> Response {
     let body = state.metrics.render();
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
 }
 
 async fn health(State(state): State<AppState>) -> Response {
@@ -185,7 +196,21 @@ fn is_loopback(address: &SocketAddr) -> bool {
 }
 
 pub(crate) async fn serve(loaded: Loaded, bind: Option<String>) -> anyhow::Result<()> {
+    // The signal handlers first: a SIGTERM during start-up is a clean shutdown too.
+    let terminated = terminated()?;
     let metrics = install_metrics()?;
+    {
+        // Histograms are kept as raw samples until rendered; upkeep folds them in, so that a server
+        // nobody scrapes does not grow.
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                ticks.tick().await;
+                metrics.run_upkeep();
+            }
+        });
+    }
     let bind = bind.unwrap_or_else(|| loaded.config.bind.clone());
     let address: SocketAddr =
         bind.parse().map_err(|_| crate::UsageError(anyhow::anyhow!("--bind `{bind}` is not an address and port")))?;
@@ -209,13 +234,17 @@ pub(crate) async fn serve(loaded: Loaded, bind: Option<String>) -> anyhow::Resul
     if !warmup.is_empty() {
         let state = Arc::clone(&state);
         tokio::spawn(async move {
+            let mut failed = None;
             for model in &warmup {
                 let options = usine_kernel::LoadOptions { warm: true, ..usine_kernel::LoadOptions::default() };
                 if let Err(error) = state.app.kernel.load_with(model, options).await {
-                    eprintln!("warm-up of {model} failed: {error}");
+                    eprintln!("usine serve: warm-up of {model} failed: {error}");
+                    failed.get_or_insert(format!("warm-up of {model} failed: {error}"));
                 }
             }
-            *state.not_ready.lock() = None;
+            let mut not_ready = state.not_ready.lock();
+            // Waiting for a warm-up that failed: not ready, and /health says why.
+            *not_ready = if not_ready.is_some() { failed } else { None };
         });
     }
 
@@ -227,7 +256,7 @@ pub(crate) async fn serve(loaded: Loaded, bind: Option<String>) -> anyhow::Resul
     let shutdown = {
         let (state, draining) = (Arc::clone(&state), Arc::clone(&draining));
         async move {
-            terminated().await;
+            terminated.await;
             eprintln!("usine serve: shutting down; running streams have {} s", grace.as_secs());
             state.draining.store(true, Ordering::Release);
             state.app.executor.close();
@@ -241,25 +270,25 @@ pub(crate) async fn serve(loaded: Loaded, bind: Option<String>) -> anyhow::Resul
             eprintln!("usine serve: the grace period is over; cancelling what still runs");
         }
     }
-    state.app.kernel.save_usage().await?;
+    if let Err(error) = state.app.kernel.save_usage().await {
+        eprintln!("usine serve: the counts of use were not saved: {error}"); // the shutdown itself went well
+    }
     Ok(())
 }
 
-/// SIGTERM or Ctrl-C.
-async fn terminated() {
+/// SIGTERM or Ctrl-C, listened for from now on.
+fn terminated() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
-    {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(term) => term,
-            Err(_) => return std::future::pending().await,
-        };
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("listening for SIGTERM")?;
+    let interrupt = tokio::signal::ctrl_c();
+    Ok(async move {
+        #[cfg(unix)]
         tokio::select! {
             _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
+            _ = interrupt => {}
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
+        #[cfg(not(unix))]
+        let _ = interrupt.await;
+    })
 }

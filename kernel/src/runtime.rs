@@ -348,6 +348,11 @@ impl RuntimeManager {
             .map_err(|source| KernelError::Storage { model: "(cleanup)".into(), source: Arc::new(source) })
     }
 
+    /// Whether `model` is being loaded now (compiling, reading its graph, or waiting for room).
+    pub fn is_loading(&self, model: &str) -> bool {
+        self.inner.state.lock().loading.contains_key(model)
+    }
+
     /// The models waiting to be warmed, in order.
     pub fn warm_queue(&self) -> Vec<String> {
         self.inner.state.lock().warm_queue.iter().cloned().collect()

@@ -17,7 +17,10 @@ const RUNS: usize = 5;
 #[allow(clippy::print_stdout, reason = "the table is the command's output")]
 pub(crate) fn run(root: &Path) -> Result<ExitCode> {
     eprintln!("bench-http: building usine (release)");
-    let status = Command::new(env!("CARGO")).args(["build", "--quiet", "--release", "-p", "usine-cli"]).current_dir(root).status()?;
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "--quiet", "--release", "-p", "usine-cli"])
+        .current_dir(root)
+        .status()?;
     ensure!(status.success(), "cargo build --release -p usine-cli failed");
     let metadata = cargo_metadata::MetadataCommand::new().current_dir(root).no_deps().exec()?;
     let binary = metadata.target_directory.join("release").join(format!("usine{}", std::env::consts::EXE_SUFFIX));
@@ -104,6 +107,10 @@ fn round(base: &str, streams: usize, max_tokens: u32) -> Result<(u64, Duration)>
         tokens += thread.join().expect("a client thread").context("a stream")?;
     }
     let time = start.elapsed();
-    ensure!(tokens == streams as u64 * u64::from(max_tokens), "{tokens} tokens received of {}", streams as u64 * u64::from(max_tokens));
+    ensure!(
+        tokens == streams as u64 * u64::from(max_tokens),
+        "{tokens} tokens received of {}",
+        streams as u64 * u64::from(max_tokens)
+    );
     Ok((tokens, time))
 }

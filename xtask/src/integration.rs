@@ -17,6 +17,8 @@ const MAX_CONCURRENT: usize = 4;
 const QUEUE_CAPACITY: usize = 8;
 /// Concurrent streams offered in the load step: well beyond slots and queue together.
 const OFFERED: usize = 40;
+/// The server's grace period after SIGTERM.
+const GRACE: Duration = Duration::from_secs(2);
 /// A model that compiles in 150 ms and decodes at about 500 tokens/s.
 const MODEL: &str = "webllm/tiny";
 
@@ -41,32 +43,31 @@ pub(crate) fn run(root: &Path) -> Result<ExitCode> {
         eprintln!("{line}");
         checks.push(Check { name, outcome });
     };
-    eprintln!("integration: usine serve on {base}, cache in {}", work.path().join("cache").display());
-    check("server ready", wait_ready(&base, &mut server));
-    let http = agent();
-    check(
-        "warm model",
-        post(
-            &http,
-            &format!("{base}/usine/models/load"),
-            &format!("{{\"model\": \"{MODEL}\", \"keep_alive_seconds\": -1}}"),
-        )
-        .map(|(_, body)| body),
-    );
-    match Prometheus::start(work.path(), port) {
-        Ok(mut prometheus) => {
-            check("prometheus scrapes pool, kernel, executor and http series", prometheus.series_arrive(&http));
-            check("promtool check metrics", promtool(&http, &base));
-            prometheus.stop();
+    eprintln!("integration: usine serve on {base}, cache in {}", cache_dir(work.path()).display());
+    let ready = wait_ready(&base, &mut server);
+    let failed_to_start = ready.is_err();
+    check("server ready", ready);
+    if !failed_to_start {
+        let http = agent();
+        let body = format!("{{\"model\": \"{MODEL}\", \"keep_alive_seconds\": -1}}");
+        let warm = post(&http, &format!("{base}/usine/models/load"), &body)
+            .and_then(|(status, body)| if status == 200 { Ok(body) } else { bail!("{status}: {body}") });
+        check("warm model", warm);
+        match Prometheus::start(work.path(), port) {
+            Ok(mut prometheus) => {
+                check("prometheus scrapes pool, kernel, executor and http series", prometheus.series_arrive(&http));
+                check("promtool check metrics", promtool(&http, &base));
+                prometheus.stop();
+            }
+            Err(error) => check("prometheus", Err(error)),
         }
-        Err(error) => check("prometheus", Err(error)),
+        check("openai python client", openai_client(root, work.path(), &base));
+        check("load beyond the queue", overload(&base));
+        check("pools back to zero after the load", pools_at_zero(&http, &base, Duration::from_secs(5)));
+        check("client disconnects free memory", disconnects(&http, &base));
+        check("hostile requests", hostile(&http, &base, work.path()));
+        check("graceful shutdown on SIGTERM", shutdown(&base, &mut server));
     }
-    check("openai python client", openai_client(root, work.path(), &base));
-    check("load beyond the queue", overload(&base));
-    check("pools back to zero after the load", pools_at_zero(&http, &base));
-    check("client disconnects free memory", disconnects(&http, &base));
-    check("hostile requests", hostile(&http, &base, work.path()));
-    check("graceful shutdown on SIGTERM", shutdown(&base, &mut server));
 
     let failed: Vec<&Check> = checks.iter().filter(|check| check.outcome.is_err()).collect();
     eprintln!("\nintegration: {} checks, {} failed", checks.len(), failed.len());
@@ -80,6 +81,12 @@ pub(crate) fn run(root: &Path) -> Result<ExitCode> {
         );
     }
     Ok(if failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// The server's cache folder: a few levels down, so that a path escaping it by `../` still lands inside
+/// the run's folder, where the hostile check looks.
+fn cache_dir(work: &Path) -> PathBuf {
+    work.join("a").join("b").join("c").join("cache")
 }
 
 /// Builds `usine` and returns its path.
@@ -126,15 +133,24 @@ struct Server {
 impl Server {
     fn start(binary: &Path, work: &Path, port: u16) -> Result<Self> {
         let log = std::fs::File::create(work.join("serve.log"))?;
-        let child = Command::new(binary)
+        let mut command = Command::new(binary);
+        // Nothing of the caller's environment configures the server under test (an API key would turn
+        // every check into a 401): only what is set here.
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("USINE_") {
+                command.env_remove(key);
+            }
+        }
+        let child = command
             .arg("serve")
             .current_dir(work)
-            .env("USINE_CACHE_DIR", work.join("cache"))
+            .env("HOME", work)
+            .env("USINE_CACHE_DIR", cache_dir(work))
             .env("XDG_CONFIG_HOME", work.join("config"))
             .env("USINE_BIND", format!("127.0.0.1:{port}"))
             .env("USINE_MAX_CONCURRENT", MAX_CONCURRENT.to_string())
             .env("USINE_QUEUE_CAPACITY", QUEUE_CAPACITY.to_string())
-            .env("USINE_SHUTDOWN_GRACE_SECONDS", "2")
+            .env("USINE_SHUTDOWN_GRACE_SECONDS", GRACE.as_secs().to_string())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -163,27 +179,41 @@ impl Drop for Server {
     }
 }
 
-/// SIGTERM with a stream running: it goes on through the grace period (2 s here), then is cut, and the
-/// server exits 0; meanwhile new requests are refused.
+/// SIGTERM with two streams running: the short one finishes with `[DONE]` within the grace period (2 s
+/// here), the long one goes on through it and is cut at its end, new requests are refused meanwhile, and
+/// the server exits 0.
 fn shutdown(base: &str, server: &mut Server) -> Result<String> {
-    let streaming = {
-        let base = base.to_owned();
-        std::thread::spawn(move || stream_once(&base, 2000, None)) // four seconds of tokens
+    let (started, first_events) = std::sync::mpsc::channel();
+    let spawn = |max_tokens: u32| {
+        let (base, started) = (base.to_owned(), started.clone());
+        std::thread::spawn(move || stream_once(&base, max_tokens, None, Some(started)))
     };
+    let long = spawn(2000); // four seconds of tokens
+    let short = spawn(300); // 0.6 s
+    for _ in 0..2 {
+        first_events.recv_timeout(Duration::from_secs(10)).context("no first event from a stream")?;
+    }
+    signal(server.child.id(), "TERM")?;
+    let terminated = Instant::now();
     std::thread::sleep(Duration::from_millis(300));
-    let exited = {
-        signal(server.child.id(), "TERM")?;
-        std::thread::sleep(Duration::from_millis(300));
-        let refused = match agent().get(&format!("{base}/health")).call() {
-            Err(ureq::Error::Status(503, _) | ureq::Error::Transport(_)) => true,
-            Ok(_) | Err(_) => false,
-        };
-        ensure!(refused, "the server still took requests 300 ms after SIGTERM");
-        server.terminate()?
+    let refused = match agent().get(&format!("{base}/health")).call() {
+        Err(ureq::Error::Status(503, _) | ureq::Error::Transport(_)) => true,
+        Ok(_) | Err(_) => false,
     };
-    let (status, done, ..) = streaming.join().expect("the streaming thread")?;
-    ensure!(status == 200 && !done, "the running stream was not cut at the end of the grace period");
-    Ok(format!("new requests refused, the running stream cut at the end of the grace period, {exited}"))
+    ensure!(refused, "the server still took requests 300 ms after SIGTERM");
+    let exited = server.terminate()?;
+    let short = short.join().expect("the short stream's thread")?;
+    ensure!(short.status == 200 && short.done, "a stream shorter than the grace period did not finish");
+    let long = long.join().expect("the long stream's thread")?;
+    ensure!(long.status == 200 && !long.done, "the long stream was not cut");
+    let streamed_for = long.last_event.map(|last| last.saturating_duration_since(terminated)).unwrap_or_default();
+    ensure!(
+        streamed_for >= GRACE - Duration::from_millis(300),
+        "the long stream stopped {streamed_for:?} after SIGTERM, before the end of the {GRACE:?} grace period"
+    );
+    Ok(format!(
+        "new requests refused; a short stream finished; a long one went on for {streamed_for:.1?} and was cut; {exited}"
+    ))
 }
 
 fn signal(pid: u32, signal: &str) -> Result<()> {
@@ -258,7 +288,18 @@ impl Prometheus {
             });
             std::thread::sleep(Duration::from_millis(500));
         }
-        Ok(format!("{} series families through Prometheus's API after {:?}", wanted.len(), start.elapsed()))
+        // Fresh figures, not only series registered at zero: the warm-up's compile is counted.
+        let url = format!("{}/api/v1/query?query=usine_kernel_loads_total%7Bsource%3D%22compile%22%7D", self.base);
+        let (_, body) = get(http, &url)?;
+        ensure!(
+            body.contains("\"1\"]"),
+            "usine_kernel_loads_total{{source=\"compile\"}} is not 1 in Prometheus: {body}"
+        );
+        Ok(format!(
+            "{} series families through Prometheus's API after {:?}, the compile counted",
+            wanted.len(),
+            start.elapsed()
+        ))
     }
 
     fn stop(&mut self) {
@@ -278,18 +319,18 @@ fn installed(command: &str, package: &str) -> Result<String> {
     let found = |command: &str| Command::new("which").arg(command).output().ok().filter(|o| o.status.success());
     if found(command).is_none() {
         eprintln!("integration: installing Debian's `{package}`");
-        let sudo = if Command::new("id").arg("-u").output()?.stdout.starts_with(b"0") { vec![] } else { vec!["sudo"] };
-        let mut install = Command::new(sudo.first().copied().unwrap_or("apt-get"));
-        if !sudo.is_empty() {
-            install.arg("apt-get");
-        }
-        let status = install
-            .args(["install", "-y", "-q", package])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .stdout(Stdio::null())
-            .status()
-            .context("running apt-get")?;
-        ensure!(status.success(), "apt-get install {package} failed");
+        let root = Command::new("id").arg("-u").output()?.stdout.starts_with(b"0");
+        // `sudo -n`: never wait for a password that nobody will type.
+        let apt = |args: &[&str]| -> Result<bool> {
+            let mut command = if root { Command::new("apt-get") } else { Command::new("sudo") };
+            if !root {
+                command.args(["-n", "apt-get"]);
+            }
+            let status = command.args(args).env("DEBIAN_FRONTEND", "noninteractive").stdout(Stdio::null()).status();
+            Ok(status.context("running apt-get")?.success())
+        };
+        let _ = apt(&["update", "-q"])?; // stale package lists are the usual reason an install fails
+        ensure!(apt(&["install", "-y", "-q", package])?, "apt-get install {package} failed");
     }
     let output = found(command).with_context(|| format!("`{command}` is still missing"))?;
     Ok(String::from_utf8(output.stdout)?.trim().to_owned())
@@ -342,13 +383,16 @@ fn openai_client(root: &Path, work: &Path, base: &str) -> Result<String> {
 /// Streaming and non-streaming completions and chat completions with the official client.
 const OPENAI_SCRIPT: &str = r#"
 import os, openai
-client = openai.OpenAI(base_url=os.environ["USINE_BASE"], api_key="not-needed-on-loopback")
+# No automatic retries: a 5xx or a 429 must fail this script, not hide behind a second try.
+client = openai.OpenAI(base_url=os.environ["USINE_BASE"], api_key="not-needed-on-loopback", max_retries=0)
 model = os.environ["USINE_MODEL"]
 whole = client.completions.create(model=model, prompt="The kernel", max_tokens=16, temperature=0)
 assert whole.choices[0].text, whole
 assert whole.usage.completion_tokens == 16, whole.usage
-pieces = [c.choices[0].text for c in client.completions.create(model=model, prompt="The kernel", max_tokens=16, temperature=0, stream=True) if c.choices]
+chunks = list(client.completions.create(model=model, prompt="The kernel", max_tokens=16, temperature=0, stream=True, stream_options={"include_usage": True}))
+pieces = [c.choices[0].text for c in chunks if c.choices]
 assert "".join(pieces) == whole.choices[0].text, (pieces, whole.choices[0].text)
+assert chunks[-1].usage.completion_tokens == 16, chunks[-1]
 chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "What does usine do?"}], max_tokens=12)
 assert chat.choices[0].message.role == "assistant" and chat.choices[0].message.content, chat
 deltas = [c.choices[0].delta.content or "" for c in client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=12, stream=True) if c.choices]
@@ -361,12 +405,27 @@ except openai.NotFoundError:
 print(f"completion {len(whole.choices[0].text)} chars, {len(pieces)} streamed chunks equal to it, chat {len(chat.choices[0].message.content)} chars, {len(deltas)} chat deltas, 404 raised as NotFoundError")
 "#;
 
-/// One streaming request: its status, whether it ended with `[DONE]`, how long the answer's head took.
+/// What one streaming request saw.
+struct Streamed {
+    status: u16,
+    /// It ended with `[DONE]`.
+    done: bool,
+    /// Time to the response's head.
+    head: Duration,
+    retry_after: Option<String>,
+    /// When its first and last `data:` lines came.
+    first_event: Option<Instant>,
+    last_event: Option<Instant>,
+}
+
+/// One streaming request of `max_tokens` greedy tokens; with `read_events`, the reader hangs up after
+/// that many events; `started` is told when the first event arrives.
 fn stream_once(
     base: &str,
     max_tokens: u32,
     read_events: Option<usize>,
-) -> Result<(u16, bool, Duration, Option<String>)> {
+    started: Option<std::sync::mpsc::Sender<()>>,
+) -> Result<Streamed> {
     let body = format!(
         "{{\"model\": \"{MODEL}\", \"prompt\": \"Hi\", \"max_tokens\": {max_tokens}, \"temperature\": 0, \"stream\": true}}"
     );
@@ -374,26 +433,37 @@ fn stream_once(
     let response =
         agent().post(&format!("{base}/v1/completions")).set("Content-Type", "application/json").send_string(&body);
     let head = start.elapsed();
+    let mut streamed =
+        Streamed { status: 200, done: false, head, retry_after: None, first_event: None, last_event: None };
     let response = match response {
         Ok(response) => response,
         Err(ureq::Error::Status(status, response)) => {
-            return Ok((status, false, head, response.header("Retry-After").map(str::to_owned)));
+            streamed.status = status;
+            streamed.retry_after = response.header("Retry-After").map(str::to_owned);
+            return Ok(streamed);
         }
         Err(error) => return Err(error.into()),
     };
-    let mut done = false;
     let mut events = 0;
     for line in BufReader::new(response.into_reader()).lines() {
         let Ok(line) = line else { break }; // the connection was cut: `done` says whether the end came first
         if let Some(data) = line.strip_prefix("data: ") {
             events += 1;
-            done |= data == "[DONE]";
+            let now = Instant::now();
+            streamed.first_event.get_or_insert(now);
+            streamed.last_event = Some(now);
+            if events == 1
+                && let Some(started) = &started
+            {
+                let _ = started.send(());
+            }
+            streamed.done |= data == "[DONE]";
             if read_events.is_some_and(|limit| events >= limit) {
                 break; // the connection drops with the reader
             }
         }
     }
-    Ok((200, done, head, None))
+    Ok(streamed)
 }
 
 fn overload(base: &str) -> Result<String> {
@@ -403,20 +473,20 @@ fn overload(base: &str) -> Result<String> {
             let (barrier, base) = (Arc::clone(&barrier), base.to_owned());
             std::thread::spawn(move || {
                 barrier.wait();
-                stream_once(&base, 300, None)
+                stream_once(&base, 300, None, None)
             })
         })
         .collect();
     let results: Vec<_> =
         threads.into_iter().map(|thread| thread.join().expect("a request thread")).collect::<Result<_>>()?;
-    let admitted: Vec<_> = results.iter().filter(|(status, ..)| *status == 200).collect();
-    let refused: Vec<_> = results.iter().filter(|(status, ..)| *status == 429).collect();
+    let admitted: Vec<&Streamed> = results.iter().filter(|streamed| streamed.status == 200).collect();
+    let refused: Vec<&Streamed> = results.iter().filter(|streamed| streamed.status == 429).collect();
     ensure!(
         admitted.len() + refused.len() == OFFERED,
         "statuses other than 200 and 429: {:?}",
-        results.iter().map(|r| r.0).collect::<Vec<_>>()
+        results.iter().map(|r| r.status).collect::<Vec<_>>()
     );
-    ensure!(admitted.iter().all(|(_, done, ..)| *done), "an admitted stream did not end with [DONE]");
+    ensure!(admitted.iter().all(|streamed| streamed.done), "an admitted stream did not end with [DONE]");
     ensure!(
         admitted.len() >= MAX_CONCURRENT + QUEUE_CAPACITY,
         "only {} admitted: slots and queue take {}",
@@ -424,8 +494,11 @@ fn overload(base: &str) -> Result<String> {
         MAX_CONCURRENT + QUEUE_CAPACITY
     );
     ensure!(!refused.is_empty(), "nothing refused with {OFFERED} offered");
-    ensure!(refused.iter().all(|(.., retry)| retry.as_deref() == Some("1")), "a 429 without Retry-After: 1");
-    let slowest = refused.iter().map(|(_, _, head, _)| *head).max().unwrap_or_default();
+    ensure!(
+        refused.iter().all(|streamed| streamed.retry_after.as_deref() == Some("1")),
+        "a 429 without Retry-After: 1"
+    );
+    let slowest = refused.iter().map(|streamed| streamed.head).max().unwrap_or_default();
     ensure!(slowest < Duration::from_secs(1), "a 429 took {slowest:?}: refusals must be at once");
     Ok(format!(
         "{} admitted and completed, {} refused with 429 (slowest in {slowest:?})",
@@ -435,7 +508,7 @@ fn overload(base: &str) -> Result<String> {
 }
 
 /// Waits for the kv-cache and activations pools to be back at zero.
-fn pools_at_zero(http: &ureq::Agent, base: &str) -> Result<String> {
+fn pools_at_zero(http: &ureq::Agent, base: &str, within: Duration) -> Result<String> {
     let start = Instant::now();
     loop {
         let (_, body) = get(http, &format!("{base}/usine/pools"))?;
@@ -456,7 +529,7 @@ fn pools_at_zero(http: &ureq::Agent, base: &str) -> Result<String> {
         if in_use.is_empty() {
             return Ok(format!("kv-cache and activations at 0 bytes after {:?}", start.elapsed()));
         }
-        ensure!(start.elapsed() < Duration::from_secs(5), "still in use after 5 s: {}", in_use.join(", "));
+        ensure!(start.elapsed() < within, "still in use after {within:?}: {}", in_use.join(", "));
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -466,14 +539,15 @@ fn disconnects(http: &ureq::Agent, base: &str) -> Result<String> {
     let threads: Vec<_> = (0..MAX_CONCURRENT)
         .map(|_| {
             let base = base.to_owned();
-            std::thread::spawn(move || stream_once(&base, 2000, Some(3)))
+            std::thread::spawn(move || stream_once(&base, 2000, Some(3), None))
         })
         .collect();
     for thread in threads {
-        let (status, done, ..) = thread.join().expect("a request thread")?;
-        ensure!(status == 200 && !done, "a stream meant to be cut ended by itself");
+        let streamed = thread.join().expect("a request thread")?;
+        ensure!(streamed.status == 200 && !streamed.done, "a stream meant to be cut ended by itself");
     }
-    let zero = pools_at_zero(http, base)?;
+    // The cut streams had seconds of tokens left: memory back within a second is the cancellation's doing.
+    let zero = pools_at_zero(http, base, Duration::from_secs(1))?;
     let (_, after) = get(http, &format!("{base}/metrics"))?;
     let cancelled = |text: &str| -> f64 {
         text.lines()
@@ -520,6 +594,16 @@ fn hostile(http: &ureq::Agent, base: &str, work: &Path) -> Result<String> {
     seen.push(format!("body of 2 MiB {status}"));
     let (status, _) = get(http, &format!("{base}/usine/models/progress?model=../../etc/passwd"))?;
     ensure!(status == 404, "progress of `../../etc/passwd`: {status}");
+    for endpoint in ["load", "pin", "unpin", "unload"] {
+        for id in ["../../../x", "../../../../../../tmp/usine-escape", "a/../../b"] {
+            let (status, text) =
+                post(http, &format!("{base}/usine/models/{endpoint}"), &format!("{{\"model\": \"{id}\"}}"))?;
+            ensure!(status == 404, "{endpoint} of `{id}`: {status} {text}");
+        }
+    }
+    let (status, text) = post(http, &format!("{base}/usine/warmup"), "{\"models\": [\"../../../x\"]}")?;
+    ensure!(status == 404, "warm-up of `../../../x`: {status} {text}");
+    seen.push("`../` ids on every lifecycle endpoint 404".to_owned());
     let (status, _) = get(http, &format!("{base}/health"))?;
     ensure!(status == 200, "the server is unwell after hostile requests: {status}");
     let after = files(work)?;

@@ -133,14 +133,17 @@ pub(crate) async fn loaded(State(state): State<AppState>) -> Json<Value> {
 }
 
 /// `GET /usine/models/progress?model=ID`: the model's compile progress as server-sent events, until it
-/// is loaded (or its load fails); at once if it is loaded already.
+/// is loaded (or its load fails); it ends at once when no load of the model is running.
 pub(crate) async fn progress(
     State(state): State<AppState>,
-    Query(query): Query<ModelQuery>,
+    query: Result<Query<ModelQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
+    let Query(query) = query.map_err(|rejection| super::error::bad_query(&rejection))?;
     state.app.kernel.engine_for(&query.model)?;
     let reports = state.app.kernel.progress(&query.model);
-    let loaded = state.app.kernel.loaded().iter().any(|info| info.id == query.model);
+    // Nothing to follow unless a load runs now: a stream that waits for a load nobody started would
+    // never end.
+    let loaded = !state.app.kernel.is_loading(&query.model);
     let events = futures_util::stream::unfold((reports, loaded), |(mut reports, done)| async move {
         if done {
             return None;

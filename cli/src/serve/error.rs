@@ -62,6 +62,13 @@ impl IntoResponse for ApiError {
 impl From<ExecError> for ApiError {
     fn from(error: ExecError) -> Self {
         let message = error.to_string();
+        // A model that can never load is not a passing outage: no retry will mend it.
+        if let ExecError::Kernel(
+            usine_kernel::KernelError::TooLarge { .. } | usine_kernel::KernelError::UnknownEngine { .. },
+        ) = &error
+        {
+            return Self::new(StatusCode::INTERNAL_SERVER_ERROR, message, "model_unusable");
+        }
         let status = match error.code() {
             "queue_full" => {
                 return Self {
@@ -83,6 +90,11 @@ impl From<usine_kernel::KernelError> for ApiError {
     fn from(error: usine_kernel::KernelError) -> Self {
         ExecError::from(error).into()
     }
+}
+
+/// A query string that does not read: 400, in the OpenAI error shape.
+pub(crate) fn bad_query(rejection: &axum::extract::rejection::QueryRejection) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, rejection.body_text(), "malformed_request")
 }
 
 /// A body that is not the JSON asked for: 413 when too large (naming the limit), 415 when not JSON,

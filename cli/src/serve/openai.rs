@@ -36,17 +36,18 @@ pub(crate) enum Prompt {
 /// The sampling fields both endpoints take.
 #[derive(Debug, Deserialize)]
 pub(crate) struct Sampling {
-    max_tokens: Option<u32>,
+    // Whole numbers are read as i64 and checked here, so that `-1` is a 422 naming the limit, not a 400.
+    max_tokens: Option<i64>,
     /// The chat endpoint's newer name for `max_tokens`.
-    max_completion_tokens: Option<u32>,
+    max_completion_tokens: Option<i64>,
     temperature: Option<f32>,
     top_p: Option<f32>,
-    seed: Option<u64>,
+    seed: Option<i64>,
     stop: Option<Stop>,
     #[serde(default)]
     stream: bool,
     stream_options: Option<StreamOptions>,
-    n: Option<u32>,
+    n: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -124,8 +125,8 @@ pub(crate) async fn chat_completions(
         };
         messages.push(Message::new(role, message.content));
     }
-    check_prompt_len(&state, messages.iter().map(|message| message.content.len()).sum())?;
     let request = Request::chat(&body.model, messages);
+    check_prompt_len(&state, request.input.render().len())?; // the conversation as the model reads it
     generate(&state, body.model, request, body.sampling, Kind::Chat).await
 }
 
@@ -143,10 +144,19 @@ fn check_prompt_len(state: &AppState, bytes: usize) -> Result<(), ApiError> {
 fn params(state: &AppState, sampling: &Sampling) -> Result<GenerationParams, ApiError> {
     let defaults = state.loaded.params();
     let limit = state.loaded.config.max_tokens_limit;
-    let max_tokens = sampling.max_completion_tokens.or(sampling.max_tokens).unwrap_or(defaults.max_tokens.min(limit));
-    if max_tokens > limit {
-        return Err(ApiError::out_of_range(format!("`max_tokens` is {max_tokens}, more than the limit of {limit}")));
-    }
+    let max_tokens = match sampling.max_completion_tokens.or(sampling.max_tokens) {
+        None => defaults.max_tokens.min(limit),
+        Some(asked) => u32::try_from(asked).ok().filter(|&asked| (1..=limit).contains(&asked)).ok_or_else(|| {
+            ApiError::out_of_range(format!("`max_tokens` is {asked}, outside 1..={limit} (the limit)"))
+        })?,
+    };
+    let seed = match sampling.seed {
+        // No seed asked: a fresh one, as OpenAI's API does, so that equal prompts do not give equal text.
+        None => fresh_seed(),
+        Some(seed) => {
+            u64::try_from(seed).map_err(|_| ApiError::out_of_range(format!("`seed` is {seed}, outside 0..")))?
+        }
+    };
     if sampling.n.is_some_and(|n| n != 1) {
         return Err(ApiError::out_of_range("`n` must be 1: this server generates one choice per request"));
     }
@@ -159,7 +169,7 @@ fn params(state: &AppState, sampling: &Sampling) -> Result<GenerationParams, Api
         max_tokens,
         temperature: sampling.temperature.unwrap_or(defaults.temperature),
         top_p: sampling.top_p.unwrap_or(defaults.top_p),
-        seed: sampling.seed.unwrap_or(defaults.seed),
+        seed,
         stop,
     };
     params.validate().map_err(|error| ApiError::out_of_range(error.to_string()))?;
@@ -178,7 +188,12 @@ async fn generate(
     state.ready()?;
     let params = params(state, &sampling)?;
     // An unknown model is a 404 before anything queues (and no id reaches a path: ids are looked up).
-    state.app.kernel.engine_for(&model)?;
+    if state.app.kernel.engine_for(&model).is_err() {
+        let shown: String = model.chars().take(64).collect();
+        let known: Vec<&str> = state.app.catalog.models.iter().map(|model| model.id.as_str()).collect();
+        let message = format!("unknown model `{shown}` (known: {})", known.join(", "));
+        return Err(ApiError::new(StatusCode::NOT_FOUND, message, "model_not_found"));
+    }
     let mut stream = state.app.executor.generate(request.params(params))?;
     let prompt_tokens = match stream.next().await {
         Some(Ok(Event::Started { prompt_tokens, .. })) => prompt_tokens,
@@ -189,8 +204,17 @@ async fn generate(
     };
     let answer = Answer { id: answer_id(kind), created: now(), model, kind, prompt_tokens };
     if sampling.stream {
+        // The status is committed with the first piece of the answer: a prefill that runs out of time,
+        // or fails for good, is still a 504 or a 5xx, not a 200 with an error inside.
+        let first = match stream.next().await {
+            Some(Ok(event)) => event,
+            Some(Err(error)) => return Err(error.into()),
+            None => {
+                return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "the generation ended at once", "aborted"));
+            }
+        };
         let include_usage = sampling.stream_options.is_some_and(|options| options.include_usage);
-        return Ok(stream_body(answer, stream, include_usage).into_response());
+        return Ok(stream_body(answer, first, stream, include_usage).into_response());
     }
     let mut text = String::new();
     while let Some(event) = stream.next().await {
@@ -212,6 +236,15 @@ struct Answer {
     prompt_tokens: u32,
 }
 
+/// A seed no other request had.
+fn fresh_seed() -> u64 {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    hasher.finish()
+}
+
 fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |since| since.as_secs())
 }
@@ -227,7 +260,7 @@ fn finish_reason(finish: FinishReason) -> &'static str {
     match finish {
         FinishReason::Length => "length",
         FinishReason::Stop | FinishReason::EndOfSequence => "stop",
-        FinishReason::Cancelled => "cancelled",
+        FinishReason::Cancelled => "stop", // not an OpenAI reason; a cancelled answer has no reader anyway
     }
 }
 
@@ -287,16 +320,26 @@ impl Answer {
 /// The answer as server-sent events: a chunk per piece of text, a last chunk with the finish reason
 /// (and, when asked, one with the usage), then `[DONE]`. A failure after the start becomes an `error`
 /// event. When the client goes away, the body is dropped, and with it the generation.
-fn stream_body(answer: Answer, stream: GenerationStream, include_usage: bool) -> impl IntoResponse {
+fn stream_body(answer: Answer, first: Event, stream: GenerationStream, include_usage: bool) -> impl IntoResponse {
     struct Progress {
         answer: Answer,
         stream: GenerationStream,
+        /// The event read before the answer was committed, handled first.
+        held: Option<Event>,
         first: bool,
         pending: std::collections::VecDeque<String>,
         done: bool,
         include_usage: bool,
     }
-    let start = Progress { answer, stream, first: true, pending: Default::default(), done: false, include_usage };
+    let start = Progress {
+        answer,
+        stream,
+        held: Some(first),
+        first: true,
+        pending: std::collections::VecDeque::new(),
+        done: false,
+        include_usage,
+    };
     let events = futures_util::stream::unfold(start, |mut progress| async move {
         loop {
             if let Some(data) = progress.pending.pop_front() {
@@ -305,9 +348,13 @@ fn stream_body(answer: Answer, stream: GenerationStream, include_usage: bool) ->
             if progress.done {
                 return None;
             }
-            match progress.stream.next().await {
+            let event = match progress.held.take() {
+                Some(event) => Some(Ok(event)),
+                None => progress.stream.next().await,
+            };
+            match event {
                 Some(Ok(Event::Token { text, .. } | Event::Text(text))) => {
-                    if !text.is_empty() || progress.first {
+                    if !text.is_empty() || (progress.first && progress.answer.kind == Kind::Chat) {
                         let chunk = progress.answer.chunk(Some(&text), None, progress.first);
                         progress.first = false;
                         progress.pending.push_back(chunk.to_string());

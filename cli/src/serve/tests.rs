@@ -70,8 +70,9 @@ fn sse_data(text: &str) -> Vec<String> {
 #[tokio::test]
 async fn a_completion_answers_in_the_openai_shape() {
     let s = server(&[]);
-    let (status, body) =
-        s.post_json("/v1/completions", &json!({ "model": "zero/default", "prompt": "Hi", "max_tokens": 8 })).await;
+    let (status, body) = s
+        .post_json("/v1/completions", &json!({ "model": "zero/default", "prompt": "Hi", "max_tokens": 8, "seed": 0 }))
+        .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["object"], "text_completion");
     assert_eq!(body["model"], "zero/default");
@@ -84,7 +85,7 @@ async fn a_completion_answers_in_the_openai_shape() {
 #[tokio::test]
 async fn a_streamed_completion_sends_the_same_text_in_chunks_then_done() {
     let s = server(&[]);
-    let request = json!({ "model": "zero/default", "prompt": "Hi", "max_tokens": 8, "stream": true,
+    let request = json!({ "model": "zero/default", "prompt": "Hi", "max_tokens": 8, "seed": 0, "stream": true,
                           "stream_options": { "include_usage": true } });
     let (status, headers, text) = s.post("/v1/completions", request.to_string()).await;
     assert_eq!(status, StatusCode::OK);
@@ -105,13 +106,16 @@ async fn a_chat_completion_answers_as_the_assistant_streamed_or_not() {
     let s = server(&[]);
     let messages = json!([{ "role": "system", "content": "Be brief." }, { "role": "user", "content": "Hi" }]);
     let (status, body) = s
-        .post_json("/v1/chat/completions", &json!({ "model": "zero/default", "messages": messages, "max_tokens": 3 }))
+        .post_json(
+            "/v1/chat/completions",
+            &json!({ "model": "zero/default", "messages": messages, "max_tokens": 3, "seed": 0 }),
+        )
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["object"], "chat.completion");
     assert_eq!(body["choices"][0]["message"], json!({ "role": "assistant", "content": "the" }));
 
-    let request = json!({ "model": "zero/default", "messages": messages, "max_tokens": 3, "stream": true });
+    let request = json!({ "model": "zero/default", "messages": messages, "max_tokens": 3, "seed": 0, "stream": true });
     let (_, _, text) = s.post("/v1/chat/completions", request.to_string()).await;
     let data = sse_data(&text);
     let first: Value = serde_json::from_str(&data[0]).unwrap();
@@ -144,6 +148,16 @@ async fn every_bad_request_gets_its_status_and_an_openai_error() {
         ),
         (
             "{\"model\": \"zero/default\", \"prompt\": \"Hi\", \"max_tokens\": -1}",
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_parameter",
+        ),
+        (
+            "{\"model\": \"zero/default\", \"prompt\": \"Hi\", \"seed\": -1}",
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_parameter",
+        ),
+        (
+            "{\"model\": \"zero/default\", \"prompt\": \"Hi\", \"max_tokens\": \"many\"}",
             StatusCode::BAD_REQUEST,
             "malformed_request",
         ),
@@ -161,7 +175,7 @@ async fn every_bad_request_gets_its_status_and_an_openai_error() {
     }
     let (_, _, text) =
         s.post("/v1/completions", "{\"model\": \"zero/default\", \"prompt\": \"Hi\", \"max_tokens\": 100000}").await;
-    assert!(text.contains("more than the limit of 4096"), "{text}");
+    assert!(text.contains("`max_tokens` is 100000, outside 1..=4096 (the limit)"), "{text}");
 
     let long_prompt = json!({ "model": "zero/default", "prompt": "x".repeat(2000) });
     let (status, body) = s.post_json("/v1/completions", &long_prompt).await;
@@ -175,8 +189,19 @@ async fn every_bad_request_gets_its_status_and_an_openai_error() {
 
     let (status, body) = s.post_json("/v1/chat/completions", &json!({ "model": "zero/default", "messages": [] })).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
-    let (status, _) = s.get("/nowhere").await;
+    let (status, text) = s.get("/nowhere").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(text.contains("\"code\":\"not_found\""), "{text}");
+    let (status, text) = s.get("/v1/completions").await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    assert!(text.contains("\"code\":\"method_not_allowed\""), "{text}");
+    let (status, text) = s.get("/usine/models/progress").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(text.contains("\"code\":\"malformed_request\""), "{text}");
+    let long_id = "x".repeat(3000); // within the body limit of this server
+    let (status, body) = s.post_json("/v1/completions", &json!({ "model": long_id, "prompt": "Hi" })).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(body["error"]["message"].as_str().unwrap().len() < 400, "the id is not echoed whole");
 }
 
 #[tokio::test]
@@ -214,6 +239,12 @@ async fn off_loopback_every_endpoint_but_health_and_metrics_demands_the_key() {
     let request =
         Request::get("/v1/models").header(header::AUTHORIZATION, format!("Bearer {key}")).body(Body::empty()).unwrap();
     assert_eq!(s.send(request).await.0, StatusCode::OK);
+    let request =
+        Request::get("/v1/models").header(header::AUTHORIZATION, format!("bearer {key}")).body(Body::empty()).unwrap();
+    assert_eq!(s.send(request).await.0, StatusCode::OK, "the scheme is case-insensitive");
+    let (status, headers, _) = s.send(Request::get("/usine/pools").body(Body::empty()).unwrap()).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(headers[header::WWW_AUTHENTICATE], "Bearer");
     let request = Request::get("/v1/models").header(header::AUTHORIZATION, "Bearer wrong").body(Body::empty()).unwrap();
     assert_eq!(s.send(request).await.0, StatusCode::UNAUTHORIZED);
     assert_eq!(s.get("/health").await.0, StatusCode::OK);
@@ -265,14 +296,26 @@ async fn models_are_listed_loaded_pinned_and_unloaded() {
 #[tokio::test]
 async fn a_compile_streams_its_progress() {
     let s = server(&[]);
+    // The load starts first (a stream of progress ends at once when no load runs).
+    let kernel = s.state.app.kernel.clone();
+    let load = tokio::spawn(async move { kernel.load_model("webllm/tiny").await.map(drop) });
+    while !s.state.app.kernel.is_loading("webllm/tiny") {
+        tokio::task::yield_now().await;
+    }
     let progress = router(Arc::clone(&s.state))
-        .oneshot(Request::get("/usine/models/progress?model=webllm/tiny").body(Body::empty()).unwrap());
-    let body = json!({ "model": "webllm/tiny" });
-    let load = s.post_json("/usine/models/load", &body);
-    let (progress, _) = tokio::join!(progress, load);
+        .oneshot(Request::get("/usine/models/progress?model=webllm/tiny").body(Body::empty()).unwrap())
+        .await;
+    load.await.unwrap().unwrap();
     let text = progress.unwrap().into_body().collect().await.unwrap().to_bytes();
     let stages: Vec<Value> =
         sse_data(std::str::from_utf8(&text).unwrap()).iter().map(|d| serde_json::from_str(d).unwrap()).collect();
-    assert_eq!(stages.first().unwrap()["stage"], "fetching weights");
+    assert!(!stages.is_empty(), "the compile reported progress");
     assert_eq!(stages.last().unwrap()["fraction"], 1.0);
+}
+
+#[tokio::test]
+async fn progress_of_a_model_nobody_loads_ends_at_once() {
+    let s = server(&[]);
+    let (status, text) = s.get("/usine/models/progress?model=webllm/tiny").await;
+    assert_eq!((status, text.as_str()), (StatusCode::OK, ""));
 }
