@@ -210,7 +210,11 @@ async fn generate(
             Some(Ok(event)) => event,
             Some(Err(error)) => return Err(error.into()),
             None => {
-                return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "the generation ended at once", "aborted"));
+                return Err(ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "the generation ended at once",
+                    "aborted",
+                ));
             }
         };
         let include_usage = sampling.stream_options.is_some_and(|options| options.include_usage);
