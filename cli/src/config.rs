@@ -15,7 +15,8 @@ use usine_engine::GenerationParams;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct Config {
-    /// The engine: `webllm`, `transformers`, or `zero` (no work at all, to measure usine itself).
+    /// The engine: `webllm`, `transformers` (simulated), `candle` (a real model on the CPU), or `zero` (no
+    /// work at all, to measure usine itself).
     pub(crate) engine: String,
     /// The model: one of the engine's profiles, or `engine/profile`; the engine's default when unset.
     pub(crate) model: Option<String>,

@@ -129,7 +129,8 @@ pub(crate) struct ModelArgs {
     /// The model: a profile of the engine (`7b`, `tiny`, `cpu-1b`) or `engine/profile`.
     #[arg(long, short)]
     model: Option<String>,
-    /// The engine: `webllm`, `transformers`, or `zero` (no work at all, to measure usine itself).
+    /// The engine: `webllm`, `transformers` (simulated), `candle` (a real model on the CPU), or `zero` (no
+    /// work at all, to measure usine itself).
     #[arg(long, short)]
     engine: Option<String>,
 }

@@ -14,8 +14,64 @@ use crate::shape::Shape;
 /// The quantizations offered, by name; the first is the default.
 pub const QUANTIZATIONS: [(&str, GgmlDType); 2] = [("q8_0", GgmlDType::Q8_0), ("q4_0", GgmlDType::Q4_0)];
 
-/// The GGUF metadata key prefix of the shape.
-const PREFIX: &str = "usine.llama.";
+/// The GGUF keys of a shape, as llama.cpp reads a `llama` model (so that the same file runs in both).
+const SHAPE_KEYS: [(&str, &str); 6] = [
+    ("dim", "llama.embedding_length"),
+    ("layers", "llama.block_count"),
+    ("heads", "llama.attention.head_count"),
+    ("kv_heads", "llama.attention.head_count_kv"),
+    ("ffn", "llama.feed_forward_length"),
+    ("max_context", "llama.context_length"),
+];
+
+/// A tensor's name in GGUF (llama.cpp's) from its name in the source weights.
+fn gguf_name(source: &str) -> String {
+    let renamed = [
+        ("tok_embeddings.", "token_embd."),
+        ("norm.", "output_norm."),
+        ("attention_norm.", "attn_norm."),
+        ("attention.wq.", "attn_q."),
+        ("attention.wk.", "attn_k."),
+        ("attention.wv.", "attn_v."),
+        ("attention.wo.", "attn_output."),
+        ("feed_forward.w1.", "ffn_gate."),
+        ("feed_forward.w2.", "ffn_down."),
+        ("feed_forward.w3.", "ffn_up."),
+    ];
+    let name = source.strip_prefix("layers.").map_or_else(|| source.to_owned(), |rest| format!("blk.{rest}"));
+    for (from, to) in renamed {
+        if let Some(at) = name.find(from)
+            && (at == 0 || name.as_bytes()[at - 1] == b'.')
+        {
+            return format!("{}{to}{}", &name[..at], &name[at + from.len()..]);
+        }
+    }
+    name
+}
+
+/// The byte-level vocabulary as llama.cpp's `gpt2` tokenizer reads it: each byte as GPT-2 prints it,
+/// then the end-of-sequence token.
+fn vocabulary() -> (Vec<Value>, Vec<Value>) {
+    // GPT-2's printable stand-ins for bytes: printable Latin-1 bytes stand for themselves, the others are
+    // shifted past 255 in order.
+    let printable =
+        |byte: u32| (33..=126).contains(&byte) || (161..=172).contains(&byte) || (174..=255).contains(&byte);
+    let mut shifted = 0;
+    let mut tokens = Vec::with_capacity(crate::shape::VOCAB);
+    for byte in 0..256_u32 {
+        let code = if printable(byte) {
+            byte
+        } else {
+            shifted += 1;
+            255 + shifted
+        };
+        tokens.push(Value::String(char::from_u32(code).expect("below the surrogates").to_string()));
+    }
+    tokens.push(Value::String("<|endoftext|>".to_owned()));
+    let mut types = vec![Value::I32(1); 256]; // normal
+    types.push(Value::I32(3)); // control
+    (tokens, types)
+}
 
 pub(crate) fn fatal(context: &str) -> impl Fn(candle_core::Error) -> EngineError + '_ {
     move |error| EngineError::Fatal { message: format!("{context}: {error}") }
@@ -68,13 +124,31 @@ pub(crate) fn compile(bytes: &[u8], dtype: GgmlDType, progress: &dyn ProgressSin
         quantized.push((name.as_str(), QTensor::quantize(&tensor, dtype).map_err(fatal(name))?));
     }
     report("writing GGUF", 0.9);
-    let values: Vec<(String, Value)> = shape
+    let mut values: Vec<(String, Value)> = shape
         .to_metadata()
         .into_iter()
-        .map(|(key, value)| (format!("{PREFIX}{key}"), Value::U64(value as u64)))
+        .map(|(key, value)| {
+            let gguf_key = SHAPE_KEYS.iter().find(|(ours, _)| *ours == key).expect("every key has its name").1;
+            (gguf_key.to_owned(), Value::U32(u32::try_from(value).expect("checked: small dimensions")))
+        })
         .collect();
+    let (tokens, types) = vocabulary();
+    values.extend([
+        ("general.architecture".to_owned(), Value::String("llama".to_owned())),
+        ("general.name".to_owned(), Value::String("usine".to_owned())),
+        ("llama.rope.dimension_count".to_owned(), Value::U32(u32::try_from(shape.head_dim()).expect("small"))),
+        ("llama.rope.freq_base".to_owned(), Value::F32(10_000.0)),
+        ("llama.attention.layer_norm_rms_epsilon".to_owned(), Value::F32(1e-5)),
+        ("tokenizer.ggml.model".to_owned(), Value::String("gpt2".to_owned())),
+        ("tokenizer.ggml.tokens".to_owned(), Value::Array(tokens)),
+        ("tokenizer.ggml.token_type".to_owned(), Value::Array(types)),
+        ("tokenizer.ggml.merges".to_owned(), Value::Array(Vec::new())),
+        ("tokenizer.ggml.bos_token_id".to_owned(), Value::U32(crate::shape::END_OF_SEQUENCE)),
+        ("tokenizer.ggml.eos_token_id".to_owned(), Value::U32(crate::shape::END_OF_SEQUENCE)),
+    ]);
     let metadata: Vec<(&str, &Value)> = values.iter().map(|(key, value)| (key.as_str(), value)).collect();
-    let tensors: Vec<(&str, &QTensor)> = quantized.iter().map(|(name, tensor)| (*name, tensor)).collect();
+    let renamed: Vec<(String, &QTensor)> = quantized.iter().map(|(name, tensor)| (gguf_name(name), tensor)).collect();
+    let tensors: Vec<(&str, &QTensor)> = renamed.iter().map(|(name, tensor)| (name.as_str(), *tensor)).collect();
     let mut out = Cursor::new(Vec::new());
     gguf_file::write(&mut out, &metadata, &tensors).map_err(fatal("writing GGUF"))?;
     report("done", 1.0);
@@ -96,9 +170,13 @@ pub(crate) fn read_plan(bytes: &[u8]) -> Result<(Shape, u64), EngineError> {
 }
 
 fn shape_of(content: &gguf_file::Content) -> Result<Shape, EngineError> {
-    Shape::from_metadata(|key| match content.metadata.get(&format!("{PREFIX}{key}"))? {
-        Value::U64(value) => usize::try_from(*value).ok(),
-        _ => None,
+    Shape::from_metadata(|key| {
+        let gguf_key = SHAPE_KEYS.iter().find(|(ours, _)| *ours == key)?.1;
+        match content.metadata.get(gguf_key)? {
+            Value::U32(value) => usize::try_from(*value).ok(),
+            Value::U64(value) => usize::try_from(*value).ok(),
+            _ => None,
+        }
     })
 }
 
@@ -109,7 +187,7 @@ pub(crate) fn read(bytes: &[u8]) -> Result<Graph, EngineError> {
     let shape = shape_of(&content)?;
     let mut tensors = HashMap::new();
     for (name, dims) in shape.tensors() {
-        let tensor = content.tensor(&mut reader, &name, &Device::Cpu).map_err(corrupt)?;
+        let tensor = content.tensor(&mut reader, &gguf_name(&name), &Device::Cpu).map_err(corrupt)?;
         if tensor.shape().dims() != dims.as_slice() {
             return Err(corrupt(format!("`{name}` is {:?}, the shape asks for {dims:?}", tensor.shape().dims())));
         }
@@ -152,4 +230,31 @@ pub fn random_weights(shape: &Shape, seed: u64) -> Result<Vec<u8>, EngineError> 
         shape.to_metadata().into_iter().map(|(key, value)| (key.to_owned(), value.to_string())).collect();
     safetensors::serialize(tensors.iter().map(|(name, tensor)| (name.as_str(), tensor)), Some(metadata))
         .map_err(|error| EngineError::Fatal { message: format!("writing safetensors: {error}") })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tensors_take_llama_cpp_names_and_bytes_gpt2_stand_ins() {
+        assert_eq!(gguf_name("tok_embeddings.weight"), "token_embd.weight");
+        assert_eq!(gguf_name("norm.weight"), "output_norm.weight");
+        assert_eq!(gguf_name("output.weight"), "output.weight");
+        assert_eq!(gguf_name("layers.3.attention_norm.weight"), "blk.3.attn_norm.weight");
+        assert_eq!(gguf_name("layers.3.attention.wq.weight"), "blk.3.attn_q.weight");
+        assert_eq!(gguf_name("layers.0.ffn_norm.weight"), "blk.0.ffn_norm.weight");
+        assert_eq!(gguf_name("layers.0.feed_forward.w2.weight"), "blk.0.ffn_down.weight");
+        let (tokens, _) = vocabulary();
+        let text = |index: usize| match &tokens[index] {
+            Value::String(text) => text.clone(),
+            _ => String::new(),
+        };
+        assert_eq!(
+            (text(usize::from(b'a')), text(usize::from(b' ')), text(256)),
+            ("a".into(), "\u{120}".into(), "<|endoftext|>".into())
+        );
+        let distinct: std::collections::BTreeSet<String> = (0..257).map(text).collect();
+        assert_eq!(distinct.len(), 257);
+    }
 }

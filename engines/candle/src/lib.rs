@@ -15,6 +15,8 @@ mod gguf;
 mod model;
 mod sample;
 mod shape;
+#[cfg(feature = "train")]
+pub mod train;
 
 use std::sync::Arc;
 
@@ -38,10 +40,23 @@ pub const WEIGHTS_OPTION: &str = "weights";
 pub const PROFILE: &str = "cpu";
 
 /// The candle engine.
-#[derive(Debug)]
 pub struct CandleEngine {
     descriptor: EngineDescriptor,
+    /// The threads its forward passes use.
+    pool: Arc<rayon::ThreadPool>,
 }
+
+impl std::fmt::Debug for CandleEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CandleEngine").field("threads", &self.pool.current_num_threads()).finish_non_exhaustive()
+    }
+}
+
+/// Threads of the forward pass when none is asked for: one (measured on two cores: a second thread
+/// does not pay for its synchronisation at these sizes; see the crate's benchmark).
+pub const DEFAULT_THREADS: usize = 1;
+/// Most threads an engine takes.
+pub const MAX_THREADS: usize = 256;
 
 impl Default for CandleEngine {
     fn default() -> Self {
@@ -50,9 +65,26 @@ impl Default for CandleEngine {
 }
 
 impl CandleEngine {
-    /// The engine.
+    /// The engine, with [`DEFAULT_THREADS`].
     pub fn new() -> Self {
-        Self {
+        Self::with_threads(DEFAULT_THREADS).expect("the default thread count is valid")
+    }
+
+    /// The engine, its forward passes on `threads` threads (1 to [`MAX_THREADS`]).
+    pub fn with_threads(threads: usize) -> Result<Self, EngineError> {
+        if !(1..=MAX_THREADS).contains(&threads) {
+            return Err(EngineError::InvalidParams {
+                name: "threads",
+                value: threads.to_string(),
+                limit: format!("1..={MAX_THREADS}"),
+            });
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|index| format!("usine-candle-{index}"))
+            .build()
+            .map_err(|error| EngineError::Fatal { message: format!("starting {threads} threads: {error}") })?;
+        Ok(Self {
             descriptor: EngineDescriptor {
                 name: NAME.into(),
                 version: env!("CARGO_PKG_VERSION").into(),
@@ -61,7 +93,8 @@ impl CandleEngine {
                 quantizations: QUANTIZATIONS.iter().map(|(name, _)| (*name).to_owned()).collect(),
                 profiles: vec![PROFILE.into()],
             },
-        }
+            pool: Arc::new(pool),
+        })
     }
 }
 
@@ -136,13 +169,14 @@ impl Engine for CandleEngine {
         let plan = self.memory_plan(graph)?;
         let bytes = graph.bytes.clone();
         let model = blocking(move || Model::new(gguf::read(&bytes)?)).await?;
-        Ok(Arc::new(CandleModel { model: Arc::new(model), plan }))
+        Ok(Arc::new(CandleModel { model: Arc::new(model), plan, pool: Arc::clone(&self.pool) }))
     }
 }
 
 struct CandleModel {
     model: Arc<Model>,
     plan: MemoryPlan,
+    pool: Arc<rayon::ThreadPool>,
 }
 
 /// Bytes back to text, a character as soon as it is whole.
@@ -190,27 +224,33 @@ impl LoadedModel for CandleModel {
         // The kv-cache, once: the context and the tokens asked for (what the executor reserved).
         let capacity = context.len() + params.max_tokens as usize;
         let model = Arc::clone(&self.model);
+        let pool = Arc::clone(&self.pool);
         let per_token = self.plan.kv_bytes_per_token;
         let (model, cache) = blocking(move || {
             let cache = KvCache::new(&model.shape, capacity)?;
             // The tensors are the bytes the plan announced: what the pool's figures count.
             debug_assert_eq!(cache.bytes() as u64, capacity as u64 * per_token);
             // The context but its last token: that one is the first step's input.
-            for (position, token) in context.iter().take(context.len().saturating_sub(1)).enumerate() {
-                model.forward(Some(*token), position, &cache)?;
-            }
+            pool.install(|| {
+                for (position, token) in context.iter().take(context.len().saturating_sub(1)).enumerate() {
+                    model.forward(Some(*token), position, &cache)?;
+                }
+                Ok::<_, EngineError>(())
+            })?;
             Ok((model, cache))
         })
         .await?;
         let first_step = u32::try_from(generated.len()).expect("checked against the context");
         let base = (prompt.len() + generated.len()).saturating_sub(1);
-        Ok(Box::new(CandleSequence { model, cache: Arc::new(cache), base, first_step, params: params.clone() }))
+        let pool = Arc::clone(&self.pool);
+        Ok(Box::new(CandleSequence { model, cache: Arc::new(cache), pool, base, first_step, params: params.clone() }))
     }
 }
 
 struct CandleSequence {
     model: Arc<Model>,
     cache: Arc<KvCache>,
+    pool: Arc<rayon::ThreadPool>,
     /// The position of the first step's input token.
     base: usize,
     first_step: u32,
@@ -229,8 +269,8 @@ impl Sequence for CandleSequence {
     async fn compute(&self, prepared: Prepared, previous: Option<TokenId>) -> Result<Token, EngineError> {
         let step = prepared.step();
         let position = *prepared.data::<usize>().expect("prepared by this sequence");
-        let (model, cache) = (Arc::clone(&self.model), Arc::clone(&self.cache));
-        let logits = blocking(move || model.forward(previous, position, &cache)).await?;
+        let (model, cache, pool) = (Arc::clone(&self.model), Arc::clone(&self.cache), Arc::clone(&self.pool));
+        let logits = blocking(move || pool.install(|| model.forward(previous, position, &cache))).await?;
         let id = sample::sample(&logits, &self.params, step);
         Ok(Token { id, end_of_sequence: id == END_OF_SEQUENCE })
     }
