@@ -158,7 +158,9 @@ impl App {
         kernel.register_engine(Arc::new(usine_engine_transformers::transformers(sim, threads(loaded))?));
         kernel.register_engine(Arc::new(ZeroEngine::with_plan(ZERO_PLAN)));
         #[cfg(feature = "candle")]
-        kernel.register_engine(Arc::new(usine_engine_candle::CandleEngine::new()));
+        kernel.register_engine(Arc::new(usine_engine_candle::CandleEngine::with_threads(
+            loaded.config.threads.unwrap_or(usine_engine_candle::DEFAULT_THREADS),
+        )?));
         let catalog = Catalog::standard();
         for model in &catalog.models {
             let mut spec = ModelSpec::new(&model.id, model.engine, model.profile);
@@ -198,7 +200,9 @@ mod candle {
         let digest = blake3::hash(WEIGHTS).to_hex().to_string();
         let dir = storage.root().join("sources");
         let path = dir.join(format!("{MODEL}-{}.safetensors", &digest[..16]));
-        if !path.exists() {
+        // Written when absent or damaged (a 4 MB hash takes milliseconds).
+        let intact = std::fs::read(&path).is_ok_and(|bytes| blake3::hash(&bytes).to_hex().as_str() == digest);
+        if !intact {
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
             let mut file = tempfile::NamedTempFile::new_in(&dir)?;
             std::io::Write::write_all(&mut file, WEIGHTS)?;
@@ -207,7 +211,7 @@ mod candle {
         }
         Ok(BTreeMap::from([
             (usine_engine_candle::WEIGHTS_OPTION.to_owned(), path.display().to_string()),
-            ("weights_blake3".to_owned(), digest),
+            (usine_engine_candle::WEIGHTS_DIGEST_OPTION.to_owned(), digest),
         ]))
     }
 }

@@ -32,6 +32,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let start = Instant::now();
         let out = generate(model.as_ref(), "The kernel", &params).await?;
         let decode = start.elapsed();
+        if out.tokens.len() != tokens as usize {
+            return Err(format!("{} tokens generated of {tokens}: the model ended early", out.tokens.len()).into());
+        }
         #[expect(clippy::cast_precision_loss, reason = "a rate for people")]
         let rate = out.tokens.len() as f64 / decode.as_secs_f64();
         println!(

@@ -140,6 +140,8 @@ pub(crate) fn compile(bytes: &[u8], dtype: GgmlDType, progress: &dyn ProgressSin
         ("llama.rope.freq_base".to_owned(), Value::F32(10_000.0)),
         ("llama.attention.layer_norm_rms_epsilon".to_owned(), Value::F32(1e-5)),
         ("tokenizer.ggml.model".to_owned(), Value::String("gpt2".to_owned())),
+        ("tokenizer.ggml.pre".to_owned(), Value::String("default".to_owned())),
+        ("tokenizer.ggml.add_bos_token".to_owned(), Value::Bool(false)),
         ("tokenizer.ggml.tokens".to_owned(), Value::Array(tokens)),
         ("tokenizer.ggml.token_type".to_owned(), Value::Array(types)),
         ("tokenizer.ggml.merges".to_owned(), Value::Array(Vec::new())),
@@ -163,13 +165,18 @@ pub(crate) struct Graph {
 
 /// Reads only the shape and the size of the weights from GGUF `bytes` (headers, no tensor data).
 pub(crate) fn read_plan(bytes: &[u8]) -> Result<(Shape, u64), EngineError> {
-    let content = gguf_file::Content::read(&mut Cursor::new(bytes)).map_err(corrupt)?;
+    let content = read_content(bytes)?;
     let shape = shape_of(&content)?;
     let data = (bytes.len() as u64).saturating_sub(content.tensor_data_offset);
     Ok((shape, data))
 }
 
 fn shape_of(content: &gguf_file::Content) -> Result<Shape, EngineError> {
+    // A shape that does not hold is a damaged graph: compiled again, not a lasting failure.
+    let unusable = |error: EngineError| match error {
+        EngineError::Fatal { message } => EngineError::CorruptGraph { message },
+        other => other,
+    };
     Shape::from_metadata(|key| {
         let gguf_key = SHAPE_KEYS.iter().find(|(ours, _)| *ours == key)?.1;
         match content.metadata.get(gguf_key)? {
@@ -178,15 +185,31 @@ fn shape_of(content: &gguf_file::Content) -> Result<Shape, EngineError> {
             _ => None,
         }
     })
+    .map_err(unusable)
+}
+
+/// Reads GGUF headers; candle's reader panics on some damaged headers (a zero alignment), so a panic is
+/// a damaged graph too.
+fn read_content(bytes: &[u8]) -> Result<gguf_file::Content, EngineError> {
+    let read = std::panic::catch_unwind(|| gguf_file::Content::read(&mut Cursor::new(bytes)));
+    read.map_err(|_| corrupt("unreadable GGUF header"))?.map_err(corrupt)
 }
 
 /// Reads a whole GGUF graph.
 pub(crate) fn read(bytes: &[u8]) -> Result<Graph, EngineError> {
     let mut reader = Cursor::new(bytes);
-    let content = gguf_file::Content::read(&mut reader).map_err(corrupt)?;
+    let content = read_content(bytes)?;
     let shape = shape_of(&content)?;
     let mut tensors = HashMap::new();
     for (name, dims) in shape.tensors() {
+        // The declared dimensions first: a damaged entry must not size an allocation.
+        let info = content
+            .tensor_infos
+            .get(&gguf_name(&name))
+            .ok_or_else(|| corrupt(format!("tensor `{}` missing", gguf_name(&name))))?;
+        if info.shape.dims() != dims.as_slice() {
+            return Err(corrupt(format!("`{name}` is {:?}, the shape asks for {dims:?}", info.shape.dims())));
+        }
         let tensor = content.tensor(&mut reader, &gguf_name(&name), &Device::Cpu).map_err(corrupt)?;
         if tensor.shape().dims() != dims.as_slice() {
             return Err(corrupt(format!("`{name}` is {:?}, the shape asks for {dims:?}", tensor.shape().dims())));

@@ -36,6 +36,8 @@ use crate::model::{KvCache, Model};
 pub const NAME: &str = "candle";
 /// The spec option naming the source weights file.
 pub const WEIGHTS_OPTION: &str = "weights";
+/// The spec option holding the weights' BLAKE3 digest (hex): when set, compile refuses other weights.
+pub const WEIGHTS_DIGEST_OPTION: &str = "weights_blake3";
 /// The one profile: the CPU.
 pub const PROFILE: &str = "cpu";
 
@@ -128,12 +130,23 @@ impl Engine for CandleEngine {
             value: "(unset)".into(),
             limit: format!("the spec option `{WEIGHTS_OPTION}`: a safetensors file"),
         })?;
+        let expected_digest = spec.options.get(WEIGHTS_DIGEST_OPTION).cloned();
         // The compile reports from its thread through a channel; the sink is reported to from here.
         let (sender, mut reports) = tokio::sync::mpsc::unbounded_channel::<Progress>();
         let work = blocking(move || {
             let bytes = std::fs::read(&path)
                 .map_err(|error| EngineError::Fatal { message: format!("reading the weights {path}: {error}") })?;
             let digest = blake3::hash(&bytes).to_hex().to_string();
+            if let Some(expected) = &expected_digest
+                && *expected != digest
+            {
+                // The graph would be stored under the key of other weights.
+                return Err(EngineError::Fatal {
+                    message: format!(
+                        "the weights {path} are not those the spec names (blake3 {digest}, not {expected})"
+                    ),
+                });
+            }
             let sink = move |progress: Progress| {
                 let _ = sender.send(progress);
             };
@@ -220,30 +233,47 @@ impl LoadedModel for CandleModel {
     ) -> Result<Box<dyn Sequence>, EngineError> {
         params.validate()?;
         check_context(&self.plan, prompt.len() + generated.len(), params)?;
-        let context: Vec<TokenId> = prompt.iter().chain(generated).copied().collect();
+        // An empty prompt starts from the end-of-sequence token, which takes position 0; a resume of it
+        // must run that token too, or every position after would shift.
+        let start = if prompt.is_empty() { vec![END_OF_SEQUENCE] } else { Vec::new() };
+        let context: Vec<TokenId> = start.iter().chain(prompt).chain(generated).copied().collect();
         // The kv-cache, once: the context and the tokens asked for (what the executor reserved).
-        let capacity = context.len() + params.max_tokens as usize;
+        let capacity = prompt.len() + generated.len() + params.max_tokens as usize;
+        let base = context.len().saturating_sub(1);
         let model = Arc::clone(&self.model);
         let pool = Arc::clone(&self.pool);
         let per_token = self.plan.kv_bytes_per_token;
+        // A dropped prefill stops at the next token instead of running the whole prompt.
+        let cancelled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let guard = CancelOnDrop(Arc::clone(&cancelled));
         let (model, cache) = blocking(move || {
-            let cache = KvCache::new(&model.shape, capacity)?;
+            let cache = KvCache::new(&model.shape, capacity.max(1))?;
             // The tensors are the bytes the plan announced: what the pool's figures count.
-            debug_assert_eq!(cache.bytes() as u64, capacity as u64 * per_token);
-            // The context but its last token: that one is the first step's input.
-            pool.install(|| {
-                for (position, token) in context.iter().take(context.len().saturating_sub(1)).enumerate() {
-                    model.forward(Some(*token), position, &cache)?;
+            debug_assert_eq!(cache.bytes() as u64, capacity.max(1) as u64 * per_token);
+            // The context but its last token: that one is the first step's input. One token per turn on
+            // the engine's threads, so that other sequences' steps interleave.
+            for (position, token) in context.iter().take(base).enumerate() {
+                if cancelled.load(std::sync::atomic::Ordering::Relaxed) {
+                    return Err(EngineError::Cancelled);
                 }
-                Ok::<_, EngineError>(())
-            })?;
+                pool.install(|| model.forward(Some(*token), position, &cache))?;
+            }
             Ok((model, cache))
         })
         .await?;
+        drop(guard);
         let first_step = u32::try_from(generated.len()).expect("checked against the context");
-        let base = (prompt.len() + generated.len()).saturating_sub(1);
         let pool = Arc::clone(&self.pool);
         Ok(Box::new(CandleSequence { model, cache: Arc::new(cache), pool, base, first_step, params: params.clone() }))
+    }
+}
+
+/// Tells a blocking prefill to stop when its future is dropped.
+struct CancelOnDrop(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -268,7 +298,9 @@ impl Sequence for CandleSequence {
 
     async fn compute(&self, prepared: Prepared, previous: Option<TokenId>) -> Result<Token, EngineError> {
         let step = prepared.step();
-        let position = *prepared.data::<usize>().expect("prepared by this sequence");
+        let position = *prepared.data::<usize>().ok_or_else(|| EngineError::Fatal {
+            message: format!("step {step} was prepared by another engine's sequence"),
+        })?;
         let (model, cache, pool) = (Arc::clone(&self.model), Arc::clone(&self.cache), Arc::clone(&self.pool));
         let logits = blocking(move || pool.install(|| model.forward(previous, position, &cache))).await?;
         let id = sample::sample(&logits, &self.params, step);

@@ -8,6 +8,12 @@ use usine_engine::{EngineError, MemoryPlan};
 pub const VOCAB: usize = 257;
 /// The end-of-sequence token.
 pub const END_OF_SEQUENCE: u32 = 256;
+/// Longest context a model may declare.
+pub(crate) const MAX_CONTEXT: usize = 1 << 16;
+/// Widest layer a model may declare.
+pub(crate) const MAX_WIDTH: usize = 1 << 16;
+/// Most layers a model may declare.
+pub(crate) const MAX_LAYERS: usize = 1024;
 /// Quantized rows come in blocks of 32 values (Q8_0, Q4_0): the widths must be multiples of it.
 pub(crate) const BLOCK: usize = 32;
 
@@ -57,8 +63,11 @@ impl Shape {
         if !self.dim.is_multiple_of(BLOCK) || !self.ffn.is_multiple_of(BLOCK) {
             return bad(format!("dim and ffn must be multiples of {BLOCK} (quantization blocks) in {self:?}"));
         }
-        if self.max_context == 0 || self.max_context > 1 << 20 {
-            return bad(format!("max_context {} is outside 1..={}", self.max_context, 1 << 20));
+        if self.max_context == 0 || self.max_context > MAX_CONTEXT {
+            return bad(format!("max_context {} is outside 1..={MAX_CONTEXT}", self.max_context));
+        }
+        if self.dim > MAX_WIDTH || self.ffn > MAX_WIDTH || self.heads > self.dim || self.layers > MAX_LAYERS {
+            return bad(format!("dim and ffn at most {MAX_WIDTH}, layers at most {MAX_LAYERS} in {self:?}"));
         }
         Ok(())
     }
@@ -70,15 +79,21 @@ impl Shape {
         2 * VOCAB * self.dim + self.layers * (attention + feed_forward + 2 * self.dim) + self.dim
     }
 
-    /// The memory plan of a model of this shape whose weights take `weights_bytes`:
+    /// The memory plan of a model of this shape whose quantized weights take `quantized_bytes`
+    /// (bounded dimensions, see [`check`](Self::check): no overflow):
+    /// - weights: the quantized matrices, plus the embeddings kept as f32 for row lookups, plus the rotary
+    ///   tables (cos and sin of every position);
     /// - kv-cache per token: keys and values of every layer, f32;
-    /// - activations per step: the residual, the attention's queries, keys, values and scores, the
-    ///   feed-forward's two branches and the logits, f32.
-    pub fn memory_plan(&self, weights_bytes: u64) -> MemoryPlan {
+    /// - activations per step: the residual and its norms, the queries, the copies of the keys and values
+    ///   the attention reads (a full context), its scores three times over (scaled, exponentials,
+    ///   weights), the feed-forward's branches and the logits, f32.
+    pub fn memory_plan(&self, quantized_bytes: u64) -> MemoryPlan {
         let f32_bytes = 4;
-        let activations = 4 * self.dim + 2 * self.kv_dim() + self.heads * self.max_context + 2 * self.ffn + VOCAB;
+        let dense = VOCAB * self.dim + 2 * self.max_context * (self.head_dim() / 2);
+        let attention = 2 * self.kv_dim() * self.max_context + 3 * self.heads * self.max_context;
+        let activations = 4 * self.dim + 2 * self.kv_dim() + attention + 3 * self.ffn + 2 * VOCAB;
         MemoryPlan {
-            weights_bytes,
+            weights_bytes: quantized_bytes + (dense * f32_bytes) as u64,
             kv_bytes_per_token: (2 * self.layers * self.kv_dim() * f32_bytes) as u64,
             activation_bytes_per_step: (activations * f32_bytes) as u64,
             max_context_tokens: u32::try_from(self.max_context).expect("checked: at most 2^20"),

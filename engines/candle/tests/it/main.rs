@@ -65,3 +65,25 @@ async fn bad_source_weights_are_typed_errors() {
     unset.options.clear();
     assert!(engine.compile(&unset, &NoProgress).await.is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_of_an_empty_prompt_goes_on_as_an_unbroken_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = CandleEngine::new();
+    let model = engine.load(&engine.compile(&spec(&dir, "q8_0"), &NoProgress).await.unwrap()).await.unwrap();
+    let params = GenerationParams { max_tokens: 12, temperature: 0.0, ..Default::default() };
+    let unbroken = generate(model.as_ref(), "", &params).await.unwrap().tokens;
+    assert_eq!(unbroken.len(), 12, "greedy on random weights runs to the end");
+    let half = &unbroken[..6];
+    let left = GenerationParams { max_tokens: 6, ..params.clone() };
+    let sequence = model.prefill(&[], half, &left).await.unwrap();
+    let mut resumed = Vec::new();
+    let mut previous = half.last().copied();
+    for step in 6..12 {
+        let prepared = sequence.prepare(step).await.unwrap();
+        let token = sequence.compute(prepared, previous).await.unwrap();
+        resumed.push(token.id);
+        previous = Some(token.id);
+    }
+    assert_eq!(resumed, unbroken[6..]);
+}
