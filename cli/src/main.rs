@@ -150,6 +150,9 @@ struct RunArgs {
     /// Seed of the sampler: the same seed gives the same text.
     #[arg(long)]
     seed: Option<u64>,
+    /// Sample among this many most likely tokens only (0: all).
+    #[arg(long)]
+    top_k: Option<u32>,
     /// Warm the model up after loading it (the default), so that the first answer is fast.
     #[arg(long, overrides_with = "no_warm")]
     warm: bool,
@@ -249,6 +252,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             flags.set("max_tokens", args.max_tokens);
             flags.set("temperature", args.temperature);
             flags.set("seed", args.seed);
+            flags.set("top_k", args.top_k);
             flags.set("warm", if args.no_warm { Some(false) } else { args.warm.then_some(true) });
             let loaded = configure(file, cache_dir, flags)?;
             block_on(Box::pin(run::run(&loaded, args.prompt, args.json)))

@@ -18,6 +18,9 @@ pub(crate) fn sample(logits: &[f32], params: &GenerationParams, step: u32) -> To
             .map(|(index, &logit)| (index, f64::from((logit - most) / params.temperature).exp()))
             .collect();
         weighted.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        if params.top_k > 0 {
+            weighted.truncate(params.top_k as usize);
+        }
         let total: f64 = weighted.iter().map(|(_, weight)| weight).sum();
         let mut kept = 0.0;
         let cut = weighted
@@ -66,7 +69,10 @@ mod tests {
         let draws: Vec<_> = (0..50).map(|step| sample(&logits, &warm, step)).collect();
         assert_eq!(draws, (0..50).map(|step| sample(&logits, &warm, step)).collect::<Vec<_>>());
         assert!(draws.contains(&3) && draws.contains(&1), "{draws:?}");
-        let narrow = GenerationParams { top_p: 0.3, ..warm };
+        let narrow = GenerationParams { top_p: 0.3, ..warm.clone() };
         assert!((0..50).all(|step| sample(&logits, &narrow, step) == 1), "top-p keeps the most likely only");
+        let two = GenerationParams { top_k: 2, ..warm };
+        let draws: std::collections::BTreeSet<_> = (0..100).map(|step| sample(&logits, &two, step)).collect();
+        assert_eq!(draws, [1, 3].into(), "top-k keeps the two most likely");
     }
 }
