@@ -76,6 +76,27 @@ impl Trainer {
         Ok(Self { shape, vars })
     }
 
+    /// A model to go on training from safetensors `bytes` (as `to_safetensors` wrote them).
+    pub fn from_safetensors(bytes: &[u8]) -> Result<Self, EngineError> {
+        let shape = crate::gguf::source_shape(bytes)?;
+        let tensors = candle_core::safetensors::load_buffer(bytes, &Device::Cpu).map_err(fatal("weights"))?;
+        let mut vars: Vec<(String, Var)> = tensors
+            .into_iter()
+            .map(|(name, tensor)| Ok((name, Var::from_tensor(&tensor).map_err(fatal("weights"))?)))
+            .collect::<Result<_, EngineError>>()?;
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(Self { shape, vars })
+    }
+
+    /// Mean cross-entropy (nats per byte) of predicting each token of `tokens` from those before.
+    pub fn loss(&self, tokens: &[u32]) -> Result<f32, EngineError> {
+        let inputs = Tensor::from_vec(tokens[..tokens.len() - 1].to_vec(), (1, tokens.len() - 1), &Device::Cpu)
+            .map_err(fatal("loss"))?;
+        let targets = Tensor::from_vec(tokens[1..].to_vec(), tokens.len() - 1, &Device::Cpu).map_err(fatal("loss"))?;
+        let logits = self.forward(&inputs).and_then(|l| l.squeeze(0)).map_err(fatal("loss"))?;
+        candle_nn::loss::cross_entropy(&logits, &targets).and_then(|l| l.to_scalar::<f32>()).map_err(fatal("loss"))
+    }
+
     fn weight(&self, name: &str) -> candle_core::Result<&Tensor> {
         self.vars
             .iter()
