@@ -13,12 +13,15 @@ use usine_storage::{Migrations, StorageConfig, StorageManager};
 
 use crate::config::Loaded;
 
-/// A model of the catalog: one profile of one engine.
+/// A model of the catalog: one profile of one engine (a simulated engine's profile is its model), or one
+/// set of weights of the candle engine.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Model {
-    /// `engine/profile`: the id the kernel, the store and the server know it by.
+    /// `engine/name`: the id the kernel, the store and the server know it by.
     pub(crate) id: String,
     pub(crate) engine: &'static str,
+    /// The model's name within its engine (`--model`).
+    pub(crate) name: &'static str,
     pub(crate) profile: &'static str,
     /// Where the profile's figures come from.
     pub(crate) about: &'static str,
@@ -30,8 +33,12 @@ pub(crate) struct Catalog {
 }
 
 /// Each engine's model when none is named: the seeds' 7B on a laptop GPU, a 1B on a CPU.
-const DEFAULTS: &[(&str, &str)] =
-    &[(usine_engine_webllm::NAME, "7b"), (usine_engine_transformers::NAME, "cpu-1b"), (ZeroEngine::NAME, "default")];
+const DEFAULTS: &[(&str, &str)] = &[
+    (usine_engine_webllm::NAME, "7b"),
+    (usine_engine_transformers::NAME, "cpu-1b"),
+    (ZeroEngine::NAME, "default"),
+    ("candle", "tiny-llama"),
+];
 
 /// The zero engine's memory plan: small but real leases, so that overhead measurements include them.
 const ZERO_PLAN: MemoryPlan = MemoryPlan {
@@ -54,6 +61,7 @@ impl Catalog {
                 profiles.into_iter().map(move |profile| Model {
                     id: format!("{engine}/{}", profile.name),
                     engine,
+                    name: profile.name,
                     profile: profile.name,
                     about: profile.source,
                 })
@@ -62,8 +70,17 @@ impl Catalog {
         models.push(Model {
             id: format!("{}/default", ZeroEngine::NAME),
             engine: ZeroEngine::NAME,
+            name: "default",
             profile: "default",
             about: "the zero-cost engine: no work at all, to measure usine itself; its text is fixed",
+        });
+        #[cfg(feature = "candle")]
+        models.push(Model {
+            id: format!("{}/{}", usine_engine_candle::NAME, candle::MODEL),
+            engine: usine_engine_candle::NAME,
+            name: candle::MODEL,
+            profile: usine_engine_candle::PROFILE,
+            about: "the project's own byte-level llama, about 1M parameters, trained by `cargo xtask train` on its docs",
         });
         Self { models }
     }
@@ -90,8 +107,8 @@ impl Catalog {
             Some(profile) => profile,
             None => DEFAULTS.iter().find(|(name, _)| *name == engine).map(|(_, profile)| *profile).unwrap_or_default(),
         };
-        self.models.iter().find(|m| m.engine == engine && m.profile == profile).with_context(|| {
-            let known: Vec<_> = self.models.iter().filter(|m| m.engine == engine).map(|m| m.profile).collect();
+        self.models.iter().find(|m| m.engine == engine && m.name == profile).with_context(|| {
+            let known: Vec<_> = self.models.iter().filter(|m| m.engine == engine).map(|m| m.name).collect();
             format!("engine `{engine}` has no model `{profile}` (it has: {})", known.join(", "))
         })
     }
@@ -140,9 +157,18 @@ impl App {
         kernel.register_engine(Arc::new(usine_engine_webllm::webllm(sim.clone())?));
         kernel.register_engine(Arc::new(usine_engine_transformers::transformers(sim, threads(loaded))?));
         kernel.register_engine(Arc::new(ZeroEngine::with_plan(ZERO_PLAN)));
+        #[cfg(feature = "candle")]
+        kernel.register_engine(Arc::new(usine_engine_candle::CandleEngine::with_threads(
+            loaded.config.threads.unwrap_or(usine_engine_candle::DEFAULT_THREADS),
+        )?));
         let catalog = Catalog::standard();
         for model in &catalog.models {
-            kernel.register_model(ModelSpec::new(&model.id, model.engine, model.profile));
+            let mut spec = ModelSpec::new(&model.id, model.engine, model.profile);
+            #[cfg(feature = "candle")]
+            if model.engine == usine_engine_candle::NAME {
+                spec.options = candle::options(&storage)?;
+            }
+            kernel.register_model(spec);
         }
         let executor = TaskExecutor::new(loaded.executor_config(), &kernel, &memory)?;
         Ok(Self { memory, storage, kernel, executor, catalog })
@@ -151,6 +177,42 @@ impl App {
     /// The model the configuration names.
     pub(crate) fn model(&self, loaded: &Loaded) -> anyhow::Result<&Model> {
         self.catalog.resolve(&loaded.config.engine, loaded.config.model.as_deref())
+    }
+}
+
+/// The candle engine's model: its weights ship in the binary and are written once into the cache folder,
+/// where the engine's compile reads them.
+#[cfg(feature = "candle")]
+mod candle {
+    use std::collections::BTreeMap;
+
+    use anyhow::Context as _;
+    use usine_storage::StorageManager;
+
+    /// The model's name.
+    pub(crate) const MODEL: &str = "tiny-llama";
+    /// Its weights, trained by `cargo xtask train`.
+    const WEIGHTS: &[u8] = include_bytes!("../../engines/candle/weights/tiny-llama.safetensors");
+
+    /// The spec options: the weights' file (written if absent, crash-safe) and their digest, which keys
+    /// the compiled graph by the weights' content.
+    pub(crate) fn options(storage: &StorageManager) -> anyhow::Result<BTreeMap<String, String>> {
+        let digest = blake3::hash(WEIGHTS).to_hex().to_string();
+        let dir = storage.root().join("sources");
+        let path = dir.join(format!("{MODEL}-{}.safetensors", &digest[..16]));
+        // Written when absent or damaged (a 4 MB hash takes milliseconds).
+        let intact = std::fs::read(&path).is_ok_and(|bytes| blake3::hash(&bytes).to_hex().as_str() == digest);
+        if !intact {
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            let mut file = tempfile::NamedTempFile::new_in(&dir)?;
+            std::io::Write::write_all(&mut file, WEIGHTS)?;
+            file.as_file().sync_all()?;
+            file.persist(&path).with_context(|| format!("writing {}", path.display()))?;
+        }
+        Ok(BTreeMap::from([
+            (usine_engine_candle::WEIGHTS_OPTION.to_owned(), path.display().to_string()),
+            (usine_engine_candle::WEIGHTS_DIGEST_OPTION.to_owned(), digest),
+        ]))
     }
 }
 
@@ -168,7 +230,8 @@ mod tests {
         let error = catalog.resolve("webllm", Some("13b")).unwrap_err().to_string();
         assert_eq!(error, "engine `webllm` has no model `13b` (it has: tiny, 7b)");
         let error = catalog.resolve("cuda", None).unwrap_err().to_string();
-        assert_eq!(error, "unknown engine `cuda` (known: webllm, transformers, zero)");
+        assert_eq!(error, "unknown engine `cuda` (known: webllm, transformers, zero, candle)");
+        assert_eq!(catalog.resolve("candle", None).unwrap().id, "candle/tiny-llama");
         assert_eq!(catalog.resolve("zero", None).unwrap().id, "zero/default");
     }
 }

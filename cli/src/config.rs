@@ -15,7 +15,8 @@ use usine_engine::GenerationParams;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct Config {
-    /// The engine: `webllm`, `transformers`, or `zero` (no work at all, to measure usine itself).
+    /// The engine: `webllm`, `transformers` (simulated), `candle` (a real model on the CPU), or `zero` (no
+    /// work at all, to measure usine itself).
     pub(crate) engine: String,
     /// The model: one of the engine's profiles, or `engine/profile`; the engine's default when unset.
     pub(crate) model: Option<String>,
@@ -35,6 +36,8 @@ pub(crate) struct Config {
     pub(crate) temperature: f32,
     /// Nucleus sampling mass, above 0 and at most 1.
     pub(crate) top_p: f32,
+    /// Sample among this many most likely tokens only; 0 for all.
+    pub(crate) top_k: u32,
     /// Seed of the sampler: the same seed gives the same text.
     pub(crate) seed: u64,
     /// Run a throwaway generation after loading, so that the first answer pays no first-use cost.
@@ -88,6 +91,7 @@ impl Default for Config {
             max_tokens: 64,
             temperature: params.temperature,
             top_p: params.top_p,
+            top_k: params.top_k,
             seed: 0,
             warm: true,
             pipelining: true,
@@ -122,6 +126,7 @@ pub(crate) const KEYS: &[&str] = &[
     "max_tokens",
     "temperature",
     "top_p",
+    "top_k",
     "seed",
     "warm",
     "pipelining",
@@ -320,6 +325,7 @@ impl Loaded {
             max_tokens: config.max_tokens,
             temperature: config.temperature,
             top_p: config.top_p,
+            top_k: config.top_k,
             seed: config.seed,
             stop: Vec::new(),
         }

@@ -129,7 +129,8 @@ pub(crate) struct ModelArgs {
     /// The model: a profile of the engine (`7b`, `tiny`, `cpu-1b`) or `engine/profile`.
     #[arg(long, short)]
     model: Option<String>,
-    /// The engine: `webllm`, `transformers`, or `zero` (no work at all, to measure usine itself).
+    /// The engine: `webllm`, `transformers` (simulated), `candle` (a real model on the CPU), or `zero` (no
+    /// work at all, to measure usine itself).
     #[arg(long, short)]
     engine: Option<String>,
 }
@@ -149,6 +150,9 @@ struct RunArgs {
     /// Seed of the sampler: the same seed gives the same text.
     #[arg(long)]
     seed: Option<u64>,
+    /// Sample among this many most likely tokens only (0: all).
+    #[arg(long)]
+    top_k: Option<u32>,
     /// Warm the model up after loading it (the default), so that the first answer is fast.
     #[arg(long, overrides_with = "no_warm")]
     warm: bool,
@@ -248,6 +252,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             flags.set("max_tokens", args.max_tokens);
             flags.set("temperature", args.temperature);
             flags.set("seed", args.seed);
+            flags.set("top_k", args.top_k);
             flags.set("warm", if args.no_warm { Some(false) } else { args.warm.then_some(true) });
             let loaded = configure(file, cache_dir, flags)?;
             block_on(Box::pin(run::run(&loaded, args.prompt, args.json)))

@@ -315,7 +315,7 @@ impl Drop for Prometheus {
 }
 
 /// The path of `command`, installing Debian's `package` when it is missing.
-fn installed(command: &str, package: &str) -> Result<String> {
+pub(crate) fn installed(command: &str, package: &str) -> Result<String> {
     let found = |command: &str| Command::new("which").arg(command).output().ok().filter(|o| o.status.success());
     if found(command).is_none() {
         eprintln!("integration: installing Debian's `{package}`");

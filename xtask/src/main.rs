@@ -5,6 +5,8 @@
 //! - `integration`: starts `usine serve`, a real Prometheus and the official OpenAI Python client on
 //!   loopback, and checks what a deployment would see.
 //! - `bench-http`: tokens/s through `usine serve` to local clients with the zero-cost engine.
+//! - `train`, `random-model`: the candle engine's models (see `model.rs`).
+//! - `bench-peers`: the candle engine against llama.cpp (see `bench_peers.rs`).
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -12,12 +14,17 @@ use std::process::ExitCode;
 use anyhow::{Result, bail};
 
 mod bench_http;
+mod bench_peers;
 mod integration;
+mod model;
 mod tidy;
 
 const USAGE: &str = "usage: cargo xtask <verb>\n\nverbs:\n  tidy         check the architecture invariants of ARCHITECTURE.md\n  \
                      integration  run usine serve with Prometheus and the OpenAI client on loopback, and check it\n  \
-                     bench-http   tokens/s streamed through usine serve with the zero engine, 1 and 100 streams";
+                     bench-http   tokens/s streamed through usine serve with the zero engine, 1 and 100 streams\n  \
+                     bench-peers  the candle engine against llama.cpp on the same GGUF files (17M, 58M; Q8_0, Q4_0)\n  \
+                     train        train the candle engine's tiny byte-level llama (writes its committed weights)\n  \
+                     random-model 17m|58m OUT: random weights of that size, for speed work";
 
 fn main() -> Result<ExitCode> {
     let verb = std::env::args().nth(1);
@@ -39,6 +46,21 @@ fn main() -> Result<ExitCode> {
         Some("bench-http") => {
             let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace root");
             bench_http::run(root)
+        }
+        Some("bench-peers") => {
+            let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace root");
+            bench_peers::run(root)
+        }
+        Some("train") => {
+            let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace root");
+            model::train(root)
+        }
+        Some("random-model") => {
+            let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace root");
+            let (Some(size), Some(out)) = (std::env::args().nth(2), std::env::args().nth(3)) else {
+                bail!("usage: cargo xtask random-model 17m|58m OUT.safetensors");
+            };
+            model::random_model(root, &size, &out)
         }
         Some("integration") => {
             let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace root");

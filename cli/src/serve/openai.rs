@@ -42,6 +42,8 @@ pub(crate) struct Sampling {
     max_completion_tokens: Option<i64>,
     temperature: Option<f32>,
     top_p: Option<f32>,
+    /// Not OpenAI's, but taken by most servers that speak its API.
+    top_k: Option<i64>,
     seed: Option<i64>,
     stop: Option<Stop>,
     #[serde(default)]
@@ -169,6 +171,12 @@ fn params(state: &AppState, sampling: &Sampling) -> Result<GenerationParams, Api
         max_tokens,
         temperature: sampling.temperature.unwrap_or(defaults.temperature),
         top_p: sampling.top_p.unwrap_or(defaults.top_p),
+        top_k: match sampling.top_k {
+            None => defaults.top_k,
+            Some(asked) => {
+                u32::try_from(asked).map_err(|_| ApiError::out_of_range(format!("`top_k` is {asked}, outside 0..")))?
+            }
+        },
         seed,
         stop,
     };

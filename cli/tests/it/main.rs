@@ -239,7 +239,10 @@ fn models_pools_and_doctor_describe_the_setup() {
     let models: Value =
         serde_json::from_slice(&usine(dir.path()).args(["models", "--json"]).output().unwrap().stdout).unwrap();
     let ids: Vec<&str> = models.as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
-    assert_eq!(ids, ["webllm/tiny", "webllm/7b", "transformers/tiny", "transformers/cpu-1b", "zero/default"]);
+    assert_eq!(
+        ids,
+        ["webllm/tiny", "webllm/7b", "transformers/tiny", "transformers/cpu-1b", "zero/default", "candle/tiny-llama"]
+    );
     assert!(models.as_array().unwrap().iter().any(|m| m["default"] == true && m["id"] == "webllm/7b"));
 
     let pools = usine(dir.path()).args(["pools", "--json"]).env("USINE_MEMORY_BUDGET_MIB", "1024").output().unwrap();
@@ -313,4 +316,21 @@ fn ctrl_c_stops_the_generation_cleanly() {
     assert_eq!(last["event"], "cancelled", "{rest:?}");
     let tokens = last["generated_tokens"].as_u64().unwrap();
     assert!((1..2000).contains(&tokens), "{last}");
+}
+
+#[test]
+fn the_candle_engine_answers_with_its_own_model_and_loads_it_from_the_cache_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let first =
+        usine(dir.path()).args(["run", "--engine", "candle", "--max-tokens", "16", "The kernel"]).output().unwrap();
+    assert!(first.status.success(), "{}", stderr(&first));
+    assert!(stderr(&first).contains("candle/tiny-llama: compiled"), "{}", stderr(&first));
+    assert!(stderr(&first).contains("16 tokens"), "{}", stderr(&first));
+    assert!(!stdout(&first).trim().is_empty());
+    let second =
+        usine(dir.path()).args(["run", "--engine", "candle", "--max-tokens", "16", "The kernel"]).output().unwrap();
+    assert!(stderr(&second).contains("loaded from the compiled-graph cache"), "{}", stderr(&second));
+    assert_eq!(stdout(&second), stdout(&first), "same seed, same answer");
+    let sources = std::fs::read_dir(dir.path().join("cache").join("sources")).unwrap().count();
+    assert_eq!(sources, 1, "the weights were written once into the cache folder");
 }

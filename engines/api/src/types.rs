@@ -64,6 +64,9 @@ pub struct GenerationParams {
     pub temperature: f32,
     /// Nucleus sampling mass, above 0 and at most 1.
     pub top_p: f32,
+    /// Sample among the `top_k` most likely tokens only (before `top_p`); 0 (the default) for all.
+    #[serde(default)]
+    pub top_k: u32,
     /// Seed of the sampler: the same seed gives the same text.
     pub seed: u64,
     /// Generation stops before any of these texts (at most [`MAX_STOP_SEQUENCES`], each 1 to
@@ -73,7 +76,7 @@ pub struct GenerationParams {
 
 impl Default for GenerationParams {
     fn default() -> Self {
-        Self { max_tokens: 128, temperature: 0.7, top_p: 0.95, seed: 0, stop: Vec::new() }
+        Self { max_tokens: 128, temperature: 0.7, top_p: 0.95, top_k: 0, seed: 0, stop: Vec::new() }
     }
 }
 

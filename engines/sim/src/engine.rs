@@ -360,7 +360,8 @@ impl Sequence for SimSequence {
         // The draw of a step depends on the seed and the step alone: a resumed sequence, or a pipelined
         // one, draws what an unbroken one would. A model says something before it ends its answer.
         let mut rng = Rng::new(self.params.seed ^ u64::from(step).wrapping_mul(0xD1B5_4A32_D192_ED03));
-        let id = self.language.sample(previous, step > 0, self.params.temperature, self.params.top_p, &mut rng);
+        let params = &self.params;
+        let id = self.language.sample(previous, step > 0, params.temperature, params.top_p, params.top_k, &mut rng);
         Ok(Token { id, end_of_sequence: id == END_OF_SEQUENCE })
     }
 }

@@ -128,7 +128,7 @@ impl Language {
         self.bytes_of(token).last().is_some_and(|last| matches!(last, b'.' | b'!' | b'?'))
     }
 
-    /// Samples the token after `previous` with `temperature` and `top_p`; when `may_end` (something has
+    /// Samples the token after `previous` with `temperature`, `top_k` (0: all) and `top_p`; when `may_end` (something has
     /// been said already), may end the sequence after a sentence.
     pub fn sample(
         &self,
@@ -136,6 +136,7 @@ impl Language {
         may_end: bool,
         temperature: f32,
         top_p: f32,
+        top_k: u32,
         rng: &mut Rng,
     ) -> TokenId {
         if may_end
@@ -149,7 +150,7 @@ impl Language {
             .and_then(|previous| self.next.get(&previous))
             .filter(|list| !list.is_empty())
             .unwrap_or(&self.starts);
-        pick(candidates, temperature, top_p, rng)
+        pick(candidates, temperature, top_p, top_k, rng)
     }
 }
 
@@ -166,7 +167,7 @@ static BYTES: [u8; 256] = {
 };
 
 /// Temperature, then top-p, then a draw. Temperature 0 is greedy (ties to the lowest id).
-fn pick(candidates: &[(TokenId, u32)], temperature: f32, top_p: f32, rng: &mut Rng) -> TokenId {
+fn pick(candidates: &[(TokenId, u32)], temperature: f32, top_p: f32, top_k: u32, rng: &mut Rng) -> TokenId {
     if temperature == 0.0 {
         let best = candidates.iter().map(|&(_, n)| n).max().unwrap_or(0);
         return candidates.iter().filter(|&&(_, n)| n == best).map(|&(id, _)| id).min().unwrap_or(END_OF_SEQUENCE);
@@ -178,6 +179,9 @@ fn pick(candidates: &[(TokenId, u32)], temperature: f32, top_p: f32, rng: &mut R
         .map(|&(id, n)| (id, ((f64::from(n).ln() - most.ln()) / f64::from(temperature)).exp()))
         .collect();
     weighted.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    if top_k > 0 {
+        weighted.truncate(top_k as usize);
+    }
     let total: f64 = weighted.iter().map(|(_, w)| w).sum();
     let mut kept = 0.0;
     let mut cut = weighted.len();
@@ -244,10 +248,23 @@ mod tests {
     fn a_tiny_temperature_is_all_but_greedy() {
         let language = Language::corpus();
         let the = language.tokenize("The")[0];
-        let greedy = language.sample(Some(the), true, 0.0, 1.0, &mut Rng::new(1));
+        let greedy = language.sample(Some(the), true, 0.0, 1.0, 0, &mut Rng::new(1));
         for seed in 0..20 {
-            assert_eq!(language.sample(Some(the), true, 0.0005, 1.0, &mut Rng::new(seed)), greedy);
+            assert_eq!(language.sample(Some(the), true, 0.0005, 1.0, 0, &mut Rng::new(seed)), greedy);
         }
+    }
+
+    #[test]
+    fn top_k_of_one_is_greedy_at_any_temperature() {
+        // The first token of an answer: many sentence starts to choose from.
+        let language = Language::corpus();
+        let greedy = language.sample(None, false, 0.0, 1.0, 0, &mut Rng::new(1));
+        for seed in 0..20 {
+            assert_eq!(language.sample(None, false, 1.5, 1.0, 1, &mut Rng::new(seed)), greedy);
+        }
+        let spread: std::collections::BTreeSet<_> =
+            (0..50).map(|seed| language.sample(None, false, 1.5, 1.0, 0, &mut Rng::new(seed))).collect();
+        assert!(spread.len() > 1, "without top_k the draw spreads");
     }
 
     #[test]
@@ -255,14 +272,14 @@ mod tests {
         let language = Language::corpus();
         let the = language.tokenize("The")[0];
         let mut rng = Rng::new(1);
-        let next = language.sample(Some(the), true, 0.0, 1.0, &mut rng);
+        let next = language.sample(Some(the), true, 0.0, 1.0, 0, &mut rng);
         assert!(String::from_utf8_lossy(language.bytes_of(next)).starts_with(' '));
         let run = |seed| {
             let mut rng = Rng::new(seed);
             let mut previous = None;
             (0..50)
                 .map(|_| {
-                    let token = language.sample(previous, true, 0.8, 0.9, &mut rng);
+                    let token = language.sample(previous, true, 0.8, 0.9, 0, &mut rng);
                     previous = Some(token);
                     token
                 })

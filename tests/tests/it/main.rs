@@ -6,5 +6,6 @@
     reason = "helpers outside #[test] fns unwrap too: a panic is a test failure with its message"
 )]
 
+mod candle;
 mod executor;
 mod kernel;

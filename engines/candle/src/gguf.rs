@@ -1,0 +1,283 @@
+//! Compile: source weights (safetensors) → checked shapes → quantized matrices → a GGUF file. Load:
+//! GGUF bytes → tensors.
+
+use std::collections::HashMap;
+use std::io::Cursor;
+
+use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use usine_engine::{EngineError, Progress, ProgressSink};
+
+use crate::shape::Shape;
+
+/// The quantizations offered, by name; the first is the default.
+pub const QUANTIZATIONS: [(&str, GgmlDType); 2] = [("q8_0", GgmlDType::Q8_0), ("q4_0", GgmlDType::Q4_0)];
+
+/// The GGUF keys of a shape, as llama.cpp reads a `llama` model (so that the same file runs in both).
+const SHAPE_KEYS: [(&str, &str); 6] = [
+    ("dim", "llama.embedding_length"),
+    ("layers", "llama.block_count"),
+    ("heads", "llama.attention.head_count"),
+    ("kv_heads", "llama.attention.head_count_kv"),
+    ("ffn", "llama.feed_forward_length"),
+    ("max_context", "llama.context_length"),
+];
+
+/// A tensor's name in GGUF (llama.cpp's) from its name in the source weights.
+fn gguf_name(source: &str) -> String {
+    let renamed = [
+        ("tok_embeddings.", "token_embd."),
+        ("norm.", "output_norm."),
+        ("attention_norm.", "attn_norm."),
+        ("attention.wq.", "attn_q."),
+        ("attention.wk.", "attn_k."),
+        ("attention.wv.", "attn_v."),
+        ("attention.wo.", "attn_output."),
+        ("feed_forward.w1.", "ffn_gate."),
+        ("feed_forward.w2.", "ffn_down."),
+        ("feed_forward.w3.", "ffn_up."),
+    ];
+    let name = source.strip_prefix("layers.").map_or_else(|| source.to_owned(), |rest| format!("blk.{rest}"));
+    for (from, to) in renamed {
+        if let Some(at) = name.find(from)
+            && (at == 0 || name.as_bytes()[at - 1] == b'.')
+        {
+            return format!("{}{to}{}", &name[..at], &name[at + from.len()..]);
+        }
+    }
+    name
+}
+
+/// The byte-level vocabulary as llama.cpp's `gpt2` tokenizer reads it: each byte as GPT-2 prints it,
+/// then the end-of-sequence token.
+fn vocabulary() -> (Vec<Value>, Vec<Value>) {
+    // GPT-2's printable stand-ins for bytes: printable Latin-1 bytes stand for themselves, the others are
+    // shifted past 255 in order.
+    let printable =
+        |byte: u32| (33..=126).contains(&byte) || (161..=172).contains(&byte) || (174..=255).contains(&byte);
+    let mut shifted = 0;
+    let mut tokens = Vec::with_capacity(crate::shape::VOCAB);
+    for byte in 0..256_u32 {
+        let code = if printable(byte) {
+            byte
+        } else {
+            shifted += 1;
+            255 + shifted
+        };
+        tokens.push(Value::String(char::from_u32(code).expect("below the surrogates").to_string()));
+    }
+    tokens.push(Value::String("<|endoftext|>".to_owned()));
+    let mut types = vec![Value::I32(1); 256]; // normal
+    types.push(Value::I32(3)); // control
+    (tokens, types)
+}
+
+pub(crate) fn fatal(context: &str) -> impl Fn(candle_core::Error) -> EngineError + '_ {
+    move |error| EngineError::Fatal { message: format!("{context}: {error}") }
+}
+
+fn corrupt(error: impl std::fmt::Display) -> EngineError {
+    EngineError::CorruptGraph { message: error.to_string() }
+}
+
+/// The shape written in safetensors metadata.
+pub fn source_shape(bytes: &[u8]) -> Result<Shape, EngineError> {
+    let (_, metadata) = safetensors::SafeTensors::read_metadata(bytes)
+        .map_err(|error| EngineError::Fatal { message: format!("source weights: {error}") })?;
+    let entries = metadata.metadata().clone().unwrap_or_default();
+    Shape::from_metadata(|key| entries.get(key)?.parse().ok())
+        .map_err(|error| EngineError::Fatal { message: format!("source weights: {error}") })
+}
+
+/// Compiles safetensors `bytes` into GGUF bytes, matrices quantized to `dtype`, reporting progress.
+pub(crate) fn compile(bytes: &[u8], dtype: GgmlDType, progress: &dyn ProgressSink) -> Result<Vec<u8>, EngineError> {
+    let report =
+        |stage: &str, fraction: f64| progress.report(Progress { stage: stage.to_owned(), fraction, eta: None });
+    report("reading weights", 0.0);
+    let shape = source_shape(bytes)?;
+    let tensors = candle_core::safetensors::load_buffer(bytes, &Device::Cpu).map_err(fatal("source weights"))?;
+    report("checking shapes", 0.1);
+    let expected = shape.tensors();
+    for (name, dims) in &expected {
+        let tensor = tensors
+            .get(name)
+            .ok_or_else(|| EngineError::Fatal { message: format!("source weights: tensor `{name}` missing") })?;
+        if tensor.dims() != dims.as_slice() {
+            return Err(EngineError::Fatal {
+                message: format!("source weights: `{name}` is {:?}, the shape asks for {dims:?}", tensor.dims()),
+            });
+        }
+    }
+    if let Some(extra) = tensors.keys().find(|name| !expected.contains_key(*name)) {
+        return Err(EngineError::Fatal { message: format!("source weights: unexpected tensor `{extra}`") });
+    }
+    let mut names: Vec<&String> = expected.keys().collect();
+    names.sort();
+    let mut quantized = Vec::with_capacity(names.len());
+    for (index, name) in names.iter().enumerate() {
+        #[expect(clippy::cast_precision_loss, reason = "a fraction for people")]
+        report("quantizing", 0.15 + 0.75 * index as f64 / names.len() as f64);
+        let tensor = tensors[*name].to_dtype(candle_core::DType::F32).map_err(fatal(name))?;
+        // Matrices are quantized (the embeddings too: rows are looked up by dequantizing); norms stay f32.
+        let dtype = if tensor.rank() == 2 { dtype } else { GgmlDType::F32 };
+        quantized.push((name.as_str(), QTensor::quantize(&tensor, dtype).map_err(fatal(name))?));
+    }
+    report("writing GGUF", 0.9);
+    let mut values: Vec<(String, Value)> = shape
+        .to_metadata()
+        .into_iter()
+        .map(|(key, value)| {
+            let gguf_key = SHAPE_KEYS.iter().find(|(ours, _)| *ours == key).expect("every key has its name").1;
+            (gguf_key.to_owned(), Value::U32(u32::try_from(value).expect("checked: small dimensions")))
+        })
+        .collect();
+    let (tokens, types) = vocabulary();
+    values.extend([
+        ("general.architecture".to_owned(), Value::String("llama".to_owned())),
+        ("general.name".to_owned(), Value::String("usine".to_owned())),
+        ("llama.rope.dimension_count".to_owned(), Value::U32(u32::try_from(shape.head_dim()).expect("small"))),
+        ("llama.rope.freq_base".to_owned(), Value::F32(10_000.0)),
+        ("llama.attention.layer_norm_rms_epsilon".to_owned(), Value::F32(1e-5)),
+        ("tokenizer.ggml.model".to_owned(), Value::String("gpt2".to_owned())),
+        ("tokenizer.ggml.pre".to_owned(), Value::String("default".to_owned())),
+        ("tokenizer.ggml.add_bos_token".to_owned(), Value::Bool(false)),
+        ("tokenizer.ggml.tokens".to_owned(), Value::Array(tokens)),
+        ("tokenizer.ggml.token_type".to_owned(), Value::Array(types)),
+        ("tokenizer.ggml.merges".to_owned(), Value::Array(Vec::new())),
+        ("tokenizer.ggml.bos_token_id".to_owned(), Value::U32(crate::shape::END_OF_SEQUENCE)),
+        ("tokenizer.ggml.eos_token_id".to_owned(), Value::U32(crate::shape::END_OF_SEQUENCE)),
+    ]);
+    let metadata: Vec<(&str, &Value)> = values.iter().map(|(key, value)| (key.as_str(), value)).collect();
+    let renamed: Vec<(String, &QTensor)> = quantized.iter().map(|(name, tensor)| (gguf_name(name), tensor)).collect();
+    let tensors: Vec<(&str, &QTensor)> = renamed.iter().map(|(name, tensor)| (name.as_str(), *tensor)).collect();
+    let mut out = Cursor::new(Vec::new());
+    gguf_file::write(&mut out, &metadata, &tensors).map_err(fatal("writing GGUF"))?;
+    report("done", 1.0);
+    Ok(out.into_inner())
+}
+
+/// A GGUF graph read back: its shape and tensors.
+pub(crate) struct Graph {
+    pub(crate) shape: Shape,
+    pub(crate) tensors: HashMap<String, QTensor>,
+}
+
+/// Reads only the shape and the size of the weights from GGUF `bytes` (headers, no tensor data).
+pub(crate) fn read_plan(bytes: &[u8]) -> Result<(Shape, u64), EngineError> {
+    let content = read_content(bytes)?;
+    let shape = shape_of(&content)?;
+    let data = (bytes.len() as u64).saturating_sub(content.tensor_data_offset);
+    Ok((shape, data))
+}
+
+fn shape_of(content: &gguf_file::Content) -> Result<Shape, EngineError> {
+    // A shape that does not hold is a damaged graph: compiled again, not a lasting failure.
+    let unusable = |error: EngineError| match error {
+        EngineError::Fatal { message } => EngineError::CorruptGraph { message },
+        other => other,
+    };
+    Shape::from_metadata(|key| {
+        let gguf_key = SHAPE_KEYS.iter().find(|(ours, _)| *ours == key)?.1;
+        match content.metadata.get(gguf_key)? {
+            Value::U32(value) => usize::try_from(*value).ok(),
+            Value::U64(value) => usize::try_from(*value).ok(),
+            _ => None,
+        }
+    })
+    .map_err(unusable)
+}
+
+/// Reads GGUF headers; candle's reader panics on some damaged headers (a zero alignment), so a panic is
+/// a damaged graph too.
+fn read_content(bytes: &[u8]) -> Result<gguf_file::Content, EngineError> {
+    let read = std::panic::catch_unwind(|| gguf_file::Content::read(&mut Cursor::new(bytes)));
+    read.map_err(|_| corrupt("unreadable GGUF header"))?.map_err(corrupt)
+}
+
+/// Reads a whole GGUF graph.
+pub(crate) fn read(bytes: &[u8]) -> Result<Graph, EngineError> {
+    let mut reader = Cursor::new(bytes);
+    let content = read_content(bytes)?;
+    let shape = shape_of(&content)?;
+    let mut tensors = HashMap::new();
+    for (name, dims) in shape.tensors() {
+        // The declared dimensions first: a damaged entry must not size an allocation.
+        let info = content
+            .tensor_infos
+            .get(&gguf_name(&name))
+            .ok_or_else(|| corrupt(format!("tensor `{}` missing", gguf_name(&name))))?;
+        if info.shape.dims() != dims.as_slice() {
+            return Err(corrupt(format!("`{name}` is {:?}, the shape asks for {dims:?}", info.shape.dims())));
+        }
+        let tensor = content.tensor(&mut reader, &gguf_name(&name), &Device::Cpu).map_err(corrupt)?;
+        if tensor.shape().dims() != dims.as_slice() {
+            return Err(corrupt(format!("`{name}` is {:?}, the shape asks for {dims:?}", tensor.shape().dims())));
+        }
+        tensors.insert(name, tensor);
+    }
+    Ok(Graph { shape, tensors })
+}
+
+/// Seeded random weights of `shape`, as safetensors bytes: for tests and speed work (never committed).
+pub fn random_weights(shape: &Shape, seed: u64) -> Result<Vec<u8>, EngineError> {
+    shape.check()?;
+    let mut state = seed ^ 0x9E37_79B9_7F4A_7C15;
+    let mut next = move || {
+        // splitmix64, then a uniform value in [-1, 1)
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        #[expect(clippy::cast_precision_loss, reason = "53 bits of a random number")]
+        let unit = ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64;
+        #[expect(clippy::cast_possible_truncation, reason = "a weight")]
+        let weight = (2.0 * unit - 1.0) as f32;
+        weight
+    };
+    let mut names: Vec<(String, Vec<usize>)> = shape.tensors().into_iter().collect();
+    names.sort();
+    let mut tensors = Vec::with_capacity(names.len());
+    for (name, dims) in names {
+        let count: usize = dims.iter().product();
+        let values: Vec<f32> = if dims.len() == 1 {
+            vec![1.0; count] // norms start at one
+        } else {
+            #[expect(clippy::cast_precision_loss, reason = "a scale")]
+            let scale = 1.0 / (dims[1] as f32).sqrt();
+            (0..count).map(|_| next() * scale).collect()
+        };
+        tensors.push((name, Tensor::from_vec(values, dims, &Device::Cpu).map_err(fatal("random weights"))?));
+    }
+    let metadata: HashMap<String, String> =
+        shape.to_metadata().into_iter().map(|(key, value)| (key.to_owned(), value.to_string())).collect();
+    safetensors::serialize(tensors.iter().map(|(name, tensor)| (name.as_str(), tensor)), Some(metadata))
+        .map_err(|error| EngineError::Fatal { message: format!("writing safetensors: {error}") })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tensors_take_llama_cpp_names_and_bytes_gpt2_stand_ins() {
+        assert_eq!(gguf_name("tok_embeddings.weight"), "token_embd.weight");
+        assert_eq!(gguf_name("norm.weight"), "output_norm.weight");
+        assert_eq!(gguf_name("output.weight"), "output.weight");
+        assert_eq!(gguf_name("layers.3.attention_norm.weight"), "blk.3.attn_norm.weight");
+        assert_eq!(gguf_name("layers.3.attention.wq.weight"), "blk.3.attn_q.weight");
+        assert_eq!(gguf_name("layers.0.ffn_norm.weight"), "blk.0.ffn_norm.weight");
+        assert_eq!(gguf_name("layers.0.feed_forward.w2.weight"), "blk.0.ffn_down.weight");
+        let (tokens, _) = vocabulary();
+        let text = |index: usize| match &tokens[index] {
+            Value::String(text) => text.clone(),
+            _ => String::new(),
+        };
+        assert_eq!(
+            (text(usize::from(b'a')), text(usize::from(b' ')), text(256)),
+            ("a".into(), "\u{120}".into(), "<|endoftext|>".into())
+        );
+        let distinct: std::collections::BTreeSet<String> = (0..257).map(text).collect();
+        assert_eq!(distinct.len(), 257);
+    }
+}

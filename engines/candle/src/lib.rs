@@ -1,0 +1,309 @@
+//! A real engine behind usine's `Engine` trait: a llama-shaped decoder written on candle's tensor
+//! operations (CPU), byte-level tokens, compiled from safetensors into a GGUF file of quantized
+//! matrices (Q8_0 or Q4_0), decoded one token at a time in the trait's two stages.
+//!
+//! - **Compile** reads the source weights (`ModelSpec::options["weights"]`, a safetensors file whose
+//!   metadata holds the shape), checks every tensor's shape, quantizes the matrices, and writes GGUF:
+//!   the compiled graph's bytes.
+//! - **Load** reads the GGUF into quantized matrices.
+//! - **Prefill** allocates the sequence's kv-cache once, for the prompt and `max_tokens` (what the
+//!   executor reserves from the `kv-cache` pool), and runs the context through it.
+//! - **Prepare** (CPU stage) fixes the step's position; **compute** runs the forward pass on a blocking
+//!   thread and samples (temperature, top-p, a seed per step: resumed and pipelined runs draw alike).
+
+mod gguf;
+mod model;
+mod sample;
+mod shape;
+#[cfg(feature = "train")]
+pub mod train;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use usine_engine::{
+    CompiledGraph, Detokenizer, Device, Engine, EngineDescriptor, EngineError, GenerationParams, LoadedModel,
+    MemoryPlan, ModelSpec, Prepared, Progress, ProgressSink, Sequence, Token, TokenId, Utf8Decoder, check_context,
+    check_graph, check_spec,
+};
+
+pub use gguf::{QUANTIZATIONS, random_weights, source_shape};
+pub use shape::{END_OF_SEQUENCE, Shape, VOCAB};
+
+use crate::model::{KvCache, Model};
+
+/// The engine's name, as model specs name it.
+pub const NAME: &str = "candle";
+/// The spec option naming the source weights file.
+pub const WEIGHTS_OPTION: &str = "weights";
+/// The spec option holding the weights' BLAKE3 digest (hex): when set, compile refuses other weights.
+pub const WEIGHTS_DIGEST_OPTION: &str = "weights_blake3";
+/// The one profile: the CPU.
+pub const PROFILE: &str = "cpu";
+
+/// The candle engine.
+pub struct CandleEngine {
+    descriptor: EngineDescriptor,
+    /// The threads its forward passes use.
+    pool: Arc<rayon::ThreadPool>,
+}
+
+impl std::fmt::Debug for CandleEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CandleEngine").field("threads", &self.pool.current_num_threads()).finish_non_exhaustive()
+    }
+}
+
+/// Threads of the forward pass when none is asked for: one (measured on two cores: a second thread
+/// does not pay for its synchronisation at these sizes; see the crate's benchmark).
+pub const DEFAULT_THREADS: usize = 1;
+/// Most threads an engine takes.
+pub const MAX_THREADS: usize = 256;
+
+impl Default for CandleEngine {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl CandleEngine {
+    /// The engine, with [`DEFAULT_THREADS`].
+    pub fn new() -> Self {
+        Self::with_threads(DEFAULT_THREADS).expect("the default thread count is valid")
+    }
+
+    /// The engine, its forward passes on `threads` threads (1 to [`MAX_THREADS`]).
+    pub fn with_threads(threads: usize) -> Result<Self, EngineError> {
+        if !(1..=MAX_THREADS).contains(&threads) {
+            return Err(EngineError::InvalidParams {
+                name: "threads",
+                value: threads.to_string(),
+                limit: format!("1..={MAX_THREADS}"),
+            });
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|index| format!("usine-candle-{index}"))
+            .build()
+            .map_err(|error| EngineError::Fatal { message: format!("starting {threads} threads: {error}") })?;
+        Ok(Self {
+            descriptor: EngineDescriptor {
+                name: NAME.into(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                graph_schema: 1,
+                device: Device::Cpu,
+                quantizations: QUANTIZATIONS.iter().map(|(name, _)| (*name).to_owned()).collect(),
+                profiles: vec![PROFILE.into()],
+            },
+            pool: Arc::new(pool),
+        })
+    }
+}
+
+/// Runs CPU-bound work on a blocking thread.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, EngineError> + Send + 'static,
+) -> Result<T, EngineError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|error| EngineError::Fatal { message: format!("the engine's worker failed: {error}") })?
+}
+
+#[async_trait]
+impl Engine for CandleEngine {
+    fn descriptor(&self) -> &EngineDescriptor {
+        &self.descriptor
+    }
+
+    fn memory_plan(&self, graph: &CompiledGraph) -> Result<MemoryPlan, EngineError> {
+        check_graph(&self.descriptor, graph)?;
+        let (shape, weights_bytes) = gguf::read_plan(&graph.bytes)?;
+        Ok(shape.memory_plan(weights_bytes))
+    }
+
+    async fn compile(&self, spec: &ModelSpec, progress: &dyn ProgressSink) -> Result<CompiledGraph, EngineError> {
+        check_spec(&self.descriptor, spec)?;
+        let quantization = spec.quantization.clone().unwrap_or_else(|| QUANTIZATIONS[0].0.to_owned());
+        let dtype = QUANTIZATIONS.iter().find(|(name, _)| *name == quantization).expect("checked by check_spec").1;
+        let path = spec.options.get(WEIGHTS_OPTION).cloned().ok_or_else(|| EngineError::InvalidParams {
+            name: "weights",
+            value: "(unset)".into(),
+            limit: format!("the spec option `{WEIGHTS_OPTION}`: a safetensors file"),
+        })?;
+        let expected_digest = spec.options.get(WEIGHTS_DIGEST_OPTION).cloned();
+        // The compile reports from its thread through a channel; the sink is reported to from here.
+        let (sender, mut reports) = tokio::sync::mpsc::unbounded_channel::<Progress>();
+        let work = blocking(move || {
+            let bytes = std::fs::read(&path)
+                .map_err(|error| EngineError::Fatal { message: format!("reading the weights {path}: {error}") })?;
+            let digest = blake3::hash(&bytes).to_hex().to_string();
+            if let Some(expected) = &expected_digest
+                && *expected != digest
+            {
+                // The graph would be stored under the key of other weights.
+                return Err(EngineError::Fatal {
+                    message: format!(
+                        "the weights {path} are not those the spec names (blake3 {digest}, not {expected})"
+                    ),
+                });
+            }
+            let sink = move |progress: Progress| {
+                let _ = sender.send(progress);
+            };
+            let gguf = gguf::compile(&bytes, dtype, &sink)?;
+            Ok((gguf, digest, source_shape(&bytes)?))
+        });
+        tokio::pin!(work);
+        let (gguf, digest, shape) = loop {
+            tokio::select! {
+                Some(report) = reports.recv() => progress.report(report),
+                done = &mut work => break done?,
+            }
+        };
+        while let Ok(report) = reports.try_recv() {
+            progress.report(report);
+        }
+        let mut metadata = std::collections::BTreeMap::new();
+        metadata.insert("source_blake3".to_owned(), digest);
+        metadata.insert("parameters".to_owned(), shape.params().to_string());
+        metadata.insert("quantization".to_owned(), quantization);
+        Ok(CompiledGraph {
+            engine: self.descriptor.name.clone(),
+            engine_version: self.descriptor.version.clone(),
+            schema: self.descriptor.graph_schema,
+            spec: spec.clone(),
+            metadata,
+            bytes: gguf,
+        })
+    }
+
+    async fn load(&self, graph: &CompiledGraph) -> Result<Arc<dyn LoadedModel>, EngineError> {
+        check_graph(&self.descriptor, graph)?;
+        let plan = self.memory_plan(graph)?;
+        let bytes = graph.bytes.clone();
+        let model = blocking(move || Model::new(gguf::read(&bytes)?)).await?;
+        Ok(Arc::new(CandleModel { model: Arc::new(model), plan, pool: Arc::clone(&self.pool) }))
+    }
+}
+
+struct CandleModel {
+    model: Arc<Model>,
+    plan: MemoryPlan,
+    pool: Arc<rayon::ThreadPool>,
+}
+
+/// Bytes back to text, a character as soon as it is whole.
+#[derive(Default)]
+struct ByteDetokenizer {
+    utf8: Utf8Decoder,
+}
+
+impl Detokenizer for ByteDetokenizer {
+    fn push(&mut self, token: TokenId) -> String {
+        match u8::try_from(token) {
+            Ok(byte) => self.utf8.push(&[byte]),
+            Err(_) => String::new(), // the end of a sequence has no text
+        }
+    }
+
+    fn finish(&mut self) -> String {
+        self.utf8.finish()
+    }
+}
+
+#[async_trait]
+impl LoadedModel for CandleModel {
+    fn memory_plan(&self) -> MemoryPlan {
+        self.plan
+    }
+
+    fn tokenize(&self, text: &str) -> Vec<TokenId> {
+        text.bytes().map(TokenId::from).collect()
+    }
+
+    fn detokenizer(&self) -> Box<dyn Detokenizer> {
+        Box::new(ByteDetokenizer::default())
+    }
+
+    async fn prefill(
+        &self,
+        prompt: &[TokenId],
+        generated: &[TokenId],
+        params: &GenerationParams,
+    ) -> Result<Box<dyn Sequence>, EngineError> {
+        params.validate()?;
+        check_context(&self.plan, prompt.len() + generated.len(), params)?;
+        // An empty prompt starts from the end-of-sequence token, which takes position 0; a resume of it
+        // must run that token too, or every position after would shift.
+        let start = if prompt.is_empty() { vec![END_OF_SEQUENCE] } else { Vec::new() };
+        let context: Vec<TokenId> = start.iter().chain(prompt).chain(generated).copied().collect();
+        // The kv-cache, once: the context and the tokens asked for (what the executor reserved).
+        let capacity = prompt.len() + generated.len() + params.max_tokens as usize;
+        let base = context.len().saturating_sub(1);
+        let model = Arc::clone(&self.model);
+        let pool = Arc::clone(&self.pool);
+        let per_token = self.plan.kv_bytes_per_token;
+        // A dropped prefill stops at the next token instead of running the whole prompt.
+        let cancelled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let guard = CancelOnDrop(Arc::clone(&cancelled));
+        let (model, cache) = blocking(move || {
+            let cache = KvCache::new(&model.shape, capacity.max(1))?;
+            // The tensors are the bytes the plan announced: what the pool's figures count.
+            debug_assert_eq!(cache.bytes() as u64, capacity.max(1) as u64 * per_token);
+            // The context but its last token: that one is the first step's input. One token per turn on
+            // the engine's threads, so that other sequences' steps interleave.
+            for (position, token) in context.iter().take(base).enumerate() {
+                if cancelled.load(std::sync::atomic::Ordering::Relaxed) {
+                    return Err(EngineError::Cancelled);
+                }
+                pool.install(|| model.forward(Some(*token), position, &cache))?;
+            }
+            Ok((model, cache))
+        })
+        .await?;
+        drop(guard);
+        let first_step = u32::try_from(generated.len()).expect("checked against the context");
+        let pool = Arc::clone(&self.pool);
+        Ok(Box::new(CandleSequence { model, cache: Arc::new(cache), pool, base, first_step, params: params.clone() }))
+    }
+}
+
+/// Tells a blocking prefill to stop when its future is dropped.
+struct CancelOnDrop(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+struct CandleSequence {
+    model: Arc<Model>,
+    cache: Arc<KvCache>,
+    pool: Arc<rayon::ThreadPool>,
+    /// The position of the first step's input token.
+    base: usize,
+    first_step: u32,
+    params: GenerationParams,
+}
+
+#[async_trait]
+impl Sequence for CandleSequence {
+    async fn prepare(&self, step: u32) -> Result<Prepared, EngineError> {
+        let offset = step.checked_sub(self.first_step).ok_or_else(|| EngineError::Fatal {
+            message: format!("step {step} comes before this sequence's first, {}", self.first_step),
+        })?;
+        Ok(Prepared::new(step, self.base + offset as usize))
+    }
+
+    async fn compute(&self, prepared: Prepared, previous: Option<TokenId>) -> Result<Token, EngineError> {
+        let step = prepared.step();
+        let position = *prepared.data::<usize>().ok_or_else(|| EngineError::Fatal {
+            message: format!("step {step} was prepared by another engine's sequence"),
+        })?;
+        let (model, cache, pool) = (Arc::clone(&self.model), Arc::clone(&self.cache), Arc::clone(&self.pool));
+        let logits = blocking(move || pool.install(|| model.forward(previous, position, &cache))).await?;
+        let id = sample::sample(&logits, &self.params, step);
+        Ok(Token { id, end_of_sequence: id == END_OF_SEQUENCE })
+    }
+}

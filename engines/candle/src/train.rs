@@ -1,0 +1,280 @@
+//! Training (the `train` feature): the same decoder over whole sequences, with a causal mask, on f32
+//! variables, fitted to a text with AdamW; written out as the safetensors that `compile` reads.
+
+use std::collections::HashMap;
+
+use candle_core::{D, DType, Device, Tensor, Var};
+use candle_nn::Optimizer as _;
+use usine_engine::EngineError;
+
+use crate::gguf::fatal;
+use crate::shape::{END_OF_SEQUENCE, Shape, VOCAB};
+
+const RMS_EPSILON: f64 = 1e-5;
+const ROPE_THETA: f64 = 10_000.0;
+
+/// How to train.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Schedule {
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Sequences per step.
+    pub batch: usize,
+    /// Tokens per sequence.
+    pub context: usize,
+    /// Peak learning rate (cosine decay to a tenth of it).
+    pub learning_rate: f64,
+    /// Seed of the initial weights and of the batches.
+    pub seed: u64,
+}
+
+/// A model being trained.
+pub struct Trainer {
+    shape: Shape,
+    vars: Vec<(String, Var)>,
+}
+
+/// Seeded numbers, uniform in [-1, 1) (splitmix64).
+struct Numbers(u64);
+
+impl Numbers {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn uniform(&mut self) -> f32 {
+        #[expect(clippy::cast_precision_loss, reason = "24 bits of a random number")]
+        let unit = (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32;
+        2.0 * unit - 1.0
+    }
+}
+
+impl Trainer {
+    /// A model of `shape` with seeded initial weights.
+    pub fn new(shape: Shape, seed: u64) -> Result<Self, EngineError> {
+        shape.check()?;
+        let mut numbers = Numbers(seed);
+        let mut names: Vec<(String, Vec<usize>)> = shape.tensors().into_iter().collect();
+        names.sort();
+        let mut vars = Vec::with_capacity(names.len());
+        for (name, dims) in names {
+            let count: usize = dims.iter().product();
+            let values: Vec<f32> = if dims.len() == 1 {
+                vec![1.0; count]
+            } else {
+                #[expect(clippy::cast_precision_loss, reason = "a scale")]
+                let scale = 1.0 / (dims[1] as f32).sqrt();
+                (0..count).map(|_| numbers.uniform() * scale).collect()
+            };
+            let tensor = Tensor::from_vec(values, dims, &Device::Cpu).map_err(fatal("initial weights"))?;
+            vars.push((name, Var::from_tensor(&tensor).map_err(fatal("initial weights"))?));
+        }
+        Ok(Self { shape, vars })
+    }
+
+    /// A model to go on training from safetensors `bytes` (as `to_safetensors` wrote them).
+    pub fn from_safetensors(bytes: &[u8]) -> Result<Self, EngineError> {
+        let shape = crate::gguf::source_shape(bytes)?;
+        let tensors = candle_core::safetensors::load_buffer(bytes, &Device::Cpu).map_err(fatal("weights"))?;
+        let mut vars: Vec<(String, Var)> = tensors
+            .into_iter()
+            .map(|(name, tensor)| Ok((name, Var::from_tensor(&tensor).map_err(fatal("weights"))?)))
+            .collect::<Result<_, EngineError>>()?;
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(Self { shape, vars })
+    }
+
+    /// Mean cross-entropy (nats per byte) of predicting each token of `tokens` from those before.
+    pub fn loss(&self, tokens: &[u32]) -> Result<f32, EngineError> {
+        let inputs = Tensor::from_vec(tokens[..tokens.len() - 1].to_vec(), (1, tokens.len() - 1), &Device::Cpu)
+            .map_err(fatal("loss"))?;
+        let targets = Tensor::from_vec(tokens[1..].to_vec(), tokens.len() - 1, &Device::Cpu).map_err(fatal("loss"))?;
+        let logits = self.forward(&inputs).and_then(|l| l.squeeze(0)).map_err(fatal("loss"))?;
+        candle_nn::loss::cross_entropy(&logits, &targets).and_then(|l| l.to_scalar::<f32>()).map_err(fatal("loss"))
+    }
+
+    fn weight(&self, name: &str) -> candle_core::Result<&Tensor> {
+        self.vars
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, var)| var.as_tensor())
+            .ok_or_else(|| candle_core::Error::Msg(format!("no weight `{name}`")))
+    }
+
+    /// Logits of every position of `tokens` ([batch, time]).
+    fn forward(&self, tokens: &Tensor) -> candle_core::Result<Tensor> {
+        let shape = &self.shape;
+        let (batch, time) = tokens.dims2()?;
+        let (heads, kv_heads, head_dim) = (shape.heads, shape.kv_heads, shape.head_dim());
+        let mut x = self
+            .weight("tok_embeddings.weight")?
+            .index_select(&tokens.flatten_all()?, 0)?
+            .reshape((batch, time, shape.dim))?;
+        let (cos, sin) = rope_tables(head_dim, time)?;
+        let mask = causal_mask(time)?;
+        let scale = 1.0 / (head_dim as f64).sqrt();
+        let linear =
+            |x: &Tensor, name: String| -> candle_core::Result<Tensor> { x.broadcast_matmul(&self.weight(&name)?.t()?) };
+        for layer in 0..shape.layers {
+            let name = |part: &str| format!("layers.{layer}.{part}.weight");
+            let h = rms_norm(&x, self.weight(&name("attention_norm"))?)?;
+            let q = linear(&h, name("attention.wq"))?.reshape((batch, time, heads, head_dim))?.transpose(1, 2)?;
+            let k = linear(&h, name("attention.wk"))?.reshape((batch, time, kv_heads, head_dim))?.transpose(1, 2)?;
+            let v = linear(&h, name("attention.wv"))?.reshape((batch, time, kv_heads, head_dim))?.transpose(1, 2)?;
+            let (q, k) = (rope(&q.contiguous()?, &cos, &sin)?, rope(&k.contiguous()?, &cos, &sin)?);
+            // Each key-value head serves its group of query heads.
+            let group = heads / kv_heads;
+            let expand = |t: Tensor| -> candle_core::Result<Tensor> {
+                t.unsqueeze(2)?
+                    .broadcast_as((batch, kv_heads, group, time, head_dim))?
+                    .reshape((batch, heads, time, head_dim))
+            };
+            let (k, v) = (expand(k)?, expand(v.contiguous()?)?);
+            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&mask)?;
+            let attention = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?;
+            let attention = attention.transpose(1, 2)?.reshape((batch, time, shape.dim))?;
+            x = (x + linear(&attention, name("attention.wo"))?)?;
+            let h = rms_norm(&x, self.weight(&name("ffn_norm"))?)?;
+            let gate = linear(&h, name("feed_forward.w1"))?.silu()?;
+            let up = linear(&h, name("feed_forward.w3"))?;
+            x = (x + linear(&(gate * up)?, name("feed_forward.w2"))?)?;
+        }
+        let x = rms_norm(&x, self.weight("norm.weight")?)?;
+        linear(&x, "output.weight".to_owned())
+    }
+
+    /// Fits the model to `text` (bytes, with the end-of-sequence token between documents), reporting
+    /// each step's loss (nats per byte) to `report`.
+    pub fn train(
+        &mut self,
+        text: &[u32],
+        schedule: &Schedule,
+        mut report: impl FnMut(usize, f32),
+    ) -> Result<(), EngineError> {
+        let span = schedule.context + 1;
+        if text.len() <= span {
+            return Err(EngineError::Fatal {
+                message: format!("{} tokens of text: too few for a context of {}", text.len(), schedule.context),
+            });
+        }
+        let vars: Vec<Var> = self.vars.iter().map(|(_, var)| var.clone()).collect();
+        let params = candle_nn::ParamsAdamW { lr: schedule.learning_rate, weight_decay: 0.01, ..Default::default() };
+        let mut optimizer = candle_nn::AdamW::new(vars, params).map_err(fatal("optimizer"))?;
+        let mut numbers = Numbers(schedule.seed ^ 0xDA7A);
+        for step in 0..schedule.steps {
+            #[expect(clippy::cast_precision_loss, reason = "a schedule")]
+            let progress = step as f64 / schedule.steps as f64;
+            optimizer.set_learning_rate(
+                schedule.learning_rate * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())),
+            );
+            let mut inputs = Vec::with_capacity(schedule.batch * schedule.context);
+            let mut targets = Vec::with_capacity(schedule.batch * schedule.context);
+            for _ in 0..schedule.batch {
+                let start = usize::try_from(numbers.next_u64() % (text.len() - span) as u64).expect("below the length");
+                inputs.extend_from_slice(&text[start..start + schedule.context]);
+                targets.extend_from_slice(&text[start + 1..start + span]);
+            }
+            let inputs =
+                Tensor::from_vec(inputs, (schedule.batch, schedule.context), &Device::Cpu).map_err(fatal("batch"))?;
+            let targets =
+                Tensor::from_vec(targets, schedule.batch * schedule.context, &Device::Cpu).map_err(fatal("batch"))?;
+            let logits = self.forward(&inputs).map_err(fatal("forward"))?;
+            let logits = logits.reshape((schedule.batch * schedule.context, VOCAB)).map_err(fatal("forward"))?;
+            let loss = candle_nn::loss::cross_entropy(&logits, &targets).map_err(fatal("loss"))?;
+            optimizer.backward_step(&loss).map_err(fatal("backward"))?;
+            report(step, loss.to_scalar::<f32>().map_err(fatal("loss"))?);
+        }
+        Ok(())
+    }
+
+    /// The weights as safetensors, with the shape in the metadata.
+    pub fn to_safetensors(&self) -> Result<Vec<u8>, EngineError> {
+        let metadata: HashMap<String, String> =
+            self.shape.to_metadata().into_iter().map(|(key, value)| (key.to_owned(), value.to_string())).collect();
+        let tensors: Vec<(&str, &Tensor)> =
+            self.vars.iter().map(|(name, var)| (name.as_str(), var.as_tensor())).collect();
+        safetensors::serialize(tensors, Some(metadata))
+            .map_err(|error| EngineError::Fatal { message: format!("writing safetensors: {error}") })
+    }
+}
+
+/// Bytes as tokens, documents separated by the end-of-sequence token.
+pub fn tokens_of(documents: &[String]) -> Vec<u32> {
+    let mut tokens = Vec::new();
+    for document in documents {
+        tokens.extend(document.bytes().map(u32::from));
+        tokens.push(END_OF_SEQUENCE);
+    }
+    tokens
+}
+
+fn rms_norm(x: &Tensor, weight: &Tensor) -> candle_core::Result<Tensor> {
+    let mean_square = x.sqr()?.mean_keepdim(D::Minus1)?;
+    x.broadcast_div(&(mean_square + RMS_EPSILON)?.sqrt()?)?.broadcast_mul(weight)
+}
+
+fn rope_tables(head_dim: usize, time: usize) -> candle_core::Result<(Tensor, Tensor)> {
+    let half = head_dim / 2;
+    #[expect(clippy::cast_precision_loss, clippy::cast_possible_truncation, reason = "angles of a small model")]
+    let angles: Vec<f32> = (0..time)
+        .flat_map(|position| {
+            (0..half).map(move |i| (position as f64 / ROPE_THETA.powf(2.0 * i as f64 / head_dim as f64)) as f32)
+        })
+        .collect();
+    let angles = Tensor::from_vec(angles, (time, half), &Device::Cpu)?;
+    Ok((angles.cos()?, angles.sin()?))
+}
+
+/// Rotates each pair (2i, 2i+1) of `x` ([batch, heads, time, head_dim]) by its position's angles.
+fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    let (batch, heads, time, head_dim) = x.dims4()?;
+    let pairs = x.reshape((batch, heads, time, head_dim / 2, 2))?;
+    let (even, odd) = (pairs.narrow(4, 0, 1)?.squeeze(4)?, pairs.narrow(4, 1, 1)?.squeeze(4)?);
+    let rotated_even = (even.broadcast_mul(cos)? - odd.broadcast_mul(sin)?)?;
+    let rotated_odd = (even.broadcast_mul(sin)? + odd.broadcast_mul(cos)?)?;
+    Tensor::stack(&[rotated_even, rotated_odd], 4)?.reshape((batch, heads, time, head_dim))
+}
+
+fn causal_mask(time: usize) -> candle_core::Result<Tensor> {
+    let mask: Vec<f32> = (0..time)
+        .flat_map(|row| (0..time).map(move |column| if column > row { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(mask, (time, time), &Device::Cpu)?.to_dtype(DType::F32)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "a panic is a test failure with its message")]
+
+    use super::*;
+    use crate::model::{KvCache, Model};
+
+    /// The training forward (whole sequences, masked) and the engine's (a token at a time, a kv-cache)
+    /// compute the same function: same logits at every position, up to Q8_0's rounding.
+    #[test]
+    fn training_and_inference_compute_the_same_logits() {
+        let shape = Shape { dim: 64, layers: 2, heads: 4, kv_heads: 2, ffn: 192, max_context: 64 };
+        let trainer = Trainer::new(shape, 5).unwrap();
+        let text: Vec<u32> = "The kernel keeps".bytes().map(u32::from).collect();
+        let batch = Tensor::from_vec(text.clone(), (1, text.len()), &Device::Cpu).unwrap();
+        let trained = trainer.forward(&batch).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap();
+
+        let gguf = crate::gguf::compile(
+            &trainer.to_safetensors().unwrap(),
+            candle_core::quantized::GgmlDType::Q8_0,
+            &usine_engine::NoProgress,
+        )
+        .unwrap();
+        let model = Model::new(crate::gguf::read(&gguf).unwrap()).unwrap();
+        let cache = KvCache::new(&shape, text.len()).unwrap();
+        for (position, token) in text.iter().enumerate() {
+            let logits = model.forward(Some(*token), position, &cache).unwrap();
+            let worst = logits.iter().zip(&trained[position]).map(|(a, b)| (a - b).abs()).fold(0.0_f32, f32::max);
+            assert!(worst < 0.05, "position {position}: logits differ by {worst}");
+        }
+    }
+}

@@ -1,0 +1,89 @@
+//! Integration tests of `usine-engine-candle` with small random-weight models: the conformance kit, the
+//! same seed giving the same tokens, both quantizations, typed errors on bad source weights.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "helpers outside #[test] fns unwrap too: a panic is a test failure with its message"
+)]
+
+use usine_engine::{Engine, GenerationParams, ModelSpec, NoProgress, generate};
+use usine_engine_candle::{CandleEngine, NAME, PROFILE, Shape, WEIGHTS_OPTION, random_weights};
+
+const SHAPE: Shape = Shape { dim: 64, layers: 2, heads: 4, kv_heads: 2, ffn: 192, max_context: 256 };
+
+/// A spec of random weights of `SHAPE` written into `dir`.
+fn spec(dir: &tempfile::TempDir, quantization: &str) -> ModelSpec {
+    let path = dir.path().join("weights.safetensors");
+    std::fs::write(&path, random_weights(&SHAPE, 7).unwrap()).unwrap();
+    let mut spec = ModelSpec::new("random", NAME, PROFILE).quantization(quantization);
+    spec.options.insert(WEIGHTS_OPTION.into(), path.display().to_string());
+    spec
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_engine_passes_the_conformance_kit_at_both_quantizations() {
+    for quantization in ["q8_0", "q4_0"] {
+        let dir = tempfile::tempdir().unwrap();
+        let report = usine_engine::conformance::check(&CandleEngine::new(), &spec(&dir, quantization)).await;
+        let report = report.unwrap_or_else(|failure| panic!("{quantization}: {failure}"));
+        assert_eq!(report.checks.len(), 12, "{quantization}: {:?}", report.checks);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_seed_gives_the_same_tokens_and_the_plan_is_the_models() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = CandleEngine::new();
+    let graph = engine.compile(&spec(&dir, "q8_0"), &NoProgress).await.unwrap();
+    let plan = engine.memory_plan(&graph).unwrap();
+    assert_eq!(plan.kv_bytes_per_token, 2 * 2 * 32 * 4, "keys and values, 2 layers, 2 kv heads of 16, f32");
+    assert_eq!(plan.max_context_tokens, 256);
+    assert!(plan.weights_bytes > 0 && plan.weights_bytes < (SHAPE.params() * 4) as u64, "quantized: {plan:?}");
+    let model = engine.load(&graph).await.unwrap();
+    let params = GenerationParams { max_tokens: 24, temperature: 0.8, seed: 3, ..Default::default() };
+    let first = generate(model.as_ref(), "Hello", &params).await.unwrap();
+    let second = generate(model.as_ref(), "Hello", &params).await.unwrap();
+    assert_eq!(first.tokens, second.tokens);
+    let other = GenerationParams { seed: 4, ..params };
+    assert_ne!(generate(model.as_ref(), "Hello", &other).await.unwrap().tokens, first.tokens);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_source_weights_are_typed_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = CandleEngine::new();
+    let mut missing = spec(&dir, "q8_0");
+    missing.options.insert(WEIGHTS_OPTION.into(), dir.path().join("nope").display().to_string());
+    let error = engine.compile(&missing, &NoProgress).await.unwrap_err();
+    assert!(error.to_string().contains("reading the weights"), "{error}");
+    let garbage = dir.path().join("garbage.safetensors");
+    std::fs::write(&garbage, b"not safetensors at all").unwrap();
+    missing.options.insert(WEIGHTS_OPTION.into(), garbage.display().to_string());
+    let error = engine.compile(&missing, &NoProgress).await.unwrap_err();
+    assert!(error.to_string().contains("source weights"), "{error}");
+    let mut unset = spec(&dir, "q8_0");
+    unset.options.clear();
+    assert!(engine.compile(&unset, &NoProgress).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_of_an_empty_prompt_goes_on_as_an_unbroken_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = CandleEngine::new();
+    let model = engine.load(&engine.compile(&spec(&dir, "q8_0"), &NoProgress).await.unwrap()).await.unwrap();
+    let params = GenerationParams { max_tokens: 12, temperature: 0.0, ..Default::default() };
+    let unbroken = generate(model.as_ref(), "", &params).await.unwrap().tokens;
+    assert_eq!(unbroken.len(), 12, "greedy on random weights runs to the end");
+    let half = &unbroken[..6];
+    let left = GenerationParams { max_tokens: 6, ..params.clone() };
+    let sequence = model.prefill(&[], half, &left).await.unwrap();
+    let mut resumed = Vec::new();
+    let mut previous = half.last().copied();
+    for step in 6..12 {
+        let prepared = sequence.prepare(step).await.unwrap();
+        let token = sequence.compute(prepared, previous).await.unwrap();
+        resumed.push(token.id);
+        previous = Some(token.id);
+    }
+    assert_eq!(resumed, unbroken[6..]);
+}
