@@ -8,7 +8,7 @@
 //! token of step N, and a compute stage for step N.
 //!
 //! Also here: the [`ZeroEngine`], which does no work at all (tests, and the floor of overhead
-//! benchmarks); [`generate`], the reference driver; text helpers ([`Utf8Decoder`], [`StopMatcher`]);
+//! benchmarks); [`generate`], the reference driver; text helpers ([`Utf8Decoder`], [`ByteDetokenizer`], [`StopMatcher`]);
 //! and, behind the `conformance` feature, the kit that checks any engine against the contract.
 //!
 //! This crate depends on no other usine crate, so that an engine can be written against it alone.
@@ -25,7 +25,7 @@ mod zero;
 pub use engine::{Detokenizer, Engine, LoadedModel, Prepared, Sequence, check_graph, check_spec};
 pub use error::{EngineError, ErrorKind};
 pub use generate::{check_context, generate};
-pub use text::{Released, StopMatcher, Utf8Decoder};
+pub use text::{ByteDetokenizer, Released, StopMatcher, Utf8Decoder};
 pub use types::{
     CompiledGraph, Device, EngineDescriptor, FinishReason, Generation, GenerationParams, MAX_STOP_LEN,
     MAX_STOP_SEQUENCES, MAX_TEMPERATURE, MAX_TOKENS_LIMIT, MemoryPlan, ModelSpec, NoProgress, Progress, ProgressSink,

@@ -163,3 +163,23 @@ mod tests {
         assert_eq!(matcher.push("bxyzcü"), Released { text: "b".into(), stopped: true });
     }
 }
+
+/// The detokenizer of byte-level vocabularies: token `b` below 256 is byte `b`; tokens from 256 up
+/// (special tokens, such as an end of sequence) have no text.
+#[derive(Debug, Default)]
+pub struct ByteDetokenizer {
+    utf8: Utf8Decoder,
+}
+
+impl crate::engine::Detokenizer for ByteDetokenizer {
+    fn push(&mut self, token: crate::types::TokenId) -> String {
+        match u8::try_from(token) {
+            Ok(byte) => self.utf8.push(&[byte]),
+            Err(_) => String::new(),
+        }
+    }
+
+    fn finish(&mut self) -> String {
+        self.utf8.finish()
+    }
+}

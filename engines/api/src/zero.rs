@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use crate::engine::{Detokenizer, Engine, LoadedModel, Prepared, Sequence, check_graph, check_spec};
 use crate::error::EngineError;
 use crate::generate::check_context;
-use crate::text::Utf8Decoder;
+use crate::text::ByteDetokenizer;
 use crate::types::{
     CompiledGraph, Device, EngineDescriptor, GenerationParams, MemoryPlan, ModelSpec, Progress, ProgressSink, Token,
     TokenId,
@@ -138,25 +138,6 @@ impl LoadedModel for ZeroModel {
         check_context(&self.plan, prompt.len() + generated.len(), params)?;
         let start = usize::try_from(params.seed % TEXT.len() as u64).expect("below the text's length");
         Ok(Box::new(ZeroSequence { start }))
-    }
-}
-
-/// Byte tokens back to text.
-#[derive(Default)]
-struct ByteDetokenizer {
-    utf8: Utf8Decoder,
-}
-
-impl Detokenizer for ByteDetokenizer {
-    fn push(&mut self, token: TokenId) -> String {
-        match u8::try_from(token) {
-            Ok(byte) => self.utf8.push(&[byte]),
-            Err(_) => String::new(), // a special token: no text
-        }
-    }
-
-    fn finish(&mut self) -> String {
-        self.utf8.finish()
     }
 }
 

@@ -22,8 +22,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use usine_engine::{
-    CompiledGraph, Detokenizer, Device, Engine, EngineDescriptor, EngineError, GenerationParams, LoadedModel,
-    MemoryPlan, ModelSpec, Prepared, Progress, ProgressSink, Sequence, Token, TokenId, Utf8Decoder, check_context,
+    ByteDetokenizer, CompiledGraph, Detokenizer, Device, Engine, EngineDescriptor, EngineError, GenerationParams,
+    LoadedModel, MemoryPlan, ModelSpec, Prepared, Progress, ProgressSink, Sequence, Token, TokenId, check_context,
     check_graph, check_spec,
 };
 
@@ -190,25 +190,6 @@ struct CandleModel {
     model: Arc<Model>,
     plan: MemoryPlan,
     pool: Arc<rayon::ThreadPool>,
-}
-
-/// Bytes back to text, a character as soon as it is whole.
-#[derive(Default)]
-struct ByteDetokenizer {
-    utf8: Utf8Decoder,
-}
-
-impl Detokenizer for ByteDetokenizer {
-    fn push(&mut self, token: TokenId) -> String {
-        match u8::try_from(token) {
-            Ok(byte) => self.utf8.push(&[byte]),
-            Err(_) => String::new(), // the end of a sequence has no text
-        }
-    }
-
-    fn finish(&mut self) -> String {
-        self.utf8.finish()
-    }
 }
 
 #[async_trait]
