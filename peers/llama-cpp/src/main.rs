@@ -18,7 +18,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let (threads, tokens): (i32, usize) = (threads.parse()?, tokens.parse()?);
     let mut backend = LlamaBackend::init()?;
-    backend.void_logs();
+    if std::env::var_os("USINE_PEER_LOGS").is_none() {
+        backend.void_logs();
+    }
     let start = Instant::now();
     let model = LlamaModel::load_from_file(&backend, gguf, &LlamaModelParams::default())?;
     let load = start.elapsed();
@@ -26,7 +28,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .with_n_ctx(NonZeroU32::new(512))
         .with_n_threads(threads)
         .with_n_threads_batch(threads);
-    let mut run = || -> Result<(usize, f64), Box<dyn std::error::Error>> {
+    let run = || -> Result<(usize, f64), Box<dyn std::error::Error>> {
         let mut context = model.new_context(&backend, params.clone())?;
         let prompt = model.vocab().tokenize(b"The kernel", false, false);
         let mut batch = LlamaBatch::new(512, 1);
