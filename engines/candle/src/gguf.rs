@@ -153,8 +153,33 @@ pub(crate) fn compile(bytes: &[u8], dtype: GgmlDType, progress: &dyn ProgressSin
     let tensors: Vec<(&str, &QTensor)> = renamed.iter().map(|(name, tensor)| (name.as_str(), *tensor)).collect();
     let mut out = Cursor::new(Vec::new());
     gguf_file::write(&mut out, &metadata, &tensors).map_err(fatal("writing GGUF"))?;
+    let mut bytes = out.into_inner();
+    type_empty_array_as_strings(&mut bytes, "tokenizer.ggml.merges")?;
     report("done", 1.0);
-    Ok(out.into_inner())
+    Ok(bytes)
+}
+
+/// candle's writer gives an empty array the element type `u32` (it has no element to take it from);
+/// llama.cpp refuses merges that are not strings, even none. Retypes the empty array under `key` in
+/// written GGUF `bytes` as an array of strings.
+fn type_empty_array_as_strings(bytes: &mut [u8], key: &str) -> Result<(), EngineError> {
+    const ARRAY: u32 = 9;
+    const U32: u32 = 4;
+    const STRING: u32 = 8;
+    // In the header: the key (u64 length, then its bytes), the value's type, the element type, the count.
+    let mut pattern = Vec::with_capacity(8 + key.len() + 16);
+    pattern.extend_from_slice(&(key.len() as u64).to_le_bytes());
+    pattern.extend_from_slice(key.as_bytes());
+    pattern.extend_from_slice(&ARRAY.to_le_bytes());
+    pattern.extend_from_slice(&U32.to_le_bytes());
+    pattern.extend_from_slice(&0_u64.to_le_bytes());
+    let at = bytes
+        .windows(pattern.len())
+        .position(|window| window == pattern.as_slice())
+        .ok_or_else(|| EngineError::Fatal { message: format!("writing GGUF: no empty array `{key}`") })?;
+    let element_type = at + 8 + key.len() + 4;
+    bytes[element_type..element_type + 4].copy_from_slice(&STRING.to_le_bytes());
+    Ok(())
 }
 
 /// A GGUF graph read back: its shape and tensors.
@@ -279,5 +304,22 @@ mod tests {
         );
         let distinct: std::collections::BTreeSet<String> = (0..257).map(text).collect();
         assert_eq!(distinct.len(), 257);
+    }
+
+    #[test]
+    fn the_empty_merges_are_an_array_of_strings_as_llama_cpp_asks() {
+        let shape = crate::shape::Shape { dim: 32, layers: 1, heads: 2, kv_heads: 1, ffn: 64, max_context: 16 };
+        let source = random_weights(&shape, 1).expect("weights");
+        let bytes = compile(&source, GgmlDType::Q8_0, &usine_engine::NoProgress).expect("compiled");
+        let key = b"tokenizer.ggml.merges";
+        let at = bytes.windows(key.len()).position(|window| window == key).expect("the key is written");
+        let after = &bytes[at + key.len()..at + key.len() + 16];
+        assert_eq!(after[..4], 9_u32.to_le_bytes(), "an array");
+        assert_eq!(after[4..8], 8_u32.to_le_bytes(), "of strings");
+        assert_eq!(after[8..], 0_u64.to_le_bytes(), "empty");
+        let content = read_content(&bytes).expect("candle reads it back");
+        assert!(
+            matches!(content.metadata.get("tokenizer.ggml.merges"), Some(Value::Array(merges)) if merges.is_empty())
+        );
     }
 }
