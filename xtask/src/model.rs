@@ -1,9 +1,16 @@
 //! `cargo xtask train` and `cargo xtask random-model`: the candle engine's models, made offline.
 //!
-//! `train` fits the tiny byte-level llama (about 1 M parameters, seed 2026, 2,400 steps) to text this
-//! project may redistribute: its own README and ARCHITECTURE, and the simulated engines' corpus (all
-//! under the project's licence). It writes `engines/candle/weights/tiny-llama.safetensors`, which is
-//! committed. `random-model 17m|58m OUT` writes random weights of those sizes for speed work.
+//! `train` fits the tiny byte-level llama (about 1 M parameters, seed 2026) to English this project may
+//! redistribute a model of:
+//! - the prose of *The Rust Programming Language* (the book, dual-licensed MIT or Apache-2.0: a
+//!   derived work may be shipped with the notice, see `engines/candle/weights/NOTICE`), read from the
+//!   `rust-docs` component that rustup installs with every default toolchain; about 860 KB of plain,
+//!   friendly English, which is what makes the model's answers readable;
+//! - the project's own README and ARCHITECTURE, and the simulated engines' corpus (under the project's
+//!   licence), so that it knows usine's words.
+//!
+//! It writes `engines/candle/weights/tiny-llama.safetensors`, which is committed. `random-model
+//! 17m|58m OUT` writes random weights of those sizes for speed work.
 
 use std::path::Path;
 use std::process::{Command, ExitCode};
@@ -13,7 +20,7 @@ use anyhow::{Context as _, Result, ensure};
 /// Where the trained weights live in the repository.
 pub(crate) const WEIGHTS: &str = "engines/candle/weights/tiny-llama.safetensors";
 /// Optimizer steps of the committed model.
-const STEPS: &str = "2400";
+const STEPS: &str = "3000";
 
 /// The simulated engines' corpus, taken out of its Rust string literal.
 fn corpus(root: &Path) -> Result<String> {
@@ -22,6 +29,82 @@ fn corpus(root: &Path) -> Result<String> {
     let end = start + source[start..].find("\";").context("the corpus's end")?;
     let text = source[start..end].replace("\\\n", "").replace("\\\"", "\"");
     Ok(text.split_whitespace().collect::<Vec<_>>().join(" "))
+}
+
+/// The paragraphs of *The Rust Programming Language* from the installed `rust-docs`, as plain ASCII text,
+/// one paragraph per line, in chapter order.
+fn book() -> Result<String> {
+    let output = Command::new("rustc").args(["--print", "sysroot"]).output()?;
+    let sysroot = String::from_utf8(output.stdout)?;
+    let folder = Path::new(sysroot.trim()).join("share/doc/rust/html/book");
+    let mut chapters: Vec<_> = std::fs::read_dir(&folder)
+        .with_context(|| {
+            format!(
+                "{}: the book comes with rustup's `rust-docs` component (`rustup component add rust-docs`)",
+                folder.display()
+            )
+        })?
+        .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+        .filter(|path| {
+            path.file_name()
+                .and_then(|name| name.to_str())
+                .is_some_and(|name| name.starts_with("ch") && name.ends_with(".html"))
+        })
+        .collect();
+    chapters.sort();
+    ensure!(!chapters.is_empty(), "{}: no chapters", folder.display());
+    let mut paragraphs = Vec::new();
+    for chapter in chapters {
+        let page = std::fs::read_to_string(&chapter)?;
+        paragraphs.extend(paragraphs_of(&page));
+    }
+    Ok(paragraphs.join("\n"))
+}
+
+/// The text of each `<p>` of an HTML page: tags dropped, the entities mdBook writes decoded, typographic
+/// punctuation made ASCII; paragraphs that keep other characters (a few in foreign scripts) and the
+/// page's keyboard help are left out. mdBook's output is regular enough that this needs no HTML parser.
+fn paragraphs_of(page: &str) -> Vec<String> {
+    let mut paragraphs = Vec::new();
+    let mut rest = page;
+    while let Some(start) = rest.find("<p>") {
+        let Some(length) = rest[start..].find("</p>") else { break };
+        let inner = &rest[start + 3..start + length];
+        rest = &rest[start + length + 4..];
+        let mut text = String::with_capacity(inner.len());
+        let mut in_tag = false;
+        for character in inner.chars() {
+            match character {
+                '<' => in_tag = true,
+                '>' => in_tag = false,
+                _ if !in_tag => text.push(character),
+                _ => {}
+            }
+        }
+        for (from, to) in [
+            ("&lt;", "<"),
+            ("&gt;", ">"),
+            ("&quot;", "\""),
+            ("&#39;", "'"),
+            ("&#x27;", "'"),
+            ("&nbsp;", " "),
+            ("\u{2019}", "'"),
+            ("\u{2018}", "'"),
+            ("\u{201c}", "\""),
+            ("\u{201d}", "\""),
+            ("\u{2014}", " - "),
+            ("\u{2013}", "-"),
+            ("\u{2026}", "..."),
+            ("&amp;", "&"),
+        ] {
+            text = text.replace(from, to);
+        }
+        let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+        if !text.is_empty() && text.is_ascii() && !text.starts_with("Press ") {
+            paragraphs.push(text);
+        }
+    }
+    paragraphs
 }
 
 fn example(root: &Path, name: &str, features: &[&str], args: &[&str]) -> Result<()> {
@@ -40,7 +123,10 @@ pub(crate) fn train(root: &Path) -> Result<ExitCode> {
     let corpus_file = work.path().join("corpus.txt");
     std::fs::write(&corpus_file, corpus(root)?)?;
     let corpus_file = corpus_file.display().to_string();
-    example(root, "train", &["train"], &[WEIGHTS, STEPS, "README.md", "ARCHITECTURE.md", &corpus_file])?;
+    let book_file = work.path().join("book.txt");
+    std::fs::write(&book_file, book()?)?;
+    let book_file = book_file.display().to_string();
+    example(root, "train", &["train"], &[WEIGHTS, STEPS, "README.md", "ARCHITECTURE.md", &corpus_file, &book_file])?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -48,4 +134,17 @@ pub(crate) fn random_model(root: &Path, size: &str, out: &str) -> Result<ExitCod
     let out = std::path::absolute(out)?.display().to_string();
     example(root, "random_model", &[], &[size, &out])?;
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paragraphs_come_out_as_plain_ascii_text() {
+        let page = "<nav><p>Press <kbd>S</kbd> to search</p></nav>\
+                    <p>Rust&#x27;s <code>Vec&lt;T&gt;</code> \u{2014} a \u{201c}vector\u{201d}\n  grows.</p>\
+                    <p>\u{0437}\u{0434}</p><p></p><p>A &amp; B</p>";
+        assert_eq!(paragraphs_of(page), ["Rust's Vec<T> - a \"vector\" grows.", "A & B"]);
+    }
 }

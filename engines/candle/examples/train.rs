@@ -1,6 +1,7 @@
 //! Trains the tiny byte-level llama that `usine run --engine candle` answers with, from a fixed seed, on
-//! the project's own documentation and the simulated engines' corpus (ours to redistribute), and writes
-//! its safetensors. Run through `cargo xtask train`.
+//! English the project may redistribute a model of (see `cargo xtask train`), and writes its
+//! safetensors. The last 2% of the text is held out: its loss, printed at the end, says how well the
+//! model does on text it has not seen.
 
 #![allow(clippy::print_stdout, clippy::print_stderr, reason = "a tool that reports as it goes")]
 
@@ -11,7 +12,7 @@ use usine_engine_candle::train::{Schedule, Trainer, tokens_of};
 
 /// About a million parameters: 128 wide, 5 layers, 4 heads sharing 2 key-value heads; its context is the
 /// one it is trained on (positions beyond were never seen).
-const SHAPE: Shape = Shape { dim: 128, layers: 5, heads: 4, kv_heads: 2, ffn: 352, max_context: 128 };
+const SHAPE: Shape = Shape { dim: 128, layers: 5, heads: 4, kv_heads: 2, ffn: 352, max_context: 256 };
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
@@ -19,15 +20,29 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let steps: usize = args.next().ok_or("STEPS")?.parse()?;
     let documents: Vec<String> = args.map(std::fs::read_to_string).collect::<Result<_, _>>()?;
     let text = tokens_of(&documents);
-    eprintln!("train: {} parameters, {} bytes of text, {steps} steps", SHAPE.params(), text.len());
-    let schedule = Schedule { steps, batch: 16, context: SHAPE.max_context, learning_rate: 3e-3, seed: 2026 };
+    let (seen, held_out) = text.split_at(text.len() - text.len() / 50);
+    eprintln!(
+        "train: {} parameters, {} bytes of text ({} held out), {steps} steps",
+        SHAPE.params(),
+        seen.len(),
+        held_out.len()
+    );
+    let schedule = Schedule { steps, batch: 8, context: SHAPE.max_context, learning_rate: 3e-3, seed: 2026 };
     let mut trainer = Trainer::new(SHAPE, schedule.seed)?;
     let start = std::time::Instant::now();
-    trainer.train(&text, &schedule, |step, loss| {
+    trainer.train(seen, &schedule, |step, loss| {
         if step % 25 == 0 || step + 1 == schedule.steps {
             eprintln!("step {step:>5}  loss {loss:.3} nats/byte  {:.0?}", start.elapsed());
         }
     })?;
+    let windows: Vec<&[u32]> = held_out.chunks_exact(SHAPE.max_context + 1).collect();
+    let mut total = 0.0;
+    for window in &windows {
+        total += trainer.loss(window)?;
+    }
+    #[expect(clippy::cast_precision_loss, reason = "a mean for people")]
+    let held_out_loss = total / windows.len().max(1) as f32;
+    eprintln!("train: held-out loss {held_out_loss:.3} nats/byte over {} windows", windows.len());
     std::fs::write(&out, trainer.to_safetensors()?)?;
     eprintln!("train: wrote {}", out.display());
     Ok(())

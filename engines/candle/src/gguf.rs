@@ -9,7 +9,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use usine_engine::{EngineError, Progress, ProgressSink};
 
-use crate::shape::Shape;
+use crate::shape::{BLOCK, Shape};
 
 /// The quantizations offered, by name; the first is the default.
 pub const QUANTIZATIONS: [(&str, GgmlDType); 2] = [("q8_0", GgmlDType::Q8_0), ("q4_0", GgmlDType::Q4_0)];
@@ -188,12 +188,31 @@ pub(crate) struct Graph {
     pub(crate) tensors: HashMap<String, QTensor>,
 }
 
-/// Reads only the shape and the size of the weights from GGUF `bytes` (headers, no tensor data).
+/// Reads only the shape from GGUF `bytes` (headers, no tensor data), and the bytes its quantized
+/// matrices take once loaded: the kernels keep each block's scale as f32 (GGUF stores f16), and the
+/// embeddings are held dense instead (counted by the plan).
 pub(crate) fn read_plan(bytes: &[u8]) -> Result<(Shape, u64), EngineError> {
     let content = read_content(bytes)?;
     let shape = shape_of(&content)?;
-    let data = (bytes.len() as u64).saturating_sub(content.tensor_data_offset);
-    Ok((shape, data))
+    let loaded: usize = content
+        .tensor_infos
+        .iter()
+        .filter(|(name, _)| name.as_str() != "token_embd.weight")
+        .map(|(_, info)| {
+            let values = info.shape.elem_count();
+            // The kernels pad a matrix's rows to their groups (at most, for stacked ones).
+            let padded = |bytes_per_block: usize| match info.shape.dims() {
+                [rows, cols] => rows.next_multiple_of(crate::kernel::ROWS) * (cols / BLOCK) * bytes_per_block,
+                _ => values / BLOCK * bytes_per_block,
+            };
+            match info.ggml_dtype {
+                GgmlDType::Q8_0 => padded(4 + BLOCK),
+                GgmlDType::Q4_0 => padded(4 + BLOCK / 2),
+                _ => values * 4,
+            }
+        })
+        .sum();
+    Ok((shape, loaded as u64))
 }
 
 fn shape_of(content: &gguf_file::Content) -> Result<Shape, EngineError> {

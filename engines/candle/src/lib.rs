@@ -12,9 +12,11 @@
 //!   thread and samples (temperature, top-p, a seed per step: resumed and pipelined runs draw alike).
 
 mod gguf;
+mod kernel;
 mod model;
 mod sample;
 mod shape;
+mod team;
 #[cfg(feature = "train")]
 pub mod train;
 
@@ -31,6 +33,7 @@ pub use gguf::{QUANTIZATIONS, random_weights, source_shape};
 pub use shape::{END_OF_SEQUENCE, Shape, VOCAB};
 
 use crate::model::{KvCache, Model};
+use crate::team::Team;
 
 /// The engine's name, as model specs name it.
 pub const NAME: &str = "candle";
@@ -45,12 +48,12 @@ pub const PROFILE: &str = "cpu";
 pub struct CandleEngine {
     descriptor: EngineDescriptor,
     /// The threads its forward passes use.
-    pool: Arc<rayon::ThreadPool>,
+    team: Arc<Team>,
 }
 
 impl std::fmt::Debug for CandleEngine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CandleEngine").field("threads", &self.pool.current_num_threads()).finish_non_exhaustive()
+        f.debug_struct("CandleEngine").field("threads", &self.team.threads()).finish_non_exhaustive()
     }
 }
 
@@ -81,11 +84,7 @@ impl CandleEngine {
                 limit: format!("1..={MAX_THREADS}"),
             });
         }
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|index| format!("usine-candle-{index}"))
-            .build()
-            .map_err(|error| EngineError::Fatal { message: format!("starting {threads} threads: {error}") })?;
+        let team = Team::new(threads)?;
         Ok(Self {
             descriptor: EngineDescriptor {
                 name: NAME.into(),
@@ -95,7 +94,7 @@ impl CandleEngine {
                 quantizations: QUANTIZATIONS.iter().map(|(name, _)| (*name).to_owned()).collect(),
                 profiles: vec![PROFILE.into()],
             },
-            pool: Arc::new(pool),
+            team: Arc::new(team),
         })
     }
 }
@@ -182,14 +181,14 @@ impl Engine for CandleEngine {
         let plan = self.memory_plan(graph)?;
         let bytes = graph.bytes.clone();
         let model = blocking(move || Model::new(gguf::read(&bytes)?)).await?;
-        Ok(Arc::new(CandleModel { model: Arc::new(model), plan, pool: Arc::clone(&self.pool) }))
+        Ok(Arc::new(CandleModel { model: Arc::new(model), plan, team: Arc::clone(&self.team) }))
     }
 }
 
 struct CandleModel {
     model: Arc<Model>,
     plan: MemoryPlan,
-    pool: Arc<rayon::ThreadPool>,
+    team: Arc<Team>,
 }
 
 #[async_trait]
@@ -222,7 +221,7 @@ impl LoadedModel for CandleModel {
         let capacity = prompt.len() + generated.len() + params.max_tokens as usize;
         let base = context.len().saturating_sub(1);
         let model = Arc::clone(&self.model);
-        let pool = Arc::clone(&self.pool);
+        let team = Arc::clone(&self.team);
         let per_token = self.plan.kv_bytes_per_token;
         // A dropped prefill stops at the next token instead of running the whole prompt.
         let cancelled = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -237,15 +236,15 @@ impl LoadedModel for CandleModel {
                 if cancelled.load(std::sync::atomic::Ordering::Relaxed) {
                     return Err(EngineError::Cancelled);
                 }
-                pool.install(|| model.forward(Some(*token), position, &cache))?;
+                model.forward(&team, Some(*token), position, &cache)?;
             }
             Ok((model, cache))
         })
         .await?;
         drop(guard);
         let first_step = u32::try_from(generated.len()).expect("checked against the context");
-        let pool = Arc::clone(&self.pool);
-        Ok(Box::new(CandleSequence { model, cache: Arc::new(cache), pool, base, first_step, params: params.clone() }))
+        let team = Arc::clone(&self.team);
+        Ok(Box::new(CandleSequence { model, cache: Arc::new(cache), team, base, first_step, params: params.clone() }))
     }
 }
 
@@ -261,7 +260,7 @@ impl Drop for CancelOnDrop {
 struct CandleSequence {
     model: Arc<Model>,
     cache: Arc<KvCache>,
-    pool: Arc<rayon::ThreadPool>,
+    team: Arc<Team>,
     /// The position of the first step's input token.
     base: usize,
     first_step: u32,
@@ -282,8 +281,8 @@ impl Sequence for CandleSequence {
         let position = *prepared.data::<usize>().ok_or_else(|| EngineError::Fatal {
             message: format!("step {step} was prepared by another engine's sequence"),
         })?;
-        let (model, cache, pool) = (Arc::clone(&self.model), Arc::clone(&self.cache), Arc::clone(&self.pool));
-        let logits = blocking(move || pool.install(|| model.forward(previous, position, &cache))).await?;
+        let (model, cache, team) = (Arc::clone(&self.model), Arc::clone(&self.cache), Arc::clone(&self.team));
+        let logits = blocking(move || model.forward(&team, previous, position, &cache)).await?;
         let id = sample::sample(&logits, &self.params, step);
         Ok(Token { id, end_of_sequence: id == END_OF_SEQUENCE })
     }

@@ -79,21 +79,24 @@ impl Shape {
         2 * VOCAB * self.dim + self.layers * (attention + feed_forward + 2 * self.dim) + self.dim
     }
 
-    /// The memory plan of a model of this shape whose quantized weights take `quantized_bytes`
-    /// (bounded dimensions, see [`check`](Self::check): no overflow):
-    /// - weights: the quantized matrices, plus the embeddings kept as f32 for row lookups, plus the rotary
-    ///   tables (cos and sin of every position);
+    /// The memory plan of a model of this shape whose other weights (quantized matrices and norms, as
+    /// loaded) take `loaded_bytes` (bounded dimensions, see [`check`](Self::check): no overflow):
+    /// - weights: those, plus the embeddings kept as f32 for row lookups, plus the rotary tables (cos and
+    ///   sin of every position);
     /// - kv-cache per token: keys and values of every layer, f32;
-    /// - activations per step: the residual and its norms, the queries, the copies of the keys and values
-    ///   the attention reads (a full context), its scores three times over (scaled, exponentials,
-    ///   weights), the feed-forward's branches and the logits, f32.
-    pub fn memory_plan(&self, quantized_bytes: u64) -> MemoryPlan {
+    /// - activations per step: the residual and its norms, the queries, keys and values (and their
+    ///   rotations), the attention's scores three times over (scaled, exponentials, weights; it reads the
+    ///   kv-cache in place), the feed-forward's branches (gate and up, the gate's activation, their
+    ///   product) and the logits, f32; and the vector quantized for a product (its quants, scales and lane
+    ///   sums: about two bytes per value, at most the feed-forward's width).
+    pub fn memory_plan(&self, loaded_bytes: u64) -> MemoryPlan {
         let f32_bytes = 4;
         let dense = VOCAB * self.dim + 2 * self.max_context * (self.head_dim() / 2);
-        let attention = 2 * self.kv_dim() * self.max_context + 3 * self.heads * self.max_context;
-        let activations = 4 * self.dim + 2 * self.kv_dim() + attention + 3 * self.ffn + 2 * VOCAB;
+        let attention = 3 * self.heads * self.max_context;
+        let quantized_vector = (self.ffn.max(self.dim) * 17 / 8).div_ceil(f32_bytes);
+        let activations = 6 * self.dim + 4 * self.kv_dim() + attention + 4 * self.ffn + 2 * VOCAB + quantized_vector;
         MemoryPlan {
-            weights_bytes: quantized_bytes + (dense * f32_bytes) as u64,
+            weights_bytes: loaded_bytes + (dense * f32_bytes) as u64,
             kv_bytes_per_token: (2 * self.layers * self.kv_dim() * f32_bytes) as u64,
             activation_bytes_per_step: (activations * f32_bytes) as u64,
             max_context_tokens: u32::try_from(self.max_context).expect("checked: at most 2^20"),

@@ -271,8 +271,9 @@ mod tests {
         .unwrap();
         let model = Model::new(crate::gguf::read(&gguf).unwrap()).unwrap();
         let cache = KvCache::new(&shape, text.len()).unwrap();
+        let team = crate::team::Team::new(2).unwrap();
         for (position, token) in text.iter().enumerate() {
-            let logits = model.forward(Some(*token), position, &cache).unwrap();
+            let logits = model.forward(&team, Some(*token), position, &cache).unwrap();
             let worst = logits.iter().zip(&trained[position]).map(|(a, b)| (a - b).abs()).fold(0.0_f32, f32::max);
             assert!(worst < 0.05, "position {position}: logits differ by {worst}");
         }

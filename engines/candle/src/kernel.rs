@@ -1,0 +1,503 @@
+//! The quantized matrix-vector product of decoding, the one place the time goes.
+//!
+//! candle's own Q8_0 and Q4_0 kernels use AVX2 only when the whole program is compiled for it
+//! (`-C target-cpu=native`); a default build gets their scalar loops, about ten times slower. These
+//! kernels pick AVX2 (and AVX-512 VNNI's one-instruction dot products) at run time instead, so a
+//! portable binary runs at full speed, and fall back to plain Rust elsewhere.
+//!
+//! The weights are repacked once at load, from GGUF blocks (an f16 scale, then 32 quants) into f32
+//! scales and quants, rows interleaved by four (see [`QMatrix`]). The vector is quantized to Q8_0 for
+//! each product (as llama.cpp does): each block is then an integer dot product of 32 pairs, scaled
+//! once. The team of threads (`team.rs`) splits the rows.
+
+use candle_core::quantized::{GgmlDType, QTensor};
+
+pub(crate) use crate::shape::BLOCK;
+
+/// How the quants of a matrix are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Format {
+    /// One signed byte per value.
+    Q8,
+    /// Two values per byte: in each block of 16 bytes, the low nibbles hold values 0..16 and the high
+    /// nibbles values 16..32, each offset by 8 (llama.cpp's Q4_0).
+    Q4,
+}
+
+impl Format {
+    /// Bytes of quants per block.
+    fn block_bytes(self) -> usize {
+        match self {
+            Self::Q8 => BLOCK,
+            Self::Q4 => BLOCK / 2,
+        }
+    }
+}
+
+/// The instructions this CPU offers the kernels, found once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Isa {
+    /// Plain Rust.
+    Portable,
+    /// AVX2 and FMA.
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    /// AVX2, FMA, and AVX-512 VNNI on 256-bit registers (`vpdpbusd`).
+    #[cfg(target_arch = "x86_64")]
+    Avx512Vnni,
+}
+
+impl Isa {
+    /// The best this CPU runs.
+    pub(crate) fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 = std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("f16c");
+            if avx2
+                && std::arch::is_x86_feature_detected!("avx512vnni")
+                && std::arch::is_x86_feature_detected!("avx512vl")
+            {
+                return Self::Avx512Vnni;
+            }
+            if avx2 {
+                return Self::Avx2;
+            }
+        }
+        Self::Portable
+    }
+
+    /// Every kernel this CPU can run, the portable one first (for tests and benchmarks).
+    #[cfg(test)]
+    pub(crate) fn available() -> Vec<Self> {
+        let mut all = vec![Self::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if matches!(Self::detect(), Self::Avx2 | Self::Avx512Vnni) {
+                all.push(Self::Avx2);
+            }
+            if Self::detect() == Self::Avx512Vnni {
+                all.push(Self::Avx512Vnni);
+            }
+        }
+        all
+    }
+}
+
+/// Rows interleaved in a [`QMatrix`], and computed together.
+pub(crate) const ROWS: usize = 4;
+
+/// A quantized matrix, repacked for the kernels: `rows` × `cols`, its rows in groups of [`ROWS`]
+/// (the last padded with zeros), each group's blocks interleaved — block 0 of its four rows, then
+/// block 1 of each, and so on — so that a group is read as one sequential stream (four rows read side
+/// by side from four places would be four streams, which the prefetchers follow badly).
+#[derive(Debug, Clone)]
+pub(crate) struct QMatrix {
+    rows: usize,
+    cols: usize,
+    format: Format,
+    /// Per group, per block, the scale of each of its rows: f16 bits, as GGUF has them (f32 would
+    /// add a tenth to the bytes a Q4_0 product reads, and reading is what takes the time).
+    scales: Vec<u16>,
+    /// Per group, per block, the quants of each of its rows (`format.block_bytes()` each).
+    quants: Vec<u8>,
+    isa: Isa,
+}
+
+impl QMatrix {
+    /// Repacks GGUF tensors of shapes `[rows_i, cols]` (all Q8_0 or all Q4_0) as one matrix, their
+    /// rows one after the other: stacked projections of the same vector take one product.
+    pub(crate) fn from_qtensors(parts: &[&QTensor], isa: Isa) -> candle_core::Result<Self> {
+        let first = parts.first().ok_or_else(|| candle_core::Error::Msg("no matrix".to_owned()))?;
+        let format = match first.dtype() {
+            GgmlDType::Q8_0 => Format::Q8,
+            GgmlDType::Q4_0 => Format::Q4,
+            other => candle_core::bail!("{other:?} matrices are not supported (Q8_0, Q4_0)"),
+        };
+        let cols = first.shape().dims2()?.1;
+        if !cols.is_multiple_of(BLOCK) {
+            candle_core::bail!("{cols} columns: not a multiple of the {BLOCK}-value block");
+        }
+        let mut rows = 0;
+        for part in parts {
+            if part.dtype() != first.dtype() || part.shape().dims2()?.1 != cols {
+                candle_core::bail!("stacked matrices differ in width or format");
+            }
+            rows += part.shape().dims2()?.0;
+        }
+        let (per_row, block_bytes) = (cols / BLOCK, format.block_bytes());
+        let padded = rows.next_multiple_of(ROWS);
+        let mut scales = vec![0; padded * per_row];
+        let mut quants = vec![0; padded * per_row * block_bytes];
+        // Signed Q8 quants become unsigned (+128) where the kernel multiplies unsigned by signed bytes.
+        let flip = if bias(isa, format) == 128 { 0x80 } else { 0 };
+        // In GGUF, a block is its f16 scale, then its quants.
+        let stride = 2 + block_bytes;
+        let mut row = 0;
+        for part in parts {
+            let data = part.data()?;
+            if data.len() != part.shape().dims2()?.0 * per_row * stride {
+                candle_core::bail!(
+                    "{} bytes for {} rows of {per_row} blocks of {stride}",
+                    data.len(),
+                    part.shape().dims2()?.0
+                );
+            }
+            for row_data in data.chunks_exact(per_row * stride) {
+                let (group, lane) = (row / ROWS, row % ROWS);
+                for (block, data) in row_data.chunks_exact(stride).enumerate() {
+                    let at = (group * per_row + block) * ROWS + lane;
+                    scales[at] = u16::from_le_bytes([data[0], data[1]]);
+                    for (quant, stored) in data[2..].iter().zip(&mut quants[at * block_bytes..(at + 1) * block_bytes]) {
+                        *stored = quant ^ flip;
+                    }
+                }
+                row += 1;
+            }
+        }
+        Ok(Self { rows, cols, format, scales, quants, isa })
+    }
+
+    /// Rows of the matrix.
+    pub(crate) fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// `out = self · x`.
+    #[cfg(test)]
+    pub(crate) fn matvec(&self, x: &[f32], out: &mut [f32]) {
+        self.matvec_rows(x, 0, out);
+    }
+
+    /// Rows `first..first + out.len()` of `self · x`; `first` starts a group of [`ROWS`].
+    pub(crate) fn matvec_rows(&self, x: &[f32], first: usize, out: &mut [f32]) {
+        assert_eq!(x.len(), self.cols, "a vector of {} values for {} columns", x.len(), self.cols);
+        assert!(first.is_multiple_of(ROWS) && first + out.len() <= self.rows, "rows {first}.. of {}", self.rows);
+        if out.is_empty() {
+            return;
+        }
+        let vector = Quantized::new(x, bias(self.isa, self.format));
+        let per_group = self.cols / BLOCK * ROWS;
+        let groups = first / ROWS..(first + out.len()).div_ceil(ROWS);
+        let scales = &self.scales[groups.start * per_group..groups.end * per_group];
+        let block_bytes = self.format.block_bytes();
+        let quants = &self.quants[groups.start * per_group * block_bytes..groups.end * per_group * block_bytes];
+        rows_dot(self.isa, self.format, scales, quants, &vector, out);
+    }
+}
+
+/// A vector quantized to Q8_0 for one product: a scale and 32 signed bytes per block, and for each
+/// block the sums of its values in groups of 4 (the 8 lanes of a SIMD dot product), which turn a
+/// product with unsigned quants back into the signed one.
+pub(crate) struct Quantized {
+    scales: Vec<f32>,
+    quants: Vec<i8>,
+    /// Per block, 8 lanes: the sum of values 4l..4l+4, times minus the bias of the weights' unsigned
+    /// quants (8 for Q4; 128 for Q8 stored unsigned).
+    corrections: Vec<i32>,
+}
+
+impl Quantized {
+    pub(crate) fn new(x: &[f32], bias: i32) -> Self {
+        let mut scales = Vec::with_capacity(x.len() / BLOCK);
+        let mut quants = Vec::with_capacity(x.len());
+        for block in x.chunks_exact(BLOCK) {
+            let largest = block.iter().fold(0.0_f32, |largest, value| largest.max(value.abs()));
+            let scale = largest / 127.0;
+            let inverse = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+            scales.push(scale);
+            // Rounded half away from zero, as `round` does, but by a truncating conversion: `round` is a
+            // library call on CPUs without SSE4.1's rounding instruction (the default target).
+            #[expect(clippy::cast_possible_truncation, reason = "rounded into -127..=127 by construction")]
+            quants.extend(block.iter().map(|value| {
+                let scaled = value * inverse;
+                (scaled + 0.5_f32.copysign(scaled)) as i8
+            }));
+        }
+        let corrections = quants
+            .chunks_exact(4)
+            .map(|lane| -bias * lane.iter().map(|value| i32::from(*value)).sum::<i32>())
+            .collect();
+        Self { scales, quants, corrections }
+    }
+}
+
+/// Each of `out`'s rows: the dot product of that row of blocks (`scales`, `quants`) with `vector`.
+#[allow(unsafe_code, reason = "calls the SIMD kernels for the instructions found on this CPU")]
+fn rows_dot(isa: Isa, format: Format, scales: &[u16], quants: &[u8], vector: &Quantized, out: &mut [f32]) {
+    let per_row = vector.scales.len();
+    // The lengths every kernel relies on (the SIMD ones read whole blocks through pointers): whole
+    // groups of rows, the last perhaps partly in `out`.
+    assert_eq!(scales.len(), out.len().div_ceil(ROWS) * ROWS * per_row);
+    assert_eq!(quants.len(), scales.len() * format.block_bytes());
+    assert_eq!((vector.quants.len(), vector.corrections.len()), (per_row * BLOCK, per_row * 8));
+    match isa {
+        Isa::Portable => portable::rows_dot(format, scales, quants, vector, out),
+        // SAFETY: the matrix was built for an `Isa` that `Isa::detect` found on this CPU, and the
+        // lengths are checked above.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe {
+            match format {
+                Format::Q8 => x86::rows_q8_avx2(scales, quants, vector, out),
+                Format::Q4 => x86::rows_q4_avx2(scales, quants, vector, out),
+            }
+        },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni => unsafe {
+            match format {
+                Format::Q8 => x86::rows_q8_vnni(scales, quants, vector, out),
+                Format::Q4 => x86::rows_q4_vnni(scales, quants, vector, out),
+            }
+        },
+    }
+}
+
+/// The bias of a matrix's stored quants: they are signed bytes minus it, as unsigned bytes. Q4's
+/// nibbles are stored as they come (values + 8); Q8 quants are stored + 128 for VNNI, whose dot product
+/// multiplies unsigned bytes by signed ones.
+fn bias(isa: Isa, format: Format) -> i32 {
+    match (format, isa) {
+        (Format::Q4, _) => 8,
+        #[cfg(target_arch = "x86_64")]
+        (Format::Q8, Isa::Avx512Vnni) => 128,
+        (Format::Q8, _) => 0,
+    }
+}
+
+mod portable {
+    use super::{BLOCK, Format, Quantized, ROWS};
+
+    pub(super) fn rows_dot(format: Format, scales: &[u16], quants: &[u8], vector: &Quantized, out: &mut [f32]) {
+        let per_row = vector.scales.len();
+        let block_bytes = format.block_bytes();
+        for (row, out) in out.iter_mut().enumerate() {
+            let (group, lane) = (row / ROWS, row % ROWS);
+            let mut sum = 0.0_f32;
+            for block in 0..per_row {
+                let at = (group * per_row + block) * ROWS + lane;
+                let weights = &quants[at * block_bytes..(at + 1) * block_bytes];
+                let values = &vector.quants[block * BLOCK..(block + 1) * BLOCK];
+                #[expect(clippy::cast_possible_wrap, reason = "Q8 quants are signed bytes")]
+                let dot: i32 = match format {
+                    Format::Q8 => weights.iter().zip(values).map(|(w, v)| i32::from(*w as i8) * i32::from(*v)).sum(),
+                    Format::Q4 => weights
+                        .iter()
+                        .enumerate()
+                        .map(|(j, w)| {
+                            (i32::from(w & 0x0F) - 8) * i32::from(values[j])
+                                + (i32::from(w >> 4) - 8) * i32::from(values[j + BLOCK / 2])
+                        })
+                        .sum(),
+                };
+                #[expect(clippy::cast_precision_loss, reason = "at most 32 × 127 × 128: exact in f32")]
+                let dot = dot as f32;
+                sum += dot * half::f16::from_bits(scales[at]).to_f32() * vector.scales[block];
+            }
+            *out = sum;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code, reason = "SIMD loads and functions compiled for instructions found at run time")]
+mod x86 {
+    //! Each kernel is `unsafe` to call: the CPU must have its features (`Isa::detect` found them), and
+    //! `rows_dot`'s checked lengths must hold (`scales`: a row of blocks per output, `quants`: theirs,
+    //! the vector: a row's worth). Every load then reads whole blocks inside those slices.
+    //!
+    //! Four rows go at once: the vector's block is loaded once for them, and their four sums are
+    //! independent chains the CPU overlaps. A block's integer dot product lands in 8 lanes of 4
+    //! products; its two scales multiply it once, into a float accumulator per row.
+
+    use std::arch::x86_64::{
+        __m256, __m256i, _MM_HINT_T0, _mm_add_ps, _mm_add_ss, _mm_cvtph_ps, _mm_cvtss_f32, _mm_loadl_epi64,
+        _mm_loadu_si128, _mm_movehdup_ps, _mm_movehl_ps, _mm_mul_ps, _mm_prefetch, _mm_set1_ps, _mm_srli_epi16,
+        _mm256_add_epi32, _mm256_and_si256, _mm256_castps128_ps256, _mm256_castps256_ps128, _mm256_castsi128_si256,
+        _mm256_cvtepi32_ps, _mm256_dpbusd_epi32, _mm256_extractf128_ps, _mm256_fmadd_ps, _mm256_insertf128_si256,
+        _mm256_loadu_si256, _mm256_madd_epi16, _mm256_maddubs_epi16, _mm256_permutevar8x32_ps, _mm256_set1_epi8,
+        _mm256_set1_epi16, _mm256_set1_epi32, _mm256_setzero_ps, _mm256_sign_epi8,
+    };
+
+    use super::{BLOCK, Quantized, ROWS};
+
+    /// How far ahead the kernels prefetch, in blocks.
+    const PREFETCH: usize = 32;
+
+    /// The sum of the 8 lanes.
+    #[target_feature(enable = "avx2")]
+    fn sum_lanes(x: __m256) -> f32 {
+        let high = _mm256_extractf128_ps::<1>(x);
+        let sum = _mm_add_ps(high, _mm256_castps256_ps128(x));
+        let sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
+        _mm_cvtss_f32(_mm_add_ss(sum, _mm_movehdup_ps(sum)))
+    }
+
+    /// 32 bytes at `at`.
+    #[target_feature(enable = "avx2")]
+    unsafe fn load(at: *const u8) -> __m256i {
+        // SAFETY: the caller passes 32 readable bytes.
+        unsafe { _mm256_loadu_si256(at.cast()) }
+    }
+
+    /// A Q4 block (16 bytes at `at`) as 32 unsigned bytes 0..=15, in value order.
+    #[target_feature(enable = "avx2")]
+    unsafe fn nibbles(at: *const u8) -> __m256i {
+        // SAFETY: the caller passes 16 readable bytes.
+        let packed = unsafe { _mm_loadu_si128(at.cast()) };
+        let both = _mm256_insertf128_si256::<1>(_mm256_castsi128_si256(packed), _mm_srli_epi16::<4>(packed));
+        _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
+    }
+
+    /// Signed Q8 weights by signed values, without VNNI: `maddubs` takes unsigned bytes, so the signs
+    /// move onto the values (products of -127..=127 do not saturate its 16-bit pairs).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_q8_avx2(at: *const u8, values: __m256i, _correction: __m256i) -> __m256i {
+        // SAFETY: forwarded from the caller.
+        let weights = unsafe { load(at) };
+        let magnitudes = _mm256_sign_epi8(weights, weights);
+        let pairs = _mm256_maddubs_epi16(magnitudes, _mm256_sign_epi8(values, weights));
+        _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
+    }
+
+    /// Q4 nibbles (unsigned, 0..=15) by signed values, then the correction for their bias of 8.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot_q4_avx2(at: *const u8, values: __m256i, correction: __m256i) -> __m256i {
+        // SAFETY: forwarded from the caller.
+        let weights = unsafe { nibbles(at) };
+        let pairs = _mm256_maddubs_epi16(weights, values);
+        _mm256_add_epi32(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)), correction)
+    }
+
+    /// Q8 weights stored unsigned (+128) by signed values in one instruction, starting from the
+    /// correction for their bias.
+    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+    unsafe fn dot_q8_vnni(at: *const u8, values: __m256i, correction: __m256i) -> __m256i {
+        // SAFETY: forwarded from the caller.
+        _mm256_dpbusd_epi32(correction, unsafe { load(at) }, values)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+    unsafe fn dot_q4_vnni(at: *const u8, values: __m256i, correction: __m256i) -> __m256i {
+        // SAFETY: forwarded from the caller.
+        _mm256_dpbusd_epi32(correction, unsafe { nibbles(at) }, values)
+    }
+
+    macro_rules! rows_kernel {
+        ($name:ident, $features:literal, $dot:ident, $block_bytes:expr) => {
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn $name(scales: &[u16], quants: &[u8], vector: &Quantized, out: &mut [f32]) {
+                let per_row = vector.scales.len();
+                let (values, corrections) =
+                    (vector.quants.as_ptr().cast::<u8>(), vector.corrections.as_ptr().cast::<u8>());
+                // Lane r of a vector of scales, broadcast.
+                let lanes: [__m256i; ROWS] =
+                    [_mm256_set1_epi32(0), _mm256_set1_epi32(1), _mm256_set1_epi32(2), _mm256_set1_epi32(3)];
+                for (group, out) in out.chunks_mut(ROWS).enumerate() {
+                    let scales = &scales[group * per_row * ROWS..(group + 1) * per_row * ROWS];
+                    let quants = quants[group * per_row * ROWS * $block_bytes..].as_ptr();
+                    let mut sums = [_mm256_setzero_ps(); ROWS];
+                    for block in 0..per_row {
+                        // SAFETY: block < per_row, and the vector holds per_row blocks and corrections.
+                        let (value, correction) =
+                            unsafe { (load(values.add(block * BLOCK)), load(corrections.add(block * 32))) };
+                        // The four rows' scales (f16 → f32 in one instruction), times the vector's.
+                        // SAFETY: the group holds per_row × ROWS scales.
+                        let row_scales = unsafe { _mm_loadl_epi64(scales.as_ptr().add(block * ROWS).cast()) };
+                        let row_scales = _mm_mul_ps(_mm_cvtph_ps(row_scales), _mm_set1_ps(vector.scales[block]));
+                        let row_scales = _mm256_castps128_ps256(row_scales);
+                        // The stream a few blocks ahead, asked for now: one core keeps too few misses in
+                        // flight for the hardware prefetcher alone. (A hint: it never faults, even past
+                        // the end, hence the wrapping address.)
+                        _mm_prefetch::<_MM_HINT_T0>(
+                            quants.wrapping_add((block * ROWS + PREFETCH) * $block_bytes).cast::<i8>(),
+                        );
+                        for (lane, sum) in sums.iter_mut().enumerate() {
+                            let at = block * ROWS + lane;
+                            // SAFETY: the group holds per_row × ROWS blocks (the caller checked the lengths).
+                            let dot = unsafe { $dot(quants.add(at * $block_bytes), value, correction) };
+                            let scale = _mm256_permutevar8x32_ps(row_scales, lanes[lane]);
+                            *sum = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot), *sum);
+                        }
+                    }
+                    for (out, sum) in out.iter_mut().zip(sums) {
+                        *out = sum_lanes(sum);
+                    }
+                }
+            }
+        };
+    }
+
+    rows_kernel!(rows_q8_avx2, "avx2,fma,f16c", dot_q8_avx2, BLOCK);
+    rows_kernel!(rows_q4_avx2, "avx2,fma,f16c", dot_q4_avx2, BLOCK / 2);
+    rows_kernel!(rows_q8_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", dot_q8_vnni, BLOCK);
+    rows_kernel!(rows_q4_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", dot_q4_vnni, BLOCK / 2);
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "a panic is a test failure with its message")]
+
+    use candle_core::{Device, Tensor};
+
+    use super::*;
+
+    fn matrix(rows: usize, cols: usize, dtype: GgmlDType, isa: Isa) -> (QMatrix, Tensor) {
+        #[expect(clippy::cast_precision_loss, reason = "test values")]
+        let values: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.3).collect();
+        let dense = Tensor::from_vec(values, (rows, cols), &Device::Cpu).unwrap();
+        let quantized = QTensor::quantize(&dense, dtype).unwrap();
+        (QMatrix::from_qtensors(&[&quantized], isa).unwrap(), quantized.dequantize(&Device::Cpu).unwrap())
+    }
+
+    /// Every kernel this CPU runs gives the dequantized weights' product, up to the vector's Q8_0
+    /// rounding, on an odd number of rows (a padded group) and of blocks.
+    #[test]
+    fn every_kernel_matches_the_dequantized_product() {
+        let (rows, cols) = (67, 160);
+        #[expect(clippy::cast_precision_loss, reason = "test values")]
+        let x: Vec<f32> = (0..cols).map(|i| ((i * 31 % 17) as f32 - 8.0) / 4.0).collect();
+        for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_0] {
+            let mut results = Vec::new();
+            for isa in Isa::available() {
+                let (matrix, dense) = matrix(rows, cols, dtype, isa);
+                let expected = dense.matmul(&Tensor::from_vec(x.clone(), (cols, 1), &Device::Cpu).unwrap()).unwrap();
+                let expected = expected.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let mut out = vec![0.0; rows];
+                matrix.matvec(&x, &mut out);
+                for (row, (got, want)) in out.iter().zip(&expected).enumerate() {
+                    assert!(
+                        (got - want).abs() < 0.02 * (1.0 + want.abs()),
+                        "{dtype:?} {isa:?} row {row}: {got} vs {want}"
+                    );
+                }
+                results.push(out);
+            }
+            // The SIMD kernels add in another order than the portable one: equal to f32 rounding.
+            for other in &results[1..] {
+                for (a, b) in results[0].iter().zip(other) {
+                    assert!((a - b).abs() <= 1e-4 * (1.0 + a.abs()), "{dtype:?}: {a} vs {b}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn stacked_matrices_give_their_products_one_after_the_other() {
+        let isa = Isa::detect();
+        let part = |rows: usize, cols: usize| {
+            #[expect(clippy::cast_precision_loss, reason = "test values")]
+            let values: Vec<f32> = (0..rows * cols).map(|i| (i % 13) as f32 / 13.0 - 0.4).collect();
+            QTensor::quantize(&Tensor::from_vec(values, (rows, cols), &Device::Cpu).unwrap(), GgmlDType::Q8_0).unwrap()
+        };
+        let (a, b) = (part(7, 64), part(22, 64));
+        let stacked = QMatrix::from_qtensors(&[&a, &b], isa).unwrap();
+        let x: Vec<f32> = (0..64_u8).map(|i| f32::from(i) / 64.0).collect();
+        let (mut top, mut bottom, mut both) = (vec![0.0; 7], vec![0.0; 22], vec![0.0; 29]);
+        QMatrix::from_qtensors(&[&a], isa).unwrap().matvec(&x, &mut top);
+        QMatrix::from_qtensors(&[&b], isa).unwrap().matvec(&x, &mut bottom);
+        stacked.matvec(&x, &mut both);
+        assert_eq!(both, [top, bottom].concat());
+        assert!(QMatrix::from_qtensors(&[&a, &part(8, 96)], isa).is_err());
+    }
+}
