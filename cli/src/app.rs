@@ -80,7 +80,7 @@ impl Catalog {
             engine: usine_engine_candle::NAME,
             name: candle::MODEL,
             profile: usine_engine_candle::PROFILE,
-            about: "the project's own byte-level llama, about 1M parameters, trained by `cargo xtask train` on its docs",
+            about: "the project's own byte-level llama, about 1M parameters, trained on its docs and The Rust Programming Language (notice: usine --version)",
         });
         Self { models }
     }
@@ -158,15 +158,18 @@ impl App {
         kernel.register_engine(Arc::new(usine_engine_transformers::transformers(sim, threads(loaded))?));
         kernel.register_engine(Arc::new(ZeroEngine::with_plan(ZERO_PLAN)));
         #[cfg(feature = "candle")]
-        kernel.register_engine(Arc::new(usine_engine_candle::CandleEngine::with_threads(
-            loaded.config.threads.unwrap_or(usine_engine_candle::DEFAULT_THREADS),
-        )?));
+        kernel.register_engine(Arc::new(
+            usine_engine_candle::CandleEngine::with_threads(
+                loaded.config.threads.unwrap_or(usine_engine_candle::DEFAULT_THREADS),
+            )?
+            .with_builtin(candle::MODEL, candle::WEIGHTS),
+        ));
         let catalog = Catalog::standard();
         for model in &catalog.models {
             let mut spec = ModelSpec::new(&model.id, model.engine, model.profile);
             #[cfg(feature = "candle")]
             if model.engine == usine_engine_candle::NAME {
-                spec.options = candle::options(&storage)?;
+                spec.options = candle::options();
             }
             kernel.register_model(spec);
         }
@@ -180,39 +183,23 @@ impl App {
     }
 }
 
-/// The candle engine's model: its weights ship in the binary and are written once into the cache folder,
-/// where the engine's compile reads them.
+/// The candle engine's model: its weights ship in the binary, and the engine compiles them from memory.
 #[cfg(feature = "candle")]
 mod candle {
     use std::collections::BTreeMap;
 
-    use anyhow::Context as _;
-    use usine_storage::StorageManager;
-
     /// The model's name.
     pub(crate) const MODEL: &str = "tiny-llama";
     /// Its weights, trained by `cargo xtask train`.
-    const WEIGHTS: &[u8] = include_bytes!("../../engines/candle/weights/tiny-llama.safetensors");
+    pub(crate) const WEIGHTS: &[u8] = include_bytes!("../../engines/candle/weights/tiny-llama.safetensors");
 
-    /// The spec options: the weights' file (written if absent, crash-safe) and their digest, which keys
-    /// the compiled graph by the weights' content.
-    pub(crate) fn options(storage: &StorageManager) -> anyhow::Result<BTreeMap<String, String>> {
-        let digest = blake3::hash(WEIGHTS).to_hex().to_string();
-        let dir = storage.root().join("sources");
-        let path = dir.join(format!("{MODEL}-{}.safetensors", &digest[..16]));
-        // Written when absent or damaged (a 4 MB hash takes milliseconds).
-        let intact = std::fs::read(&path).is_ok_and(|bytes| blake3::hash(&bytes).to_hex().as_str() == digest);
-        if !intact {
-            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-            let mut file = tempfile::NamedTempFile::new_in(&dir)?;
-            std::io::Write::write_all(&mut file, WEIGHTS)?;
-            file.as_file().sync_all()?;
-            file.persist(&path).with_context(|| format!("writing {}", path.display()))?;
-        }
-        Ok(BTreeMap::from([
-            (usine_engine_candle::WEIGHTS_OPTION.to_owned(), path.display().to_string()),
-            (usine_engine_candle::WEIGHTS_DIGEST_OPTION.to_owned(), digest),
-        ]))
+    /// The spec options: the built-in weights, and their digest, which keys the compiled graph by the
+    /// weights' content (hashing 4 MB takes about a millisecond).
+    pub(crate) fn options() -> BTreeMap<String, String> {
+        BTreeMap::from([
+            (usine_engine_candle::WEIGHTS_OPTION.to_owned(), format!("{}{MODEL}", usine_engine_candle::BUILTIN_PREFIX)),
+            (usine_engine_candle::WEIGHTS_DIGEST_OPTION.to_owned(), blake3::hash(WEIGHTS).to_hex().to_string()),
+        ])
     }
 }
 

@@ -30,9 +30,19 @@ use std::process::ExitCode;
 
 use clap::{Args, CommandFactory, Parser, Subcommand};
 
+/// `usine --version`: the version, and the notice of the model built into the binary.
+#[cfg(feature = "candle")]
+const LONG_VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    "\n\nThe candle engine's built-in model, candle/tiny-llama:\n",
+    include_str!("../../engines/candle/weights/NOTICE")
+);
+#[cfg(not(feature = "candle"))]
+const LONG_VERSION: &str = env!("CARGO_PKG_VERSION");
+
 /// usine: the runtime kernel for LLM inference, from the command line.
 #[derive(Debug, Parser)]
-#[command(name = "usine", version, about, propagate_version = true)]
+#[command(name = "usine", version, long_version = LONG_VERSION, about, propagate_version = true)]
 #[command(
     after_help = "Examples:\n  usine run \"Bonjour\"\n  usine bench warm --json\n  usine cache ls\n  usine doctor"
 )]

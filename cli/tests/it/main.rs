@@ -331,6 +331,15 @@ fn the_candle_engine_answers_with_its_own_model_and_loads_it_from_the_cache_afte
         usine(dir.path()).args(["run", "--engine", "candle", "--max-tokens", "16", "The kernel"]).output().unwrap();
     assert!(stderr(&second).contains("loaded from the compiled-graph cache"), "{}", stderr(&second));
     assert_eq!(stdout(&second), stdout(&first), "same seed, same answer");
-    let sources = std::fs::read_dir(dir.path().join("cache").join("sources")).unwrap().count();
-    assert_eq!(sources, 1, "the weights were written once into the cache folder");
+    assert!(!dir.path().join("cache").join("sources").exists(), "the built-in weights are compiled from memory");
+}
+
+#[test]
+fn the_version_carries_the_notice_of_the_built_in_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = usine(dir.path()).arg("--version").output().unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    let text = stdout(&output);
+    assert!(text.starts_with(&format!("usine {}", env!("CARGO_PKG_VERSION"))), "{text}");
+    assert!(text.contains("The Rust Programming Language") && text.contains("MIT license"), "{text}");
 }

@@ -43,6 +43,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     #[expect(clippy::cast_precision_loss, reason = "a mean for people")]
     let held_out_loss = total / windows.len().max(1) as f32;
     eprintln!("train: held-out loss {held_out_loss:.3} nats/byte over {} windows", windows.len());
+    for prompt in ["The kernel", "Rust is", "When we"] {
+        let tokens: Vec<u32> = prompt.bytes().map(u32::from).collect();
+        let sample: Vec<u8> = trainer
+            .continue_greedily(&tokens, 120)?
+            .into_iter()
+            .map(|token| u8::try_from(token).unwrap_or(b'|'))
+            .collect();
+        eprintln!("train: {prompt}{}", String::from_utf8_lossy(&sample).replace('\n', " / "));
+    }
     std::fs::write(&out, trainer.to_safetensors()?)?;
     eprintln!("train: wrote {}", out.display());
     Ok(())

@@ -173,12 +173,16 @@ fn type_empty_array_as_strings(bytes: &mut [u8], key: &str) -> Result<(), Engine
     pattern.extend_from_slice(&ARRAY.to_le_bytes());
     pattern.extend_from_slice(&U32.to_le_bytes());
     pattern.extend_from_slice(&0_u64.to_le_bytes());
-    let at = bytes
-        .windows(pattern.len())
-        .position(|window| window == pattern.as_slice())
-        .ok_or_else(|| EngineError::Fatal { message: format!("writing GGUF: no empty array `{key}`") })?;
-    let element_type = at + 8 + key.len() + 4;
-    bytes[element_type..element_type + 4].copy_from_slice(&STRING.to_le_bytes());
+    let element_type = 8 + key.len() + 4;
+    let found = bytes.windows(pattern.len()).position(|window| {
+        // Typed u32 (candle's writer now), or already strings (a writer that knows better).
+        window[..element_type] == pattern[..element_type]
+            && (window[element_type..element_type + 4] == U32.to_le_bytes()
+                || window[element_type..element_type + 4] == STRING.to_le_bytes())
+            && window[element_type + 4..] == pattern[element_type + 4..]
+    });
+    let at = found.ok_or_else(|| EngineError::Fatal { message: format!("writing GGUF: no empty array `{key}`") })?;
+    bytes[at + element_type..at + element_type + 4].copy_from_slice(&STRING.to_le_bytes());
     Ok(())
 }
 
@@ -189,29 +193,36 @@ pub(crate) struct Graph {
 }
 
 /// Reads only the shape from GGUF `bytes` (headers, no tensor data), and the bytes its quantized
-/// matrices take once loaded: the kernels keep each block's scale as f32 (GGUF stores f16), and the
-/// embeddings are held dense instead (counted by the plan).
+/// matrices and norms take once loaded: the kernels keep each block as GGUF has it (an f16 scale and
+/// its quants), rows padded to groups; the embeddings are held dense instead (counted by the plan).
 pub(crate) fn read_plan(bytes: &[u8]) -> Result<(Shape, u64), EngineError> {
     let content = read_content(bytes)?;
     let shape = shape_of(&content)?;
-    let loaded: usize = content
-        .tensor_infos
-        .iter()
-        .filter(|(name, _)| name.as_str() != "token_embd.weight")
-        .map(|(_, info)| {
-            let values = info.shape.elem_count();
-            // The kernels pad a matrix's rows to their groups (at most, for stacked ones).
-            let padded = |bytes_per_block: usize| match info.shape.dims() {
-                [rows, cols] => rows.next_multiple_of(crate::kernel::ROWS) * (cols / BLOCK) * bytes_per_block,
-                _ => values / BLOCK * bytes_per_block,
-            };
-            match info.ggml_dtype {
-                GgmlDType::Q8_0 => padded(4 + BLOCK),
-                GgmlDType::Q4_0 => padded(4 + BLOCK / 2),
-                _ => values * 4,
-            }
-        })
-        .sum();
+    // Only the tensors the shape names, their dimensions checked against it (bounded by
+    // `Shape::check`): a damaged header must not drive this arithmetic.
+    let mut loaded = 0_usize;
+    for (name, dims) in shape.tensors() {
+        if name == "tok_embeddings.weight" {
+            continue;
+        }
+        let info = content
+            .tensor_infos
+            .get(&gguf_name(&name))
+            .ok_or_else(|| corrupt(format!("tensor `{}` missing", gguf_name(&name))))?;
+        if info.shape.dims() != dims.as_slice() {
+            return Err(corrupt(format!("`{name}` is {:?}, the shape asks for {dims:?}", info.shape.dims())));
+        }
+        // The kernels pad a matrix's rows to their groups (at most, for stacked ones).
+        let blocks = |dims: &[usize]| match dims {
+            [rows, cols] => rows.next_multiple_of(crate::kernel::ROWS) * (cols / BLOCK),
+            _ => dims.iter().product::<usize>() / BLOCK,
+        };
+        loaded += match info.ggml_dtype {
+            GgmlDType::Q8_0 => blocks(&dims) * (2 + BLOCK),
+            GgmlDType::Q4_0 => blocks(&dims) * (2 + BLOCK / 2),
+            _ => dims.iter().product::<usize>() * 4,
+        };
+    }
     Ok((shape, loaded as u64))
 }
 

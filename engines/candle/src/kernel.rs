@@ -5,7 +5,7 @@
 //! kernels pick AVX2 (and AVX-512 VNNI's one-instruction dot products) at run time instead, so a
 //! portable binary runs at full speed, and fall back to plain Rust elsewhere.
 //!
-//! The weights are repacked once at load, from GGUF blocks (an f16 scale, then 32 quants) into f32
+//! The weights are repacked once at load, from GGUF blocks (an f16 scale, then 32 quants) into f16
 //! scales and quants, rows interleaved by four (see [`QMatrix`]). The vector is quantized to Q8_0 for
 //! each product (as llama.cpp does): each block is then an integer dot product of 32 pairs, scaled
 //! once. The team of threads (`team.rs`) splits the rows.
@@ -39,10 +39,10 @@ impl Format {
 pub(crate) enum Isa {
     /// Plain Rust.
     Portable,
-    /// AVX2 and FMA.
+    /// AVX2, FMA and F16C.
     #[cfg(target_arch = "x86_64")]
     Avx2,
-    /// AVX2, FMA, and AVX-512 VNNI on 256-bit registers (`vpdpbusd`).
+    /// AVX2, FMA, F16C, and AVX-512 VNNI on 256-bit registers (`vpdpbusd`).
     #[cfg(target_arch = "x86_64")]
     Avx512Vnni,
 }
@@ -66,6 +66,17 @@ impl Isa {
             }
         }
         Self::Portable
+    }
+
+    /// Whether this CPU runs these kernels.
+    fn runs_here(self) -> bool {
+        match self {
+            Self::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2 => matches!(Self::detect(), Self::Avx2 | Self::Avx512Vnni),
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx512Vnni => Self::detect() == Self::Avx512Vnni,
+        }
     }
 
     /// Every kernel this CPU can run, the portable one first (for tests and benchmarks).
@@ -109,6 +120,10 @@ impl QMatrix {
     /// Repacks GGUF tensors of shapes `[rows_i, cols]` (all Q8_0 or all Q4_0) as one matrix, their
     /// rows one after the other: stacked projections of the same vector take one product.
     pub(crate) fn from_qtensors(parts: &[&QTensor], isa: Isa) -> candle_core::Result<Self> {
+        // The kernels' safety rests on this: a matrix is only ever built for instructions this CPU has.
+        if !isa.runs_here() {
+            candle_core::bail!("this CPU does not run the {isa:?} kernels");
+        }
         let first = parts.first().ok_or_else(|| candle_core::Error::Msg("no matrix".to_owned()))?;
         let format = match first.dtype() {
             GgmlDType::Q8_0 => Format::Q8,
@@ -234,7 +249,7 @@ fn rows_dot(isa: Isa, format: Format, scales: &[u16], quants: &[u8], vector: &Qu
     assert_eq!((vector.quants.len(), vector.corrections.len()), (per_row * BLOCK, per_row * 8));
     match isa {
         Isa::Portable => portable::rows_dot(format, scales, quants, vector, out),
-        // SAFETY: the matrix was built for an `Isa` that `Isa::detect` found on this CPU, and the
+        // SAFETY: the matrix was built for an `Isa` this CPU runs (`from_qtensors` checks it), and the
         // lengths are checked above.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => unsafe {
@@ -302,7 +317,7 @@ mod portable {
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code, reason = "SIMD loads and functions compiled for instructions found at run time")]
 mod x86 {
-    //! Each kernel is `unsafe` to call: the CPU must have its features (`Isa::detect` found them), and
+    //! Each kernel is `unsafe` to call: the CPU must have its features (`QMatrix::from_qtensors` checks), and
     //! `rows_dot`'s checked lengths must hold (`scales`: a row of blocks per output, `quants`: theirs,
     //! the vector: a row's worth). Every load then reads whole blocks inside those slices.
     //!

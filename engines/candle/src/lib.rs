@@ -1,15 +1,19 @@
-//! A real engine behind usine's `Engine` trait: a llama-shaped decoder written on candle's tensor
-//! operations (CPU), byte-level tokens, compiled from safetensors into a GGUF file of quantized
-//! matrices (Q8_0 or Q4_0), decoded one token at a time in the trait's two stages.
+//! A real engine behind usine's `Engine` trait: a llama-shaped decoder (CPU), byte-level tokens,
+//! compiled from safetensors into a GGUF file of quantized matrices (Q8_0 or Q4_0) with candle's
+//! quantizer and GGUF writer, decoded one token at a time in the trait's two stages.
 //!
-//! - **Compile** reads the source weights (`ModelSpec::options["weights"]`, a safetensors file whose
-//!   metadata holds the shape), checks every tensor's shape, quantizes the matrices, and writes GGUF:
-//!   the compiled graph's bytes.
-//! - **Load** reads the GGUF into quantized matrices.
+//! - **Compile** reads the source weights (`ModelSpec::options["weights"]`: a safetensors file whose
+//!   metadata holds the shape, or weights built into the program), checks every tensor's shape,
+//!   quantizes the matrices, and writes GGUF: the compiled graph's bytes. The same file runs in
+//!   llama.cpp.
+//! - **Load** reads the GGUF and repacks its matrices for the engine's kernels (`kernel.rs`: AVX2 or
+//!   AVX-512 VNNI, chosen at run time).
 //! - **Prefill** allocates the sequence's kv-cache once, for the prompt and `max_tokens` (what the
 //!   executor reserves from the `kv-cache` pool), and runs the context through it.
-//! - **Prepare** (CPU stage) fixes the step's position; **compute** runs the forward pass on a blocking
-//!   thread and samples (temperature, top-p, a seed per step: resumed and pipelined runs draw alike).
+//! - **Prepare** (CPU stage) fixes the step's position; **compute** runs the forward pass on the
+//!   engine's threads (`team.rs`) from a blocking thread, and samples (temperature, top-k, top-p, a seed
+//!   per step: resumed and pipelined runs draw alike).
+//! - **Training** (feature `train`) runs the same decoder on candle's tensors with autograd.
 
 mod gguf;
 mod kernel;
@@ -37,8 +41,11 @@ use crate::team::Team;
 
 /// The engine's name, as model specs name it.
 pub const NAME: &str = "candle";
-/// The spec option naming the source weights file.
+/// The spec option naming the source weights: a safetensors file, or `builtin:NAME` for weights the
+/// program holds in memory (see [`CandleEngine::with_builtin`]).
 pub const WEIGHTS_OPTION: &str = "weights";
+/// The prefix of a [`WEIGHTS_OPTION`] that names built-in weights.
+pub const BUILTIN_PREFIX: &str = "builtin:";
 /// The spec option holding the weights' BLAKE3 digest (hex): when set, compile refuses other weights.
 pub const WEIGHTS_DIGEST_OPTION: &str = "weights_blake3";
 /// The one profile: the CPU.
@@ -49,6 +56,8 @@ pub struct CandleEngine {
     descriptor: EngineDescriptor,
     /// The threads its forward passes use.
     team: Arc<Team>,
+    /// Weights held by the program (a binary that ships its model), by name.
+    builtin: std::collections::BTreeMap<String, &'static [u8]>,
 }
 
 impl std::fmt::Debug for CandleEngine {
@@ -95,7 +104,16 @@ impl CandleEngine {
                 profiles: vec![PROFILE.into()],
             },
             team: Arc::new(team),
+            builtin: std::collections::BTreeMap::new(),
         })
+    }
+
+    /// The engine, also offering `weights` (safetensors bytes) as `builtin:NAME`: a program that
+    /// embeds its model compiles it without writing it to a file first.
+    #[must_use]
+    pub fn with_builtin(mut self, name: &str, weights: &'static [u8]) -> Self {
+        self.builtin.insert(name.to_owned(), weights);
+        self
     }
 }
 
@@ -117,7 +135,7 @@ impl Engine for CandleEngine {
     fn memory_plan(&self, graph: &CompiledGraph) -> Result<MemoryPlan, EngineError> {
         check_graph(&self.descriptor, graph)?;
         let (shape, weights_bytes) = gguf::read_plan(&graph.bytes)?;
-        Ok(shape.memory_plan(weights_bytes))
+        Ok(shape.memory_plan(weights_bytes, self.team.threads()))
     }
 
     async fn compile(&self, spec: &ModelSpec, progress: &dyn ProgressSink) -> Result<CompiledGraph, EngineError> {
@@ -130,11 +148,24 @@ impl Engine for CandleEngine {
             limit: format!("the spec option `{WEIGHTS_OPTION}`: a safetensors file"),
         })?;
         let expected_digest = spec.options.get(WEIGHTS_DIGEST_OPTION).cloned();
+        let builtin = match path.strip_prefix(BUILTIN_PREFIX) {
+            None => None,
+            Some(name) => Some(*self.builtin.get(name).ok_or_else(|| EngineError::InvalidParams {
+                name: "weights",
+                value: path.clone(),
+                limit: format!("built-in weights: {:?}", self.builtin.keys().collect::<Vec<_>>()),
+            })?),
+        };
         // The compile reports from its thread through a channel; the sink is reported to from here.
         let (sender, mut reports) = tokio::sync::mpsc::unbounded_channel::<Progress>();
         let work = blocking(move || {
-            let bytes = std::fs::read(&path)
-                .map_err(|error| EngineError::Fatal { message: format!("reading the weights {path}: {error}") })?;
+            let bytes =
+                match builtin {
+                    Some(bytes) => std::borrow::Cow::Borrowed(bytes),
+                    None => std::borrow::Cow::Owned(std::fs::read(&path).map_err(|error| EngineError::Fatal {
+                        message: format!("reading the weights {path}: {error}"),
+                    })?),
+                };
             let digest = blake3::hash(&bytes).to_hex().to_string();
             if let Some(expected) = &expected_digest
                 && *expected != digest

@@ -145,9 +145,7 @@ impl Model {
         if token >= VOCAB {
             return Err(EngineError::Fatal { message: format!("token {token} is not in the vocabulary of {VOCAB}") });
         }
-        let shape = &self.shape;
-        let width = (shape.dim + 2 * shape.kv_dim()).max(2 * shape.ffn).max(VOCAB);
-        team.run(width, |rank| self.pass(rank, token, position, cache))
+        team.run(self.shape.exchange_width(), |rank| self.pass(rank, token, position, cache))
     }
 
     /// One thread's part of a pass.

@@ -97,6 +97,25 @@ impl Trainer {
         candle_nn::loss::cross_entropy(&logits, &targets).and_then(|l| l.to_scalar::<f32>()).map_err(fatal("loss"))
     }
 
+    /// The greedy continuation of `prompt` by `count` tokens, through the training forward (f32, whole
+    /// sequences): a look at what the model has learnt, without quantization in the way.
+    pub fn continue_greedily(&self, prompt: &[u32], count: usize) -> Result<Vec<u32>, EngineError> {
+        // An empty prompt starts from the end-of-sequence token, as the engine does.
+        let mut tokens = if prompt.is_empty() { vec![END_OF_SEQUENCE] } else { prompt.to_vec() };
+        let start = tokens.len();
+        for _ in 0..count {
+            let start = tokens.len().saturating_sub(self.shape.max_context);
+            let window = &tokens[start..];
+            let input = Tensor::from_vec(window.to_vec(), (1, window.len()), &Device::Cpu).map_err(fatal("sample"))?;
+            let logits = self
+                .forward(&input)
+                .and_then(|logits| logits.squeeze(0)?.get(window.len() - 1)?.argmax(0)?.to_scalar::<u32>())
+                .map_err(fatal("sample"))?;
+            tokens.push(logits);
+        }
+        Ok(tokens[start..].to_vec())
+    }
+
     fn weight(&self, name: &str) -> candle_core::Result<&Tensor> {
         self.vars
             .iter()
@@ -252,6 +271,22 @@ mod tests {
 
     use super::*;
     use crate::model::{KvCache, Model};
+
+    /// A position's logits depend only on the tokens up to it: changing the last token changes none
+    /// of the logits before it.
+    #[test]
+    fn the_training_forward_does_not_see_ahead() {
+        let shape = Shape { dim: 64, layers: 2, heads: 4, kv_heads: 2, ffn: 192, max_context: 64 };
+        let trainer = Trainer::new(shape, 5).unwrap();
+        let logits = |text: &str| {
+            let tokens: Vec<u32> = text.bytes().map(u32::from).collect();
+            let batch = Tensor::from_vec(tokens.clone(), (1, tokens.len()), &Device::Cpu).unwrap();
+            trainer.forward(&batch).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap()
+        };
+        let (a, b) = (logits("The kernel keeps"), logits("The kernel keepX"));
+        assert_eq!(a[..15], b[..15]);
+        assert_ne!(a[15], b[15]);
+    }
 
     /// The training forward (whole sequences, masked) and the engine's (a token at a time, a kv-cache)
     /// compute the same function: same logits at every position, up to Q8_0's rounding.

@@ -7,7 +7,7 @@
 )]
 
 use usine_engine::{Engine, GenerationParams, ModelSpec, NoProgress, generate};
-use usine_engine_candle::{CandleEngine, NAME, PROFILE, Shape, WEIGHTS_OPTION, random_weights};
+use usine_engine_candle::{BUILTIN_PREFIX, CandleEngine, NAME, PROFILE, Shape, WEIGHTS_OPTION, random_weights};
 
 const SHAPE: Shape = Shape { dim: 64, layers: 2, heads: 4, kv_heads: 2, ffn: 192, max_context: 256 };
 
@@ -86,4 +86,40 @@ async fn a_resume_of_an_empty_prompt_goes_on_as_an_unbroken_run() {
         previous = Some(token.id);
     }
     assert_eq!(resumed, unbroken[6..]);
+}
+
+/// Weights held in memory compile as the same file would, under `builtin:NAME`; an unknown name is a
+/// typed error that lists the known ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn built_in_weights_compile_from_memory_as_from_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let weights: &'static [u8] = Box::leak(random_weights(&SHAPE, 7).unwrap().into_boxed_slice());
+    let engine = CandleEngine::new().with_builtin("random", weights);
+    let from_file = engine.compile(&spec(&dir, "q8_0"), &NoProgress).await.unwrap();
+    let mut builtin = spec(&dir, "q8_0");
+    builtin.options.insert(WEIGHTS_OPTION.into(), format!("{BUILTIN_PREFIX}random"));
+    assert_eq!(engine.compile(&builtin, &NoProgress).await.unwrap().bytes, from_file.bytes);
+    builtin.options.insert(WEIGHTS_OPTION.into(), format!("{BUILTIN_PREFIX}other"));
+    let error = engine.compile(&builtin, &NoProgress).await.unwrap_err().to_string();
+    assert!(error.contains("builtin:other") && error.contains("\"random\""), "{error}");
+}
+
+/// The threads of a pass split the rows and the heads without changing a bit of the result: one, two
+/// and three threads (one more than the key-value heads, so a thread has none) sample the same tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_number_of_threads_gives_the_same_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let params = GenerationParams { max_tokens: 24, temperature: 0.8, seed: 3, ..Default::default() };
+    let mut answers = Vec::new();
+    for threads in [1, 2, 3] {
+        let engine = CandleEngine::with_threads(threads).unwrap();
+        for quantization in ["q8_0", "q4_0"] {
+            let model = engine.load(&engine.compile(&spec(&dir, quantization), &NoProgress).await.unwrap()).await;
+            answers.push((quantization, generate(model.unwrap().as_ref(), "Hello", &params).await.unwrap().tokens));
+        }
+    }
+    for (quantization, tokens) in &answers[2..] {
+        let first = &answers.iter().find(|(name, _)| name == quantization).unwrap().1;
+        assert_eq!(tokens, first, "{quantization}");
+    }
 }
