@@ -160,7 +160,7 @@ impl App {
         #[cfg(feature = "candle")]
         kernel.register_engine(Arc::new(
             usine_engine_candle::CandleEngine::with_threads(
-                loaded.config.threads.unwrap_or(usine_engine_candle::DEFAULT_THREADS),
+                loaded.config.threads.unwrap_or_else(usine_engine_candle::default_threads),
             )?
             .with_builtin(candle::MODEL, candle::WEIGHTS),
         ));

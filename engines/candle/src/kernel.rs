@@ -326,7 +326,7 @@ mod x86 {
     //! products; its two scales multiply it once, into a float accumulator per row.
 
     use std::arch::x86_64::{
-        __m256, __m256i, _MM_HINT_T0, _mm_add_ps, _mm_add_ss, _mm_cvtph_ps, _mm_cvtss_f32, _mm_loadl_epi64,
+        __m256, __m256i, _MM_HINT_T1, _mm_add_ps, _mm_add_ss, _mm_cvtph_ps, _mm_cvtss_f32, _mm_loadl_epi64,
         _mm_loadu_si128, _mm_movehdup_ps, _mm_movehl_ps, _mm_mul_ps, _mm_prefetch, _mm_set1_ps, _mm_srli_epi16,
         _mm256_add_epi32, _mm256_and_si256, _mm256_castps128_ps256, _mm256_castps256_ps128, _mm256_castsi128_si256,
         _mm256_cvtepi32_ps, _mm256_dpbusd_epi32, _mm256_extractf128_ps, _mm256_fmadd_ps, _mm256_insertf128_si256,
@@ -336,8 +336,9 @@ mod x86 {
 
     use super::{BLOCK, Quantized, ROWS};
 
-    /// How far ahead the kernels prefetch, in blocks.
-    const PREFETCH: usize = 32;
+    /// How far ahead the kernels prefetch, in blocks: 1 to 2 KB, into L2 (into L1, or 32 blocks ahead,
+    /// measured slower at 58 M parameters).
+    const PREFETCH: usize = 64;
 
     /// The sum of the 8 lanes.
     #[target_feature(enable = "avx2")]
@@ -424,7 +425,7 @@ mod x86 {
                         // The stream a few blocks ahead, asked for now: one core keeps too few misses in
                         // flight for the hardware prefetcher alone. (A hint: it never faults, even past
                         // the end, hence the wrapping address.)
-                        _mm_prefetch::<_MM_HINT_T0>(
+                        _mm_prefetch::<_MM_HINT_T1>(
                             quants.wrapping_add((block * ROWS + PREFETCH) * $block_bytes).cast::<i8>(),
                         );
                         for (lane, sum) in sums.iter_mut().enumerate() {
