@@ -10,6 +10,9 @@
 //! each product (as llama.cpp does): each block is then an integer dot product of 32 pairs, scaled
 //! once. The team of threads (`team.rs`) splits the rows.
 
+use std::ops::Range;
+use std::sync::Arc;
+
 use candle_core::quantized::{GgmlDType, QTensor};
 
 pub(crate) use crate::shape::BLOCK;
@@ -112,7 +115,7 @@ pub(crate) struct QMatrix {
     /// add a tenth to the bytes a Q4_0 product reads, and reading is what takes the time).
     scales: Vec<u16>,
     /// Per group, per block, the quants of each of its rows (`format.block_bytes()` each).
-    quants: Vec<u8>,
+    quants: Quants,
     isa: Isa,
 }
 
@@ -171,7 +174,7 @@ impl QMatrix {
                 row += 1;
             }
         }
-        Ok(Self { rows, cols, format, scales, quants, isa })
+        Ok(Self { rows, cols, format, scales, quants: Quants::Owned(quants), isa })
     }
 
     /// Rows of the matrix.
@@ -197,9 +200,49 @@ impl QMatrix {
         let groups = first / ROWS..(first + out.len()).div_ceil(ROWS);
         let scales = &self.scales[groups.start * per_group..groups.end * per_group];
         let block_bytes = self.format.block_bytes();
-        let quants = &self.quants[groups.start * per_group * block_bytes..groups.end * per_group * block_bytes];
+        let quants = &self.quants.bytes()[groups.start * per_group * block_bytes..groups.end * per_group * block_bytes];
         rows_dot(self.isa, self.format, scales, quants, &vector, out);
     }
+}
+
+/// Where a matrix's quants live: its own allocation while it is built, then a model's arena.
+#[derive(Debug, Clone)]
+enum Quants {
+    Owned(Vec<u8>),
+    Shared { arena: Arc<memmap2::MmapMut>, range: Range<usize> },
+}
+
+impl Quants {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Self::Owned(bytes) => bytes,
+            Self::Shared { arena, range } => &arena[range.clone()],
+        }
+    }
+}
+
+/// Moves the quants of `matrices` into one anonymous mapping that asks the system for huge pages
+/// (2 MB). A product streams through megabytes of quants: on 4 KB pages the processor's prefetcher
+/// stops at every page and each page costs a translation. (Where the system gives no huge pages, or
+/// refuses the advice, the mapping works as ordinary memory.)
+pub(crate) fn share_arena(matrices: &mut [&mut QMatrix]) -> std::io::Result<()> {
+    let total: usize = matrices.iter().map(|matrix| matrix.quants.bytes().len()).sum();
+    let mut arena = memmap2::MmapMut::map_anon(total.max(1))?;
+    #[cfg(target_os = "linux")]
+    let _ = arena.advise(memmap2::Advice::HugePage);
+    let mut ranges = Vec::with_capacity(matrices.len());
+    let mut at = 0;
+    for matrix in matrices.iter() {
+        let bytes = matrix.quants.bytes();
+        arena[at..at + bytes.len()].copy_from_slice(bytes);
+        ranges.push(at..at + bytes.len());
+        at += bytes.len();
+    }
+    let arena = Arc::new(arena);
+    for (matrix, range) in matrices.iter_mut().zip(ranges) {
+        matrix.quants = Quants::Shared { arena: Arc::clone(&arena), range };
+    }
+    Ok(())
 }
 
 /// A vector quantized to Q8_0 for one product: a scale and 32 signed bytes per block, and for each

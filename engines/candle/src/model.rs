@@ -14,7 +14,7 @@ use candle_core::quantized::QTensor;
 use usine_engine::EngineError;
 
 use crate::gguf::{Graph, fatal};
-use crate::kernel::{Isa, QMatrix};
+use crate::kernel::{Isa, QMatrix, share_arena};
 use crate::shape::{END_OF_SEQUENCE, Shape, VOCAB};
 use crate::team::{Abandoned, Rank, Team};
 
@@ -97,7 +97,7 @@ impl Model {
         let matrix = |parts: &[&QTensor]| QMatrix::from_qtensors(parts, isa).map_err(fatal("weights"));
         let embeddings = dense(&take("tok_embeddings.weight")?)?;
         let norm = dense(&take("norm.weight")?)?;
-        let output = matrix(&[&take("output.weight")?])?;
+        let mut output = matrix(&[&take("output.weight")?])?;
         let mut layers = Vec::with_capacity(shape.layers);
         for layer in 0..shape.layers {
             let mut part = |name: &str| take(&format!("layers.{layer}.{name}.weight"));
@@ -110,6 +110,13 @@ impl Model {
                 w2: matrix(&[&part("feed_forward.w2")?])?,
             });
         }
+        let mut matrices: Vec<&mut QMatrix> = layers
+            .iter_mut()
+            .flat_map(|layer| [&mut layer.wqkv, &mut layer.wo, &mut layer.w13, &mut layer.w2])
+            .chain([&mut output])
+            .collect();
+        share_arena(&mut matrices)
+            .map_err(|error| EngineError::Fatal { message: format!("mapping memory for the weights: {error}") })?;
         let half = shape.head_dim() / 2;
         let (mut cos, mut sin) =
             (Vec::with_capacity(shape.max_context * half), Vec::with_capacity(shape.max_context * half));
