@@ -205,13 +205,7 @@ pub(crate) fn read_plan(bytes: &[u8]) -> Result<(Shape, u64), EngineError> {
         if name == "tok_embeddings.weight" {
             continue;
         }
-        let info = content
-            .tensor_infos
-            .get(&gguf_name(&name))
-            .ok_or_else(|| corrupt(format!("tensor `{}` missing", gguf_name(&name))))?;
-        if info.shape.dims() != dims.as_slice() {
-            return Err(corrupt(format!("`{name}` is {:?}, the shape asks for {dims:?}", info.shape.dims())));
-        }
+        let info = checked_info(&content, &name, &dims)?;
         // The kernels pad a matrix's rows to their groups (at most, for stacked ones).
         let blocks = |dims: &[usize]| match dims {
             [rows, cols] => rows.next_multiple_of(crate::kernel::ROWS) * (cols / BLOCK),
@@ -250,6 +244,22 @@ fn read_content(bytes: &[u8]) -> Result<gguf_file::Content, EngineError> {
     read.map_err(|_| corrupt("unreadable GGUF header"))?.map_err(corrupt)
 }
 
+/// The header entry of the tensor the shape calls `name`, its dimensions checked against `dims`.
+fn checked_info<'a>(
+    content: &'a gguf_file::Content,
+    name: &str,
+    dims: &[usize],
+) -> Result<&'a gguf_file::TensorInfo, EngineError> {
+    let info = content
+        .tensor_infos
+        .get(&gguf_name(name))
+        .ok_or_else(|| corrupt(format!("tensor `{}` missing", gguf_name(name))))?;
+    if info.shape.dims() != dims {
+        return Err(corrupt(format!("`{name}` is {:?}, the shape asks for {dims:?}", info.shape.dims())));
+    }
+    Ok(info)
+}
+
 /// Reads a whole GGUF graph.
 pub(crate) fn read(bytes: &[u8]) -> Result<Graph, EngineError> {
     let mut reader = Cursor::new(bytes);
@@ -258,13 +268,7 @@ pub(crate) fn read(bytes: &[u8]) -> Result<Graph, EngineError> {
     let mut tensors = HashMap::new();
     for (name, dims) in shape.tensors() {
         // The declared dimensions first: a damaged entry must not size an allocation.
-        let info = content
-            .tensor_infos
-            .get(&gguf_name(&name))
-            .ok_or_else(|| corrupt(format!("tensor `{}` missing", gguf_name(&name))))?;
-        if info.shape.dims() != dims.as_slice() {
-            return Err(corrupt(format!("`{name}` is {:?}, the shape asks for {dims:?}", info.shape.dims())));
-        }
+        checked_info(&content, &name, &dims)?;
         let tensor = content.tensor(&mut reader, &gguf_name(&name), &Device::Cpu).map_err(corrupt)?;
         if tensor.shape().dims() != dims.as_slice() {
             return Err(corrupt(format!("`{name}` is {:?}, the shape asks for {dims:?}", tensor.shape().dims())));
