@@ -20,7 +20,7 @@ use anyhow::{Context as _, Result, ensure};
 /// Where the trained weights live in the repository.
 pub(crate) const WEIGHTS: &str = "engines/candle/weights/tiny-llama.safetensors";
 /// Optimizer steps of the committed model.
-const STEPS: &str = "3000";
+const STEPS: &str = "11000";
 
 /// The simulated engines' corpus, taken out of its Rust string literal.
 fn corpus(root: &Path) -> Result<String> {

@@ -5,7 +5,7 @@
 
 #![allow(clippy::print_stdout, clippy::print_stderr, reason = "a tool that reports as it goes")]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use usine_engine_candle::Shape;
 use usine_engine_candle::train::{Schedule, Trainer, tokens_of};
@@ -27,14 +27,30 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         seen.len(),
         held_out.len()
     );
-    let schedule = Schedule { steps, batch: 8, context: SHAPE.max_context, learning_rate: 3e-3, seed: 2026 };
-    let mut trainer = Trainer::new(SHAPE, schedule.seed)?;
+    // Two shards: each step's gradient is computed on two threads (on one core, the same step, slower);
+    // fixed, so that the weights come out the same on any machine.
+    let schedule = Schedule {
+        steps,
+        batch: 8,
+        context: SHAPE.max_context,
+        learning_rate: 3e-3,
+        warmup: 200,
+        seed: 2026,
+        shards: 2,
+    };
+    let trainer = Trainer::new(SHAPE, schedule.seed)?;
     let start = std::time::Instant::now();
+    let mut saved = Ok(());
     trainer.train(seen, &schedule, |step, loss| {
         if step % 25 == 0 || step + 1 == schedule.steps {
             eprintln!("step {step:>5}  loss {loss:.3} nats/byte  {:.0?}", start.elapsed());
         }
+        // A checkpoint now and then, for a run cut short.
+        if step % 1000 == 999 && saved.is_ok() {
+            saved = save(&trainer, &out);
+        }
     })?;
+    saved?;
     let windows: Vec<&[u32]> = held_out.chunks_exact(SHAPE.max_context + 1).collect();
     let mut total = 0.0;
     for window in &windows {
@@ -52,7 +68,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .collect();
         eprintln!("train: {prompt}{}", String::from_utf8_lossy(&sample).replace('\n', " / "));
     }
-    std::fs::write(&out, trainer.to_safetensors()?)?;
+    save(&trainer, &out)?;
     eprintln!("train: wrote {}", out.display());
+    Ok(())
+}
+
+/// Writes the weights to `out` whole or not at all: a sibling file, then a rename over it.
+fn save(trainer: &Trainer, out: &Path) -> Result<(), Box<dyn std::error::Error>> {
+    let partial = out.with_extension("partial");
+    std::fs::write(&partial, trainer.to_safetensors()?)?;
+    std::fs::rename(&partial, out)?;
     Ok(())
 }

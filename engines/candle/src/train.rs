@@ -24,8 +24,28 @@ pub struct Schedule {
     pub context: usize,
     /// Peak learning rate (cosine decay to a tenth of it).
     pub learning_rate: f64,
+    /// Steps over which the learning rate rises linearly to its peak (0: none), while AdamW's
+    /// estimates of the gradients' scale settle.
+    pub warmup: usize,
     /// Seed of the initial weights and of the batches.
     pub seed: u64,
+    /// Shares of each batch whose gradients are computed in parallel (on rayon's threads) and
+    /// averaged into one optimizer step: the same step, in a fraction of the time. Divides `batch`.
+    pub shards: usize,
+}
+
+impl Schedule {
+    /// The learning rate at `step`: the warm-up's ramp, then a cosine from the peak down to a tenth of it.
+    #[must_use]
+    pub fn learning_rate_at(&self, step: usize) -> f64 {
+        #[expect(clippy::cast_precision_loss, reason = "a schedule")]
+        let (step, warmup, steps) = (step as f64, self.warmup as f64, self.steps as f64);
+        if step < warmup {
+            return self.learning_rate * (step + 1.0) / warmup;
+        }
+        let progress = (step - warmup) / (steps - warmup).max(1.0);
+        self.learning_rate * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()))
+    }
 }
 
 /// A model being trained.
@@ -154,7 +174,9 @@ impl Trainer {
             };
             let (k, v) = (expand(k)?, expand(v.contiguous()?)?);
             let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&mask)?;
-            let attention = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?;
+            // `softmax`, not `softmax_last_dim`: the fused one has no backward pass, and the gradient
+            // would stop there, leaving wq and wk untrained (a test checks that every weight learns).
+            let attention = candle_nn::ops::softmax(&scores, D::Minus1)?.matmul(&v)?;
             let attention = attention.transpose(1, 2)?.reshape((batch, time, shape.dim))?;
             x = (x + linear(&attention, name("attention.wo"))?)?;
             let h = rms_norm(&x, self.weight(&name("ffn_norm"))?)?;
@@ -167,9 +189,10 @@ impl Trainer {
     }
 
     /// Fits the model to `text` (bytes, with the end-of-sequence token between documents), reporting
-    /// each step's loss (nats per byte) to `report`.
+    /// each step's loss (nats per byte) to `report`, which may read the weights as they are (to save a
+    /// checkpoint, say): they change in place.
     pub fn train(
-        &mut self,
+        &self,
         text: &[u32],
         schedule: &Schedule,
         mut report: impl FnMut(usize, f32),
@@ -185,11 +208,7 @@ impl Trainer {
         let mut optimizer = candle_nn::AdamW::new(vars, params).map_err(fatal("optimizer"))?;
         let mut numbers = Numbers(schedule.seed ^ 0xDA7A);
         for step in 0..schedule.steps {
-            #[expect(clippy::cast_precision_loss, reason = "a schedule")]
-            let progress = step as f64 / schedule.steps as f64;
-            optimizer.set_learning_rate(
-                schedule.learning_rate * (0.1 + 0.9 * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())),
-            );
+            optimizer.set_learning_rate(schedule.learning_rate_at(step));
             let mut inputs = Vec::with_capacity(schedule.batch * schedule.context);
             let mut targets = Vec::with_capacity(schedule.batch * schedule.context);
             for _ in 0..schedule.batch {
@@ -197,17 +216,69 @@ impl Trainer {
                 inputs.extend_from_slice(&text[start..start + schedule.context]);
                 targets.extend_from_slice(&text[start + 1..start + span]);
             }
-            let inputs =
-                Tensor::from_vec(inputs, (schedule.batch, schedule.context), &Device::Cpu).map_err(fatal("batch"))?;
-            let targets =
-                Tensor::from_vec(targets, schedule.batch * schedule.context, &Device::Cpu).map_err(fatal("batch"))?;
-            let logits = self.forward(&inputs).map_err(fatal("forward"))?;
-            let logits = logits.reshape((schedule.batch * schedule.context, VOCAB)).map_err(fatal("forward"))?;
-            let loss = candle_nn::loss::cross_entropy(&logits, &targets).map_err(fatal("loss"))?;
-            optimizer.backward_step(&loss).map_err(fatal("backward"))?;
-            report(step, loss.to_scalar::<f32>().map_err(fatal("loss"))?);
+            let (grads, loss) = self.gradients(&inputs, &targets, schedule)?;
+            optimizer.step(&grads).map_err(fatal("optimizer"))?;
+            report(step, loss);
         }
         Ok(())
+    }
+
+    /// The gradients of the mean loss over a batch (`inputs` and `targets`, `batch` rows of `context`
+    /// tokens), and that loss. Each shard's rows go forward and back on a thread of its own; each
+    /// shard's loss is a mean over as many tokens, so the batch's gradient is the mean of theirs,
+    /// summed in shard order (the same numbers at every run).
+    fn gradients(
+        &self,
+        inputs: &[u32],
+        targets: &[u32],
+        schedule: &Schedule,
+    ) -> Result<(candle_core::backprop::GradStore, f32), EngineError> {
+        use rayon::prelude::*;
+        if schedule.shards == 0 || !schedule.batch.is_multiple_of(schedule.shards) {
+            return Err(EngineError::Fatal {
+                message: format!("{} shards do not divide a batch of {}", schedule.shards, schedule.batch),
+            });
+        }
+        let rows = schedule.batch / schedule.shards;
+        let length = rows * schedule.context;
+        let shard = |index: usize| -> candle_core::Result<(candle_core::backprop::GradStore, f32)> {
+            let range = index * length..(index + 1) * length;
+            let inputs = Tensor::from_slice(&inputs[range.clone()], (rows, schedule.context), &Device::Cpu)?;
+            let targets = Tensor::from_slice(&targets[range], length, &Device::Cpu)?;
+            let logits = self.forward(&inputs)?.reshape((length, VOCAB))?;
+            let loss = candle_nn::loss::cross_entropy(&logits, &targets)?;
+            Ok((loss.backward()?, loss.to_scalar::<f32>()?))
+        };
+        // rayon's threads: candle's matrix products inside a shard share the same pool, so the two
+        // levels of parallelism do not oversubscribe the cores.
+        let mut shards = (0..schedule.shards)
+            .into_par_iter()
+            .map(shard)
+            .collect::<candle_core::Result<Vec<_>>>()
+            .map_err(fatal("backward"))?
+            .into_iter();
+        let (mut grads, mut loss) = shards.next().ok_or_else(|| EngineError::Fatal { message: "no shard".into() })?;
+        if schedule.shards == 1 {
+            return Ok((grads, loss));
+        }
+        let others: Vec<_> = shards.collect();
+        #[expect(clippy::cast_precision_loss, reason = "a handful of shards")]
+        let share = 1.0 / schedule.shards as f64;
+        for (_, var) in &self.vars {
+            let Some(first) = grads.get(var.as_tensor()) else { continue };
+            let mut sum = first.clone();
+            for (other, _) in &others {
+                if let Some(grad) = other.get(var.as_tensor()) {
+                    sum = (sum + grad).map_err(fatal("gradients"))?;
+                }
+            }
+            grads.insert(var.as_tensor(), (sum * share).map_err(fatal("gradients"))?);
+        }
+        for (_, other_loss) in &others {
+            loss += other_loss;
+        }
+        #[expect(clippy::cast_precision_loss, reason = "a handful of shards")]
+        Ok((grads, loss / schedule.shards as f32))
     }
 
     /// The weights as safetensors, with the shape in the metadata.
@@ -286,6 +357,56 @@ mod tests {
         let (a, b) = (logits("The kernel keeps"), logits("The kernel keepX"));
         assert_eq!(a[..15], b[..15]);
         assert_ne!(a[15], b[15]);
+    }
+
+    /// Every weight learns (has a gradient that is not zero: a fused operation without a backward
+    /// pass once cut wq and wk off), and splitting a batch into shards computed on their own threads
+    /// changes nothing but rounding: the averaged gradients and loss are the whole batch's.
+    #[test]
+    fn sharded_gradients_are_the_whole_batch_gradients() {
+        let shape = Shape { dim: 64, layers: 2, heads: 4, kv_heads: 2, ffn: 192, max_context: 16 };
+        let trainer = Trainer::new(shape, 9).unwrap();
+        let text: Vec<u32> = "The kernel keeps the models it loaded warm, and the executor streams tokens."
+            .bytes()
+            .map(u32::from)
+            .collect();
+        let (inputs, targets): (Vec<u32>, Vec<u32>) =
+            (0..4).flat_map(|row| (0..16).map(move |i| row * 9 + i)).map(|i| (text[i], text[i + 1])).unzip();
+        let schedule = Schedule { steps: 1, batch: 4, context: 16, learning_rate: 1e-3, warmup: 0, seed: 1, shards: 1 };
+        let (whole, whole_loss) = trainer.gradients(&inputs, &targets, &schedule).unwrap();
+        let (sharded, sharded_loss) =
+            trainer.gradients(&inputs, &targets, &Schedule { shards: 2, ..schedule }).unwrap();
+        assert!((whole_loss - sharded_loss).abs() < 1e-5, "{whole_loss} against {sharded_loss}");
+        for (name, var) in &trainer.vars {
+            let a = whole
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{name}: no gradient"))
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let b = sharded.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let scale = a.iter().fold(0.0_f32, |m, x| m.max(x.abs()));
+            assert!(scale > 0.0, "{name}: no gradient");
+            let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0_f32, f32::max);
+            assert!(worst <= scale * 1e-4, "{name}: gradients differ by {worst} (largest {scale})");
+        }
+        let odd = Schedule { shards: 3, ..schedule };
+        let error = trainer.gradients(&inputs, &targets, &odd).map(|_| ()).unwrap_err();
+        assert!(error.to_string().contains("3 shards do not divide a batch of 4"), "{error}");
+    }
+
+    /// The warm-up ramps linearly to the peak; the cosine then ends at a tenth of it.
+    #[test]
+    fn the_learning_rate_warms_up_then_decays() {
+        let schedule =
+            Schedule { steps: 110, batch: 8, context: 8, learning_rate: 1.0, warmup: 10, seed: 1, shards: 1 };
+        let rates: Vec<f64> = (0..110).map(|step| schedule.learning_rate_at(step)).collect();
+        assert!((rates[0] - 0.1).abs() < 1e-12 && (rates[4] - 0.5).abs() < 1e-12 && (rates[9] - 1.0).abs() < 1e-12);
+        assert!((rates[10] - 1.0).abs() < 1e-12);
+        assert!((rates[60] - 0.55).abs() < 1e-12, "{}", rates[60]);
+        assert!(rates[10..].windows(2).all(|pair| pair[1] < pair[0]));
+        assert!((rates[109] - 0.1).abs() < 1e-3, "{}", rates[109]);
     }
 
     /// The training forward (whole sequences, masked) and the engine's (a token at a time, a kv-cache)
