@@ -27,8 +27,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         seen.len(),
         held_out.len()
     );
-    // Two shards: each step's gradient is computed on two threads (on one core, the same step, slower);
-    // fixed, so that the weights come out the same on any machine.
+    // Two shards: each step's gradient is computed on two threads (on one core, the same step, slower).
+    // Fixed rather than the number of cores, so that the number of cores does not change the weights
+    // (the CPU still may: the matrix products pick their kernels for it).
     let schedule = Schedule {
         steps,
         batch: 8,
@@ -40,17 +41,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let trainer = Trainer::new(SHAPE, schedule.seed)?;
     let start = std::time::Instant::now();
-    let mut saved = Ok(());
+    // Every 1,000 steps, the weights as they are, beside OUT: a look at a long run on its way, or what is
+    // left of one cut short (training cannot resume from it: the optimizer's state is not saved).
+    let checkpoint = out.with_extension("checkpoint.safetensors");
     trainer.train(seen, &schedule, |step, loss| {
         if step % 25 == 0 || step + 1 == schedule.steps {
             eprintln!("step {step:>5}  loss {loss:.3} nats/byte  {:.0?}", start.elapsed());
         }
-        // A checkpoint now and then, for a run cut short.
-        if step % 1000 == 999 && saved.is_ok() {
-            saved = save(&trainer, &out);
+        if step % 1000 == 999
+            && let Err(error) = save(&trainer, &checkpoint)
+        {
+            eprintln!("train: no checkpoint at step {step}: {error}");
         }
     })?;
-    saved?;
     let windows: Vec<&[u32]> = held_out.chunks_exact(SHAPE.max_context + 1).collect();
     let mut total = 0.0;
     for window in &windows {
@@ -70,13 +73,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     save(&trainer, &out)?;
     eprintln!("train: wrote {}", out.display());
+    // The checkpoint has served its turn (and must not be taken for the weights).
+    let _ = std::fs::remove_file(&checkpoint);
     Ok(())
 }
 
-/// Writes the weights to `out` whole or not at all: a sibling file, then a rename over it.
+/// Writes the weights to `out` whole or not at all: a sibling file, flushed to the disk, then renamed
+/// over it.
 fn save(trainer: &Trainer, out: &Path) -> Result<(), Box<dyn std::error::Error>> {
+    use std::io::Write as _;
     let partial = out.with_extension("partial");
-    std::fs::write(&partial, trainer.to_safetensors()?)?;
+    let mut file = std::fs::File::create(&partial)?;
+    file.write_all(&trainer.to_safetensors()?)?;
+    file.sync_all()?;
     std::fs::rename(&partial, out)?;
     Ok(())
 }

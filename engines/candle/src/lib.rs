@@ -21,7 +21,9 @@ mod model;
 mod sample;
 mod shape;
 mod team;
-#[cfg(feature = "train")]
+// Also in the crate's own tests, so that `cargo test` checks the training code that made the
+// committed weights.
+#[cfg(any(test, feature = "train"))]
 pub mod train;
 
 use std::sync::Arc;

@@ -198,6 +198,9 @@ impl Trainer {
         mut report: impl FnMut(usize, f32),
     ) -> Result<(), EngineError> {
         let span = schedule.context + 1;
+        if schedule.batch == 0 || schedule.context == 0 {
+            return Err(EngineError::Fatal { message: format!("an empty batch in {schedule:?}") });
+        }
         if text.len() <= span {
             return Err(EngineError::Fatal {
                 message: format!("{} tokens of text: too few for a context of {}", text.len(), schedule.context),
@@ -251,26 +254,28 @@ impl Trainer {
         };
         // rayon's threads: candle's matrix products inside a shard share the same pool, so the two
         // levels of parallelism do not oversubscribe the cores.
-        let mut shards = (0..schedule.shards)
+        let shards = (0..schedule.shards)
             .into_par_iter()
             .map(shard)
             .collect::<candle_core::Result<Vec<_>>>()
-            .map_err(fatal("backward"))?
-            .into_iter();
+            .map_err(fatal("backward"))?;
+        let mut shards = shards.into_iter();
         let (mut grads, mut loss) = shards.next().ok_or_else(|| EngineError::Fatal { message: "no shard".into() })?;
-        if schedule.shards == 1 {
-            return Ok((grads, loss));
-        }
         let others: Vec<_> = shards.collect();
+        // A weight without a gradient would silently never learn (AdamW skips it): an operation without
+        // a backward pass somewhere between it and the loss.
+        let missing =
+            |name: &str| EngineError::Fatal { message: format!("`{name}` has no gradient: the forward cuts it off") };
         #[expect(clippy::cast_precision_loss, reason = "a handful of shards")]
         let share = 1.0 / schedule.shards as f64;
-        for (_, var) in &self.vars {
-            let Some(first) = grads.get(var.as_tensor()) else { continue };
-            let mut sum = first.clone();
+        for (name, var) in &self.vars {
+            let mut sum = grads.get(var.as_tensor()).ok_or_else(|| missing(name))?.clone();
+            if others.is_empty() {
+                continue;
+            }
             for (other, _) in &others {
-                if let Some(grad) = other.get(var.as_tensor()) {
-                    sum = (sum + grad).map_err(fatal("gradients"))?;
-                }
+                let grad = other.get(var.as_tensor()).ok_or_else(|| missing(name))?;
+                sum = (sum + grad).map_err(fatal("gradients"))?;
             }
             grads.insert(var.as_tensor(), (sum * share).map_err(fatal("gradients"))?);
         }
