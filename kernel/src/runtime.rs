@@ -946,6 +946,7 @@ mod usage {
     use std::io::Write;
     use std::path::{Path, PathBuf};
 
+    use parking_lot::Mutex;
     use usine_storage::StorageError;
 
     pub(super) fn path(root: &Path) -> PathBuf {
@@ -957,14 +958,26 @@ mod usage {
         std::fs::read(path).ok().and_then(|bytes| serde_json::from_slice(&bytes).ok()).unwrap_or_default()
     }
 
-    /// Writes the counts atomically: a reader sees the old file or the new one.
+    /// The total of the counts last written to each file. Writes run on blocking threads in any order
+    /// (the throttled one of `used` is not awaited), and counts only grow: a write holding a smaller
+    /// total than the file's is stale and must not overwrite it.
+    static WRITTEN: Mutex<BTreeMap<PathBuf, u64>> = Mutex::new(BTreeMap::new());
+
+    /// Writes the counts atomically: a reader sees the old file or the new one; counts older than the
+    /// file's are left unwritten.
     pub(super) fn write(path: &Path, counts: &BTreeMap<String, u64>) -> Result<(), StorageError> {
+        let total: u64 = counts.values().sum();
+        let mut written = WRITTEN.lock();
+        if written.get(path).is_some_and(|&last| last > total) {
+            return Ok(());
+        }
         let dir = path.parent().unwrap_or(Path::new("."));
         let io = |action| move |source| StorageError::Io { action, path: path.to_owned(), source };
         let mut file = tempfile::NamedTempFile::new_in(dir).map_err(io("creating a temporary file for"))?;
         let json = serde_json::to_vec(counts).expect("a map of strings to numbers");
         file.write_all(&json).map_err(io("writing"))?;
         file.persist(path).map_err(|error| io("renaming into")(error.error))?;
+        written.insert(path.to_owned(), total);
         Ok(())
     }
 }
