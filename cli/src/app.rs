@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use usine_engine::{MemoryPlan, ModelSpec, ZeroEngine};
+use usine_engine::{CompiledGraph, MemoryPlan, ModelSpec, ZeroEngine};
 use usine_engine_sim::{Profile, SimConfig};
 use usine_executor::TaskExecutor;
 use usine_kernel::{KernelConfig, RuntimeManager};
@@ -130,8 +130,19 @@ pub(crate) fn storage(loaded: &Loaded) -> anyhow::Result<StorageManager> {
         None => StorageConfig::from_env().context("no cache folder: set `cache_dir` or USINE_CACHE_DIR")?,
     };
     let root = config.root.clone();
-    StorageManager::open(config, Migrations::new())
+    StorageManager::open(config, migrations(loaded))
         .with_context(|| format!("cannot open the graph cache in {}", root.display()))
+}
+
+/// The engines' graph migrations: the simulated engines' graphs of schema 1 gain their memory plan.
+fn migrations(loaded: &Loaded) -> Migrations {
+    let mut migrations = Migrations::new();
+    let webllm = usine_engine_webllm::flavor();
+    migrations.register(usine_engine_webllm::NAME, 1, move |graph: CompiledGraph| webllm.upgrade_graph(graph));
+    let transformers = usine_engine_transformers::flavor(threads(loaded));
+    migrations
+        .register(usine_engine_transformers::NAME, 1, move |graph: CompiledGraph| transformers.upgrade_graph(graph));
+    migrations
 }
 
 /// The threads of the CPU engine.

@@ -41,7 +41,7 @@ pub(crate) enum CacheCommand {
         #[command(flatten)]
         json: Json,
     },
-    /// Upgrades stored graphs of older schemas (the engines' migrations; none is needed yet).
+    /// Upgrades stored graphs of older schemas through the engines' migrations (a load also upgrades its own).
     #[command(after_help = "Example:\n  usine cache migrate")]
     Migrate(Json),
     /// Removes every stored graph.

@@ -67,12 +67,44 @@ mod tests {
         assert_eq!(sample(&logits, &greedy, 0), 1);
         let warm = GenerationParams { temperature: 1.0, top_p: 1.0, seed: 7, ..Default::default() };
         let draws: Vec<_> = (0..50).map(|step| sample(&logits, &warm, step)).collect();
-        assert_eq!(draws, (0..50).map(|step| sample(&logits, &warm, step)).collect::<Vec<_>>());
         assert!(draws.contains(&3) && draws.contains(&1), "{draws:?}");
+        let other = GenerationParams { seed: 8, ..warm.clone() };
+        assert_ne!(draws, (0..50).map(|step| sample(&logits, &other, step)).collect::<Vec<_>>(), "seeds differ");
         let narrow = GenerationParams { top_p: 0.3, ..warm.clone() };
         assert!((0..50).all(|step| sample(&logits, &narrow, step) == 1), "top-p keeps the most likely only");
         let two = GenerationParams { top_k: 2, ..warm };
         let draws: std::collections::BTreeSet<_> = (0..100).map(|step| sample(&logits, &two, step)).collect();
         assert_eq!(draws, [1, 3].into(), "top-k keeps the two most likely");
+    }
+
+    #[test]
+    fn the_draws_follow_the_softmax_of_the_logits_over_the_temperature() {
+        let logits = [0.1_f32, 2.0, 0.5, 1.9];
+        const DRAWS: u32 = 20_000;
+        for temperature in [1.0_f32, 0.5] {
+            let params = GenerationParams { temperature, top_p: 1.0, seed: 11, ..Default::default() };
+            let mut counts = [0_u32; 4];
+            for step in 0..DRAWS {
+                counts[sample(&logits, &params, step) as usize] += 1;
+            }
+            // The expected shares, computed here from the definition: exp(l / t) / sum exp(l / t).
+            let weights: Vec<f64> = logits.iter().map(|&l| (f64::from(l) / f64::from(temperature)).exp()).collect();
+            let total: f64 = weights.iter().sum();
+            for (token, (&count, weight)) in counts.iter().zip(&weights).enumerate() {
+                let (share, expected) = (f64::from(count) / f64::from(DRAWS), weight / total);
+                // Four standard deviations of a share over 20,000 draws: at most 0.014.
+                let bound = 4.0 * (expected * (1.0 - expected) / f64::from(DRAWS)).sqrt();
+                assert!(
+                    (share - expected).abs() <= bound,
+                    "t = {temperature}, token {token}: drawn {share:.4}, expected {expected:.4} +- {bound:.4}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_uniform_draw_is_splitmix64_of_the_seed_at_step_zero() {
+        // SplitMix64 seeded with 0 first outputs 0xE220A8397B1DCDAF (its published reference value).
+        assert_eq!(unit(0, 0), (0xE220_A839_7B1D_CDAF_u64 >> 11) as f64 / 2f64.powi(53));
     }
 }

@@ -84,6 +84,64 @@ pub struct SimEngine {
 /// The first bytes of a simulated graph.
 const GRAPH_MAGIC: &[u8] = b"usine-sim-graph\n";
 
+/// The schema of the simulated graphs: 2 carries the memory plan in the graph's metadata (1 did not;
+/// [`Flavor::upgrade_graph`] brings a graph of schema 1 to 2).
+pub const GRAPH_SCHEMA: u32 = 2;
+
+/// The metadata keys of the memory plan, in the order of [`plan_figures`].
+const PLAN_KEYS: [&str; 4] = ["weights_bytes", "kv_bytes_per_token", "activation_bytes_per_step", "max_context_tokens"];
+
+fn plan_figures(plan: &MemoryPlan) -> [u64; 4] {
+    [plan.weights_bytes, plan.kv_bytes_per_token, plan.activation_bytes_per_step, u64::from(plan.max_context_tokens)]
+}
+
+/// Writes `plan` into a graph's metadata.
+fn record_plan(metadata: &mut std::collections::BTreeMap<String, String>, plan: &MemoryPlan) {
+    for (key, figure) in PLAN_KEYS.iter().zip(plan_figures(plan)) {
+        metadata.insert((*key).to_owned(), figure.to_string());
+    }
+}
+
+/// The memory plan a graph carries; a graph without one (or with a figure that does not parse) is corrupt.
+fn recorded_plan(graph: &CompiledGraph) -> Result<MemoryPlan, EngineError> {
+    let mut figures = [0_u64; 4];
+    for (figure, key) in figures.iter_mut().zip(PLAN_KEYS) {
+        *figure =
+            graph.metadata.get(key).and_then(|value| value.parse().ok()).ok_or_else(|| EngineError::CorruptGraph {
+                message: format!("no memory plan in the graph: `{key}` missing or not a number"),
+            })?;
+    }
+    let [weights_bytes, kv_bytes_per_token, activation_bytes_per_step, context] = figures;
+    let max_context_tokens = u32::try_from(context)
+        .map_err(|_| EngineError::CorruptGraph { message: format!("a context of {context} tokens") })?;
+    Ok(MemoryPlan { weights_bytes, kv_bytes_per_token, activation_bytes_per_step, max_context_tokens })
+}
+
+impl Flavor {
+    /// The profile and quantization a spec names, if this flavor has them.
+    fn find(&self, spec: &ModelSpec) -> Option<(&Profile, &Quantization)> {
+        let profile = self.profiles.iter().find(|p| p.name == spec.profile)?;
+        let quantization = match &spec.quantization {
+            Some(name) => self.quantizations.iter().find(|q| q.name == name)?,
+            None => self.quantizations.first()?,
+        };
+        Some((profile, quantization))
+    }
+
+    /// Brings a graph of an older schema to [`GRAPH_SCHEMA`] (the graph store's migration step): schema 1
+    /// gains its memory plan, from the profile and quantization its spec names. A graph of a profile this
+    /// flavor does not have keeps no plan, and its load fails as corrupt, which compiles it again.
+    pub fn upgrade_graph(&self, mut graph: CompiledGraph) -> CompiledGraph {
+        if graph.schema == 1 {
+            if let Some((profile, quantization)) = self.find(&graph.spec) {
+                record_plan(&mut graph.metadata, &profile.shape.memory_plan(quantization));
+            }
+            graph.schema = 2;
+        }
+        graph
+    }
+}
+
 impl SimEngine {
     /// An engine of `flavor` configured by `config`.
     pub fn new(flavor: Flavor, config: SimConfig) -> Result<Self, ConfigError> {
@@ -99,7 +157,7 @@ impl SimEngine {
         let descriptor = EngineDescriptor {
             name: flavor.name.into(),
             version: flavor.version.into(),
-            graph_schema: 1,
+            graph_schema: GRAPH_SCHEMA,
             device: flavor.device,
             quantizations: flavor.quantizations.iter().map(|q| q.name.to_owned()).collect(),
             profiles: flavor.profiles.iter().map(|p| p.name.to_owned()).collect(),
@@ -111,12 +169,8 @@ impl SimEngine {
     /// The profile and quantization a spec names (checked against the descriptor first).
     fn resolve(&self, spec: &ModelSpec) -> Result<(Profile, Quantization), EngineError> {
         check_spec(&self.descriptor, spec)?;
-        let profile = self.flavor.profiles.iter().find(|p| p.name == spec.profile).expect("checked by check_spec");
-        let quantization = match &spec.quantization {
-            Some(name) => *self.flavor.quantizations.iter().find(|q| q.name == name).expect("checked by check_spec"),
-            None => self.flavor.quantizations[0],
-        };
-        Ok((profile.clone(), quantization))
+        let (profile, quantization) = self.flavor.find(spec).expect("checked by check_spec");
+        Ok((profile.clone(), *quantization))
     }
 
     /// A pacer for one stream of work, seeded from the engine's seed and `salt`.
@@ -194,6 +248,7 @@ impl Engine for SimEngine {
         metadata.insert("profile".to_owned(), profile.name.to_owned());
         metadata.insert("quantization".to_owned(), quantization.name.to_owned());
         metadata.insert("source".to_owned(), profile.source.to_owned());
+        record_plan(&mut metadata, &profile.shape.memory_plan(&quantization));
         Ok(CompiledGraph {
             engine: self.descriptor.name.clone(),
             engine_version: self.descriptor.version.clone(),
@@ -206,15 +261,15 @@ impl Engine for SimEngine {
 
     fn memory_plan(&self, graph: &CompiledGraph) -> Result<MemoryPlan, EngineError> {
         check_graph(&self.descriptor, graph)?;
-        let (profile, quantization) = self.resolve(&graph.spec)?;
-        Ok(profile.shape.memory_plan(&quantization))
+        self.resolve(&graph.spec)?;
+        recorded_plan(graph)
     }
 
     async fn load(&self, graph: &CompiledGraph) -> Result<Arc<dyn LoadedModel>, EngineError> {
         check_graph(&self.descriptor, graph)?;
         let (profile, quantization) = self.resolve(&graph.spec)?;
         check_bytes(graph, &profile, &quantization)?;
-        let plan = profile.shape.memory_plan(&quantization);
+        let plan = recorded_plan(graph)?;
         self.pacer(0x10AD).wait(profile.timeline.load).await;
         if self.config.faults.load_out_of_memory {
             return Err(EngineError::OutOfMemory { needed: plan.weights_bytes, available: plan.weights_bytes / 2 });

@@ -13,7 +13,7 @@ mod profile;
 mod rng;
 pub mod text;
 
-pub use engine::{ConfigError, Faults, Flavor, SimConfig, SimEngine};
+pub use engine::{ConfigError, Faults, Flavor, GRAPH_SCHEMA, SimConfig, SimEngine};
 pub use pace::Pacer;
 pub use profile::{Profile, Q4, Q5, Quantization, Shape, TINY, Timeline};
 pub use rng::Rng;

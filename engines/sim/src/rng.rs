@@ -27,3 +27,20 @@ impl Rng {
         unit
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn it_is_splitmix64_as_published() {
+        // The reference outputs of SplitMix64 seeded with 0.
+        let mut rng = Rng::new(0);
+        assert_eq!(
+            [rng.next_u64(), rng.next_u64(), rng.next_u64()],
+            [0xE220_A839_7B1D_CDAF, 0x6E78_9E6A_A1B9_65F4, 0x06C4_5D18_8009_454F]
+        );
+        let unit = Rng::new(0).unit();
+        assert_eq!(unit, (0xE220_A839_7B1D_CDAF_u64 >> 11) as f64 / 2f64.powi(53));
+    }
+}

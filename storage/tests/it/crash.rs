@@ -75,14 +75,21 @@ fn killed_writers_never_leave_a_torn_graph() {
     let dir = tempfile::tempdir().unwrap();
     let mut seed = 0x5EED_u64;
     let (mut served, mut absent, mut torn_writes) = (0, 0, 0);
-    for _round in 0..ROUNDS {
+    for round in 0..ROUNDS {
         let _ = std::fs::remove_file(dir.path().join("writing"));
         let mut child = spawn_child("crash::writer", CHILD_DIR, dir.path());
         while !dir.path().join("writing").exists() {
             std::thread::sleep(Duration::from_micros(200));
         }
-        seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
-        std::thread::sleep(Duration::from_micros(500 + (seed >> 33) % 40_000));
+        if round % 2 == 0 {
+            // At a random moment: wherever the writer happens to be.
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            std::thread::sleep(Duration::from_micros(500 + (seed >> 33) % 40_000));
+        } else {
+            // In the middle of a write, whatever the disk's speed: frozen with a temporary file half
+            // written and an earlier graph already saved.
+            freeze_mid_write(&child, &dir.path().join("graphs"));
+        }
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
 
@@ -113,7 +120,41 @@ fn killed_writers_never_leave_a_torn_graph() {
     }
     assert!(served > 0, "the writers got graphs to disk ({absent} lookups found none)");
     eprintln!("{ROUNDS} kills, {torn_writes} in the middle of a write; {served} graphs served whole, {absent} absent");
-    assert!(torn_writes > 0, "some kills landed in the middle of a write, or this test proves little");
+    assert!(torn_writes as u64 >= ROUNDS / 2, "every other kill lands in the middle of a write");
     // A SIGKILL stops the process, not the machine: the fsyncs that make a write survive a power cut
     // are in the code (`write_atomically`, `sync_dir`) but cannot be observed here.
+}
+
+/// Stops `child` (SIGSTOP) at a moment when `graphs` holds a saved graph and a temporary file with
+/// bytes in it; until then, lets it run a little more at a time.
+fn freeze_mid_write(child: &std::process::Child, graphs: &std::path::Path) {
+    let pid = child.id().to_string();
+    let signal = |name: &str| {
+        let status = std::process::Command::new("kill").args([name, &pid]).status().unwrap();
+        assert!(status.success(), "kill {name} {pid}");
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        signal("-STOP");
+        // The signal is asynchronous: wait until the kernel reports the process stopped (state `T`).
+        while !std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap().contains(") T ") {
+            std::thread::yield_now();
+        }
+        let (mut saved, mut writing) = (false, false);
+        for entry in std::fs::read_dir(graphs).into_iter().flatten() {
+            let entry = entry.unwrap();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(".tmp-") {
+                writing |= entry.metadata().is_ok_and(|meta| meta.len() > 0);
+            } else {
+                saved |= entry.file_type().unwrap().is_file();
+            }
+        }
+        if saved && writing {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "the writer never got to the middle of a write");
+        signal("-CONT");
+        std::thread::sleep(Duration::from_micros(100));
+    }
 }

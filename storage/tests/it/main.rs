@@ -9,6 +9,7 @@
 mod basics;
 pub(crate) mod corruption;
 mod crash;
+mod full;
 mod fuzz;
 mod locks;
 mod migrations;

@@ -6,18 +6,11 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 use usine_storage::{GraphKey, Lookup, Migrations, Miss, MissReason, StorageConfig, StorageManager};
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-struct V1 {
-    name: String,
-    layers: u32,
-}
+#[path = "../fixtures/schemas.rs"]
+#[allow(unreachable_pub, reason = "shared with the example that writes the fixtures")]
+mod schemas;
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-struct V2 {
-    name: String,
-    layers: u32,
-    heads: u32,
-}
+use schemas::{V1, V2, fixture_key, released};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct V3 {
@@ -40,10 +33,6 @@ fn migrations() -> Migrations {
         },
     );
     migrations
-}
-
-fn fixture_key(schema: u32) -> GraphKey {
-    GraphKey::new("fixture-model", "webllm", "0.2.79").device("cpu").schema(schema)
 }
 
 fn open(dir: &std::path::Path) -> StorageManager {
@@ -106,20 +95,12 @@ fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
-/// The files of every released format and schema, as saved by the release that introduced them. Run
-/// with `USINE_WRITE_FIXTURES=1` only when a new schema or format is released, and commit the files.
+/// The files of every released format and schema, as saved by the release that introduced them. They are
+/// written by `cargo run -p usine-storage --example bless_fixtures` when a new schema or format is
+/// released, and committed; this test only reads them.
 #[test]
 fn fixtures_of_every_released_schema_still_read() {
-    let released = [("format1-schema1.graph", 1), ("format1-schema2.graph", 2)];
-    if std::env::var_os("USINE_WRITE_FIXTURES").is_some() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = StorageManager::open(StorageConfig::at(dir.path()), Migrations::new()).unwrap();
-        let v1 = store.save(&fixture_key(1), &V1 { name: "fixture".into(), layers: 12 }).unwrap();
-        let v2 = store.save(&fixture_key(2), &V2 { name: "fixture".into(), layers: 12, heads: 4 }).unwrap();
-        fs::copy(v1.path, fixtures().join(released[0].0)).unwrap();
-        fs::copy(v2.path, fixtures().join(released[1].0)).unwrap();
-    }
-    for (file, schema) in released {
+    for (file, schema) in released() {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path());
         fs::copy(fixtures().join(file), store.path_of(&fixture_key(schema))).unwrap();

@@ -237,3 +237,25 @@ async fn sequences_of_one_model_take_turns_on_its_device() {
     assert!(ta.is_ok() && tb.is_ok());
     assert_eq!(start.elapsed(), Duration::from_millis(2 * 36), "one GPU: one step after the other");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_graph_of_schema_1_is_upgraded_with_its_memory_plan_and_loads() {
+    let engine = web(SimConfig::default());
+    let graph = engine.compile(&spec("7b").quantization("q5"), &NoProgress).await.unwrap();
+    let plan = engine.memory_plan(&graph).unwrap();
+    // As schema 1 stored it: no plan in the metadata, which this version refuses.
+    let mut old = graph.clone();
+    old.schema = 1;
+    old.metadata.retain(|key, _| ["profile", "quantization", "source"].contains(&key.as_str()));
+    assert!(matches!(engine.load(&old).await, Err(EngineError::GraphMismatch { .. })));
+    let upgraded = usine_engine_webllm::flavor().upgrade_graph(old);
+    assert_eq!(upgraded, graph, "the upgrade gives what a compile of this version gives");
+    assert_eq!(engine.memory_plan(&upgraded).unwrap(), plan);
+    engine.load(&upgraded).await.unwrap();
+    // A graph whose plan is gone is corrupt (compiled again by the kernel), not a panic or a guess.
+    let mut planless = graph;
+    planless.metadata.remove("kv_bytes_per_token");
+    let error = engine.memory_plan(&planless).unwrap_err();
+    assert_eq!(error.to_string(), engine.load(&planless).await.err().unwrap().to_string());
+    assert!(error.to_string().contains("`kv_bytes_per_token` missing"), "{error}");
+}
