@@ -11,9 +11,10 @@
 //! once. The team of threads (`team.rs`) splits the rows.
 
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::quantized::{GgmlDType, QTensor};
+use usine_engine::EngineError;
 
 pub(crate) use crate::shape::BLOCK;
 
@@ -37,8 +38,12 @@ impl Format {
     }
 }
 
-/// The instructions this CPU offers the kernels, found once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The environment variable that caps the kernels' instructions: `portable`, `avx2` or `avx512vnni`
+/// (read once per process). Unset or empty: the best this CPU runs.
+pub const ISA_VARIABLE: &str = "USINE_ISA";
+
+/// A set of instructions the kernels are written for, lowest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Isa {
     /// Plain Rust.
     Portable,
@@ -51,8 +56,27 @@ pub(crate) enum Isa {
 }
 
 impl Isa {
+    /// Its name, as [`ISA_VARIABLE`] takes it.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Self::Portable => "portable",
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2 => "avx2",
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx512Vnni => "avx512vnni",
+        }
+    }
+
+    /// Every set compiled into this build, lowest first.
+    fn all() -> Vec<Self> {
+        let mut all = vec![Self::Portable];
+        #[cfg(target_arch = "x86_64")]
+        all.extend([Self::Avx2, Self::Avx512Vnni]);
+        all
+    }
+
     /// The best this CPU runs.
-    pub(crate) fn detect() -> Self {
+    fn hardware() -> Self {
         #[cfg(target_arch = "x86_64")]
         {
             let avx2 = std::arch::is_x86_feature_detected!("avx2")
@@ -71,31 +95,56 @@ impl Isa {
         Self::Portable
     }
 
-    /// Whether this CPU runs these kernels.
-    fn runs_here(self) -> bool {
-        match self {
-            Self::Portable => true,
-            #[cfg(target_arch = "x86_64")]
-            Self::Avx2 => matches!(Self::detect(), Self::Avx2 | Self::Avx512Vnni),
-            #[cfg(target_arch = "x86_64")]
-            Self::Avx512Vnni => Self::detect() == Self::Avx512Vnni,
+    /// The kernels the engine uses: the best this CPU runs, or the lower set [`ISA_VARIABLE`] names.
+    /// A set this CPU lacks, or an unknown name, is an error (the same one on every call).
+    pub(crate) fn chosen() -> Result<Self, EngineError> {
+        static CHOSEN: OnceLock<Result<Isa, EngineError>> = OnceLock::new();
+        CHOSEN
+            .get_or_init(|| {
+                let setting = std::env::var_os(ISA_VARIABLE).map(|value| value.to_string_lossy().into_owned());
+                Self::choose(setting.as_deref(), Self::hardware())
+            })
+            .clone()
+    }
+
+    /// `setting` (a name, or unset or empty for no cap) checked against the best set `hardware` runs.
+    fn choose(setting: Option<&str>, hardware: Self) -> Result<Self, EngineError> {
+        let Some(name) = setting.filter(|name| !name.is_empty()) else {
+            return Ok(hardware);
+        };
+        match Self::all().into_iter().find(|isa| isa.name() == name) {
+            Some(isa) if isa <= hardware => Ok(isa),
+            _ => Err(EngineError::InvalidParams {
+                name: ISA_VARIABLE,
+                value: name.to_owned(),
+                limit: format!(
+                    "the kernels this CPU runs ({})",
+                    Self::all()
+                        .into_iter()
+                        .filter(|isa| *isa <= hardware)
+                        .map(Self::name)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            }),
         }
     }
 
-    /// Every kernel this CPU can run, the portable one first (for tests and benchmarks).
+    /// [`Self::chosen`], or the portable kernels where the setting is refused (the engine's load
+    /// returns that error before it builds a model, so a model never gets here with a bad setting).
+    pub(crate) fn detect() -> Self {
+        Self::chosen().unwrap_or(Self::Portable)
+    }
+
+    /// Whether this CPU runs these kernels.
+    fn runs_here(self) -> bool {
+        self <= Self::hardware()
+    }
+
+    /// Every kernel this CPU can run, the portable one first, whatever [`ISA_VARIABLE`] says (for tests).
     #[cfg(test)]
     pub(crate) fn available() -> Vec<Self> {
-        let mut all = vec![Self::Portable];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if matches!(Self::detect(), Self::Avx2 | Self::Avx512Vnni) {
-                all.push(Self::Avx2);
-            }
-            if Self::detect() == Self::Avx512Vnni {
-                all.push(Self::Avx512Vnni);
-            }
-        }
-        all
+        Self::all().into_iter().filter(|isa| isa.runs_here()).collect()
     }
 }
 
@@ -501,44 +550,119 @@ mod tests {
 
     use super::*;
 
-    fn matrix(rows: usize, cols: usize, dtype: GgmlDType, isa: Isa) -> (QMatrix, Tensor) {
+    fn matrix(rows: usize, cols: usize, dtype: GgmlDType, isa: Isa) -> (QMatrix, Vec<f32>) {
         #[expect(clippy::cast_precision_loss, reason = "test values")]
         let values: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.3).collect();
         let dense = Tensor::from_vec(values, (rows, cols), &Device::Cpu).unwrap();
         let quantized = QTensor::quantize(&dense, dtype).unwrap();
-        (QMatrix::from_qtensors(&[&quantized], isa).unwrap(), quantized.dequantize(&Device::Cpu).unwrap())
+        let dequantized = quantized.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        (QMatrix::from_qtensors(&[&quantized], isa).unwrap(), dequantized)
     }
 
-    /// Every kernel this CPU runs gives the dequantized weights' product, up to the vector's Q8_0
-    /// rounding, on an odd number of rows (a padded group) and of blocks.
+    /// Each row's product by the formats' definitions alone, in f64, and the sum of its terms'
+    /// magnitudes (the scale of its rounding): the vector quantized to Q8_0 (per block, a scale of the
+    /// largest magnitude over 127, values times its inverse rounded half away from zero) by candle's
+    /// dequantized weights (exact: an f16 scale times a small integer). No code shared with the kernels.
+    fn reference(weights: &[f32], x: &[f32]) -> Vec<(f64, f64)> {
+        let mut vector = Vec::with_capacity(x.len());
+        for block in x.chunks(BLOCK) {
+            let scale = block.iter().fold(0.0_f32, |largest, value| largest.max(value.abs())) / 127.0;
+            let inverse = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+            vector.extend(block.iter().map(|value| f64::from((value * inverse).round()) * f64::from(scale)));
+        }
+        weights
+            .chunks(x.len())
+            .map(|row| {
+                let terms = row.iter().zip(&vector).map(|(weight, value)| f64::from(*weight) * value);
+                terms.fold((0.0, 0.0), |(sum, size), term| (sum + term, size + term.abs()))
+            })
+            .collect()
+    }
+
+    /// Every kernel this CPU runs gives the reference's product up to f32 rounding, and the portable
+    /// kernel's, on an odd number of rows (a padded group) and of blocks. Which kernels were checked is
+    /// printed; a CPU without SIMD checks the portable kernel alone, and says so.
     #[test]
-    fn every_kernel_matches_the_dequantized_product() {
+    #[allow(clippy::print_stderr, reason = "which kernels were checked, shown with --nocapture")]
+    fn every_kernel_matches_an_independent_product_and_the_portable_kernel() {
         let (rows, cols) = (67, 160);
         #[expect(clippy::cast_precision_loss, reason = "test values")]
         let x: Vec<f32> = (0..cols).map(|i| ((i * 31 % 17) as f32 - 8.0) / 4.0).collect();
+        let kernels = Isa::available();
+        assert_eq!(kernels.first(), Some(&Isa::Portable), "the portable kernel runs everywhere, and first");
+        let mut compared = 0;
         for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_0] {
             let mut results = Vec::new();
-            for isa in Isa::available() {
-                let (matrix, dense) = matrix(rows, cols, dtype, isa);
-                let expected = dense.matmul(&Tensor::from_vec(x.clone(), (cols, 1), &Device::Cpu).unwrap()).unwrap();
-                let expected = expected.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            for &isa in &kernels {
+                let (matrix, weights) = matrix(rows, cols, dtype, isa);
                 let mut out = vec![0.0; rows];
                 matrix.matvec(&x, &mut out);
-                for (row, (got, want)) in out.iter().zip(&expected).enumerate() {
+                let expected = reference(&weights, &x);
+                assert_eq!(expected.len(), rows);
+                for (row, (got, (want, size))) in out.iter().zip(&expected).enumerate() {
                     assert!(
-                        (got - want).abs() < 0.02 * (1.0 + want.abs()),
-                        "{dtype:?} {isa:?} row {row}: {got} vs {want}"
+                        (f64::from(*got) - want).abs() <= 1e-5 * size,
+                        "{dtype:?} {isa:?} row {row}: {got} vs {want} (terms of {size})"
                     );
                 }
-                results.push(out);
+                results.push((isa, out, expected));
             }
-            // The SIMD kernels add in another order than the portable one: equal to f32 rounding.
-            for other in &results[1..] {
-                for (a, b) in results[0].iter().zip(other) {
-                    assert!((a - b).abs() <= 1e-4 * (1.0 + a.abs()), "{dtype:?}: {a} vs {b}");
+            // The SIMD kernels add in another order than the portable one: equal up to f32 rounding.
+            let (portable, others) = results.split_first().expect("the portable kernel is first");
+            for (isa, out, _) in others {
+                for (row, ((a, b), (_, size))) in portable.1.iter().zip(out).zip(&portable.2).enumerate() {
+                    assert!(f64::from((a - b).abs()) <= 1e-5 * size, "{dtype:?} row {row}: portable {a}, {isa:?} {b}");
                 }
+                compared += 1;
             }
         }
+        let names: Vec<&str> = kernels.iter().map(|isa| isa.name()).collect();
+        assert_eq!(compared, 2 * (kernels.len() - 1), "every SIMD kernel compared with the portable one");
+        if kernels.len() == 1 {
+            eprintln!("this CPU runs no SIMD kernel: only the portable kernel was checked, against the reference");
+        } else {
+            eprintln!("kernels checked against the reference and the portable kernel: {}", names.join(", "));
+        }
+    }
+
+    /// Detection finds every kernel the CPU's flags allow: one it missed would be unused and untested
+    /// without a word.
+    #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+    #[test]
+    fn detection_finds_the_kernels_the_cpu_flags_allow() {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap();
+        let flags: Vec<&str> =
+            cpuinfo.lines().find(|line| line.starts_with("flags")).unwrap().split_whitespace().collect();
+        let has = |flag: &str| flags.contains(&flag);
+        let expected = match (has("avx2") && has("fma") && has("f16c"), has("avx512_vnni") && has("avx512vl")) {
+            (true, true) => Isa::Avx512Vnni,
+            (true, false) => Isa::Avx2,
+            (false, _) => Isa::Portable,
+        };
+        assert_eq!(Isa::hardware(), expected);
+        assert_eq!(Isa::available().last(), Some(&expected));
+    }
+
+    #[test]
+    fn usine_isa_caps_the_kernels_and_refuses_a_set_the_cpu_lacks_or_an_unknown_name() {
+        let best = *Isa::all().last().unwrap();
+        assert_eq!(Isa::choose(None, best), Ok(best));
+        assert_eq!(Isa::choose(Some(""), best), Ok(best));
+        for isa in Isa::all() {
+            assert_eq!(Isa::choose(Some(isa.name()), best), Ok(isa));
+            assert_eq!(Isa::choose(Some(isa.name()), Isa::Portable).is_ok(), isa == Isa::Portable);
+        }
+        let error = Isa::choose(Some("avx512"), best).unwrap_err();
+        assert!(matches!(&error, EngineError::InvalidParams { name: ISA_VARIABLE, .. }), "{error}");
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!(
+            Isa::choose(Some("avx512vnni"), Isa::Avx2),
+            Err(EngineError::InvalidParams {
+                name: ISA_VARIABLE,
+                value: "avx512vnni".to_owned(),
+                limit: "the kernels this CPU runs (portable, avx2)".to_owned(),
+            })
+        );
     }
 
     #[test]

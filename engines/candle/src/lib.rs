@@ -7,7 +7,7 @@
 //!   quantizes the matrices, and writes GGUF: the compiled graph's bytes. The same file runs in
 //!   llama.cpp.
 //! - **Load** reads the GGUF and repacks its matrices for the engine's kernels (`kernel.rs`: AVX2 or
-//!   AVX-512 VNNI, chosen at run time).
+//!   AVX-512 VNNI, chosen at run time; [`ISA_VARIABLE`] may cap them, see [`kernels`]).
 //! - **Prefill** allocates the sequence's kv-cache once, for the prompt and `max_tokens` (what the
 //!   executor reserves from the `kv-cache` pool), and runs the context through it.
 //! - **Prepare** (CPU stage) fixes the step's position; **compute** runs the forward pass on the
@@ -36,6 +36,7 @@ use usine_engine::{
 };
 
 pub use gguf::{QUANTIZATIONS, random_weights, source_shape};
+pub use kernel::ISA_VARIABLE;
 pub use shape::{END_OF_SEQUENCE, Shape, VOCAB};
 
 use crate::model::{KvCache, Model};
@@ -125,6 +126,13 @@ impl CandleEngine {
         self.builtin.insert(name.to_owned(), weights);
         self
     }
+}
+
+/// The kernels loads use: the best this CPU runs (`avx512vnni`, `avx2`, else `portable`), or the lower
+/// set [`ISA_VARIABLE`] names, read once per process. A set this CPU lacks, or an unknown name, is
+/// [`EngineError::InvalidParams`], which every load then returns.
+pub fn kernels() -> Result<&'static str, EngineError> {
+    kernel::Isa::chosen().map(kernel::Isa::name)
 }
 
 /// Runs CPU-bound work on a blocking thread.
@@ -220,6 +228,7 @@ impl Engine for CandleEngine {
     async fn load(&self, graph: &CompiledGraph) -> Result<Arc<dyn LoadedModel>, EngineError> {
         check_graph(&self.descriptor, graph)?;
         let plan = self.memory_plan(graph)?;
+        kernels()?; // a refused `USINE_ISA`, before any matrix is built
         let bytes = graph.bytes.clone();
         let model = blocking(move || Model::new(gguf::read(&bytes)?)).await?;
         Ok(Arc::new(CandleModel { model: Arc::new(model), plan, team: Arc::clone(&self.team) }))
