@@ -158,10 +158,9 @@ pub(crate) async fn cache(loaded: &Loaded, command: CacheCommand) -> anyhow::Res
                 return Ok(());
             }
             let mut removed = 0;
-            for entry in &entries {
-                if let Some(header) = entry.header() {
-                    removed += usize::from(storage.remove(&header.key)?);
-                }
+            for entry in entries.iter().filter(|entry| entry.header().is_some()) {
+                // The file listed, not one another process saved at its path since.
+                removed += usize::from(storage.remove_listed(entry)?);
             }
             outln!(
                 "removed {removed} of {} graphs (files of a newer usine or unreadable are left to `verify`)",

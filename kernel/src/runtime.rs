@@ -229,7 +229,7 @@ impl RuntimeManager {
     /// reaper on the current tokio runtime (it stops when the kernel is dropped).
     pub fn new(config: KernelConfig, memory: &MemoryManager, storage: StorageManager) -> Result<Self, KernelError> {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| KernelError::NoRuntime)?;
-        let storage_root = storage.root().to_owned();
+        let counts = usage::read(&storage);
         let weights = match memory.pool(&config.weights_pool) {
             Ok(pool) => pool,
             Err(_) => memory
@@ -249,7 +249,7 @@ impl RuntimeManager {
             pending: Arc::new(AtomicUsize::new(0)),
             scope: ScopeId::fresh(),
             runtime: runtime.clone(),
-            usage: Mutex::new((usage::read(&usage::path(&storage_root)), None)),
+            usage: Mutex::new((counts, None)),
             metrics: KernelMetrics::register(),
         });
         runtime.spawn(reap(Arc::downgrade(&inner), Arc::clone(&inner.changed)));
@@ -318,8 +318,8 @@ impl RuntimeManager {
     /// as loads happen).
     pub async fn save_usage(&self) -> Result<(), KernelError> {
         let counts = self.inner.usage.lock().0.clone();
-        let path = usage::path(self.inner.storage.root());
-        blocking(move || usage::write(&path, &counts))
+        let storage = self.inner.storage.clone();
+        blocking(move || usage::write(&storage, &counts))
             .await
             .map_err(|source| KernelError::Storage { model: "(cleanup)".into(), source: Arc::new(source) })
     }
@@ -571,9 +571,9 @@ impl Inner {
             return;
         }
         usage.1 = Some(now);
-        let (counts, path) = (usage.0.clone(), usage::path(self.storage.root()));
+        let (counts, storage) = (usage.0.clone(), self.storage.clone());
         // Advisory figures: a failed write only loses counts since the last one.
-        drop(tokio::task::spawn_blocking(move || usage::write(&path, &counts)));
+        drop(tokio::task::spawn_blocking(move || usage::write(&storage, &counts)));
     }
 
     fn count(&self, change: impl FnOnce(&mut Counters)) {
@@ -940,44 +940,37 @@ async fn reap(inner: std::sync::Weak<Inner>, notify: Arc<Notify>) {
     }
 }
 
-/// The counts of use per model, in `usage.json` in the cache folder.
+/// The counts of use per model, in the store's note `usage.json`.
 mod usage {
     use std::collections::BTreeMap;
-    use std::io::Write;
-    use std::path::{Path, PathBuf};
+    use std::path::PathBuf;
 
     use parking_lot::Mutex;
-    use usine_storage::StorageError;
+    use usine_storage::{StorageError, StorageManager};
 
-    pub(super) fn path(root: &Path) -> PathBuf {
-        root.join("usage.json")
+    const NOTE: &str = "usage.json";
+
+    /// The counts last written; none when the note is absent or unreadable (they are advisory).
+    pub(super) fn read(storage: &StorageManager) -> BTreeMap<String, u64> {
+        storage.read_note(NOTE).ok().flatten().and_then(|bytes| serde_json::from_slice(&bytes).ok()).unwrap_or_default()
     }
 
-    /// The counts in `path`; none when the file is absent or unreadable (they are advisory).
-    pub(super) fn read(path: &Path) -> BTreeMap<String, u64> {
-        std::fs::read(path).ok().and_then(|bytes| serde_json::from_slice(&bytes).ok()).unwrap_or_default()
-    }
-
-    /// The total of the counts last written to each file. Writes run on blocking threads in any order
-    /// (the throttled one of `used` is not awaited), and counts only grow: a write holding a smaller
-    /// total than the file's is stale and must not overwrite it.
+    /// The total of the counts last written to each store (by its root). Writes run on blocking threads
+    /// in any order (the throttled one of `used` is not awaited), and counts only grow: a write holding a
+    /// smaller total than the note's is stale and must not overwrite it.
     static WRITTEN: Mutex<BTreeMap<PathBuf, u64>> = Mutex::new(BTreeMap::new());
 
-    /// Writes the counts atomically: a reader sees the old file or the new one; counts older than the
-    /// file's are left unwritten.
-    pub(super) fn write(path: &Path, counts: &BTreeMap<String, u64>) -> Result<(), StorageError> {
+    /// Writes the counts crash-safe (a reader sees the old note or the new one, which survives a power
+    /// cut once written); counts older than the note's are left unwritten.
+    pub(super) fn write(storage: &StorageManager, counts: &BTreeMap<String, u64>) -> Result<(), StorageError> {
         let total: u64 = counts.values().sum();
         let mut written = WRITTEN.lock();
-        if written.get(path).is_some_and(|&last| last > total) {
+        if written.get(storage.root()).is_some_and(|&last| last > total) {
             return Ok(());
         }
-        let dir = path.parent().unwrap_or(Path::new("."));
-        let io = |action| move |source| StorageError::Io { action, path: path.to_owned(), source };
-        let mut file = tempfile::NamedTempFile::new_in(dir).map_err(io("creating a temporary file for"))?;
         let json = serde_json::to_vec(counts).expect("a map of strings to numbers");
-        file.write_all(&json).map_err(io("writing"))?;
-        file.persist(path).map_err(|error| io("renaming into")(error.error))?;
-        written.insert(path.to_owned(), total);
+        storage.write_note(NOTE, &json)?;
+        written.insert(storage.root().to_owned(), total);
         Ok(())
     }
 }

@@ -65,6 +65,12 @@ pub enum StorageError {
         /// The codec the file's header names.
         codec: String,
     },
+    /// A note's name that could become a path outside the cache root, or a hidden file.
+    #[error("`{name}` is not a note name: 1 to 64 letters, digits, `.`, `-` or `_`, not starting with `.`")]
+    NoteName {
+        /// The name given.
+        name: String,
+    },
     /// A migration step failed.
     #[error("migrating `{engine}` graphs from schema {from} to {to}: {message}")]
     Migration {

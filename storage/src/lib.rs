@@ -47,5 +47,6 @@ pub use maintain::{
 };
 pub use migrate::Migrations;
 pub use store::{
-    CACHE_DIR_ENV, DEFAULT_MAP_THRESHOLD, Hit, KeyLock, Lookup, Miss, MissReason, Saved, StorageConfig, StorageManager,
+    CACHE_DIR_ENV, DEFAULT_MAP_THRESHOLD, DEFAULT_QUARANTINE_KEEP, Hit, KeyLock, Lookup, Miss, MissReason, Saved,
+    StorageConfig, StorageManager,
 };

@@ -12,7 +12,7 @@ use crate::error::{Result, StorageError};
 use crate::format::{self, Corruption, Decoded, Header, HeaderRead};
 use crate::key::{GraphKey, KeyPart};
 use crate::metrics::to_f64;
-use crate::store::{FileId, GRAPH_EXT, MissReason, StorageManager, remove_if_present};
+use crate::store::{FileId, GRAPH_EXT, MissReason, StorageManager};
 
 /// One graph file, as listed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -351,6 +351,16 @@ impl StorageManager {
         Ok(evicted)
     }
 
+    /// Removes the file `entry` lists, unless another process saved a new file at its path since the
+    /// listing; returns whether it removed it.
+    pub fn remove_listed(&self, entry: &Entry) -> Result<bool> {
+        let removed = self.remove_exact(&self.inner.graphs.join(&entry.file_name), entry.id)?;
+        if removed {
+            self.refresh_gauges()?;
+        }
+        Ok(removed)
+    }
+
     fn count_evicted(&self) {
         self.inner.counters.evicted.fetch_add(1, Ordering::Relaxed);
         self.inner.metrics.evicted.increment(1);
@@ -407,9 +417,10 @@ impl StorageManager {
                 continue;
             }
             let new_key = old_key.clone().schema(latest);
+            let old_path = self.inner.graphs.join(&entry.file_name);
             if self.path_of(&new_key).exists() {
                 // Already stored at the newest schema: the old file is obsolete.
-                if remove_if_present(&self.inner.graphs.join(&entry.file_name))? {
+                if self.remove_exact(&old_path, entry.id)? {
                     report.done.push((old_key, format!("schema {latest} was already stored")));
                 }
                 continue;
@@ -418,8 +429,9 @@ impl StorageManager {
                 None => report.failed.push((old_key, "unreadable; see verify".to_owned())),
                 Some(Err(message)) => report.failed.push((old_key, message)),
                 Some(Ok(upgraded)) => {
-                    self.save_encoded(&new_key, &upgraded)?;
-                    remove_if_present(&self.inner.graphs.join(&entry.file_name))?;
+                    self.save_encoded(&new_key, &upgraded.payload)?;
+                    // The file upgraded, which may be newer than the one listed; never a file saved since.
+                    self.remove_exact(&old_path, upgraded.source)?;
                     report.done.push((old_key.clone(), format!("schema {} -> {latest}", old_key.schema)));
                 }
             }
@@ -428,19 +440,25 @@ impl StorageManager {
     }
 }
 
-/// Whether dotted version `a` is older than `b`, comparing numeric parts as numbers, missing parts as
-/// zeros (`1.0` is `1.0.0`); versions that do not parse are never called older.
+/// Whether engine version `a` is older than `b`, by semantic versioning (`0.2.78-sim` is older than
+/// `0.2.79-sim`; a pre-release is older than its release). A version of one or two numbers has the rest
+/// as zeros (`1.0` is `1.0.0`); versions that do not parse are never called older.
 fn older_version(a: &str, b: &str) -> bool {
-    let parse = |version: &str| version.split(['.', '-', '+']).map(str::parse::<u64>).collect::<Result<Vec<_>, _>>();
-    match (parse(a), parse(b)) {
-        (Ok(mut a), Ok(mut b)) => {
-            let len = a.len().max(b.len());
-            a.resize(len, 0);
-            b.resize(len, 0);
-            a < b
-        }
+    match (lenient_semver(a), lenient_semver(b)) {
+        (Some(a), Some(b)) => a.cmp_precedence(&b).is_lt(),
         _ => false,
     }
+}
+
+fn lenient_semver(version: &str) -> Option<semver::Version> {
+    let split = version.find(['-', '+']).unwrap_or(version.len());
+    let (core, rest) = version.split_at(split);
+    let padding = match core.split('.').count() {
+        1 => ".0.0",
+        2 => ".0",
+        _ => "",
+    };
+    semver::Version::parse(&format!("{core}{padding}{rest}")).ok()
 }
 
 #[cfg(test)]
@@ -448,7 +466,7 @@ mod tests {
     use super::older_version;
 
     #[test]
-    fn versions_compare_as_numbers_with_missing_parts_as_zeros() {
+    fn versions_compare_by_semver_with_missing_parts_as_zeros() {
         assert!(older_version("0.2.9", "0.2.79"));
         assert!(older_version("1.9", "1.10"));
         assert!(!older_version("1.0", "1.0.0"));
@@ -456,5 +474,10 @@ mod tests {
         assert!(older_version("1.0", "1.0.1"));
         assert!(!older_version("2.0", "1.99.99"));
         assert!(!older_version("nightly", "1.0"), "what does not parse is never older");
+        assert!(older_version("0.2.78-sim", "0.2.79-sim"), "the simulated engines' versions");
+        assert!(!older_version("0.2.79-sim", "0.2.79-sim"));
+        assert!(older_version("0.2.79-sim", "0.2.79"), "a pre-release is older than its release");
+        assert!(older_version("1.0.0-alpha", "1.0.0-beta"));
+        assert!(!older_version("1.0.0+build.1", "1.0.0+build.2"), "build metadata does not order");
     }
 }

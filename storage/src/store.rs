@@ -7,7 +7,7 @@ use std::ops::Deref;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
 use serde::Serialize;
@@ -36,12 +36,27 @@ pub struct StorageConfig {
     pub max_bytes: Option<u64>,
     /// Files at least this large are mapped into memory instead of read into a buffer.
     pub map_threshold: u64,
+    /// How long a damaged file stays in `graphs/quarantine/` (for a person to look at) before the store
+    /// removes it when it opens; [`DEFAULT_QUARANTINE_KEEP`] by default.
+    pub quarantine_keep: Duration,
 }
+
+/// How long quarantined files are kept by default: a week.
+pub const DEFAULT_QUARANTINE_KEEP: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// How old a file left on its way out (`.evict-...`) must be before the sweep removes it: another process
+/// may be putting it back, for the microseconds between its rename and its check.
+const EVICT_STALE: Duration = Duration::from_secs(60);
 
 impl StorageConfig {
     /// A store rooted at `root`, without a size limit.
     pub fn at(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into(), max_bytes: None, map_threshold: DEFAULT_MAP_THRESHOLD }
+        Self {
+            root: root.into(),
+            max_bytes: None,
+            map_threshold: DEFAULT_MAP_THRESHOLD,
+            quarantine_keep: DEFAULT_QUARANTINE_KEEP,
+        }
     }
 
     /// The default root: `$USINE_CACHE_DIR` if set, else the platform's cache folder (for instance
@@ -306,6 +321,12 @@ struct Opened {
     id: FileId,
 }
 
+/// A payload brought to a newer schema, and the file it came from (removed once the new one is saved).
+pub(crate) struct Upgraded {
+    pub(crate) payload: Vec<u8>,
+    pub(crate) source: FileId,
+}
+
 /// A number for names that must not collide within this process.
 fn unique() -> String {
     static NEXT: AtomicU64 = AtomicU64::new(0);
@@ -340,6 +361,8 @@ impl StorageManager {
             }),
         };
         store.sweep_temporary_files()?;
+        store.prune_quarantine()?;
+        store.prune_locks()?;
         store.refresh_gauges()?;
         Ok(store)
     }
@@ -359,30 +382,68 @@ impl StorageManager {
         &self.inner.quarantine
     }
 
-    /// Removes temporary files whose writer is gone, and files a crashed eviction left on their way out.
-    /// A writer holds a lock on its temporary file until the rename; the lock dies with the process, so
-    /// a file that can be locked is stale. (A writer between creating its file and locking it can lose
-    /// it here; it notices at the rename and writes again.)
+    /// Removes temporary files whose writer is gone (in `graphs/`, and the notes' in the root), and files
+    /// a crashed eviction left on their way out. A writer holds a lock on its temporary file until the
+    /// rename; the lock dies with the process, so a file that can be locked is stale. (A writer between
+    /// creating its file and locking it can lose it here; it notices at the rename and writes again.) A
+    /// file on its way out is removed only after [`EVICT_STALE`]: until its evictor has checked it, it may
+    /// be a graph another process just saved, which the evictor puts back.
     fn sweep_temporary_files(&self) -> Result<usize> {
         let mut swept = 0;
-        let dir = &self.inner.graphs;
-        for entry in fs::read_dir(dir).map_err(StorageError::io("listing", dir))? {
-            let entry = entry.map_err(StorageError::io("listing", dir))?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if !name.starts_with(TEMP_PREFIX) && !name.starts_with(EVICT_PREFIX) {
-                continue;
-            }
-            let path = entry.path();
-            let Ok(file) = File::open(&path) else { continue }; // gone already
-            if name.starts_with(EVICT_PREFIX) || file.try_lock().is_ok() {
-                match fs::remove_file(&path) {
-                    Ok(()) => swept += 1,
-                    Err(error) if error.kind() == ErrorKind::NotFound => {}
-                    Err(error) => return Err(StorageError::io("removing", &path)(error)),
+        for dir in [&self.inner.graphs, &self.inner.config.root] {
+            for entry in fs::read_dir(dir).map_err(StorageError::io("listing", dir))? {
+                let entry = entry.map_err(StorageError::io("listing", dir))?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let evicted = name.starts_with(EVICT_PREFIX) && dir == &self.inner.graphs;
+                if !name.starts_with(TEMP_PREFIX) && !evicted {
+                    continue;
+                }
+                let path = entry.path();
+                let Ok(file) = File::open(&path) else { continue }; // gone already
+                let stale = if evicted {
+                    file.metadata().is_ok_and(|metadata| changed_before(&metadata, EVICT_STALE))
+                } else {
+                    file.try_lock().is_ok()
+                };
+                if stale && remove_if_present(&path)? {
+                    swept += 1;
                 }
             }
         }
         Ok(swept)
+    }
+
+    /// Removes quarantined files older than the configured [`StorageConfig::quarantine_keep`].
+    fn prune_quarantine(&self) -> Result<usize> {
+        let dir = &self.inner.quarantine;
+        let mut pruned = 0;
+        for entry in fs::read_dir(dir).map_err(StorageError::io("listing", dir))? {
+            let entry = entry.map_err(StorageError::io("listing", dir))?;
+            let old = entry.metadata().is_ok_and(|metadata| {
+                metadata.is_file() && changed_before(&metadata, self.inner.config.quarantine_keep)
+            });
+            if old && remove_if_present(&entry.path())? {
+                pruned += 1;
+            }
+        }
+        Ok(pruned)
+    }
+
+    /// Removes the lock files no process holds: each key leaves one behind after its first compile. A
+    /// lock is removed while held by this sweep, and a locker checks that the file it locked is still
+    /// the one at the path ([`lock`](Self::lock)), so no two processes ever hold one key.
+    fn prune_locks(&self) -> Result<usize> {
+        let dir = &self.inner.locks;
+        let mut pruned = 0;
+        for entry in fs::read_dir(dir).map_err(StorageError::io("listing", dir))? {
+            let entry = entry.map_err(StorageError::io("listing", dir))?;
+            let path = entry.path();
+            let Ok(file) = File::options().write(true).open(&path) else { continue }; // gone already
+            if file.try_lock().is_ok() && remove_if_present(&path)? {
+                pruned += 1;
+            }
+        }
+        Ok(pruned)
     }
 
     /// The path of `key`'s graph file.
@@ -428,15 +489,8 @@ impl StorageManager {
         }
 
         let pieces = [&head[..], payload, &trailer[..]];
-        // A store opening in another process can sweep our temporary file in the instant between its
-        // creation and our lock; the rename then finds it gone, and writing again is the fix.
-        match self.write_atomically(key, &pieces, &target) {
-            Err(StorageError::Io { action: "renaming into", source, .. }) if source.kind() == ErrorKind::NotFound => {
-                self.write_atomically(key, &pieces, &target)?;
-            }
-            written => written?,
-        }
-        sync_dir(&self.inner.graphs)?;
+        let stem = key.file_name().trim_end_matches(".graph").to_owned();
+        self.write_retrying(&self.inner.graphs, &stem, &pieces, &target)?;
 
         self.inner.counters.saves.fetch_add(1, Ordering::Relaxed);
         self.inner.counters.bytes_written.fetch_add(bytes, Ordering::Relaxed);
@@ -445,10 +499,9 @@ impl StorageManager {
         Ok(Saved { path: target, bytes, evicted })
     }
 
-    /// Writes `pieces` to a temporary file beside `target`, syncs it and renames it over `target`.
-    fn write_atomically(&self, key: &GraphKey, pieces: &[&[u8]], target: &Path) -> Result<()> {
-        let dir = &self.inner.graphs;
-        let stem = key.file_name().trim_end_matches(".graph").to_owned();
+    /// Writes `pieces` to a temporary file beside `target` (in `dir`, named after `stem`), syncs it and
+    /// renames it over `target`.
+    fn write_atomically(&self, dir: &Path, stem: &str, pieces: &[&[u8]], target: &Path) -> Result<()> {
         let prefix = format!("{TEMP_PREFIX}{stem}-");
         let mut builder = tempfile::Builder::new();
         builder.prefix(&prefix);
@@ -468,6 +521,46 @@ impl StorageManager {
         file.sync_all().map_err(StorageError::io("syncing", &temp_path))?;
         temp.persist(target).map_err(|error| StorageError::io("renaming into", target)(error.error))?;
         Ok(())
+    }
+
+    /// [`write_atomically`](Self::write_atomically), once more if a store opening in another process
+    /// swept the temporary file in the instant between its creation and its lock (the rename then finds
+    /// it gone); then syncs the folder.
+    fn write_retrying(&self, dir: &Path, stem: &str, pieces: &[&[u8]], target: &Path) -> Result<()> {
+        match self.write_atomically(dir, stem, pieces, target) {
+            Err(StorageError::Io { action: "renaming into", source, .. }) if source.kind() == ErrorKind::NotFound => {
+                self.write_atomically(dir, stem, pieces, target)?;
+            }
+            written => written?,
+        }
+        sync_dir(dir)
+    }
+
+    /// Writes a note: a small file of the store's users (the kernel's counts of use) in the cache root,
+    /// as crash-safe as a graph (a synced temporary file renamed over the old note, the folder synced; a
+    /// writer's crash leaves a temporary file that the next open sweeps). `name` is a program's
+    /// constant, checked all the same: 1 to 64 letters, digits, `.`, `-` or `_`, not starting with `.`.
+    pub fn write_note(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        let path = self.note_path(name)?;
+        self.write_retrying(&self.inner.config.root, name, &[bytes], &path)
+    }
+
+    /// The note `name` as last written whole; `None` if there is none.
+    pub fn read_note(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        let path = self.note_path(name)?;
+        match fs::read(&path) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(error) if error.kind() == ErrorKind::NotFound => Ok(None),
+            Err(error) => Err(StorageError::io("reading", path)(error)),
+        }
+    }
+
+    fn note_path(&self, name: &str) -> Result<PathBuf> {
+        let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_');
+        if name.is_empty() || name.len() > 64 || name.starts_with('.') || !name.chars().all(allowed) {
+            return Err(StorageError::NoteName { name: name.chars().take(80).collect() });
+        }
+        Ok(self.inner.config.root.join(name))
     }
 
     /// Refuses to replace a file that a newer usine wrote: a newer format, or a codec unknown here.
@@ -584,12 +677,12 @@ impl StorageManager {
                 Some(Err(message)) => return Ok(Lookup::Miss(Miss::MigrationFailed { from, message })),
                 Some(Ok(upgraded)) => upgraded,
             };
-            let graph = match codec::decode::<T>(&upgraded) {
+            let graph = match codec::decode::<T>(&upgraded.payload) {
                 Ok(graph) => graph,
                 Err(message) => return Ok(Lookup::Miss(Miss::MigrationFailed { from, message })),
             };
-            let saved = self.save_encoded(key, &upgraded)?;
-            remove_if_present(&self.path_of(&key.clone().schema(from)))?;
+            let saved = self.save_encoded(key, &upgraded.payload)?;
+            self.remove_exact(&self.path_of(&key.clone().schema(from)), upgraded.source)?;
             let header = self.header_of(&saved.path)?;
             return Ok(Lookup::Hit(Hit { graph, header, migrated_from: Some(from) }));
         }
@@ -598,12 +691,13 @@ impl StorageManager {
 
     /// The payload of `key`'s graph stored at schema `from`, run through the migrations up to
     /// `key.schema`: `None` when no usable file is stored at `from`, `Some(Err)` when a step fails.
-    pub(crate) fn upgrade(&self, key: &GraphKey, from: u32) -> Result<Option<Result<Vec<u8>, String>>> {
+    pub(crate) fn upgrade(&self, key: &GraphKey, from: u32) -> Result<Option<Result<Upgraded, String>>> {
         let old_key = key.clone().schema(from);
         let old_path = self.path_of(&old_key);
         let Some(opened) = self.read_file(&old_path)? else { return Ok(None) };
         let Ok((_, payload)) = self.check(&old_path, &opened, &old_key)? else { return Ok(None) };
-        Ok(Some(self.inner.migrations.run(&key.engine, from, key.schema, payload)))
+        let upgraded = self.inner.migrations.run(&key.engine, from, key.schema, payload);
+        Ok(Some(upgraded.map(|payload| Upgraded { payload, source: opened.id })))
     }
 
     /// The header of a file just written by this store.
@@ -632,6 +726,8 @@ impl StorageManager {
         let name = path.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default();
         let target = self.inner.quarantine.join(format!("{name}.{reason}.{}.{}", unix_ms(SystemTime::now()), unique()));
         if take_exact(path, id, &target)? {
+            sync_dir(&self.inner.quarantine)?;
+            sync_dir(&self.inner.graphs)?;
             self.inner.counters.quarantined.fetch_add(1, Ordering::Relaxed);
             self.inner.metrics.quarantined.increment(1);
         }
@@ -646,6 +742,7 @@ impl StorageManager {
         let taken = take_exact(path, id, &aside)?;
         if taken {
             remove_if_present(&aside)?;
+            sync_dir(&self.inner.graphs)?;
         }
         Ok(taken)
     }
@@ -655,18 +752,26 @@ impl StorageManager {
     ///
     /// Locks are per open file: two `lock` calls for one key on one thread wait for each other forever.
     pub fn lock(&self, key: &GraphKey) -> Result<KeyLock> {
-        let (file, path) = self.lock_file(key)?;
-        file.lock().map_err(StorageError::io("locking", &path))?;
-        Ok(KeyLock { _file: file })
+        loop {
+            let (file, path) = self.lock_file(key)?;
+            file.lock().map_err(StorageError::io("locking", &path))?;
+            if still_at(&file, &path)? {
+                return Ok(KeyLock { _file: file });
+            }
+            // Pruned while this process waited: the lock is the file at the path, so take that one.
+        }
     }
 
     /// The lock of `key` if it is free now.
     pub fn try_lock(&self, key: &GraphKey) -> Result<Option<KeyLock>> {
-        let (file, path) = self.lock_file(key)?;
-        match file.try_lock() {
-            Ok(()) => Ok(Some(KeyLock { _file: file })),
-            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
-            Err(std::fs::TryLockError::Error(error)) => Err(StorageError::io("locking", &path)(error)),
+        loop {
+            let (file, path) = self.lock_file(key)?;
+            match file.try_lock() {
+                Ok(()) if still_at(&file, &path)? => return Ok(Some(KeyLock { _file: file })),
+                Ok(()) => {} // pruned between the open and the lock: try the file at the path now
+                Err(std::fs::TryLockError::WouldBlock) => return Ok(None),
+                Err(std::fs::TryLockError::Error(error)) => return Err(StorageError::io("locking", &path)(error)),
+            }
         }
     }
 
@@ -680,6 +785,30 @@ impl StorageManager {
             .map_err(StorageError::io("opening", &path))?;
         Ok((file, path))
     }
+}
+
+/// Whether `file` is still the file at `path` (not removed or replaced since it was opened).
+fn still_at(file: &File, path: &Path) -> Result<bool> {
+    let opened = file.metadata().map_err(StorageError::io("reading metadata of", path))?;
+    match fs::metadata(path) {
+        Ok(now) => Ok(FileId::of(&now) == FileId::of(&opened)),
+        Err(error) if error.kind() == ErrorKind::NotFound => Ok(false),
+        Err(error) => Err(StorageError::io("reading metadata of", path)(error)),
+    }
+}
+
+/// Whether the file's inode last changed (a write, a rename) more than `age` ago. Where the platform has
+/// no change time, its modification time.
+fn changed_before(metadata: &fs::Metadata, age: Duration) -> bool {
+    #[cfg(unix)]
+    let changed = {
+        use std::os::unix::fs::MetadataExt;
+        let nanos = u32::try_from(metadata.ctime_nsec()).unwrap_or(0);
+        u64::try_from(metadata.ctime()).map_or(UNIX_EPOCH, |seconds| UNIX_EPOCH + Duration::new(seconds, nanos))
+    };
+    #[cfg(not(unix))]
+    let changed = metadata.modified().unwrap_or(UNIX_EPOCH);
+    SystemTime::now().duration_since(changed).is_ok_and(|since| since > age)
 }
 
 impl std::fmt::Debug for StorageManager {

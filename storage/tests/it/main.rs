@@ -10,6 +10,7 @@ mod basics;
 pub(crate) mod corruption;
 mod crash;
 mod full;
+mod housekeeping;
 mod fuzz;
 mod locks;
 mod migrations;

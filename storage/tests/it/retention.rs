@@ -117,3 +117,22 @@ fn cleanup_removes_what_can_never_be_asked_for_again_and_what_went_unused() {
     assert_eq!(store.list().unwrap().len(), 5);
     assert_eq!(store.stats().unwrap().evicted, 3);
 }
+
+#[test]
+fn cleanup_orders_pre_release_engine_versions_as_semver() {
+    let (_dir, store) = crate::store();
+    let graph = Graph::sample(2, 10);
+    let older = GraphKey::new("m", "webllm", "0.2.78-sim");
+    let current = GraphKey::new("m", "webllm", "0.2.79-sim");
+    let newer = GraphKey::new("m", "webllm", "0.2.80-sim");
+    for key in [&older, &current, &newer] {
+        store.save(key, &graph).unwrap();
+    }
+    let policy = Cleanup {
+        unused_for: None,
+        current: vec![CurrentEngine { engine: "webllm".into(), version: "0.2.79-sim".into(), schema: 1 }],
+    };
+    let report = store.cleanup(&policy).unwrap();
+    assert_eq!(report.done, [(older, "engine version 0.2.78-sim is older than 0.2.79-sim".to_owned())]);
+    assert!(store.path_of(&current).exists() && store.path_of(&newer).exists());
+}
