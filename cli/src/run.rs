@@ -166,7 +166,7 @@ pub(crate) async fn load(
     json: bool,
     interrupt: &mut (impl std::future::Future + Unpin),
 ) -> anyhow::Result<Option<usine_kernel::ModelHandle>> {
-    let mut progress = kernel.progress(model);
+    let mut progress = kernel.progress(model)?;
     let model_id = model.to_owned();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let shown = tokio::spawn(async move {

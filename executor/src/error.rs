@@ -130,6 +130,7 @@ impl ExecError {
             Self::QueueFull { .. } => "queue_full",
             Self::Timeout { .. } => "timeout",
             Self::Kernel(KernelError::UnknownModel { .. }) => "unknown_model",
+            Self::Kernel(KernelError::TooManyProgressStreams { .. }) => "too_many_streams",
             Self::Kernel(_) => "model_unavailable",
             Self::InvalidRequest { .. } => "invalid_request",
             Self::Memory { .. } => "out_of_memory",

@@ -103,4 +103,10 @@ pub enum KernelError {
     /// The kernel needs a tokio runtime.
     #[error("no tokio runtime to run the kernel on")]
     NoRuntime,
+    /// Too many progress streams are open.
+    #[error("{limit} progress streams are open, the limit (`max_progress_streams`)")]
+    TooManyProgressStreams {
+        /// The limit.
+        limit: usize,
+    },
 }

@@ -42,4 +42,6 @@ mod runtime;
 pub use error::{Holder, KernelError};
 pub use events::{EvictReason, KernelEvent, LoadSource};
 pub use handle::ModelHandle;
-pub use runtime::{KeepAlive, KernelConfig, KernelStats, LoadOptions, ModelInfo, ProgressStream, RuntimeManager};
+pub use runtime::{
+    KeepAlive, KernelConfig, KernelStats, LoadOptions, ModelInfo, ProgressEnd, ProgressStream, RuntimeManager,
+};

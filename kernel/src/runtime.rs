@@ -44,6 +44,8 @@ pub struct KernelConfig {
     /// Loads in parallel: warm-ups start only while fewer run, and a user load that finds them all
     /// taken by warm-ups pre-empts one (2).
     pub load_slots: usize,
+    /// Most [`ProgressStream`]s open at once (64).
+    pub max_progress_streams: usize,
 }
 
 impl Default for KernelConfig {
@@ -55,6 +57,7 @@ impl Default for KernelConfig {
             load_timeout: Duration::from_secs(30),
             keep_alive: KeepAlive::For(Duration::from_secs(300)),
             load_slots: 2,
+            max_progress_streams: 64,
         }
     }
 }
@@ -122,6 +125,8 @@ pub(crate) struct Inner {
     counters: Mutex<Counters>,
     /// Reservations of loads not yet among the loaded models.
     pending: Arc<AtomicUsize>,
+    /// Progress streams open now.
+    progress_streams: Arc<AtomicUsize>,
     /// The scope of the kernel's weights leases: its own, so no request's scope release can touch them.
     scope: ScopeId,
     /// The runtime the kernel was made on: loads are spawned there, also from synchronous calls.
@@ -195,24 +200,56 @@ pub struct ModelInfo {
 pub struct ProgressStream {
     events: broadcast::Receiver<KernelEvent>,
     model: String,
+    ended: Option<ProgressEnd>,
+    _slot: StreamSlot,
+}
+
+/// Why a [`ProgressStream`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProgressEnd {
+    /// The model is loaded.
+    Loaded,
+    /// Its load failed.
+    Failed,
+    /// Its warm-up gave its slot to a user's load and went back to the front of the queue: it starts
+    /// again later, and a new stream can follow it.
+    Preempted,
+    /// The kernel is gone.
+    KernelGone,
 }
 
 impl ProgressStream {
-    /// The next report (stage, fraction, time left), or `None` once the model is loaded (or the kernel
-    /// is gone). A reader that falls behind skips the reports it missed.
+    /// The next report (stage, fraction, time left), or `None` once the load it follows ends: loaded,
+    /// failed, or a warm-up pre-empted ([`ended`](Self::ended) says which). A reader that falls behind
+    /// skips the reports it missed.
     pub async fn next(&mut self) -> Option<Progress> {
-        loop {
-            match self.events.recv().await {
+        while self.ended.is_none() {
+            let end = match self.events.recv().await {
                 Ok(KernelEvent::Progress { model, progress }) if model == self.model => return Some(progress),
-                Ok(KernelEvent::Loaded { model, .. } | KernelEvent::LoadFailed { model, .. })
-                    if model == self.model =>
-                {
-                    return None;
-                }
-                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
-                Err(broadcast::error::RecvError::Closed) => return None,
-            }
+                Ok(KernelEvent::Loaded { model, .. }) if model == self.model => ProgressEnd::Loaded,
+                Ok(KernelEvent::LoadFailed { model, .. }) if model == self.model => ProgressEnd::Failed,
+                Ok(KernelEvent::WarmupPreempted { model }) if model == self.model => ProgressEnd::Preempted,
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => ProgressEnd::KernelGone,
+            };
+            self.ended = Some(end);
         }
+        None
+    }
+
+    /// Why the stream ended; `None` while it runs.
+    pub fn ended(&self) -> Option<ProgressEnd> {
+        self.ended
+    }
+}
+
+/// One of the [`KernelConfig::max_progress_streams`] slots, given back when its stream is dropped.
+#[derive(Debug)]
+struct StreamSlot(Arc<AtomicUsize>);
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -247,6 +284,7 @@ impl RuntimeManager {
             events: broadcast::channel(1024).0,
             counters: Mutex::default(),
             pending: Arc::new(AtomicUsize::new(0)),
+            progress_streams: Arc::new(AtomicUsize::new(0)),
             scope: ScopeId::fresh(),
             runtime: runtime.clone(),
             usage: Mutex::new((counts, None)),
@@ -363,9 +401,17 @@ impl RuntimeManager {
         self.inner.events.subscribe()
     }
 
-    /// The progress of `model`'s next (or current) compile, until it is loaded or its load fails.
-    pub fn progress(&self, model: &str) -> ProgressStream {
-        ProgressStream { events: self.inner.events.subscribe(), model: model.to_owned() }
+    /// The progress of `model`'s next (or current) compile, until its load ends (see
+    /// [`ProgressStream::next`]). At most [`KernelConfig::max_progress_streams`] are open at once: each
+    /// holds a place in the kernel's event channel, and a server hands them to clients.
+    pub fn progress(&self, model: &str) -> Result<ProgressStream, KernelError> {
+        let limit = self.inner.config.max_progress_streams;
+        let open = &self.inner.progress_streams;
+        if open.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < limit).then_some(n + 1)).is_err() {
+            return Err(KernelError::TooManyProgressStreams { limit });
+        }
+        let slot = StreamSlot(Arc::clone(open));
+        Ok(ProgressStream { events: self.inner.events.subscribe(), model: model.to_owned(), ended: None, _slot: slot })
     }
 
     /// Loads `model` with the default options.

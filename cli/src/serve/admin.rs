@@ -140,7 +140,7 @@ pub(crate) async fn progress(
 ) -> Result<impl IntoResponse, ApiError> {
     let Query(query) = query.map_err(|rejection| super::error::bad_query(&rejection))?;
     state.app.kernel.engine_for(&query.model)?;
-    let reports = state.app.kernel.progress(&query.model);
+    let reports = state.app.kernel.progress(&query.model)?;
     // Nothing to follow unless a load runs now: a stream that waits for a load nobody started would
     // never end.
     let loaded = !state.app.kernel.is_loading(&query.model);

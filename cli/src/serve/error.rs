@@ -76,6 +76,12 @@ impl From<ExecError> for ApiError {
                     ..Self::new(StatusCode::TOO_MANY_REQUESTS, message, "queue_full")
                 };
             }
+            "too_many_streams" => {
+                return Self {
+                    retry_after: Some(1),
+                    ..Self::new(StatusCode::TOO_MANY_REQUESTS, message, "too_many_streams")
+                };
+            }
             "timeout" => StatusCode::GATEWAY_TIMEOUT,
             "unknown_model" => return Self::new(StatusCode::NOT_FOUND, message, "model_not_found"),
             "invalid_request" => StatusCode::UNPROCESSABLE_ENTITY,

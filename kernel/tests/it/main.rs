@@ -16,7 +16,8 @@ use usine_engine::{
     CompiledGraph, Engine, EngineDescriptor, EngineError, LoadedModel, MemoryPlan, ModelSpec, ProgressSink, ZeroEngine,
 };
 use usine_kernel::{
-    EvictReason, KeepAlive, KernelConfig, KernelError, KernelEvent, LoadOptions, LoadSource, RuntimeManager,
+    EvictReason, KeepAlive, KernelConfig, KernelError, KernelEvent, LoadOptions, LoadSource, ProgressEnd,
+    RuntimeManager,
 };
 use usine_memory::MemoryManager;
 use usine_storage::{Migrations, StorageConfig, StorageManager};
@@ -402,21 +403,21 @@ async fn room_freed_by_a_failed_load_wakes_the_loads_waiting_for_it() {
 #[tokio::test(start_paused = true)]
 async fn the_progress_of_a_failing_load_ends_with_it() {
     let f = fixture_failing(config(1), &["a"], Some("a"));
-    let mut progress = f.kernel.progress("a");
+    let mut progress = f.kernel.progress("a").unwrap();
     let kernel = f.kernel.clone();
     let load = tokio::spawn(async move { kernel.load_model("a").await });
     let mut reports = 0;
     while progress.next().await.is_some() {
         reports += 1;
     }
-    assert_eq!(reports, 2);
+    assert_eq!((reports, progress.ended()), (2, Some(ProgressEnd::Failed)));
     assert!(load.await.unwrap().is_err());
 }
 
 #[tokio::test(start_paused = true)]
 async fn one_load_s_progress_can_be_followed_to_the_end() {
     let f = fixture(config(2), &["a", "b"]);
-    let mut progress = f.kernel.progress("a");
+    let mut progress = f.kernel.progress("a").unwrap();
     let kernel = f.kernel.clone();
     let other = tokio::spawn(async move { kernel.load_model("b").await });
     let kernel = f.kernel.clone();
@@ -426,5 +427,34 @@ async fn one_load_s_progress_can_be_followed_to_the_end() {
         fractions.push(report.fraction);
     }
     assert_eq!(fractions, [0.0, 1.0], "a's reports only, then the end");
+    assert_eq!(progress.ended(), Some(ProgressEnd::Loaded));
     assert!(load.await.unwrap().is_ok() && other.await.unwrap().is_ok());
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_progress_of_a_pre_empted_warm_up_ends_and_says_so() {
+    // One slot and room for one model, held by b: a's warm-up could not start again for the whole load
+    // timeout, so a stream that waited for its end would wait as long.
+    let f = fixture(KernelConfig { load_slots: 1, ..config(1) }, &["a", "b"]);
+    f.kernel.warm_up(&["a"]).unwrap();
+    let mut progress = f.kernel.progress("a").unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let kernel = f.kernel.clone();
+    let user = tokio::spawn(async move { kernel.load_model("b").await });
+    let start = Instant::now();
+    assert_eq!(progress.next().await, None);
+    assert_eq!((progress.ended(), start.elapsed()), (Some(ProgressEnd::Preempted), Duration::ZERO));
+    assert_eq!(progress.next().await, None, "ended for good");
+    drop(user.await.unwrap().unwrap());
+}
+
+#[tokio::test(start_paused = true)]
+async fn progress_streams_are_capped_and_a_dropped_one_gives_its_place_back() {
+    let f = fixture(KernelConfig { max_progress_streams: 2, ..config(1) }, &["a"]);
+    let first = f.kernel.progress("a").unwrap();
+    let _second = f.kernel.progress("a").unwrap();
+    let error = f.kernel.progress("a").unwrap_err();
+    assert_eq!(error.to_string(), "2 progress streams are open, the limit (`max_progress_streams`)");
+    drop(first);
+    f.kernel.progress("a").unwrap();
 }
