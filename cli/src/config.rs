@@ -226,6 +226,18 @@ pub(crate) fn load(files: &[PathBuf], flags: Flags) -> anyhow::Result<Loaded> {
     Ok(loaded)
 }
 
+/// A number as people wrote it: a default held as an `f32` (`temperature` 0.7) reads back as
+/// 0.699999988079071 in an `f64`, so a float that an `f32` holds exactly is printed as that `f32`.
+fn shortest(number: &serde_json::Number) -> String {
+    match number.as_f64() {
+        #[allow(clippy::cast_possible_truncation, reason = "the round trip checks that nothing is lost")]
+        Some(float) if !number.is_i64() && !number.is_u64() && f64::from(float as f32) == float => {
+            (float as f32).to_string()
+        }
+        _ => number.to_string(),
+    }
+}
+
 /// A configuration error in one line per problem: where, which key, what was wrong.
 fn describe(error: &figment::Error) -> String {
     error
@@ -234,12 +246,18 @@ fn describe(error: &figment::Error) -> String {
         .map(|error| {
             let key = error.path.join(".");
             let origin = error.metadata.as_ref().map(|metadata| origin(metadata, &error.path));
-            match origin {
-                Some(origin) if !key.is_empty() => {
-                    format!("bad configuration in {origin}: key `{key}`: {}", error.kind)
+            let what = match &error.kind {
+                figment::error::Kind::UnknownField(field, known) => {
+                    format!("unknown key `{field}` (the keys: {})", known.join(", "))
                 }
-                Some(origin) => format!("bad configuration in {origin}: {}", error.kind),
-                None => format!("bad configuration: {}", error.kind),
+                kind => kind.to_string(),
+            };
+            match origin {
+                Some(origin) if !key.is_empty() && !matches!(error.kind, figment::error::Kind::UnknownField(..)) => {
+                    format!("bad configuration in {origin}: key `{key}`: {what}")
+                }
+                Some(origin) => format!("bad configuration in {origin}: {what}"),
+                None => format!("bad configuration: {what}"),
             }
         })
         .collect::<Vec<_>>()
@@ -358,6 +376,7 @@ impl Loaded {
                     Ok(value) => match serde_json::to_value(&value) {
                         Ok(serde_json::Value::String(text)) => text,
                         Ok(serde_json::Value::Null) => "(unset)".to_owned(),
+                        Ok(serde_json::Value::Number(number)) => shortest(&number),
                         Ok(other) => other.to_string(),
                         Err(_) => "?".to_owned(),
                     },

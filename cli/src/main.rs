@@ -215,11 +215,28 @@ fn main() -> ExitCode {
             if std::env::var_os("RUST_BACKTRACE").is_some_and(|value| value != "0") {
                 eprintln!("error: {error:?}");
             } else {
-                eprintln!("error: {error:#}");
+                eprintln!("error: {}", chain(&error));
             }
             ExitCode::from(code)
         }
     }
+}
+
+/// An error and its causes on one line, each cause once: a library error that already says its
+/// source in its own message (`model `m`: <the engine's error>`) is not followed by that source again.
+fn chain(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 /// Loads the configuration with the flags that set values; a bad one is a usage error.

@@ -23,7 +23,13 @@ pub(crate) fn table<const N: usize>(header: [&str; N], rows: impl IntoIterator<I
     for row in rows {
         table.add_row(row);
     }
-    table.to_string()
+    if std::io::stdout().is_terminal() {
+        table.to_string()
+    } else {
+        // Piped, no line carries the padding of the widest cell of its last column (a model's long
+        // description padded every row to 170 columns).
+        table.to_string().lines().map(str::trim_end).collect::<Vec<_>>().join("\n")
+    }
 }
 
 /// Pretty JSON on stdout.

@@ -11,7 +11,7 @@ use serde_json::json;
 use tokio::time::Instant;
 use usine_engine::Progress;
 use usine_executor::{Event, Request, Usage};
-use usine_kernel::{LoadOptions, LoadSource, RuntimeManager};
+use usine_kernel::{KernelEvent, LoadOptions, LoadSource, RuntimeManager};
 
 use crate::app::App;
 use crate::config::Loaded;
@@ -65,6 +65,9 @@ pub(crate) async fn run(loaded: &Loaded, prompt: Option<String>, json: bool) -> 
     }
 
     let request = Request::prompt(&model.id, prompt).params(loaded.params());
+    // `max_tokens` left at its default fits what the context leaves; one the user set is kept (and a
+    // prompt that leaves less room is refused with the value that would fit).
+    let request = if loaded.origin_of("max_tokens") == "default" { request.fit_to_context() } else { request };
     let mut stream = app.executor.generate(request)?;
     let mut stdout = std::io::stdout().lock();
     let mut tokens = 0_u32;
@@ -167,16 +170,29 @@ pub(crate) async fn load(
     interrupt: &mut (impl std::future::Future + Unpin),
 ) -> anyhow::Result<Option<usine_kernel::ModelHandle>> {
     let mut progress = kernel.progress(model)?;
+    let mut events = kernel.subscribe();
     let model_id = model.to_owned();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let shown = tokio::spawn(async move {
         let mut display = CompileDisplay::new(&model_id, json);
         tokio::pin!(stopped);
+        let mut listening = true;
         loop {
             tokio::select! {
                 report = progress.next() => match report {
                     Some(report) => display.show(&report),
                     None => break,
+                },
+                event = events.recv(), if listening => match event {
+                    Ok(KernelEvent::WaitingForCompile { model }) if model == model_id => {
+                        display.note("waiting", "another usine process is compiling it; waiting for its graph", None);
+                    }
+                    Ok(KernelEvent::GraphQuarantined { model, reason }) if model == model_id => {
+                        let text = format!("its stored graph was damaged ({reason}); compiling it again");
+                        display.note("quarantined", &text, Some(&reason));
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => listening = false,
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                 },
                 _ = &mut stopped => break,
             }
@@ -204,6 +220,18 @@ struct CompileDisplay {
 impl CompileDisplay {
     fn new(model: &str, json: bool) -> Self {
         Self { model: model.to_owned(), bar: None, json, stage: String::new() }
+    }
+
+    /// A line about the load that is not a compile's progress: a wait for another process, a damaged
+    /// graph. With `--json`, an event named `event` (with the `reason`, when there is one).
+    fn note(&mut self, event: &str, text: &str, reason: Option<&str>) {
+        if self.json {
+            outln!("{}", json!({ "event": event, "model": self.model, "reason": reason }));
+        } else if let Some(bar) = &self.bar {
+            bar.suspend(|| eprintln!("{}: {text}", self.model));
+        } else {
+            eprintln!("{}: {text}", self.model);
+        }
     }
 
     fn show(&mut self, report: &Progress) {
@@ -250,16 +278,58 @@ impl CompileDisplay {
     }
 }
 
-/// One line of figures after an answer.
+/// One line of figures after an answer. The rate is the decode speed after the first token (what
+/// `tokens_per_second` measures), so it is said apart from the total, which counts the first token's wait.
 fn summary(usage: &Usage) -> String {
+    let plural = |n: u32, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
     format!(
-        "{} tokens in {} · first token after {} · {:.1} tokens/s{}",
-        usage.generated_tokens,
+        "{} in {} · first token after {}{}{}",
+        plural(usage.generated_tokens, "token", "tokens"),
         output::duration(usage.total),
         output::duration(usage.time_to_first_token),
-        usage.tokens_per_second,
-        if usage.retries > 0 { format!(" · {} retries", usage.retries) } else { String::new() }
+        if usage.generated_tokens > 1 {
+            format!(" · then {:.1} tokens/s", usage.tokens_per_second)
+        } else {
+            String::new()
+        },
+        if usage.retries > 0 { format!(" · {}", plural(usage.retries, "retry", "retries")) } else { String::new() }
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use usine_engine::FinishReason;
+
+    use super::*;
+
+    fn usage(generated_tokens: u32, retries: u32) -> Usage {
+        Usage {
+            finish: FinishReason::Length,
+            prompt_tokens: 2,
+            generated_tokens,
+            time_to_first_token: Duration::from_millis(50),
+            tokens_per_second: 27.65,
+            queued: Duration::ZERO,
+            total: Duration::from_millis(1280),
+            retries,
+            pipeline_idle: Duration::ZERO,
+        }
+    }
+
+    #[test]
+    fn the_summary_says_one_token_and_gives_the_rate_after_the_first() {
+        assert_eq!(summary(&usage(1, 0)), "1 token in 1.28 s · first token after 50 ms");
+        assert_eq!(
+            summary(&usage(34, 1)),
+            "34 tokens in 1.28 s · first token after 50 ms · then 27.6 tokens/s · 1 retry"
+        );
+        assert_eq!(
+            summary(&usage(34, 2)),
+            "34 tokens in 1.28 s · first token after 50 ms · then 27.6 tokens/s · 2 retries"
+        );
+    }
 }
 
 /// The usage figures as JSON.

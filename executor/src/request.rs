@@ -110,6 +110,9 @@ pub struct Request {
     pub priority: Priority,
     /// Limits of this request; each one set replaces the executor's.
     pub timeouts: Timeouts,
+    /// `params.max_tokens` is a default, not the caller's choice: when the prompt and it overflow the
+    /// model's context, generate what fits (up to the context's end) instead of refusing the request.
+    pub fit_to_context: bool,
 }
 
 impl Request {
@@ -130,6 +133,7 @@ impl Request {
             params: GenerationParams::default(),
             priority: Priority::default(),
             timeouts: Timeouts::default(),
+            fit_to_context: false,
         }
     }
 
@@ -144,6 +148,14 @@ impl Request {
     #[must_use]
     pub fn max_tokens(mut self, max_tokens: u32) -> Self {
         self.params.max_tokens = max_tokens;
+        self
+    }
+
+    /// Says that `max_tokens` is a default the caller did not choose: a prompt that leaves less room in
+    /// the context gets what fits instead of an error.
+    #[must_use]
+    pub fn fit_to_context(mut self) -> Self {
+        self.fit_to_context = true;
         self
     }
 

@@ -212,8 +212,15 @@ impl Generation<'_> {
         let load = started.elapsed();
         let model = Arc::clone(handle.model());
         let plan = handle.memory_plan();
-        let params = &request.params;
         let prompt = model.tokenize(&request.input.render());
+        let fitted;
+        let params = match fitted_max_tokens(request, &plan, prompt.len()) {
+            Some(max_tokens) => {
+                fitted = GenerationParams { max_tokens, ..request.params.clone() };
+                &fitted
+            }
+            None => &request.params,
+        };
         params.validate().map_err(|source| self.invalid(source))?;
         check_context(&plan, prompt.len(), params).map_err(|source| self.invalid(source))?;
         let scope = ScopeId::fresh();
@@ -549,4 +556,13 @@ impl KvCache {
         }
         Ok(())
     }
+}
+
+/// The `max_tokens` that fits the context after the prompt, when the request lets the executor fit it
+/// (its `max_tokens` is a default) and its own does not fit; `None` to keep the request's. A prompt that
+/// leaves no room keeps it too, and is refused by the context check.
+fn fitted_max_tokens(request: &Request, plan: &MemoryPlan, prompt_tokens: usize) -> Option<u32> {
+    let room = u64::from(plan.max_context_tokens).checked_sub(prompt_tokens as u64)?;
+    let room = u32::try_from(room).expect("at most the context");
+    (request.fit_to_context && room > 0 && room < request.params.max_tokens).then_some(room)
 }

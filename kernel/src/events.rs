@@ -95,6 +95,18 @@ pub enum KernelEvent {
         /// The model.
         model: String,
     },
+    /// Another process compiles the model (it holds the graph's lock): this load waits for its graph.
+    WaitingForCompile {
+        /// The model.
+        model: String,
+    },
+    /// The stored graph was damaged: the store moved it to quarantine, and the model compiles again.
+    GraphQuarantined {
+        /// The model.
+        model: String,
+        /// What was wrong with it.
+        reason: String,
+    },
     /// A compiled graph could not be saved; the model is loaded all the same.
     SaveFailed {
         /// The model.

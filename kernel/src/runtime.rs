@@ -848,21 +848,35 @@ async fn load(
             // lock makes one process compile while the others wait, then read what it saved.
             let store = inner.storage.clone();
             let get_key = key.clone();
-            let stored = if attempt > 0 {
-                None
+            let lookup = if attempt > 0 {
+                Lookup::Miss(usine_storage::Miss::Absent)
             } else if std::fs::metadata(store.path_of(&key)).is_ok_and(|file| file.len() <= INLINE_READ_MAX) {
                 // A small graph reads in microseconds: less than the trip to a blocking thread.
-                store.get::<CompiledGraph>(&get_key).map_err(storage_error)?.hit()
+                store.get::<CompiledGraph>(&get_key).map_err(storage_error)?
             } else {
-                blocking(move || store.get::<CompiledGraph>(&get_key)).await.map_err(storage_error)?.hit()
+                blocking(move || store.get::<CompiledGraph>(&get_key)).await.map_err(storage_error)?
             };
+            if let Lookup::Miss(miss @ (usine_storage::Miss::Corrupt(_) | usine_storage::Miss::KeyMismatch { .. })) =
+                &lookup
+            {
+                inner.emit(KernelEvent::GraphQuarantined { model: model.clone(), reason: miss.to_string() });
+            }
+            let stored = lookup.hit();
             match stored {
                 Some(graph) => (graph, LoadSource::Disk),
                 None => {
                     let store = inner.storage.clone();
                     let lock_key = key.clone();
+                    let (events, id) = (inner.events.clone(), model.clone());
                     let (lock, stored) = blocking(move || {
-                        let lock = store.lock(&lock_key)?;
+                        let lock = match store.try_lock(&lock_key)? {
+                            Some(lock) => lock,
+                            None => {
+                                // Said before the wait, which lasts as long as the other compile.
+                                let _ = events.send(KernelEvent::WaitingForCompile { model: id });
+                                store.lock(&lock_key)?
+                            }
+                        };
                         Ok((lock, store.get::<CompiledGraph>(&lock_key)?))
                     })
                     .await

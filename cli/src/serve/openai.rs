@@ -195,6 +195,9 @@ async fn generate(
 ) -> Result<Response, ApiError> {
     state.ready()?;
     let params = params(state, &sampling)?;
+    // A server default for `max_tokens`, not the client's: what fits the context is generated.
+    let fit = sampling.max_completion_tokens.or(sampling.max_tokens).is_none();
+    let request = if fit { request.fit_to_context() } else { request };
     // An unknown model is a 404 before anything queues (and no id reaches a path: ids are looked up).
     if state.app.kernel.engine_for(&model).is_err() {
         let shown: String = model.chars().take(64).collect();

@@ -11,6 +11,9 @@ use std::path::Path;
 use assert_cmd::Command;
 use serde_json::Value;
 
+mod migrate;
+mod user;
+
 /// `usine` in `dir`: its cache in `dir/cache`, its config folder `dir/config`, its working folder `dir`.
 fn usine(dir: &Path) -> Command {
     let mut command = Command::cargo_bin("usine").unwrap();
@@ -184,7 +187,8 @@ fn bad_configuration_names_the_file_the_key_and_what_was_expected() {
 
     std::fs::write(dir.path().join("usine.toml"), "max_token = 5\n").unwrap();
     let message = stderr(&usine(dir.path()).args(["config", "show"]).output().unwrap());
-    assert!(message.contains("usine.toml: key `max_token`: unknown field"), "{message}");
+    assert!(message.contains("usine.toml: unknown key `max_token` (the keys: engine, model, "), "{message}");
+    assert!(!message.contains("``"), "{message}");
 }
 
 #[test]
@@ -200,6 +204,7 @@ fn config_show_says_where_each_value_came_from() {
     assert_eq!(setting("temperature")["value"], "0.2");
     assert!(setting("temperature")["source"].as_str().unwrap().ends_with("usine.toml"));
     assert_eq!(setting("engine")["source"], "default");
+    assert_eq!(setting("top_p")["value"], "0.95", "a default f32 as written, not 0.949999988079071");
 }
 
 #[test]

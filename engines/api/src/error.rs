@@ -38,10 +38,15 @@ pub enum EngineError {
         limit: String,
     },
     /// The prompt and the tokens asked for do not fit the model's context.
-    #[error("{tokens} tokens (prompt and max_tokens) exceed the context of {limit} tokens")]
+    #[error(
+        "the prompt's {prompt} tokens and max_tokens {max_tokens} exceed the context of {limit} tokens; {}",
+        if prompt < limit { format!("max_tokens {} would fit", limit - prompt) } else { "the prompt alone fills it".to_owned() }
+    )]
     ContextOverflow {
-        /// Prompt tokens plus `max_tokens`.
-        tokens: u64,
+        /// Tokens of the prompt (and of the tokens already generated, on a resume).
+        prompt: u32,
+        /// The tokens asked for.
+        max_tokens: u32,
         /// The model's context.
         limit: u32,
     },

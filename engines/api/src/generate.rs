@@ -57,9 +57,9 @@ pub async fn generate(
 /// context; engines call it in [`LoadedModel::prefill`] (with the prompt and the tokens already generated).
 pub fn check_context(plan: &MemoryPlan, prompt_tokens: usize, params: &GenerationParams) -> Result<(), EngineError> {
     let limit = plan.max_context_tokens;
-    let tokens = prompt_tokens as u64 + u64::from(params.max_tokens);
-    if tokens > u64::from(limit) {
-        return Err(EngineError::ContextOverflow { tokens, limit });
+    if prompt_tokens as u64 + u64::from(params.max_tokens) > u64::from(limit) {
+        let prompt = u32::try_from(prompt_tokens).unwrap_or(u32::MAX);
+        return Err(EngineError::ContextOverflow { prompt, max_tokens: params.max_tokens, limit });
     }
     Ok(())
 }

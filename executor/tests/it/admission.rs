@@ -117,7 +117,27 @@ async fn parameters_out_of_range_are_refused_with_the_limit() {
     assert!(error.to_string().contains("`max_tokens` is 0, outside 1..="), "{error}");
     let error =
         f.executor.generate(Request::prompt("lab", "Hi").max_tokens(5000)).unwrap().collect().await.unwrap_err();
-    assert!(error.to_string().contains("5002 tokens (prompt and max_tokens) exceed the context of 4096"), "{error}");
+    assert!(
+        error.to_string().contains("the prompt's 2 tokens and max_tokens 5000 exceed the context of 4096 tokens"),
+        "{error}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_default_max_tokens_is_fitted_to_the_context_and_a_chosen_one_is_refused() {
+    let f = crate::fixture_with_pools(config(), 8 << 20, 1 << 20); // room for the whole context
+    let long = "x".repeat(4000); // 4,000 tokens of the 4,096 the model takes
+    let refused = Request::prompt("lab", long.clone()).max_tokens(200);
+    let error = f.executor.generate(refused).unwrap().collect().await.unwrap_err();
+    assert!(error.to_string().ends_with("max_tokens 96 would fit"), "{error}");
+    let fitted = Request::prompt("lab", long.clone()).max_tokens(200).fit_to_context();
+    let output = f.executor.generate(fitted).unwrap().collect().await.unwrap();
+    assert_eq!((output.usage.prompt_tokens, output.usage.generated_tokens), (4000, 96));
+    let under = Request::prompt("lab", "Hi").max_tokens(5).fit_to_context();
+    assert_eq!(f.executor.generate(under).unwrap().collect().await.unwrap().usage.generated_tokens, 5, "untouched");
+    let full = Request::prompt("lab", "x".repeat(4096)).max_tokens(5).fit_to_context();
+    let error = f.executor.generate(full).unwrap().collect().await.unwrap_err();
+    assert!(error.to_string().ends_with("the prompt alone fills it"), "{error}");
 }
 
 #[tokio::test(start_paused = true)]

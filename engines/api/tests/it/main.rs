@@ -70,8 +70,15 @@ async fn the_reference_driver_honours_limits_and_stops() {
 
     let overflow = GenerationParams { max_tokens: 4096, ..params };
     let err = generate(model.as_ref(), "prompt", &overflow).await.unwrap_err();
-    assert_eq!(err, EngineError::ContextOverflow { tokens: 4102, limit: 4096 });
-    assert_eq!(err.to_string(), "4102 tokens (prompt and max_tokens) exceed the context of 4096 tokens");
+    assert_eq!(err, EngineError::ContextOverflow { prompt: 6, max_tokens: 4096, limit: 4096 });
+    assert_eq!(
+        err.to_string(),
+        "the prompt's 6 tokens and max_tokens 4096 exceed the context of 4096 tokens; max_tokens 4090 would fit"
+    );
+    let full = GenerationParams { max_tokens: 1, ..overflow };
+    let long = "x".repeat(4096);
+    let err = generate(model.as_ref(), &long, &full).await.unwrap_err();
+    assert!(err.to_string().ends_with("exceed the context of 4096 tokens; the prompt alone fills it"), "{err}");
 }
 
 #[test]
