@@ -1,5 +1,5 @@
 //! `usine serve`: an HTTP API that OpenAI clients speak, model lifecycle endpoints, `/metrics` for
-//! Prometheus and `/health`; bearer-token auth off loopback; graceful shutdown on SIGTERM.
+//! Prometheus and `/health`; bearer-token auth off loopback; graceful shutdown on SIGTERM or SIGINT.
 
 mod admin;
 mod error;
@@ -222,31 +222,12 @@ pub(crate) async fn serve(loaded: Loaded, bind: Option<String>) -> anyhow::Resul
     }
     let app = App::build(&loaded)?;
     let _gc = app.memory.start_gc()?; // idle leases return to their pools while the server runs
-    let warmup = loaded.config.warmup.clone();
-    for model in &warmup {
+    for model in &loaded.config.warmup {
         app.kernel.engine_for(model).map_err(|error| crate::UsageError(anyhow::anyhow!("`warmup`: {error}")))?;
     }
-    let not_ready =
-        (loaded.config.wait_for_warmup && !warmup.is_empty()).then(|| format!("warming up {}", warmup.join(", ")));
     let grace = Duration::from_secs(loaded.config.shutdown_grace_seconds);
     let state = Arc::new(Shared::new(app, loaded, metrics));
-    *state.not_ready.lock() = not_ready;
-    if !warmup.is_empty() {
-        let state = Arc::clone(&state);
-        tokio::spawn(async move {
-            let mut failed = None;
-            for model in &warmup {
-                let options = usine_kernel::LoadOptions { warm: true, ..usine_kernel::LoadOptions::default() };
-                if let Err(error) = state.app.kernel.load_with(model, options).await {
-                    eprintln!("usine serve: warm-up of {model} failed: {error}");
-                    failed.get_or_insert(format!("warm-up of {model} failed: {error}"));
-                }
-            }
-            let mut not_ready = state.not_ready.lock();
-            // Waiting for a warm-up that failed: not ready, and /health says why.
-            *not_ready = if not_ready.is_some() { failed } else { None };
-        });
-    }
+    drop(start_warmup(&state)); // detached: it runs while the server serves
 
     let listener =
         tokio::net::TcpListener::bind(address).await.with_context(|| format!("cannot listen on {address}"))?;
@@ -274,6 +255,33 @@ pub(crate) async fn serve(loaded: Loaded, bind: Option<String>) -> anyhow::Resul
         eprintln!("usine serve: the counts of use were not saved: {error}"); // the shutdown itself went well
     }
     Ok(())
+}
+
+/// Starts the warm-up of the models of `warmup` (checked to exist) in the background, one after the other. With
+/// `wait_for_warmup`, the server is not ready from now until they are all loaded, and stays so, saying
+/// why, if one failed. The task is returned for tests to await.
+fn start_warmup(state: &AppState) -> Option<tokio::task::JoinHandle<()>> {
+    let warmup = state.loaded.config.warmup.clone();
+    if warmup.is_empty() {
+        return None;
+    }
+    if state.loaded.config.wait_for_warmup {
+        *state.not_ready.lock() = Some(format!("warming up {}", warmup.join(", ")));
+    }
+    let state = Arc::clone(state);
+    Some(tokio::spawn(async move {
+        let mut failed = None;
+        for model in &warmup {
+            let options = usine_kernel::LoadOptions { warm: true, ..usine_kernel::LoadOptions::default() };
+            if let Err(error) = state.app.kernel.load_with(model, options).await {
+                eprintln!("usine serve: warm-up of {model} failed: {error}");
+                failed.get_or_insert(format!("warm-up of {model} failed: {error}"));
+            }
+        }
+        let mut not_ready = state.not_ready.lock();
+        // Waiting for a warm-up that failed: not ready, and /health says why.
+        *not_ready = if not_ready.is_some() { failed } else { None };
+    }))
 }
 
 /// SIGTERM or Ctrl-C, listened for from now on.

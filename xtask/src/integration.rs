@@ -3,10 +3,12 @@
 //! official OpenAI Python client and with load, disconnects and hostile requests, checks each outcome,
 //! stops everything, and prints a report. Exits non-zero if any check failed.
 
+use std::collections::BTreeSet;
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
@@ -17,8 +19,15 @@ const MAX_CONCURRENT: usize = 4;
 const QUEUE_CAPACITY: usize = 8;
 /// Concurrent streams offered in the load step: well beyond slots and queue together.
 const OFFERED: usize = 40;
+/// Tokens each stream of the load step asks for: about the most the model's context (2,048) holds after
+/// the prompt, four seconds at 2 ms a token, far longer than the burst takes to be decided (which the
+/// step checks: no admitted stream may end before the client hangs up).
+const HELD_TOKENS: u32 = 2000;
 /// The server's grace period after SIGTERM.
 const GRACE: Duration = Duration::from_secs(2);
+/// How long after the grace period the server may take to exit: the runtime waits up to 500 ms for
+/// blocking work (`main.rs`), the use counts are written, and the exit is polled every 50 ms.
+const EXIT_MARGIN: Duration = Duration::from_secs(1);
 /// A model that compiles in 150 ms and decodes at about 500 tokens/s.
 const MODEL: &str = "webllm/tiny";
 
@@ -55,14 +64,17 @@ pub(crate) fn run(root: &Path) -> Result<ExitCode> {
         check("warm model", warm);
         match Prometheus::start(work.path(), port) {
             Ok(mut prometheus) => {
-                check("prometheus scrapes pool, kernel, executor and http series", prometheus.series_arrive(&http));
+                check(
+                    "prometheus scrapes pool, kernel, executor and http series",
+                    prometheus.series_arrive(&http, &base),
+                );
                 check("promtool check metrics", promtool(&http, &base));
                 prometheus.stop();
             }
             Err(error) => check("prometheus", Err(error)),
         }
         check("openai python client", openai_client(root, work.path(), &base));
-        check("load beyond the queue", overload(&base));
+        check("load beyond the queue", overload(&http, &base));
         check("pools back to zero after the load", pools_at_zero(&http, &base, Duration::from_secs(5)));
         check("client disconnects free memory", disconnects(&http, &base));
         check("hostile requests", hostile(&http, &base, work.path()));
@@ -158,15 +170,18 @@ impl Server {
         Ok(Self { child })
     }
 
-    /// Waits for the exit that SIGTERM started: status 0 within the grace period and a little more.
-    fn terminate(&mut self) -> Result<String> {
-        let start = Instant::now();
+    /// Waits for the exit that the SIGTERM sent at `signalled` started: status 0, no sooner than the grace
+    /// period (a stream longer than it runs) and no later than the grace period and `EXIT_MARGIN`.
+    fn terminate(&mut self, signalled: Instant) -> Result<String> {
+        let latest = GRACE + EXIT_MARGIN;
         loop {
             if let Some(status) = self.child.try_wait()? {
+                let after = signalled.elapsed();
                 ensure!(status.success(), "exited with {status}");
-                return Ok(format!("exit 0 after {:?}", start.elapsed()));
+                ensure!(after >= GRACE, "exited {after:?} after SIGTERM, before the end of the {GRACE:?} grace period");
+                return Ok(format!("exit 0 {after:.2?} after SIGTERM (grace {GRACE:?}, at most {latest:?})"));
             }
-            ensure!(start.elapsed() < Duration::from_secs(10), "still running 10 s after SIGTERM");
+            ensure!(signalled.elapsed() < latest, "still running {latest:?} after SIGTERM (grace {GRACE:?})");
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -186,22 +201,28 @@ fn shutdown(base: &str, server: &mut Server) -> Result<String> {
     let (started, first_events) = std::sync::mpsc::channel();
     let spawn = |max_tokens: u32| {
         let (base, started) = (base.to_owned(), started.clone());
-        std::thread::spawn(move || stream_once(&base, max_tokens, None, Some(started)))
+        std::thread::spawn(move || stream_once(&base, max_tokens, &HangUp::Never, Some(started)))
     };
     let long = spawn(2000); // four seconds of tokens
     let short = spawn(300); // 0.6 s
     for _ in 0..2 {
         first_events.recv_timeout(Duration::from_secs(10)).context("no first event from a stream")?;
     }
+    let terminated = Instant::now(); // before the signal: the exit's lower bound cannot pass early
     signal(server.child.id(), "TERM")?;
-    let terminated = Instant::now();
-    std::thread::sleep(Duration::from_millis(300));
-    let refused = match agent().get(&format!("{base}/health")).call() {
-        Err(ureq::Error::Status(503, _) | ureq::Error::Transport(_)) => true,
-        Ok(_) | Err(_) => false,
+    // New work is refused from the signal's handling on: a 503, or no connection at all.
+    let refused_after = loop {
+        let refused = match agent().get(&format!("{base}/health")).call() {
+            Err(ureq::Error::Status(503, _) | ureq::Error::Transport(_)) => true,
+            Ok(_) | Err(_) => false,
+        };
+        if refused {
+            break terminated.elapsed();
+        }
+        ensure!(terminated.elapsed() < Duration::from_secs(1), "the server still took requests 1 s after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
     };
-    ensure!(refused, "the server still took requests 300 ms after SIGTERM");
-    let exited = server.terminate()?;
+    let exited = server.terminate(terminated)?;
     let short = short.join().expect("the short stream's thread")?;
     ensure!(short.status == 200 && short.done, "a stream shorter than the grace period did not finish");
     let long = long.join().expect("the long stream's thread")?;
@@ -212,7 +233,8 @@ fn shutdown(base: &str, server: &mut Server) -> Result<String> {
         "the long stream stopped {streamed_for:?} after SIGTERM, before the end of the {GRACE:?} grace period"
     );
     Ok(format!(
-        "new requests refused; a short stream finished; a long one went on for {streamed_for:.1?} and was cut; {exited}"
+        "new requests refused after {refused_after:.1?}; a short stream finished; a long one went on for \
+         {streamed_for:.1?} and was cut; {exited}"
     ))
 }
 
@@ -267,8 +289,9 @@ impl Prometheus {
         Ok(Self { child, base: format!("http://127.0.0.1:{port}") })
     }
 
-    /// Queries Prometheus until one series of each layer has arrived.
-    fn series_arrive(&mut self, http: &ureq::Agent) -> Result<String> {
+    /// Queries Prometheus until one series of each layer has arrived, then reads two values: the compile
+    /// counted before Prometheus started, and a load made now, which must show within a few scrapes.
+    fn series_arrive(&mut self, http: &ureq::Agent, usine: &str) -> Result<String> {
         let wanted = [
             "usine_memory_pool_capacity_bytes",
             "usine_kernel_loads_total",
@@ -282,24 +305,57 @@ impl Prometheus {
                 bail!("prometheus exited with {status}");
             }
             ensure!(start.elapsed() < Duration::from_secs(30), "no series after 30 s for: {}", missing.join(", "));
-            missing.retain(|name| {
-                let url = format!("{}/api/v1/query?query={name}", self.base);
-                !matches!(get(http, &url), Ok((200, body)) if body.contains("\"result\":[{"))
-            });
+            missing.retain(|name| !matches!(self.query(http, name), Ok(samples) if !samples.is_empty()));
             std::thread::sleep(Duration::from_millis(500));
         }
-        // Fresh figures, not only series registered at zero: the warm-up's compile is counted.
-        let url = format!("{}/api/v1/query?query=usine_kernel_loads_total%7Bsource%3D%22compile%22%7D", self.base);
-        let (_, body) = get(http, &url)?;
-        ensure!(
-            body.contains("\"1\"]"),
-            "usine_kernel_loads_total{{source=\"compile\"}} is not 1 in Prometheus: {body}"
-        );
+        // Fresh figures, not only series registered at zero: the warm-up's compile is counted, once.
+        let compiles = "usine_kernel_loads_total{source=\"compile\"}";
+        let samples = self.query(http, compiles)?;
+        let values: Vec<f64> = samples.iter().map(|(_, value)| *value).collect();
+        ensure!(values == [1.0], "{compiles} in Prometheus is {values:?}, not one series at 1: {samples:?}");
+        // Live scrapes: a load of the resident model now is one more memory hit, seen within 10 s.
+        let hits = "usine_kernel_loads_total{source=\"memory\"}";
+        let total = |samples: Vec<(serde_json::Value, f64)>| samples.iter().map(|(_, value)| value).sum::<f64>();
+        let before = total(self.query(http, hits)?);
+        let (status, body) = post(http, &format!("{usine}/usine/models/load"), &format!("{{\"model\": \"{MODEL}\"}}"))?;
+        ensure!(status == 200, "a load for the live-scrape check: {status} {body}");
+        let loaded = Instant::now();
+        let (after, seen) = loop {
+            let now = total(self.query(http, hits)?);
+            if now != before {
+                break (now, loaded.elapsed());
+            }
+            ensure!(
+                loaded.elapsed() < Duration::from_secs(10),
+                "{hits} still {before} in Prometheus 10 s after a load"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        ensure!(after == before + 1.0, "{hits} went from {before} to {after} in Prometheus after one load");
         Ok(format!(
-            "{} series families through Prometheus's API after {:?}, the compile counted",
+            "{} series families through Prometheus's API after {:?}, {compiles} = 1, {hits} {before} then {after} \
+             after a load ({seen:.1?} later)",
             wanted.len(),
             start.elapsed()
         ))
+    }
+
+    /// The samples of an instant query through Prometheus's HTTP API: each series' labels and value.
+    fn query(&self, http: &ureq::Agent, promql: &str) -> Result<Vec<(serde_json::Value, f64)>> {
+        let (status, body) = respond(http.get(&format!("{}/api/v1/query", self.base)).query("query", promql).call())?;
+        ensure!(status == 200, "query `{promql}`: {status} {body}");
+        let answer: serde_json::Value = serde_json::from_str(&body).with_context(|| format!("not JSON: {body}"))?;
+        ensure!(answer["status"] == "success" && answer["data"]["resultType"] == "vector", "query `{promql}`: {body}");
+        let result = answer["data"]["result"].as_array().with_context(|| format!("no result: {body}"))?;
+        result
+            .iter()
+            .map(|sample| {
+                // `value` is `[time, "number"]`: the number as a string.
+                let value = sample["value"][1].as_str().and_then(|text| text.parse().ok());
+                let value = value.with_context(|| format!("query `{promql}`: a sample without a value: {sample}"))?;
+                Ok((sample["metric"].clone(), value))
+            })
+            .collect()
     }
 
     fn stop(&mut self) {
@@ -408,6 +464,8 @@ print(f"completion {len(whole.choices[0].text)} chars, {len(pieces)} streamed ch
 /// What one streaming request saw.
 struct Streamed {
     status: u16,
+    /// `data:` lines read.
+    events: usize,
     /// It ended with `[DONE]`.
     done: bool,
     /// Time to the response's head.
@@ -418,12 +476,22 @@ struct Streamed {
     last_event: Option<Instant>,
 }
 
-/// One streaming request of `max_tokens` greedy tokens; with `read_events`, the reader hangs up after
-/// that many events; `started` is told when the first event arrives.
+/// When the reader of a stream hangs up (the connection drops with it).
+enum HangUp {
+    /// Reads to the end.
+    Never,
+    /// After this many events.
+    After(usize),
+    /// At the first event read once the flag is up.
+    When(Arc<AtomicBool>),
+}
+
+/// One streaming request of `max_tokens` greedy tokens, read until `hang_up` says; `started` is told
+/// when the first event arrives.
 fn stream_once(
     base: &str,
     max_tokens: u32,
-    read_events: Option<usize>,
+    hang_up: &HangUp,
     started: Option<std::sync::mpsc::Sender<()>>,
 ) -> Result<Streamed> {
     let body = format!(
@@ -434,7 +502,7 @@ fn stream_once(
         agent().post(&format!("{base}/v1/completions")).set("Content-Type", "application/json").send_string(&body);
     let head = start.elapsed();
     let mut streamed =
-        Streamed { status: 200, done: false, head, retry_after: None, first_event: None, last_event: None };
+        Streamed { status: 200, events: 0, done: false, head, retry_after: None, first_event: None, last_event: None };
     let response = match response {
         Ok(response) => response,
         Err(ureq::Error::Status(status, response)) => {
@@ -444,21 +512,25 @@ fn stream_once(
         }
         Err(error) => return Err(error.into()),
     };
-    let mut events = 0;
     for line in BufReader::new(response.into_reader()).lines() {
         let Ok(line) = line else { break }; // the connection was cut: `done` says whether the end came first
         if let Some(data) = line.strip_prefix("data: ") {
-            events += 1;
+            streamed.events += 1;
             let now = Instant::now();
             streamed.first_event.get_or_insert(now);
             streamed.last_event = Some(now);
-            if events == 1
+            if streamed.events == 1
                 && let Some(started) = &started
             {
                 let _ = started.send(());
             }
             streamed.done |= data == "[DONE]";
-            if read_events.is_some_and(|limit| events >= limit) {
+            let hang_up = match hang_up {
+                HangUp::Never => false,
+                HangUp::After(limit) => streamed.events >= *limit,
+                HangUp::When(flag) => flag.load(Ordering::Acquire),
+            };
+            if hang_up {
                 break; // the connection drops with the reader
             }
         }
@@ -466,34 +538,120 @@ fn stream_once(
     Ok(streamed)
 }
 
-fn overload(base: &str) -> Result<String> {
+/// The value of `series` (its name and labels as the exporter renders them) in Prometheus text.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// The executor's figures on `/metrics`, read straight from the server: requests by outcome (counted
+/// since start), and generations running and queued now.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Load {
+    completed: f64,
+    cancelled: f64,
+    rejected: f64,
+    timeout: f64,
+    failed: f64,
+    running: f64,
+    queued: f64,
+}
+
+impl Load {
+    fn read(http: &ureq::Agent, base: &str) -> Result<Self> {
+        let (status, text) = get(http, &format!("{base}/metrics"))?;
+        ensure!(status == 200, "/metrics answered {status}");
+        // A counter never incremented may be absent: none counted.
+        let outcome = |outcome: &str| {
+            sample(&text, &format!("usine_executor_requests_total{{outcome=\"{outcome}\"}}")).unwrap_or(0.0)
+        };
+        let gauge = |series: &str| sample(&text, series).with_context(|| format!("no `{series}` on /metrics"));
+        Ok(Self {
+            completed: outcome("completed"),
+            cancelled: outcome("cancelled"),
+            rejected: outcome("rejected"),
+            timeout: outcome("timeout"),
+            failed: outcome("failed"),
+            running: gauge("usine_executor_running")?,
+            queued: gauge("usine_executor_queue_depth")?,
+        })
+    }
+
+    /// Requests that ended since `before` other than by a refusal: completed, cancelled, timed out, failed.
+    fn ended_since(&self, before: &Self) -> f64 {
+        (self.completed - before.completed)
+            + (self.cancelled - before.cancelled)
+            + (self.timeout - before.timeout)
+            + (self.failed - before.failed)
+    }
+
+    /// Requests refused since `before`.
+    fn refused_since(&self, before: &Self) -> f64 {
+        self.rejected - before.rejected
+    }
+}
+
+/// `OFFERED` streams at once on an idle server. Each asks for `HELD_TOKENS` (four seconds) and its
+/// reader hangs up only when told, so no slot or queue place comes free while the burst is decided:
+/// exactly `MAX_CONCURRENT + QUEUE_CAPACITY` are admitted, no fewer (a free place refused) and no more (a
+/// queue over its capacity), and the rest are refused at once. `/metrics` shows that every request was
+/// decided before any ended, which is what makes the bound exact. Then the readers hang up: the running
+/// streams are cancelled and each queued one gets a slot (its first event) in turn.
+fn overload(http: &ureq::Agent, base: &str) -> Result<String> {
+    let idle = Load::read(http, base)?;
+    ensure!(idle.running == 0.0 && idle.queued == 0.0, "the server is not idle before the load: {idle:?}");
+    let hang_up = Arc::new(AtomicBool::new(false));
     let barrier = Arc::new(Barrier::new(OFFERED));
     let threads: Vec<_> = (0..OFFERED)
         .map(|_| {
-            let (barrier, base) = (Arc::clone(&barrier), base.to_owned());
+            let (barrier, base, hang_up) = (Arc::clone(&barrier), base.to_owned(), HangUp::When(Arc::clone(&hang_up)));
             std::thread::spawn(move || {
                 barrier.wait();
-                stream_once(&base, 300, None, None)
+                stream_once(&base, HELD_TOKENS, &hang_up, None)
             })
         })
         .collect();
+    let admitted_exactly = MAX_CONCURRENT + QUEUE_CAPACITY;
+    let start = Instant::now();
+    let decided = loop {
+        let load = Load::read(http, base)?;
+        let decided = load.ended_since(&idle) + load.refused_since(&idle) + load.running + load.queued;
+        if decided >= OFFERED as f64 {
+            break load;
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            hang_up.store(true, Ordering::Release);
+            bail!("after 30 s, only {decided} of {OFFERED} requests decided: {load:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let decided_after = start.elapsed();
+    hang_up.store(true, Ordering::Release);
     let results: Vec<_> =
         threads.into_iter().map(|thread| thread.join().expect("a request thread")).collect::<Result<_>>()?;
+    let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
+    for streamed in &results {
+        *statuses.entry(streamed.status).or_default() += 1;
+    }
+    ensure!(
+        decided.ended_since(&idle) == 0.0,
+        "requests ended before all {OFFERED} were decided: {decided:?}, before {idle:?}; statuses {statuses:?}"
+    );
+    let seen = (decided.running, decided.queued, decided.refused_since(&idle));
+    let expected = (MAX_CONCURRENT as f64, QUEUE_CAPACITY as f64, (OFFERED - admitted_exactly) as f64);
+    ensure!(seen == expected, "running, queued, refused: {seen:?} on /metrics, expected {expected:?}");
     let admitted: Vec<&Streamed> = results.iter().filter(|streamed| streamed.status == 200).collect();
     let refused: Vec<&Streamed> = results.iter().filter(|streamed| streamed.status == 429).collect();
+    ensure!(admitted.len() + refused.len() == OFFERED, "statuses other than 200 and 429: {statuses:?}");
     ensure!(
-        admitted.len() + refused.len() == OFFERED,
-        "statuses other than 200 and 429: {:?}",
-        results.iter().map(|r| r.status).collect::<Vec<_>>()
+        admitted.len() == admitted_exactly,
+        "{} admitted: slots and queue take exactly {admitted_exactly} when nothing ends meanwhile",
+        admitted.len()
     );
-    ensure!(admitted.iter().all(|streamed| streamed.done), "an admitted stream did not end with [DONE]");
+    // Each admitted stream, the queued ones too, got a slot and sent an event; none could end by itself.
     ensure!(
-        admitted.len() >= MAX_CONCURRENT + QUEUE_CAPACITY,
-        "only {} admitted: slots and queue take {}",
-        admitted.len(),
-        MAX_CONCURRENT + QUEUE_CAPACITY
+        admitted.iter().all(|streamed| streamed.events >= 1 && !streamed.done),
+        "an admitted stream sent no event, or ended by itself"
     );
-    ensure!(!refused.is_empty(), "nothing refused with {OFFERED} offered");
     ensure!(
         refused.iter().all(|streamed| streamed.retry_after.as_deref() == Some("1")),
         "a 429 without Retry-After: 1"
@@ -501,7 +659,9 @@ fn overload(base: &str) -> Result<String> {
     let slowest = refused.iter().map(|streamed| streamed.head).max().unwrap_or_default();
     ensure!(slowest < Duration::from_secs(1), "a 429 took {slowest:?}: refusals must be at once");
     Ok(format!(
-        "{} admitted and completed, {} refused with 429 (slowest in {slowest:?})",
+        "{} admitted ({MAX_CONCURRENT} running, {QUEUE_CAPACITY} queued), {} refused with 429 (slowest in \
+         {slowest:?}), all decided in {decided_after:?} with none ended; each queued stream got its slot once \
+         the running ones hung up",
         admitted.len(),
         refused.len()
     ))
@@ -539,7 +699,7 @@ fn disconnects(http: &ureq::Agent, base: &str) -> Result<String> {
     let threads: Vec<_> = (0..MAX_CONCURRENT)
         .map(|_| {
             let base = base.to_owned();
-            std::thread::spawn(move || stream_once(&base, 2000, Some(3), None))
+            std::thread::spawn(move || stream_once(&base, 2000, &HangUp::After(3), None))
         })
         .collect();
     for thread in threads {
@@ -549,12 +709,7 @@ fn disconnects(http: &ureq::Agent, base: &str) -> Result<String> {
     // The cut streams had seconds of tokens left: memory back within a second is the cancellation's doing.
     let zero = pools_at_zero(http, base, Duration::from_secs(1))?;
     let (_, after) = get(http, &format!("{base}/metrics"))?;
-    let cancelled = |text: &str| -> f64 {
-        text.lines()
-            .find(|line| line.starts_with("usine_executor_requests_total{outcome=\"cancelled\"}"))
-            .and_then(|line| line.rsplit(' ').next()?.parse().ok())
-            .unwrap_or(0.0)
-    };
+    let cancelled = |text: &str| sample(text, "usine_executor_requests_total{outcome=\"cancelled\"}").unwrap_or(0.0);
     let more = cancelled(&after) - cancelled(&before);
     ensure!(more >= MAX_CONCURRENT as f64, "only {more} cancellations counted for {MAX_CONCURRENT} cut streams");
     Ok(format!("{MAX_CONCURRENT} streams cut after 3 events, {more} counted as cancelled; {zero}"))
@@ -562,6 +717,37 @@ fn disconnects(http: &ureq::Agent, base: &str) -> Result<String> {
 
 fn hostile(http: &ureq::Agent, base: &str, work: &Path) -> Result<String> {
     let before = files(work)?;
+    // Ids that climb out of a folder, under a name nobody else uses: where each lands, from the working
+    // folder or any folder of the cache, is watched outside `work` too.
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.subsec_nanos();
+    let token = format!("usine-escape-{}-{nanos}", std::process::id());
+    let target = std::env::temp_dir().join(&token);
+    let target_text = target.to_str().context("the temporary folder's path is not UTF-8")?;
+    let ids = [
+        format!("../../../{token}"),
+        format!("a/../../{token}"),
+        format!("{}{}", "../".repeat(32), target_text.trim_start_matches('/')), // up to the root, then down
+        target_text.to_owned(),
+    ];
+    let landings: BTreeSet<PathBuf> = before
+        .iter()
+        .filter(|path| path.is_dir())
+        .chain([&work.to_owned()])
+        .flat_map(|folder| ids.iter().map(move |id| lexical(&folder.join(id))))
+        .collect();
+    let watched = || -> Result<BTreeSet<PathBuf>> {
+        let mut found = BTreeSet::new();
+        for landing in &landings {
+            found.extend(present(landing)?);
+        }
+        Ok(found)
+    };
+    let present_before = watched()?;
+    let targets: Vec<_> = present_before
+        .iter()
+        .filter(|path| path.file_name().is_some_and(|name| name.to_string_lossy().starts_with(&token)))
+        .collect();
+    ensure!(targets.is_empty(), "escape targets exist before the check, which could not tell: {targets:?}");
     let url = format!("{base}/v1/completions");
     let huge_prompt = format!("{{\"model\": \"{MODEL}\", \"prompt\": \"{}\"}}", "a".repeat(300 << 10));
     let cases: [(&str, String, u16); 7] = [
@@ -595,21 +781,24 @@ fn hostile(http: &ureq::Agent, base: &str, work: &Path) -> Result<String> {
     let (status, _) = get(http, &format!("{base}/usine/models/progress?model=../../etc/passwd"))?;
     ensure!(status == 404, "progress of `../../etc/passwd`: {status}");
     for endpoint in ["load", "pin", "unpin", "unload"] {
-        for id in ["../../../x", "../../../../../../tmp/usine-escape", "a/../../b"] {
-            let (status, text) =
-                post(http, &format!("{base}/usine/models/{endpoint}"), &format!("{{\"model\": \"{id}\"}}"))?;
+        for id in &ids {
+            let body = serde_json::json!({ "model": id }).to_string();
+            let (status, text) = post(http, &format!("{base}/usine/models/{endpoint}"), &body)?;
             ensure!(status == 404, "{endpoint} of `{id}`: {status} {text}");
         }
     }
-    let (status, text) = post(http, &format!("{base}/usine/warmup"), "{\"models\": [\"../../../x\"]}")?;
-    ensure!(status == 404, "warm-up of `../../../x`: {status} {text}");
-    seen.push("`../` ids on every lifecycle endpoint 404".to_owned());
+    let body = serde_json::json!({ "models": ids }).to_string();
+    let (status, text) = post(http, &format!("{base}/usine/warmup"), &body)?;
+    ensure!(status == 404, "warm-up of `../` ids: {status} {text}");
+    seen.push(format!("`../` and absolute ids on every lifecycle endpoint 404 ({} landings watched)", landings.len()));
     let (status, _) = get(http, &format!("{base}/health"))?;
     ensure!(status == 200, "the server is unwell after hostile requests: {status}");
+    let escaped: Vec<_> = watched()?.difference(&present_before).cloned().collect();
+    ensure!(escaped.is_empty(), "written where a `../` or absolute id leads: {escaped:?}");
     let after = files(work)?;
-    let cache = work.join("cache");
+    let cache = cache_dir(work);
     let outside: Vec<_> = after.difference(&before).filter(|path| !path.starts_with(&cache)).collect();
-    ensure!(outside.is_empty(), "files written outside the cache folder: {outside:?}");
+    ensure!(outside.is_empty(), "written outside the cache folder: {outside:?}");
     Ok(seen.join(", "))
 }
 
@@ -629,9 +818,9 @@ fn announce_body(base: &str, path: &str, length: usize) -> Result<u16> {
     Ok(status.parse()?)
 }
 
-/// Every file under `dir`, except Prometheus's data and logs (another process's).
-fn files(dir: &Path) -> Result<std::collections::BTreeSet<PathBuf>> {
-    let mut found = std::collections::BTreeSet::new();
+/// Every file and folder under `dir`, except Prometheus's data (another process's).
+fn files(dir: &Path) -> Result<BTreeSet<PathBuf>> {
+    let mut found = BTreeSet::new();
     let mut pending = vec![dir.to_owned()];
     while let Some(dir) = pending.pop() {
         for entry in std::fs::read_dir(&dir)? {
@@ -640,11 +829,78 @@ fn files(dir: &Path) -> Result<std::collections::BTreeSet<PathBuf>> {
                 continue;
             }
             if path.is_dir() {
-                pending.push(path);
-            } else {
-                found.insert(path);
+                pending.push(path.clone());
+            }
+            found.insert(path);
+        }
+    }
+    Ok(found)
+}
+
+/// `path` with `.` and `..` resolved by its text alone, as a file system call without links would.
+fn lexical(path: &Path) -> PathBuf {
+    let mut resolved = PathBuf::new();
+    for component in path.components() {
+        match component {
+            std::path::Component::ParentDir => {
+                resolved.pop(); // `..` of the root is the root
+            }
+            std::path::Component::CurDir => {}
+            other => resolved.push(other),
+        }
+    }
+    resolved
+}
+
+/// What exists on the way to `path` and beside it: each folder of the way that exists, and every entry
+/// of its folder whose name begins with its own (`x`, `x.graph`, `x.lock`).
+fn present(path: &Path) -> Result<BTreeSet<PathBuf>> {
+    let mut found: BTreeSet<PathBuf> = path
+        .ancestors()
+        .skip(1)
+        .filter(|folder| folder.parent().is_some() && folder.exists())
+        .map(Path::to_owned)
+        .collect();
+    if let (Some(folder), Some(name)) = (path.parent(), path.file_name())
+        && folder.is_dir()
+    {
+        let name = name.to_string_lossy();
+        for entry in std::fs::read_dir(folder).with_context(|| format!("reading {}", folder.display()))? {
+            let entry = entry?;
+            if entry.file_name().to_string_lossy().starts_with(name.as_ref()) {
+                found.insert(entry.path());
             }
         }
     }
     Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "a panic is a test failure with its message")]
+
+    use std::path::{Path, PathBuf};
+
+    use super::{lexical, present};
+
+    // Would catch: a `..` resolved wrongly, or an escape unseen: a file beside the landing under a longer
+    // name, or a folder made on the way to it.
+    #[test]
+    fn an_escape_outside_the_scanned_folder_is_seen_where_it_lands() {
+        assert_eq!(lexical(Path::new("/a/./b/../../../../tmp/x")), PathBuf::from("/tmp/x"));
+        let root = tempfile::tempdir().unwrap();
+        let work = root.path().join("work/a/b");
+        std::fs::create_dir_all(&work).unwrap();
+        let landing = lexical(&work.join("../../../made/escaped"));
+        assert_eq!(landing, root.path().join("made/escaped"));
+        let before = present(&landing).unwrap();
+        assert!(before.iter().all(|path| root.path().starts_with(path)), "only the way to the root: {before:?}");
+
+        std::fs::create_dir(root.path().join("made")).unwrap();
+        let after = present(&landing).unwrap();
+        assert_eq!(after.difference(&before).collect::<Vec<_>>(), [&root.path().join("made")]);
+        std::fs::write(root.path().join("made/escaped.graph"), "").unwrap();
+        let after = present(&landing).unwrap();
+        assert!(after.contains(&root.path().join("made/escaped.graph")), "{after:?}");
+    }
 }
