@@ -33,7 +33,11 @@ pub const WAIT_DURATION_SECONDS: &str = "usine_memory_wait_duration_seconds";
 /// [`MemoryManager`](crate::MemoryManager) calls it when it is built; calling it again is harmless.
 pub fn describe_metrics() {
     describe_gauge!(POOL_CAPACITY_BYTES, Unit::Bytes, "Capacity of a memory pool.");
-    describe_gauge!(POOL_USED_BYTES, Unit::Bytes, "Bytes of a memory pool reserved by live leases.");
+    describe_gauge!(
+        POOL_USED_BYTES,
+        Unit::Bytes,
+        "Bytes of a memory pool reserved by live leases (the weights pool holds idle models kept alive too)."
+    );
     describe_gauge!(POOL_PEAK_BYTES, Unit::Bytes, "Highest use of a memory pool since it was created.");
     describe_gauge!(POOL_LEASES, Unit::Count, "Live leases of a memory pool.");
     describe_gauge!(POOL_WAITERS, Unit::Count, "Requests waiting for space in a memory pool.");

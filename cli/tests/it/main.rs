@@ -12,6 +12,7 @@ use assert_cmd::Command;
 use serde_json::Value;
 
 mod migrate;
+mod readme;
 mod user;
 mod serve;
 
