@@ -168,3 +168,25 @@ fn sigint_stops_serve_gracefully_a_running_stream_finishes_and_the_exit_is_0() {
     assert!(log.contains("usine serve: shutting down; running streams have 60 s"), "{log}");
     assert!(!log.contains("the grace period is over"), "{log}");
 }
+
+// Would catch: the counts of use not written at shutdown. They are also written as loads happen, but
+// at most once a second, so the uses of the last second reach `usage.json` only through the shutdown's
+// write (and start-up warms the most used models from it).
+#[test]
+fn the_counts_of_use_are_saved_at_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(dir.path());
+    for _ in 0..3 {
+        let request = json!({ "model": "webllm/tiny", "prompt": "Hi", "max_tokens": 2 });
+        let response = ureq::post(&format!("{}/v1/completions", server.base))
+            .timeout(Duration::from_secs(30))
+            .send_json(request)
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    server.signal("-TERM");
+    let (status, log) = server.exit_by(Instant::now() + Duration::from_secs(20));
+    assert_eq!(status.code(), Some(0), "{status}: {log}");
+    let counts: Value = serde_json::from_slice(&std::fs::read(dir.path().join("cache/usage.json")).unwrap()).unwrap();
+    assert_eq!(counts, json!({ "webllm/tiny": 3 }), "{log}");
+}
