@@ -1,49 +1,117 @@
-//! Compiles source weights to a GGUF file (kept, for a peer to run) and measures this engine on it:
-//! compile and load times, and decode tokens/s over greedy tokens after a short prompt. Prints one JSON
-//! line. Run by `cargo xtask bench-peers`.
+//! This engine's side of `cargo xtask bench-peers`, one JSON line per command:
+//!
+//! - `speed compile WEIGHTS.safetensors q8_0|q4_0 OUT.gguf`: compiles the weights to GGUF and times it.
+//!   The first compile writes `OUT.gguf` (synced, then renamed into place); a later one writes nothing
+//!   and fails unless its bytes are the file's, so every run reads the same file.
+//! - `speed run MODEL.gguf THREADS TOKENS`: from the file on disk to the first token ready (read the
+//!   file, load it, prefill the prompt, the first greedy token), then the other greedy tokens one at a
+//!   time; prints the prompt's token ids and the greedy ones, for the peer to run and compare.
 
 #![allow(clippy::print_stdout, reason = "the JSON line is the output")]
 
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::Path;
 use std::time::Instant;
 
-use usine_engine::{Engine, GenerationParams, ModelSpec, NoProgress, generate};
-use usine_engine_candle::{CandleEngine, NAME, PROFILE, WEIGHTS_OPTION};
+use usine_engine::{CompiledGraph, Engine, GenerationParams, ModelSpec, NoProgress};
+use usine_engine_candle::{CandleEngine, NAME, PROFILE, WEIGHTS_OPTION, kernels};
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+type Error = Box<dyn std::error::Error>;
+
+/// The prompt both sides start from, as this engine's byte tokens.
+const PROMPT: &str = "The kernel";
+
+fn main() -> Result<(), Error> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let [weights, quantization, threads, tokens, gguf] = args.as_slice() else {
-        return Err("usage: speed WEIGHTS.safetensors q8_0|q4_0 THREADS TOKENS OUT.gguf".into());
-    };
-    let (threads, tokens): (usize, u32) = (threads.parse()?, tokens.parse()?);
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
-    let mut spec = ModelSpec::new("speed", NAME, PROFILE).quantization(quantization.as_str());
-    spec.options.insert(WEIGHTS_OPTION.into(), weights.clone());
-    let engine = CandleEngine::with_threads(threads)?;
-    runtime.block_on(async {
-        let start = Instant::now();
-        let graph = engine.compile(&spec, &NoProgress).await?;
-        let compile = start.elapsed();
-        std::fs::write(gguf, &graph.bytes)?;
-        let start = Instant::now();
-        let model = engine.load(&graph).await?;
-        let load = start.elapsed();
-        let params = GenerationParams { max_tokens: tokens, temperature: 0.0, ..GenerationParams::default() };
-        generate(model.as_ref(), "The kernel", &params).await?; // warm caches and pages
-        let start = Instant::now();
-        let out = generate(model.as_ref(), "The kernel", &params).await?;
-        let decode = start.elapsed();
-        if out.tokens.len() != tokens as usize {
-            return Err(format!("{} tokens generated of {tokens}: the model ended early", out.tokens.len()).into());
+    match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+        ["compile", weights, quantization, gguf] => runtime.block_on(compile(weights, quantization, Path::new(gguf))),
+        ["run", gguf, threads, tokens] => runtime.block_on(run(Path::new(gguf), threads.parse()?, tokens.parse()?)),
+        _ => {
+            Err("usage: speed compile WEIGHTS.safetensors q8_0|q4_0 OUT.gguf | speed run MODEL.gguf THREADS TOKENS"
+                .into())
         }
-        #[expect(clippy::cast_precision_loss, reason = "a rate for people")]
-        let rate = out.tokens.len() as f64 / decode.as_secs_f64();
-        println!(
-            "{{\"compile_seconds\": {}, \"load_seconds\": {}, \"tokens\": {}, \"tokens_per_second\": {rate}, \"gguf_bytes\": {}}}",
-            compile.as_secs_f64(),
-            load.as_secs_f64(),
-            out.tokens.len(),
-            graph.bytes.len()
-        );
-        Ok::<_, Box<dyn std::error::Error>>(())
-    })
+    }
+}
+
+async fn compile(weights: &str, quantization: &str, gguf: &Path) -> Result<(), Error> {
+    let mut spec = ModelSpec::new("speed", NAME, PROFILE).quantization(quantization);
+    spec.options.insert(WEIGHTS_OPTION.into(), weights.to_owned());
+    let engine = CandleEngine::with_threads(1)?;
+    let start = Instant::now();
+    let graph = engine.compile(&spec, &NoProgress).await?;
+    let seconds = start.elapsed().as_secs_f64();
+    let written = match std::fs::read(gguf) {
+        Ok(existing) => {
+            if existing != graph.bytes {
+                let at = existing.iter().zip(&graph.bytes).position(|(a, b)| a != b);
+                return Err(format!(
+                    "{}: this compile gives other bytes than the file ({} bytes, not {}; first difference at {at:?})",
+                    gguf.display(),
+                    graph.bytes.len(),
+                    existing.len()
+                )
+                .into());
+            }
+            false
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            // Synced, so that a peer's cold run can drop every page of it (dirty pages stay).
+            let partial = gguf.with_extension("gguf.partial");
+            let mut file = std::fs::File::create(&partial)?;
+            file.write_all(&graph.bytes)?;
+            file.sync_all()?;
+            std::fs::rename(&partial, gguf)?;
+            true
+        }
+        Err(error) => return Err(format!("reading {}: {error}", gguf.display()).into()),
+    };
+    println!("{{\"compile_seconds\": {seconds}, \"gguf_bytes\": {}, \"written\": {written}}}", graph.bytes.len());
+    Ok(())
+}
+
+async fn run(gguf: &Path, threads: usize, tokens: u32) -> Result<(), Error> {
+    if tokens < 2 {
+        return Err("2 tokens or more: the first, and a rate over the others".into());
+    }
+    let engine = CandleEngine::with_threads(threads)?;
+    let descriptor = engine.descriptor();
+    let params = GenerationParams { max_tokens: tokens, temperature: 0.0, ..GenerationParams::default() };
+    let start = Instant::now();
+    // What a load from usine's graph cache does: read the file, then load its bytes.
+    let graph = CompiledGraph {
+        engine: descriptor.name.clone(),
+        engine_version: descriptor.version.clone(),
+        schema: descriptor.graph_schema,
+        spec: ModelSpec::new("speed", NAME, PROFILE),
+        metadata: BTreeMap::new(),
+        bytes: std::fs::read(gguf).map_err(|error| format!("reading {}: {error}", gguf.display()))?,
+    };
+    let model = engine.load(&graph).await?;
+    let loaded = start.elapsed();
+    let prompt = model.tokenize(PROMPT);
+    let sequence = model.prefill(&prompt, &[], &params).await?;
+    let mut generated = Vec::with_capacity(tokens as usize);
+    let mut first = None;
+    for step in 0..tokens {
+        let previous = generated.last().or(prompt.last()).copied();
+        // Greedy tokens after an end of sequence too: the peer decodes on alike.
+        let token = sequence.compute(sequence.prepare(step).await?, previous).await?;
+        generated.push(token.id);
+        first.get_or_insert_with(|| start.elapsed());
+    }
+    let (first, total) = (first.ok_or("no token")?, start.elapsed());
+    #[expect(clippy::cast_precision_loss, reason = "a rate for people")]
+    let rate = (generated.len() - 1) as f64 / (total - first).as_secs_f64();
+    let list = |ids: &[u32]| ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+    println!(
+        "{{\"kernels\": \"{}\", \"load_seconds\": {}, \"first_token_seconds\": {}, \"tokens_per_second\": {rate}, \"prompt\": [{}], \"tokens\": [{}]}}",
+        kernels()?,
+        loaded.as_secs_f64(),
+        first.as_secs_f64(),
+        list(&prompt),
+        list(&generated)
+    );
+    Ok(())
 }

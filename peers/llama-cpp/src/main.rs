@@ -1,5 +1,8 @@
-//! Decode speed of llama.cpp on a GGUF file: load, a short prompt, then greedy tokens one at a time
-//! (the same work as usine's `speed` example). Prints one JSON line.
+//! llama.cpp's side of `cargo xtask bench-peers`, the same work as usine's `speed run`: from the GGUF
+//! file on disk to the first token ready (load the file, make a context, decode the prompt, the first
+//! greedy token), then the other greedy tokens one at a time. The prompt comes as token ids (usine's),
+//! so that both sides start from the same ones. Prints one JSON line: the times, the greedy tokens,
+//! and at each step the runner-up and its logit's gap to the best, for the comparison's near-ties.
 
 use std::num::NonZeroU32;
 use std::time::Instant;
@@ -7,56 +10,88 @@ use std::time::Instant;
 use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
-use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::token::LlamaToken;
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+type Error = Box<dyn std::error::Error>;
+
+/// The context, in tokens: the prompt and the greedy tokens must fit.
+const CONTEXT: u32 = 512;
+
+/// The best logit's index and the runner-up's, the lowest index first among equal logits (as usine's
+/// greedy choice), and the gap between their logits.
+fn top_two(logits: &[f32]) -> Result<(usize, usize, f32), Error> {
+    if logits.len() < 2 {
+        return Err(format!("{} logits: no runner-up", logits.len()).into());
+    }
+    let (mut best, mut second) = if logits[1] > logits[0] { (1, 0) } else { (0, 1) };
+    for index in 2..logits.len() {
+        if logits[index] > logits[best] {
+            (best, second) = (index, best);
+        } else if logits[index] > logits[second] {
+            second = index;
+        }
+    }
+    Ok((best, second, logits[best] - logits[second]))
+}
+
+fn main() -> Result<(), Error> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let [gguf, threads, tokens] = args.as_slice() else {
-        return Err("usage: usine-peer-llama-cpp MODEL.gguf THREADS TOKENS".into());
+    let [gguf, threads, tokens, prompt] = args.as_slice() else {
+        return Err("usage: usine-peer-llama-cpp MODEL.gguf THREADS TOKENS PROMPT_IDS (comma-separated)".into());
     };
     let (threads, tokens): (i32, usize) = (threads.parse()?, tokens.parse()?);
+    let prompt: Vec<LlamaToken> =
+        prompt.split(',').map(|id| id.trim().parse().map(LlamaToken::new)).collect::<Result<_, _>>()?;
+    if prompt.is_empty() || tokens < 2 || prompt.len() + tokens > CONTEXT as usize {
+        return Err(format!("a prompt of 1 or more tokens and 2 or more tokens to generate, {CONTEXT} in all").into());
+    }
     let mut backend = LlamaBackend::init()?;
     if std::env::var_os("USINE_PEER_LOGS").is_none() {
         backend.void_logs();
     }
-    let start = Instant::now();
-    let model = LlamaModel::load_from_file(&backend, gguf, &LlamaModelParams::default())?;
-    let load = start.elapsed();
     let params = LlamaContextParams::default()
-        .with_n_ctx(NonZeroU32::new(512))
+        .with_n_ctx(NonZeroU32::new(CONTEXT))
         .with_n_threads(threads)
         .with_n_threads_batch(threads);
-    let run = || -> Result<(usize, f64), Box<dyn std::error::Error>> {
-        let mut context = model.new_context(&backend, params.clone())?;
-        let prompt = model.vocab().tokenize(b"The kernel", false, false);
-        let mut batch = LlamaBatch::new(512, 1);
-        let start = Instant::now();
-        let last = prompt.len() - 1;
-        for (position, token) in prompt.iter().enumerate() {
-            batch.add(*token, i32::try_from(position)?, &[0], position == last)?;
+    let start = Instant::now();
+    let model = LlamaModel::load_from_file(&backend, gguf, &LlamaModelParams::default())?;
+    let loaded = start.elapsed();
+    let mut context = model.new_context(&backend, params)?;
+    let mut batch = LlamaBatch::new(CONTEXT as usize, 1);
+    let last = prompt.len() - 1;
+    for (position, token) in prompt.iter().enumerate() {
+        batch.add(*token, i32::try_from(position)?, &[0], position == last)?;
+    }
+    context.decode(&mut batch)?;
+    let (mut greedy, mut runner_up, mut gaps) = (Vec::new(), Vec::new(), Vec::new());
+    let mut first = None;
+    let mut position = prompt.len();
+    loop {
+        let (best, second, gap) = top_two(context.get_logits_ith(batch.n_tokens() - 1))?;
+        first.get_or_insert_with(|| start.elapsed());
+        greedy.push(best);
+        runner_up.push(second);
+        gaps.push(gap);
+        if greedy.len() == tokens {
+            break;
         }
+        batch.clear();
+        batch.add(LlamaToken::new(i32::try_from(best)?), i32::try_from(position)?, &[0], true)?;
         context.decode(&mut batch)?;
-        let mut position = prompt.len();
-        let mut generated = 0;
-        while generated < tokens {
-            let logits = context.get_logits_ith(batch.n_tokens() - 1);
-            let best = logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(index, _)| index);
-            generated += 1;
-            batch.clear();
-            batch.add(LlamaToken::new(i32::try_from(best)?), i32::try_from(position)?, &[0], true)?;
-            context.decode(&mut batch)?;
-            position += 1;
-        }
-        Ok((generated, start.elapsed().as_secs_f64()))
-    };
-    run()?; // warm caches and pages
-    let (generated, seconds) = run()?;
+        position += 1;
+    }
+    let (first, total) = (first.ok_or("no token")?, start.elapsed());
+    let list = |values: &[usize]| values.iter().map(usize::to_string).collect::<Vec<_>>().join(",");
+    let gaps = gaps.iter().map(f32::to_string).collect::<Vec<_>>().join(",");
     println!(
-        "{{\"load_seconds\": {}, \"tokens\": {generated}, \"tokens_per_second\": {}}}",
-        load.as_secs_f64(),
-        generated as f64 / seconds
+        "{{\"load_seconds\": {}, \"first_token_seconds\": {}, \"tokens_per_second\": {}, \"tokens\": [{}], \"runner_up\": [{}], \"gaps\": [{gaps}]}}",
+        loaded.as_secs_f64(),
+        first.as_secs_f64(),
+        (tokens - 1) as f64 / (total - first).as_secs_f64(),
+        list(&greedy),
+        list(&runner_up),
     );
     Ok(())
 }
