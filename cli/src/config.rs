@@ -11,6 +11,8 @@ use figment::{Figment, Metadata, Profile, Provider};
 use serde::{Deserialize, Serialize};
 use usine_engine::GenerationParams;
 
+use crate::logging::{LogFormat, LogLevel};
+
 /// Every setting, with its default.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -75,6 +77,12 @@ pub(crate) struct Config {
     pub(crate) wait_for_warmup: bool,
     /// `usine serve`: how long running streams may go on after SIGTERM, in seconds.
     pub(crate) shutdown_grace_seconds: u64,
+    /// Logs on stderr at this level and above: `off`, `error`, `warn`, `info` (loads, compiles,
+    /// evictions), `debug` (admission) or `trace`. `RUST_LOG`, when set, takes precedence and can set a
+    /// level per crate (`usine_kernel=info,warn`).
+    pub(crate) log_level: LogLevel,
+    /// Logs as `text` (a line per event) or `json` (an object per line).
+    pub(crate) log_format: LogFormat,
 }
 
 impl Default for Config {
@@ -110,6 +118,8 @@ impl Default for Config {
             warmup: Vec::new(),
             wait_for_warmup: false,
             shutdown_grace_seconds: 10,
+            log_level: LogLevel::Warn,
+            log_format: LogFormat::Text,
         }
     }
 }
@@ -145,6 +155,8 @@ pub(crate) const KEYS: &[&str] = &[
     "warmup",
     "wait_for_warmup",
     "shutdown_grace_seconds",
+    "log_level",
+    "log_format",
 ];
 
 /// The largest memory budget, in MiB: a PiB, far beyond any machine, and far from overflowing bytes.

@@ -20,6 +20,7 @@ mod cache;
 mod config;
 mod doctor;
 mod inspect;
+mod logging;
 mod output;
 mod plot;
 mod run;
@@ -252,7 +253,10 @@ fn configure(
             .ok_or_else(|| UsageError(anyhow::anyhow!("--cache-dir {} is not valid UTF-8", dir.display())))?;
         flags.set("cache_dir", Some(dir));
     }
-    config::files(cli_config).and_then(|files| config::load(&files, flags)).map_err(|error| UsageError(error).into())
+    let loaded = config::files(cli_config).and_then(|files| config::load(&files, flags)).map_err(UsageError)?;
+    // Before any library work, so that its events are logged from the first.
+    logging::install(loaded.config.log_level, loaded.config.log_format)?;
+    Ok(loaded)
 }
 
 fn model_flags(model: &ModelArgs) -> config::Flags {

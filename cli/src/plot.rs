@@ -1,57 +1,78 @@
 //! The benchmark's plot: latency against tokens generated, and tokens/s with pipelining on and off.
-//! SVG or PNG, with a font shipped in the binary.
+//! SVG with the `plot` feature (on by default): plotters' own estimate lays the text out and whatever
+//! shows the file draws it, so no font is needed. PNG with the `plot-png` feature (off by default): a
+//! rasteriser and a font shipped in the binary.
 
 use std::path::Path;
 
+#[cfg(feature = "plot")]
 use anyhow::Context as _;
+#[cfg(feature = "plot")]
 use plotters::coord::Shift;
+#[cfg(feature = "plot")]
 use plotters::prelude::*;
 
 use crate::bench::Results;
 
-/// The plots' font, shipped with usine (DejaVu Sans Mono, Bitstream Vera licence: see
+/// The PNG plots' font, shipped with usine (DejaVu Sans Mono, Bitstream Vera licence: see
 /// `assets/DejaVuSansMono.LICENSE`), so that a plot needs nothing from the system.
+#[cfg(feature = "plot-png")]
 const FONT: &[u8] = include_bytes!("../assets/DejaVuSansMono.ttf");
 
+#[cfg(feature = "plot")]
 const SIZE: (u32, u32) = (1000, 420);
 
-/// Checks that `path` names a format the plot can be drawn in.
+/// Checks, before the benchmark runs, that this build can draw the format `path` names.
 pub(crate) fn check(path: &Path) -> anyhow::Result<()> {
-    match extension(path).as_deref() {
-        Some("svg" | "png") => Ok(()),
+    let (format, feature, built) = match extension(path).as_deref() {
+        Some("svg") => ("SVG", "plot", cfg!(feature = "plot")),
+        Some("png") => ("PNG", "plot-png", cfg!(feature = "plot-png")),
         _ => anyhow::bail!("cannot plot to {}: the file name must end in .svg or .png", path.display()),
-    }
+    };
+    anyhow::ensure!(
+        built,
+        "cannot plot to {}: {format} plots need the `{feature}` feature, which this usine was built without \
+         (build it with `--features {feature}`)",
+        path.display()
+    );
+    Ok(())
 }
 
 fn extension(path: &Path) -> Option<String> {
     path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase)
 }
 
+/// Without the `plot` feature there is nothing to draw with: the same error as [`check`].
+#[cfg(not(feature = "plot"))]
+pub(crate) fn draw(_results: &Results, path: &Path) -> anyhow::Result<()> {
+    check(path)
+}
+
+#[cfg(feature = "plot")]
 pub(crate) fn draw(results: &Results, path: &Path) -> anyhow::Result<()> {
     anyhow::ensure!(
         !results.max_tokens.is_empty() || results.pipeline.is_some(),
         "nothing to plot: the plot shows the `max-tokens` and `pipeline` suites"
     );
+    check(path)?;
+    #[cfg(feature = "plot-png")]
+    register_font()?;
     match extension(path).as_deref() {
-        Some("svg") => {
-            register_font()?;
-            render(results, &SVGBackend::new(path, SIZE).into_drawing_area())
-        }
-        Some("png") => {
-            register_font()?;
-            render(results, &BitMapBackend::new(path, SIZE).into_drawing_area())
-        }
-        _ => anyhow::bail!("cannot plot to {}: the file name must end in .svg or .png", path.display()),
+        #[cfg(feature = "plot-png")]
+        Some("png") => render(results, &BitMapBackend::new(path, SIZE).into_drawing_area()),
+        _ => render(results, &SVGBackend::new(path, SIZE).into_drawing_area()),
     }
     .with_context(|| format!("drawing {}", path.display()))
 }
 
 /// Gives the backends their font: text is laid out with it (and drawn with it in a PNG).
+#[cfg(feature = "plot-png")]
 fn register_font() -> anyhow::Result<()> {
     plotters::style::register_font("sans-serif", FontStyle::Normal, FONT)
         .map_err(|_| anyhow::anyhow!("the shipped font does not read as TrueType"))
 }
 
+#[cfg(feature = "plot")]
 fn render<DB: DrawingBackend>(results: &Results, root: &DrawingArea<DB, Shift>) -> anyhow::Result<()>
 where
     DB::ErrorType: 'static,
@@ -111,4 +132,25 @@ where
     }
     root.present().map_err(error)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_format_this_build_cannot_draw_is_refused_naming_the_feature() {
+        let png = check(Path::new("bench.png"));
+        assert_eq!(png.is_ok(), cfg!(feature = "plot-png"));
+        if let Err(error) = png {
+            assert!(error.to_string().contains("the `plot-png` feature"), "{error}");
+        }
+        let svg = check(Path::new("bench.SVG"));
+        assert_eq!(svg.is_ok(), cfg!(feature = "plot"));
+        if let Err(error) = svg {
+            assert!(error.to_string().contains("the `plot` feature"), "{error}");
+        }
+        let other = check(Path::new("bench.pdf")).expect_err("not a format");
+        assert!(other.to_string().contains("must end in .svg or .png"), "{other}");
+    }
 }

@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use usine_kernel::RuntimeManager;
 use usine_memory::MemoryManager;
 
-use crate::admission::Admission;
+use crate::admission::{Admission, Ticket};
 use crate::config::{ConfigError, ExecutorConfig};
 use crate::error::{ExecError, Phase};
 use crate::metrics::{ExecutorMetrics, Outcome};
@@ -110,8 +110,14 @@ impl TaskExecutor {
         let submitted = Instant::now();
         let priorities: Vec<_> = requests.iter().map(|request| request.priority).collect();
         let tickets = match self.admission.admit(&priorities) {
-            Ok(tickets) => tickets,
+            Ok(tickets) => {
+                // Fields are computed only when the event is enabled.
+                let queued = tickets.iter().filter(|ticket| matches!(ticket, Ticket::Queued(_)));
+                tracing::debug!(requests = tickets.len(), queued = queued.count(), "admitted");
+                tickets
+            }
             Err(error) => {
+                tracing::debug!(%error, "refused");
                 for _ in &requests {
                     self.shared.metrics.outcome(Outcome::Rejected);
                 }
@@ -126,7 +132,9 @@ impl TaskExecutor {
             .map(|((request, ticket), number)| {
                 let (events, receiver) = mpsc::channel(self.shared.config.channel_capacity);
                 let seed = self.shared.config.retry.seed ^ number.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                let span = tracing::info_span!("generation", model = request.model, request = number);
                 let task = run(Arc::clone(&self.shared), request, ticket, submitted, seed, events);
+                let task = tracing::Instrument::instrument(task, span);
                 GenerationStream::new(receiver, self.runtime.spawn(task))
             })
             .collect();

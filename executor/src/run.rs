@@ -446,6 +446,8 @@ impl Generation<'_> {
         let backoff = policy.backoff(self.retries);
         let spread = policy.jitter * (2.0 * self.jitter.f64() - 1.0);
         let backoff = Duration::try_from_secs_f64(backoff.as_secs_f64() * (1.0 + spread)).unwrap_or(policy.max_backoff);
+        let (model, retry, backoff_seconds) = (self.model_id, self.retries, backoff.as_secs_f64());
+        tracing::warn!(model, retry, backoff_seconds, %error, "transient engine failure; retrying");
         bounded(self.limits.deadline(phase.0, phase.1), tokio::time::sleep(backoff)).await
     }
 

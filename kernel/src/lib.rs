@@ -36,6 +36,7 @@
 mod error;
 mod events;
 mod handle;
+mod logs;
 pub mod metrics;
 mod runtime;
 

@@ -561,7 +561,10 @@ impl Inner {
         let (done, outcome) = watch::channel(None);
         let task = self
             .runtime
-            .spawn(load_task(Arc::clone(self), spec, engine, options, done, outcome.clone()))
+            .spawn(tracing::Instrument::instrument(
+                load_task(Arc::clone(self), spec, engine, options, done, outcome.clone()),
+                tracing::info_span!(parent: None, "load", model),
+            ))
             .abort_handle();
         state.loading.insert(model.to_owned(), Loading { outcome: outcome.clone(), task, warm });
         Ok(outcome)
@@ -627,6 +630,7 @@ impl Inner {
     }
 
     fn emit(&self, event: KernelEvent) {
+        crate::logs::log(&event);
         let _ = self.events.send(event); // no subscriber: nobody to tell
     }
 
@@ -873,7 +877,9 @@ async fn load(
                             Some(lock) => lock,
                             None => {
                                 // Said before the wait, which lasts as long as the other compile.
-                                let _ = events.send(KernelEvent::WaitingForCompile { model: id });
+                                let waiting = KernelEvent::WaitingForCompile { model: id };
+                                crate::logs::log(&waiting);
+                                let _ = events.send(waiting);
                                 store.lock(&lock_key)?
                             }
                         };
@@ -889,6 +895,7 @@ async fn load(
                             let progress = move |progress: Progress| {
                                 let _ = events.send(KernelEvent::Progress { model: id.clone(), progress });
                             };
+                            tracing::info!(model, "compiling");
                             let graph = engine.compile(spec, &progress).await.map_err(engine_error)?;
                             let store = inner.storage.clone();
                             let (save_key, saved) = (key.clone(), graph.clone());
@@ -907,14 +914,20 @@ async fn load(
         };
         let plan = match engine.memory_plan(&graph) {
             Ok(plan) => plan,
-            Err(error) if error.kind() == ErrorKind::UnusableGraph && source == LoadSource::Disk => continue,
+            Err(error) if error.kind() == ErrorKind::UnusableGraph && source == LoadSource::Disk => {
+                tracing::warn!(model, %error, "stored graph unusable; compiling again");
+                continue;
+            }
             Err(error) => return Err(engine_error(error)),
         };
         let timeout = options.timeout.unwrap_or(inner.config.load_timeout);
         let (weights, pending) = inner.reserve(&model, plan.weights_bytes, timeout, !options.warm).await?;
         let loaded = match engine.load(&graph).await {
             Ok(loaded) => loaded,
-            Err(error) if error.kind() == ErrorKind::UnusableGraph && source == LoadSource::Disk => continue,
+            Err(error) if error.kind() == ErrorKind::UnusableGraph && source == LoadSource::Disk => {
+                tracing::warn!(model, %error, "stored graph unusable; compiling again");
+                continue;
+            }
             Err(error) => return Err(engine_error(error)),
         };
         if options.warm {

@@ -375,10 +375,13 @@ impl PoolShared {
 
     /// Revokes the leases idle longer than the pool's idle timeout.
     pub(crate) fn collect_idle(self: &Arc<Self>) -> (usize, u64) {
-        match self.idle_timeout {
-            Some(limit) => self.revoke(ReclaimReason::Idle, |_, idle| idle > limit),
-            None => (0, 0),
+        let Some(limit) = self.idle_timeout else { return (0, 0) };
+        let (leases, bytes) = self.revoke(ReclaimReason::Idle, |_, idle| idle > limit);
+        if leases > 0 {
+            let (pool, idle_limit_seconds) = (&*self.name, limit.as_secs_f64());
+            tracing::info!(pool, leases, bytes, idle_limit_seconds, "idle leases revoked");
         }
+        (leases, bytes)
     }
 
     pub(crate) fn stats(&self) -> PoolStats {

@@ -341,6 +341,14 @@ impl StorageManager {
             }
             if self.remove_exact(&self.inner.graphs.join(&entry.file_name), entry.id)? {
                 total -= entry.bytes;
+                let model = entry.header().map(|header| header.key.model.as_str());
+                tracing::info!(
+                    file = entry.file_name,
+                    model,
+                    bytes = entry.bytes,
+                    limit,
+                    "graph evicted: the store is over its limit"
+                );
                 self.count_evicted();
                 if let Some(header) = entry.header() {
                     evicted.push(header.key.clone());
@@ -397,6 +405,7 @@ impl StorageManager {
             if let Some(reason) = reason
                 && self.remove_exact(&self.inner.graphs.join(&entry.file_name), entry.id)?
             {
+                tracing::info!(file = entry.file_name, model = key.model, reason, "graph cleaned up");
                 self.count_evicted();
                 report.done.push((key.clone(), reason));
             }

@@ -360,9 +360,13 @@ impl StorageManager {
                 metrics: StoreMetrics::register(),
             }),
         };
-        store.sweep_temporary_files()?;
-        store.prune_quarantine()?;
-        store.prune_locks()?;
+        let swept = store.sweep_temporary_files()?;
+        let quarantine_pruned = store.prune_quarantine()?;
+        let locks_pruned = store.prune_locks()?;
+        if swept + quarantine_pruned + locks_pruned > 0 {
+            let root = store.root().display();
+            tracing::info!(%root, swept, quarantine_pruned, locks_pruned, "store opened; leftovers removed");
+        }
         store.refresh_gauges()?;
         Ok(store)
     }
@@ -726,6 +730,7 @@ impl StorageManager {
         let name = path.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default();
         let target = self.inner.quarantine.join(format!("{name}.{reason}.{}.{}", unix_ms(SystemTime::now()), unique()));
         if take_exact(path, id, &target)? {
+            tracing::warn!(file = name, reason, to = %target.display(), "damaged graph quarantined");
             sync_dir(&self.inner.quarantine)?;
             sync_dir(&self.inner.graphs)?;
             self.inner.counters.quarantined.fetch_add(1, Ordering::Relaxed);

@@ -1,8 +1,9 @@
 //! `cargo xtask tidy`: the architecture invariants of ARCHITECTURE.md, checked on the real workspace.
 //!
 //! - Layers: a crate depends only on the workspace crates its row of [`LAYERS`] allows.
-//! - No library crate reaches `metrics-exporter-prometheus`, `clap`, `axum` or `anyhow`, even
-//!   through a third-party crate; only the applications (`usine-cli`, `xtask`, `usine-tests`) may.
+//! - No library crate reaches `metrics-exporter-prometheus`, `tracing-subscriber`, `clap`, `axum` or
+//!   `anyhow`, even through a third-party crate; only the applications (`usine-cli`, `xtask`,
+//!   `usine-tests`) may.
 //! - Every crate takes the workspace lints, and every Rust file opens with a `//!` line saying what it is for.
 //!
 //! The checks are pure functions over a small [`Workspace`] model, so that their tests can feed them
@@ -36,7 +37,8 @@ pub(crate) const LAYERS: &[(&str, &[&str])] = &[
 const ANY: &[&str] = &["*"];
 
 /// Crates that belong to applications: reaching them from a library is a violation.
-pub(crate) const APPLICATION_ONLY: &[&str] = &["metrics-exporter-prometheus", "clap", "axum", "anyhow"];
+pub(crate) const APPLICATION_ONLY: &[&str] =
+    &["metrics-exporter-prometheus", "tracing-subscriber", "clap", "axum", "anyhow"];
 
 /// The crates allowed to use [`APPLICATION_ONLY`] crates.
 const APPLICATIONS: &[&str] = &["usine-cli", "usine-tests", "xtask"];

@@ -9,3 +9,4 @@
 mod candle;
 mod executor;
 mod kernel;
+mod logs;
