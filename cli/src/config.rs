@@ -56,8 +56,14 @@ pub(crate) struct Config {
     pub(crate) first_token_timeout_ms: u64,
     /// Most time between two tokens, in milliseconds.
     pub(crate) between_tokens_timeout_ms: u64,
-    /// Most time for a whole request, in milliseconds; none when unset.
-    pub(crate) request_timeout_ms: Option<u64>,
+    /// Most time for a whole request, in milliseconds.
+    pub(crate) request_timeout_ms: u64,
+    /// Most time a generation waits on a reader that takes nothing (a stalled client), in milliseconds;
+    /// past it, the generation is cancelled and its slot and memory return.
+    pub(crate) reader_timeout_ms: u64,
+    /// The largest part of the kv-cache pool one request reserves before its first token, 0 to 1; past
+    /// it, the request reserves a token's worth per token.
+    pub(crate) kv_up_front_share: f64,
     /// `usine serve`: the address to listen on. Any but loopback needs `api_key`.
     pub(crate) bind: String,
     /// `usine serve`: the bearer token every endpoint but `/health` (and `/metrics`, unless
@@ -77,6 +83,8 @@ pub(crate) struct Config {
     pub(crate) wait_for_warmup: bool,
     /// `usine serve`: how long running streams may go on after SIGTERM, in seconds.
     pub(crate) shutdown_grace_seconds: u64,
+    /// `usine serve`: an access log on stderr, one line per request (`log_format` sets text or JSON).
+    pub(crate) access_log: bool,
     /// Logs on stderr at this level and above: `off`, `error`, `warn`, `info` (loads, compiles,
     /// evictions), `debug` (admission) or `trace`. `RUST_LOG`, when set, takes precedence and can set a
     /// level per crate (`usine_kernel=info,warn`).
@@ -108,7 +116,9 @@ impl Default for Config {
             queue_timeout_ms: 60_000,
             first_token_timeout_ms: 300_000,
             between_tokens_timeout_ms: 30_000,
-            request_timeout_ms: None,
+            request_timeout_ms: 600_000,
+            reader_timeout_ms: 10_000,
+            kv_up_front_share: 0.25,
             bind: "127.0.0.1:8080".into(),
             api_key: None,
             metrics_need_key: false,
@@ -118,6 +128,7 @@ impl Default for Config {
             warmup: Vec::new(),
             wait_for_warmup: false,
             shutdown_grace_seconds: 10,
+            access_log: true,
             log_level: LogLevel::Warn,
             log_format: LogFormat::Text,
         }
@@ -146,6 +157,8 @@ pub(crate) const KEYS: &[&str] = &[
     "first_token_timeout_ms",
     "between_tokens_timeout_ms",
     "request_timeout_ms",
+    "reader_timeout_ms",
+    "kv_up_front_share",
     "bind",
     "api_key",
     "metrics_need_key",
@@ -155,6 +168,7 @@ pub(crate) const KEYS: &[&str] = &[
     "warmup",
     "wait_for_warmup",
     "shutdown_grace_seconds",
+    "access_log",
     "log_level",
     "log_format",
 ];
@@ -225,13 +239,38 @@ pub(crate) fn files(explicit: Option<&Path>) -> anyhow::Result<Vec<PathBuf>> {
     Ok(files.into_iter().filter(|path| path.is_file()).collect())
 }
 
+/// `USINE_API_KEY` as the string it is: the environment provider would read an all-digit key as a number.
+struct ApiKeyEnv(Option<std::ffi::OsString>);
+
+impl Provider for ApiKeyEnv {
+    fn metadata(&self) -> Metadata {
+        Metadata::named("environment variable")
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        let mut dict = Dict::new();
+        if let Some(key) = &self.0 {
+            // The key is never shown, even when it is not text.
+            let key = key.to_str().ok_or_else(|| figment::Error::from("USINE_API_KEY is not UTF-8".to_owned()))?;
+            dict.insert("api_key".to_owned(), key.into());
+        }
+        Ok(Map::from([(Profile::Default, dict)]))
+    }
+}
+
 /// Loads the configuration: defaults, `files`, the environment, then `flags`.
 pub(crate) fn load(files: &[PathBuf], flags: Flags) -> anyhow::Result<Loaded> {
+    load_with_key(files, flags, std::env::var_os("USINE_API_KEY"))
+}
+
+/// [`load`], with `USINE_API_KEY`'s value given.
+fn load_with_key(files: &[PathBuf], flags: Flags, api_key: Option<std::ffi::OsString>) -> anyhow::Result<Loaded> {
     let mut figment = Figment::from(Defaults);
     for file in files {
         figment = figment.merge(Toml::file_exact(file));
     }
-    let figment = figment.merge(Env::prefixed("USINE_").only(KEYS)).merge(flags);
+    let env = Env::prefixed("USINE_").only(KEYS).ignore(&["api_key"]);
+    let figment = figment.merge(env).merge(ApiKeyEnv(api_key)).merge(flags);
     let config: Config = figment.extract().map_err(|error| anyhow::anyhow!(describe(&error)))?;
     let loaded = Loaded { config, figment };
     loaded.validate()?;
@@ -262,7 +301,15 @@ fn describe(error: &figment::Error) -> String {
                 figment::error::Kind::UnknownField(field, known) => {
                     format!("unknown key `{field}` (the keys: {})", known.join(", "))
                 }
-                kind => kind.to_string(),
+                // A type error would print the value: the key stays secret.
+                _ if key == "api_key" => "expected a string (the value is not shown)".to_owned(),
+                // A parse error quotes the file's line: not the key's.
+                kind => kind
+                    .to_string()
+                    .lines()
+                    .map(|line| if line.contains("api_key") { "  | api_key = (hidden)" } else { line })
+                    .collect::<Vec<_>>()
+                    .join("\n"),
             };
             match origin {
                 Some(origin) if !key.is_empty() && !matches!(error.kind, figment::error::Kind::UnknownField(..)) => {
@@ -373,8 +420,10 @@ impl Loaded {
                 queue: Some(millis(config.queue_timeout_ms)),
                 first_token: Some(millis(config.first_token_timeout_ms)),
                 between_tokens: Some(millis(config.between_tokens_timeout_ms)),
-                total: config.request_timeout_ms.map(millis),
+                total: Some(millis(config.request_timeout_ms)),
+                reader: Some(millis(config.reader_timeout_ms)),
             },
+            kv_up_front_share: config.kv_up_front_share,
             ..usine_executor::ExecutorConfig::default()
         }
     }
@@ -397,5 +446,55 @@ impl Loaded {
                 (key, value, self.origin_of(key))
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, reason = "a panic is a test failure with its message")]
+mod tests {
+    use super::*;
+
+    // Would catch: an all-digit key read as a number (and refused), or a key printed in an error.
+    #[test]
+    fn an_all_digit_api_key_is_a_string_and_no_error_prints_a_key() {
+        let digits = "01234567890123456789";
+        let loaded = load_with_key(&[], Flags::default(), Some(digits.into())).unwrap();
+        assert_eq!(loaded.config.api_key.as_deref(), Some(digits));
+        assert_eq!(loaded.origin_of("api_key"), "environment variable USINE_API_KEY");
+
+        let short = "4242";
+        let error = load_with_key(&[], Flags::default(), Some(short.into())).err().unwrap().to_string();
+        assert_eq!(
+            error,
+            "bad configuration in environment variable USINE_API_KEY: key `api_key` is too short, expected at least 16 \
+             characters"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join(FILE_NAME);
+        std::fs::write(&file, "api_key = 9876543210987654\n").unwrap();
+        let error = load_with_key(std::slice::from_ref(&file), Flags::default(), None).err().unwrap().to_string();
+        assert_eq!(
+            error,
+            format!(
+                "bad configuration in {}: key `api_key`: expected a string (the value is not shown)",
+                file.display()
+            )
+        );
+        std::fs::write(&file, "api_key = 98765432109876543210\n").unwrap(); // too large: a parse error
+        let error = load_with_key(std::slice::from_ref(&file), Flags::default(), None).err().unwrap().to_string();
+        assert!(!error.contains("98765") && error.contains("api_key = (hidden)"), "{error}");
+    }
+
+    #[test]
+    fn the_limits_of_serve_have_their_defaults() {
+        let loaded = load_with_key(&[], Flags::default(), None).unwrap();
+        let timeouts = loaded.executor_config().timeouts;
+        let seconds = std::time::Duration::from_secs;
+        assert_eq!((timeouts.total, timeouts.reader), (Some(seconds(600)), Some(seconds(10))));
+        assert_eq!(loaded.executor_config().kv_up_front_share, 0.25);
+        let mut flags = Flags::default();
+        flags.set("kv_up_front_share", Some(1.5));
+        let error = load_with_key(&[], flags, None).err().unwrap().to_string();
+        assert_eq!(error, "bad configuration in command-line flag: key `kv_up_front_share` is 1.5, expected 0..=1");
     }
 }

@@ -255,7 +255,7 @@ fn configure(
     }
     let loaded = config::files(cli_config).and_then(|files| config::load(&files, flags)).map_err(UsageError)?;
     // Before any library work, so that its events are logged from the first.
-    logging::install(loaded.config.log_level, loaded.config.log_format)?;
+    logging::install(loaded.config.log_level, loaded.config.log_format, loaded.config.access_log)?;
     Ok(loaded)
 }
 

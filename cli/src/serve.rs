@@ -1,8 +1,10 @@
 //! `usine serve`: an HTTP API that OpenAI clients speak, model lifecycle endpoints, `/metrics` for
 //! Prometheus and `/health`; bearer-token auth off loopback; graceful shutdown on SIGTERM or SIGINT.
 
+mod access_log;
 mod admin;
 mod error;
+mod hosts;
 mod openai;
 #[cfg(test)]
 mod tests;
@@ -23,6 +25,7 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
+pub(crate) use self::access_log::TARGET as ACCESS_LOG_TARGET;
 pub(crate) use self::error::ApiError;
 use crate::app::App;
 use crate::config::Loaded;
@@ -104,7 +107,7 @@ pub(crate) fn router(state: AppState) -> Router {
         (api, metrics_route)
     };
     let api = api.route_layer(middleware::from_fn_with_state(Arc::clone(&state), authorize));
-    Router::new()
+    let router = Router::new()
         .merge(api)
         .merge(metrics_route)
         .route("/health", get(health))
@@ -118,8 +121,10 @@ pub(crate) fn router(state: AppState) -> Router {
         })
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn_with_state(Arc::clone(&state), refuse_announced_excess))
-        .layer(middleware::from_fn(count))
-        .with_state(state)
+        .layer(middleware::from_fn_with_state(Arc::clone(&state), hosts::loopback_only));
+    let access_log = state.loaded.config.access_log;
+    let router = router.layer(middleware::from_fn(count)).with_state(state);
+    if access_log { router.layer(middleware::from_fn(access_log::log)) } else { router }
 }
 
 /// Counts each request and times it to its response's head.

@@ -14,8 +14,10 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(3600);
 /// How a sequence's kv-cache is reserved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum KvReservation {
-    /// All of it before the first step: the prompt plus `max_tokens`. A generation that starts always
-    /// has the memory to finish; one that stops early held more than it used.
+    /// All of it before the first step: the prompt plus `max_tokens`, up to
+    /// [`ExecutorConfig::kv_up_front_share`] of the pool; past that, one token's more per step. A
+    /// generation within the share always has the memory to finish; one that stops early held more
+    /// than it used.
     #[default]
     UpFront,
     /// The prompt's before the first step, then one token's more per step (waiting for it under
@@ -70,18 +72,24 @@ pub struct Timeouts {
     pub between_tokens: Option<Duration>,
     /// The whole request.
     pub total: Option<Duration>,
+    /// Blocked on a reader that takes no event while its channel is full; past it, the generation is
+    /// cancelled and its memory, model and slot return at once.
+    pub reader: Option<Duration>,
 }
 
 impl Timeouts {
     /// The executor's standard limits (its default): a minute in the queue, five minutes to the first
-    /// token (room for a compile), thirty seconds between tokens, no limit on the whole. (`default()`
-    /// sets no limit at all: what a request uses to keep the executor's.)
+    /// token (room for a compile), thirty seconds between tokens, ten minutes for the whole (the first
+    /// token's five and 4,096 tokens at 28 a second, the slowest model of the catalog, fit with room),
+    /// ten seconds blocked on a reader. (`default()` sets no limit at all: what a request uses to keep
+    /// the executor's.)
     pub fn standard() -> Self {
         Self {
             queue: Some(Duration::from_secs(60)),
             first_token: Some(Duration::from_secs(300)),
             between_tokens: Some(Duration::from_secs(30)),
-            total: None,
+            total: Some(Duration::from_secs(600)),
+            reader: Some(Duration::from_secs(10)),
         }
     }
 
@@ -92,6 +100,7 @@ impl Timeouts {
             first_token: overrides.first_token.or(self.first_token),
             between_tokens: overrides.between_tokens.or(self.between_tokens),
             total: overrides.total.or(self.total),
+            reader: overrides.reader.or(self.reader),
         }
     }
 }
@@ -113,6 +122,9 @@ pub struct ExecutorConfig {
     pub activations_pool: String,
     /// How the kv-cache is reserved.
     pub kv_reservation: KvReservation,
+    /// The largest part of the kv-cache pool one generation reserves before its first token (0.25, a
+    /// quarter: the four slots of the default each find room); past it, it reserves per token.
+    pub kv_up_front_share: f64,
     /// How long a generation waits for memory under pressure before it fails (500 ms).
     pub memory_wait: Duration,
     /// Retries of transient failures.
@@ -131,6 +143,7 @@ impl Default for ExecutorConfig {
             kv_pool: KV_CACHE.into(),
             activations_pool: ACTIVATIONS.into(),
             kv_reservation: KvReservation::UpFront,
+            kv_up_front_share: 0.25,
             memory_wait: Duration::from_millis(500),
             retry: RetryPolicy::default(),
             timeouts: Timeouts::standard(),
@@ -163,6 +176,9 @@ impl ExecutorConfig {
         if !(1..=MAX_CHANNEL_CAPACITY).contains(&self.channel_capacity) {
             let limit = format!("1..={MAX_CHANNEL_CAPACITY}");
             return outside("channel_capacity", self.channel_capacity.to_string(), limit);
+        }
+        if !(0.0..=1.0).contains(&self.kv_up_front_share) {
+            return outside("kv_up_front_share", self.kv_up_front_share.to_string(), "0..=1".into());
         }
         if !(0.0..=1.0).contains(&self.retry.jitter) {
             return outside("retry.jitter", self.retry.jitter.to_string(), "0..=1".into());

@@ -19,6 +19,8 @@ pub enum Phase {
     BetweenTokens,
     /// The whole request, from submission to its last event.
     Total,
+    /// Blocked on a reader that takes no event (its channel full).
+    Reader,
 }
 
 impl Phase {
@@ -29,6 +31,7 @@ impl Phase {
             Self::FirstToken => "first_token",
             Self::BetweenTokens => "between_tokens",
             Self::Total => "total",
+            Self::Reader => "reader",
         }
     }
 }
@@ -40,6 +43,7 @@ impl std::fmt::Display for Phase {
             Self::FirstToken => "time to first token",
             Self::BetweenTokens => "time between tokens",
             Self::Total => "whole request",
+            Self::Reader => "wait for the reader",
         })
     }
 }

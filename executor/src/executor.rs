@@ -11,7 +11,7 @@ use usine_memory::MemoryManager;
 
 use crate::admission::{Admission, Ticket};
 use crate::config::{ConfigError, ExecutorConfig};
-use crate::error::{ExecError, Phase};
+use crate::error::ExecError;
 use crate::metrics::{ExecutorMetrics, Outcome};
 use crate::request::Request;
 use crate::run::{Shared, run};
@@ -39,14 +39,16 @@ pub struct ExecutorStats {
     pub completed: u64,
     /// Requests whose reader dropped the stream first.
     pub cancelled: u64,
-    /// Requests refused at once: queue full, parameters out of range, executor closed.
+    /// Requests refused at once: queue full, executor closed.
     pub rejected: u64,
+    /// Requests that were wrong: parameters out of range, a prompt over the context.
+    pub invalid: u64,
     /// Requests that ran out of time, in any phase.
     pub timed_out: u64,
     /// Requests that failed otherwise.
     pub failed: u64,
-    /// Timeouts in each phase: queue, first token, between tokens, total.
-    pub timeouts_by_phase: [u64; 4],
+    /// Timeouts in each phase: queue, first token, between tokens, total, reader.
+    pub timeouts_by_phase: [u64; 5],
     /// Tokens generated.
     pub tokens: u64,
     /// Transient failures retried.
@@ -103,7 +105,7 @@ impl TaskExecutor {
         // Parameters out of range are refused before they take a place, a slot or a model load.
         for request in &requests {
             if let Err(source) = request.params.validate() {
-                requests.iter().for_each(|_| self.shared.metrics.outcome(Outcome::Rejected));
+                requests.iter().for_each(|_| self.shared.metrics.outcome(Outcome::Invalid));
                 return Err(ExecError::InvalidRequest { model: request.model.clone(), source });
             }
         }
@@ -130,7 +132,8 @@ impl TaskExecutor {
             .zip(tickets)
             .zip(first..)
             .map(|((request, ticket), number)| {
-                let (events, receiver) = mpsc::channel(self.shared.config.channel_capacity);
+                // One place more, kept for the last event.
+                let (events, receiver) = mpsc::channel(self.shared.config.channel_capacity + 1);
                 let seed = self.shared.config.retry.seed ^ number.wrapping_mul(0x9E37_79B9_7F4A_7C15);
                 let span = tracing::info_span!("generation", model = request.model, request = number);
                 let task = run(Arc::clone(&self.shared), request, ticket, submitted, seed, events);
@@ -160,16 +163,16 @@ impl TaskExecutor {
     pub fn stats(&self) -> ExecutorStats {
         let (running, queued) = self.admission.load();
         let metrics = &self.shared.metrics;
-        let phases = [Phase::Queue, Phase::FirstToken, Phase::BetweenTokens, Phase::Total];
         ExecutorStats {
             running,
             queued,
             completed: metrics.outcomes(Outcome::Completed),
             cancelled: metrics.outcomes(Outcome::Cancelled),
             rejected: metrics.outcomes(Outcome::Rejected),
+            invalid: metrics.outcomes(Outcome::Invalid),
             timed_out: metrics.outcomes(Outcome::Timeout),
             failed: metrics.outcomes(Outcome::Failed),
-            timeouts_by_phase: phases.map(|phase| metrics.timeouts_in(phase)),
+            timeouts_by_phase: crate::metrics::PHASES.map(|phase| metrics.timeouts_in(phase)),
             tokens: metrics.counts.tokens.load(Ordering::Relaxed),
             retries: metrics.counts.retries.load(Ordering::Relaxed),
             pipeline_idle: Duration::from_nanos(metrics.counts.pipeline_idle_nanos.load(Ordering::Relaxed)),

@@ -34,17 +34,20 @@ pub(crate) enum Outcome {
     Completed,
     /// Its reader dropped the stream.
     Cancelled,
-    /// Refused at once: queue full, parameters out of range, executor closed.
+    /// Refused at once: queue full, executor closed.
     Rejected,
+    /// The request was wrong: parameters out of range, a prompt over the context.
+    Invalid,
     /// A phase ran out of time.
     Timeout,
     /// Anything else.
     Failed,
 }
 
-const OUTCOMES: [Outcome; 5] =
-    [Outcome::Completed, Outcome::Cancelled, Outcome::Rejected, Outcome::Timeout, Outcome::Failed];
-const PHASES: [Phase; 4] = [Phase::Queue, Phase::FirstToken, Phase::BetweenTokens, Phase::Total];
+const OUTCOMES: [Outcome; 6] =
+    [Outcome::Completed, Outcome::Cancelled, Outcome::Rejected, Outcome::Invalid, Outcome::Timeout, Outcome::Failed];
+pub(crate) const PHASES: [Phase; 5] =
+    [Phase::Queue, Phase::FirstToken, Phase::BetweenTokens, Phase::Total, Phase::Reader];
 
 impl Outcome {
     fn as_str(self) -> &'static str {
@@ -52,6 +55,7 @@ impl Outcome {
             Self::Completed => "completed",
             Self::Cancelled => "cancelled",
             Self::Rejected => "rejected",
+            Self::Invalid => "invalid",
             Self::Timeout => "timeout",
             Self::Failed => "failed",
         }
@@ -70,12 +74,12 @@ pub fn describe_metrics() {
     describe_counter!(
         REQUESTS_TOTAL,
         Unit::Count,
-        "Requests, by outcome: completed, cancelled, rejected (refused at once), timeout, failed."
+        "Requests, by outcome: completed, cancelled, rejected (refused at once), invalid (the request was wrong), timeout, failed."
     );
     describe_counter!(
         TIMEOUTS_TOTAL,
         Unit::Count,
-        "Requests that ran out of time, by phase: queue, first_token, between_tokens, total."
+        "Requests that ran out of time, by phase: queue, first_token, between_tokens, total, reader."
     );
     describe_counter!(RETRIES_TOTAL, Unit::Count, "Transient engine failures retried.");
     describe_gauge!(QUEUE_DEPTH, Unit::Count, "Requests waiting for a generation slot.");
@@ -92,8 +96,8 @@ pub(crate) struct ExecutorMetrics {
     pub(crate) time_to_first_token: Histogram,
     pub(crate) time_between_tokens: Histogram,
     tokens: Counter,
-    requests: [Counter; 5],
-    timeouts: [Counter; 4],
+    requests: [Counter; 6],
+    timeouts: [Counter; 5],
     retries: Counter,
     queue_depth: Gauge,
     running: Gauge,
@@ -104,8 +108,8 @@ pub(crate) struct ExecutorMetrics {
 /// Totals since the executor started.
 #[derive(Default)]
 pub(crate) struct Counts {
-    pub(crate) outcomes: [AtomicU64; 5],
-    pub(crate) timeouts: [AtomicU64; 4],
+    pub(crate) outcomes: [AtomicU64; 6],
+    pub(crate) timeouts: [AtomicU64; 5],
     pub(crate) tokens: AtomicU64,
     pub(crate) retries: AtomicU64,
     pub(crate) pipeline_idle_nanos: AtomicU64,

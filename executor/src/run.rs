@@ -81,6 +81,8 @@ pub(crate) fn run(
     let mut tally =
         Tally { metrics: Arc::clone(&shared.metrics), outcome: Outcome::Cancelled, tokens: 0, idle: Duration::ZERO };
     async move {
+        // The last event has its place from the start: a reader cut for stalling still hears why.
+        let Ok(last_place) = events.try_reserve() else { return }; // the reader is gone already
         let limits = Limits { submitted, timeouts: shared.config.timeouts.overridden_by(&request.timeouts) };
         let generation = Generation {
             shared: &shared,
@@ -103,13 +105,14 @@ pub(crate) fn run(
                         shared.metrics.timeout(*phase);
                         Outcome::Timeout
                     }
+                    ExecError::InvalidRequest { .. } => Outcome::Invalid,
                     _ => Outcome::Failed,
                 };
                 Err(error)
             }
         };
         drop(tally); // counted before the reader sees the end
-        let _ = events.send(last).await; // a reader gone by now has nothing to hear
+        last_place.send(last);
     }
 }
 
@@ -134,6 +137,7 @@ impl Limits {
             Phase::Queue => self.timeouts.queue,
             Phase::FirstToken => self.timeouts.first_token,
             Phase::BetweenTokens => self.timeouts.between_tokens,
+            Phase::Reader => self.timeouts.reader,
             Phase::Total => None,
         }
         // A limit too far to be an instant is no limit.
@@ -458,17 +462,33 @@ impl Generation<'_> {
         max_tokens: u32,
         scope: ScopeId,
     ) -> Result<KvCache, ExecError> {
-        let tokens = match self.shared.config.kv_reservation {
-            KvReservation::UpFront => prompt as u64 + u64::from(max_tokens),
-            KvReservation::PerToken => prompt as u64,
-        };
         let mut kv = KvCache { leases: Vec::new(), per_token: plan.kv_bytes_per_token, tokens: 0 };
         if kv.per_token == 0 {
             kv.tokens = u64::MAX;
             return Ok(kv);
         }
+        let (pool, capacity) = (self.shared.kv.name().to_owned(), self.shared.kv.capacity());
+        let tokens = match self.shared.config.kv_reservation {
+            KvReservation::UpFront => {
+                // A sequence the whole pool cannot hold fails now, not when it reaches the end.
+                let whole = prompt as u64 + u64::from(max_tokens);
+                let requested = whole.saturating_mul(kv.per_token);
+                if requested > capacity {
+                    return Err(self.memory(MemoryError::TooLarge { pool, requested, capacity }));
+                }
+                // At most the share of the pool, never less than the prompt: the rest comes per token.
+                #[expect(
+                    clippy::cast_possible_truncation,
+                    clippy::cast_sign_loss,
+                    reason = "a share of a u64, floored"
+                )]
+                #[expect(clippy::cast_precision_loss, reason = "a pool's bytes, far below 2^52")]
+                let share = (capacity as f64 * self.shared.config.kv_up_front_share) as u64;
+                whole.min((share / kv.per_token).max(prompt as u64))
+            }
+            KvReservation::PerToken => prompt as u64,
+        };
         let Some(bytes) = tokens.checked_mul(kv.per_token) else {
-            let (pool, capacity) = (self.shared.kv.name().to_owned(), self.shared.kv.capacity());
             return Err(self.memory(MemoryError::TooLarge { pool, requested: u64::MAX, capacity }));
         };
         let wait = self.shared.config.memory_wait;
@@ -486,8 +506,9 @@ impl Generation<'_> {
         ExecError::Memory { model: self.model_id.to_owned(), source }
     }
 
-    /// Waits until a slow reader takes `event`, at most until the request's whole limit, keeping the
-    /// kv-cache marked in use meanwhile (a generation waiting for its reader is not idle memory).
+    /// Waits until a slow reader takes `event`, at most for the reader's limit (or to the request's whole
+    /// limit), keeping the kv-cache marked in use meanwhile (a generation waiting for its reader is not
+    /// idle memory). Past the limit the generation ends, and its memory, model and slot go back.
     async fn wait_for_reader(&self, event: Result<Event, ExecError>, kv: &KvCache) -> Result<(), Halt> {
         let send = self.events.send(event);
         let keep_alive = async {
@@ -499,8 +520,8 @@ impl Generation<'_> {
                 }
             }
         };
-        let total = self.limits.deadline(Phase::Total, self.limits.submitted);
-        let outcome = bounded(total, async {
+        let limit = self.limits.deadline(Phase::Reader, Instant::now());
+        let outcome = bounded(limit, async {
             tokio::select! {
                 sent = send => sent.map_err(|_| Halt::ReaderGone),
                 revoked = keep_alive => Err(Halt::Failed(self.memory(revoked))),
@@ -509,10 +530,11 @@ impl Generation<'_> {
         outcome.await?
     }
 
-    /// Sends an event, waiting for a slow reader at most until the request's whole limit.
+    /// Sends an event, waiting for a slow reader at most for the reader's limit (or to the request's
+    /// whole limit).
     async fn send(&self, event: Event) -> Result<(), Halt> {
-        let total = self.limits.deadline(Phase::Total, self.limits.submitted);
-        bounded(total, self.events.send(Ok(event))).await?.map_err(|_| Halt::ReaderGone)
+        let limit = self.limits.deadline(Phase::Reader, Instant::now());
+        bounded(limit, self.events.send(Ok(event))).await?.map_err(|_| Halt::ReaderGone)
     }
 }
 

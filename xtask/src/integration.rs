@@ -78,6 +78,7 @@ pub(crate) fn run(root: &Path) -> Result<ExitCode> {
         check("pools back to zero after the load", pools_at_zero(&http, &base, Duration::from_secs(5)));
         check("client disconnects free memory", disconnects(&http, &base));
         check("hostile requests", hostile(&http, &base, work.path()));
+        check("foreign hosts, long ids, client errors, access log", guarded(&http, &base, work.path()));
         check("graceful shutdown on SIGTERM", shutdown(&base, &mut server));
     }
 
@@ -550,6 +551,7 @@ struct Load {
     completed: f64,
     cancelled: f64,
     rejected: f64,
+    invalid: f64,
     timeout: f64,
     failed: f64,
     running: f64,
@@ -569,6 +571,7 @@ impl Load {
             completed: outcome("completed"),
             cancelled: outcome("cancelled"),
             rejected: outcome("rejected"),
+            invalid: outcome("invalid"),
             timeout: outcome("timeout"),
             failed: outcome("failed"),
             running: gauge("usine_executor_running")?,
@@ -800,6 +803,64 @@ fn hostile(http: &ureq::Agent, base: &str, work: &Path) -> Result<String> {
     let outside: Vec<_> = after.difference(&before).filter(|path| !path.starts_with(&cache)).collect();
     ensure!(outside.is_empty(), "written outside the cache folder: {outside:?}");
     Ok(seen.join(", "))
+}
+
+/// Sends `request` (a whole HTTP/1.1 request, `Connection: close`) and returns the status and body.
+fn raw(base: &str, request: &str) -> Result<(u16, String)> {
+    let mut stream = std::net::TcpStream::connect(base.trim_start_matches("http://"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(request.as_bytes())?;
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut stream, &mut answer)?;
+    let status = answer.split_whitespace().nth(1).context("no status line")?.parse()?;
+    Ok((status, answer.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default()))
+}
+
+/// Without a key: a foreign `Host` (DNS rebinding) and a foreign `Origin` get 403; an admin error cuts
+/// a 300 KiB id to 64 characters; a prompt over the context is counted `invalid`, not `failed`; each
+/// request has its access-log line, found by its `x-request-id`.
+fn guarded(http: &ureq::Agent, base: &str, work: &Path) -> Result<String> {
+    let (status, body) = raw(base, "GET /v1/models HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n")?;
+    ensure!(status == 403 && body.contains("forbidden_host"), "Host: evil.example: {status} {body}");
+    let response = http
+        .post(&format!("{base}/usine/models/unload"))
+        .set("Content-Type", "application/json")
+        .set("Origin", "http://evil.example")
+        .send_string(&format!("{{\"model\": \"{MODEL}\"}}"));
+    let (status, body) = respond(response)?;
+    ensure!(status == 403 && body.contains("forbidden_origin"), "Origin: http://evil.example: {status} {body}");
+
+    let long_id = "x".repeat(300 << 10);
+    let (status, body) =
+        post(http, &format!("{base}/usine/models/pin"), &serde_json::json!({ "model": long_id }).to_string())?;
+    ensure!(status == 404 && body.len() < 1000, "pin of a 300 KiB id: {status}, {} bytes back", body.len());
+
+    let before = Load::read(http, base)?;
+    let over = format!("{{\"model\": \"{MODEL}\", \"prompt\": \"Hi\", \"max_tokens\": 4096}}");
+    let (status, body) = post(http, &format!("{base}/v1/completions"), &over)?;
+    ensure!(status == 422, "a prompt over the context: {status} {body}");
+    let after = Load::read(http, base)?;
+    let counted = (after.invalid - before.invalid, after.failed - before.failed);
+    ensure!(counted == (1.0, 0.0), "invalid, failed counted for a 422: {counted:?}");
+
+    let response = http.get(&format!("{base}/health")).call()?;
+    let id = response.header("x-request-id").context("no x-request-id")?.to_owned();
+    let start = Instant::now();
+    let line = loop {
+        let log = std::fs::read_to_string(work.join("serve.log"))?;
+        if let Some(line) = log.lines().find(|line| line.contains(&id)) {
+            break line.to_owned();
+        }
+        ensure!(start.elapsed() < Duration::from_secs(5), "no access-log line with request_id {id} in 5 s");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    for field in ["usine::access", "method=GET", "path=/health", "status=200", "complete=true"] {
+        ensure!(line.contains(field), "access-log line without `{field}`: {line}");
+    }
+    Ok(format!(
+        "Host and Origin 403, a 300 KiB id cut ({} bytes back), 422 counted invalid, access log: {line}",
+        body.len()
+    ))
 }
 
 /// Sends the head of a POST announcing `length` bytes of JSON and a little of it, and returns the status

@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 use usine_kernel::{KeepAlive as ModelKeepAlive, LoadOptions};
 
+use super::error::known_model;
 use super::{ApiError, AppState};
 
 #[derive(Debug, Deserialize)]
@@ -49,6 +50,7 @@ pub(crate) async fn load(
     request: Result<Json<ModelBody>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let request = body(request, &state)?;
+    known_model(&state, &request.model)?;
     state.ready()?;
     let keep_alive = match request.keep_alive_seconds {
         None => None,
@@ -77,7 +79,7 @@ pub(crate) async fn unload(
     request: Result<Json<ModelBody>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let request = body(request, &state)?;
-    state.app.kernel.engine_for(&request.model)?;
+    known_model(&state, &request.model)?;
     Ok(Json(json!({ "model": request.model, "unloaded": state.app.kernel.unload(&request.model) })))
 }
 
@@ -87,6 +89,7 @@ pub(crate) async fn pin(
     request: Result<Json<ModelBody>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let request = body(request, &state)?;
+    known_model(&state, &request.model)?;
     state.app.kernel.pin(&request.model)?;
     Ok(Json(json!({ "model": request.model, "pinned": true })))
 }
@@ -97,7 +100,7 @@ pub(crate) async fn unpin(
     request: Result<Json<ModelBody>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let request = body(request, &state)?;
-    state.app.kernel.engine_for(&request.model)?;
+    known_model(&state, &request.model)?;
     state.app.kernel.unpin(&request.model);
     Ok(Json(json!({ "model": request.model, "pinned": false })))
 }
@@ -108,6 +111,7 @@ pub(crate) async fn warmup(
     request: Result<Json<ModelsBody>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let request = body(request, &state)?;
+    request.models.iter().try_for_each(|model| known_model(&state, model))?;
     let models: Vec<&str> = request.models.iter().map(String::as_str).collect();
     state.app.kernel.warm_up(&models)?;
     Ok((axum::http::StatusCode::ACCEPTED, Json(json!({ "queued": state.app.kernel.warm_queue() }))))
@@ -139,7 +143,7 @@ pub(crate) async fn progress(
     query: Result<Query<ModelQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let Query(query) = query.map_err(|rejection| super::error::bad_query(&rejection))?;
-    state.app.kernel.engine_for(&query.model)?;
+    known_model(&state, &query.model)?;
     let reports = state.app.kernel.progress(&query.model)?;
     // Nothing to follow unless a load runs now: a stream that waits for a load nobody started would
     // never end.

@@ -98,6 +98,18 @@ impl From<usine_kernel::KernelError> for ApiError {
     }
 }
 
+/// Fails with 404 unless `id` names a model of the catalog, showing at most 64 characters of it: an
+/// id is the client's text, of any length (no id reaches a path either: ids are looked up).
+pub(crate) fn known_model(state: &super::Shared, id: &str) -> Result<(), ApiError> {
+    if state.app.kernel.engine_for(id).is_ok() {
+        return Ok(());
+    }
+    let shown: String = id.chars().take(64).collect();
+    let known: Vec<&str> = state.app.catalog.models.iter().map(|model| model.id.as_str()).collect();
+    let message = format!("unknown model `{shown}` (known: {})", known.join(", "));
+    Err(ApiError::new(StatusCode::NOT_FOUND, message, "model_not_found"))
+}
+
 /// A query string that does not read: 400, in the OpenAI error shape.
 pub(crate) fn bad_query(rejection: &axum::extract::rejection::QueryRejection) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, rejection.body_text(), "malformed_request")

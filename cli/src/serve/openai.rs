@@ -198,13 +198,7 @@ async fn generate(
     // A server default for `max_tokens`, not the client's: what fits the context is generated.
     let fit = sampling.max_completion_tokens.or(sampling.max_tokens).is_none();
     let request = if fit { request.fit_to_context() } else { request };
-    // An unknown model is a 404 before anything queues (and no id reaches a path: ids are looked up).
-    if state.app.kernel.engine_for(&model).is_err() {
-        let shown: String = model.chars().take(64).collect();
-        let known: Vec<&str> = state.app.catalog.models.iter().map(|model| model.id.as_str()).collect();
-        let message = format!("unknown model `{shown}` (known: {})", known.join(", "));
-        return Err(ApiError::new(StatusCode::NOT_FOUND, message, "model_not_found"));
-    }
+    super::error::known_model(state, &model)?; // a 404 before anything queues
     let mut stream = state.app.executor.generate(request.params(params))?;
     let prompt_tokens = match stream.next().await {
         Some(Ok(Event::Started { prompt_tokens, .. })) => prompt_tokens,

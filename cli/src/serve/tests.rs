@@ -385,3 +385,169 @@ async fn progress_of_a_model_nobody_loads_ends_at_once() {
     let (status, text) = s.get("/usine/models/progress?model=webllm/tiny").await;
     assert_eq!((status, text.as_str()), (StatusCode::OK, ""));
 }
+
+/// A request with `headers`.
+fn with_headers(method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Request<Body> {
+    let mut request = Request::builder().method(method).uri(path).header(header::CONTENT_TYPE, "application/json");
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    request.body(Body::from(body.to_owned())).unwrap()
+}
+
+// Would catch: a page on another host driving the server through DNS rebinding (`Host: evil.example`)
+// or from its own origin, while the server has no key.
+#[tokio::test]
+async fn without_a_key_a_foreign_host_or_origin_is_refused_with_403() {
+    let s = server(&[]);
+    let load = r#"{"model": "webllm/tiny"}"#;
+    for (headers, code) in [
+        (&[("host", "evil.example")][..], "forbidden_host"),
+        (&[("host", "evil.example:8080")][..], "forbidden_host"),
+        (&[("host", "localhost:8080"), ("origin", "http://evil.example")][..], "forbidden_origin"),
+        (&[("host", "127.0.0.1:8080"), ("origin", "null")][..], "forbidden_origin"),
+    ] {
+        let (status, _, text) = s.send(with_headers("POST", "/usine/models/load", headers, load)).await;
+        let body: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!((status, body["error"]["code"].as_str().unwrap()), (StatusCode::FORBIDDEN, code), "{headers:?}");
+    }
+    let (_, _, text) = s.send(with_headers("GET", "/v1/models", &[("host", "evil.example")], "")).await;
+    let body: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        body["error"]["message"],
+        "host `evil.example` is not loopback: without an API key this server answers only localhost, 127.0.0.1 \
+         and [::1] (set `api_key` to serve other names)"
+    );
+    assert!(s.state.app.kernel.loaded().is_empty(), "no refused load ran");
+    for headers in [
+        &[("host", "localhost:8080"), ("origin", "http://localhost:3000")][..],
+        &[("host", "127.0.0.1:8080")][..],
+        &[("host", "[::1]:8080")][..],
+    ] {
+        let (status, _, text) = s.send(with_headers("GET", "/v1/models", headers, "")).await;
+        assert_eq!(status, StatusCode::OK, "{headers:?}: {text}");
+    }
+
+    // With a key, the key is the guard: any host that brings it is served.
+    let key = "0123456789abcdef0123";
+    let s = server(&[("api_key", json!(key))]);
+    let bearer = format!("Bearer {key}");
+    let headers = [("host", "usine.example"), ("origin", "https://app.example"), ("authorization", bearer.as_str())];
+    assert_eq!(s.send(with_headers("GET", "/v1/models", &headers, "")).await.0, StatusCode::OK);
+}
+
+// Would catch: an admin error echoing a client's model id whole (300 KiB back for 300 KiB sent).
+#[tokio::test]
+async fn admin_errors_show_at_most_64_characters_of_an_unknown_id() {
+    let s = server(&[]);
+    let long_id = format!("{}{}", "a".repeat(64), "b".repeat(300 << 10));
+    let expected = format!(
+        "unknown model `{}` (known: {})",
+        "a".repeat(64),
+        s.state.app.catalog.models.iter().map(|m| m.id.as_str()).collect::<Vec<_>>().join(", ")
+    );
+    for endpoint in ["load", "unload", "pin", "unpin"] {
+        let (status, body) = s.post_json(&format!("/usine/models/{endpoint}"), &json!({ "model": long_id })).await;
+        assert_eq!((status, body["error"]["message"].as_str().unwrap()), (StatusCode::NOT_FOUND, expected.as_str()));
+    }
+    let (status, body) = s.post_json("/usine/warmup", &json!({ "models": ["webllm/tiny", long_id] })).await;
+    assert_eq!((status, body["error"]["message"].as_str().unwrap()), (StatusCode::NOT_FOUND, expected.as_str()));
+    let (status, text) = s.get(&format!("/usine/models/progress?model={}", "c".repeat(10_000))).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(text.contains(&format!("unknown model `{}` (known:", "c".repeat(64))) && text.len() < 1000, "{text}");
+}
+
+// Would catch: a client's error (a prompt over the context, 422) counted as the server's failure.
+#[tokio::test]
+async fn a_request_over_the_context_is_422_and_counted_invalid_not_failed() {
+    let s = server(&[]);
+    let request = json!({ "model": "webllm/tiny", "prompt": "Hi", "max_tokens": 4096 }); // the context is 2,048
+    let (status, body) = s.post_json("/v1/completions", &request).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str().unwrap()),
+        (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request")
+    );
+    let stats = s.state.app.executor.stats();
+    assert_eq!((stats.invalid, stats.failed), (1, 0), "{stats:?}");
+}
+
+// Would catch: a stream whose client stops reading holding its slot and kv-cache for ever (the issue:
+// four such clients took every slot and a 3-token request waited 60 s for a 504).
+#[tokio::test]
+async fn a_stalled_reader_is_cut_at_reader_timeout_ms_and_the_next_request_is_served() {
+    let s = server(&[("reader_timeout_ms", json!(1000)), ("max_concurrent", json!(1))]);
+    let _model = s.state.app.kernel.load_model("zero/default").await.unwrap(); // files written in real time
+    tokio::time::pause();
+    let start = tokio::time::Instant::now();
+    let long = json!({ "model": "zero/default", "prompt": "Hi", "max_tokens": 2000, "stream": true });
+    let request = Request::post("/v1/completions")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(long.to_string()))
+        .unwrap();
+    let stalled = router(Arc::clone(&s.state)).oneshot(request).await.unwrap(); // its body is never read
+    assert_eq!(stalled.status(), StatusCode::OK);
+    let (status, body) =
+        s.post_json("/v1/completions", &json!({ "model": "zero/default", "prompt": "Hi", "max_tokens": 3 })).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // The slot came free at the reader's limit: paused here after a real-time load, the clock is off the
+    // timer's millisecond grid, and a timer fires on the grid's next tick.
+    let elapsed = start.elapsed();
+    assert!((Duration::from_millis(1000)..=Duration::from_millis(1001)).contains(&elapsed), "{elapsed:?}");
+    let stats = s.state.app.executor.stats();
+    assert_eq!((stats.timeouts_by_phase[4], stats.completed, s.kv_used()), (1, 1, 0), "{stats:?}");
+
+    // What the reader finds when it comes back: the tokens buffered, then why it was cut.
+    let text = stalled.into_body().collect().await.unwrap().to_bytes();
+    let data = sse_data(std::str::from_utf8(&text).unwrap());
+    let last: Value = serde_json::from_str(data.last().unwrap()).unwrap();
+    assert_eq!(last["error"]["message"], "wait for the reader exceeded its limit of 1s");
+}
+
+// Would catch: a request missing from the access log, or a line without its fields.
+#[tokio::test]
+async fn each_request_is_one_access_log_line_with_its_id_status_and_bytes() {
+    use tracing_subscriber::layer::SubscriberExt as _;
+
+    let lines = Arc::new(parking_lot::Mutex::new(Vec::<u8>::new()));
+    let writer = {
+        let lines = Arc::clone(&lines);
+        move || Writer(Arc::clone(&lines))
+    };
+    let layer = crate::logging::access_layer(true, crate::logging::LogFormat::Json, false, writer);
+    let _default = tracing::subscriber::set_default(tracing_subscriber::registry().with(layer));
+    let s = server(&[]);
+    let (status, headers, text) = s.send(Request::get("/v1/models?x=1").body(Body::empty()).unwrap()).await;
+    let (status_422, _, _) = s
+        .post("/v1/completions", json!({ "model": "zero/default", "prompt": "Hi", "max_tokens": 0 }).to_string())
+        .await;
+    let logged = String::from_utf8(lines.lock().clone()).unwrap();
+    let lines: Vec<Value> = logged.lines().map(|line| serde_json::from_str(line).unwrap()).collect();
+    assert_eq!(lines.len(), 2, "{logged}");
+    let fields = &lines[0]["fields"];
+    assert_eq!((lines[0]["target"].as_str().unwrap(), lines[0]["level"].as_str().unwrap()), ("usine::access", "INFO"));
+    assert_eq!(fields["request_id"], headers["x-request-id"].to_str().unwrap());
+    assert_eq!(fields["request_id"].as_str().unwrap().len(), 16);
+    let seen = (&fields["method"], &fields["path"], &fields["status"], &fields["bytes"], &fields["complete"]);
+    assert_eq!(seen, (&json!("GET"), &json!("/v1/models"), &json!(status.as_u16()), &json!(text.len()), &json!(true)));
+    assert!(fields["duration_ms"].as_f64().is_some(), "{fields}");
+    assert_eq!(
+        (&lines[1]["fields"]["path"], &lines[1]["fields"]["status"]),
+        (&json!("/v1/completions"), &json!(status_422.as_u16()))
+    );
+    assert_eq!(status_422, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_ne!(lines[0]["fields"]["request_id"], lines[1]["fields"]["request_id"]);
+}
+
+/// A log writer into shared bytes.
+struct Writer(Arc<parking_lot::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Writer {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}

@@ -14,8 +14,8 @@ use serde_json::Value;
 mod logs;
 mod migrate;
 mod readme;
-mod serve;
 mod user;
+mod serve;
 
 /// `usine` in `dir`: its cache in `dir/cache`, its config folder `dir/config`, its working folder `dir`.
 fn usine(dir: &Path) -> Command {

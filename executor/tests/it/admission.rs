@@ -112,7 +112,7 @@ async fn parameters_out_of_range_are_refused_with_the_limit() {
     // Refused at once, before a place in the queue or a model load.
     let error = f.executor.generate(Request::prompt("lab", "Hi").max_tokens(0)).unwrap_err();
     assert_eq!(error.code(), "invalid_request");
-    assert_eq!(f.executor.stats().rejected, 1);
+    assert_eq!((f.executor.stats().invalid, f.executor.stats().rejected), (1, 0));
     assert!(f.kernel.loaded().is_empty());
     assert!(error.to_string().contains("`max_tokens` is 0, outside 1..="), "{error}");
     let error =
@@ -153,4 +153,16 @@ async fn within_a_batch_free_slots_go_to_the_most_urgent() {
     let (low, high) = tokio::join!(low.collect(), high.collect());
     assert_eq!(high.unwrap().usage.queued, std::time::Duration::ZERO, "the urgent one took the slot");
     assert!(low.unwrap().usage.queued > std::time::Duration::ZERO);
+}
+
+// Would catch: a request the client got wrong (422) counted as the server's failure.
+#[tokio::test(start_paused = true)]
+async fn a_prompt_over_the_context_is_counted_as_invalid_not_failed() {
+    let f = fixture(config());
+    // Five prompt tokens and 4,092 more overflow the lab's context of 4,096.
+    let error =
+        f.executor.generate(Request::prompt("lab", "Hello").max_tokens(4092)).unwrap().collect().await.unwrap_err();
+    assert_eq!(error.code(), "invalid_request");
+    let stats = f.executor.stats();
+    assert_eq!((stats.invalid, stats.failed, stats.rejected), (1, 0, 0), "{stats:?}");
 }

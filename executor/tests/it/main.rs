@@ -10,6 +10,7 @@ mod admission;
 mod cancel;
 mod memory;
 mod pipeline;
+mod reader;
 mod retry;
 mod telemetry;
 mod timeouts;
@@ -174,6 +175,7 @@ fn config() -> ExecutorConfig {
     ExecutorConfig {
         retry: RetryPolicy { jitter: 0.0, ..RetryPolicy::default() },
         timeouts: Timeouts::default(),
+        kv_up_front_share: 1.0, // the whole kv-cache up front, unless a test sets a share
         ..ExecutorConfig::default()
     }
 }
