@@ -83,6 +83,17 @@ pub(crate) struct Config {
     pub(crate) wait_for_warmup: bool,
     /// `usine serve`: how long running streams may go on after SIGTERM, in seconds.
     pub(crate) shutdown_grace_seconds: u64,
+    /// `usine serve`: most connections open at once; more wait in the system's queue until one closes.
+    pub(crate) max_connections: usize,
+    /// `usine serve`: most time from a request's first byte to the end of its header, in milliseconds.
+    pub(crate) header_read_timeout_ms: u64,
+    /// `usine serve`: most time a connection may stay open without a request (before the first, or
+    /// between two), in milliseconds.
+    pub(crate) idle_timeout_ms: u64,
+    /// `usine serve`: most time from a request's header to the end of its body, in milliseconds.
+    pub(crate) body_read_timeout_ms: u64,
+    /// `usine serve`: the largest request header (request line and fields), in bytes.
+    pub(crate) max_header_bytes: usize,
     /// `usine serve`: an access log on stderr, one line per request (`log_format` sets text or JSON).
     pub(crate) access_log: bool,
     /// Logs on stderr at this level and above: `off`, `error`, `warn`, `info` (loads, compiles,
@@ -128,6 +139,11 @@ impl Default for Config {
             warmup: Vec::new(),
             wait_for_warmup: false,
             shutdown_grace_seconds: 10,
+            max_connections: 1024,
+            header_read_timeout_ms: 10_000,
+            idle_timeout_ms: 60_000,
+            body_read_timeout_ms: 60_000,
+            max_header_bytes: 32 << 10,
             access_log: true,
             log_level: LogLevel::Warn,
             log_format: LogFormat::Text,
@@ -168,6 +184,11 @@ pub(crate) const KEYS: &[&str] = &[
     "warmup",
     "wait_for_warmup",
     "shutdown_grace_seconds",
+    "max_connections",
+    "header_read_timeout_ms",
+    "idle_timeout_ms",
+    "body_read_timeout_ms",
+    "max_header_bytes",
     "access_log",
     "log_level",
     "log_format",
@@ -178,6 +199,15 @@ pub(crate) const MAX_BUDGET_MIB: u64 = 1 << 30;
 
 /// The shortest API key taken: a guessable key is no key.
 pub(crate) const MIN_API_KEY_LEN: usize = 16;
+
+/// The most connections `max_connections` may allow: far above what one process serves well.
+pub(crate) const MAX_CONNECTIONS: usize = 1 << 20;
+
+/// The longest connection time limit, in milliseconds: a day.
+pub(crate) const MAX_TIMEOUT_MS: u64 = 86_400_000;
+
+/// The smallest and largest `max_header_bytes` (hyper reads no header in less than 8 KiB).
+pub(crate) const HEADER_BYTES: std::ops::RangeInclusive<usize> = (8 << 10)..=(1 << 20);
 
 /// The name of the configuration file.
 pub(crate) const FILE_NAME: &str = "usine.toml";
@@ -382,6 +412,23 @@ impl Loaded {
         }
         if config.api_key.as_ref().is_some_and(|key| key.len() < MIN_API_KEY_LEN) {
             return Err(outside("api_key", "too short".into(), &format!("at least {MIN_API_KEY_LEN} characters")));
+        }
+        if !(1..=MAX_CONNECTIONS).contains(&config.max_connections) {
+            let expected = format!("1..={MAX_CONNECTIONS}");
+            return Err(outside("max_connections", config.max_connections.to_string(), &expected));
+        }
+        for (key, millis) in [
+            ("header_read_timeout_ms", config.header_read_timeout_ms),
+            ("idle_timeout_ms", config.idle_timeout_ms),
+            ("body_read_timeout_ms", config.body_read_timeout_ms),
+        ] {
+            if !(1..=MAX_TIMEOUT_MS).contains(&millis) {
+                return Err(outside(key, millis.to_string(), &format!("1..={MAX_TIMEOUT_MS} (a day)")));
+            }
+        }
+        if !HEADER_BYTES.contains(&config.max_header_bytes) {
+            let expected = format!("{}..={} (8 KiB to 1 MiB)", HEADER_BYTES.start(), HEADER_BYTES.end());
+            return Err(outside("max_header_bytes", config.max_header_bytes.to_string(), &expected));
         }
         let executor = self.executor_config();
         executor.validate().map_err(|error| outside(error.name, error.value, &error.limit))?;

@@ -3,6 +3,7 @@
 
 mod access_log;
 mod admin;
+mod conn;
 mod error;
 mod hosts;
 mod openai;
@@ -249,7 +250,8 @@ pub(crate) async fn serve(loaded: Loaded, bind: Option<String>) -> anyhow::Resul
             draining.notify_one();
         }
     };
-    let server = axum::serve(listener, router(Arc::clone(&state))).with_graceful_shutdown(shutdown);
+    let limits = conn::Limits::new(&state.loaded.config);
+    let server = conn::serve(listener, router(Arc::clone(&state)), limits, shutdown);
     tokio::select! {
         served = server => served.context("serving")?,
         () = async { draining.notified().await; tokio::time::sleep(grace).await } => {

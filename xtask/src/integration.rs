@@ -78,6 +78,7 @@ pub(crate) fn run(root: &Path) -> Result<ExitCode> {
         check("pools back to zero after the load", pools_at_zero(&http, &base, Duration::from_secs(5)));
         check("client disconnects free memory", disconnects(&http, &base));
         check("hostile requests", hostile(&http, &base, work.path()));
+        check("hostile connections: slowloris, idle flood, 413 to http.client", connections(root, &base));
         check("foreign hosts, long ids, client errors, access log", guarded(&http, &base, work.path()));
         check("graceful shutdown on SIGTERM", shutdown(&base, &mut server));
     }
@@ -164,6 +165,7 @@ impl Server {
             .env("USINE_MAX_CONCURRENT", MAX_CONCURRENT.to_string())
             .env("USINE_QUEUE_CAPACITY", QUEUE_CAPACITY.to_string())
             .env("USINE_SHUTDOWN_GRACE_SECONDS", GRACE.as_secs().to_string())
+            .env("USINE_HEADER_READ_TIMEOUT_MS", HEADER_READ_TIMEOUT.as_millis().to_string())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -803,6 +805,65 @@ fn hostile(http: &ureq::Agent, base: &str, work: &Path) -> Result<String> {
     let outside: Vec<_> = after.difference(&before).filter(|path| !path.starts_with(&cache)).collect();
     ensure!(outside.is_empty(), "written outside the cache folder: {outside:?}");
     Ok(seen.join(", "))
+}
+
+/// The server's `header_read_timeout_ms` here, short for the slowloris check.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Hostile connections: a header sent a byte at a time is cut by a 408 at `header_read_timeout_ms`;
+/// 500 idle connections leave `/health` answering; a body of 8 MiB over `max_body_bytes` (1 MiB) gets a
+/// 413 that Python's `http.client`, which sends the whole body before it reads, reads.
+fn connections(root: &Path, base: &str) -> Result<String> {
+    let address = base.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(address)?;
+    stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+    let mut writer = stream.try_clone()?;
+    let start = Instant::now();
+    let trickle = std::thread::spawn(move || {
+        let header = b"GET /health HTTP/1.1\r\nhost: localhost\r\n".iter().chain(b"x-slow: ".iter().cycle());
+        for byte in header.take(500) {
+            if writer.write_all(&[*byte]).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    let mut answer = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut stream, &mut answer); // a reset after the answer is fine
+    let cut = start.elapsed();
+    let _ = trickle.join();
+    let answer = String::from_utf8_lossy(&answer);
+    ensure!(
+        answer.starts_with("HTTP/1.1 408 ") && answer.contains("`header_read_timeout_ms`"),
+        "slowloris: {answer:?}"
+    );
+    ensure!((HEADER_READ_TIMEOUT..HEADER_READ_TIMEOUT * 5).contains(&cut), "slowloris cut after {cut:?}");
+
+    let idle = (0..500).map(|_| std::net::TcpStream::connect(address)).collect::<Result<Vec<_>, _>>()?;
+    let mut health = std::net::TcpStream::connect(address)?;
+    health.set_read_timeout(Some(Duration::from_secs(10)))?;
+    health.write_all(b"GET /health HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")?;
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut health, &mut answer)?;
+    ensure!(answer.starts_with("HTTP/1.1 200 "), "/health with 500 idle connections: {answer:?}");
+    drop(idle);
+
+    let venv = root.join("target").join("xtask-venv").join("bin").join("python");
+    let python = if venv.exists() { venv } else { PathBuf::from("python3") };
+    let (host, port) = address.split_once(':').context("an address and port")?;
+    let script = format!(
+        "import http.client\n\
+         c = http.client.HTTPConnection('{host}', {port}, timeout=30)\n\
+         c.request('POST', '/v1/completions', body=b'x' * (8 << 20), headers={{'content-type': 'application/json'}})\n\
+         r = c.getresponse()\n\
+         print(r.status, r.read().decode())\n"
+    );
+    let output = Command::new(&python).args(["-c", &script]).output().context("python")?;
+    let said = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    ensure!(output.status.success() && said.starts_with("413 "), "http.client with 8 MiB: {said}");
+    Ok(format!(
+        "slowloris cut at {cut:.2?} with a 408, /health 200 beside 500 idle connections, http.client read the 413"
+    ))
 }
 
 /// Sends `request` (a whole HTTP/1.1 request, `Connection: close`) and returns the status and body.
