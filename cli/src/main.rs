@@ -259,6 +259,23 @@ fn configure(
     Ok(loaded)
 }
 
+/// [`configure`] for `usine run`: unless `log_level` is set, only errors are logged, since the command
+/// says in its own words what the warnings would (a damaged graph, a wait for another process).
+fn configure_run(
+    cli_config: Option<&std::path::Path>,
+    cache_dir: Option<PathBuf>,
+    flags: config::Flags,
+) -> anyhow::Result<config::Loaded> {
+    let mut flags = flags;
+    let quiet = config::files(cli_config)
+        .and_then(|files| config::load(&files, flags.clone()))
+        .is_ok_and(|loaded| loaded.origin_of("log_level") == "default");
+    if quiet {
+        flags.set("log_level", Some("error"));
+    }
+    configure(cli_config, cache_dir, flags)
+}
+
 fn model_flags(model: &ModelArgs) -> config::Flags {
     let mut flags = config::Flags::default();
     flags.set("model", model.model.clone());
@@ -285,7 +302,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             flags.set("seed", args.seed);
             flags.set("top_k", args.top_k);
             flags.set("warm", if args.no_warm { Some(false) } else { args.warm.then_some(true) });
-            let loaded = configure(file, cache_dir, flags)?;
+            let loaded = configure_run(file, cache_dir, flags)?;
             block_on(Box::pin(run::run(&loaded, args.prompt, args.json)))
         }
         Command::Bench(args) => {

@@ -91,7 +91,8 @@ fn log_format_json_writes_one_object_per_line() {
     assert_eq!(loaded["span"]["name"], "load");
 }
 
-// Would catch: a damaged graph moved aside without a word in the logs at the default level.
+// Would catch: a damaged graph moved aside without a word in the logs at `warn` (the default of every
+// command but `run`, which says it in its own words, once, and logs only errors unless told).
 #[test]
 fn a_quarantined_graph_is_a_warning_at_the_default_level() {
     let dir = tempfile::tempdir().unwrap();
@@ -107,7 +108,20 @@ fn a_quarantined_graph_is_a_warning_at_the_default_level() {
     bytes[last] ^= 0xFF;
     std::fs::write(&graph, bytes).unwrap();
 
-    let output = run(dir.path(), &[]);
+    let quiet = stderr(&run(dir.path(), &[]));
+    assert!(!quiet.contains(" WARN "), "run logs only errors by default: {quiet}");
+    assert_eq!(quiet.matches("its stored graph was damaged").count(), 1, "{quiet}");
+    let graph = std::fs::read_dir(&graphs)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .find(|path| path.extension().is_some_and(|ext| ext == "graph"))
+        .unwrap();
+    let mut bytes = std::fs::read(&graph).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xFF;
+    std::fs::write(&graph, bytes).unwrap();
+
+    let output = run(dir.path(), &[("USINE_LOG_LEVEL", "warn")]);
     let text = stderr(&output);
     let warning =
         text.lines().find(|line| line.contains("damaged graph quarantined")).unwrap_or_else(|| panic!("{text}"));
