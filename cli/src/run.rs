@@ -296,6 +296,21 @@ fn summary(usage: &Usage) -> String {
     )
 }
 
+/// The usage figures as JSON.
+pub(crate) fn usage_json(usage: &Usage) -> serde_json::Value {
+    json!({
+        "finish": usage.finish,
+        "prompt_tokens": usage.prompt_tokens,
+        "generated_tokens": usage.generated_tokens,
+        "time_to_first_token_seconds": usage.time_to_first_token.as_secs_f64(),
+        "tokens_per_second": usage.tokens_per_second,
+        "queued_seconds": usage.queued.as_secs_f64(),
+        "total_seconds": usage.total.as_secs_f64(),
+        "retries": usage.retries,
+        "pipeline_idle_seconds": usage.pipeline_idle.as_secs_f64(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -330,19 +345,4 @@ mod tests {
             "34 tokens in 1.28 s · first token after 50 ms · then 27.6 tokens/s · 2 retries"
         );
     }
-}
-
-/// The usage figures as JSON.
-pub(crate) fn usage_json(usage: &Usage) -> serde_json::Value {
-    json!({
-        "finish": usage.finish,
-        "prompt_tokens": usage.prompt_tokens,
-        "generated_tokens": usage.generated_tokens,
-        "time_to_first_token_seconds": usage.time_to_first_token.as_secs_f64(),
-        "tokens_per_second": usage.tokens_per_second,
-        "queued_seconds": usage.queued.as_secs_f64(),
-        "total_seconds": usage.total.as_secs_f64(),
-        "retries": usage.retries,
-        "pipeline_idle_seconds": usage.pipeline_idle.as_secs_f64(),
-    })
 }

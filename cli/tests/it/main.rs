@@ -15,8 +15,8 @@ mod hostile;
 mod logs;
 mod migrate;
 mod readme;
-mod user;
 mod serve;
+mod user;
 
 /// `usine` in `dir`: its cache in `dir/cache`, its config folder `dir/config`, its working folder `dir`.
 fn usine(dir: &Path) -> Command {
