@@ -15,18 +15,24 @@ use usine_engine::EngineError;
 
 use crate::kernel::{QMatrix, ROWS};
 
-/// A barrier that spins: its waits are short, between threads that are all running. A thread that
-/// panics poisons it, so that the others stop waiting instead of spinning forever.
+/// A barrier that spins, then parks: its waits are short between threads that all have a core, and a
+/// waiter whose partner the system has descheduled (a busy machine) gives its core up instead of burning
+/// it. A thread that panics poisons it, so that the others stop waiting instead of waiting forever.
 struct SpinBarrier {
     threads: usize,
     arrived: AtomicUsize,
     generation: AtomicUsize,
     poisoned: AtomicBool,
+    /// The threads that stopped spinning and parked, woken by the last to arrive.
+    parked: Mutex<Vec<std::thread::Thread>>,
 }
 
-/// Spins before a waiting thread starts yielding its core: tens of microseconds, longer than the
-/// steps between products take.
+/// Spins before a waiting thread parks: a few microseconds, longer than the steps between products take
+/// when every thread has a core.
 const SPINS: u32 = 1 << 14;
+
+/// How long a parked waiter sleeps before it looks again on its own (a wake-up it missed, a poisoning).
+const PARK: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// A thread of the team panicked: the pass is abandoned.
 #[derive(Debug)]
@@ -39,6 +45,7 @@ impl SpinBarrier {
             arrived: AtomicUsize::new(0),
             generation: AtomicUsize::new(0),
             poisoned: AtomicBool::new(false),
+            parked: Mutex::new(Vec::new()),
         }
     }
 
@@ -49,9 +56,10 @@ impl SpinBarrier {
             // can arrive at the next barrier first.
             self.arrived.store(0, Ordering::Relaxed);
             self.generation.fetch_add(1, Ordering::Release);
+            self.wake();
             return Ok(());
         }
-        let mut spins = 0_u32;
+        let (mut spins, mut registered) = (0_u32, false);
         while self.generation.load(Ordering::Acquire) == generation {
             if self.poisoned.load(Ordering::Relaxed) {
                 return Err(Abandoned);
@@ -59,12 +67,23 @@ impl SpinBarrier {
             if spins < SPINS {
                 spins += 1;
                 std::hint::spin_loop();
+            } else if !registered {
+                // Registered before the last look, so that a release after it finds this thread.
+                self.parked.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(std::thread::current());
+                registered = true;
             } else {
-                // A partner the system has descheduled (more threads than free cores): let it run.
-                std::thread::yield_now();
+                std::thread::park_timeout(PARK);
             }
         }
         Ok(())
+    }
+
+    /// Unparks the parked waiters (an unpark before their park makes the park return at once).
+    fn wake(&self) {
+        let parked = std::mem::take(&mut *self.parked.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        for thread in parked {
+            thread.unpark();
+        }
     }
 }
 
@@ -73,6 +92,7 @@ impl SpinBarrier {
 struct Exchange {
     buffers: [Vec<AtomicU32>; 2],
     barrier: SpinBarrier,
+    tuner: Tuner,
 }
 
 /// The threads of an engine's forward passes; one pass at a time.
@@ -85,6 +105,16 @@ pub(crate) struct Team {
 
 impl Team {
     pub(crate) fn new(threads: usize) -> Result<Self, EngineError> {
+        Self::with_tuner(threads, Tuner::new(threads))
+    }
+
+    /// A team whose passes always run on all its threads (the barrier's tests).
+    #[cfg(test)]
+    fn fixed(threads: usize) -> Result<Self, EngineError> {
+        Self::with_tuner(threads, Tuner { counts: vec![threads], current: 0, ..Tuner::new(threads) })
+    }
+
+    fn with_tuner(threads: usize, tuner: Tuner) -> Result<Self, EngineError> {
         let pool = if threads == 1 {
             None
         } else {
@@ -96,7 +126,7 @@ impl Team {
                     .map_err(|error| EngineError::Fatal { message: format!("starting {threads} threads: {error}") })?,
             )
         };
-        let exchange = Exchange { buffers: [Vec::new(), Vec::new()], barrier: SpinBarrier::new(threads) };
+        let exchange = Exchange { buffers: [Vec::new(), Vec::new()], barrier: SpinBarrier::new(threads), tuner };
         Ok(Self { pool, threads, exchange: Mutex::new(exchange) })
     }
 
@@ -104,24 +134,28 @@ impl Team {
         self.threads
     }
 
-    /// Runs `pass` on every thread of the team, with exchange buffers of `width` values, and returns
-    /// the first thread's result. Passes from several callers take turns (a pass needs every thread).
+    /// Runs `pass` on the team's threads, as many as the [`Tuner`] finds fastest now, with exchange
+    /// buffers of `width` values, and returns the first thread's result. Passes from several callers
+    /// take turns (a pass needs every thread it runs on).
     pub(crate) fn run<T: Send>(
         &self,
         width: usize,
         pass: impl Fn(&Rank<'_>) -> Result<T, Abandoned> + Sync,
     ) -> Result<T, EngineError> {
-        let mut exchange = self.exchange.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        exchange.barrier.poisoned.store(false, Ordering::Relaxed);
-        exchange.barrier.arrived.store(0, Ordering::Relaxed);
-        for buffer in &mut exchange.buffers {
+        let mut guard = self.exchange.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let active = guard.tuner.next();
+        guard.barrier.threads = active;
+        guard.barrier.poisoned.store(false, Ordering::Relaxed);
+        guard.barrier.arrived.store(0, Ordering::Relaxed);
+        for buffer in &mut guard.buffers {
             if buffer.len() < width {
                 buffer.resize_with(width, || AtomicU32::new(0));
             }
         }
-        let exchange = &*exchange;
+        let started = std::time::Instant::now();
+        let exchange = &*guard;
         let run_rank = |index: usize| {
-            let rank = Rank { index, threads: self.threads, exchange, turn: std::cell::Cell::new(0) };
+            let rank = Rank { index, threads: active, exchange, turn: std::cell::Cell::new(0) };
             // A panic poisons the barrier on its way out, so that the other threads stop waiting.
             let poison = PoisonOnPanic(&exchange.barrier);
             let result = pass(&rank);
@@ -131,9 +165,13 @@ impl Team {
         // A panic in a pass (a bug) reaches the caller as an error; the other threads, told by the
         // poisoned barrier, have returned `Abandoned`.
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match &self.pool {
-            None => run_rank(0),
-            Some(pool) => pool.broadcast(|context| run_rank(context.index())).swap_remove(0),
+            Some(pool) if active > 1 => pool
+                .broadcast(|context| (context.index() < active).then(|| run_rank(context.index())))
+                .swap_remove(0)
+                .expect("rank 0 is always active"),
+            _ => run_rank(0),
         }));
+        guard.tuner.record(started.elapsed());
         match outcome {
             Ok(Ok(result)) => Ok(result),
             Ok(Err(Abandoned)) | Err(_) => {
@@ -143,11 +181,137 @@ impl Team {
     }
 }
 
+/// Chooses how many of the team's threads a pass uses, by timing passes: more threads are faster on a
+/// quiet machine and a large model, slower on a small model, and far slower when another process holds
+/// a core (a thread waits at every barrier for a partner the system has descheduled). It runs the
+/// current count, and now and then a few passes at a neighbouring count (half or double), keeping the
+/// faster; a pass much slower than usual (a process started beside us) probes at once. Probes grow
+/// rarer while they confirm the choice.
+#[derive(Debug)]
+struct Tuner {
+    /// The counts it may choose: powers of two up to the team's size, and that size.
+    counts: Vec<usize>,
+    /// Index of the count in use.
+    current: usize,
+    /// The last passes at the count in use, in seconds; the fastest of them is its speed (a pass the
+    /// system interrupted is slow, none is fast by chance).
+    recent: Vec<f64>,
+    /// Passes before the next probe, and between probes now.
+    until_probe: u32,
+    interval: u32,
+    /// The probe under way: the count's index, and its passes so far (the first not counted).
+    probe: Option<(usize, Vec<f64>)>,
+    /// Which neighbour the next probe tries, when there are two.
+    upward: bool,
+    /// No pass has run yet.
+    cold: bool,
+}
+
+/// Passes a count's speed is taken over (the fastest of them), and a probe's counted passes.
+const WINDOW: usize = 4;
+/// Passes before the first probe (after the first, cold one): a window.
+const FIRST_PROBE: u32 = 4;
+/// Passes between probes: from this while the choice changes...
+const MIN_INTERVAL: u32 = 32;
+/// ...doubling up to this while probes confirm it.
+const MAX_INTERVAL: u32 = 512;
+/// Two passes in a row this many times the speed probe at once (a process started beside us); a
+/// probe's pass this slow ends it.
+const SLOWDOWN: f64 = 3.0;
+/// A probe's first pass wakes its threads: only this much slower ends the probe.
+const WAKING_SLOWDOWN: f64 = 10.0;
+/// A probed count is taken when its passes take at most this share of the current count's.
+const GAIN: f64 = 0.9;
+
+impl Tuner {
+    fn new(threads: usize) -> Self {
+        let mut counts: Vec<usize> =
+            std::iter::successors(Some(1_usize), |n| n.checked_mul(2)).take_while(|&n| n < threads).collect();
+        counts.push(threads.max(1));
+        // Every thread first, the fastest on a quiet machine; the first probe finds out soon when fewer
+        // are faster (a busy machine, a small model).
+        let current = counts.len() - 1;
+        Self {
+            counts,
+            current,
+            recent: Vec::with_capacity(WINDOW),
+            until_probe: FIRST_PROBE,
+            interval: MIN_INTERVAL,
+            probe: None,
+            upward: false,
+            cold: true,
+        }
+    }
+
+    /// The threads of the next pass.
+    fn next(&self) -> usize {
+        self.counts[self.probe.as_ref().map_or(self.current, |(index, _)| *index)]
+    }
+
+    /// The speed of the count in use: its fastest recent pass.
+    fn speed(&self) -> Option<f64> {
+        self.recent.iter().copied().reduce(f64::min)
+    }
+
+    /// Counts the pass just run at [`next`](Self::next)'s count.
+    fn record(&mut self, took: std::time::Duration) {
+        let seconds = took.as_secs_f64();
+        let speed = self.speed();
+        if let Some((index, mut passes)) = self.probe.take() {
+            passes.push(seconds);
+            // One pass far slower than the current count's is evidence enough: a probe of a bad count
+            // (two threads beside a busy process) costs one pass, not five.
+            let bound = if passes.len() == 1 { WAKING_SLOWDOWN } else { SLOWDOWN };
+            let hopeless = speed.is_some_and(|speed| seconds > bound * speed);
+            if passes.len() <= WINDOW && !hopeless {
+                self.probe = Some((index, passes));
+                return;
+            }
+            let probed = passes[1..].iter().copied().reduce(f64::min);
+            match (probed, speed) {
+                (Some(probed), Some(speed)) if !hopeless && probed <= GAIN * speed => {
+                    self.current = index;
+                    self.recent = passes.split_off(1);
+                    self.interval = MIN_INTERVAL;
+                }
+                _ => self.interval = (self.interval * 2).min(MAX_INTERVAL),
+            }
+            self.until_probe = self.interval;
+            return;
+        }
+        if std::mem::take(&mut self.cold) {
+            return; // the first pass of all pays for cold caches and pages: it says nothing of a count
+        }
+        let slow = |pass: f64| speed.is_some_and(|speed| pass > SLOWDOWN * speed);
+        let sudden = slow(seconds) && self.recent.last().is_some_and(|&last| slow(last));
+        if sudden {
+            // The machine changed: the passes before are no longer this count's speed.
+            self.recent.drain(..self.recent.len() - 1);
+        } else if self.recent.len() == WINDOW {
+            self.recent.remove(0);
+        }
+        self.recent.push(seconds);
+        self.until_probe = self.until_probe.saturating_sub(1);
+        if self.counts.len() > 1 && (sudden || self.until_probe == 0) {
+            let last = self.counts.len() - 1;
+            let index = match self.current {
+                0 => 1,
+                current if current == last => current - 1,
+                current if self.upward => current + 1,
+                current => current - 1,
+            };
+            self.upward = !self.upward;
+            self.probe = Some((index, Vec::with_capacity(WINDOW + 1)));
+        }
+    }
+}
+
 struct PoisonOnPanic<'a>(&'a SpinBarrier);
 
 impl Drop for PoisonOnPanic<'_> {
     fn drop(&mut self) {
         self.0.poisoned.store(true, Ordering::Relaxed);
+        self.0.wake();
     }
 }
 
@@ -199,11 +363,62 @@ mod tests {
 
     use super::*;
 
+    /// Runs the tuner over passes whose time at each count `cost` gives, and returns the counts used.
+    fn tune(tuner: &mut Tuner, passes: usize, cost: impl Fn(usize) -> f64) -> Vec<usize> {
+        (0..passes)
+            .map(|_| {
+                let threads = tuner.next();
+                tuner.record(std::time::Duration::from_secs_f64(cost(threads)));
+                threads
+            })
+            .collect()
+    }
+
+    /// Quiet, two threads faster: it keeps two, probing one now and then, ever more rarely.
+    /// Another process takes a core: it goes to one thread within one probe. The process ends: back to
+    /// two within the longest interval between probes.
+    #[test]
+    fn the_tuner_follows_the_fastest_count_as_the_machine_changes() {
+        let mut tuner = Tuner::new(2);
+        let quiet = |threads: usize| if threads == 2 { 100e-6 } else { 180e-6 };
+        let used = tune(&mut tuner, 2000, quiet);
+        let at_one = used.iter().filter(|&&threads| threads == 1).count();
+        assert_eq!(used[..7], [2, 2, 2, 2, 2, 1, 1], "two threads, then a probe of one");
+        assert!(at_one > 0 && at_one < 40, "{at_one} passes of 2,000 at one thread");
+        assert_eq!(used[1900..], [2; 100]);
+
+        let busy = |threads: usize| if threads == 2 { 5e-3 } else { 200e-6 }; // 25 times slower
+        let used = tune(&mut tuner, 2000, busy);
+        let switched = used.iter().position(|&threads| threads == 1).unwrap();
+        assert!(switched <= 2, "it probed at the second slow pass in a row: {switched}");
+        // Never far below one thread all along: the probes of two threads cost one pass each.
+        let spent: f64 = used.iter().map(|&threads| busy(threads)).sum();
+        assert!(spent <= 1.15 * 2000.0 * busy(1), "{spent} s against {} s at one thread", 2000.0 * busy(1));
+
+        let used = tune(&mut tuner, 1000, quiet);
+        let back = used.windows(100).position(|window| window.iter().all(|&threads| threads == 2)).unwrap();
+        assert!(back <= MAX_INTERVAL as usize + WINDOW + 1, "back to two threads after {back} passes");
+    }
+
+    /// One thread: nothing to choose, nothing probed. Four threads: it tries two, then one, when they
+    /// are faster.
+    #[test]
+    fn the_tuner_probes_neighbouring_counts_only() {
+        let mut tuner = Tuner::new(1);
+        assert!(tune(&mut tuner, 100, |_| 1e-4).iter().all(|&threads| threads == 1));
+        let mut tuner = Tuner::new(4);
+        assert_eq!(tuner.counts, [1, 2, 4]);
+        let used = tune(&mut tuner, 3000, |threads| [0.0, 100e-6, 150e-6, 0.0, 300e-6][threads]);
+        assert_eq!(used[2900..], [1; 100], "down to one, step by step");
+        let tuner = Tuner::new(3);
+        assert_eq!(tuner.counts, [1, 2, 3]);
+    }
+
     /// Three threads exchange their shares a thousand times in a row (both buffers, over and over):
     /// each sees every share of every round, none from another round.
     #[test]
     fn shares_meet_whole_round_after_round() {
-        let team = Team::new(3).unwrap();
+        let team = Team::fixed(3).unwrap();
         let rounds = team
             .run(9, |rank| {
                 let mut rounds = 0;
@@ -221,11 +436,32 @@ mod tests {
         assert_eq!(rounds, 1000);
     }
 
+    /// A partner that comes late (descheduled on a busy machine) finds its waiting partner parked: the
+    /// shares still meet whole, round after round, through the park and the wake.
+    #[test]
+    fn a_waiter_parks_for_a_late_partner_and_is_woken() {
+        let team = Team::fixed(2).unwrap();
+        let sum = team
+            .run(2, |rank| {
+                let mut sum = 0.0;
+                for round in 0..20_u8 {
+                    if rank.index == 1 {
+                        std::thread::sleep(std::time::Duration::from_millis(2)); // far past the spinning
+                    }
+                    let whole = rank.gather(&[f32::from(round) + rank.index as f32], rank.index, 2)?;
+                    sum += whole.iter().sum::<f32>();
+                }
+                Ok(sum)
+            })
+            .unwrap();
+        assert_eq!(sum, (0..20).map(|round| 2.0 * round as f32 + 1.0).sum::<f32>());
+    }
+
     /// A thread that panics mid-pass does not leave the others waiting: the pass fails with an error,
     /// and the next one runs.
     #[test]
     fn a_panic_abandons_the_pass_and_the_team_goes_on() {
-        let team = Team::new(2).unwrap();
+        let team = Team::fixed(2).unwrap();
         let outcome = team.run(1, |rank| {
             if rank.index == 1 {
                 panic!("a bug in a pass");
