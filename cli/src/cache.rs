@@ -151,8 +151,8 @@ pub(crate) async fn cache(loaded: &Loaded, command: CacheCommand) -> anyhow::Res
             let entries = storage.list()?;
             if !yes {
                 outln!(
-                    "{} graphs in {}; run `usine cache clear --yes` to remove them",
-                    entries.len(),
+                    "{} in {}; run `usine cache clear --yes` to remove them",
+                    output::count(entries.len() as u64, "graph", "graphs"),
                     storage.graphs_dir().display()
                 );
                 return Ok(());
@@ -163,8 +163,8 @@ pub(crate) async fn cache(loaded: &Loaded, command: CacheCommand) -> anyhow::Res
                 removed += usize::from(storage.remove_listed(entry)?);
             }
             outln!(
-                "removed {removed} of {} graphs (files of a newer usine or unreadable are left to `verify`)",
-                entries.len()
+                "removed {removed} of {} (files of a newer usine or unreadable are left to `verify`)",
+                output::count(entries.len() as u64, "graph", "graphs")
             );
             Ok(())
         }
@@ -240,7 +240,12 @@ fn stats(storage: &StorageManager, json: bool) -> anyhow::Result<()> {
         }));
         return Ok(());
     }
-    outln!("{} graphs, {} in {}", stats.graphs, output::bytes(stats.bytes), storage.graphs_dir().display());
+    outln!(
+        "{}, {} in {}",
+        output::count(stats.graphs as u64, "graph", "graphs"),
+        output::bytes(stats.bytes),
+        storage.graphs_dir().display()
+    );
     Ok(())
 }
 

@@ -37,6 +37,12 @@ pub(crate) fn json(value: &serde_json::Value) {
     outln!("{}", serde_json::to_string_pretty(value).expect("a JSON value prints"));
 }
 
+/// `n` things, in the singular for one: `1 graph`, `3 graphs`.
+pub(crate) fn count(n: impl Into<u64>, one: &str, many: &str) -> String {
+    let n = n.into();
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
 /// Bytes in binary units: `512 B`, `4.0 KiB`, `3.5 GiB`.
 pub(crate) fn bytes(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];

@@ -281,10 +281,9 @@ impl CompileDisplay {
 /// One line of figures after an answer. The rate is the decode speed after the first token (what
 /// `tokens_per_second` measures), so it is said apart from the total, which counts the first token's wait.
 fn summary(usage: &Usage) -> String {
-    let plural = |n: u32, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
     format!(
         "{} in {} · first token after {}{}{}",
-        plural(usage.generated_tokens, "token", "tokens"),
+        output::count(usage.generated_tokens, "token", "tokens"),
         output::duration(usage.total),
         output::duration(usage.time_to_first_token),
         if usage.generated_tokens > 1 {
@@ -292,7 +291,11 @@ fn summary(usage: &Usage) -> String {
         } else {
             String::new()
         },
-        if usage.retries > 0 { format!(" · {}", plural(usage.retries, "retry", "retries")) } else { String::new() }
+        if usage.retries > 0 {
+            format!(" · {}", output::count(usage.retries, "retry", "retries"))
+        } else {
+            String::new()
+        }
     )
 }
 

@@ -97,29 +97,12 @@ fn log_format_json_writes_one_object_per_line() {
 fn a_quarantined_graph_is_a_warning_at_the_default_level() {
     let dir = tempfile::tempdir().unwrap();
     run(dir.path(), &[]);
-    let graphs = dir.path().join("cache").join("graphs");
-    let graph = std::fs::read_dir(&graphs)
-        .unwrap()
-        .map(|entry| entry.unwrap().path())
-        .find(|path| path.extension().is_some_and(|ext| ext == "graph"))
-        .unwrap();
-    let mut bytes = std::fs::read(&graph).unwrap();
-    let last = bytes.len() - 1;
-    bytes[last] ^= 0xFF;
-    std::fs::write(&graph, bytes).unwrap();
+    crate::damage_a_graph(dir.path());
 
     let quiet = stderr(&run(dir.path(), &[]));
     assert!(!quiet.contains(" WARN "), "run logs only errors by default: {quiet}");
     assert_eq!(quiet.matches("its stored graph was damaged").count(), 1, "{quiet}");
-    let graph = std::fs::read_dir(&graphs)
-        .unwrap()
-        .map(|entry| entry.unwrap().path())
-        .find(|path| path.extension().is_some_and(|ext| ext == "graph"))
-        .unwrap();
-    let mut bytes = std::fs::read(&graph).unwrap();
-    let last = bytes.len() - 1;
-    bytes[last] ^= 0xFF;
-    std::fs::write(&graph, bytes).unwrap();
+    crate::damage_a_graph(dir.path());
 
     let output = run(dir.path(), &[("USINE_LOG_LEVEL", "warn")]);
     let text = stderr(&output);

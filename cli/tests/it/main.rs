@@ -43,6 +43,19 @@ fn stderr(output: &std::process::Output) -> String {
     String::from_utf8(output.stderr.clone()).unwrap()
 }
 
+/// Flips a byte in the middle of a graph of the cache in `dir/cache`, as a failing disk would.
+fn damage_a_graph(dir: &Path) {
+    let graph = std::fs::read_dir(dir.join("cache/graphs"))
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .find(|path| path.extension().is_some_and(|ext| ext == "graph"))
+        .unwrap();
+    let mut bytes = std::fs::read(&graph).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xFF;
+    std::fs::write(&graph, bytes).unwrap();
+}
+
 /// The JSON lines of a `--json` run.
 fn json_lines(output: &std::process::Output) -> Vec<Value> {
     stdout(output).lines().map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"))).collect()
@@ -111,16 +124,8 @@ fn run_reads_the_prompt_from_stdin() {
 fn a_corrupt_graph_is_quarantined_and_the_run_still_answers() {
     let dir = tempfile::tempdir().unwrap();
     assert!(usine(dir.path()).args(["run", "-m", "tiny", "Hi"]).output().unwrap().status.success());
+    damage_a_graph(dir.path());
     let graphs = dir.path().join("cache").join("graphs");
-    let graph = std::fs::read_dir(&graphs)
-        .unwrap()
-        .map(|entry| entry.unwrap().path())
-        .find(|path| path.extension().is_some_and(|ext| ext == "graph"))
-        .unwrap();
-    let mut bytes = std::fs::read(&graph).unwrap();
-    let middle = bytes.len() / 2;
-    bytes[middle] ^= 0xFF;
-    std::fs::write(&graph, bytes).unwrap();
 
     let output = usine(dir.path()).args(["run", "-m", "tiny", "Hi"]).output().unwrap();
     assert!(output.status.success(), "{}", stderr(&output));
@@ -282,14 +287,14 @@ fn cache_commands_list_explain_verify_and_clear() {
     let verify = usine(dir.path()).args(["cache", "verify"]).output().unwrap();
     assert_eq!(stdout(&verify).lines().next().unwrap(), "1 valid, 0 of a newer usine (left alone), 0 quarantined");
     let stats = usine(dir.path()).args(["cache", "stats"]).output().unwrap();
-    assert!(stdout(&stats).starts_with("1 graphs, "), "{}", stdout(&stats));
+    assert!(stdout(&stats).starts_with("1 graph, "), "{}", stdout(&stats));
     let gc = usine(dir.path()).args(["cache", "gc"]).output().unwrap();
     assert_eq!(stdout(&gc).trim(), "nothing to do");
 
     let clear = usine(dir.path()).args(["cache", "clear"]).output().unwrap();
     assert!(stdout(&clear).contains("run `usine cache clear --yes`"));
     let clear = usine(dir.path()).args(["cache", "clear", "--yes"]).output().unwrap();
-    assert!(stdout(&clear).starts_with("removed 1 of 1 graphs"), "{}", stdout(&clear));
+    assert!(stdout(&clear).starts_with("removed 1 of 1 graph "), "{}", stdout(&clear));
     let ls = usine(dir.path()).args(["cache", "ls"]).output().unwrap();
     assert!(stdout(&ls).starts_with("no compiled graphs"));
 }

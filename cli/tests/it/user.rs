@@ -12,16 +12,7 @@ fn a_damaged_graph_is_said_and_compiled_again() {
     assert!(
         usine(dir.path()).args(["run", "-m", "tiny", "--max-tokens", "2", "Hi"]).output().unwrap().status.success()
     );
-    let graphs = dir.path().join("cache/graphs");
-    let file = std::fs::read_dir(&graphs)
-        .unwrap()
-        .map(|entry| entry.unwrap().path())
-        .find(|path| path.extension().is_some_and(|ext| ext == "graph"))
-        .unwrap();
-    let mut bytes = std::fs::read(&file).unwrap();
-    let middle = bytes.len() / 2;
-    bytes[middle] ^= 0x40;
-    std::fs::write(&file, bytes).unwrap();
+    crate::damage_a_graph(dir.path());
     let run = usine(dir.path()).args(["run", "-m", "tiny", "--max-tokens", "2", "Hi"]).output().unwrap();
     assert!(run.status.success(), "{}", stderr(&run));
     let said = stderr(&run);
