@@ -5,7 +5,8 @@
 //!   and fails unless its bytes are the file's, so every run reads the same file.
 //! - `speed run MODEL.gguf THREADS TOKENS`: from the file on disk to the first token ready (read the
 //!   file, load it, prefill the prompt, the first greedy token), then the other greedy tokens one at a
-//!   time; prints the prompt's token ids and the greedy ones, for the peer to run and compare.
+//!   time; prints the prompt's token ids and the greedy ones, for the peer to run and compare, and the
+//!   CPU time other programs took meanwhile.
 
 #![allow(clippy::print_stdout, reason = "the JSON line is the output")]
 
@@ -33,6 +34,29 @@ fn main() -> Result<(), Error> {
                 .into())
         }
     }
+}
+
+/// CPU ticks (Linux's USER_HZ, 100 a second): the machine's busy ones (steal included: another
+/// virtual machine's), and this process's. None where Linux does not say.
+fn cpu_ticks() -> Option<(u64, u64)> {
+    let machine = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> =
+        machine.lines().next()?.split_whitespace().skip(1).map(str::parse).collect::<Result<_, _>>().ok()?;
+    // user nice system idle iowait irq softirq steal: all but idle and iowait.
+    let busy =
+        fields.iter().take(8).enumerate().filter(|(index, _)| !matches!(index, 3 | 4)).map(|(_, ticks)| ticks).sum();
+    let own = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // After the command's name, in parentheses: the state is field 3, utime 14 and stime 15.
+    let own: Vec<&str> = own.rsplit_once(')')?.1.split_whitespace().collect();
+    Some((busy, own.get(11)?.parse::<u64>().ok()? + own.get(12)?.parse::<u64>().ok()?))
+}
+
+/// Seconds of CPU that other programs took since `before` ([`cpu_ticks`]).
+fn others_seconds(before: (u64, u64)) -> Result<f64, Error> {
+    let after = cpu_ticks().ok_or("no /proc/stat to read")?;
+    #[expect(clippy::cast_precision_loss, reason = "ticks of one run")]
+    let ticks = (after.0 - before.0).saturating_sub(after.1 - before.1) as f64;
+    Ok(ticks / 100.0)
 }
 
 async fn compile(weights: &str, quantization: &str, gguf: &Path) -> Result<(), Error> {
@@ -78,6 +102,7 @@ async fn run(gguf: &Path, threads: usize, tokens: u32) -> Result<(), Error> {
     let engine = CandleEngine::with_threads(threads)?;
     let descriptor = engine.descriptor();
     let params = GenerationParams { max_tokens: tokens, temperature: 0.0, ..GenerationParams::default() };
+    let ticks = cpu_ticks().ok_or("no /proc/stat to read")?;
     let start = Instant::now();
     // What a load from usine's graph cache does: read the file, then load its bytes.
     let graph = CompiledGraph {
@@ -102,14 +127,16 @@ async fn run(gguf: &Path, threads: usize, tokens: u32) -> Result<(), Error> {
         first.get_or_insert_with(|| start.elapsed());
     }
     let (first, total) = (first.ok_or("no token")?, start.elapsed());
+    let others = others_seconds(ticks)?;
     #[expect(clippy::cast_precision_loss, reason = "a rate for people")]
     let rate = (generated.len() - 1) as f64 / (total - first).as_secs_f64();
     let list = |ids: &[u32]| ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
     println!(
-        "{{\"kernels\": \"{}\", \"load_seconds\": {}, \"first_token_seconds\": {}, \"tokens_per_second\": {rate}, \"prompt\": [{}], \"tokens\": [{}]}}",
+        "{{\"kernels\": \"{}\", \"load_seconds\": {}, \"first_token_seconds\": {}, \"tokens_per_second\": {rate}, \"total_seconds\": {}, \"others_cpu_seconds\": {others}, \"prompt\": [{}], \"tokens\": [{}]}}",
         kernels()?,
         loaded.as_secs_f64(),
         first.as_secs_f64(),
+        total.as_secs_f64(),
         list(&prompt),
         list(&generated)
     );

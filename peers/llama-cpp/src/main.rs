@@ -2,7 +2,8 @@
 //! file on disk to the first token ready (load the file, make a context, decode the prompt, the first
 //! greedy token), then the other greedy tokens one at a time. The prompt comes as token ids (usine's),
 //! so that both sides start from the same ones. Prints one JSON line: the times, the greedy tokens,
-//! and at each step the runner-up and its logit's gap to the best, for the comparison's near-ties.
+//! and at each step the runner-up and its logit's gap to the best, for the comparison's near-ties, and
+//! the CPU time other programs took meanwhile.
 
 use std::num::NonZeroU32;
 use std::time::Instant;
@@ -36,6 +37,28 @@ fn top_two(logits: &[f32]) -> Result<(usize, usize, f32), Error> {
     Ok((best, second, logits[best] - logits[second]))
 }
 
+/// CPU ticks (Linux's USER_HZ, 100 a second): the machine's busy ones (steal included: another
+/// virtual machine's), and this process's.
+fn cpu_ticks() -> Result<(u64, u64), Error> {
+    let machine = std::fs::read_to_string("/proc/stat")?;
+    let fields: Vec<u64> = machine
+        .lines()
+        .next()
+        .ok_or("empty /proc/stat")?
+        .split_whitespace()
+        .skip(1)
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    // user nice system idle iowait irq softirq steal: all but idle and iowait.
+    let busy =
+        fields.iter().take(8).enumerate().filter(|(index, _)| !matches!(index, 3 | 4)).map(|(_, ticks)| ticks).sum();
+    let own = std::fs::read_to_string("/proc/self/stat")?;
+    // After the command's name, in parentheses: the state is field 3, utime 14 and stime 15.
+    let own: Vec<&str> = own.rsplit_once(')').ok_or("no command in /proc/self/stat")?.1.split_whitespace().collect();
+    let field = |index: usize| -> Result<u64, Error> { Ok(own.get(index).ok_or("short /proc/self/stat")?.parse()?) };
+    Ok((busy, field(11)? + field(12)?))
+}
+
 fn main() -> Result<(), Error> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [gguf, threads, tokens, prompt] = args.as_slice() else {
@@ -55,6 +78,7 @@ fn main() -> Result<(), Error> {
         .with_n_ctx(NonZeroU32::new(CONTEXT))
         .with_n_threads(threads)
         .with_n_threads_batch(threads);
+    let ticks = cpu_ticks()?;
     let start = Instant::now();
     let model = LlamaModel::load_from_file(&backend, gguf, &LlamaModelParams::default())?;
     let loaded = start.elapsed();
@@ -83,13 +107,16 @@ fn main() -> Result<(), Error> {
         position += 1;
     }
     let (first, total) = (first.ok_or("no token")?, start.elapsed());
+    let after = cpu_ticks()?;
+    let others = (after.0 - ticks.0).saturating_sub(after.1 - ticks.1) as f64 / 100.0;
     let list = |values: &[usize]| values.iter().map(usize::to_string).collect::<Vec<_>>().join(",");
     let gaps = gaps.iter().map(f32::to_string).collect::<Vec<_>>().join(",");
     println!(
-        "{{\"load_seconds\": {}, \"first_token_seconds\": {}, \"tokens_per_second\": {}, \"tokens\": [{}], \"runner_up\": [{}], \"gaps\": [{gaps}]}}",
+        "{{\"load_seconds\": {}, \"first_token_seconds\": {}, \"tokens_per_second\": {}, \"total_seconds\": {}, \"others_cpu_seconds\": {others}, \"tokens\": [{}], \"runner_up\": [{}], \"gaps\": [{gaps}]}}",
         loaded.as_secs_f64(),
         first.as_secs_f64(),
         (tokens - 1) as f64 / (total - first).as_secs_f64(),
+        total.as_secs_f64(),
         list(&greedy),
         list(&runner_up),
     );
