@@ -213,12 +213,17 @@ struct Row<'a> {
     extra: Option<&'static str>,
     /// Runs repeated for other programs' work, and runs kept over [`MAX_OTHERS`] after [`TRIES`] tries.
     repeated: &'a std::cell::Cell<(usize, usize)>,
+    /// A busy process runs beside (`--busy`): every run is disturbed on purpose and kept.
+    busy: bool,
 }
 
 impl Row<'_> {
     /// `run` until other programs took at most [`MAX_OTHERS`] of its time in CPU time, or the least
     /// disturbed of [`TRIES`].
     fn undisturbed(&self, mut run: impl FnMut() -> Result<Value>) -> Result<Value> {
+        if self.busy {
+            return run();
+        }
         let mut least: Option<(f64, Value)> = None;
         for _ in 0..TRIES {
             let value = run()?;
@@ -326,8 +331,27 @@ fn agreement_cell(agreement: Agreement) -> String {
     }
 }
 
+/// A process that keeps one core busy while it lives (`--busy`): the desktop application's neighbour.
+struct Spinner(std::process::Child);
+
+impl Spinner {
+    fn start() -> Result<Self> {
+        let child =
+            Command::new("sh").args(["-c", "while :; do :; done"]).spawn().context("starting a busy process")?;
+        Ok(Self(child))
+    }
+}
+
+impl Drop for Spinner {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `busy`: the whole table measured beside a process spinning on one core, for both sides (`--busy`).
 #[allow(clippy::print_stdout, reason = "the table is the command's output")]
-pub(crate) fn run(root: &Path) -> Result<ExitCode> {
+pub(crate) fn run(root: &Path, busy: bool) -> Result<ExitCode> {
     crate::integration::installed("cmake", "cmake")?;
     let libclang = libclang()?;
     let work = root.join("target").join("bench-peers");
@@ -352,6 +376,8 @@ pub(crate) fn run(root: &Path) -> Result<ExitCode> {
             .current_dir(root),
         "usine's speed example",
     )?;
+    // Started after the builds, so that they run at their usual speed.
+    let busy = if busy { Some(Spinner::start()?) } else { None };
     let load_before = load_average();
     let repeated = std::cell::Cell::new((0, 0));
     let mut table = Vec::new();
@@ -385,7 +411,15 @@ pub(crate) fn run(root: &Path) -> Result<ExitCode> {
                     kernels = run_json(&mut command)?["kernels"].as_str().context("no `kernels`")?.to_owned();
                 }
                 let extra = (kernels == "avx512vnni").then_some("avx2");
-                let row = Row { speed: &speed, peer: &peer, gguf: &gguf, threads, extra, repeated: &repeated };
+                let row = Row {
+                    speed: &speed,
+                    peer: &peer,
+                    gguf: &gguf,
+                    threads,
+                    extra,
+                    repeated: &repeated,
+                    busy: busy.is_some(),
+                };
                 let (cells, agreement) = row.measure().with_context(|| format!("{size} {quantization} {threads}"))?;
                 let line = format!(
                     "| {size} | {quantization} | {threads} | {} | {compile:.2} s | {} |",
@@ -400,6 +434,10 @@ pub(crate) fn run(root: &Path) -> Result<ExitCode> {
     }
     let extra = if kernels == "avx512vnni" { " usine avx2 tokens/s |" } else { "" };
     println!("load average (1 min): {load_before} before, {} after", load_average());
+    if busy.is_some() {
+        println!("beside a process spinning on one core all along (`--busy`): runs are not repeated for it");
+    }
+    drop(busy);
     let (repeated, kept) = repeated.get();
     println!(
         "runs repeated as other programs took over {:.0}% of their time in CPU time: {repeated}; kept so after {TRIES} tries: {kept}",

@@ -22,7 +22,7 @@ mod tidy;
 const USAGE: &str = "usage: cargo xtask <verb>\n\nverbs:\n  tidy         check the architecture invariants of ARCHITECTURE.md\n  \
                      integration  run usine serve with Prometheus and the OpenAI client on loopback, and check it\n  \
                      bench-http   tokens/s streamed through usine serve with the zero engine, 1 and 100 streams\n  \
-                     bench-peers  the candle engine against llama.cpp on the same GGUF files (17M, 58M; Q8_0, Q4_0)\n  \
+                     bench-peers  the candle engine against llama.cpp on the same GGUF files (17M, 58M; Q8_0, Q4_0); --busy beside a process spinning on a core\n  \
                      train        train the candle engine's tiny byte-level llama (writes its committed weights)\n  \
                      random-model 17m|58m OUT: random weights of that size, for speed work";
 
@@ -49,7 +49,12 @@ fn main() -> Result<ExitCode> {
         }
         Some("bench-peers") => {
             let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace root");
-            bench_peers::run(root)
+            let busy = match std::env::args().nth(2).as_deref() {
+                None => false,
+                Some("--busy") => true,
+                Some(other) => bail!("bench-peers takes `--busy` or nothing, not `{other}`"),
+            };
+            bench_peers::run(root, busy)
         }
         Some("train") => {
             let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace root");
