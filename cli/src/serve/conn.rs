@@ -161,7 +161,8 @@ impl Census {
         if peak >= Self::FLOOD && open <= peak / 8 {
             counts.1 = open;
             drop(counts);
-            give_memory_back();
+            // Walking every arena can take milliseconds on a large heap: not on a worker thread.
+            drop(tokio::task::spawn_blocking(give_memory_back));
         }
     }
 }
@@ -333,6 +334,8 @@ struct State {
     unread: usize,
     /// The client closed its sending side.
     eof: bool,
+    /// Since when a write has waited for the client to take bytes (its window full), if one waits.
+    write_blocked: Option<Instant>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -347,7 +350,14 @@ enum Phase {
 
 impl Watch {
     fn new() -> Self {
-        let state = State { phase: Phase::Idle, since: Instant::now(), in_flight: 0, unread: 0, eof: false };
+        let state = State {
+            phase: Phase::Idle,
+            since: Instant::now(),
+            in_flight: 0,
+            unread: 0,
+            eof: false,
+            write_blocked: None,
+        };
         Self { state: Mutex::new(state), changed: Notify::new() }
     }
 
@@ -368,14 +378,17 @@ impl Watch {
         loop {
             let mut changed = pin!(self.changed.notified());
             changed.as_mut().enable();
-            let (phase, since) = {
+            let (phase, since, write_blocked) = {
                 let state = self.state.lock();
-                (state.phase, state.since)
+                (state.phase, state.since, state.write_blocked)
             };
-            let (limit, cut) = match phase {
-                Phase::Idle => (limits.idle, Cut::Idle),
-                Phase::Head => (limits.header_read, Cut::Header),
-                Phase::Busy => {
+            let (limit, cut, since) = match (phase, write_blocked) {
+                (Phase::Idle, _) => (limits.idle, Cut::Idle, since),
+                (Phase::Head, _) => (limits.header_read, Cut::Header, since),
+                // A response the client does not take (a stream it stopped reading, its window shut)
+                // would hold the connection and its place under the cap for ever: the idle limit.
+                (Phase::Busy, Some(blocked)) => (limits.idle, Cut::Idle, blocked),
+                (Phase::Busy, None) => {
                     changed.await;
                     continue;
                 }
@@ -384,6 +397,16 @@ impl Watch {
                 () = tokio::time::sleep_until(since + limit) => return cut,
                 () = changed => {}
             }
+        }
+    }
+
+    /// A write to the client waited (`blocked`) or went through: the clock of a response nobody takes.
+    fn wrote(&self, blocked: bool) {
+        let mut state = self.state.lock();
+        if state.write_blocked.is_some() != blocked {
+            state.write_blocked = blocked.then(Instant::now);
+            drop(state);
+            self.changed.notify_waiters();
         }
     }
 
@@ -534,7 +557,9 @@ impl AsyncRead for Io {
 
 impl AsyncWrite for Io {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        self.stream().poll_write(cx, buf)
+        let written = self.stream().poll_write(cx, buf);
+        self.watch.wrote(written.is_pending());
+        written
     }
 
     fn poll_write_vectored(
@@ -542,7 +567,9 @@ impl AsyncWrite for Io {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.stream().poll_write_vectored(cx, bufs)
+        let written = self.stream().poll_write_vectored(cx, bufs);
+        self.watch.wrote(written.is_pending());
+        written
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -555,5 +582,42 @@ impl AsyncWrite for Io {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.stream().poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits {
+            max_connections: 4,
+            header_read: Duration::from_secs(10),
+            idle: Duration::from_secs(60),
+            body_read: Duration::from_secs(60),
+            max_header_bytes: 32 << 10,
+        }
+    }
+
+    // Would catch: a response the client stopped taking holding its connection (and its place under
+    // `max_connections`) for ever.
+    #[tokio::test(start_paused = true)]
+    async fn a_response_the_client_does_not_take_is_cut_at_the_idle_limit() {
+        let (watch, limits) = (Watch::new(), limits());
+        watch.state.lock().phase = Phase::Busy;
+        let start = Instant::now();
+        let writes = async {
+            tokio::time::sleep(Duration::from_secs(30)).await; // the server computes: no limit
+            watch.wrote(true); // the client's window is full
+            tokio::time::sleep(Duration::from_secs(20)).await;
+            watch.wrote(false); // it took some bytes: the clock starts again
+            watch.wrote(true);
+            std::future::pending::<()>().await;
+        };
+        tokio::select! {
+            cut = watch.expired(&limits) => assert_eq!(cut, Cut::Idle),
+            () = writes => unreachable!(),
+        }
+        assert_eq!(start.elapsed(), Duration::from_secs(30 + 20 + 60));
     }
 }
