@@ -1,5 +1,5 @@
 //! The payload codec: bincode 1.3.3, named in every header. The only module that names bincode, so
-//! that a later switch is a migration, not a break (see DESIGN.md).
+//! that a later switch is a migration, not a break.
 
 use bincode::Options;
 use serde::Serialize;
