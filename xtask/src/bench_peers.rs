@@ -136,19 +136,7 @@ fn libclang() -> Result<PathBuf> {
     if let Some(found) = libclang_found() {
         return Ok(found);
     }
-    eprintln!("bench-peers: installing Debian's `libclang-dev`");
-    let root = Command::new("id").arg("-u").output().context("running id -u")?.stdout.starts_with(b"0");
-    let apt = |args: &[&str]| -> Result<bool> {
-        // `sudo -n`: never wait for a password that nobody will type.
-        let mut command = if root { Command::new("apt-get") } else { Command::new("sudo") };
-        if !root {
-            command.args(["-n", "apt-get"]);
-        }
-        let status = command.args(args).env("DEBIAN_FRONTEND", "noninteractive").stdout(Stdio::null()).status();
-        Ok(status.context("running apt-get")?.success())
-    };
-    apt(&["update", "-q"])?; // stale package lists are the usual reason an install fails
-    ensure!(apt(&["install", "-y", "-q", "libclang-dev"])?, "apt-get install libclang-dev failed");
+    crate::integration::apt_install("libclang-dev")?;
     libclang_found().context("libclang-dev is installed, but no libclang.so was found (set LIBCLANG_PATH)")
 }
 

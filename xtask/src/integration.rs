@@ -377,22 +377,28 @@ impl Drop for Prometheus {
 pub(crate) fn installed(command: &str, package: &str) -> Result<String> {
     let found = |command: &str| Command::new("which").arg(command).output().ok().filter(|o| o.status.success());
     if found(command).is_none() {
-        eprintln!("integration: installing Debian's `{package}`");
-        let root = Command::new("id").arg("-u").output()?.stdout.starts_with(b"0");
-        // `sudo -n`: never wait for a password that nobody will type.
-        let apt = |args: &[&str]| -> Result<bool> {
-            let mut command = if root { Command::new("apt-get") } else { Command::new("sudo") };
-            if !root {
-                command.args(["-n", "apt-get"]);
-            }
-            let status = command.args(args).env("DEBIAN_FRONTEND", "noninteractive").stdout(Stdio::null()).status();
-            Ok(status.context("running apt-get")?.success())
-        };
-        let _ = apt(&["update", "-q"])?; // stale package lists are the usual reason an install fails
-        ensure!(apt(&["install", "-y", "-q", package])?, "apt-get install {package} failed");
+        apt_install(package)?;
     }
     let output = found(command).with_context(|| format!("`{command}` is still missing"))?;
     Ok(String::from_utf8(output.stdout)?.trim().to_owned())
+}
+
+/// Installs Debian's `package` with apt-get, as root or through `sudo -n`.
+pub(crate) fn apt_install(package: &str) -> Result<()> {
+    eprintln!("xtask: installing Debian's `{package}`");
+    let root = Command::new("id").arg("-u").output().context("running id -u")?.stdout.starts_with(b"0");
+    // `sudo -n`: never wait for a password that nobody will type.
+    let apt = |args: &[&str]| -> Result<bool> {
+        let mut command = if root { Command::new("apt-get") } else { Command::new("sudo") };
+        if !root {
+            command.args(["-n", "apt-get"]);
+        }
+        let status = command.args(args).env("DEBIAN_FRONTEND", "noninteractive").stdout(Stdio::null()).status();
+        Ok(status.context("running apt-get")?.success())
+    };
+    let _ = apt(&["update", "-q"])?; // stale package lists are the usual reason an install fails
+    ensure!(apt(&["install", "-y", "-q", package])?, "apt-get install {package} failed");
+    Ok(())
 }
 
 fn promtool(http: &ureq::Agent, base: &str) -> Result<String> {
