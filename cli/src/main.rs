@@ -246,17 +246,7 @@ fn configure(
     cache_dir: Option<PathBuf>,
     flags: config::Flags,
 ) -> anyhow::Result<config::Loaded> {
-    let mut flags = flags;
-    if let Some(dir) = &cache_dir {
-        let dir = dir
-            .to_str()
-            .ok_or_else(|| UsageError(anyhow::anyhow!("--cache-dir {} is not valid UTF-8", dir.display())))?;
-        flags.set("cache_dir", Some(dir));
-    }
-    let loaded = config::files(cli_config).and_then(|files| config::load(&files, flags)).map_err(UsageError)?;
-    // Before any library work, so that its events are logged from the first.
-    logging::install(loaded.config.log_level, loaded.config.log_format, loaded.config.access_log)?;
-    Ok(loaded)
+    configure_logging(cli_config, cache_dir, flags, false)
 }
 
 /// [`configure`] for `usine run`: unless `log_level` is set, only errors are logged, since the command
@@ -266,14 +256,32 @@ fn configure_run(
     cache_dir: Option<PathBuf>,
     flags: config::Flags,
 ) -> anyhow::Result<config::Loaded> {
+    configure_logging(cli_config, cache_dir, flags, true)
+}
+
+/// Loads the configuration, then installs the logs (errors only when `quiet` and `log_level` is unset).
+fn configure_logging(
+    cli_config: Option<&std::path::Path>,
+    cache_dir: Option<PathBuf>,
+    flags: config::Flags,
+    quiet: bool,
+) -> anyhow::Result<config::Loaded> {
     let mut flags = flags;
-    let quiet = config::files(cli_config)
-        .and_then(|files| config::load(&files, flags.clone()))
-        .is_ok_and(|loaded| loaded.origin_of("log_level") == "default");
-    if quiet {
-        flags.set("log_level", Some("error"));
+    if let Some(dir) = &cache_dir {
+        let dir = dir
+            .to_str()
+            .ok_or_else(|| UsageError(anyhow::anyhow!("--cache-dir {} is not valid UTF-8", dir.display())))?;
+        flags.set("cache_dir", Some(dir));
     }
-    configure(cli_config, cache_dir, flags)
+    let loaded = config::files(cli_config).and_then(|files| config::load(&files, flags)).map_err(UsageError)?;
+    let level = if quiet && loaded.origin_of("log_level") == "default" {
+        logging::LogLevel::Error
+    } else {
+        loaded.config.log_level
+    };
+    // Before any library work, so that its events are logged from the first.
+    logging::install(level, loaded.config.log_format, loaded.config.access_log)?;
+    Ok(loaded)
 }
 
 fn model_flags(model: &ModelArgs) -> config::Flags {
