@@ -94,6 +94,10 @@ pub(crate) struct Config {
     pub(crate) body_read_timeout_ms: u64,
     /// `usine serve`: the largest request header (request line and fields), in bytes.
     pub(crate) max_header_bytes: usize,
+    /// `usine serve`: the system's send buffer of each connection, in bytes (Linux doubles it for its
+    /// own bookkeeping). What a client has not read waits there: a bound on the kernel memory a stalled
+    /// client holds, and the point past which its stream blocks and `reader_timeout_ms` runs.
+    pub(crate) send_buffer_bytes: usize,
     /// `usine serve`: an access log on stderr, one line per request (`log_format` sets text or JSON).
     pub(crate) access_log: bool,
     /// Logs on stderr at this level and above: `off`, `error`, `warn`, `info` (loads, compiles,
@@ -144,6 +148,7 @@ impl Default for Config {
             idle_timeout_ms: 60_000,
             body_read_timeout_ms: 60_000,
             max_header_bytes: 32 << 10,
+            send_buffer_bytes: 64 << 10,
             access_log: true,
             log_level: LogLevel::Warn,
             log_format: LogFormat::Text,
@@ -189,6 +194,7 @@ pub(crate) const KEYS: &[&str] = &[
     "idle_timeout_ms",
     "body_read_timeout_ms",
     "max_header_bytes",
+    "send_buffer_bytes",
     "access_log",
     "log_level",
     "log_format",
@@ -208,6 +214,10 @@ pub(crate) const MAX_TIMEOUT_MS: u64 = 86_400_000;
 
 /// The smallest and largest `max_header_bytes` (hyper reads no header in less than 8 KiB).
 pub(crate) const HEADER_BYTES: std::ops::RangeInclusive<usize> = (8 << 10)..=(1 << 20);
+
+/// The smallest and largest `send_buffer_bytes`: Linux takes no less than 4,608 bytes (it doubles what
+/// it is given), and autotunes up to 4 MiB when left alone.
+pub(crate) const SEND_BUFFER_BYTES: std::ops::RangeInclusive<usize> = (4 << 10)..=(4 << 20);
 
 /// The name of the configuration file.
 pub(crate) const FILE_NAME: &str = "usine.toml";
@@ -430,6 +440,10 @@ impl Loaded {
             let expected = format!("{}..={} (8 KiB to 1 MiB)", HEADER_BYTES.start(), HEADER_BYTES.end());
             return Err(outside("max_header_bytes", config.max_header_bytes.to_string(), &expected));
         }
+        if !SEND_BUFFER_BYTES.contains(&config.send_buffer_bytes) {
+            let expected = format!("{}..={} (4 KiB to 4 MiB)", SEND_BUFFER_BYTES.start(), SEND_BUFFER_BYTES.end());
+            return Err(outside("send_buffer_bytes", config.send_buffer_bytes.to_string(), &expected));
+        }
         let executor = self.executor_config();
         executor.validate().map_err(|error| outside(error.name, error.value, &error.limit))?;
         crate::app::Catalog::standard().resolve(&config.engine, config.model.as_deref()).with_context(|| {
@@ -543,5 +557,14 @@ mod tests {
         flags.set("kv_up_front_share", Some(1.5));
         let error = load_with_key(&[], flags, None).err().unwrap().to_string();
         assert_eq!(error, "bad configuration in command-line flag: key `kv_up_front_share` is 1.5, expected 0..=1");
+        assert_eq!(loaded.config.send_buffer_bytes, 65_536);
+        let mut flags = Flags::default();
+        flags.set("send_buffer_bytes", Some(1024));
+        let error = load_with_key(&[], flags, None).err().unwrap().to_string();
+        assert_eq!(
+            error,
+            "bad configuration in command-line flag: key `send_buffer_bytes` is 1024, expected 4096..=4194304 (4 KiB \
+             to 4 MiB)"
+        );
     }
 }

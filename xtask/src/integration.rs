@@ -28,6 +28,8 @@ const GRACE: Duration = Duration::from_secs(2);
 /// How long after the grace period the server may take to exit: the runtime waits up to 500 ms for
 /// blocking work (`main.rs`), the use counts are written, and the exit is polled every 50 ms.
 const EXIT_MARGIN: Duration = Duration::from_secs(1);
+/// The server's limit on a stream blocked by its reader: short, for the stalled-reader check.
+const READER_TIMEOUT: Duration = Duration::from_secs(1);
 /// A model that compiles in 150 ms and decodes at about 500 tokens/s.
 const MODEL: &str = "webllm/tiny";
 
@@ -77,6 +79,7 @@ pub(crate) fn run(root: &Path) -> Result<ExitCode> {
         check("load beyond the queue", overload(&http, &base));
         check("pools back to zero after the load", pools_at_zero(&http, &base, Duration::from_secs(5)));
         check("client disconnects free memory", disconnects(&http, &base));
+        check("a stalled reader is cut and frees its memory", stalled_reader(&http, &base));
         check("hostile requests", hostile(&http, &base, work.path()));
         check("hostile connections: slowloris, idle flood, 413 to http.client", connections(root, &base));
         check("foreign hosts, long ids, client errors, access log", guarded(&http, &base, work.path()));
@@ -166,6 +169,7 @@ impl Server {
             .env("USINE_QUEUE_CAPACITY", QUEUE_CAPACITY.to_string())
             .env("USINE_SHUTDOWN_GRACE_SECONDS", GRACE.as_secs().to_string())
             .env("USINE_HEADER_READ_TIMEOUT_MS", HEADER_READ_TIMEOUT.as_millis().to_string())
+            .env("USINE_READER_TIMEOUT_MS", READER_TIMEOUT.as_millis().to_string())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -724,6 +728,45 @@ fn disconnects(http: &ureq::Agent, base: &str) -> Result<String> {
     let more = cancelled(&after) - cancelled(&before);
     ensure!(more >= MAX_CONCURRENT as f64, "only {more} cancellations counted for {MAX_CONCURRENT} cut streams");
     Ok(format!("{MAX_CONCURRENT} streams cut after 3 events, {more} counted as cancelled; {zero}"))
+}
+
+/// A client that asks for a long stream and never reads it, its receive buffer small: the server's send
+/// buffer (`send_buffer_bytes`, 64 KiB) fills, the stream blocks, and at `reader_timeout_ms` the
+/// generation is cancelled and its memory freed while the socket is still open; the next request is
+/// served.
+fn stalled_reader(http: &ureq::Agent, base: &str) -> Result<String> {
+    let address: std::net::SocketAddr = base.trim_start_matches("http://").parse()?;
+    let timeouts = |text: &str| sample(text, "usine_executor_timeouts_total{phase=\"reader\"}").unwrap_or(0.0);
+    let (_, before) = get(http, &format!("{base}/metrics"))?;
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    socket.set_recv_buffer_size(4 << 10)?; // before the connection: the window it offers stays small
+    socket.connect(&address.into())?;
+    let mut stalled: std::net::TcpStream = socket.into();
+    let body = format!(
+        "{{\"model\": \"{MODEL}\", \"prompt\": \"Hi\", \"max_tokens\": {HELD_TOKENS}, \"temperature\": 0, \"stream\": true}}"
+    );
+    let head = format!(
+        "POST /v1/completions HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n",
+        body.len()
+    );
+    stalled.write_all(format!("{head}{body}").as_bytes())?;
+    let start = Instant::now();
+    // The whole stream takes about four seconds; the buffers hold some 700 of its 2,000 events.
+    let within = Duration::from_secs(4) + READER_TIMEOUT + Duration::from_secs(2);
+    let cut = loop {
+        let (_, now) = get(http, &format!("{base}/metrics"))?;
+        if timeouts(&now) > timeouts(&before) {
+            break start.elapsed();
+        }
+        ensure!(start.elapsed() < within, "no reader timeout within {within:?} of a stream nobody reads");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let zero = pools_at_zero(http, base, Duration::from_secs(1))?;
+    let short = stream_once(base, 3, &HangUp::Never, None)?;
+    ensure!(short.status == 200 && short.done, "a request after the cut: status {}", short.status);
+    drop(stalled);
+    Ok(format!("cut {cut:.2?} after the request (reader limit {READER_TIMEOUT:?}), socket still open; {zero}"))
 }
 
 fn hostile(http: &ureq::Agent, base: &str, work: &Path) -> Result<String> {

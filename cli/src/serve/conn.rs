@@ -44,6 +44,7 @@ pub(crate) struct Limits {
     pub(crate) idle: Duration,
     pub(crate) body_read: Duration,
     pub(crate) max_header_bytes: usize,
+    pub(crate) send_buffer_bytes: usize,
 }
 
 impl Limits {
@@ -54,6 +55,7 @@ impl Limits {
             idle: Duration::from_millis(config.idle_timeout_ms),
             body_read: Duration::from_millis(config.body_read_timeout_ms),
             max_header_bytes: config.max_header_bytes,
+            send_buffer_bytes: config.send_buffer_bytes,
         }
     }
 }
@@ -117,6 +119,11 @@ pub(crate) async fn serve(
                 }
             }
         };
+        // Left alone, Linux grows a send buffer to 4 MiB: a client that stops reading would park that
+        // much of the kernel's memory, and a whole stream with it, before the server ever waits on it.
+        if let Err(error) = socket2::SockRef::from(&stream).set_send_buffer_size(limits.send_buffer_bytes) {
+            tracing::debug!(%error, "setting a connection's send buffer");
+        }
         let connection = Connection {
             router: router.clone(),
             limits: limits.clone(),
@@ -596,6 +603,7 @@ mod tests {
             idle: Duration::from_secs(60),
             body_read: Duration::from_secs(60),
             max_header_bytes: 32 << 10,
+            send_buffer_bytes: 64 << 10,
         }
     }
 

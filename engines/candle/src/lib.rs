@@ -230,7 +230,8 @@ impl Engine for CandleEngine {
         let plan = self.memory_plan(graph)?;
         kernels()?; // a refused `USINE_ISA`, before any matrix is built
         let bytes = graph.bytes.clone();
-        let model = blocking(move || Model::new(gguf::read(&bytes)?)).await?;
+        let tuner = self.team.tuner();
+        let model = blocking(move || Model::new(gguf::read(&bytes)?, tuner)).await?;
         Ok(Arc::new(CandleModel { model: Arc::new(model), plan, team: Arc::clone(&self.team) }))
     }
 }

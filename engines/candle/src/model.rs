@@ -16,7 +16,7 @@ use usine_engine::EngineError;
 use crate::gguf::{Graph, fatal};
 use crate::kernel::{Isa, QMatrix, share_arena};
 use crate::shape::{END_OF_SEQUENCE, Shape, VOCAB};
-use crate::team::{Abandoned, Rank, Team};
+use crate::team::{Abandoned, Rank, Team, Tuner};
 
 const RMS_EPSILON: f32 = 1e-5;
 const ROPE_THETA: f64 = 10_000.0;
@@ -43,6 +43,8 @@ pub(crate) struct Model {
     /// cos and sin of every position and frequency: `max_context` rows of `head_dim / 2`.
     cos: Vec<f32>,
     sin: Vec<f32>,
+    /// How many of the team's threads its passes use, timed on its own passes.
+    tuner: Mutex<Tuner>,
 }
 
 /// Keys and values of one sequence, allocated once for `capacity` tokens: per layer and key-value
@@ -88,7 +90,7 @@ fn dense(tensor: &QTensor) -> Result<Vec<f32>, EngineError> {
 }
 
 impl Model {
-    pub(crate) fn new(graph: Graph) -> Result<Self, EngineError> {
+    pub(crate) fn new(graph: Graph, tuner: Mutex<Tuner>) -> Result<Self, EngineError> {
         let Graph { shape, mut tensors } = graph;
         let mut take = |name: &str| {
             tensors.remove(name).ok_or_else(|| EngineError::CorruptGraph { message: format!("`{name}` missing") })
@@ -130,7 +132,7 @@ impl Model {
                 sin.push(s);
             }
         }
-        Ok(Self { shape, embeddings, layers, norm, output, cos, sin })
+        Ok(Self { shape, embeddings, layers, norm, output, cos, sin, tuner })
     }
 
     /// Runs `token` at `position` on the team's threads, writing its keys and values into `cache`, and
@@ -152,7 +154,7 @@ impl Model {
         if token >= VOCAB {
             return Err(EngineError::Fatal { message: format!("token {token} is not in the vocabulary of {VOCAB}") });
         }
-        team.run(self.shape.exchange_width(), |rank| self.pass(rank, token, position, cache))
+        team.run(self.shape.exchange_width(), &self.tuner, |rank| self.pass(rank, token, position, cache))
     }
 
     /// One thread's part of a pass.

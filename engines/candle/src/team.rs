@@ -92,7 +92,6 @@ impl SpinBarrier {
 struct Exchange {
     buffers: [Vec<AtomicU32>; 2],
     barrier: SpinBarrier,
-    tuner: Tuner,
 }
 
 /// The threads of an engine's forward passes; one pass at a time.
@@ -105,16 +104,6 @@ pub(crate) struct Team {
 
 impl Team {
     pub(crate) fn new(threads: usize) -> Result<Self, EngineError> {
-        Self::with_tuner(threads, Tuner::new(threads))
-    }
-
-    /// A team whose passes always run on all its threads (the barrier's tests).
-    #[cfg(test)]
-    fn fixed(threads: usize) -> Result<Self, EngineError> {
-        Self::with_tuner(threads, Tuner { counts: vec![threads], current: 0, ..Tuner::new(threads) })
-    }
-
-    fn with_tuner(threads: usize, tuner: Tuner) -> Result<Self, EngineError> {
         let pool = if threads == 1 {
             None
         } else {
@@ -126,7 +115,7 @@ impl Team {
                     .map_err(|error| EngineError::Fatal { message: format!("starting {threads} threads: {error}") })?,
             )
         };
-        let exchange = Exchange { buffers: [Vec::new(), Vec::new()], barrier: SpinBarrier::new(threads), tuner };
+        let exchange = Exchange { buffers: [Vec::new(), Vec::new()], barrier: SpinBarrier::new(threads) };
         Ok(Self { pool, threads, exchange: Mutex::new(exchange) })
     }
 
@@ -134,16 +123,25 @@ impl Team {
         self.threads
     }
 
-    /// Runs `pass` on the team's threads, as many as the [`Tuner`] finds fastest now, with exchange
-    /// buffers of `width` values, and returns the first thread's result. Passes from several callers
-    /// take turns (a pass needs every thread it runs on).
+    /// A tuner for the passes of one kind (one model's): each model is timed apart, since two models
+    /// gain differently from more threads.
+    pub(crate) fn tuner(&self) -> Mutex<Tuner> {
+        Mutex::new(Tuner::new(self.threads))
+    }
+
+    /// Runs `pass` on the team's threads, as many as `tuner` finds fastest now, with exchange buffers
+    /// of `width` values, and returns the first thread's result. Passes from several callers take
+    /// turns (a pass needs every thread it runs on).
     pub(crate) fn run<T: Send>(
         &self,
         width: usize,
+        tuner: &Mutex<Tuner>,
         pass: impl Fn(&Rank<'_>) -> Result<T, Abandoned> + Sync,
     ) -> Result<T, EngineError> {
         let mut guard = self.exchange.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let active = guard.tuner.next();
+        // Always taken after the exchange's lock: passes are serialized by it, so this never waits.
+        let mut tuner = tuner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let active = tuner.next().min(self.threads);
         guard.barrier.threads = active;
         guard.barrier.poisoned.store(false, Ordering::Relaxed);
         guard.barrier.arrived.store(0, Ordering::Relaxed);
@@ -171,7 +169,7 @@ impl Team {
                 .expect("rank 0 is always active"),
             _ => run_rank(0),
         }));
-        guard.tuner.record(started.elapsed());
+        tuner.record(started.elapsed());
         match outcome {
             Ok(Ok(result)) => Ok(result),
             Ok(Err(Abandoned)) | Err(_) => {
@@ -188,7 +186,7 @@ impl Team {
 /// faster; a pass much slower than usual (a process started beside us) probes at once. Probes grow
 /// rarer while they confirm the choice.
 #[derive(Debug)]
-struct Tuner {
+pub(crate) struct Tuner {
     /// The counts it may choose: powers of two up to the team's size, and that size.
     counts: Vec<usize>,
     /// Index of the count in use.
@@ -363,6 +361,11 @@ mod tests {
 
     use super::*;
 
+    /// A tuner that always runs all `threads` (the barrier's tests).
+    fn fixed(threads: usize) -> Mutex<Tuner> {
+        Mutex::new(Tuner { counts: vec![threads], current: 0, ..Tuner::new(threads) })
+    }
+
     /// Runs the tuner over passes whose time at each count `cost` gives, and returns the counts used.
     fn tune(tuner: &mut Tuner, passes: usize, cost: impl Fn(usize) -> f64) -> Vec<usize> {
         (0..passes)
@@ -418,9 +421,9 @@ mod tests {
     /// each sees every share of every round, none from another round.
     #[test]
     fn shares_meet_whole_round_after_round() {
-        let team = Team::fixed(3).unwrap();
+        let team = Team::new(3).unwrap();
         let rounds = team
-            .run(9, |rank| {
+            .run(9, &fixed(3), |rank| {
                 let mut rounds = 0;
                 for round in 0..1000_u16 {
                     let mine = rank.share(9);
@@ -440,9 +443,9 @@ mod tests {
     /// shares still meet whole, round after round, through the park and the wake.
     #[test]
     fn a_waiter_parks_for_a_late_partner_and_is_woken() {
-        let team = Team::fixed(2).unwrap();
+        let team = Team::new(2).unwrap();
         let sum = team
-            .run(2, |rank| {
+            .run(2, &fixed(2), |rank| {
                 let mut sum = 0.0;
                 for round in 0..20_u8 {
                     if rank.index == 1 {
@@ -461,8 +464,9 @@ mod tests {
     /// and the next one runs.
     #[test]
     fn a_panic_abandons_the_pass_and_the_team_goes_on() {
-        let team = Team::fixed(2).unwrap();
-        let outcome = team.run(1, |rank| {
+        let team = Team::new(2).unwrap();
+        let tuner = fixed(2);
+        let outcome = team.run(1, &tuner, |rank| {
             if rank.index == 1 {
                 panic!("a bug in a pass");
             }
@@ -471,7 +475,7 @@ mod tests {
         });
         let error = outcome.unwrap_err().to_string();
         assert!(error.contains("panicked"), "{error}");
-        let value = team.run(2, |rank| rank.gather(&[rank.index as f32], rank.index, 2)).unwrap();
+        let value = team.run(2, &tuner, |rank| rank.gather(&[rank.index as f32], rank.index, 2)).unwrap();
         assert_eq!(value, [0.0, 1.0]);
     }
 }
