@@ -62,6 +62,12 @@ pub enum EngineError {
         /// What the engine has.
         known: Vec<String>,
     },
+    /// A model file the engine cannot run: it says what is missing or unsupported.
+    #[error("the model is not one this engine runs: {message}")]
+    UnsupportedModel {
+        /// What is missing or unsupported.
+        message: String,
+    },
     /// A compiled graph from another engine, version or schema.
     #[error("graph compiled by {found} cannot be loaded by {expected}")]
     GraphMismatch {
@@ -104,9 +110,10 @@ impl EngineError {
             Self::CorruptGraph { .. } | Self::GraphMismatch { .. } => ErrorKind::UnusableGraph,
             Self::OutOfMemory { .. } => ErrorKind::OutOfMemory,
             Self::Cancelled => ErrorKind::Cancelled,
-            Self::InvalidParams { .. } | Self::ContextOverflow { .. } | Self::Unsupported { .. } => {
-                ErrorKind::InvalidInput
-            }
+            Self::InvalidParams { .. }
+            | Self::ContextOverflow { .. }
+            | Self::Unsupported { .. }
+            | Self::UnsupportedModel { .. } => ErrorKind::InvalidInput,
         }
     }
 

@@ -1,9 +1,15 @@
-//! Writes a random-weight model of a named size as safetensors, for speed work (never committed). Run
-//! through `cargo xtask random-model 17m|58m OUT`.
+//! Writes a random-weight model, never committed:
+//!
+//! - `random_model 17m|58m|tiny OUT.safetensors`: usine's own byte-level model of that size, as
+//!   safetensors (for speed work; `cargo xtask random-model`).
+//! - `random_model gguf PRESET TYPE OUT.gguf [LAYERS]`: a GGUF file of a preset's widths
+//!   (`tiny-llama`, `tiny-qwen2`, `qwen2.5-0.5b`, `tinyllama-1.1b`), its matrices of TYPE (`f32`,
+//!   `f16`, `bf16`, `q8_0`, `q4_0`, `q4_k_m`, `q5_k_m`, `q6_k`), with LAYERS layers (default: 2);
+//!   prints one JSON line: parameters, vocabulary, bytes.
 
-#![allow(clippy::print_stderr, reason = "a tool that reports what it wrote")]
+#![allow(clippy::print_stderr, clippy::print_stdout, reason = "a tool that reports what it wrote")]
 
-use usine_engine_candle::{Shape, random_weights};
+use usine_engine_candle::{Shape, TYPES, presets, random_gguf, random_weights};
 
 /// The sizes: about 17 and 58 million parameters (the issue's), and a tiny one for tests.
 fn shape(size: &str) -> Option<Shape> {
@@ -16,11 +22,32 @@ fn shape(size: &str) -> Option<Shape> {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let mut args = std::env::args().skip(1);
-    let size = args.next().ok_or("usage: random_model 17m|58m|tiny OUT.safetensors")?;
-    let out = args.next().ok_or("OUT.safetensors")?;
-    let shape = shape(&size).ok_or_else(|| format!("unknown size `{size}` (17m, 58m, tiny)"))?;
-    std::fs::write(&out, random_weights(&shape, 58)?)?;
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let [gguf, preset, kind, out, rest @ ..] = args.as_slice()
+        && gguf == "gguf"
+    {
+        let layers: usize = rest.first().map_or(Ok(2), |layers| layers.parse())?;
+        let presets = presets();
+        let preset = presets.iter().find(|known| known.name == preset).ok_or_else(|| {
+            let names: Vec<_> = presets.iter().map(|preset| preset.name).collect();
+            format!("unknown preset `{preset}` ({})", names.join(", "))
+        })?;
+        if !TYPES.contains(&kind.as_str()) {
+            return Err(format!("unknown type `{kind}` ({})", TYPES.join(", ")).into());
+        }
+        let bytes = random_gguf(preset, layers, kind, 58)?;
+        std::fs::write(out, &bytes)?;
+        let config = usine_engine_candle::Config { layers, ..preset.config.clone() };
+        println!("{{\"params\": {}, \"vocab\": {}, \"bytes\": {}}}", config.params(), config.vocab, bytes.len());
+        return Ok(());
+    }
+    let [size, out] = args.as_slice() else {
+        return Err(
+            "usage: random_model 17m|58m|tiny OUT.safetensors | random_model gguf PRESET TYPE OUT.gguf [LAYERS]".into(),
+        );
+    };
+    let shape = shape(size).ok_or_else(|| format!("unknown size `{size}` (17m, 58m, tiny)"))?;
+    std::fs::write(out, random_weights(&shape, 58)?)?;
     eprintln!("random_model: {} parameters in {out}", shape.params());
     Ok(())
 }

@@ -9,7 +9,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use usine_engine::{EngineError, Progress, ProgressSink};
 
-use crate::shape::{BLOCK, Shape};
+use crate::shape::Shape;
 
 /// The quantizations offered, by name; the first is the default.
 pub const QUANTIZATIONS: [(&str, GgmlDType); 2] = [("q8_0", GgmlDType::Q8_0), ("q4_0", GgmlDType::Q4_0)];
@@ -49,36 +49,33 @@ fn gguf_name(source: &str) -> String {
     name
 }
 
+/// A byte as GPT-2's byte-level vocabulary prints it: printable Latin-1 bytes stand for themselves,
+/// the others are shifted past 255 in order.
+pub(crate) fn byte_token(byte: u8) -> String {
+    let printable = |byte: u8| (33..=126).contains(&byte) || (161..=172).contains(&byte) || byte >= 174;
+    let code = if printable(byte) {
+        u32::from(byte)
+    } else {
+        let shifted = (0..byte).filter(|earlier| !printable(*earlier)).count();
+        256 + u32::try_from(shifted).expect("below 256")
+    };
+    char::from_u32(code).expect("below the surrogates").to_string()
+}
+
 /// The byte-level vocabulary as llama.cpp's `gpt2` tokenizer reads it: each byte as GPT-2 prints it,
-/// then the end-of-sequence token.
-fn vocabulary() -> (Vec<Value>, Vec<Value>) {
-    // GPT-2's printable stand-ins for bytes: printable Latin-1 bytes stand for themselves, the others are
-    // shifted past 255 in order.
-    let printable =
-        |byte: u32| (33..=126).contains(&byte) || (161..=172).contains(&byte) || (174..=255).contains(&byte);
-    let mut shifted = 0;
-    let mut tokens = Vec::with_capacity(crate::shape::VOCAB);
-    for byte in 0..256_u32 {
-        let code = if printable(byte) {
-            byte
-        } else {
-            shifted += 1;
-            255 + shifted
-        };
-        tokens.push(Value::String(char::from_u32(code).expect("below the surrogates").to_string()));
-    }
+/// then the end-of-sequence token, then `fillers` control tokens (a generated model's vocabulary of a
+/// real model's size).
+pub(crate) fn vocabulary(fillers: usize) -> (Vec<Value>, Vec<Value>) {
+    let mut tokens: Vec<Value> = (0..=255).map(|byte| Value::String(byte_token(byte))).collect();
     tokens.push(Value::String("<|endoftext|>".to_owned()));
+    tokens.extend((0..fillers).map(|index| Value::String(format!("<|filler_{index}|>"))));
     let mut types = vec![Value::I32(1); 256]; // normal
-    types.push(Value::I32(3)); // control
+    types.extend(std::iter::repeat_n(Value::I32(3), 1 + fillers)); // control
     (tokens, types)
 }
 
 pub(crate) fn fatal(context: &str) -> impl Fn(candle_core::Error) -> EngineError + '_ {
     move |error| EngineError::Fatal { message: format!("{context}: {error}") }
-}
-
-fn corrupt(error: impl std::fmt::Display) -> EngineError {
-    EngineError::CorruptGraph { message: error.to_string() }
 }
 
 /// The shape written in safetensors metadata.
@@ -114,7 +111,7 @@ pub(crate) fn compile(bytes: &[u8], dtype: GgmlDType, progress: &dyn ProgressSin
     }
     let mut names: Vec<&String> = expected.keys().collect();
     names.sort();
-    let mut quantized = Vec::with_capacity(names.len());
+    let mut quantized: Vec<(&str, QTensor)> = Vec::with_capacity(names.len());
     for (index, name) in names.iter().enumerate() {
         #[expect(clippy::cast_precision_loss, reason = "a fraction for people")]
         report("quantizing", 0.15 + 0.75 * index as f64 / names.len() as f64);
@@ -132,13 +129,26 @@ pub(crate) fn compile(bytes: &[u8], dtype: GgmlDType, progress: &dyn ProgressSin
             (gguf_key.to_owned(), Value::U32(u32::try_from(value).expect("checked: small dimensions")))
         })
         .collect();
-    let (tokens, types) = vocabulary();
     values.extend([
         ("general.architecture".to_owned(), Value::String("llama".to_owned())),
         ("general.name".to_owned(), Value::String("usine".to_owned())),
         ("llama.rope.dimension_count".to_owned(), Value::U32(u32::try_from(shape.head_dim()).expect("small"))),
         ("llama.rope.freq_base".to_owned(), Value::F32(10_000.0)),
         ("llama.attention.layer_norm_rms_epsilon".to_owned(), Value::F32(1e-5)),
+    ]);
+    values.extend(byte_tokenizer(0));
+    let renamed: Vec<(String, QTensor)> =
+        quantized.into_iter().map(|(name, tensor)| (gguf_name(name), tensor)).collect();
+    let bytes = write(&values, &renamed)?;
+    report("done", 1.0);
+    Ok(bytes)
+}
+
+/// The metadata of the byte-level tokenizer, as llama.cpp's `gpt2` tokenizer reads it, with `fillers`
+/// control tokens after the end-of-sequence token (256, also the start of a sequence).
+pub(crate) fn byte_tokenizer(fillers: usize) -> Vec<(String, Value)> {
+    let (tokens, types) = vocabulary(fillers);
+    vec![
         ("tokenizer.ggml.model".to_owned(), Value::String("gpt2".to_owned())),
         ("tokenizer.ggml.pre".to_owned(), Value::String("default".to_owned())),
         ("tokenizer.ggml.add_bos_token".to_owned(), Value::Bool(false)),
@@ -147,16 +157,38 @@ pub(crate) fn compile(bytes: &[u8], dtype: GgmlDType, progress: &dyn ProgressSin
         ("tokenizer.ggml.merges".to_owned(), Value::Array(Vec::new())),
         ("tokenizer.ggml.bos_token_id".to_owned(), Value::U32(crate::shape::END_OF_SEQUENCE)),
         ("tokenizer.ggml.eos_token_id".to_owned(), Value::U32(crate::shape::END_OF_SEQUENCE)),
-    ]);
+    ]
+}
+
+/// A GGUF file of `values` and `tensors`, as llama.cpp reads it.
+pub(crate) fn write(values: &[(String, Value)], tensors: &[(String, QTensor)]) -> Result<Vec<u8>, EngineError> {
     let metadata: Vec<(&str, &Value)> = values.iter().map(|(key, value)| (key.as_str(), value)).collect();
-    let renamed: Vec<(String, &QTensor)> = quantized.iter().map(|(name, tensor)| (gguf_name(name), tensor)).collect();
-    let tensors: Vec<(&str, &QTensor)> = renamed.iter().map(|(name, tensor)| (name.as_str(), *tensor)).collect();
+    let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(name, tensor)| (name.as_str(), tensor)).collect();
     let mut out = Cursor::new(Vec::new());
     gguf_file::write(&mut out, &metadata, &tensors).map_err(fatal("writing GGUF"))?;
     let mut bytes = out.into_inner();
-    type_empty_array_as_strings(&mut bytes, "tokenizer.ggml.merges")?;
-    report("done", 1.0);
+    if values.iter().any(|(key, value)| {
+        key == "tokenizer.ggml.merges" && matches!(value, Value::Array(merges) if merges.is_empty())
+    }) {
+        type_empty_array_as_strings(&mut bytes, "tokenizer.ggml.merges")?;
+    }
     Ok(bytes)
+}
+
+/// Seeded uniform values in [-1, 1): splitmix64's 53 high bits.
+pub(crate) fn uniform(seed: u64) -> impl FnMut() -> f32 {
+    let mut state = seed ^ 0x9E37_79B9_7F4A_7C15;
+    move || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        #[expect(clippy::cast_precision_loss, reason = "53 bits of a random number")]
+        let unit = ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64;
+        #[expect(clippy::cast_possible_truncation, reason = "a weight")]
+        let weight = (2.0 * unit - 1.0) as f32;
+        weight
+    }
 }
 
 /// candle's writer gives an empty array the element type `u32` (it has no element to take it from);
@@ -186,114 +218,10 @@ fn type_empty_array_as_strings(bytes: &mut [u8], key: &str) -> Result<(), Engine
     Ok(())
 }
 
-/// A GGUF graph read back: its shape and tensors.
-pub(crate) struct Graph {
-    pub(crate) shape: Shape,
-    pub(crate) tensors: HashMap<String, QTensor>,
-}
-
-/// Reads only the shape from GGUF `bytes` (headers, no tensor data), and the bytes its quantized
-/// matrices and norms take once loaded: the kernels keep each block as GGUF has it (an f16 scale and
-/// its quants), rows padded to groups; the embeddings are held dense instead (counted by the plan).
-pub(crate) fn read_plan(bytes: &[u8]) -> Result<(Shape, u64), EngineError> {
-    let content = read_content(bytes)?;
-    let shape = shape_of(&content)?;
-    // Only the tensors the shape names, their dimensions checked against it (bounded by
-    // `Shape::check`): a damaged header must not drive this arithmetic.
-    let mut loaded = 0_usize;
-    for (name, dims) in shape.tensors() {
-        if name == "tok_embeddings.weight" {
-            continue;
-        }
-        let info = checked_info(&content, &name, &dims)?;
-        // The kernels pad a matrix's rows to their groups (at most, for stacked ones).
-        let blocks = |dims: &[usize]| match dims {
-            [rows, cols] => rows.next_multiple_of(crate::kernel::ROWS) * (cols / BLOCK),
-            _ => dims.iter().product::<usize>() / BLOCK,
-        };
-        loaded += match info.ggml_dtype {
-            GgmlDType::Q8_0 => blocks(&dims) * (2 + BLOCK),
-            GgmlDType::Q4_0 => blocks(&dims) * (2 + BLOCK / 2),
-            _ => dims.iter().product::<usize>() * 4,
-        };
-    }
-    Ok((shape, loaded as u64))
-}
-
-fn shape_of(content: &gguf_file::Content) -> Result<Shape, EngineError> {
-    // A shape that does not hold is a damaged graph: compiled again, not a lasting failure.
-    let unusable = |error: EngineError| match error {
-        EngineError::Fatal { message } => EngineError::CorruptGraph { message },
-        other => other,
-    };
-    Shape::from_metadata(|key| {
-        let gguf_key = SHAPE_KEYS.iter().find(|(ours, _)| *ours == key)?.1;
-        match content.metadata.get(gguf_key)? {
-            Value::U32(value) => usize::try_from(*value).ok(),
-            Value::U64(value) => usize::try_from(*value).ok(),
-            _ => None,
-        }
-    })
-    .map_err(unusable)
-}
-
-/// Reads GGUF headers; candle's reader panics on some damaged headers (a zero alignment), so a panic is
-/// a damaged graph too.
-fn read_content(bytes: &[u8]) -> Result<gguf_file::Content, EngineError> {
-    let read = std::panic::catch_unwind(|| gguf_file::Content::read(&mut Cursor::new(bytes)));
-    read.map_err(|_| corrupt("unreadable GGUF header"))?.map_err(corrupt)
-}
-
-/// The header entry of the tensor the shape calls `name`, its dimensions checked against `dims`.
-fn checked_info<'a>(
-    content: &'a gguf_file::Content,
-    name: &str,
-    dims: &[usize],
-) -> Result<&'a gguf_file::TensorInfo, EngineError> {
-    let info = content
-        .tensor_infos
-        .get(&gguf_name(name))
-        .ok_or_else(|| corrupt(format!("tensor `{}` missing", gguf_name(name))))?;
-    if info.shape.dims() != dims {
-        return Err(corrupt(format!("`{name}` is {:?}, the shape asks for {dims:?}", info.shape.dims())));
-    }
-    Ok(info)
-}
-
-/// Reads a whole GGUF graph.
-pub(crate) fn read(bytes: &[u8]) -> Result<Graph, EngineError> {
-    let mut reader = Cursor::new(bytes);
-    let content = read_content(bytes)?;
-    let shape = shape_of(&content)?;
-    let mut tensors = HashMap::new();
-    for (name, dims) in shape.tensors() {
-        // The declared dimensions first: a damaged entry must not size an allocation.
-        checked_info(&content, &name, &dims)?;
-        let tensor = content.tensor(&mut reader, &gguf_name(&name), &Device::Cpu).map_err(corrupt)?;
-        if tensor.shape().dims() != dims.as_slice() {
-            return Err(corrupt(format!("`{name}` is {:?}, the shape asks for {dims:?}", tensor.shape().dims())));
-        }
-        tensors.insert(name, tensor);
-    }
-    Ok(Graph { shape, tensors })
-}
-
 /// Seeded random weights of `shape`, as safetensors bytes: for tests and speed work (never committed).
 pub fn random_weights(shape: &Shape, seed: u64) -> Result<Vec<u8>, EngineError> {
     shape.check()?;
-    let mut state = seed ^ 0x9E37_79B9_7F4A_7C15;
-    let mut next = move || {
-        // splitmix64, then a uniform value in [-1, 1)
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        #[expect(clippy::cast_precision_loss, reason = "53 bits of a random number")]
-        let unit = ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64;
-        #[expect(clippy::cast_possible_truncation, reason = "a weight")]
-        let weight = (2.0 * unit - 1.0) as f32;
-        weight
-    };
+    let mut next = uniform(seed);
     let mut names: Vec<(String, Vec<usize>)> = shape.tensors().into_iter().collect();
     names.sort();
     let mut tensors = Vec::with_capacity(names.len());
@@ -327,7 +255,7 @@ mod tests {
         assert_eq!(gguf_name("layers.3.attention.wq.weight"), "blk.3.attn_q.weight");
         assert_eq!(gguf_name("layers.0.ffn_norm.weight"), "blk.0.ffn_norm.weight");
         assert_eq!(gguf_name("layers.0.feed_forward.w2.weight"), "blk.0.ffn_down.weight");
-        let (tokens, _) = vocabulary();
+        let (tokens, _) = vocabulary(0);
         let text = |index: usize| match &tokens[index] {
             Value::String(text) => text.clone(),
             _ => String::new(),
@@ -351,7 +279,7 @@ mod tests {
         assert_eq!(after[..4], 9_u32.to_le_bytes(), "an array");
         assert_eq!(after[4..8], 8_u32.to_le_bytes(), "of strings");
         assert_eq!(after[8..], 0_u64.to_le_bytes(), "empty");
-        let content = read_content(&bytes).expect("candle reads it back");
+        let content = gguf_file::Content::read(&mut Cursor::new(&bytes)).expect("candle reads it back");
         assert!(
             matches!(content.metadata.get("tokenizer.ggml.merges"), Some(Value::Array(merges)) if merges.is_empty())
         );

@@ -13,7 +13,7 @@
 use std::ops::Range;
 use std::sync::{Arc, OnceLock};
 
-use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::quantized::GgmlDType;
 use usine_engine::EngineError;
 
 pub(crate) use crate::shape::BLOCK;
@@ -29,6 +29,20 @@ pub(crate) enum Format {
 }
 
 impl Format {
+    /// The format of GGUF's `dtype`, where these kernels run it.
+    pub(crate) fn of(dtype: GgmlDType) -> Option<Self> {
+        match dtype {
+            GgmlDType::Q8_0 => Some(Self::Q8),
+            GgmlDType::Q4_0 => Some(Self::Q4),
+            _ => None,
+        }
+    }
+
+    /// Bytes a block takes once repacked: its f16 scale and its quants.
+    pub(crate) fn repacked_block_bytes(self) -> usize {
+        2 + self.block_bytes()
+    }
+
     /// Bytes of quants per block.
     fn block_bytes(self) -> usize {
         match self {
@@ -148,6 +162,15 @@ impl Isa {
     }
 }
 
+/// A tensor as GGUF stores it: its type, its rows and columns, and its bytes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Raw<'a> {
+    pub(crate) dtype: GgmlDType,
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
+    pub(crate) data: &'a [u8],
+}
+
 /// Rows interleaved in a [`QMatrix`], and computed together.
 pub(crate) const ROWS: usize = 4;
 
@@ -171,27 +194,41 @@ pub(crate) struct QMatrix {
 impl QMatrix {
     /// Repacks GGUF tensors of shapes `[rows_i, cols]` (all Q8_0 or all Q4_0) as one matrix, their
     /// rows one after the other: stacked projections of the same vector take one product.
-    pub(crate) fn from_qtensors(parts: &[&QTensor], isa: Isa) -> candle_core::Result<Self> {
+    #[cfg(test)]
+    pub(crate) fn from_qtensors(parts: &[&candle_core::quantized::QTensor], isa: Isa) -> candle_core::Result<Self> {
+        let data: Vec<_> = parts.iter().map(|part| part.data()).collect::<Result<_, _>>()?;
+        let raw = parts
+            .iter()
+            .zip(&data)
+            .map(|(part, data)| {
+                let (rows, cols) = part.shape().dims2()?;
+                Ok(Raw { dtype: part.dtype(), rows, cols, data })
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Self::from_raw(&raw, isa)
+    }
+
+    /// Repacks GGUF tensors (all Q8_0 or all Q4_0, of one width) as one matrix, their rows one after
+    /// the other: stacked projections of the same vector take one product.
+    pub(crate) fn from_raw(parts: &[Raw<'_>], isa: Isa) -> candle_core::Result<Self> {
         // The kernels' safety rests on this: a matrix is only ever built for instructions this CPU has.
         if !isa.runs_here() {
             candle_core::bail!("this CPU does not run the {isa:?} kernels");
         }
         let first = parts.first().ok_or_else(|| candle_core::Error::Msg("no matrix".to_owned()))?;
-        let format = match first.dtype() {
-            GgmlDType::Q8_0 => Format::Q8,
-            GgmlDType::Q4_0 => Format::Q4,
-            other => candle_core::bail!("{other:?} matrices are not supported (Q8_0, Q4_0)"),
-        };
-        let cols = first.shape().dims2()?.1;
+        let format = Format::of(first.dtype).ok_or_else(|| {
+            candle_core::Error::Msg(format!("{:?} matrices have no kernel (Q8_0, Q4_0)", first.dtype))
+        })?;
+        let cols = first.cols;
         if !cols.is_multiple_of(BLOCK) {
             candle_core::bail!("{cols} columns: not a multiple of the {BLOCK}-value block");
         }
         let mut rows = 0;
         for part in parts {
-            if part.dtype() != first.dtype() || part.shape().dims2()?.1 != cols {
+            if part.dtype != first.dtype || part.cols != cols {
                 candle_core::bail!("stacked matrices differ in width or format");
             }
-            rows += part.shape().dims2()?.0;
+            rows += part.rows;
         }
         let (per_row, block_bytes) = (cols / BLOCK, format.block_bytes());
         let padded = rows.next_multiple_of(ROWS);
@@ -203,13 +240,9 @@ impl QMatrix {
         let stride = 2 + block_bytes;
         let mut row = 0;
         for part in parts {
-            let data = part.data()?;
-            if data.len() != part.shape().dims2()?.0 * per_row * stride {
-                candle_core::bail!(
-                    "{} bytes for {} rows of {per_row} blocks of {stride}",
-                    data.len(),
-                    part.shape().dims2()?.0
-                );
+            let data = part.data;
+            if data.len() != part.rows * per_row * stride {
+                candle_core::bail!("{} bytes for {} rows of {per_row} blocks of {stride}", data.len(), part.rows);
             }
             for row_data in data.chunks_exact(per_row * stride) {
                 let (group, lane) = (row / ROWS, row % ROWS);
@@ -229,6 +262,37 @@ impl QMatrix {
     /// Rows of the matrix.
     pub(crate) fn rows(&self) -> usize {
         self.rows
+    }
+
+    /// Bytes of its scales and quants.
+    #[cfg(test)]
+    pub(crate) fn bytes(&self) -> u64 {
+        (self.scales.len() * 2 + self.quants.bytes().len()) as u64
+    }
+
+    /// Row `row`, dequantized (an embedding looked up): exactly the values GGUF's blocks hold.
+    pub(crate) fn row(&self, row: usize) -> Vec<f32> {
+        assert!(row < self.rows, "row {row} of {}", self.rows);
+        let (group, lane, per_row) = (row / ROWS, row % ROWS, self.cols / BLOCK);
+        let block_bytes = self.format.block_bytes();
+        #[expect(clippy::cast_possible_truncation, reason = "0 or 128: a byte")]
+        let flip = bias(self.isa, self.format) as u8 & 0x80;
+        let mut values = Vec::with_capacity(self.cols);
+        for block in 0..per_row {
+            let at = (group * per_row + block) * ROWS + lane;
+            let scale = half::f16::from_bits(self.scales[at]).to_f32();
+            let quants = &self.quants.bytes()[at * block_bytes..(at + 1) * block_bytes];
+            match self.format {
+                #[expect(clippy::cast_possible_wrap, reason = "Q8 quants are signed bytes")]
+                Format::Q8 => values.extend(quants.iter().map(|quant| f32::from((quant ^ flip) as i8) * scale)),
+                Format::Q4 => {
+                    let nibble = |quant: u8| f32::from(i16::from(quant) - 8) * scale;
+                    values.extend(quants.iter().map(|quant| nibble(quant & 0x0F)));
+                    values.extend(quants.iter().map(|quant| nibble(quant >> 4)));
+                }
+            }
+        }
+        values
     }
 
     /// `out = self · x`.
@@ -549,6 +613,7 @@ mod tests {
     use candle_core::{Device, Tensor};
 
     use super::*;
+    use candle_core::quantized::QTensor;
 
     fn matrix(rows: usize, cols: usize, dtype: GgmlDType, isa: Isa) -> (QMatrix, Vec<f32>) {
         #[expect(clippy::cast_precision_loss, reason = "test values")]

@@ -15,8 +15,11 @@
 //!   per step: resumed and pipelined runs draw alike).
 //! - **Training** (feature `train`) runs the same decoder on candle's tensors with autograd.
 
+mod config;
+mod generate;
 mod gguf;
 mod kernel;
+mod matrix;
 mod model;
 mod sample;
 mod shape;
@@ -35,10 +38,13 @@ use usine_engine::{
     check_graph, check_spec,
 };
 
+pub use config::{Architecture, Config};
+pub use generate::{Preset, TYPES, presets, random_gguf};
 pub use gguf::{QUANTIZATIONS, random_weights, source_shape};
 pub use kernel::ISA_VARIABLE;
 pub use shape::{END_OF_SEQUENCE, Shape, VOCAB};
 
+use crate::config::{ModelFile, Refused};
 use crate::model::{KvCache, Model};
 use crate::team::Team;
 
@@ -51,6 +57,8 @@ pub const WEIGHTS_OPTION: &str = "weights";
 pub const BUILTIN_PREFIX: &str = "builtin:";
 /// The spec option holding the weights' BLAKE3 digest (hex): when set, compile refuses other weights.
 pub const WEIGHTS_DIGEST_OPTION: &str = "weights_blake3";
+/// The spec option capping the context, in tokens (default: the model's own).
+pub const CONTEXT_OPTION: &str = "context";
 /// The one profile: the CPU.
 pub const PROFILE: &str = "cpu";
 
@@ -135,6 +143,99 @@ pub fn kernels() -> Result<&'static str, EngineError> {
     kernel::Isa::chosen().map(kernel::Isa::name)
 }
 
+/// One sequence of a GGUF model, run a token at a time with its logits out: for checks against another
+/// implementation (`cargo xtask parity`) and for tools. Applications use [`CandleEngine`] through the
+/// `Engine` trait.
+pub struct Decoder {
+    model: Model,
+    team: Team,
+    cache: KvCache,
+    position: usize,
+}
+
+impl std::fmt::Debug for Decoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Decoder").field("config", &self.model.config).field("position", &self.position).finish()
+    }
+}
+
+impl Decoder {
+    /// The model in GGUF `bytes`, on `threads` threads, for sequences of up to `capacity` tokens.
+    pub fn new(bytes: &[u8], threads: usize, capacity: usize) -> Result<Self, EngineError> {
+        kernels()?;
+        let file = ModelFile::read(bytes).map_err(unsupported)?;
+        let team = Team::new(threads.clamp(1, MAX_THREADS))?;
+        let model = Model::new(&file, file.config.context, team.tuner()).map_err(unsupported)?;
+        let cache = KvCache::new(&model.config, capacity.clamp(1, model.config.context))?;
+        Ok(Self { model, team, cache, position: 0 })
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &Config {
+        &self.model.config
+    }
+
+    /// Runs `token` at the next position and returns the logits of the token after it.
+    pub fn step(&mut self, token: u32) -> Result<Vec<f32>, EngineError> {
+        let logits = self.model.forward(&self.team, Some(token), self.position, &self.cache)?;
+        self.position += 1;
+        Ok(logits)
+    }
+}
+
+/// A compiled graph that does not read as a model it was compiled from: damaged (compile again).
+fn damaged(refused: Refused) -> EngineError {
+    EngineError::CorruptGraph { message: refused.0 }
+}
+
+/// A source file that is not a model this engine runs.
+fn unsupported(refused: Refused) -> EngineError {
+    EngineError::UnsupportedModel { message: refused.0 }
+}
+
+/// The context cap a spec sets ([`CONTEXT_OPTION`]), if any.
+fn context_cap(spec: &ModelSpec) -> Result<Option<usize>, EngineError> {
+    spec.options
+        .get(CONTEXT_OPTION)
+        .map(|value| match value.parse::<usize>() {
+            Ok(tokens) if tokens > 0 => Ok(tokens),
+            _ => Err(EngineError::InvalidParams {
+                name: "context",
+                value: value.clone(),
+                limit: "a number of tokens, 1 or more".to_owned(),
+            }),
+        })
+        .transpose()
+}
+
+/// What a compiled graph's metadata says of its model.
+struct Described {
+    architecture: Architecture,
+    params: usize,
+    /// The tensor type of the matrices, or the types and their counts where they differ.
+    quantization: String,
+    context: usize,
+}
+
+fn describe(file: &ModelFile<'_>) -> Described {
+    let matrices: Vec<_> =
+        file.types.iter().filter(|(dtype, _)| *dtype != candle_core::quantized::GgmlDType::F32).collect();
+    let name = |dtype: candle_core::quantized::GgmlDType| format!("{dtype:?}").to_lowercase();
+    let quantization = match matrices.as_slice() {
+        [] => "f32".to_owned(),
+        [(dtype, _)] => name(*dtype),
+        several => {
+            several.iter().map(|(dtype, count)| format!("{}×{count}", name(*dtype))).collect::<Vec<_>>().join(" ")
+        }
+    };
+    Described {
+        architecture: file.config.architecture,
+        params: file.config.params(),
+        quantization,
+        context: file.config.context,
+    }
+}
+
 /// Runs CPU-bound work on a blocking thread.
 async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, EngineError> + Send + 'static,
@@ -152,8 +253,8 @@ impl Engine for CandleEngine {
 
     fn memory_plan(&self, graph: &CompiledGraph) -> Result<MemoryPlan, EngineError> {
         check_graph(&self.descriptor, graph)?;
-        let (shape, weights_bytes) = gguf::read_plan(&graph.bytes)?;
-        Ok(shape.memory_plan(weights_bytes, self.team.threads()))
+        let file = ModelFile::read(&graph.bytes).map_err(damaged)?;
+        Ok(model::plan(&file, context_cap(&graph.spec)?, self.team.threads()))
     }
 
     async fn compile(&self, spec: &ModelSpec, progress: &dyn ProgressSink) -> Result<CompiledGraph, EngineError> {
@@ -166,6 +267,7 @@ impl Engine for CandleEngine {
             limit: format!("the spec option `{WEIGHTS_OPTION}`: a safetensors file"),
         })?;
         let expected_digest = spec.options.get(WEIGHTS_DIGEST_OPTION).cloned();
+        let asked_quantization = spec.quantization.clone();
         let builtin = match path.strip_prefix(BUILTIN_PREFIX) {
             None => None,
             Some(name) => Some(*self.builtin.get(name).ok_or_else(|| EngineError::InvalidParams {
@@ -195,14 +297,38 @@ impl Engine for CandleEngine {
                     ),
                 });
             }
+            if bytes.starts_with(b"GGUF") {
+                if let Some(asked) = asked_quantization {
+                    return Err(EngineError::InvalidParams {
+                        name: "quantization",
+                        value: asked,
+                        limit: "none for a GGUF file: it keeps its own tensor types".to_owned(),
+                    });
+                }
+                let file = ModelFile::read(&bytes).map_err(unsupported)?;
+                if !file.config.byte_vocabulary {
+                    return Err(EngineError::UnsupportedModel {
+                        message: "its tokenizer: usine reads byte-level vocabularies only so far".to_owned(),
+                    });
+                }
+                let described = describe(&file);
+                return Ok((bytes.into_owned(), digest, described));
+            }
             let sink = move |progress: Progress| {
                 let _ = sender.send(progress);
             };
             let gguf = gguf::compile(&bytes, dtype, &sink)?;
-            Ok((gguf, digest, source_shape(&bytes)?))
+            let shape = source_shape(&bytes)?;
+            let described = Described {
+                architecture: Architecture::Llama,
+                params: shape.params(),
+                quantization: quantization.clone(),
+                context: shape.max_context,
+            };
+            Ok((gguf, digest, described))
         });
         tokio::pin!(work);
-        let (gguf, digest, shape) = loop {
+        let (gguf, digest, described) = loop {
             tokio::select! {
                 Some(report) = reports.recv() => progress.report(report),
                 done = &mut work => break done?,
@@ -213,8 +339,10 @@ impl Engine for CandleEngine {
         }
         let mut metadata = std::collections::BTreeMap::new();
         metadata.insert("source_blake3".to_owned(), digest);
-        metadata.insert("parameters".to_owned(), shape.params().to_string());
-        metadata.insert("quantization".to_owned(), quantization);
+        metadata.insert("architecture".to_owned(), described.architecture.name().to_owned());
+        metadata.insert("parameters".to_owned(), described.params.to_string());
+        metadata.insert("quantization".to_owned(), described.quantization);
+        metadata.insert("context".to_owned(), described.context.to_string());
         Ok(CompiledGraph {
             engine: self.descriptor.name.clone(),
             engine_version: self.descriptor.version.clone(),
@@ -231,7 +359,12 @@ impl Engine for CandleEngine {
         kernels()?; // a refused `USINE_ISA`, before any matrix is built
         let bytes = graph.bytes.clone();
         let tuner = self.team.tuner();
-        let model = blocking(move || Model::new(gguf::read(&bytes)?, tuner)).await?;
+        let context = plan.max_context_tokens as usize;
+        let model = blocking(move || {
+            let file = ModelFile::read(&bytes).map_err(damaged)?;
+            Model::new(&file, context, tuner).map_err(damaged)
+        })
+        .await?;
         Ok(Arc::new(CandleModel { model: Arc::new(model), plan, team: Arc::clone(&self.team) }))
     }
 }
@@ -266,7 +399,7 @@ impl LoadedModel for CandleModel {
         check_context(&self.plan, prompt.len() + generated.len(), params)?;
         // An empty prompt starts from the end-of-sequence token, which takes position 0; a resume of it
         // must run that token too, or every position after would shift.
-        let start = if prompt.is_empty() { vec![END_OF_SEQUENCE] } else { Vec::new() };
+        let start = if prompt.is_empty() { vec![self.model.start_token()] } else { Vec::new() };
         let context: Vec<TokenId> = start.iter().chain(prompt).chain(generated).copied().collect();
         // The kv-cache, once: the context and the tokens asked for (what the executor reserved).
         let capacity = prompt.len() + generated.len() + params.max_tokens as usize;
@@ -278,7 +411,7 @@ impl LoadedModel for CandleModel {
         let cancelled = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let guard = CancelOnDrop(Arc::clone(&cancelled));
         let (model, cache) = blocking(move || {
-            let cache = KvCache::new(&model.shape, capacity.max(1))?;
+            let cache = KvCache::new(&model.config, capacity.max(1))?;
             // The tensors are the bytes the plan announced: what the pool's figures count.
             debug_assert_eq!(cache.bytes() as u64, capacity.max(1) as u64 * per_token);
             // The context but its last token: that one is the first step's input. One token per turn on
@@ -335,6 +468,6 @@ impl Sequence for CandleSequence {
         let (model, cache, team) = (Arc::clone(&self.model), Arc::clone(&self.cache), Arc::clone(&self.team));
         let logits = blocking(move || model.forward(&team, previous, position, &cache)).await?;
         let id = sample::sample(&logits, &self.params, step);
-        Ok(Token { id, end_of_sequence: id == END_OF_SEQUENCE })
+        Ok(Token { id, end_of_sequence: Some(id) == self.model.config.eos })
     }
 }

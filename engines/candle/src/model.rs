@@ -1,7 +1,7 @@
-//! The forward pass of a llama-shaped decoder, one token at a time: RMSNorm, rotary embeddings,
-//! grouped-query attention over a kv-cache allocated once, SwiGLU.
+//! The forward pass of a `llama` or `qwen2` decoder (`config.rs`), one token at a time: RMSNorm,
+//! rotary embeddings, grouped-query attention over a kv-cache allocated once, SwiGLU.
 //!
-//! The weights come from candle's GGUF tensors; the matrix products are the kernels of `kernel.rs`,
+//! The weights come from the GGUF file's tensors; the matrix products are those of `matrix.rs`,
 //! and the steps between them are plain loops over f32 slices. (They were candle tensor operations at
 //! first: some 700 small ones per token at 58 M parameters, each allocating, which took a third of the
 //! time of a token. The training forward in `train.rs` stays on candle's tensors, and a test holds the
@@ -9,40 +9,37 @@
 
 use std::sync::Mutex;
 
-use candle_core::Device;
-use candle_core::quantized::QTensor;
 use usine_engine::EngineError;
 
-use crate::gguf::{Graph, fatal};
-use crate::kernel::{Isa, QMatrix, share_arena};
-use crate::shape::{END_OF_SEQUENCE, Shape, VOCAB};
+use crate::config::{Config, ModelFile, Refused, Rope};
+use crate::kernel::{Isa, share_arena};
+use crate::matrix::Matrix;
 use crate::team::{Abandoned, Rank, Team, Tuner};
-
-const RMS_EPSILON: f32 = 1e-5;
-const ROPE_THETA: f64 = 10_000.0;
 
 struct Layer {
     attention_norm: Vec<f32>,
     /// The query, key and value projections stacked: one product gives all three.
-    wqkv: QMatrix,
-    wo: QMatrix,
+    wqkv: Matrix,
+    /// Their biases, stacked alike (`qwen2`).
+    qkv_bias: Option<Vec<f32>>,
+    wo: Matrix,
     ffn_norm: Vec<f32>,
-    /// The gate (w1) and up (w3) projections stacked.
-    w13: QMatrix,
-    w2: QMatrix,
+    /// The gate and up projections stacked.
+    w13: Matrix,
+    w2: Matrix,
 }
 
-/// A loaded model: its weights (matrices quantized, repacked for the kernels) and its rotary tables.
+/// A loaded model: its weights (matrices repacked for the kernels, or dense) and its rotary tables.
 pub(crate) struct Model {
-    pub(crate) shape: Shape,
-    /// One row of `dim` values per token (dequantized: rows are looked up, not multiplied).
-    embeddings: Vec<f32>,
+    pub(crate) config: Config,
+    /// The token embeddings, looked up a row at a time; none where the output projection is tied to
+    /// them (it is then the one matrix).
+    embeddings: Option<Matrix>,
     layers: Vec<Layer>,
     norm: Vec<f32>,
-    output: QMatrix,
-    /// cos and sin of every position and frequency: `max_context` rows of `head_dim / 2`.
-    cos: Vec<f32>,
-    sin: Vec<f32>,
+    output: Matrix,
+    /// Llama 3's frequency factors of the rotary embedding, one per pair of a head.
+    rope_factors: Option<Vec<f32>>,
     /// How many of the team's threads its passes use, timed on its own passes.
     tuner: Mutex<Tuner>,
 }
@@ -62,11 +59,11 @@ struct Head {
 
 impl KvCache {
     /// A cache of `capacity` tokens (zeros), allocated now.
-    pub(crate) fn new(shape: &Shape, capacity: usize) -> Result<Self, EngineError> {
+    pub(crate) fn new(config: &Config, capacity: usize) -> Result<Self, EngineError> {
         let size = capacity
-            .checked_mul(shape.head_dim())
+            .checked_mul(config.head_dim)
             .ok_or_else(|| EngineError::Fatal { message: format!("a kv-cache of {capacity} tokens") })?;
-        let heads = (0..shape.layers * shape.kv_heads)
+        let heads = (0..config.layers * config.kv_heads)
             .map(|_| Mutex::new(Head { keys: vec![0.0; size], values: vec![0.0; size] }))
             .collect();
         Ok(Self { heads, capacity })
@@ -84,60 +81,137 @@ impl KvCache {
     }
 }
 
-fn dense(tensor: &QTensor) -> Result<Vec<f32>, EngineError> {
-    let tensor = tensor.dequantize(&Device::Cpu).map_err(fatal("weights"))?;
-    tensor.flatten_all().and_then(|flat| flat.to_vec1::<f32>()).map_err(fatal("weights"))
+/// The memory plan of the model in `file`, its context capped at `context`, run by `threads` threads:
+/// - weights: its matrices as `Matrix` holds them (repacked, or dense f32) and its vectors (f32);
+/// - kv-cache per token: keys and values of every layer, f32;
+/// - activations per step, for each thread (each has its own copy of a pass's vectors): the residual
+///   and its norm, the queries, keys and values, the attention's output (its share, then whole), the
+///   feed-forward's gate and up and their product, three product outputs, its share of a product, the
+///   attention's scores (a full context; the attention reads the kv-cache in place), the logits and
+///   their sampling copy, f32, and the vector quantized for a product (quants, scales and lane sums:
+///   about two bytes and an eighth per value, at most the feed-forward's width); and once, the two
+///   exchange buffers.
+pub(crate) fn plan(file: &ModelFile<'_>, context: Option<usize>, threads: usize) -> usine_engine::MemoryPlan {
+    let config = &file.config;
+    let context = context.map_or(config.context, |cap| cap.min(config.context));
+    let dims = |name: &str| file.tensor(name).map(|raw| (raw.dtype, raw.rows, raw.cols));
+    let mut stacks: Vec<Vec<String>> = vec![vec!["token_embd.weight".to_owned()]];
+    if !config.tied_output {
+        stacks.push(vec!["output.weight".to_owned()]);
+    }
+    for layer in 0..config.layers {
+        let name = |part: &str| format!("blk.{layer}.{part}.weight");
+        stacks.extend([
+            vec![name("attn_q"), name("attn_k"), name("attn_v")],
+            vec![name("attn_output")],
+            vec![name("ffn_gate"), name("ffn_up")],
+            vec![name("ffn_down")],
+        ]);
+    }
+    let matrices: u64 = stacks
+        .iter()
+        .map(|stack| {
+            let parts: Vec<_> = stack.iter().filter_map(|name| dims(name).ok()).collect();
+            Matrix::loaded_bytes(&parts)
+        })
+        .sum();
+    let vectors = config.dim * (1 + 2 * config.layers)
+        + if config.qkv_bias() { config.layers * (config.heads * config.head_dim + 2 * config.kv_dim()) } else { 0 }
+        + file.rope_factors.as_ref().map_or(0, Vec::len);
+    let f32_bytes = 4;
+    let (dim, ffn) = (config.dim, config.ffn);
+    let quantized_vector = (ffn.max(dim) * 17 / 8).div_ceil(f32_bytes);
+    let per_thread = 7 * dim
+        + 2 * config.kv_dim()
+        + 3 * ffn
+        + config.exchange_width()
+        + context
+        + 2 * config.vocab
+        + quantized_vector;
+    let activations = threads * per_thread + 2 * config.exchange_width();
+    usine_engine::MemoryPlan {
+        weights_bytes: matrices + (vectors * f32_bytes) as u64,
+        kv_bytes_per_token: (2 * config.layers * config.kv_dim() * f32_bytes) as u64,
+        activation_bytes_per_step: (activations * f32_bytes) as u64,
+        max_context_tokens: u32::try_from(context).expect("checked: at most 2^20"),
+    }
 }
 
 impl Model {
-    pub(crate) fn new(graph: Graph, tuner: Mutex<Tuner>) -> Result<Self, EngineError> {
-        let Graph { shape, mut tensors } = graph;
-        let mut take = |name: &str| {
-            tensors.remove(name).ok_or_else(|| EngineError::CorruptGraph { message: format!("`{name}` missing") })
-        };
+    /// Bytes its weights hold: what [`plan`] announces.
+    #[cfg(test)]
+    pub(crate) fn weight_bytes(&self) -> u64 {
+        let matrices = self
+            .layers
+            .iter()
+            .flat_map(|layer| [&layer.wqkv, &layer.wo, &layer.w13, &layer.w2])
+            .chain([&self.output])
+            .chain(self.embeddings.as_ref())
+            .map(Matrix::bytes)
+            .sum::<u64>();
+        let vectors = self.norm.len()
+            + self
+                .layers
+                .iter()
+                .map(|layer| {
+                    layer.attention_norm.len() + layer.ffn_norm.len() + layer.qkv_bias.as_ref().map_or(0, Vec::len)
+                })
+                .sum::<usize>()
+            + self.rope_factors.as_ref().map_or(0, Vec::len);
+        matrices + (vectors * 4) as u64
+    }
+
+    /// The model in `file`, for at most `context` positions (the file's context, or less).
+    pub(crate) fn new(file: &ModelFile<'_>, context: usize, tuner: Mutex<Tuner>) -> Result<Self, Refused> {
+        let config = Config { context: context.min(file.config.context), ..file.config.clone() };
         let isa = Isa::detect();
-        let matrix = |parts: &[&QTensor]| QMatrix::from_qtensors(parts, isa).map_err(fatal("weights"));
-        let embeddings = dense(&take("tok_embeddings.weight")?)?;
-        let norm = dense(&take("norm.weight")?)?;
-        let mut output = matrix(&[&take("output.weight")?])?;
-        let mut layers = Vec::with_capacity(shape.layers);
-        for layer in 0..shape.layers {
-            let mut part = |name: &str| take(&format!("layers.{layer}.{name}.weight"));
+        let matrix = |names: &[String]| {
+            let parts = names.iter().map(|name| file.tensor(name)).collect::<Result<Vec<_>, _>>()?;
+            Matrix::from_raw(&parts, isa)
+        };
+        let one = |name: &str| matrix(&[name.to_owned()]);
+        let mut embeddings = Some(one("token_embd.weight")?);
+        let mut output = if config.tied_output { embeddings.take().expect("just made") } else { one("output.weight")? };
+        let norm = file.vector("output_norm.weight")?;
+        let mut layers = Vec::with_capacity(config.layers);
+        for layer in 0..config.layers {
+            let name = |part: &str| format!("blk.{layer}.{part}");
+            let qkv_bias = if config.qkv_bias() {
+                let parts = ["attn_q.bias", "attn_k.bias", "attn_v.bias"].map(|part| file.vector(&name(part)));
+                Some(parts.into_iter().collect::<Result<Vec<_>, _>>()?.concat())
+            } else {
+                None
+            };
             layers.push(Layer {
-                attention_norm: dense(&part("attention_norm")?)?,
-                wqkv: matrix(&[&part("attention.wq")?, &part("attention.wk")?, &part("attention.wv")?])?,
-                wo: matrix(&[&part("attention.wo")?])?,
-                ffn_norm: dense(&part("ffn_norm")?)?,
-                w13: matrix(&[&part("feed_forward.w1")?, &part("feed_forward.w3")?])?,
-                w2: matrix(&[&part("feed_forward.w2")?])?,
+                attention_norm: file.vector(&name("attn_norm.weight"))?,
+                wqkv: matrix(&[name("attn_q.weight"), name("attn_k.weight"), name("attn_v.weight")])?,
+                qkv_bias,
+                wo: matrix(&[name("attn_output.weight")])?,
+                ffn_norm: file.vector(&name("ffn_norm.weight"))?,
+                w13: matrix(&[name("ffn_gate.weight"), name("ffn_up.weight")])?,
+                w2: matrix(&[name("ffn_down.weight")])?,
             });
         }
-        let mut matrices: Vec<&mut QMatrix> = layers
+        let mut matrices: Vec<&mut crate::kernel::QMatrix> = layers
             .iter_mut()
             .flat_map(|layer| [&mut layer.wqkv, &mut layer.wo, &mut layer.w13, &mut layer.w2])
             .chain([&mut output])
+            .chain(embeddings.as_mut())
+            .filter_map(Matrix::quantized)
             .collect();
-        share_arena(&mut matrices)
-            .map_err(|error| EngineError::Fatal { message: format!("mapping memory for the weights: {error}") })?;
-        let half = shape.head_dim() / 2;
-        let (mut cos, mut sin) =
-            (Vec::with_capacity(shape.max_context * half), Vec::with_capacity(shape.max_context * half));
-        for position in 0..shape.max_context {
-            for i in 0..half {
-                #[expect(clippy::cast_precision_loss, reason = "positions and frequencies of a small model")]
-                let angle = position as f64 / ROPE_THETA.powf(2.0 * i as f64 / (2 * half) as f64);
-                #[expect(clippy::cast_possible_truncation, reason = "tables in f32")]
-                let (c, s) = (angle.cos() as f32, angle.sin() as f32);
-                cos.push(c);
-                sin.push(s);
-            }
-        }
-        Ok(Self { shape, embeddings, layers, norm, output, cos, sin, tuner })
+        share_arena(&mut matrices).map_err(|error| Refused(format!("mapping memory for the weights: {error}")))?;
+        let rope_factors = file.rope_factors.clone();
+        Ok(Self { config, embeddings, layers, norm, output, rope_factors, tuner })
     }
 
-    /// Runs `token` at `position` on the team's threads, writing its keys and values into `cache`, and
-    /// returns the logits of the next token. Writing a position again overwrites it (a retried step is
-    /// harmless).
+    /// The token that starts an empty sequence: the file's start token, else its end token, else 0.
+    pub(crate) fn start_token(&self) -> u32 {
+        self.config.bos.or(self.config.eos).unwrap_or(0)
+    }
+
+    /// Runs `token` (None: [`Self::start_token`]) at `position` on the team's threads, writing its keys
+    /// and values into `cache`, and returns the logits of the next token. Writing a position again
+    /// overwrites it (a retried step is harmless).
     pub(crate) fn forward(
         &self,
         team: &Team,
@@ -145,51 +219,60 @@ impl Model {
         position: usize,
         cache: &KvCache,
     ) -> Result<Vec<f32>, EngineError> {
-        if position >= cache.capacity || position >= self.shape.max_context {
+        if position >= cache.capacity || position >= self.config.context {
             return Err(EngineError::Fatal {
                 message: format!("position {position} is beyond the kv-cache of {} tokens", cache.capacity),
             });
         }
-        let token = token.unwrap_or(END_OF_SEQUENCE) as usize;
-        if token >= VOCAB {
-            return Err(EngineError::Fatal { message: format!("token {token} is not in the vocabulary of {VOCAB}") });
+        let token = token.unwrap_or_else(|| self.start_token()) as usize;
+        if token >= self.config.vocab {
+            return Err(EngineError::InvalidParams {
+                name: "token",
+                value: token.to_string(),
+                limit: format!("the vocabulary's 0..{}", self.config.vocab),
+            });
         }
-        team.run(self.shape.exchange_width(), &self.tuner, |rank| self.pass(rank, token, position, cache))
+        team.run(self.config.exchange_width(), &self.tuner, |rank| self.pass(rank, token, position, cache))
     }
 
     /// One thread's part of a pass.
     fn pass(&self, rank: &Rank<'_>, token: usize, position: usize, cache: &KvCache) -> Result<Vec<f32>, Abandoned> {
-        let shape = &self.shape;
-        let (dim, head_dim, kv_dim, ffn) = (shape.dim, shape.head_dim(), shape.kv_dim(), shape.ffn);
-        let group = shape.heads / shape.kv_heads;
-        let half = head_dim / 2;
-        let (cos, sin) = (&self.cos[position * half..][..half], &self.sin[position * half..][..half]);
+        let config = &self.config;
+        let (head_dim, kv_dim, ffn) = (config.head_dim, config.kv_dim(), config.ffn);
+        let q_dim = config.heads * head_dim;
+        let group = config.heads / config.kv_heads;
+        let (cos, sin) = rotary_angles(config, self.rope_factors.as_deref(), position);
+        let (cos, sin) = (&cos[..], &sin[..]);
+        let rope = config.rope();
         #[expect(clippy::cast_precision_loss, reason = "a small head width")]
         let scale = 1.0 / (head_dim as f32).sqrt();
         // This thread's key-value heads, and with them their groups of query heads.
-        let kv_heads = rank.share(shape.kv_heads);
-        let mut x = self.embeddings[token * dim..][..dim].to_vec();
-        let mut h = vec![0.0; dim];
+        let kv_heads = rank.share(config.kv_heads);
+        let mut x = self.embeddings.as_ref().unwrap_or(&self.output).row(token);
+        let mut h = vec![0.0; config.dim];
         let mut scores = vec![0.0; position + 1];
         let mut attention = vec![0.0; kv_heads.len() * group * head_dim];
         for (index, layer) in self.layers.iter().enumerate() {
-            rms_norm(&x, &layer.attention_norm, &mut h);
+            rms_norm(&x, &layer.attention_norm, config.rms_epsilon, &mut h);
             let mut qkv = rank.matvec(&layer.wqkv, &h)?;
-            let (queries, rest) = qkv.split_at_mut(dim);
+            if let Some(bias) = &layer.qkv_bias {
+                add(&mut qkv, bias);
+            }
+            let (queries, rest) = qkv.split_at_mut(q_dim);
             let (keys, values) = rest.split_at_mut(kv_dim);
             for (slot, kv_head) in kv_heads.clone().enumerate() {
-                let mut head = cache.heads[index * shape.kv_heads + kv_head]
+                let mut head = cache.heads[index * config.kv_heads + kv_head]
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
                 let key = &mut keys[kv_head * head_dim..][..head_dim];
-                rope(key, cos, sin);
+                rotate(rope, key, cos, sin);
                 head.keys[position * head_dim..][..head_dim].copy_from_slice(key);
                 head.values[position * head_dim..][..head_dim]
                     .copy_from_slice(&values[kv_head * head_dim..][..head_dim]);
                 let known = position + 1;
                 for query_head in 0..group {
                     let query = &mut queries[(kv_head * group + query_head) * head_dim..][..head_dim];
-                    rope(query, cos, sin);
+                    rotate(rope, query, cos, sin);
                     for (score, key) in scores.iter_mut().zip(head.keys[..known * head_dim].chunks_exact(head_dim)) {
                         *score = dot(query, key) * scale;
                     }
@@ -203,22 +286,44 @@ impl Model {
                     }
                 }
             }
-            let attention = rank.gather(&attention, kv_heads.start * group * head_dim, dim)?;
+            let attention = rank.gather(&attention, kv_heads.start * group * head_dim, q_dim)?;
             add(&mut x, &rank.matvec(&layer.wo, &attention)?);
-            rms_norm(&x, &layer.ffn_norm, &mut h);
+            rms_norm(&x, &layer.ffn_norm, config.rms_epsilon, &mut h);
             let gate_up = rank.matvec(&layer.w13, &h)?;
             let (gate, up) = gate_up.split_at(ffn);
             let product: Vec<f32> = gate.iter().zip(up).map(|(gate, up)| gate / (1.0 + (-gate).exp()) * up).collect();
             add(&mut x, &rank.matvec(&layer.w2, &product)?);
         }
-        rms_norm(&x, &self.norm, &mut h);
+        rms_norm(&x, &self.norm, config.rms_epsilon, &mut h);
         rank.matvec(&self.output, &h)
     }
 }
 
+/// cos and sin of `position`'s angle for each pair of a head: position × scale × base^(−2i/d), over
+/// the pair's frequency factor where the file has them (Llama 3), computed in f64. (A few dozen values
+/// a pass: cheaper computed than a table of every position of a 128k context.)
+fn rotary_angles(config: &Config, factors: Option<&[f32]>, position: usize) -> (Vec<f32>, Vec<f32>) {
+    let half = config.head_dim / 2;
+    let (mut cos, mut sin) = (Vec::with_capacity(half), Vec::with_capacity(half));
+    for i in 0..half {
+        #[expect(clippy::cast_precision_loss, reason = "positions and frequencies of a model")]
+        let mut angle = position as f64
+            * f64::from(config.rope_position_scale)
+            * f64::from(config.rope_theta).powf(-2.0 * i as f64 / config.head_dim as f64);
+        if let Some(factors) = factors {
+            angle /= f64::from(factors[i]);
+        }
+        #[expect(clippy::cast_possible_truncation, reason = "angles in f32")]
+        let (c, s) = (angle.cos() as f32, angle.sin() as f32);
+        cos.push(c);
+        sin.push(s);
+    }
+    (cos, sin)
+}
+
 /// The dot product, in 8 lanes (a single running sum would be one long chain the compiler may not
 /// reorder; lanes are what it vectorizes).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0.0_f32; 8];
     let (a_chunks, b_chunks) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = a_chunks.remainder().iter().zip(b_chunks.remainder()).map(|(a, b)| a * b).sum();
@@ -236,21 +341,35 @@ fn add(x: &mut [f32], y: &[f32]) {
     }
 }
 
-fn rms_norm(x: &[f32], weight: &[f32], out: &mut [f32]) {
+fn rms_norm(x: &[f32], weight: &[f32], epsilon: f32, out: &mut [f32]) {
     #[expect(clippy::cast_precision_loss, reason = "a small width")]
     let mean_square = x.iter().map(|x| x * x).sum::<f32>() / x.len() as f32;
-    let inverse = 1.0 / (mean_square + RMS_EPSILON).sqrt();
+    let inverse = 1.0 / (mean_square + epsilon).sqrt();
     for ((out, x), weight) in out.iter_mut().zip(x).zip(weight) {
         *out = x * inverse * weight;
     }
 }
 
-/// Rotates each pair (2i, 2i+1) of a head by the position's angles.
-fn rope(head: &mut [f32], cos: &[f32], sin: &[f32]) {
-    for ((pair, cos), sin) in head.chunks_exact_mut(2).zip(cos).zip(sin) {
-        let (even, odd) = (pair[0], pair[1]);
-        pair[0] = even * cos - odd * sin;
-        pair[1] = even * sin + odd * cos;
+/// Rotates each pair of a head by the position's angles: values (2i, 2i+1), or (i, i + half).
+fn rotate(rope: Rope, head: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let turn = |a: &mut f32, b: &mut f32, cos: f32, sin: f32| {
+        let (x, y) = (*a, *b);
+        *a = x * cos - y * sin;
+        *b = x * sin + y * cos;
+    };
+    match rope {
+        Rope::Adjacent => {
+            for ((pair, cos), sin) in head.chunks_exact_mut(2).zip(cos).zip(sin) {
+                let (a, b) = pair.split_at_mut(1);
+                turn(&mut a[0], &mut b[0], *cos, *sin);
+            }
+        }
+        Rope::Halves => {
+            let (first, second) = head.split_at_mut(head.len() / 2);
+            for (((a, b), cos), sin) in first.iter_mut().zip(second).zip(cos).zip(sin) {
+                turn(a, b, *cos, *sin);
+            }
+        }
     }
 }
 
@@ -263,5 +382,42 @@ fn softmax(x: &mut [f32]) {
     }
     for x in x.iter_mut() {
         *x /= sum;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "a panic is a test failure with its message")]
+
+    use super::*;
+    use crate::generate::{presets, random_gguf};
+
+    // Would catch: a plan announcing other bytes than the weights take (the pools would count wrong),
+    // for quantized, dense, mixed, tied and separate outputs.
+    #[test]
+    fn the_plan_announces_the_bytes_the_weights_take() {
+        for preset in presets().iter().filter(|preset| preset.name.starts_with("tiny")) {
+            for kind in ["f16", "q8_0", "q4_0", "q4_k_m"] {
+                let bytes = random_gguf(preset, 2, kind, 1).unwrap();
+                let file = ModelFile::read(&bytes).unwrap();
+                let team = Team::new(1).unwrap();
+                let model = Model::new(&file, 64, team.tuner()).unwrap();
+                let plan = plan(&file, Some(64), 1);
+                assert_eq!(plan.weights_bytes, model.weight_bytes(), "{} {kind}", preset.name);
+                assert_eq!((plan.max_context_tokens, model.config.context), (64, 64));
+            }
+        }
+    }
+
+    // Would catch: halves and adjacent pairs confused, or a rotation that changes a vector's length.
+    #[test]
+    fn the_rotary_embedding_turns_the_pairs_each_architecture_names() {
+        let (cos, sin) = ([0.0, 1.0], [1.0, 0.0]); // a quarter turn for the first pair, none for the second
+        let mut head = [1.0, 2.0, 3.0, 4.0];
+        rotate(Rope::Adjacent, &mut head, &cos, &sin);
+        assert_eq!(head, [-2.0, 1.0, 3.0, 4.0]);
+        let mut head = [1.0, 2.0, 3.0, 4.0];
+        rotate(Rope::Halves, &mut head, &cos, &sin);
+        assert_eq!(head, [-3.0, 2.0, 1.0, 4.0]);
     }
 }

@@ -1,8 +1,9 @@
-//! The shape of a llama-shaped decoder, its tensor names, and the memory plan it gives.
+//! The shape of usine's own byte-level models, as their safetensors source declares it, and the
+//! names of their tensors there.
 
 use std::collections::HashMap;
 
-use usine_engine::{EngineError, MemoryPlan};
+use usine_engine::EngineError;
 
 /// Byte-level vocabulary: the 256 bytes, then the end of a sequence (also the start of an empty one).
 pub const VOCAB: usize = 257;
@@ -79,44 +80,6 @@ impl Shape {
         2 * VOCAB * self.dim + self.layers * (attention + feed_forward + 2 * self.dim) + self.dim
     }
 
-    /// The widest vector the threads of a pass exchange: a stacked product's output, or the logits.
-    pub(crate) fn exchange_width(&self) -> usize {
-        (self.dim + 2 * self.kv_dim()).max(2 * self.ffn).max(VOCAB)
-    }
-
-    /// The memory plan of a model of this shape whose other weights (quantized matrices and norms, as
-    /// loaded) take `loaded_bytes`, run by `threads` threads (bounded dimensions, see
-    /// [`check`](Self::check): no overflow):
-    /// - weights: those, plus the embeddings kept as f32 for row lookups, plus the rotary tables (cos and
-    ///   sin of every position);
-    /// - kv-cache per token: keys and values of every layer, f32;
-    /// - activations per step, for each thread (each has its own copy of a pass's vectors): the residual
-    ///   and its norm, the queries, keys and values, the attention's output (its share, then whole), the
-    ///   feed-forward's gate and up and their product, three product outputs, its share of a product, the
-    ///   attention's scores (a full context; the attention reads the kv-cache in place), the logits and
-    ///   their sampling copy, f32, and the vector quantized for a product (quants, scales and lane sums:
-    ///   about two bytes and an eighth per value, at most the feed-forward's width); and once, the two
-    ///   exchange buffers.
-    pub fn memory_plan(&self, loaded_bytes: u64, threads: usize) -> MemoryPlan {
-        let f32_bytes = 4;
-        let dense = VOCAB * self.dim + 2 * self.max_context * (self.head_dim() / 2);
-        let quantized_vector = (self.ffn.max(self.dim) * 17 / 8).div_ceil(f32_bytes);
-        let per_thread = 7 * self.dim
-            + 2 * self.kv_dim()
-            + 3 * self.ffn
-            + self.exchange_width()
-            + self.max_context
-            + 2 * VOCAB
-            + quantized_vector;
-        let activations = threads * per_thread + 2 * self.exchange_width();
-        MemoryPlan {
-            weights_bytes: loaded_bytes + (dense * f32_bytes) as u64,
-            kv_bytes_per_token: (2 * self.layers * self.kv_dim() * f32_bytes) as u64,
-            activation_bytes_per_step: (activations * f32_bytes) as u64,
-            max_context_tokens: u32::try_from(self.max_context).expect("checked: at most 2^20"),
-        }
-    }
-
     /// As metadata: string keys and values.
     pub fn to_metadata(&self) -> Vec<(&'static str, usize)> {
         let values = [self.dim, self.layers, self.heads, self.kv_heads, self.ffn, self.max_context];
@@ -172,7 +135,6 @@ mod tests {
         shape.check().unwrap();
         let counted: usize = shape.tensors().values().map(|dims| dims.iter().product::<usize>()).sum();
         assert_eq!(counted, shape.params());
-        assert_eq!(shape.memory_plan(0, 1).kv_bytes_per_token, 2 * 2 * 32 * 4);
         assert!(Shape { dim: 60, ..shape }.check().is_err(), "not a multiple of 32");
         assert!(Shape { kv_heads: 3, ..shape }.check().is_err());
     }

@@ -13,7 +13,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 
 use usine_engine::EngineError;
 
-use crate::kernel::{QMatrix, ROWS};
+use crate::kernel::ROWS;
+use crate::matrix::Matrix;
 
 /// A barrier that spins, then parks: its waits are short between threads that all have a core, and a
 /// waiter whose partner the system has descheduled (a busy machine) gives its core up instead of burning
@@ -346,7 +347,7 @@ impl Rank<'_> {
     }
 
     /// `matrix · x`: this thread's groups of rows, then the whole result gathered.
-    pub(crate) fn matvec(&self, matrix: &QMatrix, x: &[f32]) -> Result<Vec<f32>, Abandoned> {
+    pub(crate) fn matvec(&self, matrix: &Matrix, x: &[f32]) -> Result<Vec<f32>, Abandoned> {
         let groups = self.share(matrix.rows().div_ceil(ROWS));
         let rows = (groups.start * ROWS).min(matrix.rows())..(groups.end * ROWS).min(matrix.rows());
         let mut part = vec![0.0; rows.len()];

@@ -431,8 +431,9 @@ mod tests {
         )
         .unwrap();
         let team = crate::team::Team::new(2).unwrap();
-        let model = Model::new(crate::gguf::read(&gguf).unwrap(), team.tuner()).unwrap();
-        let cache = KvCache::new(&shape, text.len()).unwrap();
+        let file = crate::config::ModelFile::read(&gguf).unwrap();
+        let model = Model::new(&file, shape.max_context, team.tuner()).unwrap();
+        let cache = KvCache::new(&model.config, text.len()).unwrap();
         for (position, token) in text.iter().enumerate() {
             let logits = model.forward(&team, Some(*token), position, &cache).unwrap();
             let worst = logits.iter().zip(&trained[position]).map(|(a, b)| (a - b).abs()).fold(0.0_f32, f32::max);

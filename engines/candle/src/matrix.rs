@@ -1,0 +1,132 @@
+//! A weight matrix of a model, as the forward pass multiplies it: quantized for the kernels of
+//! `kernel.rs` (Q8_0, Q4_0), or dense f32 for every other type (F32, F16, BF16, and the K-quants,
+//! dequantized exactly at load: correct, but read at 32 bits a weight; own K-quant kernels are the
+//! next step).
+
+use candle_core::quantized::GgmlDType;
+
+use crate::config::Refused;
+use crate::kernel::{Format, Isa, QMatrix, ROWS, Raw};
+
+/// A matrix of the forward pass.
+#[derive(Debug)]
+pub(crate) enum Matrix {
+    Quantized(QMatrix),
+    Dense(Dense),
+}
+
+/// Rows of f32 values.
+#[derive(Debug)]
+pub(crate) struct Dense {
+    rows: usize,
+    cols: usize,
+    values: Vec<f32>,
+}
+
+/// How a stack of parts of these types is held: quantized when they share a format the kernels run,
+/// else dense.
+fn format(dtypes: impl IntoIterator<Item = GgmlDType>) -> Option<Format> {
+    let mut dtypes = dtypes.into_iter();
+    let first = dtypes.next()?;
+    dtypes.all(|dtype| dtype == first).then(|| Format::of(first)).flatten()
+}
+
+impl Matrix {
+    /// `parts` (of one width) stacked, rows one after the other: projections of the same vector take
+    /// one product.
+    pub(crate) fn from_raw(parts: &[Raw<'_>], isa: Isa) -> Result<Self, Refused> {
+        if format(parts.iter().map(|part| part.dtype)).is_some() {
+            return QMatrix::from_raw(parts, isa).map(Self::Quantized).map_err(|error| Refused(error.to_string()));
+        }
+        let cols = parts.first().map_or(0, |part| part.cols);
+        let mut values = Vec::with_capacity(parts.iter().map(|part| part.rows * part.cols).sum());
+        for part in parts {
+            if part.cols != cols {
+                return Err(Refused(format!("stacked matrices of {cols} and {} columns", part.cols)));
+            }
+            values.extend(dequantize(part)?);
+        }
+        Ok(Self::Dense(Dense { rows: values.len() / cols.max(1), cols, values }))
+    }
+
+    /// Bytes the matrix stacked from parts of these types and dimensions takes once loaded.
+    pub(crate) fn loaded_bytes(parts: &[(GgmlDType, usize, usize)]) -> u64 {
+        let rows: usize = parts.iter().map(|(_, rows, _)| rows).sum();
+        let cols = parts.first().map_or(0, |(_, _, cols)| *cols);
+        let bytes = match format(parts.iter().map(|(dtype, _, _)| *dtype)) {
+            // The kernels pad the rows to whole groups.
+            Some(format) => rows.next_multiple_of(ROWS) * (cols / crate::kernel::BLOCK) * format.repacked_block_bytes(),
+            None => rows * cols * 4,
+        };
+        bytes as u64
+    }
+
+    /// Bytes it holds.
+    #[cfg(test)]
+    pub(crate) fn bytes(&self) -> u64 {
+        match self {
+            Self::Quantized(matrix) => matrix.bytes(),
+            Self::Dense(matrix) => (matrix.values.len() * 4) as u64,
+        }
+    }
+
+    pub(crate) fn rows(&self) -> usize {
+        match self {
+            Self::Quantized(matrix) => matrix.rows(),
+            Self::Dense(matrix) => matrix.rows,
+        }
+    }
+
+    /// Row `row` as f32 values (an embedding looked up).
+    pub(crate) fn row(&self, row: usize) -> Vec<f32> {
+        match self {
+            Self::Quantized(matrix) => matrix.row(row),
+            Self::Dense(matrix) => matrix.values[row * matrix.cols..][..matrix.cols].to_vec(),
+        }
+    }
+
+    /// Rows `first..first + out.len()` of `self · x`; `first` starts a group of [`ROWS`].
+    pub(crate) fn matvec_rows(&self, x: &[f32], first: usize, out: &mut [f32]) {
+        match self {
+            Self::Quantized(matrix) => matrix.matvec_rows(x, first, out),
+            Self::Dense(matrix) => {
+                assert_eq!(x.len(), matrix.cols, "a vector of {} values for {} columns", x.len(), matrix.cols);
+                for (index, out) in out.iter_mut().enumerate() {
+                    *out = crate::model::dot(&matrix.values[(first + index) * matrix.cols..][..matrix.cols], x);
+                }
+            }
+        }
+    }
+
+    /// The quantized matrix, to move into a model's arena.
+    pub(crate) fn quantized(&mut self) -> Option<&mut QMatrix> {
+        match self {
+            Self::Quantized(matrix) => Some(matrix),
+            Self::Dense(_) => None,
+        }
+    }
+}
+
+/// The values of `raw`, exactly as its blocks hold them.
+pub(crate) fn dequantize(raw: &Raw<'_>) -> Result<Vec<f32>, Refused> {
+    let two = |bytes: &[u8]| u16::from_le_bytes([bytes[0], bytes[1]]);
+    Ok(match raw.dtype {
+        GgmlDType::F32 => {
+            raw.data.chunks_exact(4).map(|bytes| f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])).collect()
+        }
+        GgmlDType::F16 => raw.data.chunks_exact(2).map(|bytes| half::f16::from_bits(two(bytes)).to_f32()).collect(),
+        GgmlDType::BF16 => raw.data.chunks_exact(2).map(|bytes| half::bf16::from_bits(two(bytes)).to_f32()).collect(),
+        dtype => {
+            let tensor = candle_core::quantized::ggml_file::qtensor_from_ggml(
+                dtype,
+                raw.data,
+                vec![raw.rows, raw.cols],
+                &candle_core::Device::Cpu,
+            )
+            .and_then(|tensor| tensor.dequantize(&candle_core::Device::Cpu))
+            .and_then(|tensor| tensor.flatten_all())
+            .and_then(|tensor| tensor.to_vec1::<f32>());
+            tensor.map_err(|error| Refused(format!("{dtype:?} weights: {error}")))?
+        }
+    })
+}
