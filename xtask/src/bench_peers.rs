@@ -48,7 +48,7 @@ const TRIES: usize = 8;
 const DROP_METHOD: &str =
     "posix_fadvise(POSIX_FADV_DONTNEED) on the file (GNU dd iflag=nocache count=0), checked with fincore";
 
-fn run_json(command: &mut Command) -> Result<Value> {
+pub(crate) fn run_json(command: &mut Command) -> Result<Value> {
     let output = command.output().with_context(|| format!("starting {command:?}"))?;
     ensure!(output.status.success(), "{command:?} failed:\n{}", String::from_utf8_lossy(&output.stderr));
     let text = String::from_utf8(output.stdout)?;
@@ -60,7 +60,7 @@ fn number(value: &Value, key: &str) -> Result<f64> {
     value[key].as_f64().with_context(|| format!("no number `{key}` in {value}"))
 }
 
-fn ids(value: &Value, key: &str) -> Result<Vec<u64>> {
+pub(crate) fn ids(value: &Value, key: &str) -> Result<Vec<u64>> {
     let list = value[key].as_array().with_context(|| format!("no list `{key}` in {value}"))?;
     list.iter().map(|id| id.as_u64().with_context(|| format!("`{key}`: {id} is not a token id"))).collect()
 }
@@ -75,17 +75,17 @@ fn median(runs: &[Value], key: &str) -> Result<f64> {
 
 /// How far a run's greedy tokens agree with llama.cpp's reference run.
 #[derive(Debug, Clone, Copy, PartialEq)]
-struct Agreement {
+pub(crate) struct Agreement {
     /// Tokens equal from the first.
-    matched: usize,
+    pub(crate) matched: usize,
     /// At the first difference, the reference's gap between its best logit and the runner-up, which
     /// the run picked; comparing stops there (the contexts differ after it).
-    near_tie: Option<f64>,
+    pub(crate) near_tie: Option<f64>,
 }
 
 /// `tokens` against the `reference` run of llama.cpp: equal, or equal up to a step where llama.cpp's
 /// two best logits are within [`NEAR_TIE`] and `tokens` has its runner-up. Anything else is an error.
-fn agreement(tokens: &[u64], reference: &Value) -> Result<Agreement> {
+pub(crate) fn agreement(tokens: &[u64], reference: &Value) -> Result<Agreement> {
     let (expected, runner_up) = (ids(reference, "tokens")?, ids(reference, "runner_up")?);
     let gaps = reference["gaps"].as_array().context("no `gaps` in the reference")?;
     ensure!(tokens.len() == expected.len(), "{} tokens, llama.cpp {}", tokens.len(), expected.len());
@@ -181,7 +181,7 @@ fn load_average() -> String {
 }
 
 /// Builds a binary with cargo, and returns its path.
-fn build(command: &mut Command, what: &str) -> Result<PathBuf> {
+pub(crate) fn build(command: &mut Command, what: &str) -> Result<PathBuf> {
     let output = command.arg("--message-format=json-render-diagnostics").stderr(Stdio::inherit()).output()?;
     ensure!(output.status.success(), "building {what} failed");
     let text = String::from_utf8(output.stdout)?;
@@ -190,6 +190,24 @@ fn build(command: &mut Command, what: &str) -> Result<PathBuf> {
         .filter_map(|line| serde_json::from_str::<Value>(line).ok())
         .filter_map(|message| message["executable"].as_str().map(PathBuf::from));
     executables.next_back().with_context(|| format!("cargo built no executable for {what}"))
+}
+
+/// Builds the llama.cpp peer (`peers/llama-cpp`) into `target/bench-peers`, installing cmake and
+/// libclang first where they are missing, and returns its path.
+pub(crate) fn build_peer(root: &Path) -> Result<PathBuf> {
+    crate::integration::installed("cmake", "cmake")?;
+    let libclang = libclang()?;
+    eprintln!("building the llama.cpp peer (a few minutes the first time; libclang: {})", libclang.display());
+    build(
+        Command::new(env!("CARGO"))
+            .args(["build", "--release", "--quiet", "--manifest-path"])
+            .arg(root.join("peers/llama-cpp/Cargo.toml"))
+            .env("CARGO_TARGET_DIR", root.join("target").join("bench-peers").join("target"))
+            // llama.cpp at its best: built for this CPU (GGML_NATIVE, as a build of its own defaults to),
+            // so that it uses AVX-512 and VNNI where usine's kernels find them at run time.
+            .env("RUSTFLAGS", "-C target-cpu=native"),
+        "the llama.cpp peer",
+    )
 }
 
 /// One row's measured runs.
@@ -348,24 +366,9 @@ impl Drop for Spinner {
 /// `busy`: the whole table measured beside a process spinning on one core, for both sides (`--busy`).
 #[allow(clippy::print_stdout, reason = "the table is the command's output")]
 pub(crate) fn run(root: &Path, busy: bool) -> Result<ExitCode> {
-    crate::integration::installed("cmake", "cmake")?;
-    let libclang = libclang()?;
     let work = root.join("target").join("bench-peers");
     std::fs::create_dir_all(&work)?;
-    eprintln!(
-        "bench-peers: building the llama.cpp peer (a few minutes the first time; libclang: {})",
-        libclang.display()
-    );
-    let peer = build(
-        Command::new(env!("CARGO"))
-            .args(["build", "--release", "--quiet", "--manifest-path"])
-            .arg(root.join("peers/llama-cpp/Cargo.toml"))
-            .env("CARGO_TARGET_DIR", work.join("target"))
-            // llama.cpp at its best: built for this CPU (GGML_NATIVE, as a build of its own defaults to),
-            // so that it uses AVX-512 and VNNI where usine's kernels find them at run time.
-            .env("RUSTFLAGS", "-C target-cpu=native"),
-        "the llama.cpp peer",
-    )?;
+    let peer = build_peer(root)?;
     let speed = build(
         Command::new(env!("CARGO"))
             .args(["build", "--release", "--quiet", "-p", "usine-engine-candle", "--example", "speed"])

@@ -7,6 +7,8 @@
 //! - `bench-http`: tokens/s through `usine serve` to local clients with the zero-cost engine.
 //! - `train`, `random-model`: the candle engine's models (see `model.rs`).
 //! - `bench-peers`: the candle engine against llama.cpp (see `bench_peers.rs`).
+//! - `parity`: the candle engine's logits and greedy tokens against llama.cpp's, per architecture and
+//!   weight type (see `parity.rs`).
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -17,12 +19,14 @@ mod bench_http;
 mod bench_peers;
 mod integration;
 mod model;
+mod parity;
 mod tidy;
 
 const USAGE: &str = "usage: cargo xtask <verb>\n\nverbs:\n  tidy         check the architecture invariants of ARCHITECTURE.md\n  \
                      integration  run usine serve with Prometheus and the OpenAI client on loopback, and check it\n  \
                      bench-http   tokens/s streamed through usine serve with the zero engine, 1 and 100 streams\n  \
                      bench-peers  the candle engine against llama.cpp on the same GGUF files (17M, 58M; Q8_0, Q4_0); --busy beside a process spinning on a core\n  \
+                     parity       the candle engine's logits and greedy tokens against llama.cpp's, every weight type; tiny llama and qwen2, or --preset qwen2.5-0.5b|tinyllama-1.1b (2 layers)\n  \
                      train        train the candle engine's tiny byte-level llama (writes its committed weights)\n  \
                      random-model 17m|58m OUT: random weights of that size, for speed work";
 
@@ -55,6 +59,16 @@ fn main() -> Result<ExitCode> {
                 Some(other) => bail!("bench-peers takes `--busy` or nothing, not `{other}`"),
             };
             bench_peers::run(root, busy)
+        }
+        Some("parity") => {
+            let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace root");
+            let args: Vec<String> = std::env::args().skip(2).collect();
+            let preset = match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+                [] => "tiny",
+                ["--preset", preset] => preset,
+                _ => bail!("parity takes `--preset {}` or nothing", parity::presets()),
+            };
+            parity::run(root, preset)
         }
         Some("train") => {
             let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace root");

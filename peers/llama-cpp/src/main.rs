@@ -1,14 +1,19 @@
-//! llama.cpp's side of `cargo xtask bench-peers`, the same work as usine's `speed run`: from the GGUF
-//! file on disk to the first token ready (load the file, make a context, decode the prompt, the first
-//! greedy token), then the other greedy tokens one at a time. The prompt comes as token ids (usine's),
-//! so that both sides start from the same ones. Prints one JSON line: the times, the greedy tokens,
-//! and at each step the runner-up and its logit's gap to the best, for the comparison's near-ties, and
-//! the CPU time other programs took meanwhile.
+//! llama.cpp's side of `cargo xtask bench-peers` and `cargo xtask parity`, one JSON line per command:
+//!
+//! - `MODEL.gguf THREADS TOKENS PROMPT_IDS`: the same work as usine's `speed run`: from the GGUF file on
+//!   disk to the first token ready (load the file, make a context, decode the prompt, the first greedy
+//!   token), then the other greedy tokens one at a time. The prompt comes as token ids (usine's), so that
+//!   both sides start from the same ones. Prints the times, the greedy tokens, and at each step the
+//!   runner-up and its logit's gap to the best, for the comparison's near-ties, and the CPU time other
+//!   programs took meanwhile.
+//! - `logits MODEL.gguf THREADS IDS OUT.bin`: teacher-forced, the ids decoded one position at a time,
+//!   and the logits of every position written to `OUT.bin` (little-endian f32, positions × vocab,
+//!   row-major). Prints the vocabulary's size and the positions.
 
 use std::num::NonZeroU32;
 use std::time::Instant;
 
-use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::context::params::{KvCacheType, LlamaContextParams};
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
@@ -19,6 +24,10 @@ type Error = Box<dyn std::error::Error>;
 
 /// The context, in tokens: the prompt and the greedy tokens must fit.
 const CONTEXT: u32 = 512;
+/// The least context of `logits`, which otherwise holds just its ids.
+const LOGITS_CONTEXT: u32 = 64;
+/// llama.h's `LLAMA_FLASH_ATTN_TYPE_DISABLED` (`llama-cpp-sys-2`, which names it, is no dependency here).
+const FLASH_ATTENTION_DISABLED: i32 = 0;
 
 /// The best logit's index and the runner-up's, the lowest index first among equal logits (as usine's
 /// greedy choice), and the gap between their logits.
@@ -61,19 +70,81 @@ fn cpu_ticks() -> Result<(u64, u64), Error> {
 
 fn main() -> Result<(), Error> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let [gguf, threads, tokens, prompt] = args.as_slice() else {
-        return Err("usage: usine-peer-llama-cpp MODEL.gguf THREADS TOKENS PROMPT_IDS (comma-separated)".into());
-    };
-    let (threads, tokens): (i32, usize) = (threads.parse()?, tokens.parse()?);
-    let prompt: Vec<LlamaToken> =
-        prompt.split(',').map(|id| id.trim().parse().map(LlamaToken::new)).collect::<Result<_, _>>()?;
-    if prompt.is_empty() || tokens < 2 || prompt.len() + tokens > CONTEXT as usize {
-        return Err(format!("a prompt of 1 or more tokens and 2 or more tokens to generate, {CONTEXT} in all").into());
+    match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+        ["logits", gguf, threads, ids, out] => logits(gguf, threads.parse()?, &token_ids(ids)?, out),
+        [gguf, threads, tokens, prompt] => greedy(gguf, threads.parse()?, tokens.parse()?, &token_ids(prompt)?),
+        _ => Err("usage: usine-peer-llama-cpp MODEL.gguf THREADS TOKENS PROMPT_IDS | usine-peer-llama-cpp logits \
+                  MODEL.gguf THREADS IDS OUT.bin (ids comma-separated)"
+            .into()),
     }
+}
+
+/// Comma-separated token ids.
+fn token_ids(list: &str) -> Result<Vec<LlamaToken>, Error> {
+    Ok(list.split(',').map(|id| id.trim().parse().map(LlamaToken::new)).collect::<Result<_, _>>()?)
+}
+
+/// The backend, quiet unless `USINE_PEER_LOGS` is set.
+fn backend() -> Result<LlamaBackend, Error> {
     let mut backend = LlamaBackend::init()?;
     if std::env::var_os("USINE_PEER_LOGS").is_none() {
         backend.void_logs();
     }
+    Ok(backend)
+}
+
+/// Teacher-forced logits: each id decoded in a batch of its own, its logits kept. One position at a
+/// time, as usine's `parity logits` decodes: llama.cpp's path for a batch of many tokens (matrix
+/// products rather than vector ones, another split of the attention) may round otherwise, and that
+/// difference would be counted against usine.
+///
+/// Keys and values are kept in f32 and flash attention is off, unlike the greedy mode (llama.cpp's
+/// defaults, as people run it): its f16 cache and its flash attention (which rounds keys, values and
+/// the query to f16 even from an f32 cache) move these logits by up to 0.04 on bench-peers' 17m and 58m
+/// models, more than some of the roundings `cargo xtask parity` means to tell apart. What is left is
+/// the rounding of each product's activations to the type the weights' kernel takes.
+fn logits(gguf: &str, threads: i32, ids: &[LlamaToken], out: &str) -> Result<(), Error> {
+    if ids.is_empty() {
+        return Err("no token ids".into());
+    }
+    let backend = backend()?;
+    let model = LlamaModel::load_from_file(&backend, gguf, &LlamaModelParams::default())?;
+    let vocab = usize::try_from(model.n_vocab())?;
+    if let Some(id) = ids.iter().find(|id| usize::try_from(id.0).map_or(true, |id| id >= vocab)) {
+        return Err(format!("token id {} is outside the vocabulary of {vocab}", id.0).into());
+    }
+    let size = u32::try_from(ids.len())?.max(LOGITS_CONTEXT);
+    let params = LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(size))
+        .with_n_threads(threads)
+        .with_n_threads_batch(threads)
+        .with_type_k(KvCacheType::F32)
+        .with_type_v(KvCacheType::F32)
+        .with_flash_attention_policy(FLASH_ATTENTION_DISABLED);
+    let mut context = model.new_context(&backend, params)?;
+    let mut batch = LlamaBatch::new(1, 1);
+    let mut bytes = Vec::with_capacity(ids.len() * vocab * 4);
+    for (position, id) in ids.iter().enumerate() {
+        batch.clear();
+        batch.add(*id, i32::try_from(position)?, &[0], true)?;
+        context.decode(&mut batch)?;
+        let row = context.get_logits_ith(0);
+        if row.len() != vocab {
+            return Err(format!("{} logits at position {position}, not the vocabulary's {vocab}", row.len()).into());
+        }
+        bytes.extend(row.iter().flat_map(|logit| logit.to_le_bytes()));
+    }
+    std::fs::write(out, bytes).map_err(|error| format!("writing {out}: {error}"))?;
+    println!("{{\"vocab\": {vocab}, \"positions\": {}}}", ids.len());
+    Ok(())
+}
+
+/// Greedy decoding after a prompt, timed (see the file's doc).
+fn greedy(gguf: &str, threads: i32, tokens: usize, prompt: &[LlamaToken]) -> Result<(), Error> {
+    if prompt.is_empty() || tokens < 2 || prompt.len() + tokens > CONTEXT as usize {
+        return Err(format!("a prompt of 1 or more tokens and 2 or more tokens to generate, {CONTEXT} in all").into());
+    }
+    let backend = backend()?;
     let params = LlamaContextParams::default()
         .with_n_ctx(NonZeroU32::new(CONTEXT))
         .with_n_threads(threads)
