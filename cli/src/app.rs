@@ -1,6 +1,7 @@
 //! What every command builds from the configuration: the catalog of models, and the pools, graph store,
 //! kernel and executor that run them.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context as _;
@@ -14,17 +15,19 @@ use usine_storage::{Migrations, StorageConfig, StorageManager};
 use crate::config::Loaded;
 
 /// A model of the catalog: one profile of one engine (a simulated engine's profile is its model), or one
-/// set of weights of the candle engine.
+/// set of weights of the candle engine (built in, or a GGUF file).
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct Model {
     /// `engine/name`: the id the kernel, the store and the server know it by.
     pub(crate) id: String,
     pub(crate) engine: &'static str,
     /// The model's name within its engine (`--model`).
-    pub(crate) name: &'static str,
+    pub(crate) name: String,
     pub(crate) profile: &'static str,
-    /// Where the profile's figures come from.
-    pub(crate) about: &'static str,
+    /// Where the profile's figures come from, or what the file holds.
+    pub(crate) about: String,
+    /// The GGUF file it runs, and whether the engine runs it (why not, where not).
+    pub(crate) file: Option<(PathBuf, Result<(), String>)>,
 }
 
 /// Every model usine can run: each profile of each engine.
@@ -48,7 +51,55 @@ const ZERO_PLAN: MemoryPlan = MemoryPlan {
     max_context_tokens: 8192,
 };
 
+/// Whether `--model` names a file rather than a model of the catalog.
+pub(crate) fn names_a_file(model: &str) -> bool {
+    Path::new(model).extension().is_some_and(|extension| extension.eq_ignore_ascii_case("gguf"))
+}
+
 impl Catalog {
+    /// The standard catalog, the GGUF files of `models_dir`, and the file `--model` names.
+    pub(crate) fn new(config: &crate::config::Config) -> anyhow::Result<Self> {
+        let mut catalog = Self::standard();
+        let mut files = Vec::new();
+        if let Some(dir) = &config.models_dir {
+            let entries =
+                std::fs::read_dir(dir).with_context(|| format!("cannot read the folder {}", dir.display()))?;
+            for entry in entries {
+                let path = entry.with_context(|| format!("cannot read the folder {}", dir.display()))?.path();
+                if names_a_file(&path.to_string_lossy()) {
+                    files.push(path);
+                }
+            }
+            files.sort();
+        }
+        // `--model` naming a file that is not there is reported by `resolve`.
+        if let Some(path) = config.model.as_deref().filter(|model| names_a_file(model)).map(std::path::absolute)
+            && let Ok(path) = path
+            && path.is_file()
+        {
+            files.push(path);
+        }
+        for path in files {
+            let model = file_model(&path);
+            if let Some(known) = catalog.models.iter().find(|known| known.id == model.id) {
+                if known.file.as_ref().map(|(known, _)| known) == Some(&path) {
+                    continue; // named twice: in `models_dir` and by `--model`
+                }
+                anyhow::bail!(
+                    "two models would be `{}`: {} and {}",
+                    model.id,
+                    path.display(),
+                    known
+                        .file
+                        .as_ref()
+                        .map_or_else(|| "a built-in model".to_owned(), |(path, _)| path.display().to_string())
+                );
+            }
+            catalog.models.push(model);
+        }
+        Ok(catalog)
+    }
+
     pub(crate) fn standard() -> Self {
         let threads = usine_engine_transformers::REFERENCE_THREADS;
         let engines: [(&'static str, Vec<Profile>); 2] = [
@@ -61,26 +112,29 @@ impl Catalog {
                 profiles.into_iter().map(move |profile| Model {
                     id: format!("{engine}/{}", profile.name),
                     engine,
-                    name: profile.name,
+                    name: profile.name.to_owned(),
                     profile: profile.name,
-                    about: profile.source,
+                    about: profile.source.to_owned(),
+                    file: None,
                 })
             })
             .collect();
         models.push(Model {
             id: format!("{}/default", ZeroEngine::NAME),
             engine: ZeroEngine::NAME,
-            name: "default",
+            name: "default".to_owned(),
             profile: "default",
-            about: "the zero-cost engine: no work at all, to measure usine itself; its text is fixed",
+            about: "the zero-cost engine: no work at all, to measure usine itself; its text is fixed".to_owned(),
+            file: None,
         });
         #[cfg(feature = "candle")]
         models.push(Model {
             id: format!("{}/{}", usine_engine_candle::NAME, candle::MODEL),
             engine: usine_engine_candle::NAME,
-            name: candle::MODEL,
+            name: candle::MODEL.to_owned(),
             profile: usine_engine_candle::PROFILE,
-            about: "the project's own byte-level llama, about 1M parameters, trained on its docs and The Rust Programming Language (notice: usine --version)",
+            about: "the project's own byte-level llama, about 1M parameters, trained on its docs and The Rust Programming Language (notice: usine --version)".to_owned(),
+            file: None,
         });
         Self { models }
     }
@@ -96,6 +150,15 @@ impl Catalog {
     /// default model.
     pub(crate) fn resolve(&self, engine: &str, model: Option<&str>) -> anyhow::Result<&Model> {
         let engines = self.engines();
+        if let Some(path) = model.filter(|model| names_a_file(model)) {
+            let path = std::path::absolute(path).with_context(|| format!("the model file {path}"))?;
+            let found = self.models.iter().find(|m| m.file.as_ref().is_some_and(|(file, _)| *file == path));
+            let found = found.with_context(|| format!("no model file {}", path.display()))?;
+            if let Some((_, Err(why))) = &found.file {
+                anyhow::bail!("{}: {why}", path.display());
+            }
+            return Ok(found);
+        }
         if let Some(id) = model.filter(|id| id.contains('/')) {
             return self.models.iter().find(|m| m.id == id).with_context(|| {
                 let known: Vec<_> = self.models.iter().map(|m| m.id.as_str()).collect();
@@ -108,10 +171,53 @@ impl Catalog {
             None => DEFAULTS.iter().find(|(name, _)| *name == engine).map(|(_, profile)| *profile).unwrap_or_default(),
         };
         self.models.iter().find(|m| m.engine == engine && m.name == profile).with_context(|| {
-            let known: Vec<_> = self.models.iter().filter(|m| m.engine == engine).map(|m| m.name).collect();
+            let known: Vec<_> = self.models.iter().filter(|m| m.engine == engine).map(|m| m.name.as_str()).collect();
             format!("engine `{engine}` has no model `{profile}` (it has: {})", known.join(", "))
         })
     }
+}
+
+/// The catalog entry of the GGUF file at `path`: `candle/<file name>`, and what it holds (read from
+/// its header through a mapping: no weight is read), or why the engine does not run it.
+fn file_model(path: &Path) -> Model {
+    let name = path.file_stem().map_or_else(String::new, |stem| stem.to_string_lossy().into_owned());
+    let (about, runs) = match describe(path) {
+        Ok(about) => (about, Ok(())),
+        Err(why) => (format!("not runnable: {why}"), Err(why)),
+    };
+    Model {
+        id: format!("candle/{name}"),
+        engine: "candle",
+        name,
+        profile: "cpu",
+        about,
+        file: Some((path.to_owned(), runs)),
+    }
+}
+
+#[cfg(feature = "candle")]
+fn describe(path: &Path) -> Result<String, String> {
+    let file = std::fs::File::open(path).map_err(|error| format!("cannot be opened: {error}"))?;
+    let size = file.metadata().map_err(|error| format!("cannot be read: {error}"))?.len();
+    // SAFETY: read only, to parse the header; a file changed meanwhile gives a refusal or a wrong
+    // description, never undefined behaviour in safe code that copies what it reads.
+    #[allow(unsafe_code, reason = "a read-only mapping of the model file's header")]
+    let bytes = unsafe { memmap2::Mmap::map(&file) }.map_err(|error| format!("cannot be mapped: {error}"))?;
+    let described = usine_engine_candle::describe_file(&bytes).map_err(|error| error.to_string())?;
+    Ok(format!(
+        "{}, {} parameters, {}, context {}, {}; {}",
+        described.architecture.name(),
+        crate::output::magnitude(described.params as u64),
+        described.quantization,
+        described.context,
+        crate::output::bytes(size),
+        path.display()
+    ))
+}
+
+#[cfg(not(feature = "candle"))]
+fn describe(_: &Path) -> Result<String, String> {
+    Err("needs the candle engine, which this build of usine leaves out (feature `candle`)".to_owned())
 }
 
 /// The running parts.
@@ -175,12 +281,15 @@ impl App {
             )?
             .with_builtin(candle::MODEL, candle::WEIGHTS),
         ));
-        let catalog = Catalog::standard();
+        let catalog = Catalog::new(config)?;
         for model in &catalog.models {
             let mut spec = ModelSpec::new(&model.id, model.engine, model.profile);
             #[cfg(feature = "candle")]
             if model.engine == usine_engine_candle::NAME {
-                spec.options = candle::options();
+                spec.options = match &model.file {
+                    None => candle::options(),
+                    Some((path, _)) => candle::file_options(path)?,
+                };
             }
             kernel.register_model(spec);
         }
@@ -211,6 +320,23 @@ mod candle {
             (usine_engine_candle::WEIGHTS_OPTION.to_owned(), format!("{}{MODEL}", usine_engine_candle::BUILTIN_PREFIX)),
             (usine_engine_candle::WEIGHTS_DIGEST_OPTION.to_owned(), blake3::hash(WEIGHTS).to_hex().to_string()),
         ])
+    }
+
+    /// The spec options of a GGUF file: its path, and its size and modification time, which key the
+    /// compiled graph (hashing gigabytes at every start would cost seconds; a file rewritten in place
+    /// with the same size in the same nanosecond goes unnoticed, as in ccache's direct mode).
+    pub(crate) fn file_options(path: &std::path::Path) -> anyhow::Result<BTreeMap<String, String>> {
+        use anyhow::Context as _;
+        let metadata = std::fs::metadata(path).with_context(|| format!("the model file {}", path.display()))?;
+        let modified = metadata
+            .modified()
+            .ok()
+            .and_then(|time| time.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |since| since.as_nanos());
+        Ok(BTreeMap::from([
+            (usine_engine_candle::WEIGHTS_OPTION.to_owned(), path.display().to_string()),
+            ("weights_stat".to_owned(), format!("{} bytes, modified {modified} ns", metadata.len())),
+        ]))
     }
 }
 

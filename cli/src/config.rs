@@ -24,6 +24,8 @@ pub(crate) struct Config {
     pub(crate) model: Option<String>,
     /// The compiled-graph cache; `USINE_CACHE_DIR` or the platform's cache folder when unset.
     pub(crate) cache_dir: Option<PathBuf>,
+    /// A folder whose GGUF files (`*.gguf`) join the catalog as `candle/<file name>`.
+    pub(crate) models_dir: Option<PathBuf>,
     /// MiB shared by the `kv-cache`, `activations` and `uniforms` pools (70 / 25 / 5 %).
     pub(crate) memory_budget_mib: u64,
     /// MiB of the `weights` pool: loaded models.
@@ -115,6 +117,7 @@ impl Default for Config {
             engine: usine_engine_webllm::NAME.into(),
             model: None,
             cache_dir: None,
+            models_dir: None,
             memory_budget_mib: 4096,
             weights_budget_mib: 16384,
             threads: None,
@@ -161,6 +164,7 @@ pub(crate) const KEYS: &[&str] = &[
     "engine",
     "model",
     "cache_dir",
+    "models_dir",
     "memory_budget_mib",
     "weights_budget_mib",
     "threads",
@@ -446,12 +450,20 @@ impl Loaded {
         }
         let executor = self.executor_config();
         executor.validate().map_err(|error| outside(error.name, error.value, &error.limit))?;
-        crate::app::Catalog::standard().resolve(&config.engine, config.model.as_deref()).with_context(|| {
-            format!(
+        if config.models_dir.as_ref().is_some_and(|dir| dir.as_os_str().is_empty()) {
+            return Err(outside("models_dir", "empty".into(), "a folder (leave it unset for none)"));
+        }
+        let catalog = crate::app::Catalog::new(config)
+            .with_context(|| format!("bad configuration in {}: key `models_dir`", self.origin_of("models_dir")))?;
+        catalog.resolve(&config.engine, config.model.as_deref()).with_context(|| match config.model.as_deref() {
+            Some(model) if crate::app::names_a_file(model) => {
+                format!("bad configuration in {}: key `model`", self.origin_of("model"))
+            }
+            _ => format!(
                 "bad configuration in {} / {}: keys `engine` and `model`",
                 self.origin_of("engine"),
                 self.origin_of("model")
-            )
+            ),
         })?;
         Ok(())
     }

@@ -144,7 +144,7 @@ pub(crate) async fn models(loaded: &Loaded, json: bool, server: Option<&str>) ->
     }
     let rows = rows.into_iter().map(|(model, compiled, state)| {
         let id = if model.id == default { format!("{} (default)", model.id) } else { model.id.clone() };
-        let shape = model.about.split(';').next().unwrap_or(model.about); // the rest is in `--json`
+        let shape = model.about.split(';').next().unwrap_or(&model.about); // the rest is in `--json`
         [id, if compiled { "yes".into() } else { "no".into() }, state, shape.to_owned()]
     });
     outln!("{}", output::table(["model", "compiled", "state", "about"], rows));

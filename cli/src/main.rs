@@ -99,6 +99,9 @@ enum Command {
         /// The address to listen on (default: `bind` in the configuration, 127.0.0.1:8080).
         #[arg(long, value_name = "ADDRESS:PORT")]
         bind: Option<String>,
+        /// A folder whose GGUF files join the catalog (default: `models_dir` in the configuration).
+        #[arg(long, value_name = "FOLDER")]
+        models_dir: Option<PathBuf>,
     },
     /// Prints a shell completion script.
     #[command(after_help = "Example:\n  usine completions bash > ~/.local/share/bash-completion/completions/usine")]
@@ -137,7 +140,8 @@ struct JsonArg {
 /// Which model: shared by the commands that run one.
 #[derive(Debug, Clone, Args)]
 pub(crate) struct ModelArgs {
-    /// The model: a profile of the engine (`7b`, `tiny`, `cpu-1b`) or `engine/profile`.
+    /// The model: a profile of the engine (`7b`, `tiny`, `cpu-1b`), `engine/profile`, or a GGUF file
+    /// (`./model.gguf`, run by the candle engine).
     #[arg(long, short)]
     model: Option<String>,
     /// The engine: `webllm`, `transformers` (simulated), `candle` (a real model on the CPU), or `zero` (no
@@ -342,8 +346,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             output::config_show(&loaded, json);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Serve { bind } => {
-            let loaded = configure(file, cache_dir, config::Flags::default())?;
+        Command::Serve { bind, models_dir } => {
+            let mut flags = config::Flags::default();
+            flags.set("models_dir", models_dir);
+            let loaded = configure(file, cache_dir, flags)?;
             block_on(Box::pin(async { serve::serve(loaded, bind).await.map(|()| ExitCode::SUCCESS) }))
         }
         Command::Completions { shell } => {

@@ -43,6 +43,16 @@ pub(crate) fn count(n: impl Into<u64>, one: &str, many: &str) -> String {
     format!("{n} {}", if n == 1 { one } else { many })
 }
 
+/// A large count in short: `950`, `1.4K`, `1.4M`, `1.1B`.
+pub(crate) fn magnitude(n: u64) -> String {
+    const UNITS: [(u64, &str); 3] = [(1_000_000_000, "B"), (1_000_000, "M"), (1_000, "K")];
+    match UNITS.iter().find(|(unit, _)| n >= *unit) {
+        #[expect(clippy::cast_precision_loss, reason = "a figure for people")]
+        Some((unit, name)) => format!("{:.1}{name}", n as f64 / *unit as f64),
+        None => n.to_string(),
+    }
+}
+
 /// Bytes in binary units: `512 B`, `4.0 KiB`, `3.5 GiB`.
 pub(crate) fn bytes(bytes: u64) -> String {
     const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];

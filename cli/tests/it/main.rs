@@ -11,6 +11,7 @@ use std::path::Path;
 use assert_cmd::Command;
 use serde_json::Value;
 
+mod files;
 mod hostile;
 mod logs;
 mod migrate;

@@ -36,6 +36,15 @@ pub(crate) const TENSOR_TYPES: [GgmlDType; 8] = [
     GgmlDType::Q6K,
 ];
 
+/// A tensor type's name as llama.cpp's files and tools write it (`q8_0`, `q4_k`).
+pub(crate) fn type_name(dtype: GgmlDType) -> String {
+    let name = format!("{dtype:?}").to_lowercase();
+    match name.strip_suffix('k') {
+        Some(base) if base.starts_with('q') => format!("{base}_k"),
+        _ => name,
+    }
+}
+
 /// The architectures usine runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Architecture {
@@ -222,7 +231,7 @@ impl<'a> ModelFile<'a> {
         let read = std::panic::catch_unwind(|| gguf_file::Content::read(&mut Cursor::new(bytes)));
         let content = match read {
             Ok(Ok(content)) => content,
-            Ok(Err(error)) => return refused(format!("not a GGUF file usine reads: {error}")),
+            Ok(Err(error)) => return refused(format!("not a GGUF file usine reads: {}", first_line(&error))),
             Err(_) => return refused("an unreadable GGUF header"),
         };
         let (config, rope_factors_expected) = read_config(&content)?;
@@ -241,14 +250,14 @@ impl<'a> ModelFile<'a> {
             }
             if !TENSOR_TYPES.contains(&info.ggml_dtype) {
                 return refused(format!(
-                    "tensor `{name}` is {:?}: usine runs {}",
-                    info.ggml_dtype,
-                    TENSOR_TYPES.iter().map(|dtype| format!("{dtype:?}")).collect::<Vec<_>>().join(", ")
+                    "tensor `{name}` is {}: usine runs {}",
+                    type_name(info.ggml_dtype),
+                    TENSOR_TYPES.map(type_name).join(", ")
                 ));
             }
             // Vectors (norms, biases, factors) are read as f32 values: they must be F32.
             if dims.len() == 1 && info.ggml_dtype != GgmlDType::F32 {
-                return refused(format!("tensor `{name}` is {:?}; usine reads vectors as F32", info.ggml_dtype));
+                return refused(format!("tensor `{name}` is {}; usine reads vectors as f32", type_name(info.ggml_dtype)));
             }
             let elements: usize = dims.iter().product();
             let block = info.ggml_dtype.block_size();
@@ -293,6 +302,12 @@ impl<'a> ModelFile<'a> {
         let raw = self.tensor(name)?;
         Ok(raw.data.chunks_exact(4).map(|bytes| f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])).collect())
     }
+}
+
+/// The first line of a candle error: with `RUST_BACKTRACE` set, the rest is a backtrace of candle's
+/// reader, which says nothing to a person about their file.
+pub(crate) fn first_line(error: &candle_core::Error) -> String {
+    error.to_string().lines().next().unwrap_or_default().to_owned()
 }
 
 /// An integer value, whatever its width in the file.
@@ -523,7 +538,7 @@ mod tests {
                     let name = tensors[0].0.clone();
                     tensors[0] = (name, q5);
                 }),
-                "tensor `blk.0.attn_k.weight` is Q5_0: usine runs F32, F16, BF16, Q8_0, Q4_0, Q4K, Q5K, Q6K",
+                "tensor `blk.0.attn_k.weight` is q5_0: usine runs f32, f16, bf16, q8_0, q4_0, q4_k, q5_k, q6_k",
             ),
             (
                 edited(|_, tensors| {

@@ -208,19 +208,31 @@ fn context_cap(spec: &ModelSpec) -> Result<Option<usize>, EngineError> {
         .transpose()
 }
 
-/// What a compiled graph's metadata says of its model.
-struct Described {
-    architecture: Architecture,
-    params: usize,
-    /// The tensor type of the matrices, or the types and their counts where they differ.
-    quantization: String,
-    context: usize,
+/// What a model file holds, for people (`usine models`) and for a compiled graph's metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Described {
+    /// The architecture.
+    pub architecture: Architecture,
+    /// Parameters in all.
+    pub params: usize,
+    /// The tensor type of the matrices (`q8_0`), or the types and their counts where they differ
+    /// (`q4_k×12 q6_k×5 q8_0×1`).
+    pub quantization: String,
+    /// The context the model was trained for, in tokens.
+    pub context: usize,
+}
+
+/// What the GGUF file in `bytes` holds (its header and the tensors' places; no weight is read), or
+/// why it is not a model this engine runs.
+pub fn describe_file(bytes: &[u8]) -> Result<Described, EngineError> {
+    let file = ModelFile::read(bytes).map_err(unsupported)?;
+    Ok(describe(&file))
 }
 
 fn describe(file: &ModelFile<'_>) -> Described {
     let matrices: Vec<_> =
         file.types.iter().filter(|(dtype, _)| *dtype != candle_core::quantized::GgmlDType::F32).collect();
-    let name = |dtype: candle_core::quantized::GgmlDType| format!("{dtype:?}").to_lowercase();
+    let name = config::type_name;
     let quantization = match matrices.as_slice() {
         [] => "f32".to_owned(),
         [(dtype, _)] => name(*dtype),

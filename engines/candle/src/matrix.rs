@@ -5,7 +5,7 @@
 
 use candle_core::quantized::GgmlDType;
 
-use crate::config::Refused;
+use crate::config::{Refused, first_line};
 use crate::kernel::{Format, Isa, QMatrix, ROWS, Raw};
 
 /// A matrix of the forward pass.
@@ -36,7 +36,7 @@ impl Matrix {
     /// one product.
     pub(crate) fn from_raw(parts: &[Raw<'_>], isa: Isa) -> Result<Self, Refused> {
         if format(parts.iter().map(|part| part.dtype)).is_some() {
-            return QMatrix::from_raw(parts, isa).map(Self::Quantized).map_err(|error| Refused(error.to_string()));
+            return QMatrix::from_raw(parts, isa).map(Self::Quantized).map_err(|error| Refused(first_line(&error)));
         }
         let cols = parts.first().map_or(0, |part| part.cols);
         let mut values = Vec::with_capacity(parts.iter().map(|part| part.rows * part.cols).sum());
@@ -126,7 +126,7 @@ pub(crate) fn dequantize(raw: &Raw<'_>) -> Result<Vec<f32>, Refused> {
             .and_then(|tensor| tensor.dequantize(&candle_core::Device::Cpu))
             .and_then(|tensor| tensor.flatten_all())
             .and_then(|tensor| tensor.to_vec1::<f32>());
-            tensor.map_err(|error| Refused(format!("{dtype:?} weights: {error}")))?
+            tensor.map_err(|error| Refused(format!("{dtype:?} weights: {}", first_line(&error))))?
         }
     })
 }

@@ -1,0 +1,78 @@
+//! GGUF model files: `usine run --model FILE.gguf`, `models_dir`, and files usine does not run.
+
+use std::path::{Path, PathBuf};
+
+use usine_engine_candle::{presets, random_gguf};
+
+use crate::{json_lines, stderr, stdout, usine};
+
+/// The generated model `preset` (two layers, seed 58: `random_model gguf PRESET KIND OUT`) written to
+/// `dir/NAME.gguf`.
+fn model(dir: &Path, preset: &str, kind: &str, name: &str) -> PathBuf {
+    let presets = presets();
+    let preset = presets.iter().find(|known| known.name == preset).unwrap();
+    let path = dir.join(format!("{name}.gguf"));
+    std::fs::write(&path, random_gguf(preset, 2, kind, 58).unwrap()).unwrap();
+    path
+}
+
+/// The greedy token ids of `usine run --model FILE --json` on the prompt "Hi".
+fn greedy(dir: &Path, file: &Path) -> (Vec<u64>, String) {
+    let output = usine(dir)
+        .args(["run", "--model", &file.display().to_string(), "--max-tokens", "8", "--temperature", "0", "--json"])
+        .arg("Hi")
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    let events = json_lines(&output);
+    let ids = events.iter().filter(|event| event["event"] == "token").map(|event| event["id"].as_u64().unwrap());
+    (ids.collect(), events[0]["source"].as_str().unwrap().to_owned())
+}
+
+// Would catch: a GGUF file not run, or run with another architecture's maths. The expected tokens are
+// llama.cpp's greedy ones on the same files and prompt (its peer binary, `cargo xtask parity`); the
+// second run loads the compiled graph.
+#[test]
+fn run_answers_from_a_llama_and_a_qwen2_file_as_llama_cpp_does_and_loads_from_the_cache_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let llama = model(dir.path(), "tiny-llama", "q8_0", "llama");
+    let qwen2 = model(dir.path(), "tiny-qwen2", "q4_k_m", "qwen2");
+    assert_eq!(greedy(dir.path(), &llama), (vec![22, 146, 267, 188, 113, 313, 113, 65], "compile".to_owned()));
+    assert_eq!(greedy(dir.path(), &qwen2), (vec![323; 8], "compile".to_owned()));
+    assert_eq!(greedy(dir.path(), &llama).1, "disk");
+}
+
+// Would catch: a file that is no model (or one usine would run wrong) started anyway, or refused with a
+// message that does not say why.
+#[test]
+fn a_file_usine_does_not_run_is_refused_saying_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.gguf");
+    std::fs::write(&junk, b"not a model at all").unwrap();
+    let cases = [
+        (junk.display().to_string(), "junk.gguf: the model is not one this engine runs: not a GGUF file usine reads"),
+        ("missing.gguf".to_owned(), "key `model`: no model file "),
+    ];
+    for (file, expected) in cases {
+        let output = usine(dir.path()).args(["run", "--model", &file, "Hi"]).output().unwrap();
+        assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+        assert!(stderr(&output).contains(expected), "{}", stderr(&output));
+        assert_eq!(stderr(&output).lines().count(), 1, "{}", stderr(&output));
+    }
+}
+
+// Would catch: files of `models_dir` missing from the catalog, or listed without what they hold.
+#[test]
+fn the_files_of_models_dir_join_the_catalog_with_what_they_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = dir.path().join("models");
+    std::fs::create_dir(&models).unwrap();
+    model(&models, "tiny-llama", "q4_k_m", "small");
+    std::fs::write(models.join("notes.txt"), "not a model").unwrap();
+    let output = usine(dir.path()).env("USINE_MODELS_DIR", &models).args(["models"]).output().unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    let row = stdout(&output).lines().find(|line| line.contains("candle/small")).map(str::to_owned);
+    let row = row.unwrap_or_else(|| panic!("{}", stdout(&output)));
+    assert!(row.contains("llama, 1.4M parameters, q4_k×11 q6_k×5, context 512, 877.0 KiB"), "{row}");
+    assert!(!stdout(&output).contains("notes"), "{}", stdout(&output));
+}
