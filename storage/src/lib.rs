@@ -47,6 +47,6 @@ pub use maintain::{
 };
 pub use migrate::Migrations;
 pub use store::{
-    CACHE_DIR_ENV, DEFAULT_MAP_THRESHOLD, DEFAULT_QUARANTINE_KEEP, Hit, KeyLock, Lookup, Miss, MissReason, Saved,
-    StorageConfig, StorageManager,
+    CACHE_DIR_ENV, DEFAULT_MAP_THRESHOLD, DEFAULT_QUARANTINE_KEEP, Hit, KeyLock, Lookup, Miss, MissReason, RawBytes,
+    Saved, StorageConfig, StorageManager,
 };

@@ -438,7 +438,7 @@ impl StorageManager {
                 None => report.failed.push((old_key, "unreadable; see verify".to_owned())),
                 Some(Err(message)) => report.failed.push((old_key, message)),
                 Some(Ok(upgraded)) => {
-                    self.save_encoded(&new_key, &upgraded.payload)?;
+                    self.save_encoded(&new_key, &upgraded.payload, &upgraded.raw)?;
                     // The file upgraded, which may be newer than the one listed; never a file saved since.
                     self.remove_exact(&old_path, upgraded.source)?;
                     report.done.push((old_key.clone(), format!("schema {} -> {latest}", old_key.schema)));

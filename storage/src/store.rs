@@ -117,6 +117,57 @@ pub struct Hit<T> {
     pub header: Header,
     /// The schema it was stored at when it had to be migrated on the way.
     pub migrated_from: Option<u32>,
+    /// The file's raw section, served from its mapping (or its bytes, for a small file) without a copy;
+    /// empty when it has none.
+    pub raw: RawBytes,
+}
+
+/// The raw section of a graph file (see [`save_with_raw`](StorageManager::save_with_raw)): a view of
+/// the file's mapping that keeps it alive. The mapping is of a file this store only ever replaces by
+/// renaming a new one over it, never writes in place: what it shows does not change.
+#[derive(Clone)]
+pub struct RawBytes {
+    file: Arc<FileBytes>,
+    range: std::ops::Range<usize>,
+}
+
+impl RawBytes {
+    /// No raw section.
+    pub fn empty() -> Self {
+        Self { file: Arc::new(FileBytes::Read(Vec::new())), range: 0..0 }
+    }
+
+    /// Whether the bytes are a mapping of the file (which other processes mapping it share) rather
+    /// than a copy read into memory (a file below the mapping threshold).
+    pub fn is_mapped(&self) -> bool {
+        matches!(*self.file, FileBytes::Mapped(_))
+    }
+}
+
+impl Default for RawBytes {
+    fn default() -> Self {
+        Self::empty()
+    }
+}
+
+impl Deref for RawBytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.file[self.range.clone()]
+    }
+}
+
+impl AsRef<[u8]> for RawBytes {
+    fn as_ref(&self) -> &[u8] {
+        self
+    }
+}
+
+impl std::fmt::Debug for RawBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawBytes").field("len", &self.range.len()).field("mapped", &self.is_mapped()).finish()
+    }
 }
 
 /// Why no graph was served.
@@ -317,13 +368,15 @@ impl FileId {
 /// A file opened for reading, with its bytes and its identity.
 struct Opened {
     file: File,
-    bytes: FileBytes,
+    bytes: Arc<FileBytes>,
     id: FileId,
 }
 
-/// A payload brought to a newer schema, and the file it came from (removed once the new one is saved).
+/// A payload brought to a newer schema, its raw section (carried over unchanged: migrations work on
+/// payloads), and the file it came from (removed once the new one is saved).
 pub(crate) struct Upgraded {
     pub(crate) payload: Vec<u8>,
+    pub(crate) raw: RawBytes,
     pub(crate) source: FileId,
 }
 
@@ -463,36 +516,63 @@ impl StorageManager {
     /// would exceed the size limit. Then evicts the least recently used graphs if the store is over its
     /// size limit.
     pub fn save<T: Serialize + ?Sized>(&self, key: &GraphKey, graph: &T) -> Result<Saved> {
+        self.save_with_raw(key, graph, &[])
+    }
+
+    /// [`save`](Self::save), with `raw` as the file's raw section: bytes written as they are, at a page
+    /// boundary, and served by [`get`](Self::get) from the file's mapping without a decode or a copy
+    /// ([`Hit::raw`]), so that two processes loading the graph share its pages.
+    pub fn save_with_raw<T: Serialize + ?Sized>(&self, key: &GraphKey, graph: &T, raw: &[u8]) -> Result<Saved> {
         key.validate()?;
         let started = Instant::now();
         let payload = codec::encode(graph)?;
-        let saved = self.save_encoded(key, &payload)?;
+        let saved = self.save_encoded(key, &payload, raw)?;
         self.inner.metrics.save.record(started.elapsed().as_secs_f64());
         Ok(saved)
     }
 
-    pub(crate) fn save_encoded(&self, key: &GraphKey, payload: &[u8]) -> Result<Saved> {
+    pub(crate) fn save_encoded(&self, key: &GraphKey, payload: &[u8], raw: &[u8]) -> Result<Saved> {
         let target = self.path_of(key);
         self.refuse_foreign(&target)?;
-        let header = Header {
+        let mut header = Header {
             format: FORMAT_VERSION,
             key: key.clone(),
             codec: CODEC.to_owned(),
             created_unix_ms: unix_ms(SystemTime::now()),
             payload_len: payload.len() as u64,
             payload_xxh3: format::payload_digest(payload),
+            raw_offset: 0,
+            raw_len: raw.len() as u64,
         };
+        // The raw section's place depends on the header's length, which holds the place: the offset's
+        // digits only grow while the header does, so this settles in a pass or two.
+        let mut head_len = format::Encoder::start(&header).1.len() as u64;
+        loop {
+            let payload_end = head_len + payload.len() as u64;
+            header.raw_offset = if raw.is_empty() { payload_end } else { format::raw_place(payload_end).0 };
+            let len = format::Encoder::start(&header).1.len() as u64;
+            if len == head_len {
+                break;
+            }
+            head_len = len;
+        }
         let (mut encoder, head) = format::Encoder::start(&header);
         encoder.payload(payload);
+        let padding = if raw.is_empty() {
+            Vec::new()
+        } else {
+            let padding = header.raw_offset - (head.len() + payload.len()) as u64;
+            encoder.raw(usize::try_from(padding).expect("under a page"), raw)
+        };
         let trailer = encoder.finish();
-        let bytes = (head.len() + payload.len() + trailer.len()) as u64;
+        let bytes = (head.len() + payload.len() + padding.len() + raw.len() + trailer.len()) as u64;
         if let Some(limit) = self.inner.config.max_bytes
             && bytes > limit
         {
             return Err(StorageError::ExceedsLimit { bytes, limit });
         }
 
-        let pieces = [&head[..], payload, &trailer[..]];
+        let pieces = [&head[..], payload, &padding[..], raw, &trailer[..]];
         let stem = key.file_name().trim_end_matches(".graph").to_owned();
         self.write_retrying(&self.inner.graphs, &stem, &pieces, &target)?;
 
@@ -616,7 +696,7 @@ impl StorageManager {
     fn read_graph<T: DeserializeOwned>(&self, key: &GraphKey) -> Result<Lookup<T>> {
         let path = self.path_of(key);
         let Some(opened) = self.read_file(&path)? else { return Ok(Lookup::Miss(Miss::Absent)) };
-        let (header, payload) = match self.check(&path, &opened, key)? {
+        let (header, payload, raw) = match self.check(&path, &opened, key)? {
             Ok(valid) => valid,
             Err(miss) => return Ok(Lookup::Miss(miss)),
         };
@@ -624,7 +704,8 @@ impl StorageManager {
             Ok(graph) => {
                 // The last use, for LRU eviction across processes; an owner-only operation, so best effort.
                 let _ = opened.file.set_modified(SystemTime::now());
-                Ok(Lookup::Hit(Hit { graph, header, migrated_from: None }))
+                let raw = RawBytes { file: Arc::clone(&opened.bytes), range: raw };
+                Ok(Lookup::Hit(Hit { graph, header, migrated_from: None, raw }))
             }
             // Whole but not of the type asked for: not damage, so not quarantined.
             Err(message) => Ok(Lookup::Miss(Miss::Undecodable { message })),
@@ -649,18 +730,24 @@ impl StorageManager {
         };
         self.inner.counters.bytes_read.fetch_add(bytes.len() as u64, Ordering::Relaxed);
         self.inner.metrics.read_bytes.increment(bytes.len() as u64);
-        Ok(Some(Opened { file, bytes, id: FileId::of(&metadata) }))
+        Ok(Some(Opened { file, bytes: Arc::new(bytes), id: FileId::of(&metadata) }))
     }
 
     /// Decodes an opened file and checks it holds `key`'s graph; quarantines what is damaged.
-    fn check<'a>(&self, path: &Path, opened: &'a Opened, key: &GraphKey) -> Result<Result<(Header, &'a [u8]), Miss>> {
+    #[expect(clippy::type_complexity, reason = "a header, a payload and a range, or a miss")]
+    fn check<'a>(
+        &self,
+        path: &Path,
+        opened: &'a Opened,
+        key: &GraphKey,
+    ) -> Result<Result<(Header, &'a [u8], std::ops::Range<usize>), Miss>> {
         match format::decode(&opened.bytes) {
             Err(corruption) => {
                 self.quarantine(path, opened.id, corruption.as_str())?;
                 Ok(Err(Miss::Corrupt(corruption)))
             }
             Ok(Decoded::Newer { format }) => Ok(Err(Miss::NewerFormat { found: format, supported: FORMAT_VERSION })),
-            Ok(Decoded::Valid { header, payload }) => {
+            Ok(Decoded::Valid { header, payload, raw }) => {
                 if header.key != *key {
                     self.quarantine(path, opened.id, "key_mismatch")?;
                     return Ok(Err(Miss::KeyMismatch { differs: key.differences(&header.key) }));
@@ -668,7 +755,7 @@ impl StorageManager {
                 if header.codec != CODEC {
                     return Ok(Err(Miss::UnknownCodec { codec: header.codec }));
                 }
-                Ok(Ok((*header, payload)))
+                Ok(Ok((*header, payload, raw)))
             }
         }
     }
@@ -685,10 +772,10 @@ impl StorageManager {
                 Ok(graph) => graph,
                 Err(message) => return Ok(Lookup::Miss(Miss::MigrationFailed { from, message })),
             };
-            let saved = self.save_encoded(key, &upgraded.payload)?;
+            let saved = self.save_encoded(key, &upgraded.payload, &upgraded.raw)?;
             self.remove_exact(&self.path_of(&key.clone().schema(from)), upgraded.source)?;
             let header = self.header_of(&saved.path)?;
-            return Ok(Lookup::Hit(Hit { graph, header, migrated_from: Some(from) }));
+            return Ok(Lookup::Hit(Hit { graph, header, migrated_from: Some(from), raw: upgraded.raw }));
         }
         Ok(Lookup::Miss(Miss::Absent))
     }
@@ -699,9 +786,10 @@ impl StorageManager {
         let old_key = key.clone().schema(from);
         let old_path = self.path_of(&old_key);
         let Some(opened) = self.read_file(&old_path)? else { return Ok(None) };
-        let Ok((_, payload)) = self.check(&old_path, &opened, &old_key)? else { return Ok(None) };
+        let Ok((_, payload, raw)) = self.check(&old_path, &opened, &old_key)? else { return Ok(None) };
         let upgraded = self.inner.migrations.run(&key.engine, from, key.schema, payload);
-        Ok(Some(upgraded.map(|payload| Upgraded { payload, source: opened.id })))
+        let raw = RawBytes { file: Arc::clone(&opened.bytes), range: raw };
+        Ok(Some(upgraded.map(|payload| Upgraded { payload, raw, source: opened.id })))
     }
 
     /// The header of a file just written by this store.

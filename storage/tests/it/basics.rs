@@ -25,6 +25,46 @@ fn a_saved_graph_comes_back_whole_small_or_mapped() {
     assert_eq!((stats.graphs, stats.hits, stats.saves), (2, 2, 2));
 }
 
+// Would catch: a raw section decoded or copied (its bytes would not be the file's mapping), placed off a
+// page boundary, or not returned whole; and small files (read, not mapped) losing theirs.
+#[test]
+fn a_raw_section_comes_back_from_the_mapping_at_a_page_boundary() {
+    let (_dir, store) = store();
+    for (model, len, mapped) in [("small", 5000, false), ("large", 6 << 20, true)] {
+        let raw: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+        let graph = Graph::sample(3, 100);
+        let saved = store.save_with_raw(&key(model), &graph, &raw).unwrap();
+        let Lookup::Hit(hit) = store.get::<Graph>(&key(model)).unwrap() else { panic!("a miss") };
+        assert_eq!(hit.graph, graph);
+        assert_eq!((&hit.raw[..] == &raw[..], hit.raw.is_mapped()), (true, mapped), "{model}");
+        assert_eq!((hit.header.format, hit.header.raw_len), (2, len as u64));
+        assert_eq!(hit.header.raw_offset % 4096, 0);
+        assert_eq!(saved.bytes, hit.header.raw_offset + len as u64 + 16);
+        if mapped {
+            assert_eq!(hit.raw.as_ptr() as usize % 4096, 0, "the mapping starts at a page; so does the section");
+        }
+        // Without a raw section, none comes back.
+        store.save(&key(model), &graph).unwrap();
+        let Lookup::Hit(hit) = store.get::<Graph>(&key(model)).unwrap() else { panic!("a miss") };
+        assert!(hit.raw.is_empty());
+    }
+}
+
+// Would catch: a damaged raw section served (the engine would run damaged weights).
+#[test]
+fn a_flipped_byte_in_a_raw_section_is_caught_and_quarantined() {
+    let (_dir, store) = store();
+    let raw = vec![7_u8; 3 << 20];
+    let saved = store.save_with_raw(&key("m"), &Graph::sample(1, 10), &raw).unwrap();
+    let mut bytes = std::fs::read(&saved.path).unwrap();
+    let at = bytes.len() - 16 - (1 << 20);
+    bytes[at] ^= 0x01;
+    std::fs::write(&saved.path, &bytes).unwrap();
+    let lookup = store.get::<Graph>(&key("m")).unwrap();
+    assert!(matches!(lookup.miss(), Some(Miss::Corrupt(usine_storage::Corruption::Checksum))), "{lookup:?}");
+    assert!(!saved.path.exists(), "quarantined");
+}
+
 fn serde_json_len(header: &usine_storage::Header) -> u64 {
     serde_json::to_vec(header).unwrap().len() as u64
 }

@@ -37,6 +37,8 @@ fn header_json(key: &GraphKey, codec: &str, payload_len: u64) -> Vec<u8> {
         created_unix_ms: 0,
         payload_len,
         payload_xxh3: String::new(),
+        raw_offset: 0,
+        raw_len: 0,
     })
     .unwrap()
 }
@@ -183,9 +185,10 @@ fn a_file_from_a_newer_usine_is_neither_served_nor_touched_nor_overwritten() {
     fs::write(&path, &future).unwrap();
 
     let lookup = store.get::<Graph>(&key).unwrap();
-    assert_eq!(lookup.miss(), Some(&Miss::NewerFormat { found: 2, supported: 1 }));
+    let (found, supported) = (FORMAT_VERSION + 1, FORMAT_VERSION);
+    assert_eq!(lookup.miss(), Some(&Miss::NewerFormat { found, supported }));
     let err = store.save(&key, &Graph::sample(1, 10)).unwrap_err();
-    assert!(matches!(err, StorageError::NewerFormat { found: 2, supported: 1 }), "{err}");
+    assert!(matches!(err, StorageError::NewerFormat { found: 3, supported: 2 }), "{err}");
     let report = store.verify().unwrap();
     assert_eq!((report.newer, report.valid, report.quarantined.len()), (1, 0, 0));
     assert_eq!(fs::read(&path).unwrap(), future, "left exactly as it was");

@@ -112,6 +112,8 @@ fn header_text() -> impl Strategy<Value = Vec<u8>> {
         created_unix_ms: 0,
         payload_len: 0,
         payload_xxh3: String::new(),
+        raw_offset: 0,
+        raw_len: 0,
     })
     .unwrap();
     prop_oneof![
@@ -121,14 +123,16 @@ fn header_text() -> impl Strategy<Value = Vec<u8>> {
             text[at] = byte;
             text
         }),
-        (0u64..5000).prop_map(|payload_len| {
+        (1u16..3, 0u64..5000, 0u64..10_000, 0u64..5000).prop_map(|(format, payload_len, raw_offset, raw_len)| {
             serde_json::to_vec(&Header {
-                format: 1,
+                format,
                 key: key("fuzz"),
                 codec: usine_storage::CODEC.into(),
                 created_unix_ms: 0,
                 payload_len,
                 payload_xxh3: String::new(),
+                raw_offset,
+                raw_len,
             })
             .unwrap()
         }),

@@ -45,7 +45,7 @@ fn pinned_graphs_and_files_of_a_newer_usine_are_never_evicted() {
     let one = probe.save(&key("probe"), &Graph::sample(0, 1000)).unwrap().bytes;
     let store =
         StorageManager::open(StorageConfig::at(dir.path()).max_bytes(Some(one * 3 / 2)), Migrations::new()).unwrap();
-    let newer = crate::corruption::assemble(2, b"{}", &[7; 4000]);
+    let newer = crate::corruption::assemble(usine_storage::format::FORMAT_VERSION + 1, b"{}", &[7; 4000]);
     let newer_path = store.graphs_dir().join(key("from-the-future").file_name());
     std::fs::write(&newer_path, &newer).unwrap();
     File::options().write(true).open(&newer_path).unwrap().set_modified(SystemTime::UNIX_EPOCH).unwrap();
