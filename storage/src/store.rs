@@ -83,6 +83,10 @@ impl StorageConfig {
 
 /// The answer to [`StorageManager::get`]: the graph, or why there is none to serve.
 #[derive(Debug)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one lookup per load, a hit the common case: boxing it would allocate on every load to save stack on misses"
+)]
 pub enum Lookup<T> {
     /// The graph, whole and verified.
     Hit(Hit<T>),

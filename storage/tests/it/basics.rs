@@ -36,7 +36,7 @@ fn a_raw_section_comes_back_from_the_mapping_at_a_page_boundary() {
         let saved = store.save_with_raw(&key(model), &graph, &raw).unwrap();
         let Lookup::Hit(hit) = store.get::<Graph>(&key(model)).unwrap() else { panic!("a miss") };
         assert_eq!(hit.graph, graph);
-        assert_eq!((&hit.raw[..] == &raw[..], hit.raw.is_mapped()), (true, mapped), "{model}");
+        assert_eq!((hit.raw[..] == raw[..], hit.raw.is_mapped()), (true, mapped), "{model}");
         assert_eq!((hit.header.format, hit.header.raw_len), (2, len as u64));
         assert_eq!(hit.header.raw_offset % 4096, 0);
         assert_eq!(saved.bytes, hit.header.raw_offset + len as u64 + 16);
