@@ -752,6 +752,15 @@ impl Inner {
 const INLINE_READ_MAX: u64 = 64 << 10;
 
 /// The key of a model's graph: every part that decides the engine's output.
+/// A stored graph with its raw section, which stays in the file's mapping.
+fn with_raw(hit: usine_storage::Hit<CompiledGraph>) -> CompiledGraph {
+    let mut graph = hit.graph;
+    if !hit.raw.is_empty() {
+        graph.raw = usine_engine::RawSection::new(hit.raw);
+    }
+    graph
+}
+
 fn graph_key(spec: &ModelSpec, engine: &dyn Engine) -> GraphKey {
     let descriptor = engine.descriptor();
     GraphKey::new(&spec.id, &descriptor.name, &descriptor.version)
@@ -865,7 +874,10 @@ async fn load(
             {
                 inner.emit(KernelEvent::GraphQuarantined { model: model.clone(), reason: miss.to_string() });
             }
-            let stored = lookup.hit();
+            let stored = match lookup {
+                Lookup::Hit(hit) => Some(with_raw(hit)),
+                Lookup::Miss(_) => None,
+            };
             match stored {
                 Some(graph) => (graph, LoadSource::Disk),
                 None => {
@@ -888,7 +900,7 @@ async fn load(
                     .await
                     .map_err(storage_error)?;
                     let found = match stored {
-                        Lookup::Hit(hit) if attempt == 0 => (hit.graph, LoadSource::Disk),
+                        Lookup::Hit(hit) if attempt == 0 => (with_raw(hit), LoadSource::Disk),
                         _ => {
                             let events = inner.events.clone();
                             let id = model.clone();
@@ -899,7 +911,8 @@ async fn load(
                             let graph = engine.compile(spec, &progress).await.map_err(engine_error)?;
                             let store = inner.storage.clone();
                             let (save_key, saved) = (key.clone(), graph.clone());
-                            if let Err(error) = blocking(move || store.save(&save_key, &saved)).await {
+                            let save = move || store.save_with_raw(&save_key, &saved, saved.raw.as_bytes());
+                            if let Err(error) = blocking(save).await {
                                 // The model still loads; the next load compiles again.
                                 inner
                                     .emit(KernelEvent::SaveFailed { model: model.clone(), message: error.to_string() });

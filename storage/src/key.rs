@@ -6,7 +6,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::codec::CODEC;
 use crate::error::{Result, StorageError};
-use crate::format::FORMAT_VERSION;
+/// The format whose readers can read every format written since, and whose number names files: the
+/// first. A format that older readers cannot be served from starts a new lineage, and changes this.
+const NAMED_FORMAT: u16 = 1;
 
 /// Longest key part, in bytes.
 pub const MAX_KEY_PART_LEN: usize = 1024;
@@ -142,9 +144,12 @@ impl GraphKey {
 
     /// The file name of this key's graph: 32 hex digits of a BLAKE3 digest of every part, then `.graph`.
     pub fn file_name(&self) -> String {
-        // The context names the file format and the codec: a build that writes another format or codec
-        // names its files differently, so two usine versions sharing a folder never overwrite each other.
-        let context = format!("usine-storage graph file, format {FORMAT_VERSION}, payload {CODEC}");
+        // The context names the file format's lineage and the codec: a build that writes a format its
+        // predecessors cannot be served from, or another codec, names its files differently. Format 2
+        // reads format 1 (a format-1 file is format 2 without a raw section), so both share names: a
+        // format-1 file is served as it is, and a usine that reads only format 1 finds a format-2 file
+        // newer than it knows and leaves it, neither served nor overwritten.
+        let context = format!("usine-storage graph file, format {NAMED_FORMAT}, payload {CODEC}");
         let mut hasher = blake3::Hasher::new_derive_key(&context);
         for part in KeyPart::ALL {
             // Length-prefixed, so that moving bytes from one part to the next changes the digest.

@@ -13,7 +13,8 @@
 //! ```
 //!
 //! What it checks: the descriptor names the engine; compiling reports progress from 0 to 1, never
-//! backwards; the graph survives a serde round trip (what storage does) and loads, while a graph of
+//! backwards; the graph survives a serde round trip (what storage does; the raw section travels apart)
+//! and loads, while a graph of
 //! another engine or version is refused as an unusable graph; the memory plan, known before the load,
 //! holds together and is the loaded model's; text survives tokenizing and detokenizing; the same seed
 //! gives the same text; `max_tokens` and stop sequences are honoured; bad parameters and a context
@@ -90,8 +91,11 @@ pub async fn check(engine: &dyn Engine, spec: &ModelSpec) -> Result<Report, Fail
         format!("the graph says {} {}", graph.engine, graph.engine_version)
     })?;
     let json = serde_json::to_vec(&graph).map_err(|error| Failure { check: "graph", detail: error.to_string() })?;
-    let stored: CompiledGraph =
+    let mut stored: CompiledGraph =
         serde_json::from_slice(&json).map_err(|error| Failure { check: "graph", detail: error.to_string() })?;
+    // The raw section travels apart (storage writes it as it is, and serves it from the file's mapping).
+    ensure("graph", stored.raw.as_bytes().is_empty(), || "the raw section went through serde".into())?;
+    stored.raw = graph.raw.clone();
     ensure("graph", stored == graph, || "the graph changed in a serde round trip".into())?;
     passed("graph round trip");
 

@@ -29,6 +29,6 @@ pub use text::{ByteDetokenizer, Released, StopMatcher, Utf8Decoder};
 pub use types::{
     CompiledGraph, Device, EngineDescriptor, FinishReason, Generation, GenerationParams, MAX_STOP_LEN,
     MAX_STOP_SEQUENCES, MAX_TEMPERATURE, MAX_TOKENS_LIMIT, MemoryPlan, ModelSpec, NoProgress, Progress, ProgressSink,
-    Token, TokenId,
+    RawSection, Token, TokenId,
 };
 pub use zero::ZeroEngine;

@@ -231,6 +231,49 @@ pub struct CompiledGraph {
     /// The graph itself.
     #[serde(with = "serde_bytes")]
     pub bytes: Vec<u8>,
+    /// Bytes the engine runs on where they lie (weights laid out for its kernels): stored apart from
+    /// the encoded graph and served from a mapping of the stored file, never copied. Empty for engines
+    /// that keep everything in `bytes`.
+    #[serde(skip)]
+    pub raw: RawSection,
+}
+
+/// The raw part of a compiled graph: shared, read-only bytes, in memory after a compile or in a
+/// mapping of the graph's file after a load (kept alive by whoever holds a clone).
+#[derive(Clone, Default)]
+pub struct RawSection {
+    bytes: Option<std::sync::Arc<dyn AsRef<[u8]> + Send + Sync>>,
+}
+
+impl RawSection {
+    /// The bytes `owner` holds, shared.
+    pub fn new(owner: impl AsRef<[u8]> + Send + Sync + 'static) -> Self {
+        Self { bytes: Some(std::sync::Arc::new(owner)) }
+    }
+
+    /// The bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        self.bytes.as_ref().map_or(&[], |bytes| (**bytes).as_ref())
+    }
+
+    /// Their owner, to keep them alive beside a borrow of them.
+    pub fn owner(&self) -> Option<std::sync::Arc<dyn AsRef<[u8]> + Send + Sync>> {
+        self.bytes.clone()
+    }
+}
+
+impl PartialEq for RawSection {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl Eq for RawSection {}
+
+impl std::fmt::Debug for RawSection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawSection").field("len", &self.as_bytes().len()).finish()
+    }
 }
 
 impl std::fmt::Debug for CompiledGraph {
@@ -242,6 +285,7 @@ impl std::fmt::Debug for CompiledGraph {
             .field("spec", &self.spec)
             .field("metadata", &self.metadata)
             .field("bytes", &self.bytes.len())
+            .field("raw", &self.raw.as_bytes().len())
             .finish()
     }
 }

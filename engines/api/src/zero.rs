@@ -10,8 +10,8 @@ use crate::error::EngineError;
 use crate::generate::check_context;
 use crate::text::ByteDetokenizer;
 use crate::types::{
-    CompiledGraph, Device, EngineDescriptor, GenerationParams, MemoryPlan, ModelSpec, Progress, ProgressSink, Token,
-    TokenId,
+    CompiledGraph, Device, EngineDescriptor, GenerationParams, MemoryPlan, ModelSpec, Progress, ProgressSink,
+    RawSection, Token, TokenId,
 };
 
 /// The text the zero engine "generates", from an offset the seed picks.
@@ -93,6 +93,7 @@ impl Engine for ZeroEngine {
             spec: spec.clone(),
             metadata: Default::default(),
             bytes: b"zero".to_vec(),
+            raw: RawSection::default(),
         })
     }
 

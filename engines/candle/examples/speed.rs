@@ -10,13 +10,12 @@
 
 #![allow(clippy::print_stdout, reason = "the JSON line is the output")]
 
-use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::Path;
 use std::time::Instant;
 
-use usine_engine::{CompiledGraph, Engine, GenerationParams, ModelSpec, NoProgress};
-use usine_engine_candle::{CandleEngine, NAME, PROFILE, WEIGHTS_OPTION, kernels};
+use usine_engine::{Engine, GenerationParams, ModelSpec, NoProgress};
+use usine_engine_candle::{CandleEngine, NAME, PROFILE, WEIGHTS_OPTION, gguf_from_safetensors, kernels};
 
 type Error = Box<dyn std::error::Error>;
 
@@ -60,20 +59,18 @@ fn others_seconds(before: (u64, u64)) -> Result<f64, Error> {
 }
 
 async fn compile(weights: &str, quantization: &str, gguf: &Path) -> Result<(), Error> {
-    let mut spec = ModelSpec::new("speed", NAME, PROFILE).quantization(quantization);
-    spec.options.insert(WEIGHTS_OPTION.into(), weights.to_owned());
-    let engine = CandleEngine::with_threads(1)?;
+    let weights = std::fs::read(weights).map_err(|error| format!("reading {weights}: {error}"))?;
     let start = Instant::now();
-    let graph = engine.compile(&spec, &NoProgress).await?;
+    let compiled = gguf_from_safetensors(&weights, quantization)?;
     let seconds = start.elapsed().as_secs_f64();
     let written = match std::fs::read(gguf) {
         Ok(existing) => {
-            if existing != graph.bytes {
-                let at = existing.iter().zip(&graph.bytes).position(|(a, b)| a != b);
+            if existing != compiled {
+                let at = existing.iter().zip(&compiled).position(|(a, b)| a != b);
                 return Err(format!(
                     "{}: this compile gives other bytes than the file ({} bytes, not {}; first difference at {at:?})",
                     gguf.display(),
-                    graph.bytes.len(),
+                    compiled.len(),
                     existing.len()
                 )
                 .into());
@@ -84,14 +81,14 @@ async fn compile(weights: &str, quantization: &str, gguf: &Path) -> Result<(), E
             // Synced, so that a peer's cold run can drop every page of it (dirty pages stay).
             let partial = gguf.with_extension("gguf.partial");
             let mut file = std::fs::File::create(&partial)?;
-            file.write_all(&graph.bytes)?;
+            file.write_all(&compiled)?;
             file.sync_all()?;
             std::fs::rename(&partial, gguf)?;
             true
         }
         Err(error) => return Err(format!("reading {}: {error}", gguf.display()).into()),
     };
-    println!("{{\"compile_seconds\": {seconds}, \"gguf_bytes\": {}, \"written\": {written}}}", graph.bytes.len());
+    println!("{{\"compile_seconds\": {seconds}, \"gguf_bytes\": {}, \"written\": {written}}}", compiled.len());
     Ok(())
 }
 
@@ -100,19 +97,14 @@ async fn run(gguf: &Path, threads: usize, tokens: u32) -> Result<(), Error> {
         return Err("2 tokens or more: the first, and a rate over the others".into());
     }
     let engine = CandleEngine::with_threads(threads)?;
-    let descriptor = engine.descriptor();
     let params = GenerationParams { max_tokens: tokens, temperature: 0.0, ..GenerationParams::default() };
     let ticks = cpu_ticks().ok_or("no /proc/stat to read")?;
     let start = Instant::now();
-    // What a load from usine's graph cache does: read the file, then load its bytes.
-    let graph = CompiledGraph {
-        engine: descriptor.name.clone(),
-        engine_version: descriptor.version.clone(),
-        schema: descriptor.graph_schema,
-        spec: ModelSpec::new("speed", NAME, PROFILE),
-        metadata: BTreeMap::new(),
-        bytes: std::fs::read(gguf).map_err(|error| format!("reading {}: {error}", gguf.display()))?,
-    };
+    // What a first use of the file does without usine's graph cache: compile it (read, repack), then
+    // load the graph.
+    let mut spec = ModelSpec::new("speed", NAME, PROFILE);
+    spec.options.insert(WEIGHTS_OPTION.into(), gguf.display().to_string());
+    let graph = engine.compile(&spec, &NoProgress).await?;
     let model = engine.load(&graph).await?;
     let loaded = start.elapsed();
     let prompt = model.tokenize(PROMPT);

@@ -257,7 +257,10 @@ impl<'a> ModelFile<'a> {
             }
             // Vectors (norms, biases, factors) are read as f32 values: they must be F32.
             if dims.len() == 1 && info.ggml_dtype != GgmlDType::F32 {
-                return refused(format!("tensor `{name}` is {}; usine reads vectors as f32", type_name(info.ggml_dtype)));
+                return refused(format!(
+                    "tensor `{name}` is {}; usine reads vectors as f32",
+                    type_name(info.ggml_dtype)
+                ));
             }
             let elements: usize = dims.iter().product();
             let block = info.ggml_dtype.block_size();

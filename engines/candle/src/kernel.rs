@@ -38,11 +38,6 @@ impl Format {
         }
     }
 
-    /// Bytes a block takes once repacked: its f16 scale and its quants.
-    pub(crate) fn repacked_block_bytes(self) -> usize {
-        2 + self.block_bytes()
-    }
-
     /// Bytes of quants per block.
     fn block_bytes(self) -> usize {
         match self {
@@ -184,8 +179,9 @@ pub(crate) struct QMatrix {
     cols: usize,
     format: Format,
     /// Per group, per block, the scale of each of its rows: f16 bits, as GGUF has them (f32 would
-    /// add a tenth to the bytes a Q4_0 product reads, and reading is what takes the time).
-    scales: Vec<u16>,
+    /// add a tenth to the bytes a Q4_0 product reads, and reading is what takes the time), as
+    /// borrowed from a graph's raw section where it lies or owned.
+    scales: Scales,
     /// Per group, per block, the quants of each of its rows (`format.block_bytes()` each).
     quants: Quants,
     isa: Isa,
@@ -232,7 +228,7 @@ impl QMatrix {
         }
         let (per_row, block_bytes) = (cols / BLOCK, format.block_bytes());
         let padded = rows.next_multiple_of(ROWS);
-        let mut scales = vec![0; padded * per_row];
+        let mut scales = vec![0_u16; padded * per_row];
         let mut quants = vec![0; padded * per_row * block_bytes];
         // Signed Q8 quants become unsigned (+128) where the kernel multiplies unsigned by signed bytes.
         let flip = if bias(isa, format) == 128 { 0x80 } else { 0 };
@@ -256,7 +252,60 @@ impl QMatrix {
                 row += 1;
             }
         }
-        Ok(Self { rows, cols, format, scales, quants: Quants::Owned(quants), isa })
+        Ok(Self { rows, cols, format, scales: Scales::Owned(scales), quants: Quants::Owned(quants), isa })
+    }
+
+    /// The scales, as f16 bits.
+    fn scales(&self) -> &[u16] {
+        match &self.scales {
+            Scales::Owned(scales) => scales,
+            Scales::Shared(bytes) => {
+                bytemuck::try_cast_slice(bytes.bytes()).expect("2-aligned: checked when the matrix was built")
+            }
+        }
+    }
+
+    /// The matrix's layout and bytes, to write into a compiled graph: its format, whether its Q8
+    /// quants are stored unsigned, its rows and columns, its scales (f16 bits) and its quants.
+    pub(crate) fn parts(&self) -> (Format, bool, usize, usize, &[u16], &[u8]) {
+        let unsigned = bias(self.isa, self.format) == 128;
+        (self.format, unsigned, self.rows, self.cols, self.scales(), self.quants.bytes())
+    }
+
+    /// A matrix whose scales and quants are `scales` and `quants` (of a compiled graph's raw section),
+    /// for `isa`; Q8 quants stored `unsigned` (or not) are flipped into a copy where `isa` wants the
+    /// other. Lengths are checked against the dimensions.
+    pub(crate) fn from_parts(
+        format: Format,
+        unsigned: bool,
+        (rows, cols): (usize, usize),
+        scales: Quants,
+        quants: Quants,
+        isa: Isa,
+    ) -> Result<Self, String> {
+        if !isa.runs_here() {
+            return Err(format!("this CPU does not run the {isa:?} kernels"));
+        }
+        if !cols.is_multiple_of(BLOCK) || rows == 0 {
+            return Err(format!("a matrix of {rows} × {cols}"));
+        }
+        let blocks = rows.next_multiple_of(ROWS) * (cols / BLOCK);
+        if scales.bytes().len() != blocks * 2 || quants.bytes().len() != blocks * format.block_bytes() {
+            return Err(format!("a {rows} × {cols} matrix's bytes do not match its dimensions"));
+        }
+        // Borrowed where 2-aligned (a raw section places them so; a file read into memory rather than
+        // mapped may not be), else read into a copy.
+        let scales = match bytemuck::try_cast_slice::<u8, u16>(scales.bytes()) {
+            Ok(_) => Scales::Shared(scales),
+            Err(_) => Scales::Owned(scales.bytes().chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect()),
+        };
+        let wanted = bias(isa, format) == 128;
+        let quants = if format == Format::Q8 && wanted != unsigned {
+            Quants::Owned(quants.bytes().iter().map(|quant| quant ^ 0x80).collect())
+        } else {
+            quants
+        };
+        Ok(Self { rows, cols, format, scales, quants, isa })
     }
 
     /// Rows of the matrix.
@@ -267,7 +316,7 @@ impl QMatrix {
     /// Bytes of its scales and quants.
     #[cfg(test)]
     pub(crate) fn bytes(&self) -> u64 {
-        (self.scales.len() * 2 + self.quants.bytes().len()) as u64
+        (self.scales().len() * 2 + self.quants.bytes().len()) as u64
     }
 
     /// Row `row`, dequantized (an embedding looked up): exactly the values GGUF's blocks hold.
@@ -280,7 +329,7 @@ impl QMatrix {
         let mut values = Vec::with_capacity(self.cols);
         for block in 0..per_row {
             let at = (group * per_row + block) * ROWS + lane;
-            let scale = half::f16::from_bits(self.scales[at]).to_f32();
+            let scale = half::f16::from_bits(self.scales()[at]).to_f32();
             let quants = &self.quants.bytes()[at * block_bytes..(at + 1) * block_bytes];
             match self.format {
                 #[expect(clippy::cast_possible_wrap, reason = "Q8 quants are signed bytes")]
@@ -311,26 +360,49 @@ impl QMatrix {
         let vector = Quantized::new(x, bias(self.isa, self.format));
         let per_group = self.cols / BLOCK * ROWS;
         let groups = first / ROWS..(first + out.len()).div_ceil(ROWS);
-        let scales = &self.scales[groups.start * per_group..groups.end * per_group];
+        let scales = &self.scales()[groups.start * per_group..groups.end * per_group];
         let block_bytes = self.format.block_bytes();
         let quants = &self.quants.bytes()[groups.start * per_group * block_bytes..groups.end * per_group * block_bytes];
         rows_dot(self.isa, self.format, scales, quants, &vector, out);
     }
 }
 
-/// Where a matrix's quants live: its own allocation while it is built, then a model's arena.
-#[derive(Debug, Clone)]
-enum Quants {
+/// Bytes of a matrix (its scales, its quants): its own allocation while it is built, then a model's
+/// arena, or a compiled graph's raw section where they lie (its file's mapping).
+#[derive(Clone)]
+pub(crate) enum Quants {
     Owned(Vec<u8>),
-    Shared { arena: Arc<memmap2::MmapMut>, range: Range<usize> },
+    Shared { owner: Arc<dyn AsRef<[u8]> + Send + Sync>, range: Range<usize> },
+}
+
+impl std::fmt::Debug for Quants {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Quants").field("len", &self.bytes().len()).finish()
+    }
 }
 
 impl Quants {
-    fn bytes(&self) -> &[u8] {
+    pub(crate) fn bytes(&self) -> &[u8] {
         match self {
             Self::Owned(bytes) => bytes,
-            Self::Shared { arena, range } => &arena[range.clone()],
+            Self::Shared { owner, range } => &(**owner).as_ref()[range.clone()],
         }
+    }
+}
+
+/// A matrix's scales: its own while it is built, or 2-aligned bytes of a graph's raw section.
+#[derive(Debug, Clone)]
+enum Scales {
+    Owned(Vec<u16>),
+    Shared(Quants),
+}
+
+/// The anonymous mapping of [`share_arena`], as bytes.
+struct Arena(memmap2::MmapMut);
+
+impl AsRef<[u8]> for Arena {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
     }
 }
 
@@ -351,9 +423,9 @@ pub(crate) fn share_arena(matrices: &mut [&mut QMatrix]) -> std::io::Result<()> 
         ranges.push(at..at + bytes.len());
         at += bytes.len();
     }
-    let arena = Arc::new(arena);
+    let arena: Arc<dyn AsRef<[u8]> + Send + Sync> = Arc::new(Arena(arena));
     for (matrix, range) in matrices.iter_mut().zip(ranges) {
-        matrix.quants = Quants::Shared { arena: Arc::clone(&arena), range };
+        matrix.quants = Quants::Shared { owner: Arc::clone(&arena), range };
     }
     Ok(())
 }

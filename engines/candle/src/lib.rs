@@ -18,6 +18,7 @@
 mod config;
 mod generate;
 mod gguf;
+mod graph;
 mod kernel;
 mod matrix;
 mod model;
@@ -117,7 +118,7 @@ impl CandleEngine {
             descriptor: EngineDescriptor {
                 name: NAME.into(),
                 version: env!("CARGO_PKG_VERSION").into(),
-                graph_schema: 1,
+                graph_schema: graph::SCHEMA,
                 device: Device::Cpu,
                 quantizations: QUANTIZATIONS.iter().map(|(name, _)| (*name).to_owned()).collect(),
                 profiles: vec![PROFILE.into()],
@@ -183,9 +184,17 @@ impl Decoder {
     }
 }
 
-/// A compiled graph that does not read as a model it was compiled from: damaged (compile again).
-fn damaged(refused: Refused) -> EngineError {
-    EngineError::CorruptGraph { message: refused.0 }
+/// A compiled graph that does not read: damaged, or of another layout (compile again).
+fn corrupt(message: String) -> EngineError {
+    EngineError::CorruptGraph { message }
+}
+
+/// The compiled graph of the model in `file`: its table and raw section (`graph.rs`).
+fn repack(file: &ModelFile<'_>) -> Result<(Vec<u8>, Vec<u8>), EngineError> {
+    // A team of one: the model is built to be written, never run.
+    let team = Team::new(1)?;
+    let model = Model::new(file, file.config.context, team.tuner()).map_err(unsupported)?;
+    Ok(model.write())
 }
 
 /// A source file that is not a model this engine runs.
@@ -206,6 +215,20 @@ fn context_cap(spec: &ModelSpec) -> Result<Option<usize>, EngineError> {
             }),
         })
         .transpose()
+}
+
+/// usine's own byte-level model in safetensors `weights`, its matrices quantized to `quantization` (one
+/// of [`QUANTIZATIONS`]), as a GGUF file that llama.cpp runs too (`cargo xtask bench-peers`).
+pub fn gguf_from_safetensors(weights: &[u8], quantization: &str) -> Result<Vec<u8>, EngineError> {
+    let dtype =
+        QUANTIZATIONS.iter().find(|(name, _)| *name == quantization).map(|(_, dtype)| *dtype).ok_or_else(|| {
+            EngineError::InvalidParams {
+                name: "quantization",
+                value: quantization.to_owned(),
+                limit: QUANTIZATIONS.map(|(name, _)| name).join(", "),
+            }
+        })?;
+    gguf::compile(weights, dtype, &usine_engine::NoProgress)
 }
 
 /// What a model file holds, for people (`usine models`) and for a compiled graph's metadata.
@@ -265,8 +288,8 @@ impl Engine for CandleEngine {
 
     fn memory_plan(&self, graph: &CompiledGraph) -> Result<MemoryPlan, EngineError> {
         check_graph(&self.descriptor, graph)?;
-        let file = ModelFile::read(&graph.bytes).map_err(damaged)?;
-        Ok(model::plan(&file, context_cap(&graph.spec)?, self.team.threads()))
+        let reader = graph::Reader::read(&graph.bytes, &graph.raw).map_err(corrupt)?;
+        Ok(model::plan_of(&reader.config, reader.weight_bytes(), context_cap(&graph.spec)?, self.team.threads()))
     }
 
     async fn compile(&self, spec: &ModelSpec, progress: &dyn ProgressSink) -> Result<CompiledGraph, EngineError> {
@@ -324,12 +347,14 @@ impl Engine for CandleEngine {
                     });
                 }
                 let described = describe(&file);
-                return Ok((bytes.into_owned(), digest, described));
+                return Ok((repack(&file)?, digest, described));
             }
             let sink = move |progress: Progress| {
                 let _ = sender.send(progress);
             };
             let gguf = gguf::compile(&bytes, dtype, &sink)?;
+            let file = ModelFile::read(&gguf).map_err(|refused| EngineError::Fatal { message: refused.0 })?;
+            let gguf = repack(&file)?;
             let shape = source_shape(&bytes)?;
             let described = Described {
                 architecture: Architecture::Llama,
@@ -340,7 +365,7 @@ impl Engine for CandleEngine {
             Ok((gguf, digest, described))
         });
         tokio::pin!(work);
-        let (gguf, digest, described) = loop {
+        let ((table, raw), digest, described) = loop {
             tokio::select! {
                 Some(report) = reports.recv() => progress.report(report),
                 done = &mut work => break done?,
@@ -361,7 +386,8 @@ impl Engine for CandleEngine {
             schema: self.descriptor.graph_schema,
             spec: spec.clone(),
             metadata,
-            bytes: gguf,
+            bytes: table,
+            raw: usine_engine::RawSection::new(raw),
         })
     }
 
@@ -369,14 +395,11 @@ impl Engine for CandleEngine {
         check_graph(&self.descriptor, graph)?;
         let plan = self.memory_plan(graph)?;
         kernels()?; // a refused `USINE_ISA`, before any matrix is built
-        let bytes = graph.bytes.clone();
         let tuner = self.team.tuner();
         let context = plan.max_context_tokens as usize;
-        let model = blocking(move || {
-            let file = ModelFile::read(&bytes).map_err(damaged)?;
-            Model::new(&file, context, tuner).map_err(damaged)
-        })
-        .await?;
+        let reader = graph::Reader::read(&graph.bytes, &graph.raw).map_err(corrupt)?;
+        // Pointing the matrices into the raw section takes microseconds: no blocking thread.
+        let model = Model::from_graph(&reader, context, tuner).map_err(corrupt)?;
         Ok(Arc::new(CandleModel { model: Arc::new(model), plan, team: Arc::clone(&self.team) }))
     }
 }

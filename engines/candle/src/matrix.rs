@@ -6,7 +6,7 @@
 use candle_core::quantized::GgmlDType;
 
 use crate::config::{Refused, first_line};
-use crate::kernel::{Format, Isa, QMatrix, ROWS, Raw};
+use crate::kernel::{Format, Isa, QMatrix, Quants, Raw};
 
 /// A matrix of the forward pass.
 #[derive(Debug)]
@@ -15,12 +15,46 @@ pub(crate) enum Matrix {
     Dense(Dense),
 }
 
-/// Rows of f32 values.
+/// Rows of f32 values: its own, or 4-aligned bytes of a compiled graph's raw section.
 #[derive(Debug)]
 pub(crate) struct Dense {
     rows: usize,
     cols: usize,
-    values: Vec<f32>,
+    values: Floats,
+}
+
+#[derive(Debug)]
+enum Floats {
+    Owned(Vec<f32>),
+    Shared(Quants),
+}
+
+impl Dense {
+    /// `rows` × `cols` values in `bytes` (lengths checked by the caller), borrowed where 4-aligned.
+    pub(crate) fn shared(rows: usize, cols: usize, bytes: Quants) -> Self {
+        let values = match bytemuck::try_cast_slice::<u8, f32>(bytes.bytes()) {
+            Ok(_) => Floats::Shared(bytes),
+            Err(_) => Floats::Owned(
+                bytes.bytes().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            ),
+        };
+        Self { rows, cols, values }
+    }
+
+    pub(crate) fn values(&self) -> &[f32] {
+        match &self.values {
+            Floats::Owned(values) => values,
+            Floats::Shared(bytes) => bytemuck::try_cast_slice(bytes.bytes()).expect("4-aligned: checked in `shared`"),
+        }
+    }
+
+    pub(crate) fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub(crate) fn cols(&self) -> usize {
+        self.cols
+    }
 }
 
 /// How a stack of parts of these types is held: quantized when they share a format the kernels run,
@@ -46,19 +80,7 @@ impl Matrix {
             }
             values.extend(dequantize(part)?);
         }
-        Ok(Self::Dense(Dense { rows: values.len() / cols.max(1), cols, values }))
-    }
-
-    /// Bytes the matrix stacked from parts of these types and dimensions takes once loaded.
-    pub(crate) fn loaded_bytes(parts: &[(GgmlDType, usize, usize)]) -> u64 {
-        let rows: usize = parts.iter().map(|(_, rows, _)| rows).sum();
-        let cols = parts.first().map_or(0, |(_, _, cols)| *cols);
-        let bytes = match format(parts.iter().map(|(dtype, _, _)| *dtype)) {
-            // The kernels pad the rows to whole groups.
-            Some(format) => rows.next_multiple_of(ROWS) * (cols / crate::kernel::BLOCK) * format.repacked_block_bytes(),
-            None => rows * cols * 4,
-        };
-        bytes as u64
+        Ok(Self::Dense(Dense { rows: values.len() / cols.max(1), cols, values: Floats::Owned(values) }))
     }
 
     /// Bytes it holds.
@@ -66,7 +88,7 @@ impl Matrix {
     pub(crate) fn bytes(&self) -> u64 {
         match self {
             Self::Quantized(matrix) => matrix.bytes(),
-            Self::Dense(matrix) => (matrix.values.len() * 4) as u64,
+            Self::Dense(matrix) => (matrix.values().len() * 4) as u64,
         }
     }
 
@@ -81,7 +103,7 @@ impl Matrix {
     pub(crate) fn row(&self, row: usize) -> Vec<f32> {
         match self {
             Self::Quantized(matrix) => matrix.row(row),
-            Self::Dense(matrix) => matrix.values[row * matrix.cols..][..matrix.cols].to_vec(),
+            Self::Dense(matrix) => matrix.values()[row * matrix.cols..][..matrix.cols].to_vec(),
         }
     }
 
@@ -91,8 +113,9 @@ impl Matrix {
             Self::Quantized(matrix) => matrix.matvec_rows(x, first, out),
             Self::Dense(matrix) => {
                 assert_eq!(x.len(), matrix.cols, "a vector of {} values for {} columns", x.len(), matrix.cols);
+                let values = matrix.values();
                 for (index, out) in out.iter_mut().enumerate() {
-                    *out = crate::model::dot(&matrix.values[(first + index) * matrix.cols..][..matrix.cols], x);
+                    *out = crate::model::dot(&values[(first + index) * matrix.cols..][..matrix.cols], x);
                 }
             }
         }

@@ -12,6 +12,7 @@ use std::sync::Mutex;
 use usine_engine::EngineError;
 
 use crate::config::{Config, ModelFile, Refused, Rope};
+use crate::graph::{Reader, Writer};
 use crate::kernel::{Isa, share_arena};
 use crate::matrix::Matrix;
 use crate::team::{Abandoned, Rank, Team, Tuner};
@@ -81,8 +82,10 @@ impl KvCache {
     }
 }
 
-/// The memory plan of the model in `file`, its context capped at `context`, run by `threads` threads:
-/// - weights: its matrices as `Matrix` holds them (repacked, or dense f32) and its vectors (f32);
+/// The memory plan of a model of `config` whose weights take `weight_bytes`, its context capped at
+/// `context`, run by `threads` threads:
+/// - weights: its matrices as `Matrix` holds them (repacked, or dense f32) and its vectors (f32), as
+///   the compiled graph's raw section holds them;
 /// - kv-cache per token: keys and values of every layer, f32;
 /// - activations per step, for each thread (each has its own copy of a pass's vectors): the residual
 ///   and its norm, the queries, keys and values, the attention's output (its share, then whole), the
@@ -91,33 +94,13 @@ impl KvCache {
 ///   their sampling copy, f32, and the vector quantized for a product (quants, scales and lane sums:
 ///   about two bytes and an eighth per value, at most the feed-forward's width); and once, the two
 ///   exchange buffers.
-pub(crate) fn plan(file: &ModelFile<'_>, context: Option<usize>, threads: usize) -> usine_engine::MemoryPlan {
-    let config = &file.config;
+pub(crate) fn plan_of(
+    config: &Config,
+    weight_bytes: u64,
+    context: Option<usize>,
+    threads: usize,
+) -> usine_engine::MemoryPlan {
     let context = context.map_or(config.context, |cap| cap.min(config.context));
-    let dims = |name: &str| file.tensor(name).map(|raw| (raw.dtype, raw.rows, raw.cols));
-    let mut stacks: Vec<Vec<String>> = vec![vec!["token_embd.weight".to_owned()]];
-    if !config.tied_output {
-        stacks.push(vec!["output.weight".to_owned()]);
-    }
-    for layer in 0..config.layers {
-        let name = |part: &str| format!("blk.{layer}.{part}.weight");
-        stacks.extend([
-            vec![name("attn_q"), name("attn_k"), name("attn_v")],
-            vec![name("attn_output")],
-            vec![name("ffn_gate"), name("ffn_up")],
-            vec![name("ffn_down")],
-        ]);
-    }
-    let matrices: u64 = stacks
-        .iter()
-        .map(|stack| {
-            let parts: Vec<_> = stack.iter().filter_map(|name| dims(name).ok()).collect();
-            Matrix::loaded_bytes(&parts)
-        })
-        .sum();
-    let vectors = config.dim * (1 + 2 * config.layers)
-        + if config.qkv_bias() { config.layers * (config.heads * config.head_dim + 2 * config.kv_dim()) } else { 0 }
-        + file.rope_factors.as_ref().map_or(0, Vec::len);
     let f32_bytes = 4;
     let (dim, ffn) = (config.dim, config.ffn);
     let quantized_vector = (ffn.max(dim) * 17 / 8).div_ceil(f32_bytes);
@@ -130,7 +113,7 @@ pub(crate) fn plan(file: &ModelFile<'_>, context: Option<usize>, threads: usize)
         + quantized_vector;
     let activations = threads * per_thread + 2 * config.exchange_width();
     usine_engine::MemoryPlan {
-        weights_bytes: matrices + (vectors * f32_bytes) as u64,
+        weights_bytes: weight_bytes,
         kv_bytes_per_token: (2 * config.layers * config.kv_dim() * f32_bytes) as u64,
         activation_bytes_per_step: (activations * f32_bytes) as u64,
         max_context_tokens: u32::try_from(context).expect("checked: at most 2^20"),
@@ -201,6 +184,62 @@ impl Model {
             .collect();
         share_arena(&mut matrices).map_err(|error| Refused(format!("mapping memory for the weights: {error}")))?;
         let rope_factors = file.rope_factors.clone();
+        Ok(Self { config, embeddings, layers, norm, output, rope_factors, tuner })
+    }
+
+    /// The compiled graph of the model: its table and its raw section (see `graph.rs`).
+    pub(crate) fn write(&self) -> (Vec<u8>, Vec<u8>) {
+        let mut writer = Writer::new(&self.config);
+        if let Some(embeddings) = &self.embeddings {
+            writer.matrix("embeddings", embeddings);
+        }
+        writer.matrix("output", &self.output);
+        writer.vector("norm", &self.norm);
+        if let Some(factors) = &self.rope_factors {
+            writer.vector("rope_factors", factors);
+        }
+        for (index, layer) in self.layers.iter().enumerate() {
+            let name = |part: &str| format!("{index}.{part}");
+            writer.vector(&name("attention_norm"), &layer.attention_norm);
+            writer.matrix(&name("wqkv"), &layer.wqkv);
+            if let Some(bias) = &layer.qkv_bias {
+                writer.vector(&name("qkv_bias"), bias);
+            }
+            writer.matrix(&name("wo"), &layer.wo);
+            writer.vector(&name("ffn_norm"), &layer.ffn_norm);
+            writer.matrix(&name("w13"), &layer.w13);
+            writer.matrix(&name("w2"), &layer.w2);
+        }
+        writer.finish()
+    }
+
+    /// The model of a compiled graph, its weights where `graph`'s raw section holds them, for at most
+    /// `context` positions.
+    pub(crate) fn from_graph(graph: &Reader, context: usize, tuner: Mutex<Tuner>) -> Result<Self, String> {
+        let config = Config { context: context.min(graph.config.context), ..graph.config.clone() };
+        let isa = Isa::detect();
+        let (dim, q_dim, kv_dim) = (config.dim, config.heads * config.head_dim, config.kv_dim());
+        let embeddings =
+            if config.tied_output { None } else { Some(graph.matrix("embeddings", (config.vocab, dim), isa)?) };
+        let output = graph.matrix("output", (config.vocab, dim), isa)?;
+        let norm = graph.vector("norm", dim)?;
+        let rope_factors =
+            if graph.has("rope_factors") { Some(graph.vector("rope_factors", config.head_dim / 2)?) } else { None };
+        let mut layers = Vec::with_capacity(config.layers);
+        for index in 0..config.layers {
+            let name = |part: &str| format!("{index}.{part}");
+            let qkv_bias =
+                if config.qkv_bias() { Some(graph.vector(&name("qkv_bias"), q_dim + 2 * kv_dim)?) } else { None };
+            layers.push(Layer {
+                attention_norm: graph.vector(&name("attention_norm"), dim)?,
+                wqkv: graph.matrix(&name("wqkv"), (q_dim + 2 * kv_dim, dim), isa)?,
+                qkv_bias,
+                wo: graph.matrix(&name("wo"), (dim, q_dim), isa)?,
+                ffn_norm: graph.vector(&name("ffn_norm"), dim)?,
+                w13: graph.matrix(&name("w13"), (2 * config.ffn, dim), isa)?,
+                w2: graph.matrix(&name("w2"), (dim, config.ffn), isa)?,
+            });
+        }
         Ok(Self { config, embeddings, layers, norm, output, rope_factors, tuner })
     }
 
@@ -392,21 +431,56 @@ mod tests {
     use super::*;
     use crate::generate::{presets, random_gguf};
 
-    // Would catch: a plan announcing other bytes than the weights take (the pools would count wrong),
-    // for quantized, dense, mixed, tied and separate outputs.
+    // Would catch: a compiled graph whose model computes other logits than the file's (a weight
+    // misplaced, a scale misread), or a plan announcing other bytes than the weights take (the pools
+    // would count wrong); for quantized, dense, mixed, tied and separate outputs, biases and factors.
     #[test]
-    fn the_plan_announces_the_bytes_the_weights_take() {
+    fn a_compiled_graph_runs_the_files_model_and_its_plan_counts_its_weights() {
         for preset in presets().iter().filter(|preset| preset.name.starts_with("tiny")) {
             for kind in ["f16", "q8_0", "q4_0", "q4_k_m"] {
                 let bytes = random_gguf(preset, 2, kind, 1).unwrap();
                 let file = ModelFile::read(&bytes).unwrap();
                 let team = Team::new(1).unwrap();
-                let model = Model::new(&file, 64, team.tuner()).unwrap();
-                let plan = plan(&file, Some(64), 1);
+                let direct = Model::new(&file, 64, team.tuner()).unwrap();
+                let (table, raw) = direct.write();
+                let graph = Reader::read(&table, &usine_engine::RawSection::new(raw)).unwrap();
+                let model = Model::from_graph(&graph, 64, team.tuner()).unwrap();
+                let plan = plan_of(&graph.config, graph.weight_bytes(), Some(64), 1);
                 assert_eq!(plan.weights_bytes, model.weight_bytes(), "{} {kind}", preset.name);
+                assert_eq!(direct.weight_bytes(), model.weight_bytes(), "{} {kind}", preset.name);
                 assert_eq!((plan.max_context_tokens, model.config.context), (64, 64));
+                let (first, second) =
+                    (KvCache::new(&model.config, 4).unwrap(), KvCache::new(&model.config, 4).unwrap());
+                for (position, token) in [72, 105, 300, 7].into_iter().enumerate() {
+                    let expected = direct.forward(&team, Some(token), position, &first).unwrap();
+                    let logits = model.forward(&team, Some(token), position, &second).unwrap();
+                    assert_eq!(logits, expected, "{} {kind} at {position}", preset.name);
+                }
             }
         }
+    }
+
+    // Would catch: a damaged or foreign table read as a model, or a range outside the raw section.
+    #[test]
+    fn a_table_that_does_not_hold_is_refused() {
+        let bytes = random_gguf(&presets()[0], 1, "q8_0", 1).unwrap();
+        let team = Team::new(1).unwrap();
+        let (table, raw) = Model::new(&ModelFile::read(&bytes).unwrap(), 64, team.tuner()).unwrap().write();
+        let text = String::from_utf8(table).unwrap();
+        let raw = usine_engine::RawSection::new(raw);
+        let load = |table: &str, raw: &usine_engine::RawSection| {
+            Reader::read(table.as_bytes(), raw)
+                .and_then(|graph| Model::from_graph(&graph, 64, team.tuner()).map(|_| ()))
+        };
+        assert_eq!(load(&text, &raw), Ok(()));
+        let short = usine_engine::RawSection::new(raw.as_bytes()[..raw.as_bytes().len() / 2].to_vec());
+        assert!(load(&text, &short).unwrap_err().contains("outside the raw section"));
+        assert!(load(&text.replace("config dim 256", "config dim 128"), &raw).unwrap_err().contains("no matrix"));
+        assert!(
+            load(&text.replace("usine-candle-graph 2", "usine-candle-graph 3"), &raw).unwrap_err().contains("schema")
+        );
+        assert!(load(&text.replace("config vocab", "config vocabulary"), &raw).unwrap_err().contains("missing"));
+        assert!(load(&text, &usine_engine::RawSection::default()).unwrap_err().contains("no raw section"));
     }
 
     // Would catch: halves and adjacent pairs confused, or a rotation that changes a vector's length.

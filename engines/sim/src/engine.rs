@@ -256,6 +256,7 @@ impl Engine for SimEngine {
             spec: spec.clone(),
             metadata,
             bytes: graph_bytes(&profile, &quantization, self.config.seed),
+            raw: usine_engine::RawSection::default(),
         })
     }
 
