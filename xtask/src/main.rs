@@ -8,7 +8,8 @@
 //! - `train`, `random-model`: the candle engine's models (see `model.rs`).
 //! - `bench-peers`: the candle engine against llama.cpp (see `bench_peers.rs`).
 //! - `parity`: the candle engine's logits and greedy tokens against llama.cpp's, per architecture and
-//!   weight type (see `parity.rs`).
+//!   weight type (see `parity.rs`); `parity --bless` writes llama.cpp's logits on the smallest files into
+//!   the engine's test fixtures.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -21,12 +22,17 @@ mod integration;
 mod model;
 mod parity;
 mod tidy;
+// The candle engine's tolerances and their measure, compiled here from the engine's own file: one place
+// for the numbers, without a dependency on the engine that the layer table forbids (see that file).
+#[allow(unreachable_pub, reason = "the engine's file: its items are public in the engine")]
+#[path = "../../engines/candle/src/tolerance.rs"]
+mod tolerance;
 
 const USAGE: &str = "usage: cargo xtask <verb>\n\nverbs:\n  tidy         check the architecture invariants of ARCHITECTURE.md\n  \
                      integration  run usine serve with Prometheus and the OpenAI client on loopback, and check it\n  \
                      bench-http   tokens/s streamed through usine serve with the zero engine, 1 and 100 streams\n  \
                      bench-peers  the candle engine against llama.cpp on the same GGUF files (17M, 58M; Q8_0, Q4_0); --busy beside a process spinning on a core\n  \
-                     parity       the candle engine's logits and greedy tokens against llama.cpp's, every weight type; tiny llama and qwen2, or --preset qwen2.5-0.5b|tinyllama-1.1b (2 layers)\n  \
+                     parity       the candle engine's logits and greedy tokens against llama.cpp's, every weight type; tiny llama and qwen2, or --preset qwen2.5-0.5b|tinyllama-1.1b (2 layers); --bless rewrites the engine's test fixtures of llama.cpp's logits\n  \
                      train        train the candle engine's tiny byte-level llama (writes its committed weights)\n  \
                      random-model 17m|58m OUT: random weights of that size, for speed work";
 
@@ -63,12 +69,12 @@ fn main() -> Result<ExitCode> {
         Some("parity") => {
             let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace root");
             let args: Vec<String> = std::env::args().skip(2).collect();
-            let preset = match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
-                [] => "tiny",
-                ["--preset", preset] => preset,
-                _ => bail!("parity takes `--preset {}` or nothing", parity::presets()),
-            };
-            parity::run(root, preset)
+            match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+                [] => parity::run(root, "tiny"),
+                ["--preset", preset] => parity::run(root, preset),
+                ["--bless"] => parity::bless(root),
+                _ => bail!("parity takes `--preset {}`, `--bless` or nothing", parity::presets()),
+            }
         }
         Some("train") => {
             let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace root");

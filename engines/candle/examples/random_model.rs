@@ -5,11 +5,15 @@
 //! - `random_model gguf PRESET TYPE OUT.gguf [LAYERS]`: a GGUF file of a preset's widths
 //!   (`tiny-llama`, `tiny-qwen2`, `qwen2.5-0.5b`, `tinyllama-1.1b`), its matrices of TYPE (`f32`,
 //!   `f16`, `bf16`, `q8_0`, `q4_0`, `q4_k_m`, `q5_k_m`, `q6_k`), with LAYERS layers (default: 2);
-//!   prints one JSON line: parameters, vocabulary, bytes.
+//!   prints one JSON line: parameters, vocabulary, bytes, layers, seed and the file's BLAKE3 (the
+//!   fixtures of `cargo xtask parity --bless` record the last three).
 
 #![allow(clippy::print_stderr, clippy::print_stdout, reason = "a tool that reports what it wrote")]
 
 use usine_engine_candle::{Shape, TYPES, presets, random_gguf, random_weights};
+
+/// The seed of every file written.
+const SEED: u64 = 58;
 
 /// The sizes: about 17 and 58 million parameters (the issue's), and a tiny one for tests.
 fn shape(size: &str) -> Option<Shape> {
@@ -35,10 +39,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         if !TYPES.contains(&kind.as_str()) {
             return Err(format!("unknown type `{kind}` ({})", TYPES.join(", ")).into());
         }
-        let bytes = random_gguf(preset, layers, kind, 58)?;
+        let bytes = random_gguf(preset, layers, kind, SEED)?;
         std::fs::write(out, &bytes)?;
         let config = usine_engine_candle::Config { layers, ..preset.config.clone() };
-        println!("{{\"params\": {}, \"vocab\": {}, \"bytes\": {}}}", config.params(), config.vocab, bytes.len());
+        println!(
+            "{{\"params\": {}, \"vocab\": {}, \"bytes\": {}, \"layers\": {layers}, \"seed\": {SEED}, \"blake3\": \"{}\"}}",
+            config.params(),
+            config.vocab,
+            bytes.len(),
+            blake3::hash(&bytes).to_hex()
+        );
         return Ok(());
     }
     let [size, out] = args.as_slice() else {
@@ -47,7 +57,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
     };
     let shape = shape(size).ok_or_else(|| format!("unknown size `{size}` (17m, 58m, tiny)"))?;
-    std::fs::write(out, random_weights(&shape, 58)?)?;
+    std::fs::write(out, random_weights(&shape, SEED)?)?;
     eprintln!("random_model: {} parameters in {out}", shape.params());
     Ok(())
 }

@@ -25,6 +25,7 @@ mod model;
 mod sample;
 mod shape;
 mod team;
+pub mod tolerance;
 // Also in the crate's own tests, so that `cargo test` checks the training code that made the
 // committed weights.
 #[cfg(any(test, feature = "train"))]

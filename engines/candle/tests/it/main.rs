@@ -1,10 +1,13 @@
 //! Integration tests of `usine-engine-candle` with small random-weight models: the conformance kit, the
-//! same seed giving the same tokens, both quantizations, typed errors on bad source weights.
+//! same seed giving the same tokens, both quantizations, typed errors on bad source weights; and the
+//! logits of generated GGUF files against llama.cpp's committed ones (`llama_cpp.rs`).
 
 #![allow(
     clippy::unwrap_used,
     reason = "helpers outside #[test] fns unwrap too: a panic is a test failure with its message"
 )]
+
+mod llama_cpp;
 
 use usine_engine::{Engine, GenerationParams, ModelSpec, NoProgress, generate};
 use usine_engine_candle::{BUILTIN_PREFIX, CandleEngine, NAME, PROFILE, Shape, WEIGHTS_OPTION, random_weights};
