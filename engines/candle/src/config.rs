@@ -134,9 +134,21 @@ impl Config {
         self.architecture == Architecture::Qwen2
     }
 
+    /// The widest product but the logits: the stacked query, key and value projections, or the
+    /// stacked gate and up.
+    pub(crate) fn product_width(&self) -> usize {
+        (self.dim + 2 * self.kv_dim()).max(2 * self.ffn)
+    }
+
     /// The widest vector the threads of a pass exchange: a stacked product's output, or the logits.
     pub(crate) fn exchange_width(&self) -> usize {
-        (self.dim + 2 * self.kv_dim()).max(2 * self.ffn).max(self.vocab)
+        self.product_width().max(self.vocab)
+    }
+
+    /// The exchange buffers of a pass over `tokens` tokens: every token's products, or the logits of
+    /// the last.
+    pub(crate) fn chunk_exchange_width(&self, tokens: usize) -> usize {
+        (tokens * self.product_width()).max(self.vocab)
     }
 
     /// Parameters in all (an output tied to the embeddings counted once).

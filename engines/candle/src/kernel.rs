@@ -351,19 +351,36 @@ impl QMatrix {
     }
 
     /// Rows `first..first + out.len()` of `self · x`; `first` starts a group of [`ROWS`].
+    #[cfg(test)]
     pub(crate) fn matvec_rows(&self, x: &[f32], first: usize, out: &mut [f32]) {
         assert_eq!(x.len(), self.cols, "a vector of {} values for {} columns", x.len(), self.cols);
+        self.matvec_quantized(&self.quantize(x), first, out);
+    }
+
+    /// `x` quantized for this matrix's products (once, for products with several tiles of rows).
+    pub(crate) fn quantize(&self, x: &[f32]) -> Quantized {
+        Quantized::new(x, bias(self.isa, self.format))
+    }
+
+    /// [`matvec_rows`](Self::matvec_rows) of a vector already quantized by [`quantize`](Self::quantize).
+    pub(crate) fn matvec_quantized(&self, vector: &Quantized, first: usize, out: &mut [f32]) {
+        assert_eq!(
+            vector.quants.len(),
+            self.cols,
+            "a vector of {} values for {} columns",
+            vector.quants.len(),
+            self.cols
+        );
         assert!(first.is_multiple_of(ROWS) && first + out.len() <= self.rows, "rows {first}.. of {}", self.rows);
         if out.is_empty() {
             return;
         }
-        let vector = Quantized::new(x, bias(self.isa, self.format));
         let per_group = self.cols / BLOCK * ROWS;
         let groups = first / ROWS..(first + out.len()).div_ceil(ROWS);
         let scales = &self.scales()[groups.start * per_group..groups.end * per_group];
         let block_bytes = self.format.block_bytes();
         let quants = &self.quants.bytes()[groups.start * per_group * block_bytes..groups.end * per_group * block_bytes];
-        rows_dot(self.isa, self.format, scales, quants, &vector, out);
+        rows_dot(self.isa, self.format, scales, quants, vector, out);
     }
 }
 

@@ -450,13 +450,11 @@ impl LoadedModel for CandleModel {
             let cache = KvCache::new(&model.config, capacity.max(1))?;
             // The tensors are the bytes the plan announced: what the pool's figures count.
             debug_assert_eq!(cache.bytes() as u64, capacity.max(1) as u64 * per_token);
-            // The context but its last token: that one is the first step's input. One token per turn on
-            // the engine's threads, so that other sequences' steps interleave.
-            for (position, token) in context.iter().take(base).enumerate() {
-                if cancelled.load(std::sync::atomic::Ordering::Relaxed) {
-                    return Err(EngineError::Cancelled);
-                }
-                model.forward(&team, Some(*token), position, &cache)?;
+            // The context but its last token: that one is the first step's input. A pass per chunk of
+            // tokens on the engine's threads, so that other sequences' steps interleave.
+            if base > 0 {
+                let stop = || cancelled.load(std::sync::atomic::Ordering::Relaxed);
+                model.prefill(&team, &context[..base], 0, &cache, &stop)?;
             }
             Ok((model, cache))
         })

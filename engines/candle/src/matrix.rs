@@ -6,13 +6,19 @@
 use candle_core::quantized::GgmlDType;
 
 use crate::config::{Refused, first_line};
-use crate::kernel::{Format, Isa, QMatrix, Quants, Raw};
+use crate::kernel::{Format, Isa, QMatrix, Quantized, Quants, Raw};
 
 /// A matrix of the forward pass.
 #[derive(Debug)]
 pub(crate) enum Matrix {
     Quantized(QMatrix),
     Dense(Dense),
+}
+
+/// A vector made ready for one matrix's products.
+pub(crate) enum Prepared<'a> {
+    Quantized(Quantized),
+    Dense(&'a [f32]),
 }
 
 /// Rows of f32 values: its own, or 4-aligned bytes of a compiled graph's raw section.
@@ -109,15 +115,30 @@ impl Matrix {
 
     /// Rows `first..first + out.len()` of `self · x`; `first` starts a group of [`ROWS`].
     pub(crate) fn matvec_rows(&self, x: &[f32], first: usize, out: &mut [f32]) {
+        self.matvec_prepared(&self.prepare(x), first, out);
+    }
+
+    /// `x` made ready for this matrix's products: quantized for the kernels (once, for products of
+    /// several tiles of rows), or as it is.
+    pub(crate) fn prepare<'a>(&self, x: &'a [f32]) -> Prepared<'a> {
         match self {
-            Self::Quantized(matrix) => matrix.matvec_rows(x, first, out),
-            Self::Dense(matrix) => {
+            Self::Quantized(matrix) => Prepared::Quantized(matrix.quantize(x)),
+            Self::Dense(_) => Prepared::Dense(x),
+        }
+    }
+
+    /// [`matvec_rows`](Self::matvec_rows) of a vector made ready by [`prepare`](Self::prepare).
+    pub(crate) fn matvec_prepared(&self, x: &Prepared<'_>, first: usize, out: &mut [f32]) {
+        match (self, x) {
+            (Self::Quantized(matrix), Prepared::Quantized(vector)) => matrix.matvec_quantized(vector, first, out),
+            (Self::Dense(matrix), Prepared::Dense(x)) => {
                 assert_eq!(x.len(), matrix.cols, "a vector of {} values for {} columns", x.len(), matrix.cols);
                 let values = matrix.values();
                 for (index, out) in out.iter_mut().enumerate() {
                     *out = crate::model::dot(&values[(first + index) * matrix.cols..][..matrix.cols], x);
                 }
             }
+            _ => unreachable!("a vector prepared by this matrix"),
         }
     }
 

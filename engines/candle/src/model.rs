@@ -43,7 +43,13 @@ pub(crate) struct Model {
     rope_factors: Option<Vec<f32>>,
     /// How many of the team's threads its passes use, timed on its own passes.
     tuner: Mutex<Tuner>,
+    /// The same for its prefill passes, which are far longer.
+    prefill_tuner: Mutex<Tuner>,
 }
+
+/// Most tokens of a prompt run in one pass: their products read each weight once (a tile of rows at a
+/// time, see `Rank::matmul`) instead of once a token.
+pub(crate) const PREFILL_CHUNK: usize = 64;
 
 /// Keys and values of one sequence, allocated once for `capacity` tokens: per layer and key-value
 /// head, `capacity` rows of `head_dim` (each head behind its own lock: a head belongs to one thread of
@@ -87,13 +93,14 @@ impl KvCache {
 /// - weights: its matrices as `Matrix` holds them (repacked, or dense f32) and its vectors (f32), as
 ///   the compiled graph's raw section holds them;
 /// - kv-cache per token: keys and values of every layer, f32;
-/// - activations per step, for each thread (each has its own copy of a pass's vectors): the residual
-///   and its norm, the queries, keys and values, the attention's output (its share, then whole), the
-///   feed-forward's gate and up and their product, three product outputs, its share of a product, the
-///   attention's scores (a full context; the attention reads the kv-cache in place), the logits and
-///   their sampling copy, f32, and the vector quantized for a product (quants, scales and lane sums:
-///   about two bytes and an eighth per value, at most the feed-forward's width); and once, the two
-///   exchange buffers.
+/// - activations per step, for each thread (each has its own copy of a pass's vectors), for each of the
+///   [`PREFILL_CHUNK`] tokens a prompt's pass runs: the residual and its norm, the queries, keys and
+///   values, the attention's output (its share, then whole), the feed-forward's gate and up and their
+///   product, three product outputs, its share of a product, and the vector quantized for a product
+///   (quants, scales and lane sums: about two bytes and an eighth per value, at most the feed-forward's
+///   width); once per thread, the attention's scores (a full context; the attention reads the kv-cache
+///   in place) and the logits and their sampling copy; and once, the two exchange buffers, a chunk's
+///   vectors wide.
 pub(crate) fn plan_of(
     config: &Config,
     weight_bytes: u64,
@@ -104,14 +111,9 @@ pub(crate) fn plan_of(
     let f32_bytes = 4;
     let (dim, ffn) = (config.dim, config.ffn);
     let quantized_vector = (ffn.max(dim) * 17 / 8).div_ceil(f32_bytes);
-    let per_thread = 7 * dim
-        + 2 * config.kv_dim()
-        + 3 * ffn
-        + config.exchange_width()
-        + context
-        + 2 * config.vocab
-        + quantized_vector;
-    let activations = threads * per_thread + 2 * config.exchange_width();
+    let per_token = 7 * dim + 2 * config.kv_dim() + 3 * ffn + config.product_width() + quantized_vector;
+    let per_thread = PREFILL_CHUNK * per_token + context + 2 * config.vocab;
+    let activations = threads * per_thread + 2 * config.chunk_exchange_width(PREFILL_CHUNK);
     usine_engine::MemoryPlan {
         weights_bytes: weight_bytes,
         kv_bytes_per_token: (2 * config.layers * config.kv_dim() * f32_bytes) as u64,
@@ -184,7 +186,8 @@ impl Model {
             .collect();
         share_arena(&mut matrices).map_err(|error| Refused(format!("mapping memory for the weights: {error}")))?;
         let rope_factors = file.rope_factors.clone();
-        Ok(Self { config, embeddings, layers, norm, output, rope_factors, tuner })
+        let prefill_tuner = Mutex::new(Tuner::new(tuner.lock().map_or(1, |tuner| tuner.team_size())));
+        Ok(Self { config, embeddings, layers, norm, output, rope_factors, tuner, prefill_tuner })
     }
 
     /// The compiled graph of the model: its table and its raw section (see `graph.rs`).
@@ -240,7 +243,8 @@ impl Model {
                 w2: graph.matrix(&name("w2"), (dim, config.ffn), isa)?,
             });
         }
-        Ok(Self { config, embeddings, layers, norm, output, rope_factors, tuner })
+        let prefill_tuner = Mutex::new(Tuner::new(tuner.lock().map_or(1, |tuner| tuner.team_size())));
+        Ok(Self { config, embeddings, layers, norm, output, rope_factors, tuner, prefill_tuner })
     }
 
     /// The token that starts an empty sequence: the file's start token, else its end token, else 0.
@@ -272,6 +276,136 @@ impl Model {
             });
         }
         team.run(self.config.exchange_width(), &self.tuner, |rank| self.pass(rank, token, position, cache))
+    }
+
+    /// Runs `tokens` at positions `start..` in passes of up to [`PREFILL_CHUNK`] tokens, writing their
+    /// keys and values into `cache`, and returns the logits after the last (the same, to the bit, as
+    /// [`forward`](Self::forward) token by token). `stop` is asked between passes.
+    pub(crate) fn prefill(
+        &self,
+        team: &Team,
+        tokens: &[u32],
+        start: usize,
+        cache: &KvCache,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<Vec<f32>, EngineError> {
+        let end = start + tokens.len();
+        if tokens.is_empty() || end > cache.capacity || end > self.config.context {
+            return Err(EngineError::Fatal {
+                message: format!("positions {start}..{end} in a kv-cache of {} tokens", cache.capacity),
+            });
+        }
+        if let Some(token) = tokens.iter().find(|token| **token as usize >= self.config.vocab) {
+            return Err(EngineError::InvalidParams {
+                name: "token",
+                value: token.to_string(),
+                limit: format!("the vocabulary's 0..{}", self.config.vocab),
+            });
+        }
+        let mut logits = Vec::new();
+        for (index, chunk) in tokens.chunks(PREFILL_CHUNK).enumerate() {
+            if stop() {
+                return Err(EngineError::Cancelled);
+            }
+            let at = start + index * PREFILL_CHUNK;
+            let chunk: Vec<usize> = chunk.iter().map(|token| *token as usize).collect();
+            let width = self.config.chunk_exchange_width(chunk.len());
+            logits = team.run(width, &self.prefill_tuner, |rank| self.pass_many(rank, &chunk, at, cache))?;
+        }
+        Ok(logits)
+    }
+
+    /// One thread's part of a pass over several tokens (see [`prefill`](Self::prefill)): every
+    /// product a matrix product, the attention token by token in order.
+    fn pass_many(
+        &self,
+        rank: &Rank<'_>,
+        tokens: &[usize],
+        start: usize,
+        cache: &KvCache,
+    ) -> Result<Vec<f32>, Abandoned> {
+        let config = &self.config;
+        let (head_dim, kv_dim, ffn) = (config.head_dim, config.kv_dim(), config.ffn);
+        let q_dim = config.heads * head_dim;
+        let group = config.heads / config.kv_heads;
+        let angles: Vec<_> =
+            (0..tokens.len()).map(|t| rotary_angles(config, self.rope_factors.as_deref(), start + t)).collect();
+        let rope = config.rope();
+        #[expect(clippy::cast_precision_loss, reason = "a small head width")]
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        let kv_heads = rank.share(config.kv_heads);
+        let embeddings = self.embeddings.as_ref().unwrap_or(&self.output);
+        let mut xs: Vec<Vec<f32>> = tokens.iter().map(|token| embeddings.row(*token)).collect();
+        let mut hs = vec![vec![0.0; config.dim]; tokens.len()];
+        let mut scores = vec![0.0; start + tokens.len()];
+        for (index, layer) in self.layers.iter().enumerate() {
+            for (x, h) in xs.iter().zip(&mut hs) {
+                rms_norm(x, &layer.attention_norm, config.rms_epsilon, h);
+            }
+            let mut qkvs = rank.matmul(&layer.wqkv, &hs)?;
+            if let Some(bias) = &layer.qkv_bias {
+                qkvs.iter_mut().for_each(|qkv| add(qkv, bias));
+            }
+            let mut attention = vec![vec![0.0; kv_heads.len() * group * head_dim]; tokens.len()];
+            for (slot, kv_head) in kv_heads.clone().enumerate() {
+                let mut head = cache.heads[index * config.kv_heads + kv_head]
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                // Every token's key and value first: each token then attends to those before it.
+                for (t, qkv) in qkvs.iter_mut().enumerate() {
+                    let (cos, sin) = &angles[t];
+                    let position = start + t;
+                    let (keys, values) = qkv[q_dim..].split_at_mut(kv_dim);
+                    let key = &mut keys[kv_head * head_dim..][..head_dim];
+                    rotate(rope, key, cos, sin);
+                    head.keys[position * head_dim..][..head_dim].copy_from_slice(key);
+                    head.values[position * head_dim..][..head_dim]
+                        .copy_from_slice(&values[kv_head * head_dim..][..head_dim]);
+                }
+                for (t, qkv) in qkvs.iter_mut().enumerate() {
+                    let (cos, sin) = &angles[t];
+                    let known = start + t + 1;
+                    let scores = &mut scores[..known];
+                    for query_head in 0..group {
+                        let query = &mut qkv[(kv_head * group + query_head) * head_dim..][..head_dim];
+                        rotate(rope, query, cos, sin);
+                        for (score, key) in scores.iter_mut().zip(head.keys[..known * head_dim].chunks_exact(head_dim))
+                        {
+                            *score = dot(query, key) * scale;
+                        }
+                        softmax(scores);
+                        let out = &mut attention[t][(slot * group + query_head) * head_dim..][..head_dim];
+                        for (weight, value) in scores.iter().zip(head.values[..known * head_dim].chunks_exact(head_dim))
+                        {
+                            for (out, value) in out.iter_mut().zip(value) {
+                                *out += weight * value;
+                            }
+                        }
+                    }
+                }
+            }
+            let attention = rank.gather_many(&attention, kv_heads.start * group * head_dim, q_dim)?;
+            for (x, out) in xs.iter_mut().zip(rank.matmul(&layer.wo, &attention)?) {
+                add(x, &out);
+            }
+            for (x, h) in xs.iter().zip(&mut hs) {
+                rms_norm(x, &layer.ffn_norm, config.rms_epsilon, h);
+            }
+            let products: Vec<Vec<f32>> = rank
+                .matmul(&layer.w13, &hs)?
+                .iter()
+                .map(|gate_up| {
+                    let (gate, up) = gate_up.split_at(ffn);
+                    gate.iter().zip(up).map(|(gate, up)| gate / (1.0 + (-gate).exp()) * up).collect()
+                })
+                .collect();
+            for (x, out) in xs.iter_mut().zip(rank.matmul(&layer.w2, &products)?) {
+                add(x, &out);
+            }
+        }
+        let mut h = vec![0.0; config.dim];
+        rms_norm(xs.last().expect("one token or more"), &self.norm, config.rms_epsilon, &mut h);
+        rank.matvec(&self.output, &h)
     }
 
     /// One thread's part of a pass.
@@ -481,6 +615,46 @@ mod tests {
         );
         assert!(load(&text.replace("config vocab", "config vocabulary"), &raw).unwrap_err().contains("missing"));
         assert!(load(&text, &usine_engine::RawSection::default()).unwrap_err().contains("no raw section"));
+    }
+
+    // Would catch: a prompt's pass over many tokens computing anything else than token-by-token passes
+    // (a key written after it was needed, a position off by one, a tile of rows skipped), on one thread
+    // and two, over more than one chunk.
+    #[test]
+    fn a_prefill_in_chunks_gives_the_logits_of_token_by_token_passes_to_the_bit() {
+        for (preset, kind) in [(&presets()[0], "q8_0"), (&presets()[1], "q4_0"), (&presets()[0], "f16")] {
+            let bytes = random_gguf(preset, 2, kind, 5).unwrap();
+            let file = ModelFile::read(&bytes).unwrap();
+            let tokens: Vec<u32> =
+                (0..PREFILL_CHUNK + 9).map(|index| u32::try_from((index * 37 + 11) % 384).unwrap()).collect();
+            for threads in [1, 2] {
+                let team = Team::new(threads).unwrap();
+                let model = Model::new(&file, 256, team.tuner()).unwrap();
+                let (one, many) = (KvCache::new(&model.config, 80).unwrap(), KvCache::new(&model.config, 80).unwrap());
+                let mut expected = Vec::new();
+                for (position, token) in tokens.iter().enumerate() {
+                    expected = model.forward(&team, Some(*token), position, &one).unwrap();
+                }
+                let (first, rest) = tokens.split_at(5);
+                model.prefill(&team, first, 0, &many, &|| false).unwrap();
+                let logits = model.prefill(&team, rest, 5, &many, &|| false).unwrap();
+                assert_eq!(logits, expected, "{} {kind} on {threads} threads", preset.name);
+                // The cache holds what token-by-token passes wrote: the next token's logits agree too.
+                let next = model.forward(&team, Some(7), tokens.len(), &many).unwrap();
+                assert_eq!(next, model.forward(&team, Some(7), tokens.len(), &one).unwrap());
+            }
+        }
+        let team = Team::new(1).unwrap();
+        let model = Model::new(
+            &ModelFile::read(&random_gguf(&presets()[0], 1, "q8_0", 5).unwrap()).unwrap(),
+            256,
+            team.tuner(),
+        )
+        .unwrap();
+        let cache = KvCache::new(&model.config, 4).unwrap();
+        assert!(matches!(model.prefill(&team, &[1, 2, 3], 0, &cache, &|| true), Err(EngineError::Cancelled)));
+        assert!(model.prefill(&team, &[1, 2, 3, 4, 5], 0, &cache, &|| false).is_err(), "past the cache");
+        assert!(model.prefill(&team, &[1, 999], 0, &cache, &|| false).is_err(), "past the vocabulary");
     }
 
     // Would catch: halves and adjacent pairs confused, or a rotation that changes a vector's length.
