@@ -362,6 +362,30 @@ impl QMatrix {
         Quantized::new(x, bias(self.isa, self.format))
     }
 
+    /// [`matvec_quantized`](Self::matvec_quantized) of two vectors at once, each out the same to the bit.
+    pub(crate) fn matvec_quantized_pair(&self, vectors: [&Quantized; 2], first: usize, outs: [&mut [f32]; 2]) {
+        for vector in vectors {
+            assert_eq!(
+                vector.quants.len(),
+                self.cols,
+                "a vector of {} values for {} columns",
+                vector.quants.len(),
+                self.cols
+            );
+        }
+        let len = outs[0].len();
+        assert!(first.is_multiple_of(ROWS) && first + len <= self.rows, "rows {first}.. of {}", self.rows);
+        if len == 0 {
+            return;
+        }
+        let per_group = self.cols / BLOCK * ROWS;
+        let groups = first / ROWS..(first + len).div_ceil(ROWS);
+        let scales = &self.scales()[groups.start * per_group..groups.end * per_group];
+        let block_bytes = self.format.block_bytes();
+        let quants = &self.quants.bytes()[groups.start * per_group * block_bytes..groups.end * per_group * block_bytes];
+        rows_dot_pair(self.isa, self.format, scales, quants, vectors, outs);
+    }
+
     /// [`matvec_rows`](Self::matvec_rows) of a vector already quantized by [`quantize`](Self::quantize).
     pub(crate) fn matvec_quantized(&self, vector: &Quantized, first: usize, out: &mut [f32]) {
         assert_eq!(
@@ -508,6 +532,47 @@ fn rows_dot(isa: Isa, format: Format, scales: &[u16], quants: &[u8], vector: &Qu
             match format {
                 Format::Q8 => x86::rows_q8_vnni(scales, quants, vector, out),
                 Format::Q4 => x86::rows_q4_vnni(scales, quants, vector, out),
+            }
+        },
+    }
+}
+
+/// [`rows_dot`] for two vectors at once (see the pair kernels): each out the same, to the bit.
+#[allow(unsafe_code, reason = "calls the SIMD kernels for the instructions found on this CPU")]
+fn rows_dot_pair(
+    isa: Isa,
+    format: Format,
+    scales: &[u16],
+    quants: &[u8],
+    vectors: [&Quantized; 2],
+    outs: [&mut [f32]; 2],
+) {
+    let per_row = vectors[0].scales.len();
+    assert_eq!(outs[0].len(), outs[1].len());
+    assert_eq!(scales.len(), outs[0].len().div_ceil(ROWS) * ROWS * per_row);
+    assert_eq!(quants.len(), scales.len() * format.block_bytes());
+    for vector in vectors {
+        assert_eq!((vector.quants.len(), vector.corrections.len()), (per_row * BLOCK, per_row * 8));
+    }
+    match isa {
+        Isa::Portable => {
+            let [a, b] = outs;
+            portable::rows_dot(format, scales, quants, vectors[0], a);
+            portable::rows_dot(format, scales, quants, vectors[1], b);
+        }
+        // SAFETY: as in `rows_dot`: a matrix built for an `Isa` this CPU runs, the lengths checked above.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe {
+            match format {
+                Format::Q8 => x86::rows_pair_q8_avx2(scales, quants, vectors, outs),
+                Format::Q4 => x86::rows_pair_q4_avx2(scales, quants, vectors, outs),
+            }
+        },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512Vnni => unsafe {
+            match format {
+                Format::Q8 => x86::rows_pair_q8_vnni(scales, quants, vectors, outs),
+                Format::Q4 => x86::rows_pair_q4_vnni(scales, quants, vectors, outs),
             }
         },
     }
@@ -689,6 +754,66 @@ mod x86 {
         };
     }
 
+    /// The same products for two vectors at once, each to the bit what the one-vector kernel gives it:
+    /// each block of weights is brought from the cache once for both (a prompt's matrix products read
+    /// a tile of rows for every token, and the cache's bandwidth, not the arithmetic, was their limit).
+    macro_rules! rows_kernel_pair {
+        ($name:ident, $features:literal, $dot:ident, $block_bytes:expr) => {
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn $name(scales: &[u16], quants: &[u8], vectors: [&Quantized; 2], outs: [&mut [f32]; 2]) {
+                let per_row = vectors[0].scales.len();
+                let values = vectors.map(|vector| vector.quants.as_ptr().cast::<u8>());
+                let corrections = vectors.map(|vector| vector.corrections.as_ptr().cast::<u8>());
+                let lanes: [__m256i; ROWS] =
+                    [_mm256_set1_epi32(0), _mm256_set1_epi32(1), _mm256_set1_epi32(2), _mm256_set1_epi32(3)];
+                let [out_a, out_b] = outs;
+                for (group, (out_a, out_b)) in out_a.chunks_mut(ROWS).zip(out_b.chunks_mut(ROWS)).enumerate() {
+                    let scales = &scales[group * per_row * ROWS..(group + 1) * per_row * ROWS];
+                    let quants = quants[group * per_row * ROWS * $block_bytes..].as_ptr();
+                    let mut sums = [[_mm256_setzero_ps(); ROWS]; 2];
+                    for block in 0..per_row {
+                        // SAFETY: block < per_row, and each vector holds per_row blocks and corrections.
+                        let (value, correction) = unsafe {
+                            (
+                                [load(values[0].add(block * BLOCK)), load(values[1].add(block * BLOCK))],
+                                [load(corrections[0].add(block * 32)), load(corrections[1].add(block * 32))],
+                            )
+                        };
+                        // SAFETY: the group holds per_row × ROWS scales.
+                        let row_scales =
+                            _mm_cvtph_ps(unsafe { _mm_loadl_epi64(scales.as_ptr().add(block * ROWS).cast()) });
+                        let row_scales = [0, 1].map(|v| {
+                            _mm256_castps128_ps256(_mm_mul_ps(row_scales, _mm_set1_ps(vectors[v].scales[block])))
+                        });
+                        _mm_prefetch::<_MM_HINT_T1>(
+                            quants.wrapping_add((block * ROWS + PREFETCH) * $block_bytes).cast::<i8>(),
+                        );
+                        for lane in 0..ROWS {
+                            let at = block * ROWS + lane;
+                            for v in 0..2 {
+                                // SAFETY: the group holds per_row × ROWS blocks (the caller checked the lengths).
+                                let dot = unsafe { $dot(quants.add(at * $block_bytes), value[v], correction[v]) };
+                                let scale = _mm256_permutevar8x32_ps(row_scales[v], lanes[lane]);
+                                sums[v][lane] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot), sums[v][lane]);
+                            }
+                        }
+                    }
+                    for (out, sum) in out_a.iter_mut().zip(sums[0]) {
+                        *out = sum_lanes(sum);
+                    }
+                    for (out, sum) in out_b.iter_mut().zip(sums[1]) {
+                        *out = sum_lanes(sum);
+                    }
+                }
+            }
+        };
+    }
+
+    rows_kernel_pair!(rows_pair_q8_avx2, "avx2,fma,f16c", dot_q8_avx2, BLOCK);
+    rows_kernel_pair!(rows_pair_q4_avx2, "avx2,fma,f16c", dot_q4_avx2, BLOCK / 2);
+    rows_kernel_pair!(rows_pair_q8_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", dot_q8_vnni, BLOCK);
+    rows_kernel_pair!(rows_pair_q4_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", dot_q4_vnni, BLOCK / 2);
+
     rows_kernel!(rows_q8_avx2, "avx2,fma,f16c", dot_q8_avx2, BLOCK);
     rows_kernel!(rows_q4_avx2, "avx2,fma,f16c", dot_q4_avx2, BLOCK / 2);
     rows_kernel!(rows_q8_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", dot_q8_vnni, BLOCK);
@@ -836,5 +961,24 @@ mod tests {
         stacked.matvec(&x, &mut both);
         assert_eq!(both, [top, bottom].concat());
         assert!(QMatrix::from_qtensors(&[&a, &part(8, 96)], isa).is_err());
+    }
+
+    // Would catch: a pair kernel giving a vector anything but what the one-vector kernel gives it (a
+    // prompt's products and a decode step's would part), for every kernel this CPU runs.
+    #[test]
+    fn the_pair_kernels_give_each_vector_the_one_vector_products_to_the_bit() {
+        for isa in Isa::available() {
+            for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_0] {
+                let (matrix, _) = matrix(13, 96, dtype, isa);
+                let x = |seed: f32| (0..96_u8).map(|i| (f32::from(i) * seed).sin()).collect::<Vec<f32>>();
+                let (a, b) = (matrix.quantize(&x(0.37)), matrix.quantize(&x(1.91)));
+                let (mut one_a, mut one_b) = (vec![0.0; 12], vec![0.0; 12]);
+                matrix.matvec_quantized(&a, 0, &mut one_a);
+                matrix.matvec_quantized(&b, 0, &mut one_b);
+                let (mut pair_a, mut pair_b) = (vec![0.0; 12], vec![0.0; 12]);
+                matrix.matvec_quantized_pair([&a, &b], 0, [&mut pair_a, &mut pair_b]);
+                assert_eq!((pair_a, pair_b), (one_a, one_b), "{isa:?} {dtype:?}");
+            }
+        }
     }
 }

@@ -127,6 +127,21 @@ impl Matrix {
         }
     }
 
+    /// [`matvec_prepared`](Self::matvec_prepared) of two vectors at once (each out the same, to the bit):
+    /// the quantized kernels read each block of weights once for both.
+    pub(crate) fn matvec_prepared_pair(&self, xs: [&Prepared<'_>; 2], first: usize, outs: [&mut [f32]; 2]) {
+        match (self, xs) {
+            (Self::Quantized(matrix), [Prepared::Quantized(a), Prepared::Quantized(b)]) => {
+                matrix.matvec_quantized_pair([a, b], first, outs);
+            }
+            _ => {
+                let [out_a, out_b] = outs;
+                self.matvec_prepared(xs[0], first, out_a);
+                self.matvec_prepared(xs[1], first, out_b);
+            }
+        }
+    }
+
     /// [`matvec_rows`](Self::matvec_rows) of a vector made ready by [`prepare`](Self::prepare).
     pub(crate) fn matvec_prepared(&self, x: &Prepared<'_>, first: usize, out: &mut [f32]) {
         match (self, x) {

@@ -393,8 +393,19 @@ impl Rank<'_> {
         let mut start = rows.start;
         while start < rows.end {
             let end = (start + TILE).min(rows.end);
-            for (x, part) in prepared.iter().zip(&mut parts) {
-                matrix.matvec_prepared(x, start, &mut part[start - rows.start..end - rows.start]);
+            let tile = start - rows.start..end - rows.start;
+            // Vectors two at a time: the kernels read each block of weights once for both.
+            for (xs, parts) in prepared.chunks(2).zip(parts.chunks_mut(2)) {
+                match (xs, &mut *parts) {
+                    ([a, b], [part_a, part_b]) => {
+                        matrix.matvec_prepared_pair(
+                            [a, b],
+                            start,
+                            [&mut part_a[tile.clone()], &mut part_b[tile.clone()]],
+                        );
+                    }
+                    _ => matrix.matvec_prepared(&xs[0], start, &mut parts[0][tile.clone()]),
+                }
             }
             start = end;
         }
