@@ -26,7 +26,8 @@ fn greedy(dir: &Path, file: &Path) -> (Vec<u64>, String) {
     assert!(output.status.success(), "{}", stderr(&output));
     let events = json_lines(&output);
     let ids = events.iter().filter(|event| event["event"] == "token").map(|event| event["id"].as_u64().unwrap());
-    (ids.collect(), events[0]["source"].as_str().unwrap().to_owned())
+    let loaded = events.iter().find(|event| event["event"] == "loaded").unwrap();
+    (ids.collect(), loaded["source"].as_str().unwrap().to_owned())
 }
 
 // Would catch: a GGUF file not run, or run with another architecture's maths. The expected tokens are
@@ -40,6 +41,28 @@ fn run_answers_from_a_llama_and_a_qwen2_file_as_llama_cpp_does_and_loads_from_th
     assert_eq!(greedy(dir.path(), &llama), (vec![22, 146, 267, 188, 113, 313, 113, 65], "compile".to_owned()));
     assert_eq!(greedy(dir.path(), &qwen2), (vec![323; 8], "compile".to_owned()));
     assert_eq!(greedy(dir.path(), &llama).1, "disk");
+}
+
+// Would catch: a compiled graph whose weights (its raw section, run where they lie in the file's
+// mapping) were damaged on disk, run anyway: the flip is caught, the graph quarantined and compiled again,
+// and the answer is the undamaged one.
+#[test]
+fn a_flipped_byte_in_a_compiled_graphs_weights_is_caught_and_the_model_compiled_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let llama = model(dir.path(), "tiny-llama", "q8_0", "llama");
+    let (expected, _) = greedy(dir.path(), &llama);
+    let graph = std::fs::read_dir(dir.path().join("cache/graphs"))
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .find(|path| path.extension().is_some_and(|ext| ext == "graph"))
+        .unwrap();
+    let mut bytes = std::fs::read(&graph).unwrap();
+    let at = bytes.len() - 16 - 1000; // in the raw section, which ends before the 16-byte checksum
+    bytes[at] ^= 0x04;
+    std::fs::write(&graph, bytes).unwrap();
+    assert_eq!(greedy(dir.path(), &llama), (expected, "compile".to_owned()));
+    let quarantined = std::fs::read_dir(dir.path().join("cache/graphs/quarantine")).unwrap().count();
+    assert_eq!(quarantined, 1);
 }
 
 // Would catch: a file that is no model (or one usine would run wrong) started anyway, or refused with a
