@@ -354,7 +354,7 @@ impl QMatrix {
     #[cfg(test)]
     pub(crate) fn matvec_rows(&self, x: &[f32], first: usize, out: &mut [f32]) {
         assert_eq!(x.len(), self.cols, "a vector of {} values for {} columns", x.len(), self.cols);
-        self.matvec_quantized(&self.quantize(x), first, out);
+        self.matvec_quantized([&self.quantize(x)], first, [out]);
     }
 
     /// `x` quantized for this matrix's products (once, for products with several tiles of rows).
@@ -362,18 +362,20 @@ impl QMatrix {
         Quantized::new(x, bias(self.isa, self.format))
     }
 
-    /// [`matvec_quantized`](Self::matvec_quantized) of two vectors at once, each out the same to the bit.
-    pub(crate) fn matvec_quantized_pair(&self, vectors: [&Quantized; 2], first: usize, outs: [&mut [f32]; 2]) {
+    /// Rows `first..first + outs[i].len()` of `self · vectors[i]`, for `N` vectors already quantized by
+    /// [`quantize`](Self::quantize) (two for a prompt's products: each block of weights is read once for
+    /// both, and each out is what one vector alone gets, to the bit).
+    pub(crate) fn matvec_quantized<const N: usize>(
+        &self,
+        vectors: [&Quantized; N],
+        first: usize,
+        outs: [&mut [f32]; N],
+    ) {
         for vector in vectors {
-            assert_eq!(
-                vector.quants.len(),
-                self.cols,
-                "a vector of {} values for {} columns",
-                vector.quants.len(),
-                self.cols
-            );
+            let values = vector.quants.len();
+            assert_eq!(values, self.cols, "a vector of {values} values for {} columns", self.cols);
         }
-        let len = outs[0].len();
+        let len = outs.first().map_or(0, |out| out.len());
         assert!(first.is_multiple_of(ROWS) && first + len <= self.rows, "rows {first}.. of {}", self.rows);
         if len == 0 {
             return;
@@ -383,28 +385,7 @@ impl QMatrix {
         let scales = &self.scales()[groups.start * per_group..groups.end * per_group];
         let block_bytes = self.format.block_bytes();
         let quants = &self.quants.bytes()[groups.start * per_group * block_bytes..groups.end * per_group * block_bytes];
-        rows_dot_pair(self.isa, self.format, scales, quants, vectors, outs);
-    }
-
-    /// [`matvec_rows`](Self::matvec_rows) of a vector already quantized by [`quantize`](Self::quantize).
-    pub(crate) fn matvec_quantized(&self, vector: &Quantized, first: usize, out: &mut [f32]) {
-        assert_eq!(
-            vector.quants.len(),
-            self.cols,
-            "a vector of {} values for {} columns",
-            vector.quants.len(),
-            self.cols
-        );
-        assert!(first.is_multiple_of(ROWS) && first + out.len() <= self.rows, "rows {first}.. of {}", self.rows);
-        if out.is_empty() {
-            return;
-        }
-        let per_group = self.cols / BLOCK * ROWS;
-        let groups = first / ROWS..(first + out.len()).div_ceil(ROWS);
-        let scales = &self.scales()[groups.start * per_group..groups.end * per_group];
-        let block_bytes = self.format.block_bytes();
-        let quants = &self.quants.bytes()[groups.start * per_group * block_bytes..groups.end * per_group * block_bytes];
-        rows_dot(self.isa, self.format, scales, quants, vector, out);
+        rows_dot(self.isa, self.format, scales, quants, vectors, outs);
     }
 }
 
@@ -507,48 +488,21 @@ impl Quantized {
     }
 }
 
-/// Each of `out`'s rows: the dot product of that row of blocks (`scales`, `quants`) with `vector`.
+/// Each of `outs`' rows: the dot product of that row of blocks (`scales`, `quants`) with its vector
+/// (one vector for a decode step, two at once for a prompt: each out the same to the bit).
 #[allow(unsafe_code, reason = "calls the SIMD kernels for the instructions found on this CPU")]
-fn rows_dot(isa: Isa, format: Format, scales: &[u16], quants: &[u8], vector: &Quantized, out: &mut [f32]) {
-    let per_row = vector.scales.len();
-    // The lengths every kernel relies on (the SIMD ones read whole blocks through pointers): whole
-    // groups of rows, the last perhaps partly in `out`.
-    assert_eq!(scales.len(), out.len().div_ceil(ROWS) * ROWS * per_row);
-    assert_eq!(quants.len(), scales.len() * format.block_bytes());
-    assert_eq!((vector.quants.len(), vector.corrections.len()), (per_row * BLOCK, per_row * 8));
-    match isa {
-        Isa::Portable => portable::rows_dot(format, scales, quants, vector, out),
-        // SAFETY: the matrix was built for an `Isa` this CPU runs (`from_qtensors` checks it), and the
-        // lengths are checked above.
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe {
-            match format {
-                Format::Q8 => x86::rows_q8_avx2(scales, quants, vector, out),
-                Format::Q4 => x86::rows_q4_avx2(scales, quants, vector, out),
-            }
-        },
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512Vnni => unsafe {
-            match format {
-                Format::Q8 => x86::rows_q8_vnni(scales, quants, vector, out),
-                Format::Q4 => x86::rows_q4_vnni(scales, quants, vector, out),
-            }
-        },
-    }
-}
-
-/// [`rows_dot`] for two vectors at once (see the pair kernels): each out the same, to the bit.
-#[allow(unsafe_code, reason = "calls the SIMD kernels for the instructions found on this CPU")]
-fn rows_dot_pair(
+fn rows_dot<const N: usize>(
     isa: Isa,
     format: Format,
     scales: &[u16],
     quants: &[u8],
-    vectors: [&Quantized; 2],
-    outs: [&mut [f32]; 2],
+    vectors: [&Quantized; N],
+    outs: [&mut [f32]; N],
 ) {
     let per_row = vectors[0].scales.len();
-    assert_eq!(outs[0].len(), outs[1].len());
+    // The lengths every kernel relies on (the SIMD ones read whole blocks through pointers): whole
+    // groups of rows, the last perhaps partly in the outs.
+    assert!(outs.iter().all(|out| out.len() == outs[0].len()));
     assert_eq!(scales.len(), outs[0].len().div_ceil(ROWS) * ROWS * per_row);
     assert_eq!(quants.len(), scales.len() * format.block_bytes());
     for vector in vectors {
@@ -556,23 +510,24 @@ fn rows_dot_pair(
     }
     match isa {
         Isa::Portable => {
-            let [a, b] = outs;
-            portable::rows_dot(format, scales, quants, vectors[0], a);
-            portable::rows_dot(format, scales, quants, vectors[1], b);
+            for (vector, out) in vectors.into_iter().zip(outs) {
+                portable::rows_dot(format, scales, quants, vector, out);
+            }
         }
-        // SAFETY: as in `rows_dot`: a matrix built for an `Isa` this CPU runs, the lengths checked above.
+        // SAFETY: the matrix was built for an `Isa` this CPU runs (`from_parts` and `from_raw` check
+        // it), and the lengths are checked above.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => unsafe {
             match format {
-                Format::Q8 => x86::rows_pair_q8_avx2(scales, quants, vectors, outs),
-                Format::Q4 => x86::rows_pair_q4_avx2(scales, quants, vectors, outs),
+                Format::Q8 => x86::rows_q8_avx2(scales, quants, vectors, outs),
+                Format::Q4 => x86::rows_q4_avx2(scales, quants, vectors, outs),
             }
         },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512Vnni => unsafe {
             match format {
-                Format::Q8 => x86::rows_pair_q8_vnni(scales, quants, vectors, outs),
-                Format::Q4 => x86::rows_pair_q4_vnni(scales, quants, vectors, outs),
+                Format::Q8 => x86::rows_q8_vnni(scales, quants, vectors, outs),
+                Format::Q4 => x86::rows_q4_vnni(scales, quants, vectors, outs),
             }
         },
     }
@@ -709,88 +664,54 @@ mod x86 {
         _mm256_dpbusd_epi32(correction, unsafe { nibbles(at) }, values)
     }
 
+    /// The products of `N` vectors at once (one for a decode step, two for a prompt's), each to the bit
+    /// what it gets alone: each block of weights is brought from the cache once for all of them (a
+    /// prompt's matrix products read a tile of rows for every token, and the cache's bandwidth, not the
+    /// arithmetic, was their limit).
     macro_rules! rows_kernel {
         ($name:ident, $features:literal, $dot:ident, $block_bytes:expr) => {
             #[target_feature(enable = $features)]
-            pub(super) unsafe fn $name(scales: &[u16], quants: &[u8], vector: &Quantized, out: &mut [f32]) {
-                let per_row = vector.scales.len();
-                let (values, corrections) =
-                    (vector.quants.as_ptr().cast::<u8>(), vector.corrections.as_ptr().cast::<u8>());
+            pub(super) unsafe fn $name<const N: usize>(
+                scales: &[u16],
+                quants: &[u8],
+                vectors: [&Quantized; N],
+                mut outs: [&mut [f32]; N],
+            ) {
+                let per_row = vectors[0].scales.len();
+                let values = vectors.map(|vector| vector.quants.as_ptr().cast::<u8>());
+                let corrections = vectors.map(|vector| vector.corrections.as_ptr().cast::<u8>());
                 // Lane r of a vector of scales, broadcast.
                 let lanes: [__m256i; ROWS] =
                     [_mm256_set1_epi32(0), _mm256_set1_epi32(1), _mm256_set1_epi32(2), _mm256_set1_epi32(3)];
-                for (group, out) in out.chunks_mut(ROWS).enumerate() {
+                let groups = outs[0].len().div_ceil(ROWS);
+                for group in 0..groups {
                     let scales = &scales[group * per_row * ROWS..(group + 1) * per_row * ROWS];
                     let quants = quants[group * per_row * ROWS * $block_bytes..].as_ptr();
-                    let mut sums = [_mm256_setzero_ps(); ROWS];
+                    let mut sums = [[_mm256_setzero_ps(); ROWS]; N];
                     for block in 0..per_row {
-                        // SAFETY: block < per_row, and the vector holds per_row blocks and corrections.
-                        let (value, correction) =
-                            unsafe { (load(values.add(block * BLOCK)), load(corrections.add(block * 32))) };
-                        // The four rows' scales (f16 → f32 in one instruction), times the vector's.
+                        // SAFETY: block < per_row, and each vector holds per_row blocks and corrections.
+                        let (value, correction): ([__m256i; N], [__m256i; N]) = unsafe {
+                            (
+                                values.map(|values| load(values.add(block * BLOCK))),
+                                corrections.map(|corrections| load(corrections.add(block * 32))),
+                            )
+                        };
+                        // The four rows' scales (f16 → f32 in one instruction), times each vector's.
                         // SAFETY: the group holds per_row × ROWS scales.
-                        let row_scales = unsafe { _mm_loadl_epi64(scales.as_ptr().add(block * ROWS).cast()) };
-                        let row_scales = _mm_mul_ps(_mm_cvtph_ps(row_scales), _mm_set1_ps(vector.scales[block]));
-                        let row_scales = _mm256_castps128_ps256(row_scales);
+                        let row_scales =
+                            _mm_cvtph_ps(unsafe { _mm_loadl_epi64(scales.as_ptr().add(block * ROWS).cast()) });
+                        let row_scales = vectors.map(|vector| {
+                            _mm256_castps128_ps256(_mm_mul_ps(row_scales, _mm_set1_ps(vector.scales[block])))
+                        });
                         // The stream a few blocks ahead, asked for now: one core keeps too few misses in
                         // flight for the hardware prefetcher alone. (A hint: it never faults, even past
                         // the end, hence the wrapping address.)
                         _mm_prefetch::<_MM_HINT_T1>(
                             quants.wrapping_add((block * ROWS + PREFETCH) * $block_bytes).cast::<i8>(),
                         );
-                        for (lane, sum) in sums.iter_mut().enumerate() {
-                            let at = block * ROWS + lane;
-                            // SAFETY: the group holds per_row × ROWS blocks (the caller checked the lengths).
-                            let dot = unsafe { $dot(quants.add(at * $block_bytes), value, correction) };
-                            let scale = _mm256_permutevar8x32_ps(row_scales, lanes[lane]);
-                            *sum = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot), *sum);
-                        }
-                    }
-                    for (out, sum) in out.iter_mut().zip(sums) {
-                        *out = sum_lanes(sum);
-                    }
-                }
-            }
-        };
-    }
-
-    /// The same products for two vectors at once, each to the bit what the one-vector kernel gives it:
-    /// each block of weights is brought from the cache once for both (a prompt's matrix products read
-    /// a tile of rows for every token, and the cache's bandwidth, not the arithmetic, was their limit).
-    macro_rules! rows_kernel_pair {
-        ($name:ident, $features:literal, $dot:ident, $block_bytes:expr) => {
-            #[target_feature(enable = $features)]
-            pub(super) unsafe fn $name(scales: &[u16], quants: &[u8], vectors: [&Quantized; 2], outs: [&mut [f32]; 2]) {
-                let per_row = vectors[0].scales.len();
-                let values = vectors.map(|vector| vector.quants.as_ptr().cast::<u8>());
-                let corrections = vectors.map(|vector| vector.corrections.as_ptr().cast::<u8>());
-                let lanes: [__m256i; ROWS] =
-                    [_mm256_set1_epi32(0), _mm256_set1_epi32(1), _mm256_set1_epi32(2), _mm256_set1_epi32(3)];
-                let [out_a, out_b] = outs;
-                for (group, (out_a, out_b)) in out_a.chunks_mut(ROWS).zip(out_b.chunks_mut(ROWS)).enumerate() {
-                    let scales = &scales[group * per_row * ROWS..(group + 1) * per_row * ROWS];
-                    let quants = quants[group * per_row * ROWS * $block_bytes..].as_ptr();
-                    let mut sums = [[_mm256_setzero_ps(); ROWS]; 2];
-                    for block in 0..per_row {
-                        // SAFETY: block < per_row, and each vector holds per_row blocks and corrections.
-                        let (value, correction) = unsafe {
-                            (
-                                [load(values[0].add(block * BLOCK)), load(values[1].add(block * BLOCK))],
-                                [load(corrections[0].add(block * 32)), load(corrections[1].add(block * 32))],
-                            )
-                        };
-                        // SAFETY: the group holds per_row × ROWS scales.
-                        let row_scales =
-                            _mm_cvtph_ps(unsafe { _mm_loadl_epi64(scales.as_ptr().add(block * ROWS).cast()) });
-                        let row_scales = [0, 1].map(|v| {
-                            _mm256_castps128_ps256(_mm_mul_ps(row_scales, _mm_set1_ps(vectors[v].scales[block])))
-                        });
-                        _mm_prefetch::<_MM_HINT_T1>(
-                            quants.wrapping_add((block * ROWS + PREFETCH) * $block_bytes).cast::<i8>(),
-                        );
                         for lane in 0..ROWS {
                             let at = block * ROWS + lane;
-                            for v in 0..2 {
+                            for v in 0..N {
                                 // SAFETY: the group holds per_row × ROWS blocks (the caller checked the lengths).
                                 let dot = unsafe { $dot(quants.add(at * $block_bytes), value[v], correction[v]) };
                                 let scale = _mm256_permutevar8x32_ps(row_scales[v], lanes[lane]);
@@ -798,21 +719,17 @@ mod x86 {
                             }
                         }
                     }
-                    for (out, sum) in out_a.iter_mut().zip(sums[0]) {
-                        *out = sum_lanes(sum);
-                    }
-                    for (out, sum) in out_b.iter_mut().zip(sums[1]) {
-                        *out = sum_lanes(sum);
+                    for (out, sums) in outs.iter_mut().zip(sums) {
+                        let end = ((group + 1) * ROWS).min(out.len());
+                        let out = &mut out[group * ROWS..end];
+                        for (out, sum) in out.iter_mut().zip(sums) {
+                            *out = sum_lanes(sum);
+                        }
                     }
                 }
             }
         };
     }
-
-    rows_kernel_pair!(rows_pair_q8_avx2, "avx2,fma,f16c", dot_q8_avx2, BLOCK);
-    rows_kernel_pair!(rows_pair_q4_avx2, "avx2,fma,f16c", dot_q4_avx2, BLOCK / 2);
-    rows_kernel_pair!(rows_pair_q8_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", dot_q8_vnni, BLOCK);
-    rows_kernel_pair!(rows_pair_q4_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", dot_q4_vnni, BLOCK / 2);
 
     rows_kernel!(rows_q8_avx2, "avx2,fma,f16c", dot_q8_avx2, BLOCK);
     rows_kernel!(rows_q4_avx2, "avx2,fma,f16c", dot_q4_avx2, BLOCK / 2);
@@ -973,10 +890,10 @@ mod tests {
                 let x = |seed: f32| (0..96_u8).map(|i| (f32::from(i) * seed).sin()).collect::<Vec<f32>>();
                 let (a, b) = (matrix.quantize(&x(0.37)), matrix.quantize(&x(1.91)));
                 let (mut one_a, mut one_b) = (vec![0.0; 12], vec![0.0; 12]);
-                matrix.matvec_quantized(&a, 0, &mut one_a);
-                matrix.matvec_quantized(&b, 0, &mut one_b);
+                matrix.matvec_quantized([&a], 0, [&mut one_a]);
+                matrix.matvec_quantized([&b], 0, [&mut one_b]);
                 let (mut pair_a, mut pair_b) = (vec![0.0; 12], vec![0.0; 12]);
-                matrix.matvec_quantized_pair([&a, &b], 0, [&mut pair_a, &mut pair_b]);
+                matrix.matvec_quantized([&a, &b], 0, [&mut pair_a, &mut pair_b]);
                 assert_eq!((pair_a, pair_b), (one_a, one_b), "{isa:?} {dtype:?}");
             }
         }

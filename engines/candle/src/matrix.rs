@@ -132,7 +132,7 @@ impl Matrix {
     pub(crate) fn matvec_prepared_pair(&self, xs: [&Prepared<'_>; 2], first: usize, outs: [&mut [f32]; 2]) {
         match (self, xs) {
             (Self::Quantized(matrix), [Prepared::Quantized(a), Prepared::Quantized(b)]) => {
-                matrix.matvec_quantized_pair([a, b], first, outs);
+                matrix.matvec_quantized([a, b], first, outs);
             }
             _ => {
                 let [out_a, out_b] = outs;
@@ -145,7 +145,7 @@ impl Matrix {
     /// [`matvec_rows`](Self::matvec_rows) of a vector made ready by [`prepare`](Self::prepare).
     pub(crate) fn matvec_prepared(&self, x: &Prepared<'_>, first: usize, out: &mut [f32]) {
         match (self, x) {
-            (Self::Quantized(matrix), Prepared::Quantized(vector)) => matrix.matvec_quantized(vector, first, out),
+            (Self::Quantized(matrix), Prepared::Quantized(vector)) => matrix.matvec_quantized([vector], first, [out]),
             (Self::Dense(matrix), Prepared::Dense(x)) => {
                 assert_eq!(x.len(), matrix.cols, "a vector of {} values for {} columns", x.len(), matrix.cols);
                 let values = matrix.values();
