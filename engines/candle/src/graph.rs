@@ -7,9 +7,12 @@
 //! ```text
 //! usine-candle-graph 2
 //! config architecture llama          (one line per field of `Config`; floats as their bits in hex)
-//! q NAME FORMAT UNSIGNED ROWS COLS SCALES_AT SCALES_LEN QUANTS_AT QUANTS_LEN   a quantized matrix
+//! q NAME FORMAT UNSIGNED ROWS COLS SCALES_AT SCALES_LEN MINS_AT MINS_LEN QUANTS_AT QUANTS_LEN
+//!                                                                 a quantized matrix (FORMAT: q8, q4,
+//!                                                                 q4m, q8m, q8h; see `kernel.rs`)
 //! d NAME ROWS COLS AT LEN                                                       a dense f32 matrix
 //! v NAME AT LEN                                                                 an f32 vector
+//! s NAME COUNT       quantized matrices of different formats stacked: NAME.0, NAME.1, ... (`q` lines)
 //! ```
 //!
 //! Offsets and lengths are in bytes of the raw section; each weight starts at a multiple of 64.
@@ -21,7 +24,7 @@ use std::sync::Arc;
 use usine_engine::RawSection;
 
 use crate::config::{Architecture, Config};
-use crate::kernel::{Format, Isa, QMatrix, Quants};
+use crate::kernel::{Format, Isa, QMatrix, Quants, ROWS};
 use crate::matrix::{Dense, Matrix};
 
 /// The schema of the graphs this module writes.
@@ -75,19 +78,25 @@ impl Writer {
 
     pub(crate) fn matrix(&mut self, name: &str, matrix: &Matrix) {
         match matrix {
+            Matrix::Stacked(parts) => {
+                self.table.push_str(&format!("s {name} {}\n", parts.len()));
+                for (index, part) in parts.iter().enumerate() {
+                    self.matrix(&format!("{name}.{index}"), part);
+                }
+            }
             Matrix::Quantized(matrix) => {
-                let (format, unsigned, rows, cols, scales, quants) = matrix.parts();
+                let (format, unsigned, rows, cols, scales, mins, quants) = matrix.parts();
                 let scales: Vec<u8> = scales.iter().flat_map(|scale| scale.to_le_bytes()).collect();
+                let mins: Vec<u8> = mins.iter().flat_map(|min| min.to_le_bytes()).collect();
                 let scales_at = self.place(&scales);
+                let mins_at = self.place(&mins);
                 let quants_at = self.place(quants);
-                let format = match format {
-                    Format::Q8 => "q8",
-                    Format::Q4 => "q4",
-                };
                 self.table.push_str(&format!(
-                    "q {name} {format} {} {rows} {cols} {scales_at} {} {quants_at} {}\n",
+                    "q {name} {} {} {rows} {cols} {scales_at} {} {mins_at} {} {quants_at} {}\n",
+                    format.name(),
                     u8::from(unsigned),
                     scales.len(),
+                    mins.len(),
                     quants.len()
                 ));
             }
@@ -112,9 +121,26 @@ impl Writer {
 }
 
 enum Entry {
-    Quantized { format: Format, unsigned: bool, rows: usize, cols: usize, scales: Range<usize>, quants: Range<usize> },
-    Dense { rows: usize, cols: usize, values: Range<usize> },
-    Vector { values: Range<usize> },
+    Quantized {
+        format: Format,
+        unsigned: bool,
+        rows: usize,
+        cols: usize,
+        scales: Range<usize>,
+        mins: Range<usize>,
+        quants: Range<usize>,
+    },
+    Dense {
+        rows: usize,
+        cols: usize,
+        values: Range<usize>,
+    },
+    Vector {
+        values: Range<usize>,
+    },
+    Stack {
+        parts: usize,
+    },
 }
 
 /// A graph read: its configuration, and its weights where they lie.
@@ -157,21 +183,29 @@ impl Reader {
                     };
                     config.insert(key, value);
                 }
+                Some("s") => {
+                    let (Some(name), Some(parts), None) = (fields.next(), fields.next(), fields.next()) else {
+                        return Err(format!("table line `{line}`"));
+                    };
+                    let parts: usize = number(Some(parts), line)?;
+                    if !(2..=16).contains(&parts) || entries.insert(name.to_owned(), Entry::Stack { parts }).is_some() {
+                        return Err(format!("table line `{line}`: a stack of {parts}, or a name twice"));
+                    }
+                }
                 Some(kind @ ("q" | "d" | "v")) => {
                     let name = fields.next().ok_or_else(|| format!("table line `{line}`"))?.to_owned();
                     let mut next = || fields.next();
                     let entry = match kind {
                         "q" => {
-                            let format = match next() {
-                                Some("q8") => Format::Q8,
-                                Some("q4") => Format::Q4,
-                                _ => return Err(format!("table line `{line}`: a bad format")),
-                            };
+                            let format = next()
+                                .and_then(Format::named)
+                                .ok_or_else(|| format!("table line `{line}`: a bad format"))?;
                             let unsigned = number::<u8>(next(), line)? == 1;
                             let (rows, cols) = (number(next(), line)?, number(next(), line)?);
                             let scales = range(number(next(), line)?, number(next(), line)?, line)?;
+                            let mins = range(number(next(), line)?, number(next(), line)?, line)?;
                             let quants = range(number(next(), line)?, number(next(), line)?, line)?;
-                            Entry::Quantized { format, unsigned, rows, cols, scales, quants }
+                            Entry::Quantized { format, unsigned, rows, cols, scales, mins, quants }
                         }
                         "d" => {
                             let (rows, cols): (usize, usize) = (number(next(), line)?, number(next(), line)?);
@@ -243,15 +277,35 @@ impl Reader {
     /// The matrix `name`, of `rows` × `cols`, borrowed from the raw section.
     pub(crate) fn matrix(&self, name: &str, (rows, cols): (usize, usize), isa: Isa) -> Result<Matrix, String> {
         match self.entries.get(name) {
-            Some(Entry::Quantized { format, unsigned, rows: r, cols: c, scales, quants })
+            Some(Entry::Quantized { format, unsigned, rows: r, cols: c, scales, mins, quants })
                 if (*r, *c) == (rows, cols) =>
             {
-                QMatrix::from_parts(*format, *unsigned, (rows, cols), self.shared(scales), self.shared(quants), isa)
+                let parts = [self.shared(scales), self.shared(mins), self.shared(quants)];
+                QMatrix::from_parts(*format, *unsigned, (rows, cols), parts, isa)
                     .map(Matrix::Quantized)
                     .map_err(|error| format!("`{name}`: {error}"))
             }
             Some(Entry::Dense { rows: r, cols: c, values }) if (*r, *c) == (rows, cols) => {
                 Ok(Matrix::Dense(Dense::shared(rows, cols, self.shared(values))))
+            }
+            Some(Entry::Stack { parts }) => {
+                let parts = (0..*parts)
+                    .map(|index| {
+                        let name = format!("{name}.{index}");
+                        match self.entries.get(&name) {
+                            // Whole groups of rows: a product's row ranges start at a group.
+                            Some(Entry::Quantized { rows: r, cols: c, .. }) if *c == cols && r.is_multiple_of(ROWS) => {
+                                self.matrix(&name, (*r, *c), isa)
+                            }
+                            _ => Err(format!("table: no part `{name}` of whole groups of {cols}-wide rows")),
+                        }
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                let stacked = Matrix::Stacked(parts);
+                if stacked.rows() != rows {
+                    return Err(format!("table: the stack `{name}` holds {} rows, not {rows}", stacked.rows()));
+                }
+                Ok(stacked)
             }
             _ => Err(format!("table: no matrix `{name}` of {rows} × {cols}")),
         }
@@ -278,8 +332,9 @@ impl Reader {
         self.entries
             .values()
             .map(|entry| match entry {
-                Entry::Quantized { scales, quants, .. } => scales.len() + quants.len(),
+                Entry::Quantized { scales, mins, quants, .. } => scales.len() + mins.len() + quants.len(),
                 Entry::Dense { values, .. } | Entry::Vector { values } => values.len(),
+                Entry::Stack { .. } => 0,
             } as u64)
             .sum()
     }

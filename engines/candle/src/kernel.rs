@@ -18,14 +18,23 @@ use usine_engine::EngineError;
 
 pub(crate) use crate::shape::BLOCK;
 
-/// How the quants of a matrix are stored.
+/// How the quants of a matrix are stored, per block of 32 values (the K-quants' 256-value blocks are
+/// repacked as eight of these, their 6-bit scales and mins multiplied out into f16 ones).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Format {
-    /// One signed byte per value.
+    /// One signed byte per value and a scale (llama.cpp's Q8_0).
     Q8,
     /// Two values per byte: in each block of 16 bytes, the low nibbles hold values 0..16 and the high
-    /// nibbles values 16..32, each offset by 8 (llama.cpp's Q4_0).
+    /// nibbles values 16..32, each offset by 8 (llama.cpp's Q4_0); a scale.
     Q4,
+    /// Nibbles as [`Format::Q4`] but unsigned (0..=15), a scale and a min: value = scale × q − min
+    /// (llama.cpp's Q4_K).
+    Q4Min,
+    /// One unsigned byte per value (0..=31), a scale and a min (llama.cpp's Q5_K).
+    Q8Min,
+    /// One signed byte per value (−32..=31) and a scale for each half of the block (llama.cpp's Q6_K,
+    /// whose scales cover 16 values).
+    Q8Half,
 }
 
 impl Format {
@@ -34,17 +43,134 @@ impl Format {
         match dtype {
             GgmlDType::Q8_0 => Some(Self::Q8),
             GgmlDType::Q4_0 => Some(Self::Q4),
+            GgmlDType::Q4K => Some(Self::Q4Min),
+            GgmlDType::Q5K => Some(Self::Q8Min),
+            GgmlDType::Q6K => Some(Self::Q8Half),
             _ => None,
         }
     }
 
     /// Bytes of quants per block.
-    fn block_bytes(self) -> usize {
+    pub(crate) fn block_bytes(self) -> usize {
         match self {
-            Self::Q8 => BLOCK,
-            Self::Q4 => BLOCK / 2,
+            Self::Q8 | Self::Q8Min | Self::Q8Half => BLOCK,
+            Self::Q4 | Self::Q4Min => BLOCK / 2,
         }
     }
+
+    /// f16 scales per block of a row.
+    pub(crate) fn scales_per_block(self) -> usize {
+        if self == Self::Q8Half { 2 } else { 1 }
+    }
+
+    /// Whether each block has a min, subtracted after its scale.
+    pub(crate) fn has_min(self) -> bool {
+        matches!(self, Self::Q4Min | Self::Q8Min)
+    }
+
+    /// Its name in a compiled graph's table.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Self::Q8 => "q8",
+            Self::Q4 => "q4",
+            Self::Q4Min => "q4m",
+            Self::Q8Min => "q8m",
+            Self::Q8Half => "q8h",
+        }
+    }
+
+    /// The format a table names.
+    pub(crate) fn named(name: &str) -> Option<Self> {
+        [Self::Q8, Self::Q4, Self::Q4Min, Self::Q8Min, Self::Q8Half].into_iter().find(|format| format.name() == name)
+    }
+}
+
+/// One block of 32 values as the formats store it: the quants (signed, or unsigned for the formats with
+/// a min), and f32 scales and min before they are rounded to f16.
+struct Block32 {
+    quants: [i16; BLOCK],
+    scales: [f32; 2],
+    min: f32,
+}
+
+/// The blocks of 32 values of one row of GGUF `dtype` (`data` holds whole blocks of it).
+fn blocks32(dtype: GgmlDType, data: &[u8]) -> Vec<Block32> {
+    let f16 = |bytes: &[u8]| half::f16::from_le_bytes([bytes[0], bytes[1]]).to_f32();
+    let mut blocks = Vec::new();
+    match dtype {
+        GgmlDType::Q8_0 => {
+            for block in data.chunks_exact(34) {
+                let scale = f16(block);
+                #[expect(clippy::cast_possible_wrap, reason = "Q8_0's quants are signed bytes")]
+                let quants = std::array::from_fn(|i| i16::from(block[2 + i] as i8));
+                blocks.push(Block32 { quants, scales: [scale; 2], min: 0.0 });
+            }
+        }
+        GgmlDType::Q4_0 => {
+            for block in data.chunks_exact(18) {
+                let scale = f16(block);
+                let quants = std::array::from_fn(|i| {
+                    let byte = block[2 + i % 16];
+                    i16::from(if i < 16 { byte & 0x0F } else { byte >> 4 }) - 8
+                });
+                blocks.push(Block32 { quants, scales: [scale; 2], min: 0.0 });
+            }
+        }
+        GgmlDType::Q4K | GgmlDType::Q5K => {
+            let (stride, high_bits) = if dtype == GgmlDType::Q4K { (144, false) } else { (176, true) };
+            for block in data.chunks_exact(stride) {
+                let (d, dmin, packed) = (f16(&block[0..2]), f16(&block[2..4]), &block[4..16]);
+                // Eight 6-bit scales and mins, packed in 12 bytes.
+                let scale_min = |j: usize| -> (u8, u8) {
+                    if j < 4 {
+                        (packed[j] & 63, packed[j + 4] & 63)
+                    } else {
+                        (
+                            (packed[j + 4] & 0x0F) | ((packed[j - 4] >> 6) << 4),
+                            (packed[j + 4] >> 4) | ((packed[j] >> 6) << 4),
+                        )
+                    }
+                };
+                let (high, low) =
+                    if high_bits { (&block[16..48], &block[48..176]) } else { (&block[0..0], &block[16..144]) };
+                for j in 0..8 {
+                    // Values of sub-block j: the low nibbles of a 32-byte chunk for even j, the high for odd.
+                    let (chunk, shift) = (&low[(j / 2) * 32..(j / 2) * 32 + 32], if j % 2 == 0 { 0 } else { 4 });
+                    let quants = std::array::from_fn(|l| {
+                        let nibble = i16::from((chunk[l] >> shift) & 0x0F);
+                        let fifth = if high_bits && high[l] & (1 << j) != 0 { 16 } else { 0 };
+                        nibble + fifth
+                    });
+                    let (scale, min) = scale_min(j);
+                    blocks.push(Block32 { quants, scales: [d * f32::from(scale); 2], min: dmin * f32::from(min) });
+                }
+            }
+        }
+        GgmlDType::Q6K => {
+            for block in data.chunks_exact(210) {
+                let (ql, qh, scales, d) = (&block[0..128], &block[128..192], &block[192..208], f16(&block[208..210]));
+                #[expect(clippy::cast_possible_wrap, reason = "Q6_K's scales are signed bytes")]
+                let scale = |index: usize| d * f32::from(scales[index] as i8);
+                let mut values = [0_i16; 256];
+                for half in 0..2 {
+                    let (ql, qh) = (&ql[half * 64..half * 64 + 64], &qh[half * 32..half * 32 + 32]);
+                    for l in 0..32 {
+                        let at = half * 128 + l;
+                        values[at] = i16::from((ql[l] & 0x0F) | ((qh[l] & 3) << 4)) - 32;
+                        values[at + 32] = i16::from((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) - 32;
+                        values[at + 64] = i16::from((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
+                        values[at + 96] = i16::from((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
+                    }
+                }
+                for j in 0..8 {
+                    let quants = std::array::from_fn(|l| values[j * 32 + l]);
+                    blocks.push(Block32 { quants, scales: [scale(2 * j), scale(2 * j + 1)], min: 0.0 });
+                }
+            }
+        }
+        _ => {}
+    }
+    blocks
 }
 
 /// The environment variable that caps the kernels' instructions: `portable`, `avx2` or `avx512vnni`
@@ -180,8 +306,11 @@ pub(crate) struct QMatrix {
     format: Format,
     /// Per group, per block, the scale of each of its rows: f16 bits, as GGUF has them (f32 would
     /// add a tenth to the bytes a Q4_0 product reads, and reading is what takes the time), as
-    /// borrowed from a graph's raw section where it lies or owned.
+    /// borrowed from a graph's raw section where it lies or owned; two per block for
+    /// [`Format::Q8Half`] (each group-block's: the four rows' first halves, then their second).
     scales: Scales,
+    /// Per group, per block, the min of each of its rows (f16 bits), for the formats with one.
+    mins: Scales,
     /// Per group, per block, the quants of each of its rows (`format.block_bytes()` each).
     quants: Quants,
     isa: Isa,
@@ -213,7 +342,7 @@ impl QMatrix {
         }
         let first = parts.first().ok_or_else(|| candle_core::Error::Msg("no matrix".to_owned()))?;
         let format = Format::of(first.dtype).ok_or_else(|| {
-            candle_core::Error::Msg(format!("{:?} matrices have no kernel (Q8_0, Q4_0)", first.dtype))
+            candle_core::Error::Msg(format!("{:?} matrices have no kernel (Q8_0, Q4_0, Q4_K, Q5_K, Q6_K)", first.dtype))
         })?;
         let cols = first.cols;
         if !cols.is_multiple_of(BLOCK) {
@@ -226,61 +355,89 @@ impl QMatrix {
             }
             rows += part.rows;
         }
-        let (per_row, block_bytes) = (cols / BLOCK, format.block_bytes());
+        let (per_row, block_bytes, halves) = (cols / BLOCK, format.block_bytes(), format.scales_per_block());
         let padded = rows.next_multiple_of(ROWS);
-        let mut scales = vec![0_u16; padded * per_row];
+        let mut scales = vec![0_u16; padded * per_row * halves];
+        let mut mins = vec![0_u16; if format.has_min() { padded * per_row } else { 0 }];
         let mut quants = vec![0; padded * per_row * block_bytes];
         // Signed Q8 quants become unsigned (+128) where the kernel multiplies unsigned by signed bytes.
         let flip = if bias(isa, format) == 128 { 0x80 } else { 0 };
-        // In GGUF, a block is its f16 scale, then its quants.
-        let stride = 2 + block_bytes;
+        let source_bytes = first.dtype.type_size() * cols / first.dtype.block_size();
+        let f16 = |value: f32| half::f16::from_f32(value).to_bits();
         let mut row = 0;
         for part in parts {
-            let data = part.data;
-            if data.len() != part.rows * per_row * stride {
-                candle_core::bail!("{} bytes for {} rows of {per_row} blocks of {stride}", data.len(), part.rows);
+            if part.data.len() != part.rows * source_bytes {
+                candle_core::bail!("{} bytes for {} rows of {source_bytes}", part.data.len(), part.rows);
             }
-            for row_data in data.chunks_exact(per_row * stride) {
+            for row_data in part.data.chunks_exact(source_bytes) {
                 let (group, lane) = (row / ROWS, row % ROWS);
-                for (block, data) in row_data.chunks_exact(stride).enumerate() {
+                for (block, decoded) in blocks32(first.dtype, row_data).into_iter().enumerate() {
                     let at = (group * per_row + block) * ROWS + lane;
-                    scales[at] = u16::from_le_bytes([data[0], data[1]]);
-                    for (quant, stored) in data[2..].iter().zip(&mut quants[at * block_bytes..(at + 1) * block_bytes]) {
-                        *stored = quant ^ flip;
+                    // Q8_0 and Q4_0 keep GGUF's f16 scale as it is: the same bits back.
+                    for (half, scale) in decoded.scales.iter().take(halves).enumerate() {
+                        scales[((group * per_row + block) * halves + half) * ROWS + lane] = f16(*scale);
+                    }
+                    if format.has_min() {
+                        mins[at] = f16(decoded.min);
+                    }
+                    let stored = &mut quants[at * block_bytes..(at + 1) * block_bytes];
+                    match format {
+                        Format::Q4 | Format::Q4Min => {
+                            let offset = if format == Format::Q4 { 8 } else { 0 };
+                            for (j, byte) in stored.iter_mut().enumerate() {
+                                #[expect(clippy::cast_sign_loss, clippy::cast_possible_truncation, reason = "nibbles")]
+                                let nibble = |value: i16| (value + offset) as u8 & 0x0F;
+                                *byte = nibble(decoded.quants[j]) | (nibble(decoded.quants[j + 16]) << 4);
+                            }
+                        }
+                        Format::Q8 | Format::Q8Min | Format::Q8Half => {
+                            for (byte, value) in stored.iter_mut().zip(decoded.quants) {
+                                #[expect(clippy::cast_sign_loss, clippy::cast_possible_truncation, reason = "a byte")]
+                                let byte_value = value as i8 as u8;
+                                *byte = byte_value ^ flip;
+                            }
+                        }
                     }
                 }
                 row += 1;
             }
         }
-        Ok(Self { rows, cols, format, scales: Scales::Owned(scales), quants: Quants::Owned(quants), isa })
+        Ok(Self {
+            rows,
+            cols,
+            format,
+            scales: Scales::Owned(scales),
+            mins: Scales::Owned(mins),
+            quants: Quants::Owned(quants),
+            isa,
+        })
     }
 
     /// The scales, as f16 bits.
     fn scales(&self) -> &[u16] {
-        match &self.scales {
-            Scales::Owned(scales) => scales,
-            Scales::Shared(bytes) => {
-                bytemuck::try_cast_slice(bytes.bytes()).expect("2-aligned: checked when the matrix was built")
-            }
-        }
+        self.scales.get()
+    }
+
+    /// The mins, as f16 bits (none for the formats without).
+    fn mins(&self) -> &[u16] {
+        self.mins.get()
     }
 
     /// The matrix's layout and bytes, to write into a compiled graph: its format, whether its Q8
-    /// quants are stored unsigned, its rows and columns, its scales (f16 bits) and its quants.
-    pub(crate) fn parts(&self) -> (Format, bool, usize, usize, &[u16], &[u8]) {
+    /// quants are stored unsigned, its rows and columns, its scales and mins (f16 bits) and its quants.
+    pub(crate) fn parts(&self) -> (Format, bool, usize, usize, &[u16], &[u16], &[u8]) {
         let unsigned = bias(self.isa, self.format) == 128;
-        (self.format, unsigned, self.rows, self.cols, self.scales(), self.quants.bytes())
+        (self.format, unsigned, self.rows, self.cols, self.scales(), self.mins(), self.quants.bytes())
     }
 
-    /// A matrix whose scales and quants are `scales` and `quants` (of a compiled graph's raw section),
-    /// for `isa`; Q8 quants stored `unsigned` (or not) are flipped into a copy where `isa` wants the
-    /// other. Lengths are checked against the dimensions.
+    /// A matrix whose scales, mins and quants are `scales`, `mins` and `quants` (of a compiled graph's
+    /// raw section), for `isa`; quants stored `unsigned` (or not) are flipped into a copy where `isa`
+    /// wants the other. Lengths are checked against the dimensions.
     pub(crate) fn from_parts(
         format: Format,
         unsigned: bool,
         (rows, cols): (usize, usize),
-        scales: Quants,
-        quants: Quants,
+        [scales, mins, quants]: [Quants; 3],
         isa: Isa,
     ) -> Result<Self, String> {
         if !isa.runs_here() {
@@ -290,22 +447,24 @@ impl QMatrix {
             return Err(format!("a matrix of {rows} × {cols}"));
         }
         let blocks = rows.next_multiple_of(ROWS) * (cols / BLOCK);
-        if scales.bytes().len() != blocks * 2 || quants.bytes().len() != blocks * format.block_bytes() {
+        let expected = [
+            blocks * 2 * format.scales_per_block(),
+            if format.has_min() { blocks * 2 } else { 0 },
+            blocks * format.block_bytes(),
+        ];
+        if [scales.bytes().len(), mins.bytes().len(), quants.bytes().len()] != expected {
             return Err(format!("a {rows} × {cols} matrix's bytes do not match its dimensions"));
         }
-        // Borrowed where 2-aligned (a raw section places them so; a file read into memory rather than
-        // mapped may not be), else read into a copy.
-        let scales = match bytemuck::try_cast_slice::<u8, u16>(scales.bytes()) {
-            Ok(_) => Scales::Shared(scales),
-            Err(_) => Scales::Owned(scales.bytes().chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect()),
-        };
         let wanted = bias(isa, format) == 128;
-        let quants = if format == Format::Q8 && wanted != unsigned {
+        if unsigned && !matches!(format, Format::Q8 | Format::Q8Half) {
+            return Err(format!("{format:?} quants are never stored flipped"));
+        }
+        let quants = if wanted != unsigned {
             Quants::Owned(quants.bytes().iter().map(|quant| quant ^ 0x80).collect())
         } else {
             quants
         };
-        Ok(Self { rows, cols, format, scales, quants, isa })
+        Ok(Self { rows, cols, format, scales: Scales::borrow(scales), mins: Scales::borrow(mins), quants, isa })
     }
 
     /// Rows of the matrix.
@@ -316,28 +475,35 @@ impl QMatrix {
     /// Bytes of its scales and quants.
     #[cfg(test)]
     pub(crate) fn bytes(&self) -> u64 {
-        (self.scales().len() * 2 + self.quants.bytes().len()) as u64
+        ((self.scales().len() + self.mins().len()) * 2 + self.quants.bytes().len()) as u64
     }
 
-    /// Row `row`, dequantized (an embedding looked up): exactly the values GGUF's blocks hold.
+    /// Row `row`, dequantized (an embedding looked up): the values the blocks hold.
     pub(crate) fn row(&self, row: usize) -> Vec<f32> {
         assert!(row < self.rows, "row {row} of {}", self.rows);
         let (group, lane, per_row) = (row / ROWS, row % ROWS, self.cols / BLOCK);
-        let block_bytes = self.format.block_bytes();
+        let (block_bytes, halves) = (self.format.block_bytes(), self.format.scales_per_block());
         #[expect(clippy::cast_possible_truncation, reason = "0 or 128: a byte")]
         let flip = bias(self.isa, self.format) as u8 & 0x80;
+        let f32_of = |bits: u16| half::f16::from_bits(bits).to_f32();
         let mut values = Vec::with_capacity(self.cols);
         for block in 0..per_row {
             let at = (group * per_row + block) * ROWS + lane;
-            let scale = half::f16::from_bits(self.scales()[at]).to_f32();
+            let scale = |half: usize| f32_of(self.scales()[((group * per_row + block) * halves + half) * ROWS + lane]);
+            let min = if self.format.has_min() { f32_of(self.mins()[at]) } else { 0.0 };
             let quants = &self.quants.bytes()[at * block_bytes..(at + 1) * block_bytes];
+            let value = |index: usize, quant: i16| f32::from(quant) * scale(index * halves / BLOCK) - min;
             match self.format {
-                #[expect(clippy::cast_possible_wrap, reason = "Q8 quants are signed bytes")]
-                Format::Q8 => values.extend(quants.iter().map(|quant| f32::from((quant ^ flip) as i8) * scale)),
-                Format::Q4 => {
-                    let nibble = |quant: u8| f32::from(i16::from(quant) - 8) * scale;
-                    values.extend(quants.iter().map(|quant| nibble(quant & 0x0F)));
-                    values.extend(quants.iter().map(|quant| nibble(quant >> 4)));
+                Format::Q8 | Format::Q8Min | Format::Q8Half => {
+                    #[expect(clippy::cast_possible_wrap, reason = "signed bytes, once unflipped")]
+                    let quant = |byte: u8| i16::from((byte ^ flip) as i8);
+                    values.extend(quants.iter().enumerate().map(|(index, byte)| value(index, quant(*byte))));
+                }
+                Format::Q4 | Format::Q4Min => {
+                    let offset = if self.format == Format::Q4 { 8 } else { 0 };
+                    let nibble = |quant: u8| i16::from(quant) - offset;
+                    values.extend(quants.iter().enumerate().map(|(index, byte)| value(index, nibble(byte & 0x0F))));
+                    values.extend(quants.iter().enumerate().map(|(index, byte)| value(index + 16, nibble(byte >> 4))));
                 }
             }
         }
@@ -382,10 +548,13 @@ impl QMatrix {
         }
         let per_group = self.cols / BLOCK * ROWS;
         let groups = first / ROWS..(first + len).div_ceil(ROWS);
-        let scales = &self.scales()[groups.start * per_group..groups.end * per_group];
+        let halves = self.format.scales_per_block();
+        let scales = &self.scales()[groups.start * per_group * halves..groups.end * per_group * halves];
+        let mins =
+            if self.format.has_min() { &self.mins()[groups.start * per_group..groups.end * per_group] } else { &[] };
         let block_bytes = self.format.block_bytes();
         let quants = &self.quants.bytes()[groups.start * per_group * block_bytes..groups.end * per_group * block_bytes];
-        rows_dot(self.isa, self.format, scales, quants, vectors, outs);
+        rows_dot(self.isa, self.format, [scales, mins], quants, vectors, outs);
     }
 }
 
@@ -412,11 +581,31 @@ impl Quants {
     }
 }
 
-/// A matrix's scales: its own while it is built, or 2-aligned bytes of a graph's raw section.
+/// A matrix's scales (or mins): its own while it is built, or 2-aligned bytes of a graph's raw section.
 #[derive(Debug, Clone)]
 enum Scales {
     Owned(Vec<u16>),
     Shared(Quants),
+}
+
+impl Scales {
+    /// `bytes`, borrowed where 2-aligned (a raw section places them so; a file read into memory rather
+    /// than mapped may not be), else read into a copy.
+    fn borrow(bytes: Quants) -> Self {
+        match bytemuck::try_cast_slice::<u8, u16>(bytes.bytes()) {
+            Ok(_) => Self::Shared(bytes),
+            Err(_) => Self::Owned(bytes.bytes().chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect()),
+        }
+    }
+
+    fn get(&self) -> &[u16] {
+        match self {
+            Self::Owned(scales) => scales,
+            Self::Shared(bytes) => {
+                bytemuck::try_cast_slice(bytes.bytes()).expect("2-aligned: checked when the matrix was built")
+            }
+        }
+    }
 }
 
 /// The anonymous mapping of [`share_arena`], as bytes.
@@ -457,6 +646,8 @@ pub(crate) fn share_arena(matrices: &mut [&mut QMatrix]) -> std::io::Result<()> 
 /// product with unsigned quants back into the signed one.
 pub(crate) struct Quantized {
     scales: Vec<f32>,
+    /// Per block, its scale times the sum of its quants: the block's sum, for the formats' mins.
+    sums: Vec<f32>,
     quants: Vec<i8>,
     /// Per block, 8 lanes: the sum of values 4l..4l+4, times minus the bias of the weights' unsigned
     /// quants (8 for Q4; 128 for Q8 stored unsigned).
@@ -484,17 +675,23 @@ impl Quantized {
             .chunks_exact(4)
             .map(|lane| -bias * lane.iter().map(|value| i32::from(*value)).sum::<i32>())
             .collect();
-        Self { scales, quants, corrections }
+        #[expect(clippy::cast_precision_loss, reason = "at most 32 × 127: exact in f32")]
+        let sums = quants
+            .chunks_exact(BLOCK)
+            .zip(&scales)
+            .map(|(block, scale)| block.iter().map(|value| i32::from(*value)).sum::<i32>() as f32 * scale)
+            .collect();
+        Self { scales, sums, quants, corrections }
     }
 }
 
-/// Each of `outs`' rows: the dot product of that row of blocks (`scales`, `quants`) with its vector
-/// (one vector for a decode step, two at once for a prompt: each out the same to the bit).
+/// Each of `outs`' rows: the dot product of that row of blocks (`scales` and `mins`, `quants`) with its
+/// vector (one vector for a decode step, two at once for a prompt: each out the same to the bit).
 #[allow(unsafe_code, reason = "calls the SIMD kernels for the instructions found on this CPU")]
 fn rows_dot<const N: usize>(
     isa: Isa,
     format: Format,
-    scales: &[u16],
+    [scales, mins]: [&[u16]; 2],
     quants: &[u8],
     vectors: [&Quantized; N],
     outs: [&mut [f32]; N],
@@ -503,15 +700,17 @@ fn rows_dot<const N: usize>(
     // The lengths every kernel relies on (the SIMD ones read whole blocks through pointers): whole
     // groups of rows, the last perhaps partly in the outs.
     assert!(outs.iter().all(|out| out.len() == outs[0].len()));
-    assert_eq!(scales.len(), outs[0].len().div_ceil(ROWS) * ROWS * per_row);
-    assert_eq!(quants.len(), scales.len() * format.block_bytes());
+    let blocks = outs[0].len().div_ceil(ROWS) * ROWS * per_row;
+    assert_eq!(scales.len(), blocks * format.scales_per_block());
+    assert_eq!(mins.len(), if format.has_min() { blocks } else { 0 });
+    assert_eq!(quants.len(), blocks * format.block_bytes());
     for vector in vectors {
         assert_eq!((vector.quants.len(), vector.corrections.len()), (per_row * BLOCK, per_row * 8));
     }
     match isa {
         Isa::Portable => {
             for (vector, out) in vectors.into_iter().zip(outs) {
-                portable::rows_dot(format, scales, quants, vector, out);
+                portable::rows_dot(format, [scales, mins], quants, vector, out);
             }
         }
         // SAFETY: the matrix was built for an `Isa` this CPU runs (`from_parts` and `from_raw` check
@@ -519,62 +718,85 @@ fn rows_dot<const N: usize>(
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => unsafe {
             match format {
-                Format::Q8 => x86::rows_q8_avx2(scales, quants, vectors, outs),
-                Format::Q4 => x86::rows_q4_avx2(scales, quants, vectors, outs),
+                Format::Q8 => x86::rows_q8_avx2(scales, mins, quants, vectors, outs),
+                Format::Q4 => x86::rows_q4_avx2(scales, mins, quants, vectors, outs),
+                Format::Q4Min => x86::rows_q4m_avx2(scales, mins, quants, vectors, outs),
+                Format::Q8Min => x86::rows_q8m_avx2(scales, mins, quants, vectors, outs),
+                Format::Q8Half => x86::rows_q8h_avx2(scales, mins, quants, vectors, outs),
             }
         },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512Vnni => unsafe {
             match format {
-                Format::Q8 => x86::rows_q8_vnni(scales, quants, vectors, outs),
-                Format::Q4 => x86::rows_q4_vnni(scales, quants, vectors, outs),
+                Format::Q8 => x86::rows_q8_vnni(scales, mins, quants, vectors, outs),
+                Format::Q4 => x86::rows_q4_vnni(scales, mins, quants, vectors, outs),
+                Format::Q4Min => x86::rows_q4m_vnni(scales, mins, quants, vectors, outs),
+                Format::Q8Min => x86::rows_q8m_vnni(scales, mins, quants, vectors, outs),
+                Format::Q8Half => x86::rows_q8h_vnni(scales, mins, quants, vectors, outs),
             }
         },
     }
 }
 
 /// The bias of a matrix's stored quants: they are signed bytes minus it, as unsigned bytes. Q4's
-/// nibbles are stored as they come (values + 8); Q8 quants are stored + 128 for VNNI, whose dot product
-/// multiplies unsigned bytes by signed ones.
+/// nibbles are stored as they come (values + 8); signed Q8 quants are stored + 128 for VNNI, whose dot
+/// product multiplies unsigned bytes by signed ones; the formats with a min store unsigned values.
 fn bias(isa: Isa, format: Format) -> i32 {
     match (format, isa) {
         (Format::Q4, _) => 8,
         #[cfg(target_arch = "x86_64")]
-        (Format::Q8, Isa::Avx512Vnni) => 128,
-        (Format::Q8, _) => 0,
+        (Format::Q8 | Format::Q8Half, Isa::Avx512Vnni) => 128,
+        (Format::Q8 | Format::Q8Half | Format::Q4Min | Format::Q8Min, _) => 0,
     }
 }
 
 mod portable {
     use super::{BLOCK, Format, Quantized, ROWS};
 
-    pub(super) fn rows_dot(format: Format, scales: &[u16], quants: &[u8], vector: &Quantized, out: &mut [f32]) {
+    pub(super) fn rows_dot(
+        format: Format,
+        [scales, mins]: [&[u16]; 2],
+        quants: &[u8],
+        vector: &Quantized,
+        out: &mut [f32],
+    ) {
         let per_row = vector.scales.len();
-        let block_bytes = format.block_bytes();
+        let (block_bytes, halves) = (format.block_bytes(), format.scales_per_block());
+        let f32_of = |bits: u16| half::f16::from_bits(bits).to_f32();
         for (row, out) in out.iter_mut().enumerate() {
             let (group, lane) = (row / ROWS, row % ROWS);
-            let mut sum = 0.0_f32;
+            let (mut sum, mut subtracted) = (0.0_f32, 0.0_f32);
             for block in 0..per_row {
                 let at = (group * per_row + block) * ROWS + lane;
                 let weights = &quants[at * block_bytes..(at + 1) * block_bytes];
                 let values = &vector.quants[block * BLOCK..(block + 1) * BLOCK];
+                // The integer dot product of each half of the block (one scale for both but for Q8Half).
                 #[expect(clippy::cast_possible_wrap, reason = "Q8 quants are signed bytes")]
-                let dot: i32 = match format {
-                    Format::Q8 => weights.iter().zip(values).map(|(w, v)| i32::from(*w as i8) * i32::from(*v)).sum(),
-                    Format::Q4 => weights
-                        .iter()
-                        .enumerate()
-                        .map(|(j, w)| {
-                            (i32::from(w & 0x0F) - 8) * i32::from(values[j])
-                                + (i32::from(w >> 4) - 8) * i32::from(values[j + BLOCK / 2])
-                        })
-                        .sum(),
+                let product = |index: usize| -> i32 {
+                    let value = i32::from(values[index]);
+                    match format {
+                        Format::Q8 | Format::Q8Half | Format::Q8Min => i32::from(weights[index] as i8) * value,
+                        Format::Q4 | Format::Q4Min => {
+                            let offset = if format == Format::Q4 { 8 } else { 0 };
+                            let byte = weights[index % 16];
+                            let nibble = if index < 16 { byte & 0x0F } else { byte >> 4 };
+                            (i32::from(nibble) - offset) * value
+                        }
+                    }
                 };
-                #[expect(clippy::cast_precision_loss, reason = "at most 32 × 127 × 128: exact in f32")]
-                let dot = dot as f32;
-                sum += dot * half::f16::from_bits(scales[at]).to_f32() * vector.scales[block];
+                for half in 0..halves {
+                    let span = BLOCK / halves;
+                    let dot: i32 = (half * span..(half + 1) * span).map(product).sum();
+                    let scale = f32_of(scales[((group * per_row + block) * halves + half) * ROWS + lane]);
+                    #[expect(clippy::cast_precision_loss, reason = "at most 32 × 127 × 128: exact in f32")]
+                    let dot = dot as f32;
+                    sum += dot * scale * vector.scales[block];
+                }
+                if format.has_min() {
+                    subtracted += f32_of(mins[at]) * vector.sums[block];
+                }
             }
-            *out = sum;
+            *out = sum - subtracted;
         }
     }
 }
@@ -591,12 +813,13 @@ mod x86 {
     //! products; its two scales multiply it once, into a float accumulator per row.
 
     use std::arch::x86_64::{
-        __m256, __m256i, _MM_HINT_T1, _mm_add_ps, _mm_add_ss, _mm_cvtph_ps, _mm_cvtss_f32, _mm_loadl_epi64,
-        _mm_loadu_si128, _mm_movehdup_ps, _mm_movehl_ps, _mm_mul_ps, _mm_prefetch, _mm_set1_ps, _mm_srli_epi16,
-        _mm256_add_epi32, _mm256_and_si256, _mm256_castps128_ps256, _mm256_castps256_ps128, _mm256_castsi128_si256,
-        _mm256_cvtepi32_ps, _mm256_dpbusd_epi32, _mm256_extractf128_ps, _mm256_fmadd_ps, _mm256_insertf128_si256,
-        _mm256_loadu_si256, _mm256_madd_epi16, _mm256_maddubs_epi16, _mm256_permutevar8x32_ps, _mm256_set1_epi8,
-        _mm256_set1_epi16, _mm256_set1_epi32, _mm256_setzero_ps, _mm256_sign_epi8,
+        __m256, __m256i, _MM_HINT_T1, _mm_add_ps, _mm_add_ss, _mm_cvtph_ps, _mm_cvtss_f32, _mm_fmadd_ps,
+        _mm_loadl_epi64, _mm_loadu_si128, _mm_movehdup_ps, _mm_movehl_ps, _mm_prefetch, _mm_set1_ps, _mm_setzero_ps,
+        _mm_srli_epi16, _mm_storeu_ps, _mm256_add_epi32, _mm256_and_si256, _mm256_castps128_ps256,
+        _mm256_castps256_ps128, _mm256_castsi128_si256, _mm256_cvtepi32_ps, _mm256_cvtph_ps, _mm256_dpbusd_epi32,
+        _mm256_extractf128_ps, _mm256_fmadd_ps, _mm256_insertf128_si256, _mm256_loadu_si256, _mm256_madd_epi16,
+        _mm256_maddubs_epi16, _mm256_mul_ps, _mm256_permutevar8x32_ps, _mm256_set1_epi8, _mm256_set1_epi16,
+        _mm256_set1_ps, _mm256_setr_epi32, _mm256_setzero_ps, _mm256_sign_epi8,
     };
 
     use super::{BLOCK, Quantized, ROWS};
@@ -669,25 +892,34 @@ mod x86 {
     /// prompt's matrix products read a tile of rows for every token, and the cache's bandwidth, not the
     /// arithmetic, was their limit).
     macro_rules! rows_kernel {
-        ($name:ident, $features:literal, $dot:ident, $block_bytes:expr) => {
+        ($name:ident, $features:literal, $dot:ident, $block_bytes:expr, $half:expr, $min:expr) => {
             #[target_feature(enable = $features)]
             pub(super) unsafe fn $name<const N: usize>(
                 scales: &[u16],
+                mins: &[u16],
                 quants: &[u8],
                 vectors: [&Quantized; N],
                 mut outs: [&mut [f32]; N],
             ) {
                 let per_row = vectors[0].scales.len();
+                let halves = if $half { 2 } else { 1 };
                 let values = vectors.map(|vector| vector.quants.as_ptr().cast::<u8>());
                 let corrections = vectors.map(|vector| vector.corrections.as_ptr().cast::<u8>());
-                // Lane r of a vector of scales, broadcast.
-                let lanes: [__m256i; ROWS] =
-                    [_mm256_set1_epi32(0), _mm256_set1_epi32(1), _mm256_set1_epi32(2), _mm256_set1_epi32(3)];
+                // Which lanes of a group-block's scales row r takes: its one scale in all eight lanes,
+                // or (two scales a block) its first-half scale in lanes 0..4, whose sums cover values
+                // 0..16, and its second-half one in lanes 4..8.
+                let lanes: [__m256i; ROWS] = std::array::from_fn(|row| {
+                    #[expect(clippy::cast_possible_truncation, clippy::cast_possible_wrap, reason = "0..8")]
+                    let (first, second) = (row as i32, if $half { row as i32 + 4 } else { row as i32 });
+                    _mm256_setr_epi32(first, first, first, first, second, second, second, second)
+                });
                 let groups = outs[0].len().div_ceil(ROWS);
                 for group in 0..groups {
-                    let scales = &scales[group * per_row * ROWS..(group + 1) * per_row * ROWS];
+                    let scales = &scales[group * per_row * ROWS * halves..(group + 1) * per_row * ROWS * halves];
                     let quants = quants[group * per_row * ROWS * $block_bytes..].as_ptr();
                     let mut sums = [[_mm256_setzero_ps(); ROWS]; N];
+                    // The four rows' mins times each block's sum, subtracted at the end.
+                    let mut subtracted = [_mm_setzero_ps(); N];
                     for block in 0..per_row {
                         // SAFETY: block < per_row, and each vector holds per_row blocks and corrections.
                         let (value, correction): ([__m256i; N], [__m256i; N]) = unsafe {
@@ -696,13 +928,28 @@ mod x86 {
                                 corrections.map(|corrections| load(corrections.add(block * 32))),
                             )
                         };
-                        // The four rows' scales (f16 → f32 in one instruction), times each vector's.
-                        // SAFETY: the group holds per_row × ROWS scales.
+                        // The rows' scales (f16 → f32 in one instruction), times each vector's.
+                        // SAFETY: the group holds per_row × ROWS × halves scales.
+                        let row_scales = unsafe {
+                            if $half {
+                                _mm256_cvtph_ps(_mm_loadu_si128(scales.as_ptr().add(block * ROWS * 2).cast()))
+                            } else {
+                                _mm256_castps128_ps256(_mm_cvtph_ps(_mm_loadl_epi64(
+                                    scales.as_ptr().add(block * ROWS).cast(),
+                                )))
+                            }
+                        };
                         let row_scales =
-                            _mm_cvtph_ps(unsafe { _mm_loadl_epi64(scales.as_ptr().add(block * ROWS).cast()) });
-                        let row_scales = vectors.map(|vector| {
-                            _mm256_castps128_ps256(_mm_mul_ps(row_scales, _mm_set1_ps(vector.scales[block])))
-                        });
+                            vectors.map(|vector| _mm256_mul_ps(row_scales, _mm256_set1_ps(vector.scales[block])));
+                        if $min {
+                            // SAFETY: the group's mins are per_row × ROWS, as its scales.
+                            let row_mins = _mm_cvtph_ps(unsafe {
+                                _mm_loadl_epi64(mins.as_ptr().add((group * per_row + block) * ROWS).cast())
+                            });
+                            for (subtracted, vector) in subtracted.iter_mut().zip(vectors) {
+                                *subtracted = _mm_fmadd_ps(row_mins, _mm_set1_ps(vector.sums[block]), *subtracted);
+                            }
+                        }
                         // The stream a few blocks ahead, asked for now: one core keeps too few misses in
                         // flight for the hardware prefetcher alone. (A hint: it never faults, even past
                         // the end, hence the wrapping address.)
@@ -719,11 +966,14 @@ mod x86 {
                             }
                         }
                     }
-                    for (out, sums) in outs.iter_mut().zip(sums) {
+                    for ((out, sums), subtracted) in outs.iter_mut().zip(sums).zip(subtracted) {
+                        let mut mins = [0.0_f32; ROWS];
+                        // SAFETY: four floats into four.
+                        unsafe { _mm_storeu_ps(mins.as_mut_ptr(), subtracted) };
                         let end = ((group + 1) * ROWS).min(out.len());
                         let out = &mut out[group * ROWS..end];
-                        for (out, sum) in out.iter_mut().zip(sums) {
-                            *out = sum_lanes(sum);
+                        for ((out, sum), min) in out.iter_mut().zip(sums).zip(mins) {
+                            *out = if $min { sum_lanes(sum) - min } else { sum_lanes(sum) };
                         }
                     }
                 }
@@ -731,10 +981,16 @@ mod x86 {
         };
     }
 
-    rows_kernel!(rows_q8_avx2, "avx2,fma,f16c", dot_q8_avx2, BLOCK);
-    rows_kernel!(rows_q4_avx2, "avx2,fma,f16c", dot_q4_avx2, BLOCK / 2);
-    rows_kernel!(rows_q8_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", dot_q8_vnni, BLOCK);
-    rows_kernel!(rows_q4_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", dot_q4_vnni, BLOCK / 2);
+    rows_kernel!(rows_q8_avx2, "avx2,fma,f16c", dot_q8_avx2, BLOCK, false, false);
+    rows_kernel!(rows_q4_avx2, "avx2,fma,f16c", dot_q4_avx2, BLOCK / 2, false, false);
+    rows_kernel!(rows_q4m_avx2, "avx2,fma,f16c", dot_q4_avx2, BLOCK / 2, false, true);
+    rows_kernel!(rows_q8m_avx2, "avx2,fma,f16c", dot_q8_avx2, BLOCK, false, true);
+    rows_kernel!(rows_q8h_avx2, "avx2,fma,f16c", dot_q8_avx2, BLOCK, true, false);
+    rows_kernel!(rows_q8_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", dot_q8_vnni, BLOCK, false, false);
+    rows_kernel!(rows_q4_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", dot_q4_vnni, BLOCK / 2, false, false);
+    rows_kernel!(rows_q4m_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", dot_q4_vnni, BLOCK / 2, false, true);
+    rows_kernel!(rows_q8m_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", dot_q8_vnni, BLOCK, false, true);
+    rows_kernel!(rows_q8h_vnni, "avx2,fma,f16c,avx512vnni,avx512vl", dot_q8_vnni, BLOCK, true, false);
 }
 
 #[cfg(test)]
@@ -895,6 +1151,36 @@ mod tests {
                 let (mut pair_a, mut pair_b) = (vec![0.0; 12], vec![0.0; 12]);
                 matrix.matvec_quantized([&a, &b], 0, [&mut pair_a, &mut pair_b]);
                 assert_eq!((pair_a, pair_b), (one_a, one_b), "{isa:?} {dtype:?}");
+            }
+        }
+    }
+
+    // Would catch: a K-quant block unpacked wrong (a scale or min of another sub-block, a nibble or a high
+    // bit misplaced, a half-block scale on the wrong half), on every kernel this CPU runs. The repacked
+    // scales and mins are rounded to f16 (llama.cpp multiplies the 6-bit ones out in f32), hence a
+    // tolerance of a thousandth of the terms' magnitudes rather than f32 rounding.
+    #[test]
+    fn k_quant_blocks_repacked_give_the_products_of_their_values() {
+        let (rows, cols) = (21, 512);
+        #[expect(clippy::cast_precision_loss, reason = "test values")]
+        let x: Vec<f32> = (0..cols).map(|i| ((i * 31 % 17) as f32 - 8.0) / 4.0).collect();
+        for isa in Isa::available() {
+            for dtype in [GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K] {
+                let (matrix, weights) = matrix(rows, cols, dtype, isa);
+                let mut out = vec![0.0; rows];
+                matrix.matvec(&x, &mut out);
+                for (row, (got, (want, size))) in out.iter().zip(reference(&weights, &x)).enumerate() {
+                    assert!(
+                        (f64::from(*got) - want).abs() <= 1e-3 * size,
+                        "{dtype:?} {isa:?} row {row}: {got} vs {want}"
+                    );
+                }
+                // A row looked up is the row's values, to the same rounding (of its largest).
+                let want = &weights[5 * cols..6 * cols];
+                let largest = want.iter().fold(0.0_f32, |largest, value| largest.max(value.abs()));
+                for (got, want) in matrix.row(5).iter().zip(want) {
+                    assert!((got - want).abs() <= 1e-3 * largest, "{dtype:?} row 5: {got} vs {want}");
+                }
             }
         }
     }

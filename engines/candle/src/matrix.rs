@@ -6,19 +6,23 @@
 use candle_core::quantized::GgmlDType;
 
 use crate::config::{Refused, first_line};
-use crate::kernel::{Format, Isa, QMatrix, Quantized, Quants, Raw};
+use crate::kernel::{Format, Isa, QMatrix, Quantized, Quants, ROWS, Raw};
 
 /// A matrix of the forward pass.
 #[derive(Debug)]
 pub(crate) enum Matrix {
     Quantized(QMatrix),
     Dense(Dense),
+    /// Matrices of different quantized formats stacked (a `Q4_K_M` file's query and key projections in
+    /// Q4_K, its value projection in Q6_K), each of whole groups of rows.
+    Stacked(Vec<Matrix>),
 }
 
 /// A vector made ready for one matrix's products.
 pub(crate) enum Prepared<'a> {
     Quantized(Quantized),
     Dense(&'a [f32]),
+    Stacked(Vec<Prepared<'a>>),
 }
 
 /// Rows of f32 values: its own, or 4-aligned bytes of a compiled graph's raw section.
@@ -75,8 +79,19 @@ impl Matrix {
     /// `parts` (of one width) stacked, rows one after the other: projections of the same vector take
     /// one product.
     pub(crate) fn from_raw(parts: &[Raw<'_>], isa: Isa) -> Result<Self, Refused> {
+        let quantized = |parts: &[Raw<'_>]| {
+            QMatrix::from_raw(parts, isa).map(Self::Quantized).map_err(|error| Refused(first_line(&error)))
+        };
         if format(parts.iter().map(|part| part.dtype)).is_some() {
-            return QMatrix::from_raw(parts, isa).map(Self::Quantized).map_err(|error| Refused(first_line(&error)));
+            return quantized(parts);
+        }
+        let each_runs = parts.iter().all(|part| Format::of(part.dtype).is_some() && part.rows.is_multiple_of(ROWS));
+        if each_runs && parts.len() > 1 {
+            return parts
+                .iter()
+                .map(|part| quantized(std::slice::from_ref(part)))
+                .collect::<Result<_, _>>()
+                .map(Self::Stacked);
         }
         let cols = parts.first().map_or(0, |part| part.cols);
         let mut values = Vec::with_capacity(parts.iter().map(|part| part.rows * part.cols).sum());
@@ -95,6 +110,7 @@ impl Matrix {
         match self {
             Self::Quantized(matrix) => matrix.bytes(),
             Self::Dense(matrix) => (matrix.values().len() * 4) as u64,
+            Self::Stacked(parts) => parts.iter().map(Self::bytes).sum(),
         }
     }
 
@@ -102,6 +118,7 @@ impl Matrix {
         match self {
             Self::Quantized(matrix) => matrix.rows(),
             Self::Dense(matrix) => matrix.rows,
+            Self::Stacked(parts) => parts.iter().map(Self::rows).sum(),
         }
     }
 
@@ -110,7 +127,32 @@ impl Matrix {
         match self {
             Self::Quantized(matrix) => matrix.row(row),
             Self::Dense(matrix) => matrix.values()[row * matrix.cols..][..matrix.cols].to_vec(),
+            Self::Stacked(parts) => {
+                let mut row = row;
+                for part in parts {
+                    if row < part.rows() {
+                        return part.row(row);
+                    }
+                    row -= part.rows();
+                }
+                panic!("a row past the stack's")
+            }
         }
+    }
+
+    /// The parts of a stack that rows `first..first + len` cross: each part's index, the first of its
+    /// rows taken, and where its rows go in the output.
+    fn pieces(parts: &[Self], first: usize, len: usize) -> Vec<(usize, usize, std::ops::Range<usize>)> {
+        let mut pieces = Vec::new();
+        let mut start = 0;
+        for (index, part) in parts.iter().enumerate() {
+            let (from, to) = (first.max(start), (first + len).min(start + part.rows()));
+            if from < to {
+                pieces.push((index, from - start, from - first..to - first));
+            }
+            start += part.rows();
+        }
+        pieces
     }
 
     /// Rows `first..first + out.len()` of `self · x`; `first` starts a group of [`ROWS`].
@@ -124,6 +166,7 @@ impl Matrix {
         match self {
             Self::Quantized(matrix) => Prepared::Quantized(matrix.quantize(x)),
             Self::Dense(_) => Prepared::Dense(x),
+            Self::Stacked(parts) => Prepared::Stacked(parts.iter().map(|part| part.prepare(x)).collect()),
         }
     }
 
@@ -133,6 +176,13 @@ impl Matrix {
         match (self, xs) {
             (Self::Quantized(matrix), [Prepared::Quantized(a), Prepared::Quantized(b)]) => {
                 matrix.matvec_quantized([a, b], first, outs);
+            }
+            (Self::Stacked(parts), [Prepared::Stacked(a), Prepared::Stacked(b)]) => {
+                let [out_a, out_b] = outs;
+                for (index, at, range) in Self::pieces(parts, first, out_a.len()) {
+                    let outs = [&mut out_a[range.clone()], &mut out_b[range]];
+                    parts[index].matvec_prepared_pair([&a[index], &b[index]], at, outs);
+                }
             }
             _ => {
                 let [out_a, out_b] = outs;
@@ -153,15 +203,21 @@ impl Matrix {
                     *out = crate::model::dot(&values[(first + index) * matrix.cols..][..matrix.cols], x);
                 }
             }
+            (Self::Stacked(parts), Prepared::Stacked(xs)) => {
+                for (index, at, range) in Self::pieces(parts, first, out.len()) {
+                    parts[index].matvec_prepared(&xs[index], at, &mut out[range]);
+                }
+            }
             _ => unreachable!("a vector prepared by this matrix"),
         }
     }
 
-    /// The quantized matrix, to move into a model's arena.
-    pub(crate) fn quantized(&mut self) -> Option<&mut QMatrix> {
+    /// The quantized matrices, to move into a model's arena.
+    pub(crate) fn quantized(&mut self) -> Vec<&mut QMatrix> {
         match self {
-            Self::Quantized(matrix) => Some(matrix),
-            Self::Dense(_) => None,
+            Self::Quantized(matrix) => vec![matrix],
+            Self::Dense(_) => Vec::new(),
+            Self::Stacked(parts) => parts.iter_mut().flat_map(Self::quantized).collect(),
         }
     }
 }

@@ -182,7 +182,7 @@ impl Model {
             .flat_map(|layer| [&mut layer.wqkv, &mut layer.wo, &mut layer.w13, &mut layer.w2])
             .chain([&mut output])
             .chain(embeddings.as_mut())
-            .filter_map(Matrix::quantized)
+            .flat_map(Matrix::quantized)
             .collect();
         share_arena(&mut matrices).map_err(|error| Refused(format!("mapping memory for the weights: {error}")))?;
         let rope_factors = file.rope_factors.clone();
