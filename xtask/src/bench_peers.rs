@@ -14,12 +14,16 @@
 //! best is AVX-512 VNNI a column shows the AVX2 kernels too); llama.cpp is built for this CPU, from
 //! source, by the `llama-cpp-2` crate in `peers/llama-cpp` (a workspace of its own, out of the default
 //! build and of `cargo test`); it needs cmake and libclang, installed from Debian's packages when missing.
+//!
+//! `--real` measures another table instead ([`real`]): models of real shapes, through the `usine` binary.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 
 use anyhow::{Context as _, Result, bail, ensure};
 use serde_json::Value;
+
+pub(crate) mod real;
 
 const SIZES: [&str; 2] = ["17m", "58m"];
 const QUANTIZATIONS: [&str; 2] = ["q8_0", "q4_0"];

@@ -6,7 +6,8 @@
 //!   loopback, and checks what a deployment would see.
 //! - `bench-http`: tokens/s through `usine serve` to local clients with the zero-cost engine.
 //! - `train`, `random-model`: the candle engine's models (see `model.rs`).
-//! - `bench-peers`: the candle engine against llama.cpp (see `bench_peers.rs`).
+//! - `bench-peers`: the candle engine against llama.cpp (see `bench_peers.rs`); `--real` on models of real
+//!   shapes through the `usine` binary (see `bench_peers/real.rs`).
 //! - `parity`: the candle engine's logits and greedy tokens against llama.cpp's, per architecture and
 //!   weight type (see `parity.rs`); `parity --bless` writes llama.cpp's logits on the smallest files into
 //!   the engine's test fixtures.
@@ -31,7 +32,7 @@ mod tolerance;
 const USAGE: &str = "usage: cargo xtask <verb>\n\nverbs:\n  tidy         check the architecture invariants of ARCHITECTURE.md\n  \
                      integration  run usine serve with Prometheus and the OpenAI client on loopback, and check it\n  \
                      bench-http   tokens/s streamed through usine serve with the zero engine, 1 and 100 streams\n  \
-                     bench-peers  the candle engine against llama.cpp on the same GGUF files (17M, 58M; Q8_0, Q4_0); --busy beside a process spinning on a core\n  \
+                     bench-peers  the candle engine against llama.cpp on the same GGUF files (17M, 58M; Q8_0, Q4_0); --busy beside a process spinning on a core; --real: usine run on Qwen2.5-0.5B and TinyLlama-1.1B shapes (Q8_0, Q4_K_M), decode, prefill and cached load\n  \
                      parity       the candle engine's logits and greedy tokens against llama.cpp's, every weight type; tiny llama and qwen2, or --preset qwen2.5-0.5b|tinyllama-1.1b (2 layers); --bless rewrites the engine's test fixtures of llama.cpp's logits\n  \
                      train        train the candle engine's tiny byte-level llama (writes its committed weights)\n  \
                      random-model 17m|58m OUT: random weights of that size, for speed work";
@@ -59,12 +60,12 @@ fn main() -> Result<ExitCode> {
         }
         Some("bench-peers") => {
             let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace root");
-            let busy = match std::env::args().nth(2).as_deref() {
-                None => false,
-                Some("--busy") => true,
-                Some(other) => bail!("bench-peers takes `--busy` or nothing, not `{other}`"),
-            };
-            bench_peers::run(root, busy)
+            match std::env::args().nth(2).as_deref() {
+                None => bench_peers::run(root, false),
+                Some("--busy") => bench_peers::run(root, true),
+                Some("--real") => bench_peers::real::run(root),
+                Some(other) => bail!("bench-peers takes `--busy`, `--real` or nothing, not `{other}`"),
+            }
         }
         Some("parity") => {
             let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace root");

@@ -3,9 +3,11 @@
 //! - `MODEL.gguf THREADS TOKENS PROMPT_IDS`: the same work as usine's `speed run`: from the GGUF file on
 //!   disk to the first token ready (load the file, make a context, decode the prompt, the first greedy
 //!   token), then the other greedy tokens one at a time. The prompt comes as token ids (usine's), so that
-//!   both sides start from the same ones. Prints the times, the greedy tokens, and at each step the
-//!   runner-up and its logit's gap to the best, for the comparison's near-ties, and the CPU time other
-//!   programs took meanwhile.
+//!   both sides start from the same ones; the context holds the prompt and the tokens, as many as
+//!   they are. Prints the times (`load_seconds`: the file mapped and the model ready;
+//!   `first_token_seconds`: from before the load), the greedy tokens, and at each step the runner-up
+//!   and its logit's gap to the best, for the comparison's near-ties, and the CPU time other programs
+//!   took meanwhile.
 //! - `logits MODEL.gguf THREADS IDS OUT.bin`: teacher-forced, the ids decoded one position at a time,
 //!   and the logits of every position written to `OUT.bin` (little-endian f32, positions × vocab,
 //!   row-major). Prints the vocabulary's size and the positions.
@@ -22,8 +24,6 @@ use llama_cpp_2::token::LlamaToken;
 
 type Error = Box<dyn std::error::Error>;
 
-/// The context, in tokens: the prompt and the greedy tokens must fit.
-const CONTEXT: u32 = 512;
 /// The least context of `logits`, which otherwise holds just its ids.
 const LOGITS_CONTEXT: u32 = 64;
 /// llama.h's `LLAMA_FLASH_ATTN_TYPE_DISABLED` (`llama-cpp-sys-2`, which names it, is no dependency here).
@@ -141,12 +141,15 @@ fn logits(gguf: &str, threads: i32, ids: &[LlamaToken], out: &str) -> Result<(),
 
 /// Greedy decoding after a prompt, timed (see the file's doc).
 fn greedy(gguf: &str, threads: i32, tokens: usize, prompt: &[LlamaToken]) -> Result<(), Error> {
-    if prompt.is_empty() || tokens < 2 || prompt.len() + tokens > CONTEXT as usize {
-        return Err(format!("a prompt of 1 or more tokens and 2 or more tokens to generate, {CONTEXT} in all").into());
+    if prompt.is_empty() || tokens < 2 {
+        return Err("a prompt of 1 or more tokens and 2 or more tokens to generate".into());
     }
     let backend = backend()?;
+    // The context holds the prompt and the greedy tokens, and a batch the whole prompt (one decode).
+    let context_size = u32::try_from(prompt.len() + tokens)?;
     let params = LlamaContextParams::default()
-        .with_n_ctx(NonZeroU32::new(CONTEXT))
+        .with_n_ctx(NonZeroU32::new(context_size))
+        .with_n_batch(context_size)
         .with_n_threads(threads)
         .with_n_threads_batch(threads);
     let ticks = cpu_ticks()?;
@@ -154,7 +157,7 @@ fn greedy(gguf: &str, threads: i32, tokens: usize, prompt: &[LlamaToken]) -> Res
     let model = LlamaModel::load_from_file(&backend, gguf, &LlamaModelParams::default())?;
     let loaded = start.elapsed();
     let mut context = model.new_context(&backend, params)?;
-    let mut batch = LlamaBatch::new(CONTEXT as usize, 1);
+    let mut batch = LlamaBatch::new(prompt.len(), 1);
     let last = prompt.len() - 1;
     for (position, token) in prompt.iter().enumerate() {
         batch.add(*token, i32::try_from(position)?, &[0], position == last)?;
