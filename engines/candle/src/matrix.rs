@@ -1,7 +1,6 @@
 //! A weight matrix of a model, as the forward pass multiplies it: quantized for the kernels of
-//! `kernel.rs` (Q8_0, Q4_0), or dense f32 for every other type (F32, F16, BF16, and the K-quants,
-//! dequantized exactly at load: correct, but read at 32 bits a weight; own K-quant kernels are the
-//! next step).
+//! `kernel.rs` (Q8_0, Q4_0, and the K-quants Q4_K, Q5_K, Q6_K repacked), a stack of such matrices of
+//! different formats, or dense f32 for the float types (F32, F16, BF16, converted exactly at compile).
 
 use candle_core::quantized::GgmlDType;
 

@@ -186,7 +186,7 @@ impl Model {
             .collect();
         share_arena(&mut matrices).map_err(|error| Refused(format!("mapping memory for the weights: {error}")))?;
         let rope_factors = file.rope_factors.clone();
-        let prefill_tuner = Mutex::new(Tuner::new(tuner.lock().map_or(1, |tuner| tuner.team_size())));
+        let prefill_tuner = Mutex::new(Tuner::patient(tuner.lock().map_or(1, |tuner| tuner.team_size())));
         Ok(Self { config, embeddings, layers, norm, output, rope_factors, tuner, prefill_tuner })
     }
 
@@ -243,7 +243,7 @@ impl Model {
                 w2: graph.matrix(&name("w2"), (dim, config.ffn), isa)?,
             });
         }
-        let prefill_tuner = Mutex::new(Tuner::new(tuner.lock().map_or(1, |tuner| tuner.team_size())));
+        let prefill_tuner = Mutex::new(Tuner::patient(tuner.lock().map_or(1, |tuner| tuner.team_size())));
         Ok(Self { config, embeddings, layers, norm, output, rope_factors, tuner, prefill_tuner })
     }
 

@@ -228,6 +228,13 @@ impl Tuner {
         self.counts.last().copied().unwrap_or(1)
     }
 
+    /// A tuner for long passes (a prompt's, 64 tokens each): it first probes after [`MIN_INTERVAL`]
+    /// passes rather than [`FIRST_PROBE`], since a probe of one thread costs a whole long pass and a
+    /// prompt of 512 tokens is only 8 of them (the early probes took a third of a prompt's passes).
+    pub(crate) fn patient(threads: usize) -> Self {
+        Self { until_probe: MIN_INTERVAL, ..Self::new(threads) }
+    }
+
     pub(crate) fn new(threads: usize) -> Self {
         let mut counts: Vec<usize> =
             std::iter::successors(Some(1_usize), |n| n.checked_mul(2)).take_while(|&n| n < threads).collect();
@@ -468,6 +475,15 @@ mod tests {
         let used = tune(&mut tuner, 1000, quiet);
         let back = used.windows(100).position(|window| window.iter().all(|&threads| threads == 2)).unwrap();
         assert!(back <= MAX_INTERVAL as usize + WINDOW + 1, "back to two threads after {back} passes");
+    }
+
+    /// A prompt's tuner runs every thread through a prompt's passes before its first probe.
+    #[test]
+    fn a_patient_tuner_probes_only_after_the_longest_prompt_of_passes() {
+        let mut tuner = Tuner::patient(2);
+        let used = tune(&mut tuner, 40, |threads| if threads == 2 { 1e-2 } else { 1.8e-2 });
+        let first_probe = used.iter().position(|&threads| threads == 1).unwrap();
+        assert_eq!(first_probe, MIN_INTERVAL as usize + 1, "the cold pass, then {MIN_INTERVAL} passes: {used:?}");
     }
 
     /// One thread: nothing to choose, nothing probed. Four threads: it tries two, then one, when they
