@@ -19,7 +19,7 @@ use usine_engine::EngineError;
 pub(crate) use crate::shape::BLOCK;
 
 /// How the quants of a matrix are stored, per block of 32 values (the K-quants' 256-value blocks are
-/// repacked as eight of these, their 6-bit scales and mins multiplied out into f16 ones).
+/// repacked as eight of these).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Format {
     /// One signed byte per value and a scale (llama.cpp's Q8_0).
@@ -27,10 +27,11 @@ pub(crate) enum Format {
     /// Two values per byte: in each block of 16 bytes, the low nibbles hold values 0..16 and the high
     /// nibbles values 16..32, each offset by 8 (llama.cpp's Q4_0); a scale.
     Q4,
-    /// Nibbles as [`Format::Q4`] but unsigned (0..=15), a scale and a min: value = scale × q − min
-    /// (llama.cpp's Q4_K).
+    /// Nibbles as [`Format::Q4`] but unsigned (0..=15), a scale and a min: value = d × sc × q − dmin × m,
+    /// with 6-bit `sc` and `m` per block and f16 `d` and `dmin` per 8 blocks, as llama.cpp's Q4_K has
+    /// them (products exact in f32).
     Q4Min,
-    /// One unsigned byte per value (0..=31), a scale and a min (llama.cpp's Q5_K).
+    /// One unsigned byte per value (0..=31), a scale and a min as [`Format::Q4Min`] (llama.cpp's Q5_K).
     Q8Min,
     /// One signed byte per value (−32..=31) and a scale for each half of the block (llama.cpp's Q6_K,
     /// whose scales cover 16 values).
@@ -86,12 +87,16 @@ impl Format {
 }
 
 /// One block of 32 values as the formats store it: the quants (signed, or unsigned for the formats with
-/// a min), and f32 scales and min before they are rounded to f16.
+/// a min), and f32 scales before they are rounded to f16; for the formats with a min, the block's 6-bit
+/// scale and min and its 256-value block's f16 `d` and `dmin` (bits) instead.
 struct Block32 {
     quants: [i16; BLOCK],
     scales: [f32; 2],
-    min: f32,
+    exact: (u8, u8, u16, u16),
 }
+
+/// Blocks of 32 values that share a K-quant's `d` and `dmin`.
+pub(crate) const SUPER: usize = 8;
 
 /// The blocks of 32 values of one row of GGUF `dtype` (`data` holds whole blocks of it).
 fn blocks32(dtype: GgmlDType, data: &[u8]) -> Vec<Block32> {
@@ -103,7 +108,7 @@ fn blocks32(dtype: GgmlDType, data: &[u8]) -> Vec<Block32> {
                 let scale = f16(block);
                 #[expect(clippy::cast_possible_wrap, reason = "Q8_0's quants are signed bytes")]
                 let quants = std::array::from_fn(|i| i16::from(block[2 + i] as i8));
-                blocks.push(Block32 { quants, scales: [scale; 2], min: 0.0 });
+                blocks.push(Block32 { quants, scales: [scale; 2], exact: (0, 0, 0, 0) });
             }
         }
         GgmlDType::Q4_0 => {
@@ -113,13 +118,14 @@ fn blocks32(dtype: GgmlDType, data: &[u8]) -> Vec<Block32> {
                     let byte = block[2 + i % 16];
                     i16::from(if i < 16 { byte & 0x0F } else { byte >> 4 }) - 8
                 });
-                blocks.push(Block32 { quants, scales: [scale; 2], min: 0.0 });
+                blocks.push(Block32 { quants, scales: [scale; 2], exact: (0, 0, 0, 0) });
             }
         }
         GgmlDType::Q4K | GgmlDType::Q5K => {
             let (stride, high_bits) = if dtype == GgmlDType::Q4K { (144, false) } else { (176, true) };
             for block in data.chunks_exact(stride) {
                 let (d, dmin, packed) = (f16(&block[0..2]), f16(&block[2..4]), &block[4..16]);
+                let bits = |at: usize| u16::from_le_bytes([block[at], block[at + 1]]);
                 // Eight 6-bit scales and mins, packed in 12 bytes.
                 let scale_min = |j: usize| -> (u8, u8) {
                     if j < 4 {
@@ -142,7 +148,12 @@ fn blocks32(dtype: GgmlDType, data: &[u8]) -> Vec<Block32> {
                         nibble + fifth
                     });
                     let (scale, min) = scale_min(j);
-                    blocks.push(Block32 { quants, scales: [d * f32::from(scale); 2], min: dmin * f32::from(min) });
+                    let _ = dmin;
+                    blocks.push(Block32 {
+                        quants,
+                        scales: [d * f32::from(scale); 2],
+                        exact: (scale, min, bits(0), bits(2)),
+                    });
                 }
             }
         }
@@ -164,7 +175,7 @@ fn blocks32(dtype: GgmlDType, data: &[u8]) -> Vec<Block32> {
                 }
                 for j in 0..8 {
                     let quants = std::array::from_fn(|l| values[j * 32 + l]);
-                    blocks.push(Block32 { quants, scales: [scale(2 * j), scale(2 * j + 1)], min: 0.0 });
+                    blocks.push(Block32 { quants, scales: [scale(2 * j), scale(2 * j + 1)], exact: (0, 0, 0, 0) });
                 }
             }
         }
@@ -309,7 +320,8 @@ pub(crate) struct QMatrix {
     /// borrowed from a graph's raw section where it lies or owned; two per block for
     /// [`Format::Q8Half`] (each group-block's: the four rows' first halves, then their second).
     scales: Scales,
-    /// Per group, per block, the min of each of its rows (f16 bits), for the formats with one.
+    /// For the formats with a min: per group, per 8 blocks, the `d` of each of its rows, then their
+    /// `dmin` (f16 bits); their blocks' 6-bit `sc` and `m` are in `scales` (`sc | m << 8`).
     mins: Scales,
     /// Per group, per block, the quants of each of its rows (`format.block_bytes()` each).
     quants: Quants,
@@ -358,7 +370,10 @@ impl QMatrix {
         let (per_row, block_bytes, halves) = (cols / BLOCK, format.block_bytes(), format.scales_per_block());
         let padded = rows.next_multiple_of(ROWS);
         let mut scales = vec![0_u16; padded * per_row * halves];
-        let mut mins = vec![0_u16; if format.has_min() { padded * per_row } else { 0 }];
+        if format.has_min() && !per_row.is_multiple_of(SUPER) {
+            candle_core::bail!("{cols} columns: not whole blocks of {} values", SUPER * BLOCK);
+        }
+        let mut mins = vec![0_u16; if format.has_min() { padded * per_row / SUPER * 2 } else { 0 }];
         let mut quants = vec![0; padded * per_row * block_bytes];
         // Signed Q8 quants become unsigned (+128) where the kernel multiplies unsigned by signed bytes.
         let flip = if bias(isa, format) == 128 { 0x80 } else { 0 };
@@ -378,7 +393,10 @@ impl QMatrix {
                         scales[((group * per_row + block) * halves + half) * ROWS + lane] = f16(*scale);
                     }
                     if format.has_min() {
-                        mins[at] = f16(decoded.min);
+                        let (sc, m, d, dmin) = decoded.exact;
+                        scales[at] = u16::from(sc) | (u16::from(m) << 8);
+                        let first = ((group * (per_row / SUPER) + block / SUPER) * 2) * ROWS + lane;
+                        (mins[first], mins[first + ROWS]) = (d, dmin);
                     }
                     let stored = &mut quants[at * block_bytes..(at + 1) * block_bytes];
                     match format {
@@ -443,13 +461,13 @@ impl QMatrix {
         if !isa.runs_here() {
             return Err(format!("this CPU does not run the {isa:?} kernels"));
         }
-        if !cols.is_multiple_of(BLOCK) || rows == 0 {
-            return Err(format!("a matrix of {rows} × {cols}"));
+        if !cols.is_multiple_of(BLOCK) || rows == 0 || (format.has_min() && !cols.is_multiple_of(BLOCK * SUPER)) {
+            return Err(format!("a {format:?} matrix of {rows} × {cols}"));
         }
         let blocks = rows.next_multiple_of(ROWS) * (cols / BLOCK);
         let expected = [
             blocks * 2 * format.scales_per_block(),
-            if format.has_min() { blocks * 2 } else { 0 },
+            if format.has_min() { blocks / SUPER * 2 * 2 } else { 0 },
             blocks * format.block_bytes(),
         ];
         if [scales.bytes().len(), mins.bytes().len(), quants.bytes().len()] != expected {
@@ -489,8 +507,21 @@ impl QMatrix {
         let mut values = Vec::with_capacity(self.cols);
         for block in 0..per_row {
             let at = (group * per_row + block) * ROWS + lane;
-            let scale = |half: usize| f32_of(self.scales()[((group * per_row + block) * halves + half) * ROWS + lane]);
-            let min = if self.format.has_min() { f32_of(self.mins()[at]) } else { 0.0 };
+            let (scale, min) = if self.format.has_min() {
+                let packed = self.scales()[at];
+                let first = ((group * (per_row / SUPER) + block / SUPER) * 2) * ROWS + lane;
+                let (d, dmin) = (f32_of(self.mins()[first]), f32_of(self.mins()[first + ROWS]));
+                (d * f32::from(packed & 0xFF), dmin * f32::from(packed >> 8))
+            } else {
+                (0.0, 0.0)
+            };
+            let scale = |half: usize| {
+                if self.format.has_min() {
+                    scale
+                } else {
+                    f32_of(self.scales()[((group * per_row + block) * halves + half) * ROWS + lane])
+                }
+            };
             let quants = &self.quants.bytes()[at * block_bytes..(at + 1) * block_bytes];
             let value = |index: usize, quant: i16| f32::from(quant) * scale(index * halves / BLOCK) - min;
             match self.format {
@@ -525,7 +556,10 @@ impl QMatrix {
 
     /// `x` quantized for this matrix's products (once, for products with several tiles of rows).
     pub(crate) fn quantize(&self, x: &[f32]) -> Quantized {
-        Quantized::new(x, bias(self.isa, self.format))
+        // The K-quants' vectors in blocks of 256 values, as llama.cpp quantizes them for these products:
+        // finer blocks would be more exact, and further from it (measured by `cargo xtask parity`).
+        let span = if self.format == Format::Q8 || self.format == Format::Q4 { BLOCK } else { BLOCK * SUPER };
+        Quantized::new(x, bias(self.isa, self.format), span)
     }
 
     /// Rows `first..first + outs[i].len()` of `self · vectors[i]`, for `N` vectors already quantized by
@@ -550,8 +584,12 @@ impl QMatrix {
         let groups = first / ROWS..(first + len).div_ceil(ROWS);
         let halves = self.format.scales_per_block();
         let scales = &self.scales()[groups.start * per_group * halves..groups.end * per_group * halves];
-        let mins =
-            if self.format.has_min() { &self.mins()[groups.start * per_group..groups.end * per_group] } else { &[] };
+        let per_group_mins = self.cols / BLOCK / SUPER * 2 * ROWS;
+        let mins = if self.format.has_min() {
+            &self.mins()[groups.start * per_group_mins..groups.end * per_group_mins]
+        } else {
+            &[]
+        };
         let block_bytes = self.format.block_bytes();
         let quants = &self.quants.bytes()[groups.start * per_group * block_bytes..groups.end * per_group * block_bytes];
         rows_dot(self.isa, self.format, [scales, mins], quants, vectors, outs);
@@ -655,11 +693,15 @@ pub(crate) struct Quantized {
 }
 
 impl Quantized {
-    pub(crate) fn new(x: &[f32], bias: i32) -> Self {
+    /// `x` quantized with one scale per `span` values (32, as Q8_0; or 256, as llama.cpp's Q8_K for its
+    /// K-quant products, which it then matches), repeated for each block of 32 the kernels take.
+    pub(crate) fn new(x: &[f32], bias: i32, span: usize) -> Self {
         let mut scales = Vec::with_capacity(x.len() / BLOCK);
         let mut quants = Vec::with_capacity(x.len());
-        for block in x.chunks_exact(BLOCK) {
-            let largest = block.iter().fold(0.0_f32, |largest, value| largest.max(value.abs()));
+        let span_largest: Vec<f32> =
+            x.chunks(span).map(|part| part.iter().fold(0.0_f32, |largest, value| largest.max(value.abs()))).collect();
+        for (index, block) in x.chunks_exact(BLOCK).enumerate() {
+            let largest = span_largest[index * BLOCK / span];
             let scale = largest / 127.0;
             let inverse = if scale > 0.0 { 1.0 / scale } else { 0.0 };
             scales.push(scale);
@@ -702,7 +744,8 @@ fn rows_dot<const N: usize>(
     assert!(outs.iter().all(|out| out.len() == outs[0].len()));
     let blocks = outs[0].len().div_ceil(ROWS) * ROWS * per_row;
     assert_eq!(scales.len(), blocks * format.scales_per_block());
-    assert_eq!(mins.len(), if format.has_min() { blocks } else { 0 });
+    assert_eq!(mins.len(), if format.has_min() { blocks / SUPER * 2 } else { 0 });
+    assert!(!format.has_min() || per_row.is_multiple_of(SUPER));
     assert_eq!(quants.len(), blocks * format.block_bytes());
     for vector in vectors {
         assert_eq!((vector.quants.len(), vector.corrections.len()), (per_row * BLOCK, per_row * 8));
@@ -751,7 +794,7 @@ fn bias(isa: Isa, format: Format) -> i32 {
 }
 
 mod portable {
-    use super::{BLOCK, Format, Quantized, ROWS};
+    use super::{BLOCK, Format, Quantized, ROWS, SUPER};
 
     pub(super) fn rows_dot(
         format: Format,
@@ -784,16 +827,24 @@ mod portable {
                         }
                     }
                 };
+                let exact = format.has_min().then(|| {
+                    let first = ((group * (per_row / SUPER) + block / SUPER) * 2) * ROWS + lane;
+                    let (d, dmin) = (f32_of(mins[first]), f32_of(mins[first + ROWS]));
+                    (d * f32::from(scales[at] & 0xFF), dmin * f32::from(scales[at] >> 8))
+                });
                 for half in 0..halves {
                     let span = BLOCK / halves;
                     let dot: i32 = (half * span..(half + 1) * span).map(product).sum();
-                    let scale = f32_of(scales[((group * per_row + block) * halves + half) * ROWS + lane]);
+                    let scale = exact.map_or_else(
+                        || f32_of(scales[((group * per_row + block) * halves + half) * ROWS + lane]),
+                        |(scale, _)| scale,
+                    );
                     #[expect(clippy::cast_precision_loss, reason = "at most 32 × 127 × 128: exact in f32")]
                     let dot = dot as f32;
                     sum += dot * scale * vector.scales[block];
                 }
-                if format.has_min() {
-                    subtracted += f32_of(mins[at]) * vector.sums[block];
+                if let Some((_, min)) = exact {
+                    subtracted += min * vector.sums[block];
                 }
             }
             *out = sum - subtracted;
@@ -813,16 +864,17 @@ mod x86 {
     //! products; its two scales multiply it once, into a float accumulator per row.
 
     use std::arch::x86_64::{
-        __m256, __m256i, _MM_HINT_T1, _mm_add_ps, _mm_add_ss, _mm_cvtph_ps, _mm_cvtss_f32, _mm_fmadd_ps,
-        _mm_loadl_epi64, _mm_loadu_si128, _mm_movehdup_ps, _mm_movehl_ps, _mm_prefetch, _mm_set1_ps, _mm_setzero_ps,
-        _mm_srli_epi16, _mm_storeu_ps, _mm256_add_epi32, _mm256_and_si256, _mm256_castps128_ps256,
-        _mm256_castps256_ps128, _mm256_castsi128_si256, _mm256_cvtepi32_ps, _mm256_cvtph_ps, _mm256_dpbusd_epi32,
-        _mm256_extractf128_ps, _mm256_fmadd_ps, _mm256_insertf128_si256, _mm256_loadu_si256, _mm256_madd_epi16,
-        _mm256_maddubs_epi16, _mm256_mul_ps, _mm256_permutevar8x32_ps, _mm256_set1_epi8, _mm256_set1_epi16,
-        _mm256_set1_ps, _mm256_setr_epi32, _mm256_setzero_ps, _mm256_sign_epi8,
+        __m256, __m256i, _MM_HINT_T1, _mm_add_ps, _mm_add_ss, _mm_and_si128, _mm_cvtepi32_ps, _mm_cvtepu16_epi32,
+        _mm_cvtph_ps, _mm_cvtss_f32, _mm_fmadd_ps, _mm_loadl_epi64, _mm_loadu_si128, _mm_movehdup_ps, _mm_movehl_ps,
+        _mm_mul_ps, _mm_prefetch, _mm_set1_epi32, _mm_set1_ps, _mm_setzero_ps, _mm_srli_epi16, _mm_srli_epi32,
+        _mm_storeu_ps, _mm256_add_epi32, _mm256_and_si256, _mm256_castps128_ps256, _mm256_castps256_ps128,
+        _mm256_castsi128_si256, _mm256_cvtepi32_ps, _mm256_cvtph_ps, _mm256_dpbusd_epi32, _mm256_extractf128_ps,
+        _mm256_fmadd_ps, _mm256_insertf128_si256, _mm256_loadu_si256, _mm256_madd_epi16, _mm256_maddubs_epi16,
+        _mm256_mul_ps, _mm256_permutevar8x32_ps, _mm256_set1_epi8, _mm256_set1_epi16, _mm256_set1_ps,
+        _mm256_setr_epi32, _mm256_setzero_ps, _mm256_sign_epi8,
     };
 
-    use super::{BLOCK, Quantized, ROWS};
+    use super::{BLOCK, Quantized, ROWS, SUPER};
 
     /// How far ahead the kernels prefetch, in blocks: 1 to 2 KB, into L2 (into L1, or 32 blocks ahead,
     /// measured slower at 58 M parameters).
@@ -928,24 +980,31 @@ mod x86 {
                                 corrections.map(|corrections| load(corrections.add(block * 32))),
                             )
                         };
-                        // The rows' scales (f16 → f32 in one instruction), times each vector's.
-                        // SAFETY: the group holds per_row × ROWS × halves scales.
-                        let row_scales = unsafe {
+                        // The rows' scales (f16 → f32 in one instruction), times each vector's; for the
+                        // formats with a min, d × sc and dmin × m, exact in f32.
+                        // SAFETY: the group holds per_row × ROWS × halves scales, and for the formats
+                        // with a min, per_row / SUPER × 2 × ROWS mins.
+                        let (row_scales, row_mins) = unsafe {
                             if $half {
-                                _mm256_cvtph_ps(_mm_loadu_si128(scales.as_ptr().add(block * ROWS * 2).cast()))
+                                let scales = _mm_loadu_si128(scales.as_ptr().add(block * ROWS * 2).cast());
+                                (_mm256_cvtph_ps(scales), _mm_setzero_ps())
+                            } else if $min {
+                                let at = (group * (per_row / SUPER) + block / SUPER) * 2 * ROWS;
+                                let d = _mm_cvtph_ps(_mm_loadl_epi64(mins.as_ptr().add(at).cast()));
+                                let dmin = _mm_cvtph_ps(_mm_loadl_epi64(mins.as_ptr().add(at + ROWS).cast()));
+                                let packed =
+                                    _mm_cvtepu16_epi32(_mm_loadl_epi64(scales.as_ptr().add(block * ROWS).cast()));
+                                let sc = _mm_cvtepi32_ps(_mm_and_si128(packed, _mm_set1_epi32(0xFF)));
+                                let m = _mm_cvtepi32_ps(_mm_srli_epi32::<8>(packed));
+                                (_mm256_castps128_ps256(_mm_mul_ps(d, sc)), _mm_mul_ps(dmin, m))
                             } else {
-                                _mm256_castps128_ps256(_mm_cvtph_ps(_mm_loadl_epi64(
-                                    scales.as_ptr().add(block * ROWS).cast(),
-                                )))
+                                let scales = _mm_loadl_epi64(scales.as_ptr().add(block * ROWS).cast());
+                                (_mm256_castps128_ps256(_mm_cvtph_ps(scales)), _mm_setzero_ps())
                             }
                         };
                         let row_scales =
                             vectors.map(|vector| _mm256_mul_ps(row_scales, _mm256_set1_ps(vector.scales[block])));
                         if $min {
-                            // SAFETY: the group's mins are per_row × ROWS, as its scales.
-                            let row_mins = _mm_cvtph_ps(unsafe {
-                                _mm_loadl_epi64(mins.as_ptr().add((group * per_row + block) * ROWS).cast())
-                            });
                             for (subtracted, vector) in subtracted.iter_mut().zip(vectors) {
                                 *subtracted = _mm_fmadd_ps(row_mins, _mm_set1_ps(vector.sums[block]), *subtracted);
                             }
@@ -1016,8 +1075,13 @@ mod tests {
     /// largest magnitude over 127, values times its inverse rounded half away from zero) by candle's
     /// dequantized weights (exact: an f16 scale times a small integer). No code shared with the kernels.
     fn reference(weights: &[f32], x: &[f32]) -> Vec<(f64, f64)> {
+        reference_in_spans(weights, x, BLOCK)
+    }
+
+    /// [`reference`] with the vector quantized in spans of `span` values (256 for the K-quants).
+    fn reference_in_spans(weights: &[f32], x: &[f32], span: usize) -> Vec<(f64, f64)> {
         let mut vector = Vec::with_capacity(x.len());
-        for block in x.chunks(BLOCK) {
+        for block in x.chunks(span) {
             let scale = block.iter().fold(0.0_f32, |largest, value| largest.max(value.abs())) / 127.0;
             let inverse = if scale > 0.0 { 1.0 / scale } else { 0.0 };
             vector.extend(block.iter().map(|value| f64::from((value * inverse).round()) * f64::from(scale)));
