@@ -290,6 +290,9 @@ impl App {
                     None => candle::options(),
                     Some((path, _)) => candle::file_options(path)?,
                 };
+                if let Some(tokens) = config.max_context {
+                    spec.options.insert(usine_engine_candle::CONTEXT_OPTION.to_owned(), tokens.to_string());
+                }
             }
             kernel.register_model(spec);
         }

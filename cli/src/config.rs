@@ -32,6 +32,9 @@ pub(crate) struct Config {
     pub(crate) weights_budget_mib: u64,
     /// Threads of the CPU engine; cores minus two, at least one, when unset.
     pub(crate) threads: Option<usize>,
+    /// The longest context of a model file run by the candle engine, in tokens; the file's own when
+    /// unset (a context shorter than the file's is a smaller memory plan).
+    pub(crate) max_context: Option<u32>,
     /// How much the simulated engines' delays vary, a fraction from 0 to 1.
     pub(crate) jitter: f64,
     /// Most tokens to generate.
@@ -121,6 +124,7 @@ impl Default for Config {
             memory_budget_mib: 4096,
             weights_budget_mib: 16384,
             threads: None,
+            max_context: None,
             jitter: 0.05,
             max_tokens: 64,
             temperature: params.temperature,
@@ -168,6 +172,7 @@ pub(crate) const KEYS: &[&str] = &[
     "memory_budget_mib",
     "weights_budget_mib",
     "threads",
+    "max_context",
     "jitter",
     "max_tokens",
     "temperature",
@@ -409,6 +414,9 @@ impl Loaded {
         }
         if config.cache_dir.as_ref().is_some_and(|dir| dir.as_os_str().is_empty()) {
             return Err(outside("cache_dir", "empty".into(), "a folder (leave it unset for the default)"));
+        }
+        if config.max_context == Some(0) {
+            return Err(outside("max_context", "0".into(), "at least 1 token (leave it unset for the model's own)"));
         }
         if config.threads == Some(0) {
             return Err(outside("threads", "0".into(), "at least 1"));

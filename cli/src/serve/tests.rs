@@ -515,6 +515,9 @@ async fn each_request_is_one_access_log_line_with_its_id_status_and_bytes() {
     };
     let layer = crate::logging::access_layer(true, crate::logging::LogFormat::Json, false, writer);
     let _default = tracing::subscriber::set_default(tracing_subscriber::registry().with(layer));
+    // Tests on other threads, each with no subscriber or its own, may have cached the access log's
+    // callsite as disabled meanwhile: ask every callsite again, now that this thread has one.
+    tracing::callsite::rebuild_interest_cache();
     let s = server(&[]);
     let (status, headers, text) = s.send(Request::get("/v1/models?x=1").body(Body::empty()).unwrap()).await;
     let (status_422, _, _) = s

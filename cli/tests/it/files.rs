@@ -99,3 +99,23 @@ fn the_files_of_models_dir_join_the_catalog_with_what_they_hold() {
     assert!(row.contains("llama, 1.4M parameters, q4_k×11 q6_k×5, context 512, 877.0 KiB"), "{row}");
     assert!(!stdout(&output).contains("notes"), "{}", stdout(&output));
 }
+
+// Would catch: `max_context` not reaching the engine (a prompt past it accepted), or taken from the file.
+#[test]
+fn max_context_caps_a_model_files_context() {
+    let dir = tempfile::tempdir().unwrap();
+    let llama = model(dir.path(), "tiny-llama", "q8_0", "llama");
+    let run = |max_context: &str| {
+        usine(dir.path())
+            .env("USINE_MAX_CONTEXT", max_context)
+            .args(["run", "--model", &llama.display().to_string(), "--max-tokens", "4", "--temperature", "0"])
+            .arg("x".repeat(40))
+            .output()
+            .unwrap()
+    };
+    let refused = run("32");
+    assert_eq!(refused.status.code(), Some(1), "{}", stderr(&refused));
+    assert!(stderr(&refused).contains("exceed the context of 32 tokens"), "{}", stderr(&refused));
+    let answered = run("64");
+    assert!(answered.status.success(), "{}", stderr(&answered));
+}

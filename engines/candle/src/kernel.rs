@@ -124,7 +124,7 @@ fn blocks32(dtype: GgmlDType, data: &[u8]) -> Vec<Block32> {
         GgmlDType::Q4K | GgmlDType::Q5K => {
             let (stride, high_bits) = if dtype == GgmlDType::Q4K { (144, false) } else { (176, true) };
             for block in data.chunks_exact(stride) {
-                let (d, dmin, packed) = (f16(&block[0..2]), f16(&block[2..4]), &block[4..16]);
+                let packed = &block[4..16];
                 let bits = |at: usize| u16::from_le_bytes([block[at], block[at + 1]]);
                 // Eight 6-bit scales and mins, packed in 12 bytes.
                 let scale_min = |j: usize| -> (u8, u8) {
@@ -148,10 +148,9 @@ fn blocks32(dtype: GgmlDType, data: &[u8]) -> Vec<Block32> {
                         nibble + fifth
                     });
                     let (scale, min) = scale_min(j);
-                    let _ = dmin;
                     blocks.push(Block32 {
                         quants,
-                        scales: [d * f32::from(scale); 2],
+                        scales: [0.0; 2], // kept exact in `exact` instead
                         exact: (scale, min, bits(0), bits(2)),
                     });
                 }
@@ -388,15 +387,16 @@ impl QMatrix {
                 let (group, lane) = (row / ROWS, row % ROWS);
                 for (block, decoded) in blocks32(first.dtype, row_data).into_iter().enumerate() {
                     let at = (group * per_row + block) * ROWS + lane;
-                    // Q8_0 and Q4_0 keep GGUF's f16 scale as it is: the same bits back.
-                    for (half, scale) in decoded.scales.iter().take(halves).enumerate() {
-                        scales[((group * per_row + block) * halves + half) * ROWS + lane] = f16(*scale);
-                    }
                     if format.has_min() {
                         let (sc, m, d, dmin) = decoded.exact;
                         scales[at] = u16::from(sc) | (u16::from(m) << 8);
                         let first = ((group * (per_row / SUPER) + block / SUPER) * 2) * ROWS + lane;
                         (mins[first], mins[first + ROWS]) = (d, dmin);
+                    } else {
+                        // Q8_0 and Q4_0 keep GGUF's f16 scale as it is: the same bits back.
+                        for (half, scale) in decoded.scales.iter().take(halves).enumerate() {
+                            scales[((group * per_row + block) * halves + half) * ROWS + lane] = f16(*scale);
+                        }
                     }
                     let stored = &mut quants[at * block_bytes..(at + 1) * block_bytes];
                     match format {
