@@ -39,7 +39,11 @@ impl Logs {
             .without_time()
             .with_max_level(tracing::Level::DEBUG)
             .finish();
-        (logs, tracing::subscriber::set_default(subscriber))
+        let guard = tracing::subscriber::set_default(subscriber);
+        // Tests on other threads, with no subscriber or their own, may have cached a callsite as
+        // disabled meanwhile: ask every callsite again, now that this thread has one.
+        tracing::callsite::rebuild_interest_cache();
+        (logs, guard)
     }
 
     /// The lines holding every one of `parts`, `count` of them.
