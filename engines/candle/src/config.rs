@@ -238,8 +238,10 @@ const READ_KEYS: [&str; 16] = [
 
 impl<'a> ModelFile<'a> {
     /// Reads GGUF `bytes`. candle's header reader panics on some damaged headers (a zero alignment),
-    /// so a panic is a refusal too.
+    /// so a panic is a refusal too; and it allocates what the header's lengths say, so they are walked
+    /// first and held to the file's size (a hostile length would abort the process, not panic).
     pub(crate) fn read(bytes: &'a [u8]) -> Result<Self, Refused> {
+        check_lengths(bytes)?;
         let read = std::panic::catch_unwind(|| gguf_file::Content::read(&mut Cursor::new(bytes)));
         let content = match read {
             Ok(Ok(content)) => content,
@@ -317,6 +319,96 @@ impl<'a> ModelFile<'a> {
         let raw = self.tensor(name)?;
         Ok(raw.data.chunks_exact(4).map(|bytes| f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])).collect())
     }
+}
+
+/// Walks a GGUF header, checking that every length and count it holds fits in the bytes left: what
+/// candle's reader allocates from them is then at most the file's size.
+fn check_lengths(bytes: &[u8]) -> Result<(), Refused> {
+    struct Cursor<'b> {
+        bytes: &'b [u8],
+        at: usize,
+        wide: bool,
+    }
+    impl Cursor<'_> {
+        fn take(&mut self, count: usize) -> Result<&[u8], Refused> {
+            let end = self.at.checked_add(count).filter(|end| *end <= self.bytes.len());
+            let end = end.map_or_else(
+                || refused("not a GGUF file usine reads: a header that runs past the end of the file"),
+                Ok,
+            )?;
+            let taken = &self.bytes[self.at..end];
+            self.at = end;
+            Ok(taken)
+        }
+        fn u32(&mut self) -> Result<u32, Refused> {
+            Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+        }
+        /// A length or count (u32 in GGUF version 1, u64 after), at most the bytes left over `each`.
+        fn length(&mut self, each: usize) -> Result<usize, Refused> {
+            let value = if self.wide {
+                u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes"))
+            } else {
+                u64::from(self.u32()?)
+            };
+            let left = (self.bytes.len() - self.at) / each.max(1);
+            match usize::try_from(value) {
+                Ok(value) if value <= left => Ok(value),
+                _ => refused(format!(
+                    "not a GGUF file usine reads: a header length of {value}, past the end of the file"
+                )),
+            }
+        }
+        fn string(&mut self) -> Result<(), Refused> {
+            let len = self.length(1)?;
+            self.take(len).map(|_| ())
+        }
+        fn value(&mut self, kind: u32, depth: usize) -> Result<(), Refused> {
+            let size = match kind {
+                0 | 1 | 7 => 1,
+                2 | 3 => 2,
+                4..=6 => 4,
+                10..=12 => 8,
+                8 => return self.string(),
+                9 if depth < 4 => {
+                    let element = self.u32()?;
+                    // Every element takes at least a byte, so the count is held to the bytes left.
+                    let count = self.length(1)?;
+                    for _ in 0..count {
+                        self.value(element, depth + 1)?;
+                    }
+                    return Ok(());
+                }
+                _ => {
+                    return refused(format!(
+                        "not a GGUF file usine reads: a value of type {kind}, or arrays nested too deep"
+                    ));
+                }
+            };
+            self.take(size).map(|_| ())
+        }
+    }
+    let mut cursor = Cursor { bytes, at: 0, wide: true };
+    if cursor.take(4)? != b"GGUF" {
+        return refused("not a GGUF file usine reads: no GGUF magic");
+    }
+    cursor.wide = cursor.u32()? >= 2;
+    // A tensor's entry takes at least 20 bytes, a key-value pair at least 9 (in version 1's u32 lengths).
+    let tensors = cursor.length(20)?;
+    let pairs = cursor.length(9)?;
+    for _ in 0..pairs {
+        cursor.string()?;
+        let kind = cursor.u32()?;
+        cursor.value(kind, 0)?;
+    }
+    for _ in 0..tensors {
+        cursor.string()?;
+        let dims = cursor.u32()?;
+        if dims > 4 {
+            return refused(format!("not a GGUF file usine reads: a tensor of {dims} dimensions (4 at most)"));
+        }
+        cursor.take(dims as usize * if cursor.wide { 8 } else { 4 } + 4 + 8)?;
+    }
+    Ok(())
 }
 
 /// The first line of a candle error: with `RUST_BACKTRACE` set, the rest is a backtrace of candle's
@@ -580,6 +672,31 @@ mod tests {
         let file = ModelFile::read(&bytes).unwrap();
         assert_eq!(file.config, Config { layers: 1, ..presets()[0].config.clone() });
         assert_eq!(file.rope_factors.as_ref().map(Vec::len), Some(32));
+    }
+
+    // Would catch: a header length that makes the reader allocate what the file claims (a hostile file
+    // of a few bytes would abort the process on a terabyte allocation).
+    #[test]
+    fn a_header_length_past_the_file_is_refused_before_anything_is_allocated() {
+        let mut bytes = b"GGUF".to_vec();
+        bytes.extend_from_slice(&3_u32.to_le_bytes());
+        bytes.extend_from_slice(&0_u64.to_le_bytes()); // tensors
+        bytes.extend_from_slice(&1_u64.to_le_bytes()); // one key-value pair
+        bytes.extend_from_slice(&(1_u64 << 40).to_le_bytes()); // its key: a terabyte long
+        bytes.extend_from_slice(b"general.architecture");
+        assert!(refusal(&bytes).contains("past the end of the file"), "{}", refusal(&bytes));
+        let mut array = b"GGUF".to_vec();
+        array.extend_from_slice(&3_u32.to_le_bytes());
+        array.extend_from_slice(&0_u64.to_le_bytes());
+        array.extend_from_slice(&1_u64.to_le_bytes());
+        array.extend_from_slice(&3_u64.to_le_bytes());
+        array.extend_from_slice(b"key");
+        array.extend_from_slice(&9_u32.to_le_bytes()); // an array
+        array.extend_from_slice(&4_u32.to_le_bytes()); // of u32
+        array.extend_from_slice(&u64::MAX.to_le_bytes()); // of every count
+        assert!(refusal(&array).contains("past the end of the file"), "{}", refusal(&array));
+        // A real file passes the walk, every length in it.
+        check_lengths(&random_gguf(&presets()[1], 1, "q4_k_m", 3).unwrap()).unwrap();
     }
 
     // Would catch: a file whose tensor lies past its end read out of bounds, or a panic on it.
