@@ -1,18 +1,24 @@
-//! A real engine behind usine's `Engine` trait: a llama-shaped decoder (CPU), byte-level tokens,
-//! compiled from safetensors into a GGUF file of quantized matrices (Q8_0 or Q4_0) with candle's
-//! quantizer and GGUF writer, decoded one token at a time in the trait's two stages.
+//! A real engine behind usine's `Engine` trait, on the CPU: `llama` and `qwen2` GGUF files (F32, F16,
+//! BF16, Q8_0, Q4_0, Q4_K, Q5_K, Q6_K), and the project's own byte-level models, compiled once into a
+//! graph whose weights are laid out for the engine's kernels and run where they lie.
 //!
-//! - **Compile** reads the source weights (`ModelSpec::options["weights"]`: a safetensors file whose
-//!   metadata holds the shape, or weights built into the program), checks every tensor's shape,
-//!   quantizes the matrices, and writes GGUF: the compiled graph's bytes. The same file runs in
-//!   llama.cpp.
-//! - **Load** reads the GGUF and repacks its matrices for the engine's kernels (`kernel.rs`: AVX2 or
-//!   AVX-512 VNNI, chosen at run time; [`ISA_VARIABLE`] may cap them, see [`kernels`]).
+//! - **Compile** reads the source named by `ModelSpec::options["weights"]`: a GGUF file (every
+//!   hyper-parameter from its metadata; what the engine cannot run is refused by name, see
+//!   [`describe_file`]), or a byte-level model's safetensors (a file, or weights built into the
+//!   program), which it first quantizes to GGUF ([`gguf_from_safetensors`]; the same file runs in
+//!   llama.cpp). It repacks the weights for the kernels into the graph's raw section
+//!   (`CompiledGraph::raw`) beside a small table of where each lies.
+//! - **Load** points the model's matrices into the raw section: a mapping of the stored graph file, no
+//!   copy (`kernel.rs`: AVX2 or AVX-512 VNNI, chosen at run time; [`ISA_VARIABLE`] may cap them, see
+//!   [`kernels`]).
 //! - **Prefill** allocates the sequence's kv-cache once, for the prompt and `max_tokens` (what the
-//!   executor reserves from the `kv-cache` pool), and runs the context through it.
+//!   executor reserves from the `kv-cache` pool), and runs the context through it as matrix products,
+//!   64 tokens a pass.
 //! - **Prepare** (CPU stage) fixes the step's position; **compute** runs the forward pass on the
 //!   engine's threads (`team.rs`) from a blocking thread, and samples (temperature, top-k, top-p, a seed
 //!   per step: resumed and pipelined runs draw alike).
+//! - [`Decoder`] runs a GGUF file token by token with its logits out, for checks against another
+//!   implementation (`cargo xtask parity`).
 //! - **Training** (feature `train`) runs the same decoder on candle's tensors with autograd.
 
 mod config;
