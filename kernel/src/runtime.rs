@@ -751,7 +751,6 @@ impl Inner {
 /// trip to a blocking thread costs. Larger ones are read on a blocking thread.
 const INLINE_READ_MAX: u64 = 64 << 10;
 
-/// The key of a model's graph: every part that decides the engine's output.
 /// A stored graph with its raw section, which stays in the file's mapping.
 fn with_raw(hit: usine_storage::Hit<CompiledGraph>) -> CompiledGraph {
     let mut graph = hit.graph;
@@ -761,6 +760,7 @@ fn with_raw(hit: usine_storage::Hit<CompiledGraph>) -> CompiledGraph {
     graph
 }
 
+/// The key of a model's graph: every part that decides the engine's output.
 fn graph_key(spec: &ModelSpec, engine: &dyn Engine) -> GraphKey {
     let descriptor = engine.descriptor();
     GraphKey::new(&spec.id, &descriptor.name, &descriptor.version)

@@ -258,12 +258,23 @@ impl Reader {
             eos: token("eos")?,
             byte_vocabulary: count("byte_vocabulary")? == 1,
         };
-        let fits = config.heads > 0
-            && config.kv_heads > 0
+        // The bounds a GGUF file's configuration is read within (`config.rs`): every size computed from
+        // them then stays far from overflowing.
+        let within = |value: usize, limit: usize| (1..=limit).contains(&value);
+        let token = |token: Option<u32>| token.is_none_or(|token| (token as usize) < config.vocab);
+        let fits = within(config.dim, crate::config::MAX_WIDTH)
+            && within(config.ffn, crate::config::MAX_WIDTH)
+            && within(config.vocab, crate::config::MAX_VOCAB)
+            && within(config.layers, crate::config::MAX_LAYERS)
+            && within(config.context, crate::config::MAX_CONTEXT)
+            && within(config.heads, config.dim)
+            && within(config.kv_heads, config.heads)
             && config.heads.is_multiple_of(config.kv_heads)
+            && config.dim.is_multiple_of(config.heads)
+            && config.head_dim == config.dim / config.heads
             && config.head_dim.is_multiple_of(2)
-            && config.layers <= crate::config::MAX_LAYERS
-            && config.context <= crate::config::MAX_CONTEXT;
+            && token(config.bos)
+            && token(config.eos);
         if !fits {
             return Err(format!("table: a configuration that does not hold: {config:?}"));
         }
@@ -294,7 +305,9 @@ impl Reader {
                         let name = format!("{name}.{index}");
                         match self.entries.get(&name) {
                             // Whole groups of rows: a product's row ranges start at a group.
-                            Some(Entry::Quantized { rows: r, cols: c, .. }) if *c == cols && r.is_multiple_of(ROWS) => {
+                            Some(Entry::Quantized { rows: r, cols: c, .. })
+                                if *c == cols && r.is_multiple_of(ROWS) && *r <= rows =>
+                            {
                                 self.matrix(&name, (*r, *c), isa)
                             }
                             _ => Err(format!("table: no part `{name}` of whole groups of {cols}-wide rows")),

@@ -464,13 +464,15 @@ impl QMatrix {
         if !cols.is_multiple_of(BLOCK) || rows == 0 || (format.has_min() && !cols.is_multiple_of(BLOCK * SUPER)) {
             return Err(format!("a {format:?} matrix of {rows} × {cols}"));
         }
-        let blocks = rows.next_multiple_of(ROWS) * (cols / BLOCK);
+        // Checked: the dimensions come from a table that may be damaged.
+        let blocks = rows.checked_next_multiple_of(ROWS).and_then(|rows| rows.checked_mul(cols / BLOCK));
+        let bytes = |per_block: usize| blocks.and_then(|blocks| blocks.checked_mul(per_block));
         let expected = [
-            blocks * 2 * format.scales_per_block(),
-            if format.has_min() { blocks / SUPER * 2 * 2 } else { 0 },
-            blocks * format.block_bytes(),
+            bytes(2 * format.scales_per_block()),
+            if format.has_min() { blocks.map(|blocks| blocks / SUPER * 2 * 2) } else { Some(0) },
+            bytes(format.block_bytes()),
         ];
-        if [scales.bytes().len(), mins.bytes().len(), quants.bytes().len()] != expected {
+        if [Some(scales.bytes().len()), Some(mins.bytes().len()), Some(quants.bytes().len())] != expected {
             return Err(format!("a {rows} × {cols} matrix's bytes do not match its dimensions"));
         }
         let wanted = bias(isa, format) == 128;

@@ -609,12 +609,22 @@ mod tests {
         assert_eq!(load(&text, &raw), Ok(()));
         let short = usine_engine::RawSection::new(raw.as_bytes()[..raw.as_bytes().len() / 2].to_vec());
         assert!(load(&text, &short).unwrap_err().contains("outside the raw section"));
-        assert!(load(&text.replace("config dim 256", "config dim 128"), &raw).unwrap_err().contains("no matrix"));
+        assert!(load(&text.replace("config ffn 512", "config ffn 256"), &raw).unwrap_err().contains("no matrix"));
         assert!(
             load(&text.replace("usine-candle-graph 2", "usine-candle-graph 3"), &raw).unwrap_err().contains("schema")
         );
         assert!(load(&text.replace("config vocab", "config vocabulary"), &raw).unwrap_err().contains("missing"));
         assert!(load(&text, &usine_engine::RawSection::default()).unwrap_err().contains("no raw section"));
+        // Sizes that would overflow the arithmetic of a load (a hostile table), or make a pass panic.
+        for (from, to) in [
+            ("config vocab 384", "config vocab 1152921504606846976"),
+            ("config head_dim 64", "config head_dim 0"),
+            ("config dim 256", "config dim 4611686018427387904"),
+            ("config eos 256", "config eos 999"),
+        ] {
+            let error = load(&text.replace(from, to), &raw).unwrap_err();
+            assert!(error.contains("does not hold"), "{to}: {error}");
+        }
     }
 
     // Would catch: a prompt's pass over many tokens computing anything else than token-by-token passes
