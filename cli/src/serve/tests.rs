@@ -503,42 +503,57 @@ async fn a_stalled_reader_is_cut_at_reader_timeout_ms_and_the_next_request_is_se
     assert_eq!(last["error"]["message"], "wait for the reader exceeded its limit of 1s");
 }
 
+/// Every access log line of this test process, as JSON, from a subscriber installed once for the whole
+/// process: a thread's own (scoped) subscriber raced with the callsite interest that tests on other
+/// threads cached (the test failed 3 runs in 4), a process-wide one sees every thread. Each test picks
+/// its own requests' lines by their ids.
+fn access_log_lines() -> Arc<parking_lot::Mutex<Vec<u8>>> {
+    use tracing_subscriber::layer::SubscriberExt as _;
+
+    static LINES: std::sync::OnceLock<Arc<parking_lot::Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
+    Arc::clone(LINES.get_or_init(|| {
+        let lines = Arc::new(parking_lot::Mutex::new(Vec::<u8>::new()));
+        let writer = {
+            let lines = Arc::clone(&lines);
+            move || Writer(Arc::clone(&lines))
+        };
+        let layer = crate::logging::access_layer(true, crate::logging::LogFormat::Json, false, writer);
+        tracing::subscriber::set_global_default(tracing_subscriber::registry().with(layer))
+            .expect("no other test of this process sets a global subscriber");
+        lines
+    }))
+}
+
 // Would catch: a request missing from the access log, or a line without its fields.
 #[tokio::test]
 async fn each_request_is_one_access_log_line_with_its_id_status_and_bytes() {
-    use tracing_subscriber::layer::SubscriberExt as _;
-
-    let lines = Arc::new(parking_lot::Mutex::new(Vec::<u8>::new()));
-    let writer = {
-        let lines = Arc::clone(&lines);
-        move || Writer(Arc::clone(&lines))
-    };
-    let layer = crate::logging::access_layer(true, crate::logging::LogFormat::Json, false, writer);
-    let _default = tracing::subscriber::set_default(tracing_subscriber::registry().with(layer));
-    // Tests on other threads, each with no subscriber or its own, may have cached the access log's
-    // callsite as disabled meanwhile: ask every callsite again, now that this thread has one.
-    tracing::callsite::rebuild_interest_cache();
+    let logged = access_log_lines();
     let s = server(&[]);
     let (status, headers, text) = s.send(Request::get("/v1/models?x=1").body(Body::empty()).unwrap()).await;
-    let (status_422, _, _) = s
+    let (status_422, headers_422, _) = s
         .post("/v1/completions", json!({ "model": "zero/default", "prompt": "Hi", "max_tokens": 0 }).to_string())
         .await;
-    let logged = String::from_utf8(lines.lock().clone()).unwrap();
-    let lines: Vec<Value> = logged.lines().map(|line| serde_json::from_str(line).unwrap()).collect();
-    assert_eq!(lines.len(), 2, "{logged}");
+    let ids = [&headers, &headers_422].map(|headers| headers["x-request-id"].to_str().unwrap().to_owned());
+    let text_logged = String::from_utf8(logged.lock().clone()).unwrap();
+    let lines: Vec<Value> = text_logged
+        .lines()
+        .map(|line| serde_json::from_str::<Value>(line).unwrap())
+        .filter(|line| ids.iter().any(|id| line["fields"]["request_id"] == id.as_str()))
+        .collect();
+    assert_eq!(lines.len(), 2, "{text_logged}");
     let fields = &lines[0]["fields"];
     assert_eq!((lines[0]["target"].as_str().unwrap(), lines[0]["level"].as_str().unwrap()), ("usine::access", "INFO"));
-    assert_eq!(fields["request_id"], headers["x-request-id"].to_str().unwrap());
+    assert_eq!(fields["request_id"], ids[0].as_str());
     assert_eq!(fields["request_id"].as_str().unwrap().len(), 16);
     let seen = (&fields["method"], &fields["path"], &fields["status"], &fields["bytes"], &fields["complete"]);
     assert_eq!(seen, (&json!("GET"), &json!("/v1/models"), &json!(status.as_u16()), &json!(text.len()), &json!(true)));
     assert!(fields["duration_ms"].as_f64().is_some(), "{fields}");
     assert_eq!(
-        (&lines[1]["fields"]["path"], &lines[1]["fields"]["status"]),
-        (&json!("/v1/completions"), &json!(status_422.as_u16()))
+        (&lines[1]["fields"]["path"], &lines[1]["fields"]["status"], &lines[1]["fields"]["request_id"]),
+        (&json!("/v1/completions"), &json!(status_422.as_u16()), &json!(ids[1]))
     );
     assert_eq!(status_422, StatusCode::UNPROCESSABLE_ENTITY);
-    assert_ne!(lines[0]["fields"]["request_id"], lines[1]["fields"]["request_id"]);
+    assert_ne!(ids[0], ids[1]);
 }
 
 /// A log writer into shared bytes.

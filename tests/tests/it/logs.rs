@@ -39,10 +39,17 @@ impl Logs {
             .without_time()
             .with_max_level(tracing::Level::DEBUG)
             .finish();
+        // A callsite caches whether any subscriber wants it: hit first by a test on a thread without
+        // one, it was cached as wanted by none, and this thread's subscriber missed its events (1 run
+        // in 8 here). A process-wide subscriber that wants everything (and writes it nowhere) keeps
+        // every callsite asking the thread's own subscriber at each event.
+        static EVERYTHING: std::sync::Once = std::sync::Once::new();
+        EVERYTHING.call_once(|| {
+            let nowhere = tracing_subscriber::fmt().with_writer(std::io::sink).with_max_level(tracing::Level::TRACE);
+            tracing::subscriber::set_global_default(nowhere.finish())
+                .expect("the one global subscriber of this process");
+        });
         let guard = tracing::subscriber::set_default(subscriber);
-        // Tests on other threads, with no subscriber or their own, may have cached a callsite as
-        // disabled meanwhile: ask every callsite again, now that this thread has one.
-        tracing::callsite::rebuild_interest_cache();
         (logs, guard)
     }
 
