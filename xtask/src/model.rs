@@ -10,12 +10,46 @@
 //!   licence), so that it knows usine's words.
 //!
 //! It writes `engines/candle/weights/tiny-llama.safetensors`, which is committed. `random-model
-//! 17m|58m OUT` writes random weights of those sizes for speed work.
+//! 17m|58m OUT` writes random weights of those sizes for speed work. [`generated_gguf`] writes the GGUF
+//! files of `cargo xtask parity` and `bench-peers --real`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 use anyhow::{Context as _, Result, ensure};
+
+/// The engine's `random_model` example (`generator`)'s `preset` with `layers` layers of `kind` weights, in
+/// `work`, and the JSON line it printed: written unless it was already since `random_model` was last
+/// built (its JSON line, written beside the file once the file is complete, says so).
+pub(crate) fn generated_gguf(
+    generator: &Path,
+    work: &Path,
+    preset: &str,
+    layers: usize,
+    kind: &str,
+) -> Result<(PathBuf, serde_json::Value)> {
+    let name = format!("{preset}-{layers}-{kind}");
+    let (gguf, line) = (work.join(format!("{name}.gguf")), work.join(format!("{name}.json")));
+    let built = std::fs::metadata(generator)?.modified()?;
+    let fresh = gguf.exists() && std::fs::metadata(&line).and_then(|line| line.modified()).is_ok_and(|at| at >= built);
+    if fresh {
+        let text = std::fs::read_to_string(&line).with_context(|| format!("reading {}", line.display()))?;
+        let value = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", line.display()))?;
+        return Ok((gguf, value));
+    }
+    if line.exists() {
+        std::fs::remove_file(&line).with_context(|| format!("removing {}", line.display()))?;
+    }
+    eprintln!("writing {}", gguf.display());
+    let mut command = Command::new(generator);
+    command.args(["gguf", preset, kind]).arg(&gguf).arg(layers.to_string());
+    let value = crate::bench_peers::run_json(&mut command)?;
+    let bytes = value["bytes"].as_u64().with_context(|| format!("no `bytes` in {value}"))?;
+    let written = std::fs::metadata(&gguf).with_context(|| format!("{}", gguf.display()))?.len();
+    ensure!(written == bytes, "random_model says {bytes} bytes, but {} has {written}", gguf.display());
+    std::fs::write(&line, value.to_string()).with_context(|| format!("writing {}", line.display()))?;
+    Ok((gguf, value))
+}
 
 /// Where the trained weights live in the repository.
 pub(crate) const WEIGHTS: &str = "engines/candle/weights/tiny-llama.safetensors";

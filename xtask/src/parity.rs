@@ -117,30 +117,10 @@ struct Outcome {
 }
 
 impl Sides {
-    /// `random_model`'s `preset` with `kind` weights, its vocabulary's size, and `random_model`'s JSON
-    /// line. `random_model` writes the file unless it did so already since it was last built: its JSON
-    /// line, written beside the file once the file is complete, says so.
+    /// `random_model`'s `preset` with `kind` weights (two layers, its default), its vocabulary's size,
+    /// and `random_model`'s JSON line.
     fn model(&self, preset: &str, kind: &str) -> Result<(PathBuf, usize, Value)> {
-        let name = format!("{preset}-{kind}");
-        let (gguf, line) = (self.work.join(format!("{name}.gguf")), self.work.join(format!("{name}.json")));
-        let built = std::fs::metadata(&self.generator)?.modified()?;
-        let fresh =
-            gguf.exists() && std::fs::metadata(&line).and_then(|line| line.modified()).is_ok_and(|at| at >= built);
-        let value: Value = if fresh {
-            let text = std::fs::read_to_string(&line).with_context(|| format!("reading {}", line.display()))?;
-            serde_json::from_str(&text).with_context(|| format!("{}: not JSON", line.display()))?
-        } else {
-            std::fs::remove_file(&line).or_else(|error| match error.kind() {
-                std::io::ErrorKind::NotFound => Ok(()),
-                _ => Err(error).with_context(|| format!("removing {}", line.display())),
-            })?;
-            let value = run_json(Command::new(&self.generator).args(["gguf", preset, kind]).arg(&gguf))?;
-            let bytes = value["bytes"].as_u64().with_context(|| format!("no `bytes` in {value}"))?;
-            let written = std::fs::metadata(&gguf).with_context(|| format!("{}", gguf.display()))?.len();
-            ensure!(written == bytes, "random_model says {bytes} bytes, but {} has {written}", gguf.display());
-            std::fs::write(&line, value.to_string()).with_context(|| format!("writing {}", line.display()))?;
-            value
-        };
+        let (gguf, value) = crate::model::generated_gguf(&self.generator, &self.work, preset, 2, kind)?;
         let vocab = value["vocab"].as_u64().with_context(|| format!("no `vocab` in {value}"))?;
         Ok((gguf, usize::try_from(vocab)?, value))
     }

@@ -39,7 +39,7 @@ use std::time::Instant;
 use anyhow::{Context as _, Result, ensure};
 use serde_json::Value;
 
-use super::{MAX_OTHERS, NEAR_TIE, TICKS_SLACK, build, build_peer, ids, load_average, run_json};
+use super::{MAX_OTHERS, NEAR_TIE, TICKS_SLACK, build, build_peer, ids, load_average};
 
 /// `random_model`'s presets, with their real layer counts.
 const MODELS: [(&str, usize); 2] = [("qwen2.5-0.5b", 24), ("tinyllama-1.1b", 22)];
@@ -276,33 +276,6 @@ enum Side {
 }
 
 impl Bench {
-    /// `random_model`'s `preset` with `layers` layers of `kind` weights, written unless it was already
-    /// since `random_model` was last built (its JSON line, written beside the file once the file is
-    /// complete, says so), and that line.
-    fn model(&self, preset: &str, layers: usize, kind: &str) -> Result<(PathBuf, Value)> {
-        let name = format!("{preset}-{layers}-{kind}");
-        let (gguf, line) = (self.work.join(format!("{name}.gguf")), self.work.join(format!("{name}.json")));
-        let built = std::fs::metadata(&self.generator)?.modified()?;
-        let fresh =
-            gguf.exists() && std::fs::metadata(&line).and_then(|line| line.modified()).is_ok_and(|at| at >= built);
-        if fresh {
-            let text = std::fs::read_to_string(&line).with_context(|| format!("reading {}", line.display()))?;
-            let value = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", line.display()))?;
-            return Ok((gguf, value));
-        }
-        if line.exists() {
-            std::fs::remove_file(&line).with_context(|| format!("removing {}", line.display()))?;
-        }
-        eprintln!("writing {}", gguf.display());
-        let value =
-            run_json(Command::new(&self.generator).args(["gguf", preset, kind]).arg(&gguf).arg(layers.to_string()))?;
-        let bytes = value["bytes"].as_u64().with_context(|| format!("no `bytes` in {value}"))?;
-        let written = std::fs::metadata(&gguf).with_context(|| format!("{}", gguf.display()))?.len();
-        ensure!(written == bytes, "random_model says {bytes} bytes, but {} has {written}", gguf.display());
-        std::fs::write(&line, value.to_string()).with_context(|| format!("writing {}", line.display()))?;
-        Ok((gguf, value))
-    }
-
     /// `usine run` on `gguf` with this benchmark's settings: `threads`, the kernels `kernels` (None:
     /// the environment's `USINE_ISA`, if any), `prompt` and `tokens` greedy tokens.
     fn usine(&self, gguf: &Path, threads: usize, kernels: Option<&str>, prompt: &str, tokens: usize) -> Command {
@@ -518,7 +491,8 @@ pub(crate) fn run(root: &Path) -> Result<std::process::ExitCode> {
     let mut table = Vec::new();
     for (preset, layers) in MODELS {
         for quantization in QUANTIZATIONS {
-            let (gguf, line) = bench.model(preset, layers, quantization)?;
+            let (gguf, line) =
+                crate::model::generated_gguf(&bench.generator, &bench.work, preset, layers, quantization)?;
             let params = line["params"].as_f64().with_context(|| format!("no `params` in {line}"))?;
             let bytes = std::fs::read(&gguf).map(|bytes| bytes.len()).unwrap_or_default();
             let compile = bench.compile(&gguf)?;
