@@ -57,5 +57,6 @@ pub use config::{
 pub use error::{ExecError, Phase};
 pub use event::{Event, Usage};
 pub use executor::{ExecutorStats, TaskExecutor};
-pub use request::{Input, Message, Priority, Request, Role};
+pub use request::{Input, Priority, Request};
+pub use usine_engine::{Message, Role};
 pub use stream::{GenerationStream, Output};

@@ -19,7 +19,7 @@ use crate::config::{ExecutorConfig, KvReservation, Timeouts};
 use crate::error::{ExecError, Phase};
 use crate::event::{Event, Usage};
 use crate::metrics::{ExecutorMetrics, Outcome};
-use crate::request::Request;
+use crate::request::{Input, Request};
 
 /// How often a generation blocked on its reader marks its kv-cache in use: well inside any idle timeout
 /// a pool's GC would use.
@@ -216,7 +216,10 @@ impl Generation<'_> {
         let load = started.elapsed();
         let model = Arc::clone(handle.model());
         let plan = handle.memory_plan();
-        let prompt = model.tokenize(&request.input.render());
+        let prompt = match &request.input {
+            Input::Prompt(text) => model.tokenize(text),
+            Input::Chat(messages) => model.chat_prompt(messages).map_err(|source| self.invalid(source))?,
+        };
         let fitted;
         let params = match fitted_max_tokens(request, &plan, prompt.len()) {
             Some(max_tokens) => {

@@ -23,6 +23,7 @@ mod integration;
 mod model;
 mod parity;
 mod tidy;
+mod tokens;
 // The candle engine's tolerances and their measure, compiled here from the engine's own file: one place
 // for the numbers, without a dependency on the engine that the layer table forbids (see that file).
 #[allow(unreachable_pub, reason = "the engine's file: its items are public in the engine")]
@@ -33,7 +34,7 @@ const USAGE: &str = "usage: cargo xtask <verb>\n\nverbs:\n  tidy         check t
                      integration  run usine serve with Prometheus and the OpenAI client on loopback, and check it\n  \
                      bench-http   tokens/s streamed through usine serve with the zero engine, 1 and 100 streams\n  \
                      bench-peers  the candle engine against llama.cpp on the same GGUF files (17M, 58M; Q8_0, Q4_0); --busy beside a process spinning on a core; --real: usine run on Qwen2.5-0.5B and TinyLlama-1.1B shapes (Q8_0, Q4_K_M), decode, prefill and cached load\n  \
-                     parity       the candle engine's logits and greedy tokens against llama.cpp's, every weight type; tiny llama and qwen2, or --preset qwen2.5-0.5b|tinyllama-1.1b (2 layers); --bless rewrites the engine's test fixtures of llama.cpp's logits\n  \
+                     parity       the candle engine's logits and greedy tokens against llama.cpp's, every weight type; tiny llama and qwen2, or --preset qwen2.5-0.5b|tinyllama-1.1b (2 layers); --bless rewrites the engine's test fixtures of llama.cpp's logits; with the tiny ones, the tokenizers and chat templates of every vocabulary (--tokenizers: only those)\n  \
                      train        train the candle engine's tiny byte-level llama (writes its committed weights)\n  \
                      random-model 17m|58m OUT: random weights of that size, for speed work";
 
@@ -74,7 +75,8 @@ fn main() -> Result<ExitCode> {
                 [] => parity::run(root, "tiny"),
                 ["--preset", preset] => parity::run(root, preset),
                 ["--bless"] => parity::bless(root),
-                _ => bail!("parity takes `--preset {}`, `--bless` or nothing", parity::presets()),
+                ["--tokenizers"] => parity::run_tokenizers(root),
+                _ => bail!("parity takes `--preset {}`, `--bless`, `--tokenizers` or nothing", parity::presets()),
             }
         }
         Some("train") => {

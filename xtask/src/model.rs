@@ -28,7 +28,23 @@ pub(crate) fn generated_gguf(
     layers: usize,
     kind: &str,
 ) -> Result<(PathBuf, serde_json::Value)> {
-    let name = format!("{preset}-{layers}-{kind}");
+    generated_gguf_with(generator, work, preset, layers, kind, "bytes")
+}
+
+/// [`generated_gguf`] with the generator's vocabulary `vocabulary`.
+pub(crate) fn generated_gguf_with(
+    generator: &Path,
+    work: &Path,
+    preset: &str,
+    layers: usize,
+    kind: &str,
+    vocabulary: &str,
+) -> Result<(PathBuf, serde_json::Value)> {
+    let name = if vocabulary == "bytes" {
+        format!("{preset}-{layers}-{kind}")
+    } else {
+        format!("{preset}-{layers}-{kind}-{vocabulary}")
+    };
     let (gguf, line) = (work.join(format!("{name}.gguf")), work.join(format!("{name}.json")));
     let built = std::fs::metadata(generator)?.modified()?;
     let fresh = gguf.exists() && std::fs::metadata(&line).and_then(|line| line.modified()).is_ok_and(|at| at >= built);
@@ -42,7 +58,7 @@ pub(crate) fn generated_gguf(
     }
     eprintln!("writing {}", gguf.display());
     let mut command = Command::new(generator);
-    command.args(["gguf", preset, kind]).arg(&gguf).arg(layers.to_string());
+    command.args(["gguf", preset, kind]).arg(&gguf).arg(layers.to_string()).arg(vocabulary);
     let value = crate::bench_peers::run_json(&mut command)?;
     let bytes = value["bytes"].as_u64().with_context(|| format!("no `bytes` in {value}"))?;
     let written = std::fs::metadata(&gguf).with_context(|| format!("{}", gguf.display()))?.len();

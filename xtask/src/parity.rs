@@ -234,6 +234,7 @@ pub(crate) fn run(root: &Path, preset: &str) -> Result<ExitCode> {
             table.push(line);
         }
     }
+    let tokenizer_table = if preset == "tiny" { tokenizers(root, &sides, &mut reasons)? } else { Vec::new() };
     eprintln!(
         "\nparity, preset {preset}: usine against llama.cpp, {POSITIONS} teacher-forced positions and {TOKENS} greedy \
          tokens per file (relative: a share of llama.cpp's logit spread at the position)"
@@ -241,8 +242,49 @@ pub(crate) fn run(root: &Path, preset: &str) -> Result<ExitCode> {
     for line in &table {
         eprintln!("{line}");
     }
+    if !tokenizer_table.is_empty() {
+        eprintln!(
+            "\nparity of the tokenizers: every string as a prompt and as text, the chats through each template, \
+             and {} MB of them tokenized {} times by each (median MB/s, spread min–max)",
+            crate::tokens::SPEED_BYTES >> 20,
+            crate::tokens::SPEED_TURNS
+        );
+        for line in &tokenizer_table {
+            eprintln!("{line}");
+        }
+    }
     for reason in &reasons {
         eprintln!("{reason}");
+    }
+    Ok(if reasons.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// The tokenizers' table (see `tokens.rs`); failures go to `reasons`.
+fn tokenizers(root: &Path, sides: &Sides, reasons: &mut Vec<String>) -> Result<Vec<String>> {
+    let strings = crate::tokens::corpus(root)?;
+    let speed_text = crate::tokens::speed_text(&strings, &sides.work)?;
+    let mut table: Vec<String> = crate::tokens::HEADER.iter().map(|line| (*line).to_owned()).collect();
+    for (vocabulary, _) in crate::tokens::VOCABULARIES {
+        let binaries = (sides.generator.as_path(), sides.parity.as_path(), sides.peer.as_path(), sides.work.as_path());
+        match crate::tokens::check(binaries, vocabulary, &strings, &speed_text) {
+            Ok(outcome) => {
+                eprintln!("parity: {}", outcome.line);
+                table.push(outcome.line);
+                reasons.extend(outcome.failures);
+            }
+            Err(error) => reasons.push(format!("tokenizer {vocabulary}: {error:#}")),
+        }
+    }
+    Ok(table)
+}
+
+/// Only the tokenizers' part of [`run`].
+pub(crate) fn run_tokenizers(root: &Path) -> Result<ExitCode> {
+    let sides = Sides::build(root)?;
+    let mut reasons = Vec::new();
+    let table = tokenizers(root, &sides, &mut reasons)?;
+    for line in table.iter().chain(&reasons) {
+        eprintln!("{line}");
     }
     Ok(if reasons.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }

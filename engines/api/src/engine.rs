@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
+use crate::chat::{Message, render_plain};
 use crate::error::EngineError;
 use crate::types::{
     CompiledGraph, EngineDescriptor, GenerationParams, MemoryPlan, ModelSpec, ProgressSink, Token, TokenId,
@@ -47,6 +48,15 @@ pub trait LoadedModel: Send + Sync {
 
     /// A detokenizer that turns tokens into text one at a time, as they stream.
     fn detokenizer(&self) -> Box<dyn Detokenizer>;
+
+    /// The prompt of a conversation, ending where the assistant's answer starts: by default the plain
+    /// rendering ([`render_plain`]) tokenized; a model with a chat template of its own renders it, and
+    /// refuses a conversation its template refuses ([`EngineError::ChatTemplate`]).
+    ///
+    /// No message's content may start or end a turn: text in it that spells a special token is text.
+    fn chat_prompt(&self, messages: &[Message]) -> Result<Vec<TokenId>, EngineError> {
+        Ok(self.tokenize(&render_plain(messages)))
+    }
 
     /// Runs a throwaway generation so that the first real one pays no first-use cost (kernel
     /// compilation, caches); what the kernel's warm-up calls. Does nothing by default.

@@ -68,6 +68,12 @@ pub enum EngineError {
         /// What is missing or unsupported.
         message: String,
     },
+    /// The model's chat template refused the conversation, or failed on it.
+    #[error("the model's chat template cannot render this conversation: {message}")]
+    ChatTemplate {
+        /// What the template said.
+        message: String,
+    },
     /// A compiled graph from another engine, version or schema.
     #[error("graph compiled by {found} cannot be loaded by {expected}")]
     GraphMismatch {
@@ -113,7 +119,8 @@ impl EngineError {
             Self::InvalidParams { .. }
             | Self::ContextOverflow { .. }
             | Self::Unsupported { .. }
-            | Self::UnsupportedModel { .. } => ErrorKind::InvalidInput,
+            | Self::UnsupportedModel { .. }
+            | Self::ChatTemplate { .. } => ErrorKind::InvalidInput,
         }
     }
 

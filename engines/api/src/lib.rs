@@ -13,6 +13,7 @@
 //!
 //! This crate depends on no other usine crate, so that an engine can be written against it alone.
 
+mod chat;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 mod engine;
@@ -22,6 +23,7 @@ mod text;
 mod types;
 mod zero;
 
+pub use chat::{Message, Role, render_plain};
 pub use engine::{Detokenizer, Engine, LoadedModel, Prepared, Sequence, check_graph, check_spec};
 pub use error::{EngineError, ErrorKind};
 pub use generate::{check_context, generate};

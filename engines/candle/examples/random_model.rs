@@ -2,15 +2,17 @@
 //!
 //! - `random_model 17m|58m|tiny OUT.safetensors`: usine's own byte-level model of that size, as
 //!   safetensors (for speed work; `cargo xtask random-model`).
-//! - `random_model gguf PRESET TYPE OUT.gguf [LAYERS]`: a GGUF file of a preset's widths
+//! - `random_model gguf PRESET TYPE OUT.gguf [LAYERS [VOCAB]]`: a GGUF file of a preset's widths
 //!   (`tiny-llama`, `tiny-qwen2`, `qwen2.5-0.5b`, `tinyllama-1.1b`), its matrices of TYPE (`f32`,
-//!   `f16`, `bf16`, `q8_0`, `q4_0`, `q4_k_m`, `q5_k_m`, `q6_k`), with LAYERS layers (default: 2);
+//!   `f16`, `bf16`, `q8_0`, `q4_0`, `q4_k_m`, `q5_k_m`, `q6_k`), with LAYERS layers (default: 2) and
+//!   the vocabulary VOCAB (default `bytes`; the trained ones: `mistral`, `llama2`, `gpt2`, `qwen2`,
+//!   `llama3`, `smollm`, each with its family's pre-tokenizer and chat template);
 //!   prints one JSON line: parameters, vocabulary, bytes, layers, seed and the file's BLAKE3 (the
 //!   fixtures of `cargo xtask parity --bless` record the last three).
 
 #![allow(clippy::print_stderr, clippy::print_stdout, reason = "a tool that reports what it wrote")]
 
-use usine_engine_candle::{Shape, TYPES, presets, random_gguf, random_weights};
+use usine_engine_candle::{Shape, TYPES, presets, random_gguf_with, random_weights, tokenizer};
 
 /// The seed of every file written.
 const SEED: u64 = 58;
@@ -31,6 +33,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         && gguf == "gguf"
     {
         let layers: usize = rest.first().map_or(Ok(2), |layers| layers.parse())?;
+        let vocabulary_name = rest.get(1).map_or("bytes", String::as_str);
         let presets = presets();
         let preset = presets.iter().find(|known| known.name == preset).ok_or_else(|| {
             let names: Vec<_> = presets.iter().map(|preset| preset.name).collect();
@@ -39,9 +42,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         if !TYPES.contains(&kind.as_str()) {
             return Err(format!("unknown type `{kind}` ({})", TYPES.join(", ")).into());
         }
-        let bytes = random_gguf(preset, layers, kind, SEED)?;
+        let vocabulary = tokenizer::vocabulary(vocabulary_name, preset.config.vocab).ok_or_else(|| {
+            format!("unknown vocabulary `{vocabulary_name}` ({})", tokenizer::VOCABULARIES.join(", "))
+        })?;
+        let bytes = random_gguf_with(preset, layers, kind, SEED, &vocabulary)?;
         std::fs::write(out, &bytes)?;
-        let config = usine_engine_candle::Config { layers, ..preset.config.clone() };
+        let config =
+            usine_engine_candle::Config { layers, vocab: vocabulary.tokens.len(), ..preset.config.clone() };
         println!(
             "{{\"params\": {}, \"vocab\": {}, \"bytes\": {}, \"layers\": {layers}, \"seed\": {SEED}, \"blake3\": \"{}\"}}",
             config.params(),
@@ -53,7 +60,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let [size, out] = args.as_slice() else {
         return Err(
-            "usage: random_model 17m|58m|tiny OUT.safetensors | random_model gguf PRESET TYPE OUT.gguf [LAYERS]".into(),
+            "usage: random_model 17m|58m|tiny OUT.safetensors | random_model gguf PRESET TYPE OUT.gguf [LAYERS [VOCAB]]".into(),
         );
     };
     let shape = shape(size).ok_or_else(|| format!("unknown size `{size}` (17m, 58m, tiny)"))?;

@@ -14,6 +14,7 @@ use candle_core::quantized::GgmlDType;
 use candle_core::quantized::gguf_file::{self, Value};
 
 use crate::kernel::Raw;
+use crate::tokenizer::Vocabulary;
 
 /// Longest context a model may declare.
 pub(crate) const MAX_CONTEXT: usize = 1 << 20;
@@ -111,9 +112,6 @@ pub struct Config {
     pub bos: Option<u32>,
     /// The token that ends a sequence, where the file names it.
     pub eos: Option<u32>,
-    /// The vocabulary's first 256 tokens are the bytes, as GPT-2 prints them (usine's byte-level
-    /// models, and the generated test models): text is tokenized byte by byte.
-    pub byte_vocabulary: bool,
 }
 
 impl Config {
@@ -205,6 +203,8 @@ pub(crate) struct ModelFile<'a> {
     pub(crate) rope_factors: Option<Vec<f32>>,
     /// Tensor types and their counts, for people (`q8_0 × 14, f32 × 5`).
     pub(crate) types: Vec<(GgmlDType, usize)>,
+    /// The tokenizer's vocabulary.
+    pub(crate) vocabulary: Vocabulary,
 }
 
 /// Why a file cannot be run.
@@ -249,6 +249,8 @@ impl<'a> ModelFile<'a> {
             Err(_) => return refused("an unreadable GGUF header"),
         };
         let (config, rope_factors_expected) = read_config(&content)?;
+        let vocabulary = Vocabulary::from_gguf(&content.metadata, config.vocab)
+            .map_err(|reason| Refused(format!("its tokenizer: {reason}")))?;
         let mut expected = config.tensors();
         if rope_factors_expected {
             expected.push(("rope_freqs.weight".to_owned(), vec![config.head_dim / 2]));
@@ -302,7 +304,7 @@ impl<'a> ModelFile<'a> {
         {
             return refused(format!("tensor `{extra}` is not one usine knows how to use"));
         }
-        let mut file = Self { config, tensors, rope_factors: None, types };
+        let mut file = Self { config, tensors, rope_factors: None, types, vocabulary };
         if rope_factors_expected {
             file.rope_factors = Some(file.vector("rope_freqs.weight")?);
         }
@@ -558,19 +560,8 @@ fn read_config(content: &gguf_file::Content) -> Result<(Config, bool), Refused> 
         tied_output: !content.tensor_infos.contains_key("output.weight"),
         bos: token("tokenizer.ggml.bos_token_id"),
         eos: token("tokenizer.ggml.eos_token_id"),
-        byte_vocabulary: byte_vocabulary(metadata.get("tokenizer.ggml.tokens")),
     };
     Ok((config, content.tensor_infos.contains_key("rope_freqs.weight")))
-}
-
-/// Whether `tokens` starts with the 256 bytes as GPT-2's byte-level vocabulary prints them.
-fn byte_vocabulary(tokens: Option<&Value>) -> bool {
-    let Some(Value::Array(tokens)) = tokens else { return false };
-    tokens.len() >= 256
-        && tokens.iter().take(256).enumerate().all(|(byte, token)| {
-            let byte = u8::try_from(byte).expect("below 256");
-            matches!(token, Value::String(text) if *text == crate::gguf::byte_token(byte))
-        })
 }
 
 #[cfg(test)]

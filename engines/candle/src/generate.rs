@@ -9,7 +9,8 @@ use candle_core::{Device, Tensor};
 use usine_engine::EngineError;
 
 use crate::config::{Architecture, Config};
-use crate::gguf::{byte_tokenizer, fatal, uniform, write};
+use crate::gguf::{fatal, uniform, write};
+use crate::tokenizer::{self, Vocabulary};
 
 /// The widths of a model to generate.
 #[derive(Debug, Clone, PartialEq)]
@@ -43,7 +44,6 @@ pub fn presets() -> Vec<Preset> {
             tied_output: false,
             bos: Some(crate::shape::END_OF_SEQUENCE),
             eos: Some(crate::shape::END_OF_SEQUENCE),
-            byte_vocabulary: true,
         },
         rope_factors,
     };
@@ -109,9 +109,24 @@ fn matrix_type(kind: &str, name: &str, cols: usize) -> Option<GgmlDType> {
 }
 
 /// A GGUF file of `preset`'s widths with `layers` layers, its matrices of type `kind` (one of
-/// [`TYPES`]), random weights from `seed`: the same bytes for the same arguments.
+/// [`TYPES`]), random weights from `seed`, the byte-level vocabulary: the same bytes for the same
+/// arguments.
 pub fn random_gguf(preset: &Preset, layers: usize, kind: &str, seed: u64) -> Result<Vec<u8>, EngineError> {
-    let config = Config { layers, ..preset.config.clone() };
+    let vocabulary = tokenizer::vocabulary("bytes", preset.config.vocab).expect("a known vocabulary");
+    random_gguf_with(preset, layers, kind, seed, &vocabulary)
+}
+
+/// [`random_gguf`] with `vocabulary` (see [`tokenizer::vocabulary`]): the embeddings hold its tokens.
+pub fn random_gguf_with(
+    preset: &Preset,
+    layers: usize,
+    kind: &str,
+    seed: u64,
+    vocabulary: &Vocabulary,
+) -> Result<Vec<u8>, EngineError> {
+    let mut config = Config { layers, ..preset.config.clone() };
+    config.vocab = vocabulary.tokens.len();
+    (config.bos, config.eos) = (vocabulary.bos, vocabulary.eos);
     if matrix_type(kind, "", 256).is_none() {
         return Err(EngineError::InvalidParams { name: "type", value: kind.to_owned(), limit: TYPES.join(", ") });
     }
@@ -158,11 +173,6 @@ pub fn random_gguf(preset: &Preset, layers: usize, kind: &str, seed: u64) -> Res
         (format!("{arch}.rope.freq_base"), Value::F32(config.rope_theta)),
         (format!("{arch}.rope.dimension_count"), count(config.head_dim)),
     ];
-    let fillers = config.vocab.checked_sub(crate::shape::VOCAB).ok_or_else(|| EngineError::InvalidParams {
-        name: "vocab",
-        value: config.vocab.to_string(),
-        limit: format!("at least the {} byte-level tokens", crate::shape::VOCAB),
-    })?;
-    values.extend(byte_tokenizer(fillers));
+    values.extend(vocabulary.to_gguf());
     write(&values, &tensors)
 }

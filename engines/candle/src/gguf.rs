@@ -62,18 +62,6 @@ pub(crate) fn byte_token(byte: u8) -> String {
     char::from_u32(code).expect("below the surrogates").to_string()
 }
 
-/// The byte-level vocabulary as llama.cpp's `gpt2` tokenizer reads it: each byte as GPT-2 prints it,
-/// then the end-of-sequence token, then `fillers` control tokens (a generated model's vocabulary of a
-/// real model's size).
-pub(crate) fn vocabulary(fillers: usize) -> (Vec<Value>, Vec<Value>) {
-    let mut tokens: Vec<Value> = (0..=255).map(|byte| Value::String(byte_token(byte))).collect();
-    tokens.push(Value::String("<|endoftext|>".to_owned()));
-    tokens.extend((0..fillers).map(|index| Value::String(format!("<|filler_{index}|>"))));
-    let mut types = vec![Value::I32(1); 256]; // normal
-    types.extend(std::iter::repeat_n(Value::I32(3), 1 + fillers)); // control
-    (tokens, types)
-}
-
 pub(crate) fn fatal(context: &str) -> impl Fn(candle_core::Error) -> EngineError + '_ {
     move |error| EngineError::Fatal { message: format!("{context}: {error}") }
 }
@@ -136,28 +124,12 @@ pub(crate) fn compile(bytes: &[u8], dtype: GgmlDType, progress: &dyn ProgressSin
         ("llama.rope.freq_base".to_owned(), Value::F32(10_000.0)),
         ("llama.attention.layer_norm_rms_epsilon".to_owned(), Value::F32(1e-5)),
     ]);
-    values.extend(byte_tokenizer(0));
+    values.extend(crate::tokenizer::vocabulary("bytes", 0).expect("a known vocabulary").to_gguf());
     let renamed: Vec<(String, QTensor)> =
         quantized.into_iter().map(|(name, tensor)| (gguf_name(name), tensor)).collect();
     let bytes = write(&values, &renamed)?;
     report("done", 1.0);
     Ok(bytes)
-}
-
-/// The metadata of the byte-level tokenizer, as llama.cpp's `gpt2` tokenizer reads it, with `fillers`
-/// control tokens after the end-of-sequence token (256, also the start of a sequence).
-pub(crate) fn byte_tokenizer(fillers: usize) -> Vec<(String, Value)> {
-    let (tokens, types) = vocabulary(fillers);
-    vec![
-        ("tokenizer.ggml.model".to_owned(), Value::String("gpt2".to_owned())),
-        ("tokenizer.ggml.pre".to_owned(), Value::String("default".to_owned())),
-        ("tokenizer.ggml.add_bos_token".to_owned(), Value::Bool(false)),
-        ("tokenizer.ggml.tokens".to_owned(), Value::Array(tokens)),
-        ("tokenizer.ggml.token_type".to_owned(), Value::Array(types)),
-        ("tokenizer.ggml.merges".to_owned(), Value::Array(Vec::new())),
-        ("tokenizer.ggml.bos_token_id".to_owned(), Value::U32(crate::shape::END_OF_SEQUENCE)),
-        ("tokenizer.ggml.eos_token_id".to_owned(), Value::U32(crate::shape::END_OF_SEQUENCE)),
-    ]
 }
 
 /// A GGUF file of `values` and `tensors`, as llama.cpp reads it.
@@ -255,11 +227,8 @@ mod tests {
         assert_eq!(gguf_name("layers.3.attention.wq.weight"), "blk.3.attn_q.weight");
         assert_eq!(gguf_name("layers.0.ffn_norm.weight"), "blk.0.ffn_norm.weight");
         assert_eq!(gguf_name("layers.0.feed_forward.w2.weight"), "blk.0.ffn_down.weight");
-        let (tokens, _) = vocabulary(0);
-        let text = |index: usize| match &tokens[index] {
-            Value::String(text) => text.clone(),
-            _ => String::new(),
-        };
+        let tokens = crate::tokenizer::vocabulary("bytes", 0).expect("a known vocabulary").tokens;
+        let text = |index: usize| tokens[index].clone();
         assert_eq!(
             (text(usize::from(b'a')), text(usize::from(b' ')), text(256)),
             ("a".into(), "\u{120}".into(), "<|endoftext|>".into())

@@ -1,11 +1,11 @@
-//! The compiled graph (schema 2): the model's configuration and a table of where each weight lies, as
+//! The compiled graph (schema 3): the model's configuration and a table of where each weight lies, as
 //! text in the graph's bytes; and the weights themselves, laid out for the kernels (rows interleaved,
 //! scales and quants apart), in its raw section. A load reads the table and points the model's
 //! matrices into the raw section where it lies, the graph file's mapping: no weight is decoded or
 //! copied, and two processes that load the same graph share its pages.
 //!
 //! ```text
-//! usine-candle-graph 2
+//! usine-candle-graph 3
 //! config architecture llama          (one line per field of `Config`; floats as their bits in hex)
 //! q NAME FORMAT UNSIGNED ROWS COLS SCALES_AT SCALES_LEN MINS_AT MINS_LEN QUANTS_AT QUANTS_LEN
 //!                                                                 a quantized matrix (FORMAT: q8, q4,
@@ -13,6 +13,7 @@
 //! d NAME ROWS COLS AT LEN                                                       a dense f32 matrix
 //! v NAME AT LEN                                                                 an f32 vector
 //! s NAME COUNT       quantized matrices of different formats stacked: NAME.0, NAME.1, ... (`q` lines)
+//! b NAME AT LEN                                  bytes: `vocabulary`, the tokenizer's (bincode)
 //! ```
 //!
 //! Offsets and lengths are in bytes of the raw section; each weight starts at a multiple of 64.
@@ -28,8 +29,8 @@ use crate::kernel::{Format, Isa, QMatrix, Quants, ROWS};
 use crate::matrix::{Dense, Matrix};
 
 /// The schema of the graphs this module writes.
-pub(crate) const SCHEMA: u32 = 2;
-const MAGIC: &str = "usine-candle-graph 2";
+pub(crate) const SCHEMA: u32 = 3;
+const MAGIC: &str = "usine-candle-graph 3";
 /// Each weight starts at a multiple of this in the raw section: whole cache lines, and the alignment of
 /// every element type (the section itself starts at a page).
 const ALIGN: usize = 64;
@@ -60,7 +61,6 @@ impl Writer {
             ("tied_output", u8::from(config.tied_output).to_string()),
             ("bos", option(config.bos)),
             ("eos", option(config.eos)),
-            ("byte_vocabulary", u8::from(config.byte_vocabulary).to_string()),
         ];
         for (key, value) in fields {
             table.push_str(&format!("config {key} {value}\n"));
@@ -114,6 +114,11 @@ impl Writer {
         self.table.push_str(&format!("v {name} {at} {}\n", bytes.len()));
     }
 
+    pub(crate) fn bytes(&mut self, name: &str, bytes: &[u8]) {
+        let at = self.place(bytes);
+        self.table.push_str(&format!("b {name} {at} {}\n", bytes.len()));
+    }
+
     /// The graph's bytes (the table) and its raw section.
     pub(crate) fn finish(self) -> (Vec<u8>, Vec<u8>) {
         (self.table.into_bytes(), self.raw)
@@ -140,6 +145,9 @@ enum Entry {
     },
     Stack {
         parts: usize,
+    },
+    Bytes {
+        values: Range<usize>,
     },
 }
 
@@ -192,7 +200,7 @@ impl Reader {
                         return Err(format!("table line `{line}`: a stack of {parts}, or a name twice"));
                     }
                 }
-                Some(kind @ ("q" | "d" | "v")) => {
+                Some(kind @ ("q" | "d" | "v" | "b")) => {
                     let name = fields.next().ok_or_else(|| format!("table line `{line}`"))?.to_owned();
                     let mut next = || fields.next();
                     let entry = match kind {
@@ -215,7 +223,8 @@ impl Reader {
                             }
                             Entry::Dense { rows, cols, values }
                         }
-                        _ => Entry::Vector { values: range(number(next(), line)?, number(next(), line)?, line)? },
+                        "v" => Entry::Vector { values: range(number(next(), line)?, number(next(), line)?, line)? },
+                        _ => Entry::Bytes { values: range(number(next(), line)?, number(next(), line)?, line)? },
                     };
                     if fields.next().is_some() || entries.insert(name, entry).is_some() {
                         return Err(format!("table line `{line}`: extra fields, or a name twice"));
@@ -256,7 +265,6 @@ impl Reader {
             tied_output: count("tied_output")? == 1,
             bos: token("bos")?,
             eos: token("eos")?,
-            byte_vocabulary: count("byte_vocabulary")? == 1,
         };
         // The bounds a GGUF file's configuration is read within (`config.rs`): every size computed from
         // them then stays far from overflowing.
@@ -335,6 +343,14 @@ impl Reader {
         }
     }
 
+    /// The bytes `name` (the vocabulary).
+    pub(crate) fn bytes(&self, name: &str) -> Result<&[u8], String> {
+        match self.entries.get(name) {
+            Some(Entry::Bytes { values }) => Ok(&(*self.owner).as_ref()[values.clone()]),
+            _ => Err(format!("table: no bytes `{name}`")),
+        }
+    }
+
     /// Whether the table holds `name`.
     pub(crate) fn has(&self, name: &str) -> bool {
         self.entries.contains_key(name)
@@ -347,7 +363,7 @@ impl Reader {
             .map(|entry| match entry {
                 Entry::Quantized { scales, mins, quants, .. } => scales.len() + mins.len() + quants.len(),
                 Entry::Dense { values, .. } | Entry::Vector { values } => values.len(),
-                Entry::Stack { .. } => 0,
+                Entry::Stack { .. } | Entry::Bytes { .. } => 0,
             } as u64)
             .sum()
     }

@@ -31,6 +31,7 @@ mod model;
 mod sample;
 mod shape;
 mod team;
+pub mod tokenizer;
 pub mod tolerance;
 // Also in the crate's own tests, so that `cargo test` checks the training code that made the
 // committed weights.
@@ -41,13 +42,13 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use usine_engine::{
-    ByteDetokenizer, CompiledGraph, Detokenizer, Device, Engine, EngineDescriptor, EngineError, GenerationParams,
-    LoadedModel, MemoryPlan, ModelSpec, Prepared, Progress, ProgressSink, Sequence, Token, TokenId, check_context,
-    check_graph, check_spec,
+    CompiledGraph, Detokenizer, Device, Engine, EngineDescriptor, EngineError, GenerationParams, LoadedModel,
+    MemoryPlan, Message, ModelSpec, Prepared, Progress, ProgressSink, Sequence, Token, TokenId, check_context,
+    check_graph, check_spec, render_plain,
 };
 
 pub use config::{Architecture, Config};
-pub use generate::{Preset, TYPES, presets, random_gguf};
+pub use generate::{Preset, TYPES, presets, random_gguf, random_gguf_with};
 pub use gguf::{QUANTIZATIONS, random_weights, source_shape};
 pub use kernel::ISA_VARIABLE;
 pub use shape::{END_OF_SEQUENCE, Shape, VOCAB};
@@ -55,6 +56,7 @@ pub use shape::{END_OF_SEQUENCE, Shape, VOCAB};
 use crate::config::{ModelFile, Refused};
 use crate::model::{KvCache, Model};
 use crate::team::Team;
+use crate::tokenizer::{Tokenizer, Vocabulary};
 
 /// The engine's name, as model specs name it.
 pub const NAME: &str = "candle";
@@ -191,6 +193,12 @@ impl Decoder {
     }
 }
 
+/// The tokenizer of the GGUF file `bytes` (read as a model: a file usine cannot run is refused).
+pub fn tokenizer_of(bytes: &[u8]) -> Result<Tokenizer, EngineError> {
+    let file = ModelFile::read(bytes).map_err(unsupported)?;
+    Ok(Tokenizer::new(file.vocabulary))
+}
+
 /// A compiled graph that does not read: damaged, or of another layout (compile again).
 fn corrupt(message: String) -> EngineError {
     EngineError::CorruptGraph { message }
@@ -201,7 +209,9 @@ fn repack(file: &ModelFile<'_>) -> Result<(Vec<u8>, Vec<u8>), EngineError> {
     // A team of one: the model is built to be written, never run.
     let team = Team::new(1)?;
     let model = Model::new(file, file.config.context, team.tuner()).map_err(unsupported)?;
-    Ok(model.write())
+    let vocabulary = bincode::serialize(&file.vocabulary)
+        .map_err(|error| EngineError::Fatal { message: format!("writing the vocabulary: {error}") })?;
+    Ok(model.write(&vocabulary))
 }
 
 /// A source file that is not a model this engine runs.
@@ -348,11 +358,6 @@ impl Engine for CandleEngine {
                     });
                 }
                 let file = ModelFile::read(&bytes).map_err(unsupported)?;
-                if !file.config.byte_vocabulary {
-                    return Err(EngineError::UnsupportedModel {
-                        message: "its tokenizer: usine reads byte-level vocabularies only so far".to_owned(),
-                    });
-                }
                 let described = describe(&file);
                 return Ok((repack(&file)?, digest, described));
             }
@@ -407,7 +412,24 @@ impl Engine for CandleEngine {
         let reader = graph::Reader::read(&graph.bytes, &graph.raw).map_err(corrupt)?;
         // Pointing the matrices into the raw section takes microseconds: no blocking thread.
         let model = Model::from_graph(&reader, context, tuner).map_err(corrupt)?;
-        Ok(Arc::new(CandleModel { model: Arc::new(model), plan, team: Arc::clone(&self.team) }))
+        let vocabulary: Vocabulary = bincode::deserialize(reader.bytes("vocabulary").map_err(corrupt)?)
+            .map_err(|error| corrupt(format!("the vocabulary: {error}")))?;
+        if vocabulary.tokens.len() != model.config.vocab
+            || vocabulary.scores.len() != vocabulary.tokens.len()
+            || vocabulary.types.len() != vocabulary.tokens.len()
+        {
+            return Err(corrupt(format!("a vocabulary of {} tokens", vocabulary.tokens.len())));
+        }
+        let end_of_generation = vocabulary.end_of_generation().into();
+        Ok(Arc::new(CandleModel {
+            model: Arc::new(model),
+            plan,
+            team: Arc::clone(&self.team),
+            vocabulary: std::sync::Mutex::new(Some(vocabulary)),
+            tokenizer: std::sync::OnceLock::new(),
+            template: std::sync::OnceLock::new(),
+            end_of_generation,
+        }))
     }
 }
 
@@ -415,6 +437,33 @@ struct CandleModel {
     model: Arc<Model>,
     plan: MemoryPlan,
     team: Arc<Team>,
+    /// The vocabulary, until the tokenizer is built from it: at the first use, not at the load (a
+    /// real vocabulary's maps take tens of milliseconds, a load of the weights well under one).
+    vocabulary: std::sync::Mutex<Option<Vocabulary>>,
+    tokenizer: std::sync::OnceLock<Arc<Tokenizer>>,
+    /// The chat template, parsed at its first use (`None`: the model has none).
+    template: std::sync::OnceLock<Option<Result<tokenizer::Template, tokenizer::ChatError>>>,
+    end_of_generation: Arc<[TokenId]>,
+}
+
+impl CandleModel {
+    fn tokenizer(&self) -> &Arc<Tokenizer> {
+        self.tokenizer.get_or_init(|| {
+            let vocabulary = self.vocabulary.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+            Arc::new(Tokenizer::new(vocabulary.expect("taken once, by this initializer")))
+        })
+    }
+
+    fn template(&self) -> Option<&Result<tokenizer::Template, tokenizer::ChatError>> {
+        self.template
+            .get_or_init(|| {
+                let vocabulary = self.tokenizer().vocabulary();
+                let source = vocabulary.chat_template.as_deref()?;
+                let (bos, eos) = (vocabulary.text(vocabulary.bos), vocabulary.text(vocabulary.eos));
+                Some(tokenizer::Template::new(source, bos, eos))
+            })
+            .as_ref()
+    }
 }
 
 #[async_trait]
@@ -423,12 +472,38 @@ impl LoadedModel for CandleModel {
         self.plan
     }
 
+    /// The prompt's tokens as llama.cpp's `llama_tokenize` gives them with `add_special` and
+    /// `parse_special`: the start token if the vocabulary adds one, special tokens' texts as those
+    /// tokens.
     fn tokenize(&self, text: &str) -> Vec<TokenId> {
-        text.bytes().map(TokenId::from).collect()
+        self.tokenizer().encode(text, true, true)
     }
 
     fn detokenizer(&self) -> Box<dyn Detokenizer> {
-        Box::new(ByteDetokenizer::default())
+        Box::new(self.tokenizer().stream())
+    }
+
+    /// Rendered by the model's chat template when it has one (see [`tokenizer::chat`]); otherwise
+    /// [`render_plain`], whose text is all plain (no special token parsed).
+    fn chat_prompt(&self, messages: &[Message]) -> Result<Vec<TokenId>, EngineError> {
+        let tokenizer = self.tokenizer();
+        match self.template() {
+            None => Ok(tokenizer.encode(&render_plain(messages), true, false)),
+            Some(Err(error)) => Err(EngineError::ChatTemplate { message: error.to_string() }),
+            Some(Ok(template)) => {
+                let guarded = tokenizer.vocabulary().guarded_texts();
+                let rendered = template
+                    .render(messages, true, &guarded)
+                    .map_err(|error| EngineError::ChatTemplate { message: error.to_string() })?;
+                Ok(tokenizer.encode_chat(&rendered))
+            }
+        }
+    }
+
+    /// Builds the tokenizer and parses the chat template, so that the first request does not.
+    async fn warm_up(&self) -> Result<(), EngineError> {
+        let _ = self.template();
+        Ok(())
     }
 
     async fn prefill(
@@ -468,7 +543,15 @@ impl LoadedModel for CandleModel {
         drop(guard);
         let first_step = u32::try_from(generated.len()).expect("checked against the context");
         let team = Arc::clone(&self.team);
-        Ok(Box::new(CandleSequence { model, cache: Arc::new(cache), team, base, first_step, params: params.clone() }))
+        Ok(Box::new(CandleSequence {
+            model,
+            cache: Arc::new(cache),
+            team,
+            base,
+            first_step,
+            params: params.clone(),
+            end_of_generation: Arc::clone(&self.end_of_generation),
+        }))
     }
 }
 
@@ -489,6 +572,7 @@ struct CandleSequence {
     base: usize,
     first_step: u32,
     params: GenerationParams,
+    end_of_generation: Arc<[TokenId]>,
 }
 
 #[async_trait]
@@ -508,6 +592,6 @@ impl Sequence for CandleSequence {
         let (model, cache, team) = (Arc::clone(&self.model), Arc::clone(&self.cache), Arc::clone(&self.team));
         let logits = blocking(move || model.forward(&team, previous, position, &cache)).await?;
         let id = sample::sample(&logits, &self.params, step);
-        Ok(Token { id, end_of_sequence: Some(id) == self.model.config.eos })
+        Ok(Token { id, end_of_sequence: self.end_of_generation.contains(&id) })
     }
 }

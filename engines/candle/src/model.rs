@@ -191,8 +191,10 @@ impl Model {
     }
 
     /// The compiled graph of the model: its table and its raw section (see `graph.rs`).
-    pub(crate) fn write(&self) -> (Vec<u8>, Vec<u8>) {
+    /// The graph of this model (its table and raw section), with `vocabulary` (the tokenizer's bytes).
+    pub(crate) fn write(&self, vocabulary: &[u8]) -> (Vec<u8>, Vec<u8>) {
         let mut writer = Writer::new(&self.config);
+        writer.bytes("vocabulary", vocabulary);
         if let Some(embeddings) = &self.embeddings {
             writer.matrix("embeddings", embeddings);
         }
@@ -576,7 +578,7 @@ mod tests {
                 let file = ModelFile::read(&bytes).unwrap();
                 let team = Team::new(1).unwrap();
                 let direct = Model::new(&file, 64, team.tuner()).unwrap();
-                let (table, raw) = direct.write();
+                let (table, raw) = direct.write(&[]);
                 let graph = Reader::read(&table, &usine_engine::RawSection::new(raw)).unwrap();
                 let model = Model::from_graph(&graph, 64, team.tuner()).unwrap();
                 let plan = plan_of(&graph.config, graph.weight_bytes(), Some(64), 1);
@@ -599,7 +601,7 @@ mod tests {
     fn a_table_that_does_not_hold_is_refused() {
         let bytes = random_gguf(&presets()[0], 1, "q8_0", 1).unwrap();
         let team = Team::new(1).unwrap();
-        let (table, raw) = Model::new(&ModelFile::read(&bytes).unwrap(), 64, team.tuner()).unwrap().write();
+        let (table, raw) = Model::new(&ModelFile::read(&bytes).unwrap(), 64, team.tuner()).unwrap().write(&[]);
         let text = String::from_utf8(table).unwrap();
         let raw = usine_engine::RawSection::new(raw);
         let load = |table: &str, raw: &usine_engine::RawSection| {
@@ -611,7 +613,7 @@ mod tests {
         assert!(load(&text, &short).unwrap_err().contains("outside the raw section"));
         assert!(load(&text.replace("config ffn 512", "config ffn 256"), &raw).unwrap_err().contains("no matrix"));
         assert!(
-            load(&text.replace("usine-candle-graph 2", "usine-candle-graph 3"), &raw).unwrap_err().contains("schema")
+            load(&text.replace("usine-candle-graph 3", "usine-candle-graph 2"), &raw).unwrap_err().contains("schema")
         );
         assert!(load(&text.replace("config vocab", "config vocabulary"), &raw).unwrap_err().contains("missing"));
         assert!(load(&text, &usine_engine::RawSection::default()).unwrap_err().contains("no raw section"));

@@ -11,6 +11,17 @@
 //! - `logits MODEL.gguf THREADS IDS OUT.bin`: teacher-forced, the ids decoded one position at a time,
 //!   and the logits of every position written to `OUT.bin` (little-endian f32, positions × vocab,
 //!   row-major). Prints the vocabulary's size and the positions.
+//! - `tokenize MODEL.gguf STRINGS.bin OUT.bin`: each string of `STRINGS.bin` (each a little-endian u32
+//!   length and its bytes) tokenized twice, as a prompt (`add_special`, `parse_special`) and as plain
+//!   text (neither), and the plain ids detokenized (`remove_special`, not `unparse_special`). `OUT.bin`
+//!   holds, per string, the two id lists (a u32 count, then i32 ids) and the text (u32 length, bytes).
+//! - `tokenize-speed MODEL.gguf TEXT TURNS`: the file `TEXT` tokenized as plain text `TURNS` times;
+//!   prints each turn's seconds and the tokens.
+//! - `template MODEL.gguf CHATS.bin OUT.bin`: each conversation of `CHATS.bin` (a u32 count of
+//!   messages, then role and content as strings) rendered by the model's chat template through
+//!   llama.cpp's built-in templates (`llama_chat_apply_template`, the assistant's turn asked for).
+//!   `OUT.bin` holds, per conversation, a u8 (1: rendered) and the text or the error (a string), and
+//!   after a text its ids as a prompt (a u32 count, then i32 ids).
 
 use std::num::NonZeroU32;
 use std::time::Instant;
@@ -72,9 +83,14 @@ fn main() -> Result<(), Error> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
         ["logits", gguf, threads, ids, out] => logits(gguf, threads.parse()?, &token_ids(ids)?, out),
+        ["tokenize", gguf, strings, out] => tokenize(gguf, strings, out),
+        ["tokenize-speed", gguf, text, turns] => tokenize_speed(gguf, text, turns.parse()?),
+        ["template", gguf, chats, out] => template(gguf, chats, out),
         [gguf, threads, tokens, prompt] => greedy(gguf, threads.parse()?, tokens.parse()?, &token_ids(prompt)?),
         _ => Err("usage: usine-peer-llama-cpp MODEL.gguf THREADS TOKENS PROMPT_IDS | usine-peer-llama-cpp logits \
-                  MODEL.gguf THREADS IDS OUT.bin (ids comma-separated)"
+                  MODEL.gguf THREADS IDS OUT.bin (ids comma-separated) | usine-peer-llama-cpp tokenize MODEL.gguf \
+                  STRINGS.bin OUT.bin | usine-peer-llama-cpp tokenize-speed MODEL.gguf TEXT TURNS | \
+                  usine-peer-llama-cpp template MODEL.gguf CHATS.bin OUT.bin"
             .into()),
     }
 }
@@ -194,5 +210,114 @@ fn greedy(gguf: &str, threads: i32, tokens: usize, prompt: &[LlamaToken]) -> Res
         list(&greedy),
         list(&runner_up),
     );
+    Ok(())
+}
+
+/// Reads length-prefixed byte strings (a little-endian u32 length, then the bytes) from `bytes`.
+struct Strings<'b> {
+    bytes: &'b [u8],
+}
+
+impl<'b> Strings<'b> {
+    fn u32(&mut self) -> Result<u32, Error> {
+        let (head, rest) = self.bytes.split_first_chunk::<4>().ok_or("a truncated length")?;
+        self.bytes = rest;
+        Ok(u32::from_le_bytes(*head))
+    }
+
+    fn string(&mut self) -> Result<&'b [u8], Error> {
+        let len = usize::try_from(self.u32()?)?;
+        if len > self.bytes.len() {
+            return Err("a truncated string".into());
+        }
+        let (text, rest) = self.bytes.split_at(len);
+        self.bytes = rest;
+        Ok(text)
+    }
+}
+
+fn push_string(out: &mut Vec<u8>, text: &[u8]) -> Result<(), Error> {
+    out.extend(u32::try_from(text.len())?.to_le_bytes());
+    out.extend_from_slice(text);
+    Ok(())
+}
+
+/// The model's vocabulary (and template) only: no weights are read.
+fn vocabulary(backend: &LlamaBackend, gguf: &str) -> Result<LlamaModel, Error> {
+    Ok(LlamaModel::load_from_file(backend, gguf, &LlamaModelParams::default().with_vocab_only(true))?)
+}
+
+fn tokenize(gguf: &str, strings: &str, out: &str) -> Result<(), Error> {
+    let backend = backend()?;
+    let model = vocabulary(&backend, gguf)?;
+    let vocab = model.vocab();
+    let input = std::fs::read(strings)?;
+    let mut strings = Strings { bytes: &input };
+    let mut output = Vec::new();
+    let mut count = 0;
+    while !strings.bytes.is_empty() {
+        let text = strings.string()?;
+        let prompt = vocab.tokenize(text, true, true);
+        let plain = vocab.tokenize(text, false, false);
+        for ids in [&prompt, &plain] {
+            output.extend(u32::try_from(ids.len())?.to_le_bytes());
+            output.extend(ids.iter().flat_map(|id| id.0.to_le_bytes()));
+        }
+        // llama-cpp-2's detokenize sizes its buffer from the ids less one: none would overflow it.
+        let text = if plain.is_empty() { Vec::new() } else { vocab.detokenize(&plain, true, false) };
+        push_string(&mut output, &text)?;
+        count += 1;
+    }
+    std::fs::write(out, output).map_err(|error| format!("writing {out}: {error}"))?;
+    println!("{{\"strings\": {count}}}");
+    Ok(())
+}
+
+fn tokenize_speed(gguf: &str, text: &str, turns: usize) -> Result<(), Error> {
+    let backend = backend()?;
+    let model = vocabulary(&backend, gguf)?;
+    let vocab = model.vocab();
+    let text = std::fs::read(text)?;
+    let mut seconds = Vec::new();
+    let mut tokens = 0;
+    for _ in 0..turns.max(1) {
+        let start = Instant::now();
+        tokens = vocab.tokenize(&text, false, false).len();
+        seconds.push(start.elapsed().as_secs_f64().to_string());
+    }
+    println!("{{\"seconds\": [{}], \"tokens\": {tokens}}}", seconds.join(","));
+    Ok(())
+}
+
+fn template(gguf: &str, chats: &str, out: &str) -> Result<(), Error> {
+    use llama_cpp_2::model::LlamaChatMessage;
+    let backend = backend()?;
+    let model = vocabulary(&backend, gguf)?;
+    let template = model.chat_template(None)?;
+    let input = std::fs::read(chats)?;
+    let mut chats = Strings { bytes: &input };
+    let mut output = Vec::new();
+    while !chats.bytes.is_empty() {
+        let mut messages = Vec::new();
+        for _ in 0..chats.u32()? {
+            let role = String::from_utf8(chats.string()?.to_vec())?;
+            let content = String::from_utf8(chats.string()?.to_vec())?;
+            messages.push(LlamaChatMessage::new(role, content)?);
+        }
+        match model.apply_chat_template(&template, &messages, true) {
+            Ok(text) => {
+                output.push(1);
+                push_string(&mut output, text.as_bytes())?;
+                let ids = model.vocab().tokenize(text.as_bytes(), true, true);
+                output.extend(u32::try_from(ids.len())?.to_le_bytes());
+                output.extend(ids.iter().flat_map(|id| id.0.to_le_bytes()));
+            }
+            Err(error) => {
+                output.push(0);
+                push_string(&mut output, error.to_string().as_bytes())?;
+            }
+        }
+    }
+    std::fs::write(out, output).map_err(|error| format!("writing {out}: {error}"))?;
     Ok(())
 }

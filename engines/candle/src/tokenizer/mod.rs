@@ -1,0 +1,644 @@
+//! The tokenizers GGUF files carry, token for token as llama.cpp runs them (`cargo xtask parity`
+//! checks every id against it):
+//!
+//! - `llama`: SentencePiece-style, the pair of neighbours whose joined text is the best-scored token
+//!   merged first, spaces written `▁`, a space put before the text, and bytes that form no token
+//!   spelled as `<0xNN>` tokens (`spm.rs`);
+//! - `gpt2`: byte-level BPE, the text cut into words by the pre-tokenizer `tokenizer.ggml.pre` names
+//!   (`pre.rs`), and each word's pairs merged in the order of the file's merges (`bpe.rs`).
+//!
+//! Both first cut the text at special tokens' texts ([`Tokenizer::encode`]), and both turn tokens back
+//! into bytes one at a time ([`Tokenizer::piece`]), which [`TokenStream`] makes into UTF-8 text as it
+//! streams. A [`Vocabulary`] is what the file holds; a [`Tokenizer`] is built from it (its maps), once
+//! per loaded model.
+
+mod bpe;
+pub mod chat;
+mod fixtures;
+mod pre;
+mod spm;
+
+use std::collections::HashMap;
+
+use candle_core::quantized::gguf_file::Value;
+use serde::{Deserialize, Serialize};
+use usine_engine::{Detokenizer, TokenId, Utf8Decoder};
+
+pub use chat::{ChatError, Rendered, Template};
+pub use fixtures::{CHATML, LLAMA2_SYSTEM, LLAMA3, MISTRAL, VOCABULARIES, vocabulary};
+pub use pre::Pre;
+
+/// Most tokens a vocabulary may hold (the largest real ones hold about 260,000).
+pub const MAX_TOKENS: usize = 1 << 20;
+/// Longest token text, in bytes.
+pub const MAX_TOKEN_BYTES: usize = 1024;
+
+/// How a vocabulary cuts text: `tokenizer.ggml.model`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Kind {
+    /// `llama`: SentencePiece-style, by scores, with byte fallback.
+    Spm,
+    /// `gpt2`: byte-level BPE, by merges, after a pre-tokenizer.
+    Bpe,
+}
+
+/// What a token is (GGUF's `tokenizer.ggml.token_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TokenType {
+    /// Text.
+    Normal,
+    /// The unknown token.
+    Unknown,
+    /// A control token (start, end, turn markers): its text is parsed only where asked, and it has no
+    /// text of its own when decoded.
+    Control,
+    /// A token added to the vocabulary whose text is always cut out of the input and decodes to itself.
+    UserDefined,
+    /// Never produced.
+    Unused,
+    /// One byte, `<0xNN>`.
+    Byte,
+}
+
+impl TokenType {
+    fn from_gguf(value: i64) -> Self {
+        match value {
+            2 => Self::Unknown,
+            3 => Self::Control,
+            4 => Self::UserDefined,
+            5 => Self::Unused,
+            6 => Self::Byte,
+            _ => Self::Normal, // 1, and llama.cpp reads the undefined ones as plain text too
+        }
+    }
+
+    /// The number GGUF writes.
+    pub fn gguf(self) -> i32 {
+        match self {
+            Self::Normal => 1,
+            Self::Unknown => 2,
+            Self::Control => 3,
+            Self::UserDefined => 4,
+            Self::Unused => 5,
+            Self::Byte => 6,
+        }
+    }
+}
+
+/// A vocabulary as a GGUF file holds it: what a compiled graph keeps, and what a [`Tokenizer`] is built
+/// from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Vocabulary {
+    /// How it cuts text.
+    pub kind: Kind,
+    /// The pre-tokenizer of a `gpt2` vocabulary.
+    pub pre: Pre,
+    /// Each token's text (a `gpt2` vocabulary's in GPT-2's byte alphabet).
+    pub tokens: Vec<String>,
+    /// Each token's score (`llama`: higher merges first).
+    pub scores: Vec<f32>,
+    /// Each token's type.
+    pub types: Vec<TokenType>,
+    /// `gpt2`: the merges, `LEFT RIGHT`, first merged first.
+    pub merges: Vec<String>,
+    /// The start of a sequence.
+    pub bos: Option<TokenId>,
+    /// The end of a sequence.
+    pub eos: Option<TokenId>,
+    /// The end of a turn, when the file names it.
+    pub eot: Option<TokenId>,
+    /// The end of a message, when the file names it.
+    pub eom: Option<TokenId>,
+    /// The unknown token.
+    pub unk: Option<TokenId>,
+    /// Whether a prompt starts with `bos`.
+    pub add_bos: bool,
+    /// Whether a prompt ends with `eos`.
+    pub add_eos: bool,
+    /// `llama`: whether a space goes before the text (and after each special token).
+    pub add_space_prefix: bool,
+    /// `tokenizer.chat_template`, the Jinja template of a conversation.
+    pub chat_template: Option<String>,
+}
+
+/// The texts of the end-of-turn tokens llama.cpp recognizes by name when a file does not say.
+const END_OF_TURN_NAMES: [&str; 7] =
+    ["<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>", "<EOT>"];
+/// The texts of control tokens that end a generation, whatever the file names.
+const END_OF_GENERATION_NAMES: [&str; 6] =
+    ["<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>"];
+
+impl Vocabulary {
+    /// The vocabulary of a GGUF file's metadata, `vocab` tokens long (the embeddings' rows); refused
+    /// with the reason when usine cannot tokenize it as llama.cpp does.
+    pub(crate) fn from_gguf(metadata: &HashMap<String, Value>, vocab: usize) -> Result<Self, String> {
+        let kind = match metadata.get("tokenizer.ggml.model") {
+            Some(Value::String(name)) if name == "llama" => Kind::Spm,
+            Some(Value::String(name)) if name == "gpt2" => Kind::Bpe,
+            Some(Value::String(name)) => {
+                return Err(format!("tokenizer `{name}` is not one usine reads (llama, gpt2)"));
+            }
+            Some(_) => return Err("`tokenizer.ggml.model` is not a string".into()),
+            None => return Err("`tokenizer.ggml.model` is missing".into()),
+        };
+        let strings = |key: &str| -> Result<Option<Vec<String>>, String> {
+            match metadata.get(key) {
+                None => Ok(None),
+                Some(Value::Array(values)) => values
+                    .iter()
+                    .map(|value| match value {
+                        Value::String(text) => Ok(text.clone()),
+                        _ => Err(format!("`{key}` holds a value that is not a string")),
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+                    .map(Some),
+                Some(_) => Err(format!("`{key}` is not an array")),
+            }
+        };
+        let tokens = strings("tokenizer.ggml.tokens")?.ok_or("`tokenizer.ggml.tokens` is missing")?;
+        if tokens.len() != vocab || tokens.len() > MAX_TOKENS {
+            return Err(format!(
+                "`tokenizer.ggml.tokens` holds {} tokens; the embeddings hold {vocab} (at most {MAX_TOKENS})",
+                tokens.len()
+            ));
+        }
+        if let Some(long) = tokens.iter().position(|token| token.len() > MAX_TOKEN_BYTES || token.is_empty()) {
+            return Err(format!("token {long} is empty or longer than {MAX_TOKEN_BYTES} bytes"));
+        }
+        let mut seen = HashMap::with_capacity(tokens.len());
+        for (id, token) in tokens.iter().enumerate() {
+            if let Some(first) = seen.insert(token.as_str(), id) {
+                return Err(format!("tokens {first} and {id} have the same text {token:?}"));
+            }
+        }
+        let numbers = |key: &str| -> Result<Option<Vec<f64>>, String> {
+            match metadata.get(key) {
+                None => Ok(None),
+                Some(Value::Array(values)) if values.len() == tokens.len() => values
+                    .iter()
+                    .map(|value| match value {
+                        Value::F32(x) => Ok(f64::from(*x)),
+                        Value::I32(x) => Ok(f64::from(*x)),
+                        Value::U32(x) => Ok(f64::from(*x)),
+                        _ => Err(format!("`{key}` holds a value that is not a number")),
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+                    .map(Some),
+                Some(_) => Err(format!("`{key}` is not an array of one number per token")),
+            }
+        };
+        #[allow(clippy::cast_possible_truncation, reason = "the scores were f32 or i32")]
+        let scores = numbers("tokenizer.ggml.scores")?
+            .map_or_else(|| vec![0.0; tokens.len()], |scores| scores.into_iter().map(|x| x as f32).collect());
+        #[allow(clippy::cast_possible_truncation, reason = "the types were i32")]
+        let types: Vec<TokenType> = numbers("tokenizer.ggml.token_type")?.map_or_else(
+            || vec![TokenType::Normal; tokens.len()],
+            |types| types.into_iter().map(|x| TokenType::from_gguf(x as i64)).collect(),
+        );
+        let merges = strings("tokenizer.ggml.merges")?.unwrap_or_default();
+        bpe::check(&merges)?;
+        let pre_name = match metadata.get("tokenizer.ggml.pre") {
+            None => None,
+            Some(Value::String(name)) => Some(name.as_str()),
+            Some(_) => return Err("`tokenizer.ggml.pre` is not a string".into()),
+        };
+        let pre = match kind {
+            Kind::Spm => Pre::None,
+            // A byte-level vocabulary without merges tokenizes byte by byte, whatever the words.
+            Kind::Bpe if merges.is_empty() => Pre::None,
+            Kind::Bpe => Pre::from_name(pre_name.unwrap_or("default"))?,
+        };
+        let flag = |key: &str, default: bool| -> Result<bool, String> {
+            match metadata.get(key) {
+                None => Ok(default),
+                Some(Value::Bool(value)) => Ok(*value),
+                Some(_) => Err(format!("`{key}` is not a boolean")),
+            }
+        };
+        let id = |key: &str, default: Option<TokenId>| -> Option<TokenId> {
+            let read = metadata.get(key).and_then(|value| match value {
+                Value::U32(id) => Some(u64::from(*id)),
+                Value::I32(id) => u64::try_from(*id).ok(),
+                Value::U64(id) => Some(*id),
+                Value::I64(id) => u64::try_from(*id).ok(),
+                _ => None,
+            });
+            // As llama.cpp: an id outside the vocabulary is ignored, and the default kept if it fits.
+            read.filter(|&id| id < tokens.len() as u64)
+                .map(|id| TokenId::try_from(id).expect("below the vocabulary's size"))
+                .or(default.filter(|&id| (id as usize) < tokens.len()))
+        };
+        let (bos, eos, unk, add_bos, add_space_prefix) = match kind {
+            Kind::Spm => (id("tokenizer.ggml.bos_token_id", Some(1)), Some(2), Some(0), true, true),
+            Kind::Bpe => (id("tokenizer.ggml.bos_token_id", None), None, None, pre.adds_bos(), false),
+        };
+        let mut vocabulary = Self {
+            kind,
+            pre,
+            scores,
+            types,
+            merges,
+            bos,
+            eos: id("tokenizer.ggml.eos_token_id", eos),
+            eot: id("tokenizer.ggml.eot_token_id", None),
+            eom: id("tokenizer.ggml.eom_token_id", None),
+            unk: id("tokenizer.ggml.unknown_token_id", unk),
+            add_bos: flag("tokenizer.ggml.add_bos_token", add_bos)?,
+            add_eos: flag("tokenizer.ggml.add_eos_token", false)?,
+            add_space_prefix: flag("tokenizer.ggml.add_space_prefix", add_space_prefix)?,
+            chat_template: match metadata.get("tokenizer.chat_template") {
+                None => None,
+                Some(Value::String(template)) => Some(template.clone()),
+                Some(_) => return Err("`tokenizer.chat_template` is not a string".into()),
+            },
+            tokens,
+        };
+        if vocabulary.add_bos && vocabulary.bos.is_none() {
+            return Err("the vocabulary adds a start token, and names none".into());
+        }
+        if vocabulary.add_eos && vocabulary.eos.is_none() {
+            return Err("the vocabulary adds an end token, and names none".into());
+        }
+        vocabulary.mark_turn_ends();
+        Ok(vocabulary)
+    }
+
+    /// As llama.cpp: an end-of-turn token the file does not name is found by its text, and is a control
+    /// token.
+    fn mark_turn_ends(&mut self) {
+        for (id, token) in self.tokens.iter().enumerate() {
+            let id = TokenId::try_from(id).expect("the vocabulary is bounded");
+            if self.eot.is_none() && END_OF_TURN_NAMES.contains(&token.as_str()) {
+                self.eot = Some(id);
+                self.types[id as usize] = TokenType::Control;
+            }
+            if self.eom.is_none() && token == "<|eom_id|>" {
+                self.eom = Some(id);
+                self.types[id as usize] = TokenType::Control;
+            }
+        }
+    }
+
+    /// The tokens that end a generation: the end of the sequence, of a turn, of a message, and the
+    /// control tokens llama.cpp takes for one of those by their text. Sorted.
+    pub fn end_of_generation(&self) -> Vec<TokenId> {
+        let mut ids: Vec<TokenId> = [self.eos, self.eot, self.eom]
+            .into_iter()
+            .flatten()
+            .chain(self.tokens.iter().enumerate().filter_map(|(id, token)| {
+                let control = self.types[id] == TokenType::Control;
+                (control && END_OF_GENERATION_NAMES.contains(&token.as_str()))
+                    .then(|| TokenId::try_from(id).expect("the vocabulary is bounded"))
+            }))
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
+    /// The texts of the tokens a prompt's text may spell only where asked (control and unknown):
+    /// what a message's content must not spell (see [`chat`]).
+    pub fn guarded_texts(&self) -> Vec<&str> {
+        self.tokens
+            .iter()
+            .zip(&self.types)
+            .filter(|(_, kind)| matches!(kind, TokenType::Control | TokenType::Unknown))
+            .map(|(token, _)| token.as_str())
+            .collect()
+    }
+
+    /// The text of token `id`, if there is one.
+    pub fn text(&self, id: Option<TokenId>) -> &str {
+        id.and_then(|id| self.tokens.get(id as usize)).map_or("", String::as_str)
+    }
+
+    /// The metadata a GGUF file holds for this vocabulary.
+    pub fn to_gguf(&self) -> Vec<(String, Value)> {
+        let mut values = vec![
+            (
+                "tokenizer.ggml.model".to_owned(),
+                Value::String(match self.kind {
+                    Kind::Spm => "llama",
+                    Kind::Bpe => "gpt2",
+                }
+                .to_owned()),
+            ),
+            ("tokenizer.ggml.tokens".to_owned(), Value::Array(self.tokens.iter().cloned().map(Value::String).collect())),
+            ("tokenizer.ggml.scores".to_owned(), Value::Array(self.scores.iter().copied().map(Value::F32).collect())),
+            (
+                "tokenizer.ggml.token_type".to_owned(),
+                Value::Array(self.types.iter().map(|kind| Value::I32(kind.gguf())).collect()),
+            ),
+            ("tokenizer.ggml.add_bos_token".to_owned(), Value::Bool(self.add_bos)),
+            ("tokenizer.ggml.add_eos_token".to_owned(), Value::Bool(self.add_eos)),
+        ];
+        if self.kind == Kind::Bpe {
+            values.push(("tokenizer.ggml.pre".to_owned(), Value::String(self.pre.name().to_owned())));
+            values.push((
+                "tokenizer.ggml.merges".to_owned(),
+                Value::Array(self.merges.iter().cloned().map(Value::String).collect()),
+            ));
+        } else {
+            values.push(("tokenizer.ggml.add_space_prefix".to_owned(), Value::Bool(self.add_space_prefix)));
+        }
+        for (key, id) in [
+            ("bos", self.bos),
+            ("eos", self.eos),
+            ("eot", self.eot),
+            ("eom", self.eom),
+            ("unknown", self.unk),
+        ] {
+            if let Some(id) = id {
+                values.push((format!("tokenizer.ggml.{key}_token_id"), Value::U32(id)));
+            }
+        }
+        if let Some(template) = &self.chat_template {
+            values.push(("tokenizer.chat_template".to_owned(), Value::String(template.clone())));
+        }
+        values
+    }
+}
+
+/// A tokenizer built from a [`Vocabulary`].
+#[derive(Debug)]
+pub struct Tokenizer {
+    vocabulary: Vocabulary,
+    /// Each token's id, by its text's bytes.
+    ids: HashMap<Box<[u8]>, TokenId>,
+    /// The tokens whose texts are cut out of the input before tokenizing, longest first.
+    specials: Vec<TokenId>,
+    /// The bytes each token decodes to (control and unknown tokens: their text, for `special` pieces).
+    pieces: Vec<Box<[u8]>>,
+    /// `llama`: the token of each byte (`<0xNN>`).
+    bytes: [Option<TokenId>; 256],
+    bpe: Option<bpe::Merges>,
+    /// The tokens that end a generation.
+    end_of_generation: Vec<TokenId>,
+}
+
+impl Tokenizer {
+    /// Builds the maps of `vocabulary`.
+    pub fn new(vocabulary: Vocabulary) -> Self {
+        let ids: HashMap<Box<[u8]>, TokenId> = vocabulary
+            .tokens
+            .iter()
+            .enumerate()
+            .map(|(id, token)| (token.as_bytes().into(), TokenId::try_from(id).expect("the vocabulary is bounded")))
+            .collect();
+        let mut specials: Vec<TokenId> = (0..vocabulary.tokens.len())
+            .filter(|&id| {
+                matches!(vocabulary.types[id], TokenType::Control | TokenType::UserDefined | TokenType::Unknown)
+            })
+            .map(|id| TokenId::try_from(id).expect("the vocabulary is bounded"))
+            .collect();
+        // Longest first; among equals, the lower id (llama.cpp's sort leaves their order unspecified,
+        // and equal lengths only collide on equal texts, which a vocabulary does not hold).
+        specials.sort_by_key(|&id| std::cmp::Reverse(vocabulary.tokens[id as usize].len()));
+        let mut bytes = [None; 256];
+        if vocabulary.kind == Kind::Spm {
+            for (byte, slot) in bytes.iter_mut().enumerate() {
+                *slot = ids.get(format!("<0x{byte:02X}>").as_bytes()).copied();
+            }
+        }
+        let pieces = (0..vocabulary.tokens.len()).map(|id| piece_of(&vocabulary, id)).collect();
+        let bpe = match vocabulary.kind {
+            Kind::Bpe => Some(bpe::Merges::new(&vocabulary.merges, &ids)),
+            Kind::Spm => None,
+        };
+        let end_of_generation = vocabulary.end_of_generation();
+        Self { vocabulary, ids, specials, pieces, bytes, bpe, end_of_generation }
+    }
+
+    /// The vocabulary it was built from.
+    pub fn vocabulary(&self) -> &Vocabulary {
+        &self.vocabulary
+    }
+
+    /// The tokens of `text`. With `add_special`, the start (and end) tokens the vocabulary adds; with
+    /// `parse_special`, control tokens' texts become those tokens (user-defined tokens' texts always
+    /// do). llama.cpp's `llama_tokenize` with the same flags gives the same ids.
+    pub fn encode(&self, text: &str, add_special: bool, parse_special: bool) -> Vec<TokenId> {
+        self.encode_fragments(self.partition(text, parse_special), add_special)
+    }
+
+    /// The tokens of a rendered conversation: the template's special tokens parsed, the messages'
+    /// texts as text (see [`chat`]); the start token added unless the template wrote it.
+    pub fn encode_chat(&self, rendered: &chat::Rendered) -> Vec<TokenId> {
+        let cut = self.partition(&rendered.text, true);
+        let texts: Vec<std::borrow::Cow<'_, str>> = cut
+            .iter()
+            .map(|fragment| match fragment {
+                Fragment::Text(text) => rendered.unescape(text),
+                Fragment::Special(_) => "".into(),
+            })
+            .collect();
+        let mut fragments = Vec::with_capacity(cut.len());
+        for (fragment, text) in cut.iter().zip(&texts) {
+            match fragment {
+                Fragment::Special(id) => fragments.push(Fragment::Special(*id)),
+                Fragment::Text(_) => fragments.extend(self.partition(text, false)),
+            }
+        }
+        let written_bos = matches!(fragments.first(), Some(Fragment::Special(id)) if Some(*id) == self.vocabulary.bos);
+        let mut ids = self.encode_fragments(fragments, true);
+        if written_bos && self.vocabulary.add_bos {
+            ids.remove(0);
+        }
+        ids
+    }
+
+    fn encode_fragments(&self, fragments: Vec<Fragment<'_>>, add_special: bool) -> Vec<TokenId> {
+        let length: usize = fragments.iter().map(|fragment| if let Fragment::Text(text) = fragment { text.len() } else { 1 }).sum();
+        let mut out = Vec::with_capacity(length / 3 + 2);
+        let vocabulary = &self.vocabulary;
+        if add_special && vocabulary.add_bos {
+            out.extend(vocabulary.bos);
+        }
+        let mut cache = HashMap::new();
+        // `llama`: a space goes before the text at the start and after each special token.
+        let mut after_special = true;
+        for fragment in fragments {
+            match fragment {
+                Fragment::Special(id) => {
+                    out.push(id);
+                    after_special = true;
+                }
+                Fragment::Text(text) => {
+                    match vocabulary.kind {
+                        Kind::Spm => {
+                            let mut escaped = String::with_capacity(text.len() + 3);
+                            if vocabulary.add_space_prefix && after_special {
+                                escaped.push('▁');
+                            }
+                            for c in text.chars() {
+                                escaped.push(if c == ' ' { '▁' } else { c });
+                            }
+                            spm::encode(self, &escaped, &mut out);
+                        }
+                        Kind::Bpe => self.encode_bpe(text, &mut cache, &mut out),
+                    }
+                    after_special = false;
+                }
+            }
+        }
+        if add_special && vocabulary.add_eos {
+            out.extend(vocabulary.eos);
+        }
+        out
+    }
+
+    fn encode_bpe(&self, text: &str, cache: &mut HashMap<String, Vec<TokenId>>, out: &mut Vec<TokenId>) {
+        let merges = self.bpe.as_ref().expect("a gpt2 vocabulary has its merges");
+        for word in self.vocabulary.pre.split(text) {
+            let encoded = pre::byte_encode(word);
+            if let Some(ids) = cache.get(&encoded) {
+                out.extend_from_slice(ids);
+                continue;
+            }
+            let start = out.len();
+            if self.vocabulary.pre.ignores_merges()
+                && let Some(&id) = self.ids.get(encoded.as_bytes())
+            {
+                out.push(id);
+            } else {
+                merges.encode(self, &encoded, out);
+            }
+            if cache.len() < 1 << 16 {
+                cache.insert(encoded, out[start..].to_vec());
+            }
+        }
+    }
+
+    /// The text cut at special tokens, longest token first (as llama.cpp).
+    fn partition<'t>(&self, text: &'t str, parse_special: bool) -> Vec<Fragment<'t>> {
+        let mut fragments = if text.is_empty() { Vec::new() } else { vec![Fragment::Text(text)] };
+        for &id in &self.specials {
+            let kind = self.vocabulary.types[id as usize];
+            if !parse_special && matches!(kind, TokenType::Control | TokenType::Unknown) {
+                continue;
+            }
+            let special = self.vocabulary.tokens[id as usize].as_str();
+            if !fragments.iter().any(|fragment| matches!(fragment, Fragment::Text(text) if text.contains(special))) {
+                continue;
+            }
+            let mut cut = Vec::with_capacity(fragments.len() + 2);
+            for fragment in fragments {
+                let Fragment::Text(mut rest) = fragment else {
+                    cut.push(fragment);
+                    continue;
+                };
+                while let Some(at) = rest.find(special) {
+                    if at > 0 {
+                        cut.push(Fragment::Text(&rest[..at]));
+                    }
+                    cut.push(Fragment::Special(id));
+                    rest = &rest[at + special.len()..];
+                }
+                if !rest.is_empty() {
+                    cut.push(Fragment::Text(rest));
+                }
+            }
+            fragments = cut;
+        }
+        fragments
+    }
+
+    /// The bytes `id` decodes to: nothing for control and unknown tokens unless `special` (then their
+    /// text), and nothing for an id outside the vocabulary.
+    pub fn piece(&self, id: TokenId, special: bool) -> &[u8] {
+        let Some(piece) = self.pieces.get(id as usize) else { return &[] };
+        let kind = self.vocabulary.types[id as usize];
+        if !special && matches!(kind, TokenType::Control | TokenType::Unknown) {
+            return &[];
+        }
+        piece
+    }
+
+    /// The text of `ids`, as llama.cpp's `llama_detokenize` (special tokens removed and not spelled)
+    /// without its clean-up of spaces: the start token skipped, the space a `llama` vocabulary put
+    /// before the text taken off, invalid UTF-8 as U+FFFD.
+    pub fn decode(&self, ids: &[TokenId]) -> String {
+        let vocabulary = &self.vocabulary;
+        let mut ids = ids;
+        let mut strip_space = vocabulary.add_space_prefix;
+        if vocabulary.add_bos && ids.first() == vocabulary.bos.as_ref() {
+            ids = &ids[1..];
+            strip_space = false;
+        }
+        if vocabulary.add_eos && ids.last() == vocabulary.eos.as_ref() {
+            ids = &ids[..ids.len() - 1];
+        }
+        let mut bytes = Vec::new();
+        for (index, &id) in ids.iter().enumerate() {
+            let piece = self.piece(id, false);
+            let piece = if index == 0 && strip_space { piece.strip_prefix(b" ").unwrap_or(piece) } else { piece };
+            bytes.extend_from_slice(piece);
+        }
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    /// Whether `id` ends a generation: the end of the sequence, of a turn or of a message.
+    pub fn ends_generation(&self, id: TokenId) -> bool {
+        self.end_of_generation.binary_search(&id).is_ok()
+    }
+
+    /// The tokens that end a generation.
+    pub fn end_of_generation(&self) -> &[TokenId] {
+        &self.end_of_generation
+    }
+
+    /// A detokenizer of generated tokens.
+    pub fn stream(self: &std::sync::Arc<Self>) -> TokenStream {
+        TokenStream { tokenizer: std::sync::Arc::clone(self), utf8: Utf8Decoder::new() }
+    }
+
+    fn id(&self, text: &[u8]) -> Option<TokenId> {
+        self.ids.get(text).copied()
+    }
+}
+
+enum Fragment<'t> {
+    Text(&'t str),
+    Special(TokenId),
+}
+
+/// The bytes token `id` decodes to (a control token's: its text, shown only when asked).
+fn piece_of(vocabulary: &Vocabulary, id: usize) -> Box<[u8]> {
+    let text = &vocabulary.tokens[id];
+    match vocabulary.types[id] {
+        TokenType::Control | TokenType::Unknown | TokenType::UserDefined => text.as_bytes().into(),
+        TokenType::Byte => byte_of(text).map_or_else(|| Box::from(&[][..]), |byte| Box::from(&[byte][..])),
+        TokenType::Unused => Box::from(&[][..]),
+        TokenType::Normal => match vocabulary.kind {
+            Kind::Spm => text.replace('▁', " ").into_bytes().into(),
+            Kind::Bpe => pre::byte_decode(text).into(),
+        },
+    }
+}
+
+/// The byte of a `<0xNN>` token.
+fn byte_of(text: &str) -> Option<u8> {
+    let hex = text.strip_prefix("<0x")?.strip_suffix('>')?;
+    if hex.len() != 2 {
+        return None;
+    }
+    u8::from_str_radix(hex, 16).ok()
+}
+
+/// Generated tokens to text as they stream: each token's bytes, with a character split across tokens
+/// (byte tokens, or a byte-level token that ends mid-character) held until its last byte.
+#[derive(Debug)]
+pub struct TokenStream {
+    tokenizer: std::sync::Arc<Tokenizer>,
+    utf8: Utf8Decoder,
+}
+
+impl Detokenizer for TokenStream {
+    fn push(&mut self, token: TokenId) -> String {
+        self.utf8.push(self.tokenizer.piece(token, false))
+    }
+
+    fn finish(&mut self) -> String {
+        self.utf8.finish()
+    }
+}

@@ -1,0 +1,104 @@
+//! The `llama` (SentencePiece-style) tokenizer: the text's characters, the pair of neighbours whose
+//! joined text is the best-scored token merged first (the leftmost among equals), until no pair is a
+//! token; then each piece is its token, or its bytes' `<0xNN>` tokens.
+
+use std::cmp::{Ordering, Reverse};
+use std::collections::BinaryHeap;
+
+use usine_engine::TokenId;
+
+use super::Tokenizer;
+
+#[derive(Debug, Clone, Copy)]
+struct Symbol {
+    start: usize,
+    len: usize,
+    prev: Option<usize>,
+    next: Option<usize>,
+}
+
+/// A candidate merge of `left` and its next symbol.
+#[derive(Debug)]
+struct Bigram {
+    score: f32,
+    left: usize,
+    right: usize,
+    len: usize,
+}
+
+impl PartialEq for Bigram {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other) == Ordering::Equal
+    }
+}
+
+impl Eq for Bigram {}
+
+impl PartialOrd for Bigram {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Bigram {
+    /// The best score first, then the leftmost.
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.score.total_cmp(&other.score).then_with(|| Reverse(self.left).cmp(&Reverse(other.left)))
+    }
+}
+
+/// Appends the tokens of `text` (spaces already written `▁`) to `out`.
+pub(super) fn encode(tokenizer: &Tokenizer, text: &str, out: &mut Vec<TokenId>) {
+    let mut symbols: Vec<Symbol> = Vec::with_capacity(text.len());
+    for (start, c) in text.char_indices() {
+        let index = symbols.len();
+        symbols.push(Symbol { start, len: c.len_utf8(), prev: index.checked_sub(1), next: Some(index + 1) });
+    }
+    let Some(last) = symbols.last_mut() else { return };
+    last.next = None;
+    let mut queue = BinaryHeap::new();
+    let push = |queue: &mut BinaryHeap<Bigram>, symbols: &[Symbol], left: Option<usize>, right: Option<usize>| {
+        let (Some(left), Some(right)) = (left, right) else { return };
+        let (a, b) = (symbols[left], symbols[right]);
+        let joined = &text.as_bytes()[a.start..b.start + b.len];
+        if let Some(id) = tokenizer.id(joined) {
+            let score = tokenizer.vocabulary.scores[id as usize];
+            queue.push(Bigram { score, left, right, len: joined.len() });
+        }
+    };
+    for left in 0..symbols.len() - 1 {
+        push(&mut queue, &symbols, Some(left), Some(left + 1));
+    }
+    while let Some(bigram) = queue.pop() {
+        let (left, right) = (symbols[bigram.left], symbols[bigram.right]);
+        // A pair whose symbols changed since it was queued is stale.
+        if left.len == 0 || right.len == 0 || left.len + right.len != bigram.len {
+            continue;
+        }
+        symbols[bigram.left].len += right.len;
+        symbols[bigram.left].next = right.next;
+        symbols[bigram.right].len = 0;
+        if let Some(next) = right.next {
+            symbols[next].prev = Some(bigram.left);
+        }
+        push(&mut queue, &symbols, left.prev, Some(bigram.left));
+        push(&mut queue, &symbols, Some(bigram.left), right.next);
+    }
+    let mut at = Some(0);
+    while let Some(index) = at {
+        let symbol = symbols[index];
+        let piece = &text.as_bytes()[symbol.start..symbol.start + symbol.len];
+        match tokenizer.id(piece) {
+            Some(id) => out.push(id),
+            None => {
+                for &byte in piece {
+                    let fallback = tokenizer.bytes[usize::from(byte)]
+                        .or_else(|| tokenizer.id(&[byte]))
+                        .or(tokenizer.vocabulary.unk);
+                    out.extend(fallback);
+                }
+            }
+        }
+        at = symbol.next;
+    }
+}

@@ -1,0 +1,113 @@
+"""Trains the two small vocabularies the tokenizer tests and generated models use, on the project's
+own text: a `llama`-kind one (SentencePiece BPE with byte fallback) and a `gpt2`-kind one (byte-level
+BPE). Run by `cargo xtask vocab`, which pins the trainers' versions; writes
+engines/candle/vocab/{llama,gpt2}.json (tokens, scores, GGUF token types, merges)."""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import sentencepiece as spm
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+SIZE = 4000
+ROOT = sys.argv[1]
+OUT = os.path.join(ROOT, "engines", "candle", "vocab")
+
+# GGUF token types.
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = 1, 2, 3, 4, 6
+
+
+def corpus():
+    """The project's tracked text files (Rust and Markdown), in a stable order."""
+    files = subprocess.run(["git", "ls-files", "*.rs", "*.md"], cwd=ROOT, capture_output=True, text=True, check=True)
+    return [os.path.join(ROOT, name) for name in sorted(files.stdout.split())]
+
+
+def llama(files, work):
+    joined = os.path.join(work, "corpus.txt")
+    with open(joined, "w", encoding="utf-8") as out:
+        for name in files:
+            with open(name, encoding="utf-8") as text:
+                out.write(text.read())
+    control = ["[INST]", "[/INST]"]
+    user_defined = ["<tool>"]
+    spm.SentencePieceTrainer.train(
+        input=joined,
+        model_prefix=os.path.join(work, "llama"),
+        vocab_size=SIZE,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        max_sentence_length=1 << 20,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        control_symbols=control,
+        user_defined_symbols=user_defined,
+        num_threads=1,
+    )
+    model = spm.SentencePieceProcessor(model_file=os.path.join(work, "llama.model"))
+    tokens, scores, types = [], [], []
+    for i in range(model.get_piece_size()):
+        piece = model.id_to_piece(i)
+        tokens.append(piece)
+        scores.append(model.get_score(i))
+        if model.is_unknown(i):
+            types.append(UNKNOWN)
+        elif model.is_control(i):
+            types.append(CONTROL)
+        elif model.is_byte(i):
+            types.append(BYTE)
+        elif piece in user_defined:
+            types.append(USER_DEFINED)
+        else:
+            types.append(NORMAL)
+    return {"tokens": tokens, "scores": scores, "types": types, "merges": []}
+
+
+def gpt2(files):
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>",
+               "<|end_header_id|>", "<|eot_id|>"]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=SIZE - 1,
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        min_frequency=2,
+        show_progress=False,
+    )
+    tokenizer.train(files, trainer)
+    tokenizer.add_tokens([AddedToken("<tool_call>", special=False)])
+    saved = json.loads(tokenizer.to_str())
+    vocab = tokenizer.get_vocab(with_added_tokens=True)
+    tokens = [None] * len(vocab)
+    for text, i in vocab.items():
+        tokens[i] = text
+    types = [CONTROL if text in special else USER_DEFINED if text == "<tool_call>" else NORMAL for text in tokens]
+    merges = [" ".join(pair) if isinstance(pair, list) else pair for pair in saved["model"]["merges"]]
+    return {"tokens": tokens, "scores": [0.0] * len(tokens), "types": types, "merges": merges}
+
+
+def main():
+    files = corpus()
+    os.makedirs(OUT, exist_ok=True)
+    with tempfile.TemporaryDirectory() as work:
+        vocabularies = {"llama": llama(files, work), "gpt2": gpt2(files)}
+    for name, vocabulary in vocabularies.items():
+        with open(os.path.join(OUT, f"{name}.json"), "w", encoding="utf-8") as out:
+            json.dump(vocabulary, out, ensure_ascii=False, separators=(",", ":"))
+            out.write("\n")
+        print(f"{name}: {len(vocabulary['tokens'])} tokens, {len(vocabulary['merges'])} merges")
+
+
+main()
