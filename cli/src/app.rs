@@ -205,11 +205,12 @@ fn describe(path: &Path) -> Result<String, String> {
     let bytes = unsafe { memmap2::Mmap::map(&file) }.map_err(|error| format!("cannot be mapped: {error}"))?;
     let described = usine_engine_candle::describe_file(&bytes).map_err(|error| error.to_string())?;
     Ok(format!(
-        "{}, {} parameters, {}, context {}, {}; {}",
+        "{}, {} parameters, {}, context {}, {}, {}; {}",
         described.architecture.name(),
         crate::output::magnitude(described.params as u64),
         described.quantization,
         described.context,
+        described.tokenizer,
         crate::output::bytes(size),
         path.display()
     ))

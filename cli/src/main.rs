@@ -177,6 +177,13 @@ struct RunArgs {
     /// One JSON event per line on stdout, for scripts.
     #[arg(long)]
     json: bool,
+    /// The prompt is a user's message: a conversation, rendered by the model's chat template (or, for a
+    /// model without one, as `User: ...` lines), answered by the assistant.
+    #[arg(long)]
+    chat: bool,
+    /// With `--chat`: a system message before the user's.
+    #[arg(long, value_name = "TEXT", requires = "chat")]
+    system: Option<String>,
 }
 
 /// An error that is the user's to fix (a flag, the configuration): exit code 2, as for bad usage.
@@ -315,7 +322,8 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             flags.set("top_k", args.top_k);
             flags.set("warm", if args.no_warm { Some(false) } else { args.warm.then_some(true) });
             let loaded = configure_run(file, cache_dir, flags)?;
-            block_on(Box::pin(run::run(&loaded, args.prompt, args.json)))
+            let chat = args.chat.then_some(args.system);
+            block_on(Box::pin(run::run(&loaded, args.prompt, chat, args.json)))
         }
         Command::Bench(args) => {
             let loaded = configure(file, cache_dir, model_flags(&args.model))?;

@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
 use tokio::time::Instant;
 use usine_engine::Progress;
-use usine_executor::{Event, Request, Usage};
+use usine_executor::{Event, Message, Request, Role, Usage};
 use usine_kernel::{KernelEvent, LoadOptions, LoadSource, RuntimeManager};
 
 use crate::app::App;
@@ -20,7 +20,14 @@ use crate::output;
 /// The longest prompt read from stdin: a bigger input is a mistake (a file piped by accident).
 pub(crate) const MAX_PROMPT_BYTES: usize = 1 << 20;
 
-pub(crate) async fn run(loaded: &Loaded, prompt: Option<String>, json: bool) -> anyhow::Result<ExitCode> {
+/// Generates from `prompt` (stdin when absent); with `chat`, the prompt is a user's message, after the
+/// system message `chat` holds if any.
+pub(crate) async fn run(
+    loaded: &Loaded,
+    prompt: Option<String>,
+    chat: Option<Option<String>>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
     let prompt = match prompt {
         Some(prompt) => prompt,
         None => read_prompt()?,
@@ -64,7 +71,14 @@ pub(crate) async fn run(loaded: &Loaded, prompt: Option<String>, json: bool) -> 
         }
     }
 
-    let request = Request::prompt(&model.id, prompt).params(loaded.params());
+    let request = match chat {
+        None => Request::prompt(&model.id, prompt),
+        Some(system) => {
+            let system = system.map(|system| Message::new(Role::System, system));
+            Request::chat(&model.id, system.into_iter().chain([Message::new(Role::User, prompt)]).collect())
+        }
+    };
+    let request = request.params(loaded.params());
     // `max_tokens` left at its default fits what the context leaves; one the user set is kept (and a
     // prompt that leaves less room is refused with the value that would fit).
     let request = if loaded.origin_of("max_tokens") == "default" { request.fit_to_context() } else { request };

@@ -355,6 +355,9 @@ pub(crate) fn bless(root: &Path) -> Result<ExitCode> {
          to them",
         path.display()
     );
+    let binaries = (sides.generator.as_path(), sides.peer.as_path(), sides.work.as_path());
+    let tokens = crate::tokens::bless(root, binaries, &version, &folder)?;
+    eprintln!("parity --bless: {}", tokens.display());
     Ok(ExitCode::SUCCESS)
 }
 

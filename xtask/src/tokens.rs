@@ -70,16 +70,35 @@ pub(crate) fn corpus(root: &Path) -> Result<Vec<String>> {
     // Digits.
     let mut seeded = Seeded(16);
     for length in 1..=12 {
-        let digits: String = (0..length).map(|_| char::from(b'0' + u8::try_from(seeded.below(10)).expect("a digit"))).collect();
+        let digits: String =
+            (0..length).map(|_| char::from(b'0' + u8::try_from(seeded.below(10)).expect("a digit"))).collect();
         for shape in ["{}", " {}", "x{}y", "{}.5", "-{}", "{},000", "v{}", "{} items", "١٢٣{}", "{}²"] {
             strings.push(shape.replace("{}", &digits));
         }
     }
     // Mixed scripts, combining marks, emoji.
     let scripts = [
-        "Ελληνικά κείμενα", "Русский текст", "中文文本测试", "日本語のテキスト", "한국어 텍스트", "العربية نص",
-        "עברית טקסט", "हिन्दी पाठ", "ไทยข้อความ", "Tiếng Việt có dấu", "e\u{301}te\u{301}", "Zalgo z\u{336}\u{335}a",
-        "ﬁnancial ﬂow", "Ａｂｃ全角", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢", "😀", "👍🏽", "👨‍👩‍👧‍👦", "🇫🇷🇯🇵", "❤️", "🧑🏻‍💻 codes",
+        "Ελληνικά κείμενα",
+        "Русский текст",
+        "中文文本测试",
+        "日本語のテキスト",
+        "한국어 텍스트",
+        "العربية نص",
+        "עברית טקסט",
+        "हिन्दी पाठ",
+        "ไทยข้อความ",
+        "Tiếng Việt có dấu",
+        "e\u{301}te\u{301}",
+        "Zalgo z\u{336}\u{335}a",
+        "ﬁnancial ﬂow",
+        "Ａｂｃ全角",
+        "𝔘𝔫𝔦𝔠𝔬𝔡𝔢",
+        "😀",
+        "👍🏽",
+        "👨‍👩‍👧‍👦",
+        "🇫🇷🇯🇵",
+        "❤️",
+        "🧑🏻‍💻 codes",
         "mixed: Ωmega + 中 + 😀 + é",
     ];
     for a in &scripts {
@@ -91,9 +110,26 @@ pub(crate) fn corpus(root: &Path) -> Result<Vec<String>> {
     }
     // Special tokens' texts, whole, cut, nested and beside text.
     let specials = [
-        "<s>", "</s>", "<unk>", "[INST]", "[/INST]", "<tool>", "<tool_call>", "<|endoftext|>", "<|im_start|>",
-        "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|filler_0|>",
-        "<0x41>", "▁", "Ġ", "<|im_", "|>",
+        "<s>",
+        "</s>",
+        "<unk>",
+        "[INST]",
+        "[/INST]",
+        "<tool>",
+        "<tool_call>",
+        "<|endoftext|>",
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|begin_of_text|>",
+        "<|start_header_id|>",
+        "<|end_header_id|>",
+        "<|eot_id|>",
+        "<|filler_0|>",
+        "<0x41>",
+        "▁",
+        "Ġ",
+        "<|im_",
+        "|>",
     ];
     for s in &specials {
         for shape in ["{}", " {}", "{} ", "a{}b", "{}{}", "<{}>", "{}\n", " {} x {} "] {
@@ -102,9 +138,28 @@ pub(crate) fn corpus(root: &Path) -> Result<Vec<String>> {
     }
     // Control, private, unassigned and edge characters.
     let odd = [
-        "\u{0}", "\u{1}", "\u{7}", "\u{1b}[31m", "\u{7f}", "\u{80}", "\u{9f}", "\u{ad}", "\u{200b}", "\u{200d}",
-        "\u{fe0f}", "\u{feff}", "\u{fffd}", "\u{fffe}", "\u{ffff}", "\u{e000}", "\u{f8ff}", "\u{378}", "\u{e0001}",
-        "\u{10ffff}", "\u{1f9ff}", "\u{2fa1d}",
+        "\u{0}",
+        "\u{1}",
+        "\u{7}",
+        "\u{1b}[31m",
+        "\u{7f}",
+        "\u{80}",
+        "\u{9f}",
+        "\u{ad}",
+        "\u{200b}",
+        "\u{200d}",
+        "\u{fe0f}",
+        "\u{feff}",
+        "\u{fffd}",
+        "\u{fffe}",
+        "\u{ffff}",
+        "\u{e000}",
+        "\u{f8ff}",
+        "\u{378}",
+        "\u{e0001}",
+        "\u{10ffff}",
+        "\u{1f9ff}",
+        "\u{2fa1d}",
     ];
     for o in &odd {
         strings.push((*o).to_owned());
@@ -273,7 +328,8 @@ pub(crate) fn check(
     let (gguf, _) = crate::model::generated_gguf_with(generator, work, "tiny-llama", 1, "q8_0", vocabulary)?;
     let input = work.join("tokenizer-strings.bin");
     std::fs::write(&input, strings_file(strings))?;
-    let (ours, theirs) = (work.join(format!("{vocabulary}.tokens.usine.bin")), work.join(format!("{vocabulary}.tokens.llama-cpp.bin")));
+    let (ours, theirs) =
+        (work.join(format!("{vocabulary}.tokens.usine.bin")), work.join(format!("{vocabulary}.tokens.llama-cpp.bin")));
     run_json(Command::new(parity).arg("tokenize").arg(&gguf).arg(&input).arg(&ours))?;
     run_json(Command::new(peer).arg("tokenize").arg(&gguf).arg(&input).arg(&theirs))?;
     let (ours, theirs) = (read_tokens(&ours, strings.len())?, read_tokens(&theirs, strings.len())?);
@@ -284,12 +340,16 @@ pub(crate) fn check(
         if ours.prompt == theirs.prompt {
             prompt_equal += 1;
         } else if failures.len() < 8 {
-            failures.push(format!("{vocabulary}: {text:?} as a prompt: usine {:?}, llama.cpp {:?}", ours.prompt, theirs.prompt));
+            failures.push(format!(
+                "{vocabulary}: {text:?} as a prompt: usine {:?}, llama.cpp {:?}",
+                ours.prompt, theirs.prompt
+            ));
         }
         if ours.plain == theirs.plain {
             plain_equal += 1;
         } else if failures.len() < 8 {
-            failures.push(format!("{vocabulary}: {text:?} as text: usine {:?}, llama.cpp {:?}", ours.plain, theirs.plain));
+            failures
+                .push(format!("{vocabulary}: {text:?} as text: usine {:?}, llama.cpp {:?}", ours.plain, theirs.plain));
         }
         let trip = |side: &Tokens| side.text == text.as_bytes();
         their_trips += usize::from(trip(theirs));
@@ -306,7 +366,10 @@ pub(crate) fn check(
     if vocabulary != "bytes" && vocabulary != "gpt2" {
         let input = work.join("tokenizer-chats.bin");
         std::fs::write(&input, chats_file(&chats))?;
-        let (ours, theirs) = (work.join(format!("{vocabulary}.chats.usine.bin")), work.join(format!("{vocabulary}.chats.llama-cpp.bin")));
+        let (ours, theirs) = (
+            work.join(format!("{vocabulary}.chats.usine.bin")),
+            work.join(format!("{vocabulary}.chats.llama-cpp.bin")),
+        );
         let status = Command::new(parity).arg("template").arg(&gguf).arg(&input).arg(&ours).status()?;
         ensure!(status.success(), "usine's template mode failed on {vocabulary}");
         let status = Command::new(peer).arg("template").arg(&gguf).arg(&input).arg(&theirs).status()?;
@@ -334,9 +397,13 @@ pub(crate) fn check(
     let ours = run_json(Command::new(parity).arg("tokenize-speed").arg(&gguf).arg(speed_text).arg(&turns))?;
     let theirs = run_json(Command::new(peer).arg("tokenize-speed").arg(&gguf).arg(speed_text).arg(&turns))?;
     let bytes = usize::try_from(std::fs::metadata(speed_text)?.len())?;
-    let ((our_rate, our_low, our_high), (their_rate, their_low, their_high)) = (speed(&ours, bytes)?, speed(&theirs, bytes)?);
+    let ((our_rate, our_low, our_high), (their_rate, their_low, their_high)) =
+        (speed(&ours, bytes)?, speed(&theirs, bytes)?);
     if ours["tokens"] != theirs["tokens"] {
-        failures.push(format!("{vocabulary}: the speed text is {} tokens in usine, {} in llama.cpp", ours["tokens"], theirs["tokens"]));
+        failures.push(format!(
+            "{vocabulary}: the speed text is {} tokens in usine, {} in llama.cpp",
+            ours["tokens"], theirs["tokens"]
+        ));
     }
     let n = strings.len();
     let line = format!(
@@ -372,3 +439,69 @@ pub(crate) const HEADER: [&str; 2] = [
     "| vocabulary | strings | prompt ids equal | text ids equal | ids | decode gives the string back (llama.cpp / usine) | chats equal | usine MB/s (spread) | llama.cpp MB/s (spread) | usine ÷ llama.cpp |",
     "|---|---|---|---|---|---|---|---|---|---|",
 ];
+
+/// Every how many strings of [`corpus`] `--bless` keeps for the engine's test fixture.
+const FIXTURE_EVERY: usize = 12;
+/// The longest string of the fixture, in characters (a paragraph's start).
+const FIXTURE_CHARS: usize = 100;
+/// The fixture of llama.cpp's ids, under the fixtures' folder.
+pub(crate) const FIXTURE: &str = "llama-cpp-tokens.txt";
+
+/// Writes llama.cpp's ids of a sample of the corpus, on each vocabulary's generated file, into the
+/// engine's fixtures (`engines/candle/tests/it/tokens.rs` holds usine to them without llama.cpp).
+pub(crate) fn bless(
+    root: &Path,
+    (generator, peer, work): (&Path, &Path, &Path),
+    version: &str,
+    folder: &Path,
+) -> Result<std::path::PathBuf> {
+    let strings: Vec<String> = corpus(root)?
+        .into_iter()
+        .step_by(FIXTURE_EVERY)
+        .map(|string| string.chars().take(FIXTURE_CHARS).collect())
+        .collect();
+    let input = work.join("tokenizer-fixture-strings.bin");
+    std::fs::write(&input, strings_file(&strings))?;
+    let mut text = format!(
+        "# llama.cpp's token ids (llama-cpp-2 {version}), written by `cargo xtask parity --bless`: per line, the \
+         vocabulary (the generated tiny-llama file of one q8_0 layer), the string (JSON), its ids as a prompt and as \
+         text.\n"
+    );
+    for (vocabulary, _) in VOCABULARIES {
+        let (gguf, _) = crate::model::generated_gguf_with(generator, work, "tiny-llama", 1, "q8_0", vocabulary)?;
+        let out = work.join(format!("{vocabulary}.fixture.llama-cpp.bin"));
+        run_json(Command::new(peer).arg("tokenize").arg(&gguf).arg(&input).arg(&out))?;
+        for (string, tokens) in strings.iter().zip(read_tokens(&out, strings.len())?) {
+            let list = |ids: &[u32]| ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+            text.push_str(&format!(
+                "{vocabulary}\t{}\t{}\t{}\n",
+                serde_json::to_string(string)?,
+                list(&tokens.prompt),
+                list(&tokens.plain)
+            ));
+        }
+    }
+    let path = folder.join(FIXTURE);
+    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
+/// The trainers `cargo xtask vocab` runs, pinned: the same corpus gives the same vocabularies.
+const TRAINERS: [&str; 2] = ["sentencepiece==0.2.3", "tokenizers==0.23.3"];
+
+/// `cargo xtask vocab`: trains the two vocabularies (`xtask/vocab/train.py`) in a virtual environment
+/// under `target/` with [`TRAINERS`], writing `engines/candle/vocab/`.
+pub(crate) fn train(root: &Path) -> Result<std::process::ExitCode> {
+    let venv = root.join("target").join("vocab-venv");
+    let python = venv.join("bin").join("python");
+    if !python.exists() {
+        let status = Command::new("python3").arg("-m").arg("venv").arg(&venv).status().context("python3 -m venv")?;
+        ensure!(status.success(), "python3 -m venv failed (on Debian: apt install python3-venv)");
+    }
+    let status = Command::new(&python).args(["-m", "pip", "install", "--quiet"]).args(TRAINERS).status()?;
+    ensure!(status.success(), "pip install {} failed", TRAINERS.join(" "));
+    let status = Command::new(&python).arg(root.join("xtask/vocab/train.py")).arg(root).status()?;
+    ensure!(status.success(), "xtask/vocab/train.py failed");
+    eprintln!("vocab: wrote engines/candle/vocab/; `cargo xtask parity --bless` then re-blesses the token fixture");
+    Ok(std::process::ExitCode::SUCCESS)
+}

@@ -20,10 +20,24 @@ OUT = os.path.join(ROOT, "engines", "candle", "vocab")
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = 1, 2, 3, 4, 6
 
 
-def corpus():
-    """The project's tracked text files (Rust and Markdown), in a stable order."""
-    files = subprocess.run(["git", "ls-files", "*.rs", "*.md"], cwd=ROOT, capture_output=True, text=True, check=True)
-    return [os.path.join(ROOT, name) for name in sorted(files.stdout.split())]
+# The project's text as it stood before the vocabularies were added: the same corpus on every run.
+REVISION = "0338f8267da43f9caf78b385f7058ee10b865378"
+
+
+def corpus(work):
+    """The Rust and Markdown files of REVISION, in a stable order, written under `work`."""
+    listed = subprocess.run(["git", "ls-tree", "-r", "--name-only", REVISION], cwd=ROOT, capture_output=True,
+                            text=True, check=True)
+    files = []
+    for index, name in enumerate(sorted(listed.stdout.split("\n"))):
+        if not (name.endswith(".rs") or name.endswith(".md")):
+            continue
+        text = subprocess.run(["git", "show", f"{REVISION}:{name}"], cwd=ROOT, capture_output=True, check=True).stdout
+        path = os.path.join(work, f"{index:05}.txt")
+        with open(path, "wb") as out:
+            out.write(text)
+        files.append(path)
+    return files
 
 
 def llama(files, work):
@@ -53,6 +67,7 @@ def llama(files, work):
         control_symbols=control,
         user_defined_symbols=user_defined,
         num_threads=1,
+        minloglevel=2,
     )
     model = spm.SentencePieceProcessor(model_file=os.path.join(work, "llama.model"))
     tokens, scores, types = [], [], []
@@ -99,9 +114,9 @@ def gpt2(files):
 
 
 def main():
-    files = corpus()
     os.makedirs(OUT, exist_ok=True)
     with tempfile.TemporaryDirectory() as work:
+        files = corpus(work)
         vocabularies = {"llama": llama(files, work), "gpt2": gpt2(files)}
     for name, vocabulary in vocabularies.items():
         with open(os.path.join(OUT, f"{name}.json"), "w", encoding="utf-8") as out:

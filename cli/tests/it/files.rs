@@ -96,7 +96,7 @@ fn the_files_of_models_dir_join_the_catalog_with_what_they_hold() {
     assert!(output.status.success(), "{}", stderr(&output));
     let row = stdout(&output).lines().find(|line| line.contains("candle/small")).map(str::to_owned);
     let row = row.unwrap_or_else(|| panic!("{}", stdout(&output)));
-    assert!(row.contains("llama, 1.4M parameters, q4_k×11 q6_k×5, context 512, 877.0 KiB"), "{row}");
+    assert!(row.contains("llama, 1.4M parameters, q4_k×11 q6_k×5, context 512, byte tokenizer, 878.6 KiB"), "{row}");
     assert!(!stdout(&output).contains("notes"), "{}", stdout(&output));
 }
 

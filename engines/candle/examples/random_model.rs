@@ -47,8 +47,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         })?;
         let bytes = random_gguf_with(preset, layers, kind, SEED, &vocabulary)?;
         std::fs::write(out, &bytes)?;
-        let config =
-            usine_engine_candle::Config { layers, vocab: vocabulary.tokens.len(), ..preset.config.clone() };
+        let config = usine_engine_candle::Config { layers, vocab: vocabulary.tokens.len(), ..preset.config.clone() };
         println!(
             "{{\"params\": {}, \"vocab\": {}, \"bytes\": {}, \"layers\": {layers}, \"seed\": {SEED}, \"blake3\": \"{}\"}}",
             config.params(),

@@ -260,6 +260,8 @@ pub struct Described {
     pub quantization: String,
     /// The context the model was trained for, in tokens.
     pub context: usize,
+    /// The tokenizer, and whether a chat template comes with it (`gpt2 tokenizer (qwen2), chat template`).
+    pub tokenizer: String,
 }
 
 /// What the GGUF file in `bytes` holds (its header and the tensors' places; no weight is read), or
@@ -285,6 +287,7 @@ fn describe(file: &ModelFile<'_>) -> Described {
         params: file.config.params(),
         quantization,
         context: file.config.context,
+        tokenizer: file.vocabulary.describe(),
     }
 }
 
@@ -373,6 +376,7 @@ impl Engine for CandleEngine {
                 params: shape.params(),
                 quantization: quantization.clone(),
                 context: shape.max_context,
+                tokenizer: file.vocabulary.describe(),
             };
             Ok((gguf, digest, described))
         });

@@ -206,8 +206,9 @@ mod tests {
         let template = Template::new(raising, "", "").unwrap();
         let error = template.render(&[Message::new(Role::User, "x")], true, &[]).unwrap_err();
         assert!(error.0.contains("the first message must be the system's"), "{error}");
-        let endless = Template::new("{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}", "", "")
-            .unwrap();
+        let endless =
+            Template::new("{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}", "", "")
+                .unwrap();
         let error = endless.render(&[], true, &[]).unwrap_err();
         assert!(error.0.contains("fuel"), "{error}");
         assert!(Template::new("{% for %}", "", "").unwrap_err().0.contains("does not parse"));

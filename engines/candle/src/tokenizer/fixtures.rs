@@ -88,7 +88,8 @@ pub fn vocabulary(name: &str, size: usize) -> Option<Vocabulary> {
     let find = |text: &str| tokens.iter().position(|token| token == text).and_then(|id| u32::try_from(id).ok());
     match name {
         "qwen2" | "smollm" => {
-            (vocabulary.bos, vocabulary.eos, vocabulary.eot) = (find("<|endoftext|>"), find("<|im_end|>"), find("<|im_end|>"));
+            (vocabulary.bos, vocabulary.eos, vocabulary.eot) =
+                (find("<|endoftext|>"), find("<|im_end|>"), find("<|im_end|>"));
         }
         "llama3" => {
             (vocabulary.bos, vocabulary.eos, vocabulary.eot) =

@@ -82,7 +82,11 @@ impl Pre {
             }
         }
         let offset = |at: usize| chars.get(at).map_or(text.len(), |&(offset, _)| offset);
-        words.into_iter().filter(|word| !word.is_empty()).map(|word| &text[offset(word.start)..offset(word.end)]).collect()
+        words
+            .into_iter()
+            .filter(|word| !word.is_empty())
+            .map(|word| &text[offset(word.start)..offset(word.end)])
+            .collect()
     }
 }
 

@@ -3,7 +3,7 @@
 //! token; then each piece is its token, or its bytes' `<0xNN>` tokens.
 
 use std::cmp::{Ordering, Reverse};
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashSet};
 
 use usine_engine::TokenId;
 
@@ -47,16 +47,58 @@ impl Ord for Bigram {
     }
 }
 
+/// The pairs of neighbouring characters that some token holds: where two characters of a text are no
+/// such pair, no token can span them, so no merge ever crosses there.
+pub(super) fn pairs(tokens: &[String]) -> HashSet<(char, char)> {
+    let mut pairs = HashSet::new();
+    for token in tokens {
+        let mut chars = token.chars();
+        if let Some(mut previous) = chars.next() {
+            for c in chars {
+                pairs.insert((previous, c));
+                previous = c;
+            }
+        }
+    }
+    pairs
+}
+
 /// Appends the tokens of `text` (spaces already written `▁`) to `out`.
+///
+/// The text is cut where no token can span two neighbouring characters ([`pairs`]), and each piece
+/// merged on its own: no merge crosses such a cut, so the pieces' merges are the whole text's, and the
+/// result is llama.cpp's, which merges the whole text in one queue (a queue of a piece is small and
+/// stays in cache; one of a megabyte's does not).
 pub(super) fn encode(tokenizer: &Tokenizer, text: &str, out: &mut Vec<TokenId>) {
-    let mut symbols: Vec<Symbol> = Vec::with_capacity(text.len());
+    let mut buffers = (Vec::new(), BinaryHeap::new());
+    let mut start = 0;
+    let mut previous: Option<char> = None;
+    for (at, c) in text.char_indices() {
+        if let Some(before) = previous
+            && !tokenizer.pairs.contains(&(before, c))
+        {
+            encode_piece(tokenizer, &text[start..at], out, &mut buffers);
+            start = at;
+        }
+        previous = Some(c);
+    }
+    encode_piece(tokenizer, &text[start..], out, &mut buffers);
+}
+
+fn encode_piece(
+    tokenizer: &Tokenizer,
+    text: &str,
+    out: &mut Vec<TokenId>,
+    (symbols, queue): &mut (Vec<Symbol>, BinaryHeap<Bigram>),
+) {
+    symbols.clear();
+    queue.clear();
     for (start, c) in text.char_indices() {
         let index = symbols.len();
         symbols.push(Symbol { start, len: c.len_utf8(), prev: index.checked_sub(1), next: Some(index + 1) });
     }
     let Some(last) = symbols.last_mut() else { return };
     last.next = None;
-    let mut queue = BinaryHeap::new();
     let push = |queue: &mut BinaryHeap<Bigram>, symbols: &[Symbol], left: Option<usize>, right: Option<usize>| {
         let (Some(left), Some(right)) = (left, right) else { return };
         let (a, b) = (symbols[left], symbols[right]);
@@ -67,7 +109,7 @@ pub(super) fn encode(tokenizer: &Tokenizer, text: &str, out: &mut Vec<TokenId>) 
         }
     };
     for left in 0..symbols.len() - 1 {
-        push(&mut queue, &symbols, Some(left), Some(left + 1));
+        push(queue, symbols, Some(left), Some(left + 1));
     }
     while let Some(bigram) = queue.pop() {
         let (left, right) = (symbols[bigram.left], symbols[bigram.right]);
@@ -81,8 +123,8 @@ pub(super) fn encode(tokenizer: &Tokenizer, text: &str, out: &mut Vec<TokenId>) 
         if let Some(next) = right.next {
             symbols[next].prev = Some(bigram.left);
         }
-        push(&mut queue, &symbols, left.prev, Some(bigram.left));
-        push(&mut queue, &symbols, Some(bigram.left), right.next);
+        push(queue, symbols, left.prev, Some(bigram.left));
+        push(queue, symbols, Some(bigram.left), right.next);
     }
     let mut at = Some(0);
     while let Some(index) = at {

@@ -8,6 +8,7 @@
 )]
 
 mod llama_cpp;
+mod tokens;
 
 use usine_engine::{Engine, GenerationParams, ModelSpec, NoProgress, generate};
 use usine_engine_candle::{BUILTIN_PREFIX, CandleEngine, NAME, PROFILE, Shape, WEIGHTS_OPTION, random_weights};
