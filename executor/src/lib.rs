@@ -58,5 +58,5 @@ pub use error::{ExecError, Phase};
 pub use event::{Event, Usage};
 pub use executor::{ExecutorStats, TaskExecutor};
 pub use request::{Input, Priority, Request};
-pub use usine_engine::{Message, Role};
 pub use stream::{GenerationStream, Output};
+pub use usine_engine::{Message, Role};
