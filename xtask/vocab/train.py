@@ -1,7 +1,10 @@
-"""Trains the two small vocabularies the tokenizer tests and generated models use, on the project's
-own text: a `llama`-kind one (SentencePiece BPE with byte fallback) and a `gpt2`-kind one (byte-level
-BPE). Run by `cargo xtask vocab`, which pins the trainers' versions; writes
-engines/candle/vocab/{llama,gpt2}.json (tokens, scores, GGUF token types, merges)."""
+"""Trains the small vocabularies the tokenizer tests and generated models use, on the project's own
+text: a `llama`-kind one (SentencePiece BPE with byte fallback) and a `gpt2`-kind one (byte-level BPE),
+written as engines/candle/vocab/{llama,gpt2}.json (tokens, scores, GGUF token types, merges); and two
+Hugging Face tokenizer.json files with their tokenizer_config.json, for the engine's reader of them:
+`hf-bytes` (the 256 bytes and one special token: what usine's byte-level weights can take) and
+`hf-llama3` (Llama 3's split, 400 tokens), with Hugging Face's own ids of a few strings
+(hf-llama3.expected.json). Run by `cargo xtask vocab`, which pins the trainers' versions."""
 
 import json
 import os
@@ -10,7 +13,7 @@ import sys
 import tempfile
 
 import sentencepiece as spm
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 SIZE = 4000
 ROOT = sys.argv[1]
@@ -113,11 +116,56 @@ def gpt2(files):
     return {"tokens": tokens, "scores": [0.0] * len(tokens), "types": types, "merges": merges}
 
 
+LLAMA3 = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+
+# The strings whose Hugging Face ids the engine's test holds its reading of hf-llama3 to.
+EXPECTED = ["Hello world", "The kernel's 12345 tokens\n\nend", "  two  spaces", "fn main() {\n    x += 1;\n}",
+            "I'M HERE, we'll see", "中文 😀 Ελληνικά é", "<tool_call> <|eot_id|>", "3.14159 1,000,000", "\t\ttabs"]
+
+
+def hugging_face(files):
+    small = {}
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=257, special_tokens=["<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train(files, trainer)
+    template = "{% for message in messages %}{{ message['role'] + ': ' + message['content'] + '<|im_end|>' }}" \
+               "{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+    small["hf-bytes"] = (tokenizer, {"eos_token": "<|im_end|>", "chat_template": template})
+
+    tokenizer = Tokenizer(models.BPE(ignore_merges=True))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
+    ])
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=399, special_tokens=["<|begin_of_text|>", "<|eot_id|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), min_frequency=2,
+                                  show_progress=False)
+    tokenizer.train(files, trainer)
+    tokenizer.add_tokens([AddedToken("<tool_call>", special=False)])
+    small["hf-llama3"] = (tokenizer, {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"})
+    expected = {"strings": EXPECTED, "ids": [tokenizer.encode(text, add_special_tokens=False).ids for text in EXPECTED]}
+    return small, expected
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
     with tempfile.TemporaryDirectory() as work:
         files = corpus(work)
         vocabularies = {"llama": llama(files, work), "gpt2": gpt2(files)}
+        small, expected = hugging_face(files)
+    for name, (tokenizer, config) in small.items():
+        tokenizer.save(os.path.join(OUT, f"{name}.tokenizer.json"))
+        with open(os.path.join(OUT, f"{name}.tokenizer_config.json"), "w", encoding="utf-8") as out:
+            json.dump(config, out, ensure_ascii=False, indent=1)
+            out.write("\n")
+        print(f"{name}: {tokenizer.get_vocab_size()} tokens")
+    with open(os.path.join(OUT, "hf-llama3.expected.json"), "w", encoding="utf-8") as out:
+        json.dump(expected, out, ensure_ascii=False)
+        out.write("\n")
     for name, vocabulary in vocabularies.items():
         with open(os.path.join(OUT, f"{name}.json"), "w", encoding="utf-8") as out:
             json.dump(vocabulary, out, ensure_ascii=False, separators=(",", ":"))

@@ -76,7 +76,13 @@ pub fn source_shape(bytes: &[u8]) -> Result<Shape, EngineError> {
 }
 
 /// Compiles safetensors `bytes` into GGUF bytes, matrices quantized to `dtype`, reporting progress.
-pub(crate) fn compile(bytes: &[u8], dtype: GgmlDType, progress: &dyn ProgressSink) -> Result<Vec<u8>, EngineError> {
+/// `vocabulary`: the tokenizer the file carries (default: the bytes).
+pub(crate) fn compile(
+    bytes: &[u8],
+    dtype: GgmlDType,
+    vocabulary: Option<&crate::tokenizer::Vocabulary>,
+    progress: &dyn ProgressSink,
+) -> Result<Vec<u8>, EngineError> {
     let report =
         |stage: &str, fraction: f64| progress.report(Progress { stage: stage.to_owned(), fraction, eta: None });
     report("reading weights", 0.0);
@@ -124,7 +130,10 @@ pub(crate) fn compile(bytes: &[u8], dtype: GgmlDType, progress: &dyn ProgressSin
         ("llama.rope.freq_base".to_owned(), Value::F32(10_000.0)),
         ("llama.attention.layer_norm_rms_epsilon".to_owned(), Value::F32(1e-5)),
     ]);
-    values.extend(crate::tokenizer::vocabulary("bytes", 0).expect("a known vocabulary").to_gguf());
+    match vocabulary {
+        Some(vocabulary) => values.extend(vocabulary.to_gguf()),
+        None => values.extend(crate::tokenizer::vocabulary("bytes", 0).expect("a known vocabulary").to_gguf()),
+    }
     let renamed: Vec<(String, QTensor)> =
         quantized.into_iter().map(|(name, tensor)| (gguf_name(name), tensor)).collect();
     let bytes = write(&values, &renamed)?;
@@ -241,7 +250,7 @@ mod tests {
     fn the_empty_merges_are_an_array_of_strings_as_llama_cpp_asks() {
         let shape = crate::shape::Shape { dim: 32, layers: 1, heads: 2, kv_heads: 1, ffn: 64, max_context: 16 };
         let source = random_weights(&shape, 1).expect("weights");
-        let bytes = compile(&source, GgmlDType::Q8_0, &usine_engine::NoProgress).expect("compiled");
+        let bytes = compile(&source, GgmlDType::Q8_0, None, &usine_engine::NoProgress).expect("compiled");
         let key = b"tokenizer.ggml.merges";
         let at = bytes.windows(key.len()).position(|window| window == key).expect("the key is written");
         let after = &bytes[at + key.len()..at + key.len() + 16];

@@ -17,6 +17,8 @@
 //! - **Prepare** (CPU stage) fixes the step's position; **compute** runs the forward pass on the
 //!   engine's threads (`team.rs`) from a blocking thread, and samples (temperature, top-k, top-p, a seed
 //!   per step: resumed and pipelined runs draw alike).
+//! - **Tokenizers** ([`tokenizer`]): the file's `llama` or `gpt2` vocabulary and chat template, token for
+//!   token as llama.cpp runs them (a safetensors model's `tokenizer.json` beside it, else the bytes).
 //! - [`Decoder`] runs a GGUF file token by token with its logits out, for checks against another
 //!   implementation (`cargo xtask parity`).
 //! - **Training** (feature `train`) runs the same decoder on candle's tensors with autograd.
@@ -62,6 +64,12 @@ use crate::tokenizer::{Tokenizer, Vocabulary};
 pub const NAME: &str = "candle";
 /// The spec option naming the source weights: a safetensors file, or `builtin:NAME` for weights the
 /// program holds in memory (see [`CandleEngine::with_builtin`]).
+///
+/// A `tokenizer.json` beside a safetensors file (Hugging Face's, byte-level BPE, as many tokens as the
+/// weights' embeddings), and the `tokenizer_config.json` beside it (start and end tokens, chat template),
+/// are the model's tokenizer; without them, the bytes. The graph is stored under the spec's key: a
+/// program that changes those files gives the spec an option that says so (usine's CLI keys a file by
+/// its size and time).
 pub const WEIGHTS_OPTION: &str = "weights";
 /// The prefix of a [`WEIGHTS_OPTION`] that names built-in weights.
 pub const BUILTIN_PREFIX: &str = "builtin:";
@@ -193,6 +201,24 @@ impl Decoder {
     }
 }
 
+/// The vocabulary of the `tokenizer.json` (and `tokenizer_config.json`) beside the weights file `path`,
+/// if there is one.
+fn beside(path: &std::path::Path) -> Result<Option<Vocabulary>, EngineError> {
+    let read = |name: &str| -> Result<Option<String>, EngineError> {
+        let file = path.with_file_name(name);
+        match std::fs::read_to_string(&file) {
+            Ok(text) => Ok(Some(text)),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(error) => Err(EngineError::Fatal { message: format!("reading {}: {error}", file.display()) }),
+        }
+    };
+    let Some(tokenizer) = read("tokenizer.json")? else { return Ok(None) };
+    let config = read("tokenizer_config.json")?;
+    tokenizer::from_tokenizer_json(&tokenizer, config.as_deref())
+        .map(Some)
+        .map_err(|message| EngineError::UnsupportedModel { message })
+}
+
 /// The tokenizer of the GGUF file `bytes` (read as a model: a file usine cannot run is refused).
 pub fn tokenizer_of(bytes: &[u8]) -> Result<Tokenizer, EngineError> {
     let file = ModelFile::read(bytes).map_err(unsupported)?;
@@ -245,7 +271,7 @@ pub fn gguf_from_safetensors(weights: &[u8], quantization: &str) -> Result<Vec<u
                 limit: QUANTIZATIONS.map(|(name, _)| name).join(", "),
             }
         })?;
-    gguf::compile(weights, dtype, &usine_engine::NoProgress)
+    gguf::compile(weights, dtype, None, &usine_engine::NoProgress)
 }
 
 /// What a model file holds, for people (`usine models`) and for a compiled graph's metadata.
@@ -367,7 +393,19 @@ impl Engine for CandleEngine {
             let sink = move |progress: Progress| {
                 let _ = sender.send(progress);
             };
-            let gguf = gguf::compile(&bytes, dtype, &sink)?;
+            let vocabulary = if builtin.is_none() { beside(std::path::Path::new(&path))? } else { None };
+            if let Some(vocabulary) = &vocabulary
+                && vocabulary.tokens.len() != crate::shape::VOCAB
+            {
+                return Err(EngineError::UnsupportedModel {
+                    message: format!(
+                        "the tokenizer.json beside {path} holds {} tokens; the weights' embeddings hold {}",
+                        vocabulary.tokens.len(),
+                        crate::shape::VOCAB
+                    ),
+                });
+            }
+            let gguf = gguf::compile(&bytes, dtype, vocabulary.as_ref(), &sink)?;
             let file = ModelFile::read(&gguf).map_err(|refused| EngineError::Fatal { message: refused.0 })?;
             let gguf = repack(&file)?;
             let shape = source_shape(&bytes)?;

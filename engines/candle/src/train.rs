@@ -427,6 +427,7 @@ mod tests {
         let gguf = crate::gguf::compile(
             &trainer.to_safetensors().unwrap(),
             candle_core::quantized::GgmlDType::Q8_0,
+            None,
             &usine_engine::NoProgress,
         )
         .unwrap();

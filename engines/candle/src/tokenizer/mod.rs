@@ -15,6 +15,7 @@
 mod bpe;
 pub mod chat;
 mod fixtures;
+mod json;
 mod pre;
 mod spm;
 
@@ -26,6 +27,7 @@ use usine_engine::{Detokenizer, TokenId, Utf8Decoder};
 
 pub use chat::{ChatError, Rendered, Template};
 pub use fixtures::{CHATML, LLAMA2_SYSTEM, LLAMA3, MISTRAL, VOCABULARIES, vocabulary};
+pub use json::from_tokenizer_json;
 pub use pre::Pre;
 
 /// Most tokens a vocabulary may hold (the largest real ones hold about 260,000).

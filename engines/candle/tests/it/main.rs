@@ -127,3 +127,30 @@ async fn any_number_of_threads_gives_the_same_tokens() {
         assert_eq!(tokens, first, "{quantization}");
     }
 }
+
+// Would catch: a tokenizer.json beside safetensors weights ignored (the conversation not rendered by its
+// template, its end token not ending an answer), or one that does not fit the weights run anyway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tokenizer_json_beside_the_weights_is_the_models_tokenizer() {
+    let vocab = concat!(env!("CARGO_MANIFEST_DIR"), "/vocab/");
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec(&dir, "q8_0");
+    let engine = CandleEngine::new();
+    let plain = engine.load(&engine.compile(&spec, &NoProgress).await.unwrap()).await.unwrap();
+    let chat = [usine_engine::Message::new(usine_engine::Role::User, "Hi")];
+    assert_eq!(plain.chat_prompt(&chat).unwrap(), b"User: Hi\nAssistant:".map(u32::from), "the bytes, without one");
+    for (from, to) in
+        [("hf-bytes.tokenizer.json", "tokenizer.json"), ("hf-bytes.tokenizer_config.json", "tokenizer_config.json")]
+    {
+        std::fs::copy(format!("{vocab}{from}"), dir.path().join(to)).unwrap();
+    }
+    let model = engine.load(&engine.compile(&spec, &NoProgress).await.unwrap()).await.unwrap();
+    let ids = model.chat_prompt(&chat).unwrap();
+    // hf-bytes: `<|im_end|>` is token 0, the template `user: Hi<|im_end|>assistant: `.
+    assert_eq!(ids.iter().filter(|&&id| id == 0).count(), 1, "{ids:?}");
+    assert_eq!(ids.len(), "user: Hi".len() + 1 + "assistant: ".len(), "{ids:?}");
+    std::fs::copy(format!("{vocab}hf-llama3.tokenizer.json"), dir.path().join("tokenizer.json")).unwrap();
+    std::fs::remove_file(dir.path().join("tokenizer_config.json")).unwrap();
+    let refused = engine.compile(&spec, &NoProgress).await.unwrap_err();
+    assert!(refused.to_string().contains("holds 400 tokens; the weights' embeddings hold 257"), "{refused}");
+}
