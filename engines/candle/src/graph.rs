@@ -13,7 +13,7 @@
 //! d NAME ROWS COLS AT LEN                                                       a dense f32 matrix
 //! v NAME AT LEN                                                                 an f32 vector
 //! s NAME COUNT       quantized matrices of different formats stacked: NAME.0, NAME.1, ... (`q` lines)
-//! b NAME AT LEN                                  bytes: `vocabulary`, the tokenizer's (bincode)
+//! b NAME AT LEN              bytes: `vocabulary`, the tokenizer's (`tokenizer::Packed`, bincode)
 //! ```
 //!
 //! Offsets and lengths are in bytes of the raw section; each weight starts at a multiple of 64.
@@ -345,8 +345,13 @@ impl Reader {
 
     /// The bytes `name` (the vocabulary).
     pub(crate) fn bytes(&self, name: &str) -> Result<&[u8], String> {
+        Ok(&(*self.owner).as_ref()[self.bytes_range(name)?])
+    }
+
+    /// Where the bytes `name` lie in the raw section.
+    pub(crate) fn bytes_range(&self, name: &str) -> Result<Range<usize>, String> {
         match self.entries.get(name) {
-            Some(Entry::Bytes { values }) => Ok(&(*self.owner).as_ref()[values.clone()]),
+            Some(Entry::Bytes { values }) => Ok(values.clone()),
             _ => Err(format!("table: no bytes `{name}`")),
         }
     }

@@ -58,7 +58,7 @@ pub use shape::{END_OF_SEQUENCE, Shape, VOCAB};
 use crate::config::{ModelFile, Refused};
 use crate::model::{KvCache, Model};
 use crate::team::Team;
-use crate::tokenizer::{Tokenizer, Vocabulary};
+use crate::tokenizer::{Packed, Tokenizer, Vocabulary};
 
 /// The engine's name, as model specs name it.
 pub const NAME: &str = "candle";
@@ -235,8 +235,7 @@ fn repack(file: &ModelFile<'_>) -> Result<(Vec<u8>, Vec<u8>), EngineError> {
     // A team of one: the model is built to be written, never run.
     let team = Team::new(1)?;
     let model = Model::new(file, file.config.context, team.tuner()).map_err(unsupported)?;
-    let vocabulary = bincode::serialize(&file.vocabulary)
-        .map_err(|error| EngineError::Fatal { message: format!("writing the vocabulary: {error}") })?;
+    let vocabulary = Packed::serialize(&file.vocabulary).map_err(|message| EngineError::Fatal { message })?;
     Ok(model.write(&vocabulary))
 }
 
@@ -454,20 +453,17 @@ impl Engine for CandleEngine {
         let reader = graph::Reader::read(&graph.bytes, &graph.raw).map_err(corrupt)?;
         // Pointing the matrices into the raw section takes microseconds: no blocking thread.
         let model = Model::from_graph(&reader, context, tuner).map_err(corrupt)?;
-        let vocabulary: Vocabulary = bincode::deserialize(reader.bytes("vocabulary").map_err(corrupt)?)
-            .map_err(|error| corrupt(format!("the vocabulary: {error}")))?;
-        if vocabulary.tokens.len() != model.config.vocab
-            || vocabulary.scores.len() != vocabulary.tokens.len()
-            || vocabulary.types.len() != vocabulary.tokens.len()
-        {
-            return Err(corrupt(format!("a vocabulary of {} tokens", vocabulary.tokens.len())));
-        }
-        let end_of_generation = vocabulary.end_of_generation().into();
+        // The vocabulary is read in place and checked now; made into a tokenizer at its first use.
+        let vocabulary = reader.bytes_range("vocabulary").map_err(corrupt)?;
+        let end_of_generation = read_vocabulary(&graph.raw, &vocabulary)
+            .and_then(|packed| packed.check(model.config.vocab))
+            .map_err(|error| corrupt(format!("the vocabulary: {error}")))?
+            .into();
         Ok(Arc::new(CandleModel {
             model: Arc::new(model),
             plan,
             team: Arc::clone(&self.team),
-            vocabulary: std::sync::Mutex::new(Some(vocabulary)),
+            vocabulary: (graph.raw.clone(), vocabulary),
             tokenizer: std::sync::OnceLock::new(),
             template: std::sync::OnceLock::new(),
             end_of_generation,
@@ -479,9 +475,10 @@ struct CandleModel {
     model: Arc<Model>,
     plan: MemoryPlan,
     team: Arc<Team>,
-    /// The vocabulary, until the tokenizer is built from it: at the first use, not at the load (a
-    /// real vocabulary's maps take tens of milliseconds, a load of the weights well under one).
-    vocabulary: std::sync::Mutex<Option<Vocabulary>>,
+    /// Where the vocabulary lies (checked at the load), for the tokenizer built at its first use (or
+    /// the warm-up), not at the load: a real vocabulary's maps take 40 to 50 ms, a load of the weights
+    /// about 20.
+    vocabulary: (usine_engine::RawSection, std::ops::Range<usize>),
     tokenizer: std::sync::OnceLock<Arc<Tokenizer>>,
     /// The chat template, parsed at its first use (`None`: the model has none).
     template: std::sync::OnceLock<Option<Result<tokenizer::Template, tokenizer::ChatError>>>,
@@ -491,8 +488,9 @@ struct CandleModel {
 impl CandleModel {
     fn tokenizer(&self) -> &Arc<Tokenizer> {
         self.tokenizer.get_or_init(|| {
-            let vocabulary = self.vocabulary.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
-            Arc::new(Tokenizer::new(vocabulary.expect("taken once, by this initializer")))
+            let (raw, range) = &self.vocabulary;
+            let packed = read_vocabulary(raw, range).expect("read once at the load, and the bytes are immutable");
+            Arc::new(Tokenizer::new(packed.unpack()))
         })
     }
 
@@ -595,6 +593,15 @@ impl LoadedModel for CandleModel {
             end_of_generation: Arc::clone(&self.end_of_generation),
         }))
     }
+}
+
+/// The packed vocabulary at `range` of `raw`.
+fn read_vocabulary<'r>(
+    raw: &'r usine_engine::RawSection,
+    range: &std::ops::Range<usize>,
+) -> Result<Packed<'r>, String> {
+    let bytes = raw.as_bytes().get(range.clone()).ok_or("outside the raw section")?;
+    bincode::deserialize(bytes).map_err(|error| error.to_string())
 }
 
 /// Tells a blocking prefill to stop when its future is dropped.

@@ -284,18 +284,7 @@ impl Vocabulary {
     /// The tokens that end a generation: the end of the sequence, of a turn, of a message, and the
     /// control tokens llama.cpp takes for one of those by their text. Sorted.
     pub fn end_of_generation(&self) -> Vec<TokenId> {
-        let mut ids: Vec<TokenId> = [self.eos, self.eot, self.eom]
-            .into_iter()
-            .flatten()
-            .chain(self.tokens.iter().enumerate().filter_map(|(id, token)| {
-                let control = self.types[id] == TokenType::Control;
-                (control && END_OF_GENERATION_NAMES.contains(&token.as_str()))
-                    .then(|| TokenId::try_from(id).expect("the vocabulary is bounded"))
-            }))
-            .collect();
-        ids.sort_unstable();
-        ids.dedup();
-        ids
+        end_of_generation(self, self.tokens.iter().map(String::as_str).zip(self.types.iter().copied()))
     }
 
     /// The texts of the tokens a prompt's text may spell only where asked (control and unknown):
@@ -370,6 +359,157 @@ impl Vocabulary {
             values.push(("tokenizer.chat_template".to_owned(), Value::String(template.clone())));
         }
         values
+    }
+}
+
+/// The end-of-generation tokens of `vocabulary`, whose tokens and types `tokens` gives.
+fn end_of_generation<'t>(vocabulary: &Vocabulary, tokens: impl Iterator<Item = (&'t str, TokenType)>) -> Vec<TokenId> {
+    let mut ids: Vec<TokenId> = [vocabulary.eos, vocabulary.eot, vocabulary.eom]
+        .into_iter()
+        .flatten()
+        .chain(tokens.enumerate().filter_map(|(id, (token, kind))| {
+            (kind == TokenType::Control && END_OF_GENERATION_NAMES.contains(&token))
+                .then(|| TokenId::try_from(id).expect("the vocabulary is bounded"))
+        }))
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+/// A vocabulary as a compiled graph keeps it: the texts of the tokens and of the merges each in one
+/// string and the numbers as bytes, read in place from the graph (a real vocabulary's 150,000 tokens as
+/// as many strings took 5 to 10 ms to read, beside a load of the weights in 20); [`Packed::unpack`]
+/// makes the [`Vocabulary`] at the tokenizer's first use.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Packed<'a> {
+    /// The vocabulary without its tokens, scores, types and merges.
+    head: Vocabulary,
+    tokens: &'a str,
+    /// Where each token's text ends in `tokens`: little-endian u32s.
+    #[serde(with = "serde_bytes")]
+    token_ends: &'a [u8],
+    /// Little-endian f32s.
+    #[serde(with = "serde_bytes")]
+    scores: &'a [u8],
+    /// GGUF's numbers.
+    #[serde(with = "serde_bytes")]
+    types: &'a [u8],
+    merges: &'a str,
+    #[serde(with = "serde_bytes")]
+    merge_ends: &'a [u8],
+}
+
+fn words(bytes: &[u8]) -> impl Iterator<Item = u32> + '_ {
+    bytes.chunks_exact(4).map(|word| u32::from_le_bytes(word.try_into().expect("chunks of 4")))
+}
+
+fn pack(texts: &[String]) -> (String, Vec<u8>) {
+    let mut joined = String::with_capacity(texts.iter().map(String::len).sum());
+    let ends = texts
+        .iter()
+        .flat_map(|text| {
+            joined.push_str(text);
+            u32::try_from(joined.len()).expect("a vocabulary of less than 4 GiB").to_le_bytes()
+        })
+        .collect();
+    (joined, ends)
+}
+
+/// The texts `ends` cuts `joined` into; `None` where an end is out of place.
+fn unpacked<'p>(joined: &'p str, ends: &'p [u8]) -> impl Iterator<Item = Option<&'p str>> + 'p {
+    let mut start = 0;
+    words(ends).map(move |end| {
+        let text = joined.get(start..end as usize);
+        start = end as usize;
+        text
+    })
+}
+
+impl Packed<'_> {
+    /// `vocabulary`, packed and serialized (bincode).
+    pub fn serialize(vocabulary: &Vocabulary) -> Result<Vec<u8>, String> {
+        let (tokens, token_ends) = pack(&vocabulary.tokens);
+        let (merges, merge_ends) = pack(&vocabulary.merges);
+        let scores: Vec<u8> = vocabulary.scores.iter().flat_map(|score| score.to_le_bytes()).collect();
+        let types: Vec<u8> = vocabulary.types.iter().map(|kind| u8::try_from(kind.gguf()).expect("below 7")).collect();
+        let packed = Packed {
+            head: vocabulary.clone_head(),
+            tokens: &tokens,
+            token_ends: &token_ends,
+            scores: &scores,
+            types: &types,
+            merges: &merges,
+            merge_ends: &merge_ends,
+        };
+        bincode::serialize(&packed).map_err(|error| format!("writing the vocabulary: {error}"))
+    }
+
+    /// Checks that it holds `vocab` tokens, each with its score and type, every text where it says,
+    /// and the start and end tokens among them; returns its end-of-generation tokens.
+    pub fn check(&self, vocab: usize) -> Result<Vec<TokenId>, String> {
+        let count = self.token_ends.len() / 4;
+        if count != vocab
+            || self.token_ends.len() % 4 != 0
+            || self.merge_ends.len() % 4 != 0
+            || self.scores.len() != count * 4
+            || self.types.len() != count
+        {
+            return Err(format!(
+                "a vocabulary of {count} tokens, {} scores, {} types",
+                self.scores.len() / 4,
+                self.types.len()
+            ));
+        }
+        if unpacked(self.tokens, self.token_ends)
+            .chain(unpacked(self.merges, self.merge_ends))
+            .any(|text| text.is_none())
+        {
+            return Err("a text out of place".into());
+        }
+        let head = &self.head;
+        if [head.bos, head.eos, head.eot, head.eom, head.unk].into_iter().flatten().any(|id| id as usize >= count) {
+            return Err("a special token outside the vocabulary".into());
+        }
+        let tokens = unpacked(self.tokens, self.token_ends).map(Option::unwrap_or_default);
+        Ok(end_of_generation(head, tokens.zip(self.types.iter().map(|&kind| TokenType::from_gguf(kind.into())))))
+    }
+
+    /// The vocabulary (checked by [`Packed::check`]: a text out of place is left empty).
+    pub fn unpack(self) -> Vocabulary {
+        let texts = |joined: &str, ends: &[u8]| -> Vec<String> {
+            unpacked(joined, ends).map(|text| text.unwrap_or_default().to_owned()).collect()
+        };
+        Vocabulary {
+            tokens: texts(self.tokens, self.token_ends),
+            merges: texts(self.merges, self.merge_ends),
+            scores: words(self.scores).map(f32::from_bits).collect(),
+            types: self.types.iter().map(|&kind| TokenType::from_gguf(kind.into())).collect(),
+            ..self.head
+        }
+    }
+}
+
+impl Vocabulary {
+    /// Everything but the tokens, scores, types and merges.
+    fn clone_head(&self) -> Self {
+        Self {
+            kind: self.kind,
+            pre: self.pre,
+            tokens: Vec::new(),
+            scores: Vec::new(),
+            types: Vec::new(),
+            merges: Vec::new(),
+            bos: self.bos,
+            eos: self.eos,
+            eot: self.eot,
+            eom: self.eom,
+            unk: self.unk,
+            add_bos: self.add_bos,
+            add_eos: self.add_eos,
+            add_space_prefix: self.add_space_prefix,
+            chat_template: self.chat_template.clone(),
+        }
     }
 }
 
@@ -693,6 +833,34 @@ mod tests {
         }
         assert_eq!(vocabulary("qwen2", 151_936).unwrap().tokens.len(), 151_936, "fillers up to a real size");
         assert!(vocabulary("nonesuch", 0).is_none());
+    }
+
+    // Would catch: a graph's vocabulary read back other than it was written, or a damaged one read.
+    #[test]
+    fn a_packed_vocabulary_reads_back_as_it_was_and_a_damaged_one_is_refused() {
+        for name in VOCABULARIES {
+            let vocabulary = vocabulary(name, 5000).unwrap();
+            let bytes = Packed::serialize(&vocabulary).unwrap();
+            let packed: Packed<'_> = bincode::deserialize(&bytes).unwrap();
+            assert_eq!(packed.check(5000).unwrap(), vocabulary.end_of_generation(), "{name}");
+            assert!(packed.check(4999).unwrap_err().contains("5000 tokens"), "{name}");
+            assert_eq!(packed.unpack(), vocabulary, "{name}");
+        }
+        let vocabulary = vocabulary("qwen2", 0).unwrap();
+        let (tokens, mut ends) = pack(&vocabulary.tokens);
+        ends[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+        let scores = vec![0; vocabulary.tokens.len() * 4];
+        let types = vec![1; vocabulary.tokens.len()];
+        let damaged = Packed {
+            head: vocabulary.clone_head(),
+            tokens: &tokens,
+            token_ends: &ends,
+            scores: &scores,
+            types: &types,
+            merges: "",
+            merge_ends: &[],
+        };
+        assert!(damaged.check(vocabulary.tokens.len()).unwrap_err().contains("out of place"));
     }
 
     #[test]
