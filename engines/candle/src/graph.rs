@@ -343,12 +343,7 @@ impl Reader {
         }
     }
 
-    /// The bytes `name` (the vocabulary).
-    pub(crate) fn bytes(&self, name: &str) -> Result<&[u8], String> {
-        Ok(&(*self.owner).as_ref()[self.bytes_range(name)?])
-    }
-
-    /// Where the bytes `name` lie in the raw section.
+    /// Where the bytes `name` (the vocabulary) lie in the raw section.
     pub(crate) fn bytes_range(&self, name: &str) -> Result<Range<usize>, String> {
         match self.entries.get(name) {
             Some(Entry::Bytes { values }) => Ok(values.clone()),

@@ -367,10 +367,12 @@ fn end_of_generation<'t>(vocabulary: &Vocabulary, tokens: impl Iterator<Item = (
     let mut ids: Vec<TokenId> = [vocabulary.eos, vocabulary.eot, vocabulary.eom]
         .into_iter()
         .flatten()
-        .chain(tokens.enumerate().filter_map(|(id, (token, kind))| {
-            (kind == TokenType::Control && END_OF_GENERATION_NAMES.contains(&token))
-                .then(|| TokenId::try_from(id).expect("the vocabulary is bounded"))
-        }))
+        .chain(
+            tokens
+                .enumerate()
+                .filter(|(_, (token, kind))| *kind == TokenType::Control && END_OF_GENERATION_NAMES.contains(token))
+                .map(|(id, _)| TokenId::try_from(id).expect("the vocabulary is bounded")),
+        )
         .collect();
     ids.sort_unstable();
     ids.dedup();
@@ -450,8 +452,8 @@ impl Packed<'_> {
     pub fn check(&self, vocab: usize) -> Result<Vec<TokenId>, String> {
         let count = self.token_ends.len() / 4;
         if count != vocab
-            || self.token_ends.len() % 4 != 0
-            || self.merge_ends.len() % 4 != 0
+            || !self.token_ends.len().is_multiple_of(4)
+            || !self.merge_ends.len().is_multiple_of(4)
             || self.scores.len() != count * 4
             || self.types.len() != count
         {
