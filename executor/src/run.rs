@@ -21,6 +21,10 @@ use crate::event::{Event, Usage};
 use crate::metrics::{ExecutorMetrics, Outcome};
 use crate::request::{Input, Request};
 
+/// Prompts up to this many bytes are tokenized on the runtime's thread: microseconds, less than the
+/// trip to a blocking thread.
+const INLINE_TOKENIZE_MAX: usize = 4 << 10;
+
 /// How often a generation blocked on its reader marks its kv-cache in use: well inside any idle timeout
 /// a pool's GC would use.
 const KEEP_ALIVE_TICK: Duration = Duration::from_secs(1);
@@ -216,10 +220,7 @@ impl Generation<'_> {
         let load = started.elapsed();
         let model = Arc::clone(handle.model());
         let plan = handle.memory_plan();
-        let prompt = match &request.input {
-            Input::Prompt(text) => model.tokenize(text),
-            Input::Chat(messages) => model.chat_prompt(messages).map_err(|source| self.invalid(source))?,
-        };
+        let prompt = bounded(first_token, self.tokenize(&model, &request.input)).await??;
         let fitted;
         let params = match fitted_max_tokens(request, &plan, prompt.len()) {
             Some(max_tokens) => {
@@ -499,6 +500,30 @@ impl Generation<'_> {
         kv.leases.push(lease);
         kv.tokens = tokens;
         Ok(kv)
+    }
+
+    /// The prompt's tokens: on a blocking thread past a few kilobytes or for a conversation (a chat
+    /// template runs), so that no runtime thread tokenizes a long prompt.
+    async fn tokenize(&self, model: &Arc<dyn LoadedModel>, input: &Input) -> Result<Vec<TokenId>, ExecError> {
+        let work = {
+            let (model, input) = (Arc::clone(model), input.clone());
+            move || match &input {
+                Input::Prompt(text) => Ok(model.tokenize(text)),
+                Input::Chat(messages) => model.chat_prompt(messages),
+            }
+        };
+        let tokens = match input {
+            Input::Prompt(text) if text.len() <= INLINE_TOKENIZE_MAX => work(),
+            _ => tokio::task::spawn_blocking(work).await.map_err(|error| ExecError::Engine {
+                model: self.model_id.to_owned(),
+                source: EngineError::Fatal { message: format!("tokenizing: {error}") },
+                retries: self.retries,
+            })?,
+        };
+        tokens.map_err(|source| match source.kind() {
+            ErrorKind::InvalidInput => self.invalid(source),
+            _ => ExecError::Engine { model: self.model_id.to_owned(), source, retries: self.retries },
+        })
     }
 
     fn invalid(&self, source: EngineError) -> ExecError {

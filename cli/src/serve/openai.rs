@@ -128,7 +128,7 @@ pub(crate) async fn chat_completions(
         messages.push(Message::new(role, message.content));
     }
     let request = Request::chat(&body.model, messages);
-    check_prompt_len(&state, request.input.render().len())?; // the conversation as the model reads it
+    check_prompt_len(&state, request.input.render().len())?; // the messages, plainly (a template adds its markers)
     generate(&state, body.model, request, body.sampling, Kind::Chat).await
 }
 

@@ -68,8 +68,8 @@ pub enum EngineError {
         /// What is missing or unsupported.
         message: String,
     },
-    /// The model's chat template refused the conversation, or failed on it.
-    #[error("the model's chat template cannot render this conversation: {message}")]
+    /// The model's chat template refused the conversation (its own rules, or its length).
+    #[error("{message}")]
     ChatTemplate {
         /// What the template said.
         message: String,

@@ -112,7 +112,6 @@ fn main() -> Result<(), Error> {
             let vocabulary = tokenizer.vocabulary();
             let source = vocabulary.chat_template.as_deref().ok_or("the model has no chat template")?;
             let template = Template::new(source, vocabulary.text(vocabulary.bos), vocabulary.text(vocabulary.eos))?;
-            let guarded = vocabulary.guarded_texts();
             let input = std::fs::read(chats)?;
             let mut chats = Strings { bytes: &input };
             let mut output = Vec::new();
@@ -127,7 +126,7 @@ fn main() -> Result<(), Error> {
                     };
                     messages.push(Message::new(role, std::str::from_utf8(chats.string()?)?));
                 }
-                match template.render(&messages, true, &guarded) {
+                match template.render(&messages, true, tokenizer.guard()) {
                     Ok(rendered) => {
                         output.push(1);
                         push_string(&mut output, rendered.unescape(&rendered.text).as_bytes())?;

@@ -248,9 +248,12 @@ impl<'a> ModelFile<'a> {
             Ok(Err(error)) => return refused(format!("not a GGUF file usine reads: {}", first_line(&error))),
             Err(_) => return refused("an unreadable GGUF header"),
         };
-        let (config, rope_factors_expected) = read_config(&content)?;
+        let (mut config, rope_factors_expected) = read_config(&content)?;
         let vocabulary = Vocabulary::from_gguf(&content.metadata, config.vocab)
             .map_err(|reason| Refused(format!("its tokenizer: {reason}")))?;
+        // The start and end tokens are the tokenizer's (with llama.cpp's defaults where the file names
+        // none): the model starts an empty prompt with the same token a prompt starts with.
+        (config.bos, config.eos) = (vocabulary.bos, vocabulary.eos);
         let mut expected = config.tensors();
         if rope_factors_expected {
             expected.push(("rope_freqs.weight".to_owned(), vec![config.head_dim / 2]));

@@ -529,12 +529,9 @@ impl LoadedModel for CandleModel {
         let tokenizer = self.tokenizer();
         match self.template() {
             None => Ok(tokenizer.encode(&render_plain(messages), true, false)),
-            Some(Err(error)) => Err(EngineError::ChatTemplate { message: error.to_string() }),
+            Some(Err(error)) => Err(chat_error(error.clone())),
             Some(Ok(template)) => {
-                let guarded = tokenizer.vocabulary().guarded_texts();
-                let rendered = template
-                    .render(messages, true, &guarded)
-                    .map_err(|error| EngineError::ChatTemplate { message: error.to_string() })?;
+                let rendered = template.render(messages, true, tokenizer.guard()).map_err(chat_error)?;
                 Ok(tokenizer.encode_chat(&rendered))
             }
         }
@@ -542,7 +539,9 @@ impl LoadedModel for CandleModel {
 
     /// Builds the tokenizer and parses the chat template, so that the first request does not.
     async fn warm_up(&self) -> Result<(), EngineError> {
-        let _ = self.template();
+        if self.template().is_some() {
+            let _ = self.tokenizer().guard();
+        }
         Ok(())
     }
 
@@ -592,6 +591,14 @@ impl LoadedModel for CandleModel {
             params: params.clone(),
             end_of_generation: Arc::clone(&self.end_of_generation),
         }))
+    }
+}
+
+/// A conversation the template refuses is the caller's error; a template that fails is the model's.
+fn chat_error(error: tokenizer::ChatError) -> EngineError {
+    match error {
+        tokenizer::ChatError::Refused(message) => EngineError::ChatTemplate { message },
+        tokenizer::ChatError::Broken(message) => EngineError::Fatal { message },
     }
 }
 

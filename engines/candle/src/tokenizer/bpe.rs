@@ -44,8 +44,8 @@ pub(super) struct Merges {
 impl Merges {
     /// The merges of `merges` over the tokens `ids`; a merge that is not two texts split by a space
     /// is skipped (a file's are checked when it is read: [`check`]).
-    pub(super) fn new(merges: &[String], ids: &HashMap<Box<[u8]>, TokenId>) -> Self {
-        let tokens = u32::try_from(ids.len()).expect("the vocabulary is bounded");
+    pub(super) fn new(merges: &[String], ids: &HashMap<Box<[u8]>, TokenId>, tokens: usize) -> Self {
+        let tokens = u32::try_from(tokens).expect("the vocabulary is bounded");
         let mut extra: HashMap<Box<[u8]>, u32> = HashMap::new();
         let mut intern = |text: &[u8]| -> u32 {
             if let Some(&id) = ids.get(text) {

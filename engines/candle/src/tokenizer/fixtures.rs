@@ -82,6 +82,7 @@ pub fn vocabulary(name: &str, size: usize) -> Option<Vocabulary> {
         add_eos: false,
         add_space_prefix: kind == Kind::Spm,
         chat_template: template.map(str::to_owned),
+        end_of_generation: Vec::new(),
         tokens: trained.tokens,
     };
     let tokens = vocabulary.tokens.clone();
@@ -103,6 +104,7 @@ pub fn vocabulary(name: &str, size: usize) -> Option<Vocabulary> {
         }
     }
     pad(&mut vocabulary, size);
+    vocabulary.settle([None; 3]);
     Some(vocabulary)
 }
 
@@ -129,8 +131,10 @@ fn bytes(size: usize) -> Vocabulary {
         add_eos: false,
         add_space_prefix: false,
         chat_template: None,
+        end_of_generation: Vec::new(),
     };
     pad(&mut vocabulary, size);
+    vocabulary.settle([None; 3]);
     vocabulary
 }
 

@@ -1,7 +1,8 @@
 //! Hugging Face's `tokenizer.json` (and `tokenizer_config.json` beside it) as a [`Vocabulary`]: the
 //! byte-level BPE kind, whose pre-tokenizer is one of those usine runs (GPT-2's byte-level expression,
-//! Llama 3's or Qwen2's split, SmolLM's digits), as llama.cpp's converter reads it. Anything else (a
-//! normalizer, another model type, a SentencePiece-style vocabulary) is refused by name.
+//! Llama 3's or Qwen2's split, SmolLM's digits), as llama.cpp's converter reads it. What would change
+//! the tokens and usine does not run (a normalizer, another model type, a SentencePiece-style
+//! vocabulary, dropout, subword affixes, stripping added tokens) is refused by name.
 
 use std::collections::HashMap;
 
@@ -35,7 +36,12 @@ fn pre_of(pre: &Value) -> Result<Pre, String> {
         _ => &[],
     };
     match parts {
-        [split, level] if kind_of(split) == "Split" && byte_level(level, false) => {
+        [split, level]
+            if kind_of(split) == "Split"
+                && split.get("behavior").and_then(Value::as_str) == Some("Isolated")
+                && split.get("invert").and_then(Value::as_bool) != Some(true)
+                && byte_level(level, false) =>
+        {
             let pattern = split.get("pattern").and_then(|pattern| pattern.get("Regex")).and_then(Value::as_str);
             match pattern {
                 Some(LLAMA3) => Ok(Pre::Llama3),
@@ -73,6 +79,15 @@ pub fn from_tokenizer_json(tokenizer: &str, config: Option<&str>) -> Result<Voca
             if kind_of(model) == "BPE" { " with byte fallback" } else { "" }
         ));
     }
+    let unset = |value: Option<&Value>| value.is_none_or(|value| value.is_null() || value.as_str() == Some(""));
+    for option in ["dropout", "continuing_subword_prefix", "end_of_word_suffix", "unk_token"] {
+        if !unset(model.get(option)) {
+            return Err(format!(
+                "tokenizer.json's model sets `{option}` ({}), which usine does not run",
+                model[option]
+            ));
+        }
+    }
     if json.get("normalizer").is_some_and(|normalizer| !normalizer.is_null()) {
         return Err(format!(
             "tokenizer.json has a normalizer ({}), which usine does not run",
@@ -81,6 +96,15 @@ pub fn from_tokenizer_json(tokenizer: &str, config: Option<&str>) -> Result<Voca
     }
     let pre = pre_of(json.get("pre_tokenizer").unwrap_or(&Value::Null))
         .map_err(|reason| format!("tokenizer.json: {reason}"))?;
+    // llama.cpp takes a word that is a token whole (`ignore_merges`) by the pre-tokenizer: Llama 3's.
+    let ignore_merges = model.get("ignore_merges").and_then(Value::as_bool).unwrap_or(false);
+    if ignore_merges != pre.ignores_merges() {
+        return Err(format!(
+            "tokenizer.json's model has `ignore_merges` {ignore_merges}; usine (as llama.cpp) takes it from the \
+             pre-tokenizer, whose is {}",
+            pre.ignores_merges()
+        ));
+    }
     let mut by_id: HashMap<u64, (String, TokenType)> = HashMap::new();
     let vocab = model.get("vocab").and_then(Value::as_object).ok_or("tokenizer.json's model has no `vocab`")?;
     for (text, id) in vocab {
@@ -93,6 +117,9 @@ pub fn from_tokenizer_json(tokenizer: &str, config: Option<&str>) -> Result<Voca
         else {
             return Err(format!("tokenizer.json: an added token without an id or content: {added}"));
         };
+        if let Some(flag) = ["lstrip", "rstrip", "single_word"].into_iter().find(|flag| added[*flag] == true) {
+            return Err(format!("tokenizer.json: added token {text:?} sets `{flag}`, which usine does not run"));
+        }
         let special = added.get("special").and_then(Value::as_bool) == Some(true);
         by_id.insert(id, (text.to_owned(), if special { TokenType::Control } else { TokenType::UserDefined }));
     }
@@ -107,6 +134,7 @@ pub fn from_tokenizer_json(tokenizer: &str, config: Option<&str>) -> Result<Voca
         tokens.push(text);
         types.push(kind);
     }
+    super::check_tokens(&tokens).map_err(|reason| format!("tokenizer.json: {reason}"))?;
     let merges = model
         .get("merges")
         .and_then(Value::as_array)
@@ -165,8 +193,9 @@ pub fn from_tokenizer_json(tokenizer: &str, config: Option<&str>) -> Result<Voca
         add_eos: false,
         add_space_prefix: false,
         chat_template,
+        end_of_generation: Vec::new(),
     };
-    vocabulary.mark_turn_ends();
+    vocabulary.settle([None; 3]);
     Ok(vocabulary)
 }
 
@@ -233,6 +262,11 @@ mod tests {
         assert!(edited(split).contains("not Llama 3's or Qwen2's"));
         let gap = &|json: &mut Value| json["added_tokens"][2]["id"] = 500.into();
         assert!(edited(gap).contains("no token has id 399"));
+        assert!(edited(&|json| json["model"]["dropout"] = 0.1.into()).contains("`dropout`"));
+        assert!(edited(&|json| json["model"]["ignore_merges"] = false.into()).contains("`ignore_merges` false"));
+        assert!(edited(&|json| json["added_tokens"][0]["lstrip"] = true.into()).contains("`lstrip`"));
+        let twice = &|json: &mut Value| json["model"]["vocab"]["<tool_call>"] = 5.into();
+        assert!(edited(twice).contains("no token has id") || edited(twice).contains("same text"));
         assert!(from_tokenizer_json("{", None).unwrap_err().contains("tokenizer.json"));
         let config = r#"{"eos_token": "<|nonesuch|>"}"#;
         assert!(from_tokenizer_json(LLAMA3_JSON, Some(config)).unwrap_err().contains("is no token"));

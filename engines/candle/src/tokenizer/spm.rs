@@ -41,9 +41,11 @@ impl PartialOrd for Bigram {
 }
 
 impl Ord for Bigram {
-    /// The best score first, then the leftmost.
+    /// The best score first, then the leftmost. Scores compare as llama.cpp's `<` and `==` do: -0 and
+    /// +0 are equal, and a NaN is equal to anything (the heap stays sound, in some order).
     fn cmp(&self, other: &Self) -> Ordering {
-        self.score.total_cmp(&other.score).then_with(|| Reverse(self.left).cmp(&Reverse(other.left)))
+        let score = self.score.partial_cmp(&other.score).unwrap_or(Ordering::Equal);
+        score.then_with(|| Reverse(self.left).cmp(&Reverse(other.left)))
     }
 }
 
@@ -142,5 +144,38 @@ fn encode_piece(
             }
         }
         at = symbol.next;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "a panic is a test failure with its message")]
+
+    use super::*;
+    use crate::tokenizer::vocabulary;
+
+    // Would catch: a cut where a token could span, which would split a merge llama.cpp makes (llama.cpp
+    // merges the whole text in one queue; `encode` merges piece by piece).
+    #[test]
+    fn merging_piece_by_piece_gives_the_whole_texts_tokens() {
+        let tokenizer = Tokenizer::new(vocabulary("mistral", 0).unwrap());
+        // Texts of the vocabulary's own pieces, spaces and other characters, seeded.
+        let pieces: Vec<&str> =
+            tokenizer.vocabulary.tokens.iter().map(String::as_str).filter(|t| !t.starts_with('<')).collect();
+        let others = ["▁", "▁▁", "é", "中", "😀", "\n", "\t", "x", "::", "0"];
+        let mut state = 7_u64;
+        let mut next = |n: usize| {
+            state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            usize::try_from(state >> 33).unwrap() % n
+        };
+        for _ in 0..2000 {
+            let text: String = (0..1 + next(24))
+                .map(|_| if next(3) == 0 { others[next(others.len())] } else { pieces[next(pieces.len())] })
+                .collect();
+            let (mut cut, mut whole) = (Vec::new(), Vec::new());
+            encode(&tokenizer, &text, &mut cut);
+            encode_piece(&tokenizer, &text, &mut whole, &mut (Vec::new(), BinaryHeap::new()));
+            assert_eq!(cut, whole, "{text:?}");
+        }
     }
 }
