@@ -160,6 +160,12 @@ pub(crate) fn corpus(root: &Path) -> Result<Vec<String>> {
         "\u{10ffff}",
         "\u{1f9ff}",
         "\u{2fa1d}",
+        // Letters by Unicode version: 15.0 (a Cyrillic modifier), 15.1 (CJK Extension I), 16.0 (Garay,
+        // unassigned to llama.cpp's tables), 17.0 (unassigned to both).
+        "\u{1e030}x",
+        "\u{2ebf0}\u{2ebf1}",
+        "\u{10d50}\u{10d51}",
+        "\u{1e5d0}\u{1e5d1}",
     ];
     for o in &odd {
         strings.push((*o).to_owned());

@@ -1,12 +1,13 @@
 //! The pre-tokenizers of `gpt2` vocabularies: text cut into words, each merged on its own. Each is the
 //! regular expression of its model's `tokenizer.json`, run as llama.cpp runs it (a hand-written scanner
 //! per expression, whose edge cases are llama.cpp's: a run of spaces gives its last one to the next
-//! word, an unassigned character is punctuation); and GPT-2's byte alphabet.
+//! word, an unassigned character is punctuation; letters and numbers by Unicode 15.1, the version of
+//! llama.cpp's tables); and GPT-2's byte alphabet.
 
 use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
-use unicode_properties::{GeneralCategoryGroup, UnicodeGeneralCategory};
+use unicode_general_category::{GeneralCategory, get_general_category};
 
 /// A pre-tokenizer, by the name `tokenizer.ggml.pre` gives it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -109,14 +110,27 @@ fn class(c: char) -> Class {
             space: c.is_ascii_whitespace() || c == '\u{0B}',
         };
     }
-    let group = c.general_category_group();
+    use GeneralCategory as Category;
+    let category = get_general_category(c);
     Class {
         some: true,
-        letter: group == GeneralCategoryGroup::Letter,
-        number: group == GeneralCategoryGroup::Number,
+        letter: matches!(
+            category,
+            Category::UppercaseLetter
+                | Category::LowercaseLetter
+                | Category::TitlecaseLetter
+                | Category::ModifierLetter
+                | Category::OtherLetter
+        ) || CJK_EXTENSION_I.contains(&c),
+        number: matches!(category, Category::DecimalNumber | Category::LetterNumber | Category::OtherNumber),
         space: c.is_whitespace(),
     }
 }
+
+/// The letters Unicode 15.1 added (CJK Extension I): with the crate's 15.0 tables, the letters and
+/// numbers of llama.cpp's tables (15.1). Characters assigned since are unassigned to both, as to
+/// llama.cpp: punctuation-like to the expressions.
+const CJK_EXTENSION_I: std::ops::RangeInclusive<char> = '\u{2EBF0}'..='\u{2EE5D}';
 
 /// The scanner's view of a segment of characters: positions outside it have no character.
 struct Segment<'c> {
