@@ -103,6 +103,21 @@ pub enum KernelError {
     /// The kernel needs a tokio runtime.
     #[error("no tokio runtime to run the kernel on")]
     NoRuntime,
+    /// The weights pool could not be made.
+    #[error("the weights pool: {source}")]
+    WeightsPool {
+        /// The memory manager's error.
+        source: usine_memory::MemoryError,
+    },
+    /// Maintenance of the store (the counts of use, a cleanup) failed.
+    #[error("graph store: {source}")]
+    Maintenance {
+        /// The store's error.
+        source: Arc<usine_storage::StorageError>,
+    },
+    /// The runtime is shutting down: storage work on a blocking thread was cancelled.
+    #[error("the runtime is shutting down")]
+    ShuttingDown,
     /// Too many progress streams are open.
     #[error("{limit} progress streams are open, the limit (`max_progress_streams`)")]
     TooManyProgressStreams {

@@ -1,23 +1,63 @@
-//! `ModelHandle`: a loaded model that cannot be evicted while the handle lives.
+//! A model in memory (`Entry`, its weights), and `ModelHandle`: a loaded model that cannot be evicted
+//! while the handle lives.
 
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
+use parking_lot::Mutex;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use usine_engine::{LoadedModel, MemoryPlan};
+use usine_memory::Lease;
 
+use crate::config::KeepAlive;
 use crate::events::LoadSource;
-use crate::runtime::{Entry, Inner};
+
+/// A model in memory.
+pub(crate) struct Entry {
+    pub(crate) id: String,
+    pub(crate) model: Arc<dyn LoadedModel>,
+    pub(crate) plan: MemoryPlan,
+    pub(crate) source: LoadSource,
+    pub(crate) load_duration: Duration,
+    /// Live handles; only the table makes it leave zero, under its lock.
+    pub(crate) handles: AtomicUsize,
+    pub(crate) last_use: Mutex<Instant>,
+    pub(crate) keep_alive: Mutex<KeepAlive>,
+    pub(crate) _weights: Weights,
+}
+
+impl Entry {
+    pub(crate) fn idle(&self) -> bool {
+        self.handles.load(Ordering::SeqCst) == 0
+    }
+}
+
+/// A model's weights: returned to the pool when dropped, and then the table's waiters are told.
+pub(crate) struct Weights {
+    pub(crate) lease: Option<Lease>,
+    pub(crate) changed: Arc<Notify>,
+}
+
+impl Drop for Weights {
+    fn drop(&mut self) {
+        drop(self.lease.take()); // free first, then wake: a waiter must find the room
+        self.changed.notify_waiters();
+    }
+}
 
 /// A loaded model. While any handle to a model lives, the model stays loaded; cheap to clone.
 pub struct ModelHandle {
     entry: Arc<Entry>,
-    kernel: Weak<Inner>,
+    /// What the last handle's drop tells: the model is idle (evictable; its keep-alive starts).
+    changed: Arc<Notify>,
 }
 
 impl ModelHandle {
-    pub(crate) fn new(entry: Arc<Entry>, kernel: Weak<Inner>) -> Self {
-        Self { entry, kernel }
+    /// A handle on `entry`, whose count the caller has raised already.
+    pub(crate) fn new(entry: Arc<Entry>, changed: Arc<Notify>) -> Self {
+        Self { entry, changed }
     }
 
     /// The model's id.
@@ -36,7 +76,7 @@ impl ModelHandle {
     }
 
     /// Keeps the model this long once idle, from now on.
-    pub fn set_keep_alive(&self, keep_alive: crate::KeepAlive) {
+    pub fn set_keep_alive(&self, keep_alive: KeepAlive) {
         *self.entry.keep_alive.lock() = keep_alive;
     }
 
@@ -49,17 +89,15 @@ impl ModelHandle {
 impl Clone for ModelHandle {
     fn clone(&self) -> Self {
         self.entry.handles.fetch_add(1, Ordering::SeqCst);
-        Self { entry: Arc::clone(&self.entry), kernel: Weak::clone(&self.kernel) }
+        Self { entry: Arc::clone(&self.entry), changed: Arc::clone(&self.changed) }
     }
 }
 
 impl Drop for ModelHandle {
     fn drop(&mut self) {
         *self.entry.last_use.lock() = Instant::now();
-        if self.entry.handles.fetch_sub(1, Ordering::SeqCst) == 1
-            && let Some(kernel) = self.kernel.upgrade()
-        {
-            kernel.changed.notify_waiters(); // evictable now; keep-alive starts
+        if self.entry.handles.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.changed.notify_waiters(); // evictable now; keep-alive starts
         }
     }
 }

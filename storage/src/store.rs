@@ -307,6 +307,8 @@ pub(crate) struct Inner {
     pub(crate) migrations: Migrations,
     /// Graphs in use in this process, by file name, with a count: never evicted.
     pub(crate) pins: Mutex<HashMap<String, usize>>,
+    /// The version of each note last written by this process ([`StorageManager::write_note_versioned`]).
+    notes_written: Mutex<HashMap<String, u64>>,
     pub(crate) counters: Counters,
     pub(crate) metrics: StoreMetrics,
 }
@@ -413,6 +415,7 @@ impl StorageManager {
                 locks,
                 migrations,
                 pins: Mutex::new(HashMap::new()),
+                notes_written: Mutex::new(HashMap::new()),
                 counters: Counters::default(),
                 metrics: StoreMetrics::register(),
             }),
@@ -631,6 +634,25 @@ impl StorageManager {
     pub fn write_note(&self, name: &str, bytes: &[u8]) -> Result<()> {
         let path = self.note_path(name)?;
         self.write_retrying(&self.inner.config.root, name, &[bytes], &path)
+    }
+
+    /// Writes note `name` at `version` unless this process (through any clone of this manager) wrote
+    /// it at a later version already; returns whether it wrote. For a note rewritten from blocking
+    /// threads in any order (the kernel's counts of use, which only grow): a stale write never
+    /// overwrites a fresher one.
+    pub fn write_note_versioned(&self, name: &str, bytes: &[u8], version: u64) -> Result<bool> {
+        let mut written = self.inner.notes_written.lock();
+        if written.get(name).is_some_and(|&last| last > version) {
+            return Ok(false);
+        }
+        self.write_note(name, bytes)?;
+        written.insert(name.to_owned(), version);
+        Ok(true)
+    }
+
+    /// The size in bytes of the graph stored under `key`, if there is one (its file's, unread).
+    pub fn stored_len(&self, key: &GraphKey) -> Option<u64> {
+        fs::metadata(self.path_of(key)).ok().map(|metadata| metadata.len())
     }
 
     /// The note `name` as last written whole; `None` if there is none.
