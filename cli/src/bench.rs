@@ -225,7 +225,7 @@ async fn generate(
         params.max_tokens = max_tokens;
         params.temperature = 0.0;
     }
-    let output = executor.generate(Request::prompt(model, prompt).params(params))?.collect().await?;
+    let output = executor.generate(Request::prompt(model, prompt).params(params))?.output().await?;
     Ok(output.usage)
 }
 

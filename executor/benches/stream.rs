@@ -88,7 +88,7 @@ fn pipeline(bencher: Bencher<'_, '_>, pipelining: bool) {
     bencher.counter(ItemsCount::new(PIPELINE_TOKENS)).bench_local(|| {
         runtime.block_on(async {
             let request = Request::prompt("bench", "Hi").max_tokens(PIPELINE_TOKENS);
-            let output = setup.executor.generate(request).unwrap().collect().await.unwrap();
+            let output = setup.executor.generate(request).unwrap().output().await.unwrap();
             assert_eq!(output.usage.generated_tokens, PIPELINE_TOKENS);
         });
     });

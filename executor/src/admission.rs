@@ -9,7 +9,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 
-use crate::error::ExecError;
+use crate::error::ExecutorError;
 use crate::metrics::ExecutorMetrics;
 use crate::request::Priority;
 
@@ -54,14 +54,14 @@ impl Admission {
     }
 
     /// Tickets for `priorities`, all or none: a batch the queue cannot take whole is refused whole.
-    pub(crate) fn admit(self: &Arc<Self>, priorities: &[Priority]) -> Result<Vec<Ticket>, ExecError> {
+    pub(crate) fn admit(self: &Arc<Self>, priorities: &[Priority]) -> Result<Vec<Ticket>, ExecutorError> {
         let mut st = self.state.lock();
         let free = self.limit.saturating_sub(st.running);
         let waiting = priorities.len().saturating_sub(free);
         // A newcomer never takes a free slot while others wait for one (there are none then: a freed slot
         // goes straight to the queue's head), so free slots and an empty queue go together.
         if waiting > self.capacity - st.queue.len() {
-            return Err(ExecError::QueueFull {
+            return Err(ExecutorError::QueueFull {
                 running: st.running,
                 queued: st.queue.len(),
                 capacity: self.capacity,

@@ -81,8 +81,7 @@ impl Timeouts {
     /// The executor's standard limits (its default): a minute in the queue, five minutes to the first
     /// token (room for a compile), thirty seconds between tokens, ten minutes for the whole (the first
     /// token's five and 4,096 tokens at 28 a second, the slowest model of the catalog, fit with room),
-    /// ten seconds blocked on a reader. (`default()` sets no limit at all: what a request uses to keep
-    /// the executor's.)
+    /// ten seconds blocked on a reader. (`default()` sets no limit at all.)
     pub fn standard() -> Self {
         Self {
             queue: Some(Duration::from_secs(60)),
@@ -94,7 +93,7 @@ impl Timeouts {
     }
 
     /// These limits, each replaced by `overrides`' where that one is set.
-    pub fn overridden_by(self, overrides: &Self) -> Self {
+    pub fn overridden_by(self, overrides: &TimeoutOverrides) -> Self {
         Self {
             queue: overrides.queue.or(self.queue),
             first_token: overrides.first_token.or(self.first_token),
@@ -103,6 +102,22 @@ impl Timeouts {
             reader: overrides.reader.or(self.reader),
         }
     }
+}
+
+/// A request's own time limits: each one set replaces the executor's ([`Timeouts`]); `None` keeps the
+/// executor's (which may be no limit). See [`Phase`](crate::Phase).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TimeoutOverrides {
+    /// Waiting in the admission queue.
+    pub queue: Option<Duration>,
+    /// From leaving the queue to the first token.
+    pub first_token: Option<Duration>,
+    /// Between two tokens, not counting time blocked on a slow reader.
+    pub between_tokens: Option<Duration>,
+    /// The whole request.
+    pub total: Option<Duration>,
+    /// Blocked on a reader that takes no event while its channel is full.
+    pub reader: Option<Duration>,
 }
 
 /// The executor's settings.

@@ -51,7 +51,7 @@ impl std::fmt::Display for Phase {
 /// Everything that can go wrong with a generation.
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
-pub enum ExecError {
+pub enum ExecutorError {
     /// Every generation slot is taken and the admission queue is full: try again later.
     #[error(
         "admission queue full: {queued} of {capacity} places taken, {running} generations running; refused {refused} request(s)"
@@ -127,7 +127,7 @@ pub enum ExecError {
     NoRuntime,
 }
 
-impl ExecError {
+impl ExecutorError {
     /// A short, fixed name for the error's class: a metric label, an HTTP error code.
     pub fn code(&self) -> &'static str {
         match self {

@@ -11,7 +11,7 @@ use usine_memory::MemoryManager;
 
 use crate::admission::{Admission, Ticket};
 use crate::config::{ConfigError, ExecutorConfig};
-use crate::error::ExecError;
+use crate::error::ExecutorError;
 use crate::metrics::{ExecutorMetrics, Outcome};
 use crate::request::Request;
 use crate::run::{Shared, run};
@@ -60,9 +60,9 @@ pub struct ExecutorStats {
 impl TaskExecutor {
     /// An executor over `kernel`, taking memory from `memory`'s pools named in `config` (they must
     /// exist), on the current tokio runtime.
-    pub fn new(config: ExecutorConfig, kernel: &RuntimeManager, memory: &MemoryManager) -> Result<Self, ExecError> {
+    pub fn new(config: ExecutorConfig, kernel: &RuntimeManager, memory: &MemoryManager) -> Result<Self, ExecutorError> {
         config.validate()?;
-        let runtime = tokio::runtime::Handle::try_current().map_err(|_| ExecError::NoRuntime)?;
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| ExecutorError::NoRuntime)?;
         let pool = |name: &'static str, pool: &str| {
             memory.pool(pool).map_err(|error| ConfigError {
                 name,
@@ -87,26 +87,26 @@ impl TaskExecutor {
     /// Starts a generation and returns its stream of events.
     ///
     /// Admission is decided now: with every slot taken and the queue full, this fails at once with
-    /// [`ExecError::QueueFull`] (a server answers 429). Everything after (the queue wait, the load, the
+    /// [`ExecutorError::QueueFull`] (a server answers 429). Everything after (the queue wait, the load, the
     /// tokens) comes through the stream; dropping it cancels the generation.
-    pub fn generate(&self, request: Request) -> Result<GenerationStream, ExecError> {
+    pub fn generate(&self, request: Request) -> Result<GenerationStream, ExecutorError> {
         let mut streams = self.generate_batch(vec![request])?;
         Ok(streams.pop().expect("one stream per request"))
     }
 
     /// Starts several generations in one admission pass: all are admitted (running or queued) or, if
     /// the queue cannot take all that must wait, none is. Free slots go to the most urgent first. A
-    /// request whose parameters are out of range refuses the batch ([`ExecError::InvalidRequest`]).
-    pub fn generate_batch(&self, requests: Vec<Request>) -> Result<Vec<GenerationStream>, ExecError> {
+    /// request whose parameters are out of range refuses the batch ([`ExecutorError::InvalidRequest`]).
+    pub fn generate_batch(&self, requests: Vec<Request>) -> Result<Vec<GenerationStream>, ExecutorError> {
         if self.closed.load(Ordering::Acquire) {
             requests.iter().for_each(|_| self.shared.metrics.outcome(Outcome::Rejected));
-            return Err(ExecError::ShuttingDown);
+            return Err(ExecutorError::ShuttingDown);
         }
         // Parameters out of range are refused before they take a place, a slot or a model load.
         for request in &requests {
             if let Err(source) = request.params.validate() {
                 requests.iter().for_each(|_| self.shared.metrics.outcome(Outcome::Invalid));
-                return Err(ExecError::InvalidRequest { model: request.model.clone(), source });
+                return Err(ExecutorError::InvalidRequest { model: request.model.clone(), source });
             }
         }
         let submitted = Instant::now();
@@ -144,7 +144,7 @@ impl TaskExecutor {
         Ok(streams)
     }
 
-    /// Refuses new requests from now on ([`ExecError::ShuttingDown`]); those admitted go on.
+    /// Refuses new requests from now on ([`ExecutorError::ShuttingDown`]); those admitted go on.
     pub fn close(&self) {
         self.closed.store(true, Ordering::Release);
     }

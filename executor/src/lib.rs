@@ -52,9 +52,10 @@ mod run;
 mod stream;
 
 pub use config::{
-    ConfigError, ExecutorConfig, KvReservation, MAX_BACKOFF, MAX_CHANNEL_CAPACITY, MAX_SLOTS, RetryPolicy, Timeouts,
+    ConfigError, ExecutorConfig, KvReservation, MAX_BACKOFF, MAX_CHANNEL_CAPACITY, MAX_SLOTS, RetryPolicy,
+    TimeoutOverrides, Timeouts,
 };
-pub use error::{ExecError, Phase};
+pub use error::{ExecutorError, Phase};
 pub use event::{Event, Usage};
 pub use executor::{ExecutorStats, TaskExecutor};
 pub use request::{Input, Priority, Request};

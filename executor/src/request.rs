@@ -3,7 +3,7 @@
 
 use usine_engine::{GenerationParams, Message, render_plain};
 
-use crate::config::Timeouts;
+use crate::config::TimeoutOverrides;
 
 /// How urgent a request is: a free slot goes to the most urgent request queued, the oldest first
 /// among equals.
@@ -44,12 +44,12 @@ impl Input {
 ///
 /// ```
 /// use std::time::Duration;
-/// use usine_executor::{Priority, Request, Timeouts};
+/// use usine_executor::{Priority, Request, TimeoutOverrides};
 ///
 /// let request = Request::prompt("tiny", "Once upon a time")
 ///     .max_tokens(32)
 ///     .priority(Priority::High)
-///     .timeouts(Timeouts { total: Some(Duration::from_secs(10)), ..Timeouts::default() });
+///     .timeouts(TimeoutOverrides { total: Some(Duration::from_secs(10)), ..TimeoutOverrides::default() });
 /// assert_eq!(request.params.max_tokens, 32);
 /// ```
 #[derive(Debug, Clone, PartialEq)]
@@ -63,7 +63,7 @@ pub struct Request {
     /// How urgent it is.
     pub priority: Priority,
     /// Limits of this request; each one set replaces the executor's.
-    pub timeouts: Timeouts,
+    pub timeouts: TimeoutOverrides,
     /// `params.max_tokens` is a default, not the caller's choice: when the prompt and it overflow the
     /// model's context, generate what fits (up to the context's end) instead of refusing the request.
     pub fit_to_context: bool,
@@ -86,7 +86,7 @@ impl Request {
             input,
             params: GenerationParams::default(),
             priority: Priority::default(),
-            timeouts: Timeouts::default(),
+            timeouts: TimeoutOverrides::default(),
             fit_to_context: false,
         }
     }
@@ -122,7 +122,7 @@ impl Request {
 
     /// Sets this request's own time limits (those left `None` keep the executor's).
     #[must_use]
-    pub fn timeouts(mut self, timeouts: Timeouts) -> Self {
+    pub fn timeouts(mut self, timeouts: TimeoutOverrides) -> Self {
         self.timeouts = timeouts;
         self
     }

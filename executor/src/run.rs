@@ -16,7 +16,7 @@ use usine_memory::{Lease, MemoryError, Pool, ScopeId};
 
 use crate::admission::{Slot, Ticket};
 use crate::config::{ExecutorConfig, KvReservation, Timeouts};
-use crate::error::{ExecError, Phase};
+use crate::error::{ExecutorError, Phase};
 use crate::event::{Event, Usage};
 use crate::metrics::{ExecutorMetrics, Outcome};
 use crate::request::{Input, Request};
@@ -38,17 +38,17 @@ pub(crate) struct Shared {
     pub(crate) metrics: Arc<ExecutorMetrics>,
 }
 
-pub(crate) type Sender = mpsc::Sender<Result<Event, ExecError>>;
+pub(crate) type Sender = mpsc::Sender<Result<Event, ExecutorError>>;
 
 /// Why a generation stopped short of its end.
 enum Halt {
-    Failed(ExecError),
+    Failed(ExecutorError),
     /// The reader dropped the stream: nobody to tell.
     ReaderGone,
 }
 
-impl From<ExecError> for Halt {
-    fn from(error: ExecError) -> Self {
+impl From<ExecutorError> for Halt {
+    fn from(error: ExecutorError) -> Self {
         Self::Failed(error)
     }
 }
@@ -88,7 +88,7 @@ pub(crate) fn run(
         // The last event has its place from the start: a reader cut for stalling still hears why.
         let Ok(last_place) = events.try_reserve() else { return }; // the reader is gone already
         let limits = Limits { submitted, timeouts: shared.config.timeouts.overridden_by(&request.timeouts) };
-        let generation = Generation {
+        let generation = Run {
             shared: &shared,
             model_id: &request.model,
             limits,
@@ -105,11 +105,11 @@ pub(crate) fn run(
             Err(Halt::ReaderGone) => return,
             Err(Halt::Failed(error)) => {
                 tally.outcome = match &error {
-                    ExecError::Timeout { phase, .. } => {
+                    ExecutorError::Timeout { phase, .. } => {
                         shared.metrics.timeout(*phase);
                         Outcome::Timeout
                     }
-                    ExecError::InvalidRequest { .. } => Outcome::Invalid,
+                    ExecutorError::InvalidRequest { .. } => Outcome::Invalid,
                     _ => Outcome::Failed,
                 };
                 Err(error)
@@ -158,11 +158,11 @@ impl Limits {
 }
 
 /// Runs `future` to its end or to `deadline`.
-async fn bounded<F: Future>(deadline: Option<Deadline>, future: F) -> Result<F::Output, ExecError> {
+async fn bounded<F: Future>(deadline: Option<Deadline>, future: F) -> Result<F::Output, ExecutorError> {
     match deadline {
         None => Ok(future.await),
         Some(Deadline { at, phase, limit }) => {
-            tokio::time::timeout_at(at, future).await.map_err(|_| ExecError::Timeout { phase, limit })
+            tokio::time::timeout_at(at, future).await.map_err(|_| ExecutorError::Timeout { phase, limit })
         }
     }
 }
@@ -188,7 +188,7 @@ struct Pipe {
     failed_ahead: Option<Failure>,
 }
 
-struct Generation<'a> {
+struct Run<'a> {
     shared: &'a Shared,
     model_id: &'a str,
     limits: Limits,
@@ -204,7 +204,7 @@ struct KvCache {
     tokens: u64,
 }
 
-impl Generation<'_> {
+impl Run<'_> {
     async fn drive(mut self, request: &Request, ticket: Ticket, tally: &mut Tally) -> Result<Usage, Halt> {
         let slot: Slot = match ticket {
             Ticket::Now(slot) => slot,
@@ -216,7 +216,7 @@ impl Generation<'_> {
         let first_token = self.limits.deadline(Phase::FirstToken, started);
 
         let handle =
-            bounded(first_token, self.shared.kernel.load_model(&request.model)).await?.map_err(ExecError::from)?;
+            bounded(first_token, self.shared.kernel.load_model(&request.model)).await?.map_err(ExecutorError::from)?;
         let load = started.elapsed();
         let model = Arc::clone(handle.model());
         let plan = handle.memory_plan();
@@ -424,17 +424,22 @@ impl Generation<'_> {
 
     /// After a failure: a transient one is retried after a backoff (the sequence is prefilled again with
     /// the prompt and the tokens already sent, and goes on); anything else ends the generation.
-    async fn recover(&mut self, failure: Failure, pipe: &mut Pipe, phase: (Phase, Instant)) -> Result<(), ExecError> {
+    async fn recover(
+        &mut self,
+        failure: Failure,
+        pipe: &mut Pipe,
+        phase: (Phase, Instant),
+    ) -> Result<(), ExecutorError> {
         *pipe = Pipe::default();
         let error = match failure {
-            Failure::Memory(source) => return Err(ExecError::Memory { model: self.model_id.to_owned(), source }),
+            Failure::Memory(source) => return Err(ExecutorError::Memory { model: self.model_id.to_owned(), source }),
             Failure::Engine(error) => error,
         };
         match error.kind() {
             ErrorKind::Transient => {}
             ErrorKind::InvalidInput => return Err(self.invalid(error)),
             _ => {
-                return Err(ExecError::Engine {
+                return Err(ExecutorError::Engine {
                     model: self.model_id.to_owned(),
                     source: error,
                     retries: self.retries,
@@ -443,7 +448,7 @@ impl Generation<'_> {
         }
         let policy = &self.shared.config.retry;
         if self.retries >= policy.max_retries {
-            return Err(ExecError::RetriesExhausted {
+            return Err(ExecutorError::RetriesExhausted {
                 model: self.model_id.to_owned(),
                 retries: self.retries,
                 last: error,
@@ -465,7 +470,7 @@ impl Generation<'_> {
         prompt: usize,
         max_tokens: u32,
         scope: ScopeId,
-    ) -> Result<KvCache, ExecError> {
+    ) -> Result<KvCache, ExecutorError> {
         let mut kv = KvCache { leases: Vec::new(), per_token: plan.kv_bytes_per_token, tokens: 0 };
         if kv.per_token == 0 {
             kv.tokens = u64::MAX;
@@ -504,7 +509,7 @@ impl Generation<'_> {
 
     /// The prompt's tokens: on a blocking thread past a few kilobytes or for a conversation (a chat
     /// template runs), so that no runtime thread tokenizes a long prompt.
-    async fn tokenize(&self, model: &Arc<dyn LoadedModel>, input: &Input) -> Result<Vec<TokenId>, ExecError> {
+    async fn tokenize(&self, model: &Arc<dyn LoadedModel>, input: &Input) -> Result<Vec<TokenId>, ExecutorError> {
         let work = {
             let (model, input) = (Arc::clone(model), input.clone());
             move || match &input {
@@ -514,7 +519,7 @@ impl Generation<'_> {
         };
         let tokens = match input {
             Input::Prompt(text) if text.len() <= INLINE_TOKENIZE_MAX => work(),
-            _ => tokio::task::spawn_blocking(work).await.map_err(|error| ExecError::Engine {
+            _ => tokio::task::spawn_blocking(work).await.map_err(|error| ExecutorError::Engine {
                 model: self.model_id.to_owned(),
                 source: EngineError::Fatal { message: format!("tokenizing: {error}") },
                 retries: self.retries,
@@ -522,22 +527,22 @@ impl Generation<'_> {
         };
         tokens.map_err(|source| match source.kind() {
             ErrorKind::InvalidInput => self.invalid(source),
-            _ => ExecError::Engine { model: self.model_id.to_owned(), source, retries: self.retries },
+            _ => ExecutorError::Engine { model: self.model_id.to_owned(), source, retries: self.retries },
         })
     }
 
-    fn invalid(&self, source: EngineError) -> ExecError {
-        ExecError::InvalidRequest { model: self.model_id.to_owned(), source }
+    fn invalid(&self, source: EngineError) -> ExecutorError {
+        ExecutorError::InvalidRequest { model: self.model_id.to_owned(), source }
     }
 
-    fn memory(&self, source: MemoryError) -> ExecError {
-        ExecError::Memory { model: self.model_id.to_owned(), source }
+    fn memory(&self, source: MemoryError) -> ExecutorError {
+        ExecutorError::Memory { model: self.model_id.to_owned(), source }
     }
 
     /// Waits until a slow reader takes `event`, at most for the reader's limit (or to the request's whole
     /// limit), keeping the kv-cache marked in use meanwhile (a generation waiting for its reader is not
     /// idle memory). Past the limit the generation ends, and its memory, model and slot go back.
-    async fn wait_for_reader(&self, event: Result<Event, ExecError>, kv: &KvCache) -> Result<(), Halt> {
+    async fn wait_for_reader(&self, event: Result<Event, ExecutorError>, kv: &KvCache) -> Result<(), Halt> {
         let send = self.events.send(event);
         let keep_alive = async {
             let mut ticks = tokio::time::interval(KEEP_ALIVE_TICK);
@@ -584,7 +589,7 @@ impl KvCache {
 
     /// Makes the cache hold `tokens` tokens, growing it by one token's worth at a time (waiting under
     /// pressure).
-    async fn cover(&mut self, tokens: usize, generation: &Generation<'_>, scope: ScopeId) -> Result<(), Failure> {
+    async fn cover(&mut self, tokens: usize, generation: &Run<'_>, scope: ScopeId) -> Result<(), Failure> {
         while self.tokens < tokens as u64 {
             let grown = match self.leases.last_mut() {
                 Some(lease) => lease.try_grow(self.per_token),

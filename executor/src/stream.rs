@@ -7,7 +7,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use usine_engine::TokenId;
 
-use crate::error::ExecError;
+use crate::error::ExecutorError;
 use crate::event::{Event, Usage};
 
 /// The events of one generation, as they come ([`Event`] gives their order). A `Stream`, and also
@@ -16,13 +16,13 @@ use crate::event::{Event, Usage};
 /// Dropping it stops the generation within one step and returns every lease it held.
 #[derive(Debug)]
 pub struct GenerationStream {
-    events: mpsc::Receiver<Result<Event, ExecError>>,
+    events: mpsc::Receiver<Result<Event, ExecutorError>>,
     task: JoinHandle<()>,
     /// The last event (`Finished` or an error) was read, or the end was reported.
     ended: bool,
 }
 
-/// A whole generation, read to its end by [`GenerationStream::collect`].
+/// A whole generation, read to its end by [`GenerationStream::output`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct Output {
     /// The text, without the prompt and without a stop sequence.
@@ -34,19 +34,19 @@ pub struct Output {
 }
 
 impl GenerationStream {
-    pub(crate) fn new(events: mpsc::Receiver<Result<Event, ExecError>>, task: JoinHandle<()>) -> Self {
+    pub(crate) fn new(events: mpsc::Receiver<Result<Event, ExecutorError>>, task: JoinHandle<()>) -> Self {
         Self { events, task, ended: false }
     }
 
     /// The next event; `None` after the last. A generation whose task ended without its last event (the
-    /// engine panicked) yields [`ExecError::Aborted`] once.
-    pub async fn next(&mut self) -> Option<Result<Event, ExecError>> {
+    /// engine panicked) yields [`ExecutorError::Aborted`] once.
+    pub async fn next(&mut self) -> Option<Result<Event, ExecutorError>> {
         let event = self.events.recv().await;
         self.settle(event)
     }
 
     /// Notes the end of the stream, and reports a task that ended without saying so.
-    fn settle(&mut self, event: Option<Result<Event, ExecError>>) -> Option<Result<Event, ExecError>> {
+    fn settle(&mut self, event: Option<Result<Event, ExecutorError>>) -> Option<Result<Event, ExecutorError>> {
         match event {
             Some(event) => {
                 self.ended |= matches!(event, Ok(Event::Finished(_)) | Err(_));
@@ -55,13 +55,13 @@ impl GenerationStream {
             None if self.ended => None,
             None => {
                 self.ended = true;
-                Some(Err(ExecError::Aborted))
+                Some(Err(ExecutorError::Aborted))
             }
         }
     }
 
     /// Reads the whole generation.
-    pub async fn collect(mut self) -> Result<Output, ExecError> {
+    pub async fn output(mut self) -> Result<Output, ExecutorError> {
         let mut text = String::new();
         let mut tokens = Vec::new();
         while let Some(event) = self.next().await {
@@ -75,12 +75,12 @@ impl GenerationStream {
                 Event::Finished(usage) => return Ok(Output { text, tokens, usage }),
             }
         }
-        Err(ExecError::Aborted) // unreachable: `next` reports an end without `Finished` as an error
+        Err(ExecutorError::Aborted) // unreachable: `next` reports an end without `Finished` as an error
     }
 }
 
 impl futures_core::Stream for GenerationStream {
-    type Item = Result<Event, ExecError>;
+    type Item = Result<Event, ExecutorError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let event = std::task::ready!(self.events.poll_recv(cx));

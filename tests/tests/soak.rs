@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use usine_engine::ModelSpec;
 use usine_engine_sim::{Faults, Flavor, Q4, SimConfig, SimEngine};
-use usine_executor::{ExecError, ExecutorConfig, Request, RetryPolicy, TaskExecutor, Timeouts};
+use usine_executor::{ExecutorConfig, ExecutorError, Request, RetryPolicy, TaskExecutor, TimeoutOverrides, Timeouts};
 use usine_kernel::{KernelConfig, RuntimeManager};
 use usine_memory::{ACTIVATIONS, KV_CACHE, MemoryManager, StandardPools};
 use usine_storage::{Migrations, StorageConfig, StorageManager};
@@ -73,13 +73,15 @@ async fn thousands_of_faulty_cancelled_and_timed_out_generations_leave_nothing_b
             let mut request = Request::prompt(model, "The kernel keeps").max_tokens(rng.u32(1..24));
             request.params.seed = rng.u64(..); // each its own text, so that faults land before the end
             if rng.u8(0..10) == 0 {
-                request = request
-                    .timeouts(Timeouts { total: Some(Duration::from_millis(rng.u64(5..60))), ..Timeouts::default() });
+                request = request.timeouts(TimeoutOverrides {
+                    total: Some(Duration::from_millis(rng.u64(5..60))),
+                    ..TimeoutOverrides::default()
+                });
             }
             let read = rng.usize(0..30); // events read before the stream is dropped (past the end: all)
             let stream = match executor.generate(request) {
                 Ok(stream) => stream,
-                Err(ExecError::QueueFull { .. }) => {
+                Err(ExecutorError::QueueFull { .. }) => {
                     refused += 1;
                     tokio::time::sleep(Duration::from_millis(20)).await; // let the queue drain
                     continue;

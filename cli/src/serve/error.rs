@@ -3,7 +3,7 @@
 use axum::extract::rejection::JsonRejection;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use usine_executor::ExecError;
+use usine_executor::ExecutorError;
 
 /// An error response.
 #[derive(Debug)]
@@ -59,11 +59,11 @@ impl IntoResponse for ApiError {
     }
 }
 
-impl From<ExecError> for ApiError {
-    fn from(error: ExecError) -> Self {
+impl From<ExecutorError> for ApiError {
+    fn from(error: ExecutorError) -> Self {
         let message = error.to_string();
         // A model that can never load is not a passing outage: no retry will mend it.
-        if let ExecError::Kernel(
+        if let ExecutorError::Kernel(
             usine_kernel::KernelError::TooLarge { .. } | usine_kernel::KernelError::UnknownEngine { .. },
         ) = &error
         {
@@ -94,7 +94,7 @@ impl From<ExecError> for ApiError {
 
 impl From<usine_kernel::KernelError> for ApiError {
     fn from(error: usine_kernel::KernelError) -> Self {
-        ExecError::from(error).into()
+        ExecutorError::from(error).into()
     }
 }
 

@@ -4,7 +4,7 @@
 use crate::engine::LoadedModel;
 use crate::error::EngineError;
 use crate::text::StopMatcher;
-use crate::types::{FinishReason, Generation, GenerationParams, MemoryPlan};
+use crate::types::{FinishReason, Generated, GenerationParams, MemoryPlan};
 
 /// Generates from `prompt` with `params`, one step at a time, without pipelining.
 ///
@@ -14,14 +14,14 @@ pub async fn generate(
     model: &dyn LoadedModel,
     prompt: &str,
     params: &GenerationParams,
-) -> Result<Generation, EngineError> {
+) -> Result<Generated, EngineError> {
     params.validate()?;
     let prompt_tokens = model.tokenize(prompt);
     let sequence = model.prefill(&prompt_tokens, &[], params).await?;
     let mut detokenizer = model.detokenizer();
     let mut stops = StopMatcher::new(&params.stop);
     let mut previous = prompt_tokens.last().copied();
-    let mut generation = Generation {
+    let mut generation = Generated {
         text: String::new(),
         tokens: Vec::new(),
         finish: FinishReason::Length,

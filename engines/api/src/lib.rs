@@ -29,7 +29,7 @@ pub use error::{EngineError, ErrorKind};
 pub use generate::{check_context, generate};
 pub use text::{ByteDetokenizer, Released, StopMatcher, Utf8Decoder};
 pub use types::{
-    CompiledGraph, Device, EngineDescriptor, FinishReason, Generation, GenerationParams, MAX_STOP_LEN,
+    CompiledGraph, Device, EngineDescriptor, FinishReason, Generated, GenerationParams, MAX_STOP_LEN,
     MAX_STOP_SEQUENCES, MAX_TEMPERATURE, MAX_TOKENS_LIMIT, MemoryPlan, ModelSpec, NoProgress, Progress, ProgressSink,
     RawSection, Token, TokenId,
 };

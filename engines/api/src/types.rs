@@ -292,7 +292,7 @@ impl std::fmt::Debug for CompiledGraph {
 
 /// What [`generate`](crate::generate) produced.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Generation {
+pub struct Generated {
     /// The text, without the prompt and without a stop sequence.
     pub text: String,
     /// The generated tokens.

@@ -98,7 +98,7 @@ async fn a_reader_that_stops_reading_ends_at_the_total_limit_and_frees_everythin
     while let Some(event) = stream.next().await {
         last = Some(event);
     }
-    assert!(matches!(last, Some(Err(usine_executor::ExecError::Timeout { .. }))), "{last:?}");
+    assert!(matches!(last, Some(Err(usine_executor::ExecutorError::Timeout { .. }))), "{last:?}");
 }
 
 #[tokio::test(start_paused = true)]
@@ -114,7 +114,7 @@ async fn a_generation_waiting_for_its_reader_keeps_its_memory_from_the_gc() {
     let mut stream = executor.generate(Request::prompt("lab", "Hi").max_tokens(20)).unwrap();
     stream.next().await.unwrap().unwrap();
     tokio::time::sleep(Duration::from_secs(10)).await; // five idle timeouts without reading
-    let output = stream.collect().await.unwrap();
+    let output = stream.output().await.unwrap();
     assert_eq!(output.usage.generated_tokens, 20);
     assert_eq!(f.memory.pool_stats("kv-gc").unwrap().reclaimed, 0);
 }
@@ -124,8 +124,8 @@ async fn an_engine_that_panics_ends_the_stream_with_an_error_counted_as_a_failur
     let f = fixture(config());
     f.script.lock().panic_at = Some(3);
     let _model = f.loaded().await;
-    let error = f.executor.generate(Request::prompt("lab", "Hi").max_tokens(10)).unwrap().collect().await.unwrap_err();
-    assert!(matches!(error, usine_executor::ExecError::Aborted), "{error}");
+    let error = f.executor.generate(Request::prompt("lab", "Hi").max_tokens(10)).unwrap().output().await.unwrap_err();
+    assert!(matches!(error, usine_executor::ExecutorError::Aborted), "{error}");
     tokio::task::yield_now().await;
     assert_eq!((f.used(ACTIVATIONS), f.used(KV_CACHE)), (0, 0));
     let stats = f.executor.stats();

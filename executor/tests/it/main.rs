@@ -24,7 +24,7 @@ use usine_engine::{
     CompiledGraph, Detokenizer, Engine, EngineDescriptor, EngineError, GenerationParams, LoadedModel, MemoryPlan,
     ModelSpec, Prepared, ProgressSink, Sequence, Token, TokenId, ZeroEngine,
 };
-use usine_executor::{Event, ExecError, ExecutorConfig, GenerationStream, RetryPolicy, TaskExecutor, Timeouts};
+use usine_executor::{Event, ExecutorConfig, ExecutorError, GenerationStream, RetryPolicy, TaskExecutor, Timeouts};
 use usine_kernel::{KernelConfig, ModelHandle, RuntimeManager};
 use usine_memory::{ACTIVATIONS, KV_CACHE, MemoryManager, PoolConfig};
 use usine_storage::{Migrations, StorageConfig, StorageManager};
@@ -217,7 +217,7 @@ impl Fixture {
 }
 
 /// Every event of a stream, to its end.
-async fn events(mut stream: GenerationStream) -> Vec<Result<Event, ExecError>> {
+async fn events(mut stream: GenerationStream) -> Vec<Result<Event, ExecutorError>> {
     let mut events = Vec::new();
     while let Some(event) = stream.next().await {
         events.push(event);
@@ -226,6 +226,6 @@ async fn events(mut stream: GenerationStream) -> Vec<Result<Event, ExecError>> {
 }
 
 /// The generated tokens among `events`.
-fn tokens(events: &[Result<Event, ExecError>]) -> Vec<TokenId> {
+fn tokens(events: &[Result<Event, ExecutorError>]) -> Vec<TokenId> {
     events.iter().filter_map(|event| if let Ok(Event::Token { id, .. }) = event { Some(*id) } else { None }).collect()
 }

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use tokio::time::Instant;
-use usine_executor::{Event, ExecError, ExecutorConfig, KvReservation, Request};
+use usine_executor::{Event, ExecutorConfig, ExecutorError, KvReservation, Request};
 use usine_memory::{ACTIVATIONS, KV_CACHE, MemoryError, ScopeId};
 
 use crate::{ACTIVATIONS_PER_STEP, COMPUTE, KV_PER_TOKEN, PREPARE, config, fixture, fixture_with_pools};
@@ -15,7 +15,7 @@ async fn the_kv_cache_of_prompt_and_max_tokens_is_reserved_up_front() {
     let mut stream = f.executor.generate(Request::prompt("lab", "Hello").max_tokens(20)).unwrap();
     assert!(matches!(stream.next().await, Some(Ok(Event::Started { .. }))));
     assert_eq!(f.used(KV_CACHE), (5 + 20) * KV_PER_TOKEN);
-    stream.collect().await.unwrap();
+    stream.output().await.unwrap();
     assert_eq!(f.used(KV_CACHE), 0);
     assert_eq!(f.memory.pool_stats(KV_CACHE).unwrap().peak, 25 * KV_PER_TOKEN);
 }
@@ -31,7 +31,7 @@ async fn per_token_the_kv_cache_grows_with_the_sequence() {
     }
     // Ten tokens read; the eleventh is being computed, with its room.
     assert_eq!(f.used(KV_CACHE), (5 + 11) * KV_PER_TOKEN);
-    let output = stream.collect().await.unwrap();
+    let output = stream.output().await.unwrap();
     assert_eq!(output.usage.generated_tokens, 20);
     assert_eq!(f.memory.pool_stats(KV_CACHE).unwrap().peak, 25 * KV_PER_TOKEN);
     assert_eq!(f.used(KV_CACHE), 0);
@@ -44,10 +44,10 @@ async fn a_kv_cache_that_does_not_come_free_fails_after_the_wait_naming_the_pool
     let _model = f.loaded().await;
     let first = f.executor.generate(Request::prompt("lab", "Hello").max_tokens(100)).unwrap();
     let start = Instant::now();
-    let error = f.executor.generate(Request::prompt("lab", "Hello").max_tokens(100)).unwrap().collect().await;
+    let error = f.executor.generate(Request::prompt("lab", "Hello").max_tokens(100)).unwrap().output().await;
     let error = error.unwrap_err();
     assert_eq!(start.elapsed(), Duration::from_millis(500), "the default wait under pressure");
-    let ExecError::Memory { source: MemoryError::TimedOut { pool, requested, .. }, .. } = &error else {
+    let ExecutorError::Memory { source: MemoryError::TimedOut { pool, requested, .. }, .. } = &error else {
         panic!("{error}")
     };
     assert_eq!((pool.as_str(), *requested), (KV_CACHE, 105 * KV_PER_TOKEN));
@@ -64,7 +64,7 @@ async fn a_sequence_waits_for_a_kv_cache_that_comes_free_in_time() {
     let _model = f.loaded().await;
     let first = f.executor.generate(Request::prompt("lab", "Hello").max_tokens(30)).unwrap(); // 35 tokens, 605 ms
     let second = f.executor.generate(Request::prompt("lab", "Hello").max_tokens(100)).unwrap(); // 105 tokens
-    let (first, second) = tokio::join!(first.collect(), second.collect());
+    let (first, second) = tokio::join!(first.output(), second.output());
     assert_eq!(first.unwrap().usage.generated_tokens, 30);
     let second = second.unwrap();
     assert_eq!(second.usage.generated_tokens, 100);
@@ -76,10 +76,10 @@ async fn a_kv_cache_larger_than_the_pool_fails_at_once() {
     let f = fixture_with_pools(config(), 64 * KV_PER_TOKEN, 1 << 20);
     let _model = f.loaded().await;
     let start = Instant::now();
-    let error = f.executor.generate(Request::prompt("lab", "Hello").max_tokens(100)).unwrap().collect().await;
+    let error = f.executor.generate(Request::prompt("lab", "Hello").max_tokens(100)).unwrap().output().await;
     let error = error.unwrap_err();
     assert_eq!(start.elapsed(), Duration::ZERO);
-    assert!(matches!(error, ExecError::Memory { source: MemoryError::TooLarge { .. }, .. }), "{error}");
+    assert!(matches!(error, ExecutorError::Memory { source: MemoryError::TooLarge { .. }, .. }), "{error}");
     assert!(error.to_string().contains("exceeds the whole capacity of pool `kv-cache` (65536 bytes)"), "{error}");
 }
 
@@ -88,7 +88,7 @@ async fn with_room_for_one_step_of_activations_the_pipeline_runs_one_step_at_a_t
     let f = fixture_with_pools(config(), 1 << 20, ACTIVATIONS_PER_STEP);
     let _model = f.loaded().await;
     let start = Instant::now();
-    let output = f.executor.generate(Request::prompt("lab", "Hi").max_tokens(10)).unwrap().collect().await.unwrap();
+    let output = f.executor.generate(Request::prompt("lab", "Hi").max_tokens(10)).unwrap().output().await.unwrap();
     // The step ahead waits for the computing step's activations: prepare and compute add up again.
     assert_eq!(start.elapsed(), (PREPARE + COMPUTE) * 10);
     assert_eq!(output.usage.pipeline_idle, PREPARE * 10);
@@ -102,7 +102,7 @@ async fn activations_that_do_not_come_free_fail_after_the_wait_naming_the_pool()
     let start = Instant::now();
     let all = crate::events(f.executor.generate(Request::prompt("lab", "Hi").max_tokens(10)).unwrap()).await;
     assert_eq!(start.elapsed(), Duration::from_millis(500));
-    let Some(Err(ExecError::Memory { source: MemoryError::TimedOut { pool, .. }, .. })) = all.last() else {
+    let Some(Err(ExecutorError::Memory { source: MemoryError::TimedOut { pool, .. }, .. })) = all.last() else {
         panic!("{all:?}")
     };
     assert_eq!(pool, ACTIVATIONS);
@@ -112,7 +112,7 @@ async fn activations_that_do_not_come_free_fail_after_the_wait_naming_the_pool()
 #[tokio::test(start_paused = true)]
 async fn without_pipelining_one_step_of_activations_is_enough() {
     let f = fixture_with_pools(ExecutorConfig { pipelining: false, ..config() }, 1 << 20, ACTIVATIONS_PER_STEP);
-    let output = f.executor.generate(Request::prompt("lab", "Hi").max_tokens(10)).unwrap().collect().await.unwrap();
+    let output = f.executor.generate(Request::prompt("lab", "Hi").max_tokens(10)).unwrap().output().await.unwrap();
     assert_eq!(output.usage.generated_tokens, 10);
 }
 

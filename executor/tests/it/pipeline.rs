@@ -14,7 +14,7 @@ async fn hundred_tokens(config: ExecutorConfig) -> (Duration, usine_executor::Us
     let f = fixture(config);
     let _model = f.loaded().await;
     let start = Instant::now();
-    let output = f.executor.generate(Request::prompt("lab", "Hi").max_tokens(100)).unwrap().collect().await.unwrap();
+    let output = f.executor.generate(Request::prompt("lab", "Hi").max_tokens(100)).unwrap().output().await.unwrap();
     let elapsed = start.elapsed();
     assert_eq!(output.usage.generated_tokens, 100);
     assert_eq!(output.tokens.len(), 100);
@@ -46,7 +46,7 @@ async fn a_prepare_slower_than_the_compute_leaves_the_compute_idle_for_the_diffe
     f.script.lock().prepare = Duration::from_millis(30);
     let _model = f.loaded().await;
     let start = Instant::now();
-    let output = f.executor.generate(Request::prompt("lab", "Hi").max_tokens(10)).unwrap().collect().await.unwrap();
+    let output = f.executor.generate(Request::prompt("lab", "Hi").max_tokens(10)).unwrap().output().await.unwrap();
     // 30 ms for step 0's prepare, then nine steps paced by the prepare stage, then the last compute.
     assert_eq!(start.elapsed(), Duration::from_millis(30 + 9 * 30 + 20));
     assert_eq!(output.usage.pipeline_idle, Duration::from_millis(30 + 9 * 10));
@@ -58,7 +58,7 @@ async fn the_text_is_what_the_reference_driver_generates() {
     let model = f.loaded().await;
     let params = usine_engine::GenerationParams { max_tokens: 40, seed: 7, ..Default::default() };
     let reference = usine_engine::generate(model.model().as_ref(), "Hello", &params).await.unwrap();
-    let output = f.executor.generate(Request::prompt("lab", "Hello").params(params)).unwrap().collect().await.unwrap();
+    let output = f.executor.generate(Request::prompt("lab", "Hello").params(params)).unwrap().output().await.unwrap();
     assert_eq!(output.text, reference.text);
     assert_eq!(output.tokens, reference.tokens);
     assert_eq!(output.usage.finish, FinishReason::Length);

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use usine_executor::{Event, ExecError, ExecutorConfig, Phase, Request, Timeouts};
+use usine_executor::{Event, ExecutorConfig, ExecutorError, Phase, Request, Timeouts};
 use usine_memory::{ACTIVATIONS, KV_CACHE};
 
 use crate::{KV_PER_TOKEN, config, fixture};
@@ -23,7 +23,7 @@ async fn a_stalled_reader_is_cut_at_its_limit_and_the_next_request_gets_the_slot
     let Some(Ok(Event::Started { queued, .. })) = next.next().await else { panic!("the next request starts") };
     assert_eq!(queued, Duration::from_millis(1045));
     assert_eq!(f.used(KV_CACHE), (2 + 3) * KV_PER_TOKEN, "the stalled one's kv-cache is back");
-    let output = next.collect().await.unwrap();
+    let output = next.output().await.unwrap();
     assert_eq!(output.usage.generated_tokens, 3);
     let stats = f.executor.stats();
     assert_eq!((stats.timed_out, stats.timeouts_by_phase[4], stats.completed), (1, 1, 1), "{stats:?}");
@@ -34,7 +34,7 @@ async fn a_stalled_reader_is_cut_at_its_limit_and_the_next_request_gets_the_slot
     assert!(matches!(stalled.next().await, Some(Ok(Event::Token { index: 0, .. }))));
     let error = stalled.next().await.unwrap().unwrap_err();
     assert!(
-        matches!(error, ExecError::Timeout { phase: Phase::Reader, limit } if limit == Duration::from_secs(1)),
+        matches!(error, ExecutorError::Timeout { phase: Phase::Reader, limit } if limit == Duration::from_secs(1)),
         "{error}"
     );
     assert_eq!(error.to_string(), "wait for the reader exceeded its limit of 1s");
@@ -68,7 +68,7 @@ async fn a_long_request_reserves_its_share_up_front_then_grows_per_token() {
     let mut stream = f.executor.generate(Request::prompt("lab", "Hello").max_tokens(300)).unwrap();
     assert!(matches!(stream.next().await, Some(Ok(Event::Started { .. }))));
     assert_eq!(f.used(KV_CACHE), 100 * KV_PER_TOKEN);
-    let output = stream.collect().await.unwrap();
+    let output = stream.output().await.unwrap();
     assert_eq!(output.usage.generated_tokens, 300);
     assert_eq!(f.memory.pool_stats(KV_CACHE).unwrap().peak, (5 + 300) * KV_PER_TOKEN);
     assert_eq!(f.used(KV_CACHE), 0);

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use tokio::time::Instant;
-use usine_executor::{Event, ExecError, ExecutorConfig, Request, RetryPolicy};
+use usine_executor::{Event, ExecutorConfig, ExecutorError, Request, RetryPolicy};
 use usine_memory::{ACTIVATIONS, KV_CACHE};
 
 use crate::{COMPUTE, PREPARE, config, events, fixture, tokens};
@@ -45,7 +45,7 @@ async fn the_backoff_doubles_between_retries() {
     f.script.lock().transient.insert(0, 3);
     let _model = f.loaded().await;
     let start = Instant::now();
-    let output = f.executor.generate(Request::prompt("lab", "Hi").max_tokens(1)).unwrap().collect().await.unwrap();
+    let output = f.executor.generate(Request::prompt("lab", "Hi").max_tokens(1)).unwrap().output().await.unwrap();
     assert_eq!(output.usage.retries, 3);
     let tries = 4 * (PREPARE + COMPUTE);
     assert_eq!(start.elapsed(), tries + BACKOFF * (1 + 2 + 4));
@@ -58,7 +58,7 @@ async fn the_backoff_is_jittered_within_its_fraction() {
     f.script.lock().transient.insert(0, 1);
     let _model = f.loaded().await;
     let start = Instant::now();
-    f.executor.generate(Request::prompt("lab", "Hi").max_tokens(1)).unwrap().collect().await.unwrap();
+    f.executor.generate(Request::prompt("lab", "Hi").max_tokens(1)).unwrap().output().await.unwrap();
     let backoff = start.elapsed() - 2 * (PREPARE + COMPUTE);
     assert!(backoff >= BACKOFF / 2 && backoff <= BACKOFF * 3 / 2, "{backoff:?}");
     assert_ne!(backoff, BACKOFF, "the seeded jitter moved it");
@@ -70,7 +70,7 @@ async fn retries_stop_at_the_limit_with_the_last_error() {
     f.script.lock().transient.insert(5, 10);
     let all = events(f.executor.generate(Request::prompt("lab", "Hi").max_tokens(20)).unwrap()).await;
     assert_eq!(tokens(&all).len(), 5, "the tokens before the failure were sent");
-    let Some(Err(ExecError::RetriesExhausted { retries, last, .. })) = all.last() else { panic!("{all:?}") };
+    let Some(Err(ExecutorError::RetriesExhausted { retries, last, .. })) = all.last() else { panic!("{all:?}") };
     assert_eq!(*retries, 3);
     assert!(last.is_transient());
     let stats = f.executor.stats();
@@ -84,7 +84,7 @@ async fn a_fatal_failure_is_not_retried() {
     f.script.lock().fatal = Some(2);
     let all = events(f.executor.generate(Request::prompt("lab", "Hi").max_tokens(20)).unwrap()).await;
     assert_eq!(tokens(&all).len(), 2);
-    let Some(Err(error @ ExecError::Engine { retries: 0, .. })) = all.last() else { panic!("{all:?}") };
+    let Some(Err(error @ ExecutorError::Engine { retries: 0, .. })) = all.last() else { panic!("{all:?}") };
     assert_eq!(error.code(), "engine_failure");
     assert_eq!(f.script.lock().prefills.len(), 1);
     assert_eq!(f.executor.stats().retries, 0);
@@ -96,5 +96,5 @@ async fn with_retries_off_a_transient_failure_ends_the_stream() {
     let f = fixture(off);
     f.script.lock().transient.insert(0, 1);
     let all = events(f.executor.generate(Request::prompt("lab", "Hi").max_tokens(3)).unwrap()).await;
-    assert!(matches!(all.last(), Some(Err(ExecError::RetriesExhausted { retries: 0, .. }))), "{all:?}");
+    assert!(matches!(all.last(), Some(Err(ExecutorError::RetriesExhausted { retries: 0, .. }))), "{all:?}");
 }

@@ -12,7 +12,7 @@ async fn requests_tokens_retries_and_latencies_are_emitted() {
     let f = metrics::with_local_recorder(&recorder, || fixture(ExecutorConfig { max_concurrent: 1, ..config() }));
     f.script.lock().transient.insert(2, 1);
     let _model = f.loaded().await;
-    f.executor.generate(Request::prompt("lab", "Hi").max_tokens(5)).unwrap().collect().await.unwrap();
+    f.executor.generate(Request::prompt("lab", "Hi").max_tokens(5)).unwrap().output().await.unwrap();
     drop(f.executor.generate(Request::prompt("lab", "Hi").max_tokens(5)).unwrap());
     tokio::task::yield_now().await;
 

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use tokio::time::Instant;
-use usine_executor::{ExecError, ExecutorConfig, Phase, Request, Timeouts};
+use usine_executor::{ExecutorConfig, ExecutorError, Phase, Request, TimeoutOverrides, Timeouts};
 use usine_memory::{ACTIVATIONS, KV_CACHE};
 
 use crate::{COMPUTE, PREPARE, config, events, fixture, tokens};
@@ -13,15 +13,15 @@ fn limits(timeouts: Timeouts) -> ExecutorConfig {
 }
 
 /// Runs a 100-token request and returns its events and when it ended.
-async fn run(f: &crate::Fixture, request: Request) -> (Vec<Result<usine_executor::Event, ExecError>>, Duration) {
+async fn run(f: &crate::Fixture, request: Request) -> (Vec<Result<usine_executor::Event, ExecutorError>>, Duration) {
     let start = Instant::now();
     let all = events(f.executor.generate(request).unwrap()).await;
     (all, start.elapsed())
 }
 
-fn timeout(all: &[Result<usine_executor::Event, ExecError>]) -> (Phase, Duration) {
+fn timeout(all: &[Result<usine_executor::Event, ExecutorError>]) -> (Phase, Duration) {
     match all.last() {
-        Some(Err(ExecError::Timeout { phase, limit })) => (*phase, *limit),
+        Some(Err(ExecutorError::Timeout { phase, limit })) => (*phase, *limit),
         other => panic!("not a timeout: {other:?}"),
     }
 }
@@ -75,7 +75,7 @@ async fn the_whole_request_has_its_own_limit() {
 async fn a_request_sets_its_own_limits() {
     let f = fixture(limits(Timeouts { total: Some(Duration::from_secs(60)), ..Timeouts::default() }));
     let _model = f.loaded().await;
-    let tight = Timeouts { total: Some(Duration::from_millis(100)), ..Timeouts::default() };
+    let tight = TimeoutOverrides { total: Some(Duration::from_millis(100)), ..TimeoutOverrides::default() };
     let (all, elapsed) = run(&f, Request::prompt("lab", "Hi").max_tokens(100).timeouts(tight)).await;
     assert_eq!(timeout(&all), (Phase::Total, Duration::from_millis(100)));
     assert_eq!(elapsed, Duration::from_millis(100));
@@ -98,7 +98,11 @@ async fn time_blocked_on_a_slow_reader_is_not_a_stall() {
 #[tokio::test(start_paused = true)]
 async fn a_limit_too_far_to_reach_is_no_limit() {
     let f = fixture(config());
-    let forever = Timeouts { total: Some(Duration::MAX), between_tokens: Some(Duration::MAX), ..Timeouts::default() };
+    let forever = TimeoutOverrides {
+        total: Some(Duration::MAX),
+        between_tokens: Some(Duration::MAX),
+        ..TimeoutOverrides::default()
+    };
     let output = f.executor.generate(Request::prompt("lab", "Hi").max_tokens(3).timeouts(forever)).unwrap();
-    assert_eq!(output.collect().await.unwrap().usage.generated_tokens, 3);
+    assert_eq!(output.output().await.unwrap().usage.generated_tokens, 3);
 }

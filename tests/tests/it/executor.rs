@@ -32,7 +32,7 @@ async fn a_7b_answer_streams_at_the_profiles_pace_and_returns_its_memory() {
         };
         assert_eq!(from, source, "the second request finds the model in memory, loaded by the first");
         assert_eq!(memory.pool_stats(KV_CACHE).unwrap().used, (u64::from(prompt_tokens) + 64) * kv_per_token);
-        let output = stream.collect().await.unwrap();
+        let output = stream.output().await.unwrap();
         let usage = output.usage;
         // The prefill of the prompt is one wait, rounded up to whole milliseconds by the timer.
         let micros = (timeline.prefill_per_token * prompt_tokens).as_micros();

@@ -85,7 +85,7 @@ async fn a_generation_logs_its_admission_load_retry_and_the_eviction_it_causes()
     }
     let executor = usine_executor::TaskExecutor::new(ExecutorConfig::default(), &kernel, &memory).unwrap();
     for id in ["a", "b"] {
-        executor.generate(Request::prompt(id, "Hi").max_tokens(5)).unwrap().collect().await.unwrap();
+        executor.generate(Request::prompt(id, "Hi").max_tokens(5)).unwrap().output().await.unwrap();
     }
 
     logs.lines(&["DEBUG usine_executor", "admitted requests=1 queued=0"], 2);
