@@ -72,12 +72,9 @@ pub(crate) const WEIGHTS: &str = "engines/candle/weights/tiny-llama.safetensors"
 /// Optimizer steps of the committed model.
 const STEPS: &str = "11000";
 
-/// The simulated engines' corpus, taken out of its Rust string literal.
+/// The simulated engines' corpus (a text file the sim crate includes too).
 fn corpus(root: &Path) -> Result<String> {
-    let source = std::fs::read_to_string(root.join("engines/sim/src/text.rs"))?;
-    let start = source.find("pub const CORPUS: &str = \"").context("the corpus constant")? + 26;
-    let end = start + source[start..].find("\";").context("the corpus's end")?;
-    let text = source[start..end].replace("\\\n", "").replace("\\\"", "\"");
+    let text = std::fs::read_to_string(root.join("engines/sim/corpus.txt")).context("reading the corpus")?;
     Ok(text.split_whitespace().collect::<Vec<_>>().join(" "))
 }
 

@@ -1,6 +1,7 @@
 //! `cargo xtask tidy`: the architecture invariants of ARCHITECTURE.md, checked on the real workspace.
 //!
-//! - Layers: a crate depends only on the workspace crates its row of [`LAYERS`] allows.
+//! - Layers: a crate depends only on the workspace crates its row of ARCHITECTURE.md's layer table
+//!   allows ([`layers`] reads it: the table is the one source).
 //! - No library crate reaches `metrics-exporter-prometheus`, `tracing-subscriber`, `clap`, `axum` or
 //!   `anyhow`, even through a third-party crate; only the applications (`usine-cli`, `xtask`,
 //!   `usine-tests`) may.
@@ -15,26 +16,31 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use cargo_metadata::{DependencyKind, MetadataCommand};
 
-/// Which workspace crates each crate may depend on (any kind: normal, build or dev).
-pub(crate) const LAYERS: &[(&str, &[&str])] = &[
-    ("usine-memory", &[]),
-    ("usine-storage", &[]),
-    ("usine-engine", &[]),
-    ("usine-engine-sim", &["usine-engine"]),
-    // The WebLLM-like engine's accuracy benchmark runs the Transformers-like one beside it (a dev-dependency).
-    ("usine-engine-webllm", &["usine-engine", "usine-engine-sim", "usine-engine-transformers"]),
-    ("usine-engine-transformers", &["usine-engine", "usine-engine-sim"]),
-    ("usine-engine-candle", &["usine-engine"]),
-    ("usine-kernel", &["usine-memory", "usine-storage", "usine-engine"]),
-    // Storage only as a dev-dependency: the executor's tests build a kernel over a store in a temporary folder.
-    ("usine-executor", &["usine-kernel", "usine-memory", "usine-engine", "usine-storage"]),
-    ("usine-cli", ANY),
-    ("usine-tests", ANY),
-    ("xtask", &[]),
-];
+/// A row of the layer table: a crate, and the workspace crates it may depend on (any kind: normal,
+/// build or dev); `None` for every one.
+pub(crate) type Layer = (String, Option<Vec<String>>);
 
-/// Marks a row that may depend on every workspace crate.
-const ANY: &[&str] = &["*"];
+/// The layer table, read from ARCHITECTURE.md (its one source): the rows of the table whose header is
+/// `| folder | package | may depend on |`, each naming its package and the packages it may reach in
+/// backticks, or `everything` or `nothing`.
+pub(crate) fn layers(architecture: &str) -> Result<Vec<Layer>> {
+    let ticked = |cell: &str| -> Vec<String> { cell.split('`').skip(1).step_by(2).map(str::to_owned).collect() };
+    let mut lines = architecture.lines().skip_while(|line| !line.starts_with("| folder | package | may depend on |"));
+    lines.next().context("ARCHITECTURE.md has no layer table (`| folder | package | may depend on |`)")?;
+    let mut layers = Vec::new();
+    for line in lines.skip(1).take_while(|line| line.starts_with('|')) {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        let (Some(package), Some(allowed)) = (cells.get(2), cells.get(3)) else {
+            anyhow::bail!("a layer row without its cells: {line}");
+        };
+        let package =
+            ticked(package).into_iter().next().with_context(|| format!("a layer row names no package: {line}"))?;
+        let allowed = if allowed.starts_with("everything") { None } else { Some(ticked(allowed)) };
+        layers.push((package, allowed));
+    }
+    anyhow::ensure!(!layers.is_empty(), "ARCHITECTURE.md's layer table has no rows");
+    Ok(layers)
+}
 
 /// Crates that belong to applications: reaching them from a library is a violation.
 pub(crate) const APPLICATION_ONLY: &[&str] =
@@ -93,19 +99,18 @@ impl Workspace {
 }
 
 /// Violations of the layer table: unknown crates, and dependencies their row does not allow.
-pub(crate) fn check_layers(workspace: &Workspace) -> Vec<String> {
-    let layers: BTreeMap<_, _> = LAYERS.iter().copied().collect();
+pub(crate) fn check_layers(workspace: &Workspace, layers: &[Layer]) -> Vec<String> {
+    let layers: BTreeMap<&str, &Option<Vec<String>>> =
+        layers.iter().map(|(krate, allowed)| (krate.as_str(), allowed)).collect();
     let mut violations = Vec::new();
     for (krate, deps) in &workspace.internal {
         let Some(allowed) = layers.get(krate.as_str()) else {
-            violations.push(format!("`{krate}` is not in the layer table of xtask/src/tidy.rs and ARCHITECTURE.md"));
+            violations.push(format!("`{krate}` is not in the layer table of ARCHITECTURE.md"));
             continue;
         };
-        if *allowed == ANY {
-            continue;
-        }
+        let Some(allowed) = allowed else { continue };
         // A crate may name itself (a dev-dependency that turns on its own test features).
-        for dep in deps.iter().filter(|dep| *dep != krate && !allowed.contains(&dep.as_str())) {
+        for dep in deps.iter().filter(|dep| *dep != krate && !allowed.contains(dep)) {
             violations.push(format!("`{krate}` depends on `{dep}`, a layer it may not reach (allowed: {allowed:?})"));
         }
     }
@@ -194,7 +199,8 @@ fn rust_files(folder: &Path) -> Result<Vec<PathBuf>> {
 /// Every check on the workspace in `root`.
 pub(crate) fn run(root: &Path) -> Result<Vec<String>> {
     let workspace = Workspace::load(root)?;
-    let mut violations = check_layers(&workspace);
+    let architecture = std::fs::read_to_string(root.join("ARCHITECTURE.md")).context("reading ARCHITECTURE.md")?;
+    let mut violations = check_layers(&workspace, &layers(&architecture)?);
     violations.extend(check_application_only(&workspace));
     violations.extend(check_lints(&workspace)?);
     violations.extend(check_file_docs(&workspace)?);
@@ -204,6 +210,26 @@ pub(crate) fn run(root: &Path) -> Result<Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// This workspace's layer table.
+    fn table() -> Vec<Layer> {
+        layers(include_str!("../../ARCHITECTURE.md")).unwrap()
+    }
+
+    fn check_layers(workspace: &Workspace) -> Vec<String> {
+        super::check_layers(workspace, &table())
+    }
+
+    #[test]
+    fn the_layer_table_reads_from_architecture_md() {
+        let table = table();
+        let row = |krate: &str| table.iter().find(|(name, _)| name == krate).map(|(_, allowed)| allowed.clone());
+        assert_eq!(row("usine-memory"), Some(Some(Vec::new())));
+        assert_eq!(row("usine-cli"), Some(None), "everything");
+        let kernel = row("usine-kernel").unwrap().unwrap();
+        assert_eq!(kernel, ["usine-memory", "usine-storage", "usine-engine"]);
+        assert!(layers("no table here").is_err());
+    }
 
     fn workspace(internal: &[(&str, &[&str])], graph: &[(&str, &[&str])]) -> Workspace {
         let set = |names: &[&str]| names.iter().map(|name| name.to_string()).collect();

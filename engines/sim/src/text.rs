@@ -9,27 +9,8 @@ use usine_engine::{Detokenizer, TokenId, Utf8Decoder};
 use crate::rng::Rng;
 
 /// The corpus: plain sentences about running models, written for this project (no licence to track).
-pub const CORPUS: &str = "The kernel keeps the right models resident and loads them fast. \
-A model is compiled once and the graph is kept on disk. \
-The next load reads the graph and skips the compile. \
-Every byte of the cache is accounted in a pool. \
-When memory is short the request waits for a lease. \
-The engine computes and the kernel decides. \
-Tokens stream to the reader as soon as they are ready. \
-A slow reader slows the generation and memory stays bounded. \
-The executor prepares the next step while the device computes the current one. \
-A transient failure is retried and the reader never sees a token twice. \
-Warm models answer at once and cold models pay the compile. \
-The pool returns every block when the lease is dropped. \
-Stop sequences end the answer before they are shown. \
-The same seed gives the same text and the same timeline. \
-Small models run on the processor and large models run on the device. \
-The cache survives a crash because every write is renamed into place. \
-A damaged graph is set aside and the model is compiled again. \
-Users ask questions and the runtime answers them quickly. \
-The scheduler puts user requests before warm up work. \
-Idle models leave memory after a while and come back from disk.";
-
+/// A text file, which `cargo xtask train` reads too.
+pub const CORPUS: &str = include_str!("../corpus.txt");
 /// The first token id after the bytes and the end-of-sequence token.
 const FIRST_WORD: TokenId = 257;
 /// The end-of-sequence token.
@@ -230,6 +211,7 @@ impl Detokenizer for SimDetokenizer {
 
 #[cfg(test)]
 mod tests {
+
     use super::*;
 
     #[test]
