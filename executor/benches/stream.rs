@@ -23,8 +23,8 @@ use divan::counter::ItemsCount;
 use parking_lot::Mutex;
 use tokio::time::Instant;
 use usine_engine::{
-    CompiledGraph, Detokenizer, Engine, EngineDescriptor, EngineError, GenerationParams, LoadedModel, MemoryPlan,
-    ModelSpec, Prepared, ProgressSink, Sequence, Token, TokenId, ZeroEngine,
+    CompiledGraph, Detokenizer, Engine, EngineDescriptor, EngineError, LoadedModel, MemoryPlan, ModelSpec, Prefill,
+    Prepared, ProgressSink, Sequence, Token, TokenId, ZeroEngine,
 };
 use usine_executor::{ExecutorConfig, Request, TaskExecutor, Timeouts};
 use usine_kernel::{KernelConfig, ModelHandle, RuntimeManager};
@@ -220,13 +220,8 @@ impl LoadedModel for PacedModel {
         self.inner.detokenizer()
     }
 
-    async fn prefill(
-        &self,
-        prompt: &[TokenId],
-        generated: &[TokenId],
-        params: &GenerationParams,
-    ) -> Result<Box<dyn Sequence>, EngineError> {
-        let inner = self.inner.prefill(prompt, generated, params).await?;
+    async fn prefill(&self, input: Prefill<'_>) -> Result<Box<dyn Sequence>, EngineError> {
+        let inner = self.inner.prefill(input).await?;
         Ok(Box::new(PacedSequence { inner, schedule: Schedule::default() }))
     }
 }

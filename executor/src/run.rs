@@ -8,8 +8,8 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use usine_engine::{
-    EngineError, ErrorKind, FinishReason, GenerationParams, LoadedModel, MemoryPlan, Prepared, Sequence, StopMatcher,
-    Token, TokenId, check_context,
+    EngineError, ErrorKind, FinishReason, GenerationParams, LoadedModel, MemoryPlan, Prefill, Prepared, Sequence,
+    StopMatcher, Token, TokenId,
 };
 use usine_kernel::RuntimeManager;
 use usine_memory::{Lease, MemoryError, Pool, ScopeId};
@@ -229,8 +229,8 @@ impl Run<'_> {
             }
             None => &request.params,
         };
-        params.validate().map_err(|source| self.invalid(source))?;
-        check_context(&plan, prompt.len(), params).map_err(|source| self.invalid(source))?;
+        // The one check of the request against the model: its parameters (fitted) and its context.
+        let checked = Prefill::new(&plan, &prompt, &[], params).map_err(|source| self.invalid(source))?;
         let scope = ScopeId::fresh();
         let mut kv = bounded(first_token, self.reserve_kv(&plan, prompt.len(), params.max_tokens, scope)).await??;
 
@@ -252,8 +252,15 @@ impl Run<'_> {
                 continue;
             }
             let deadline = self.limits.deadline(phase.0, phase.1);
-            let context =
-                Step { model: model.as_ref(), plan: &plan, prompt: &prompt, generated: &generated, params, scope };
+            let context = Step {
+                model: model.as_ref(),
+                plan: &plan,
+                prompt: &prompt,
+                generated: &generated,
+                params,
+                checked,
+                scope,
+            };
             let outcome = bounded(deadline, self.step(&context, &mut pipe, &mut kv, &mut tally.idle)).await?;
             let token = match outcome {
                 Ok(token) => token,
@@ -345,11 +352,14 @@ impl Run<'_> {
         let step = u32::try_from(context.generated.len()).expect("steps are bounded by max_tokens");
         if pipe.sequence.is_none() {
             let sequence = if context.generated.is_empty() {
-                context.model.prefill(context.prompt, context.generated, context.params).await
+                context.model.prefill(context.checked).await
             } else {
-                // A resume asks for what is left, so that the engine's context check counts each token once.
+                // A resume asks for what is left, so that the context counts each token once.
                 let left = GenerationParams { max_tokens: context.params.max_tokens - step, ..context.params.clone() };
-                context.model.prefill(context.prompt, context.generated, &left).await
+                match Prefill::new(context.plan, context.prompt, context.generated, &left) {
+                    Ok(input) => context.model.prefill(input).await,
+                    Err(error) => Err(error),
+                }
             };
             pipe.sequence = Some(sequence.map_err(Failure::Engine)?);
             kv.touch().map_err(Failure::Memory)?; // a long prefill is use, not idleness
@@ -578,6 +588,8 @@ struct Step<'a> {
     prompt: &'a [TokenId],
     generated: &'a [TokenId],
     params: &'a GenerationParams,
+    /// The request's input, checked once at its start: a new sequence's prefill.
+    checked: Prefill<'a>,
     scope: ScopeId,
 }
 

@@ -22,6 +22,7 @@ mod bench_peers;
 mod integration;
 mod model;
 mod parity;
+mod publish;
 mod tidy;
 mod tokens;
 // The candle engine's tolerances and their measure, compiled here from the engine's own file: one place
@@ -36,6 +37,7 @@ const USAGE: &str = "usage: cargo xtask <verb>\n\nverbs:\n  tidy         check t
                      bench-peers  the candle engine against llama.cpp on the same GGUF files (17M, 58M; Q8_0, Q4_0); --busy beside a process spinning on a core; --real: usine run on Qwen2.5-0.5B and TinyLlama-1.1B shapes (Q8_0, Q4_K_M), decode, prefill and cached load\n  \
                      parity       the candle engine's logits and greedy tokens against llama.cpp's, every weight type; tiny llama and qwen2, or --preset qwen2.5-0.5b|tinyllama-1.1b (2 layers); --bless rewrites the engine's test fixtures of llama.cpp's logits; with the tiny ones, the tokenizers and chat templates of every vocabulary (--tokenizers: only those)\n  \
                      train        train the candle engine's tiny byte-level llama (writes its committed weights)\n  \
+                     publish      cargo publish --dry-run of every library crate, and a consumer crate outside the workspace built from their docs\n  \
                      vocab        train the two small vocabularies the tokenizer tests use (writes engines/candle/vocab/; Python, pinned trainers)\n  \
                      random-model 17m|58m OUT: random weights of that size, for speed work";
 
@@ -90,6 +92,10 @@ fn main() -> Result<ExitCode> {
                 bail!("usage: cargo xtask random-model 17m|58m OUT.safetensors");
             };
             model::random_model(root, &size, &out)
+        }
+        Some("publish") => {
+            let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace root");
+            publish::run(root)
         }
         Some("vocab") => {
             let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace root");

@@ -5,7 +5,8 @@
 //! - No library crate reaches `metrics-exporter-prometheus`, `tracing-subscriber`, `clap`, `axum` or
 //!   `anyhow`, even through a third-party crate; only the applications (`usine-cli`, `xtask`,
 //!   `usine-tests`) may.
-//! - Every crate takes the workspace lints, and every Rust file opens with a `//!` line saying what it is for.
+//! - Every crate takes the workspace lints, and every Rust file opens with a `//!` line saying what it is for
+//!   (a library's `lib.rs` may include its README as its crate docs instead).
 //!
 //! The checks are pure functions over a small [`Workspace`] model, so that their tests can feed them
 //! broken workspaces; [`Workspace::load`] fills the model from `cargo metadata`.
@@ -167,7 +168,9 @@ pub(crate) fn check_file_docs(workspace: &Workspace) -> Result<Vec<String>> {
     for folder in workspace.members.values() {
         for file in rust_files(folder)? {
             let text = std::fs::read_to_string(&file)?;
-            if !text.starts_with("//!") {
+            // A library's crate docs may be its README (what crates.io shows), included whole.
+            let readme = file.ends_with("src/lib.rs") && text.starts_with("#![doc = include_str!(\"../README.md\")]");
+            if !text.starts_with("//!") && !readme {
                 violations.push(format!("{} does not open with a `//!` line saying what it is for", file.display()));
             }
         }

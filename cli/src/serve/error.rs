@@ -61,6 +61,13 @@ impl IntoResponse for ApiError {
 
 impl From<ExecutorError> for ApiError {
     fn from(error: ExecutorError) -> Self {
+        // Parameters outside their limits, refused at submission: named as the request's own.
+        if let ExecutorError::InvalidRequest {
+            source: source @ usine_engine::EngineError::InvalidParams { .. }, ..
+        } = &error
+        {
+            return Self::out_of_range(source.to_string());
+        }
         let message = error.to_string();
         // A model that can never load is not a passing outage: no retry will mend it.
         if let ExecutorError::Kernel(

@@ -27,7 +27,14 @@ fn model(runtime: &tokio::runtime::Runtime) -> std::sync::Arc<dyn LoadedModel> {
 fn zero_steps(bencher: Bencher<'_, '_>) {
     let runtime = runtime();
     let model = model(&runtime);
-    let sequence = runtime.block_on(model.prefill(&[1, 2, 3], &[], &GenerationParams::default())).expect("prefills");
+    let sequence = runtime
+        .block_on(
+            model.prefill(
+                usine_engine::Prefill::new(&model.memory_plan(), &[1, 2, 3], &[], &GenerationParams::default())
+                    .expect("a valid input"),
+            ),
+        )
+        .expect("prefills");
     bencher.bench_local(|| {
         runtime.block_on(async {
             for step in 0..1000 {

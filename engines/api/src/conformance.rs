@@ -24,7 +24,7 @@
 
 use std::sync::Mutex;
 
-use crate::engine::{Engine, LoadedModel};
+use crate::engine::{Engine, LoadedModel, Prefill};
 use crate::error::{EngineError, ErrorKind};
 use crate::generate::generate;
 use crate::types::{CompiledGraph, FinishReason, GenerationParams, ModelSpec, Progress, TokenId};
@@ -143,17 +143,17 @@ pub async fn check(engine: &dyn Engine, spec: &ModelSpec) -> Result<Report, Fail
     passed("stop sequences honoured");
 
     let bad = GenerationParams { temperature: f32::NAN, ..params.clone() };
-    match model.prefill(&tokens, &[], &bad).await {
+    match Prefill::new(&plan, &tokens, &[], &bad) {
         Err(EngineError::InvalidParams { name: "temperature", .. }) => {}
         Err(error) => return fail("typed errors", format!("a NaN temperature gave {error}")),
-        Ok(_) => return fail("typed errors", "a NaN temperature was accepted by prefill"),
+        Ok(_) => return fail("typed errors", "a NaN temperature was accepted for a prefill"),
     }
     let full = vec![tokens[0]; plan.max_context_tokens as usize];
     let one = GenerationParams { max_tokens: 1, ..params.clone() };
-    match model.prefill(&full, &[], &one).await {
+    match Prefill::new(&plan, &full, &[], &one) {
         Err(EngineError::ContextOverflow { limit, .. }) if limit == plan.max_context_tokens => {}
         Err(error) => return fail("typed errors", format!("a prompt that fills the context gave {error}")),
-        Ok(_) => return fail("typed errors", "prefill accepted a prompt with no room for a token"),
+        Ok(_) => return fail("typed errors", "a prompt with no room for a token was accepted for a prefill"),
     }
     passed("typed errors");
 
@@ -204,7 +204,8 @@ async fn decode(
     // A resume asks for what is left (see `LoadedModel::prefill`); the steps still count from the start.
     let left = params.max_tokens - u32::try_from(generated.len()).expect("fewer than max_tokens");
     let resume = GenerationParams { max_tokens: left, ..params.clone() };
-    let sequence = model.prefill(prompt, generated, &resume).await.map_err(engine_error(check))?;
+    let input = Prefill::new(&model.memory_plan(), prompt, generated, &resume).map_err(engine_error(check))?;
+    let sequence = model.prefill(input).await.map_err(engine_error(check))?;
     let mut tokens = Vec::new();
     let mut previous = generated.last().or(prompt.last()).copied();
     let first = u32::try_from(generated.len()).expect("fewer than max_tokens");

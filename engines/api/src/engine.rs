@@ -8,6 +8,7 @@ use async_trait::async_trait;
 
 use crate::chat::{Message, render_plain};
 use crate::error::EngineError;
+use crate::generate::check_context;
 use crate::types::{
     CompiledGraph, EngineDescriptor, GenerationParams, MemoryPlan, ModelSpec, ProgressSink, Token, TokenId,
 };
@@ -64,20 +65,65 @@ pub trait LoadedModel: Send + Sync {
         Ok(())
     }
 
-    /// Processes the prompt and starts a sequence whose first step is `generated.len()`.
+    /// Processes the prompt and starts a sequence whose first step is the count of tokens already
+    /// generated ([`Prefill::first_step`]).
     ///
-    /// `generated` is empty for a new generation. To resume one after a failure, pass the tokens
+    /// Those are none for a new generation. To resume one after a failure, the input holds the tokens
     /// already generated, and the same parameters but for `max_tokens`, which counts what is left (the
-    /// original less `generated.len()`, so that the context check counts each token once): the sequence
-    /// goes on from there and produces what an uninterrupted run would have (so a reader never sees a
-    /// token twice, nor a different one).
-    /// Checks `params` ([`GenerationParams::validate`]) and the context ([`check_context`]).
-    async fn prefill(
-        &self,
-        prompt: &[TokenId],
-        generated: &[TokenId],
-        params: &GenerationParams,
-    ) -> Result<Box<dyn Sequence>, EngineError>;
+    /// original less those, so that the context counts each token once): the sequence goes on from
+    /// there and produces what an uninterrupted run would have (so a reader never sees a token twice,
+    /// nor a different one). The input was checked when it was made: the engine checks nothing again.
+    async fn prefill(&self, input: Prefill<'_>) -> Result<Box<dyn Sequence>, EngineError>;
+}
+
+/// A prefill's input, checked once: every parameter within its limit ([`GenerationParams::validate`])
+/// and the context (the prompt, the tokens already generated, and `max_tokens`) within the model's
+/// ([`check_context`]). Made only by [`Prefill::new`], so an engine that receives one knows it holds.
+#[derive(Debug, Clone, Copy)]
+pub struct Prefill<'a> {
+    prompt: &'a [TokenId],
+    generated: &'a [TokenId],
+    params: &'a GenerationParams,
+}
+
+impl<'a> Prefill<'a> {
+    /// Checks `params` and the context against `plan` (the model's).
+    pub fn new(
+        plan: &MemoryPlan,
+        prompt: &'a [TokenId],
+        generated: &'a [TokenId],
+        params: &'a GenerationParams,
+    ) -> Result<Self, EngineError> {
+        params.validate()?;
+        check_context(plan, prompt.len() + generated.len(), params)?;
+        Ok(Self { prompt, generated, params })
+    }
+
+    /// The prompt's tokens.
+    pub fn prompt(&self) -> &'a [TokenId] {
+        self.prompt
+    }
+
+    /// The tokens generated before a resume (none for a new generation).
+    pub fn generated(&self) -> &'a [TokenId] {
+        self.generated
+    }
+
+    /// How to generate.
+    pub fn params(&self) -> &'a GenerationParams {
+        self.params
+    }
+
+    /// The sequence's first step: the tokens generated before.
+    pub fn first_step(&self) -> u32 {
+        u32::try_from(self.generated.len()).expect("the context check bounds it")
+    }
+
+    /// Most tokens the sequence holds: the prompt, the tokens generated before and `max_tokens` (what
+    /// its kv-cache reserves).
+    pub fn capacity(&self) -> usize {
+        self.prompt.len() + self.generated.len() + self.params.max_tokens as usize
+    }
 }
 
 /// Turns tokens into text incrementally: a token's text is out as soon as it is whole (a character split

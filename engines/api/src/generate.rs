@@ -1,7 +1,7 @@
 //! The reference driver: one sequence, step after step, stop sequences and limits honoured. The
 //! executor pipelines and streams the same way; this one is for tests, tools and the conformance kit.
 
-use crate::engine::LoadedModel;
+use crate::engine::{LoadedModel, Prefill};
 use crate::error::EngineError;
 use crate::text::StopMatcher;
 use crate::types::{FinishReason, Generated, GenerationParams, MemoryPlan};
@@ -15,9 +15,8 @@ pub async fn generate(
     prompt: &str,
     params: &GenerationParams,
 ) -> Result<Generated, EngineError> {
-    params.validate()?;
     let prompt_tokens = model.tokenize(prompt);
-    let sequence = model.prefill(&prompt_tokens, &[], params).await?;
+    let sequence = model.prefill(Prefill::new(&model.memory_plan(), &prompt_tokens, &[], params)?).await?;
     let mut detokenizer = model.detokenizer();
     let mut stops = StopMatcher::new(&params.stop);
     let mut previous = prompt_tokens.last().copied();
@@ -54,7 +53,7 @@ pub async fn generate(
 }
 
 /// Fails with [`EngineError::ContextOverflow`] when `prompt_tokens + max_tokens` exceeds the plan's
-/// context; engines call it in [`LoadedModel::prefill`] (with the prompt and the tokens already generated).
+/// context ([`Prefill::new`] calls it, with the prompt and the tokens already generated).
 pub fn check_context(plan: &MemoryPlan, prompt_tokens: usize, params: &GenerationParams) -> Result<(), EngineError> {
     let limit = plan.max_context_tokens;
     if prompt_tokens as u64 + u64::from(params.max_tokens) > u64::from(limit) {

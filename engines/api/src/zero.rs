@@ -5,13 +5,11 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::engine::{Detokenizer, Engine, LoadedModel, Prepared, Sequence, check_graph, check_spec};
+use crate::engine::{Detokenizer, Engine, LoadedModel, Prefill, Prepared, Sequence, check_graph, check_spec};
 use crate::error::EngineError;
-use crate::generate::check_context;
 use crate::text::ByteDetokenizer;
 use crate::types::{
-    CompiledGraph, Device, EngineDescriptor, GenerationParams, MemoryPlan, ModelSpec, Progress, ProgressSink,
-    RawSection, Token, TokenId,
+    CompiledGraph, Device, EngineDescriptor, MemoryPlan, ModelSpec, Progress, ProgressSink, RawSection, Token, TokenId,
 };
 
 /// The text the zero engine "generates", from an offset the seed picks.
@@ -129,15 +127,8 @@ impl LoadedModel for ZeroModel {
         Box::new(ByteDetokenizer::default())
     }
 
-    async fn prefill(
-        &self,
-        prompt: &[TokenId],
-        generated: &[TokenId],
-        params: &GenerationParams,
-    ) -> Result<Box<dyn Sequence>, EngineError> {
-        params.validate()?;
-        check_context(&self.plan, prompt.len() + generated.len(), params)?;
-        let start = usize::try_from(params.seed % TEXT.len() as u64).expect("below the text's length");
+    async fn prefill(&self, input: Prefill<'_>) -> Result<Box<dyn Sequence>, EngineError> {
+        let start = usize::try_from(input.params().seed % TEXT.len() as u64).expect("below the text's length");
         Ok(Box::new(ZeroSequence { start }))
     }
 }

@@ -1,27 +1,4 @@
-//! A real engine behind usine's `Engine` trait, on the CPU: `llama` and `qwen2` GGUF files (F32, F16,
-//! BF16, Q8_0, Q4_0, Q4_K, Q5_K, Q6_K), and the project's own byte-level models, compiled once into a
-//! graph whose weights are laid out for the engine's kernels and run where they lie.
-//!
-//! - **Compile** reads the source named by `ModelSpec::options["weights"]`: a GGUF file (every
-//!   hyper-parameter from its metadata; what the engine cannot run is refused by name, see
-//!   [`describe_file`]), or a byte-level model's safetensors (a file, or weights built into the
-//!   program), which it first quantizes to GGUF ([`gguf_from_safetensors`]; the same file runs in
-//!   llama.cpp). It repacks the weights for the kernels into the graph's raw section
-//!   (`CompiledGraph::raw`) beside a small table of where each lies.
-//! - **Load** points the model's matrices into the raw section: a mapping of the stored graph file, no
-//!   copy (`kernel.rs`: AVX2 or AVX-512 VNNI, chosen at run time; [`ISA_VARIABLE`] may cap them, see
-//!   [`kernels`]).
-//! - **Prefill** allocates the sequence's kv-cache once, for the prompt and `max_tokens` (what the
-//!   executor reserves from the `kv-cache` pool), and runs the context through it as matrix products,
-//!   64 tokens a pass.
-//! - **Prepare** (CPU stage) fixes the step's position; **compute** runs the forward pass on the
-//!   engine's threads (`team.rs`) from a blocking thread, and samples (temperature, top-k, top-p, a seed
-//!   per step: resumed and pipelined runs draw alike).
-//! - **Tokenizers** ([`tokenizer`]): the file's `llama` or `gpt2` vocabulary and chat template, token for
-//!   token as llama.cpp runs them (a safetensors model's `tokenizer.json` beside it, else the bytes).
-//! - [`Decoder`] runs a GGUF file token by token with its logits out, for checks against another
-//!   implementation (`cargo xtask parity`).
-//! - **Training** (feature `train`) runs the same decoder on candle's tensors with autograd.
+#![doc = include_str!("../README.md")]
 
 mod config;
 mod generate;
@@ -45,8 +22,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use usine_engine::{
     CompiledGraph, Detokenizer, Device, Engine, EngineDescriptor, EngineError, GenerationParams, LoadedModel,
-    MemoryPlan, Message, ModelSpec, Prepared, Progress, ProgressSink, Sequence, Token, TokenId, check_context,
-    check_graph, check_spec, render_plain,
+    MemoryPlan, Message, ModelSpec, Prefill, Prepared, Progress, ProgressSink, Sequence, Token, TokenId, check_graph,
+    check_spec, render_plain,
 };
 
 pub use config::{Architecture, Config};
@@ -545,20 +522,14 @@ impl LoadedModel for CandleModel {
         Ok(())
     }
 
-    async fn prefill(
-        &self,
-        prompt: &[TokenId],
-        generated: &[TokenId],
-        params: &GenerationParams,
-    ) -> Result<Box<dyn Sequence>, EngineError> {
-        params.validate()?;
-        check_context(&self.plan, prompt.len() + generated.len(), params)?;
+    async fn prefill(&self, input: Prefill<'_>) -> Result<Box<dyn Sequence>, EngineError> {
+        let (prompt, generated, params) = (input.prompt(), input.generated(), input.params());
         // An empty prompt starts from the end-of-sequence token, which takes position 0; a resume of it
         // must run that token too, or every position after would shift.
         let start = if prompt.is_empty() { vec![self.model.start_token()] } else { Vec::new() };
         let context: Vec<TokenId> = start.iter().chain(prompt).chain(generated).copied().collect();
         // The kv-cache, once: the context and the tokens asked for (what the executor reserved).
-        let capacity = prompt.len() + generated.len() + params.max_tokens as usize;
+        let capacity = input.capacity();
         let base = context.len().saturating_sub(1);
         let model = Arc::clone(&self.model);
         let team = Arc::clone(&self.team);
@@ -580,7 +551,7 @@ impl LoadedModel for CandleModel {
         })
         .await?;
         drop(guard);
-        let first_step = u32::try_from(generated.len()).expect("checked against the context");
+        let first_step = input.first_step();
         let team = Arc::clone(&self.team);
         Ok(Box::new(CandleSequence {
             model,

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use tokio::sync::{Mutex, OnceCell};
 use usine_engine::{
     CompiledGraph, Detokenizer, Device, Engine, EngineDescriptor, EngineError, GenerationParams, LoadedModel,
-    MemoryPlan, ModelSpec, Prepared, Progress, ProgressSink, Sequence, Token, TokenId, check_context, check_graph,
+    MemoryPlan, ModelSpec, Prefill, Prepared, Progress, ProgressSink, Sequence, Token, TokenId, check_graph,
     check_spec,
 };
 
@@ -336,14 +336,8 @@ impl LoadedModel for SimModel {
         Ok(())
     }
 
-    async fn prefill(
-        &self,
-        prompt: &[TokenId],
-        generated: &[TokenId],
-        params: &GenerationParams,
-    ) -> Result<Box<dyn Sequence>, EngineError> {
-        params.validate()?;
-        check_context(&self.plan, prompt.len() + generated.len(), params)?;
+    async fn prefill(&self, input: Prefill<'_>) -> Result<Box<dyn Sequence>, EngineError> {
+        let (prompt, generated, params) = (input.prompt(), input.generated(), input.params());
         self.first_use().await;
         let seed = self.config.seed ^ params.seed;
         let mut pacer = Pacer::new(seed, self.config.jitter);

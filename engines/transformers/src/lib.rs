@@ -1,19 +1,4 @@
-//! A simulated Transformers-like engine: a short graph-optimization step (also cached), and CPU-bound
-//! decode whose speed scales with the thread count. Everything but the arithmetic is real; see
-//! `usine-engine-sim`.
-//!
-//! ```
-//! use usine_engine::{Engine, ModelSpec, NoProgress};
-//! use usine_engine_transformers::{transformers, cpu_1b};
-//!
-//! # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() -> Result<(), usine_engine::EngineError> {
-//! assert_eq!(cpu_1b(4).timeline.compute.as_millis(), 84); // about 12 tokens/s on 4 threads
-//! assert_eq!(cpu_1b(8).timeline.compute.as_millis(), 42); // twice as fast on 8
-//! let engine = transformers(Default::default(), 4).expect("a valid configuration");
-//! let graph = engine.compile(&ModelSpec::new("tinyllama", "transformers", "cpu-1b"), &NoProgress).await?;
-//! assert!(engine.load(&graph).await.is_ok());
-//! # Ok(()) }
-//! ```
+#![doc = include_str!("../README.md")]
 
 use std::time::Duration;
 

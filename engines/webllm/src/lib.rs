@@ -1,20 +1,4 @@
-//! A simulated WebLLM-like engine: a long compile in named stages (weights, shaders, pipelines), a fast
-//! load from the compiled graph, and GPU-bound decode whose CPU preparation overlaps the device's work.
-//! Everything but the arithmetic is real; see `usine-engine-sim`.
-//!
-//! ```
-//! use usine_engine::{Engine, GenerationParams, ModelSpec, NoProgress, generate};
-//! use usine_engine_webllm::webllm;
-//!
-//! # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() -> Result<(), usine_engine::EngineError> {
-//! let engine = webllm(Default::default()).expect("a valid configuration");
-//! let graph = engine.compile(&ModelSpec::new("llama-7b", "webllm", "7b"), &NoProgress).await?; // 4 s, virtual
-//! let model = engine.load(&graph).await?;
-//! assert_eq!(model.memory_plan().kv_bytes_per_token, 512 * 1024);
-//! let answer = generate(model.as_ref(), "What does the kernel do?", &GenerationParams::default()).await?;
-//! assert!(!answer.text.is_empty());
-//! # Ok(()) }
-//! ```
+#![doc = include_str!("../README.md")]
 
 use std::time::Duration;
 

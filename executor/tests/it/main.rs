@@ -21,8 +21,8 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use usine_engine::{
-    CompiledGraph, Detokenizer, Engine, EngineDescriptor, EngineError, GenerationParams, LoadedModel, MemoryPlan,
-    ModelSpec, Prepared, ProgressSink, Sequence, Token, TokenId, ZeroEngine,
+    CompiledGraph, Detokenizer, Engine, EngineDescriptor, EngineError, LoadedModel, MemoryPlan, ModelSpec, Prefill,
+    Prepared, ProgressSink, Sequence, Token, TokenId, ZeroEngine,
 };
 use usine_executor::{Event, ExecutorConfig, ExecutorError, GenerationStream, RetryPolicy, TaskExecutor, Timeouts};
 use usine_kernel::{KernelConfig, ModelHandle, RuntimeManager};
@@ -99,19 +99,14 @@ impl LoadedModel for LabModel {
         self.inner.detokenizer()
     }
 
-    async fn prefill(
-        &self,
-        prompt: &[TokenId],
-        generated: &[TokenId],
-        params: &GenerationParams,
-    ) -> Result<Box<dyn Sequence>, EngineError> {
+    async fn prefill(&self, input: Prefill<'_>) -> Result<Box<dyn Sequence>, EngineError> {
         let delay = {
             let mut script = self.script.lock();
-            script.prefills.push((prompt.len(), generated.len(), params.max_tokens));
+            script.prefills.push((input.prompt().len(), input.generated().len(), input.params().max_tokens));
             script.prefill
         };
         tokio::time::sleep(delay).await;
-        let inner = self.inner.prefill(prompt, generated, params).await?;
+        let inner = self.inner.prefill(input).await?;
         Ok(Box::new(LabSequence { inner, script: Arc::clone(&self.script) }))
     }
 }

@@ -12,9 +12,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use proptest::prelude::*;
-use usine_engine::{
-    ByteDetokenizer, Detokenizer, EngineError, GenerationParams, LoadedModel, MemoryPlan, Sequence, TokenId,
-};
+use usine_engine::{ByteDetokenizer, Detokenizer, EngineError, LoadedModel, MemoryPlan, Prefill, Sequence, TokenId};
 use usine_memory::{MemoryManager, PoolConfig};
 
 use super::*;
@@ -39,12 +37,7 @@ impl LoadedModel for Nothing {
         Box::new(ByteDetokenizer::default())
     }
 
-    async fn prefill(
-        &self,
-        _: &[TokenId],
-        _: &[TokenId],
-        _: &GenerationParams,
-    ) -> Result<Box<dyn Sequence>, EngineError> {
+    async fn prefill(&self, _: Prefill<'_>) -> Result<Box<dyn Sequence>, EngineError> {
         Err(EngineError::Fatal { message: "a table test's model does not run".into() })
     }
 }

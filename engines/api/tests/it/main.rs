@@ -207,15 +207,11 @@ impl usine_engine::LoadedModel for Forgetful {
         self.inner.detokenizer()
     }
 
-    async fn prefill(
-        &self,
-        prompt: &[usine_engine::TokenId],
-        generated: &[usine_engine::TokenId],
-        params: &GenerationParams,
-    ) -> Result<Box<dyn usine_engine::Sequence>, EngineError> {
+    async fn prefill(&self, input: usine_engine::Prefill<'_>) -> Result<Box<dyn usine_engine::Sequence>, EngineError> {
         let run = self.runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let params = GenerationParams { seed: params.seed + run, ..params.clone() };
-        self.inner.prefill(prompt, generated, &params).await
+        let params = GenerationParams { seed: input.params().seed + run, ..input.params().clone() };
+        let plan = self.inner.memory_plan();
+        self.inner.prefill(usine_engine::Prefill::new(&plan, input.prompt(), input.generated(), &params)?).await
     }
 }
 

@@ -79,10 +79,11 @@ async fn the_7b_loads_in_150_ms_and_decodes_at_28_tokens_a_second() {
     assert_eq!(prompt.len(), 10);
     let params = GenerationParams { max_tokens: 10, ..Default::default() };
     let start = Instant::now();
-    let sequence = model.prefill(&prompt, &[], &params).await.unwrap();
+    let sequence =
+        model.prefill(usine_engine::Prefill::new(&model.memory_plan(), &prompt, &[], &params).unwrap()).await.unwrap();
     assert_eq!(start.elapsed(), Duration::from_millis(800 + 15));
     let start = Instant::now();
-    model.prefill(&prompt, &[], &params).await.unwrap();
+    model.prefill(usine_engine::Prefill::new(&model.memory_plan(), &prompt, &[], &params).unwrap()).await.unwrap();
     assert_eq!(start.elapsed(), Duration::from_millis(15), "no penalty the second time");
 
     // One step: 2 ms of CPU preparation, then 36 ms on the device.
@@ -105,7 +106,18 @@ async fn warming_up_removes_the_first_generation_penalty() {
     model.warm_up().await.unwrap();
     assert_eq!(start.elapsed(), Duration::from_millis(800));
     let start = Instant::now();
-    model.prefill(&model.tokenize("The kernel"), &[], &GenerationParams::default()).await.unwrap();
+    model
+        .prefill(
+            usine_engine::Prefill::new(
+                &model.memory_plan(),
+                &model.tokenize("The kernel"),
+                &[],
+                &GenerationParams::default(),
+            )
+            .unwrap(),
+        )
+        .await
+        .unwrap();
     assert_eq!(start.elapsed(), Duration::from_millis(3));
     let start = Instant::now();
     model.warm_up().await.unwrap();
@@ -128,7 +140,8 @@ async fn memory_plans_come_from_the_shape_and_q5_is_bigger_and_slower() {
     let mut step = Vec::new();
     for model in [&q4, &q5] {
         model.warm_up().await.unwrap();
-        let sequence = model.prefill(&[], &[], &params).await.unwrap();
+        let sequence =
+            model.prefill(usine_engine::Prefill::new(&model.memory_plan(), &[], &[], &params).unwrap()).await.unwrap();
         let prepared = sequence.prepare(0).await.unwrap();
         let start = Instant::now();
         sequence.compute(prepared, None).await.unwrap();
@@ -189,7 +202,10 @@ async fn faults_are_injected_where_asked() {
         ..Default::default()
     };
     let model = loaded(SimConfig { faults, ..Default::default() }, &spec("tiny")).await;
-    let sequence = model.prefill(&[], &[], &GenerationParams::default()).await.unwrap();
+    let sequence = model
+        .prefill(usine_engine::Prefill::new(&model.memory_plan(), &[], &[], &GenerationParams::default()).unwrap())
+        .await
+        .unwrap();
     let mut outcomes = Vec::new();
     for step in [0, 1, 2, 2, 2, 3, 4, 5] {
         let prepared = sequence.prepare(step).await.unwrap();
@@ -230,7 +246,10 @@ async fn sequences_of_one_model_take_turns_on_its_device() {
     let model = loaded(SimConfig::default(), &spec("7b")).await;
     model.warm_up().await.unwrap();
     let params = GenerationParams::default();
-    let (a, b) = (model.prefill(&[], &[], &params).await.unwrap(), model.prefill(&[], &[], &params).await.unwrap());
+    let (a, b) = (
+        model.prefill(usine_engine::Prefill::new(&model.memory_plan(), &[], &[], &params).unwrap()).await.unwrap(),
+        model.prefill(usine_engine::Prefill::new(&model.memory_plan(), &[], &[], &params).unwrap()).await.unwrap(),
+    );
     let (pa, pb) = (a.prepare(0).await.unwrap(), b.prepare(0).await.unwrap());
     let start = Instant::now();
     let (ta, tb) = tokio::join!(a.compute(pa, None), b.compute(pb, None));
