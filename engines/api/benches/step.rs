@@ -28,12 +28,7 @@ fn zero_steps(bencher: Bencher<'_, '_>) {
     let runtime = runtime();
     let model = model(&runtime);
     let sequence = runtime
-        .block_on(
-            model.prefill(
-                usine_engine::Prefill::new(&model.memory_plan(), &[1, 2, 3], &[], &GenerationParams::default())
-                    .expect("a valid input"),
-            ),
-        )
+        .block_on(usine_engine::prefill(model.as_ref(), &[1, 2, 3], &[], &GenerationParams::default()))
         .expect("prefills");
     bencher.bench_local(|| {
         runtime.block_on(async {

@@ -1,10 +1,10 @@
 //! The reference driver: one sequence, step after step, stop sequences and limits honoured. The
 //! executor pipelines and streams the same way; this one is for tests, tools and the conformance kit.
 
-use crate::engine::{LoadedModel, Prefill};
+use crate::engine::{LoadedModel, Prefill, Sequence};
 use crate::error::EngineError;
 use crate::text::StopMatcher;
-use crate::types::{FinishReason, Generated, GenerationParams, MemoryPlan};
+use crate::types::{FinishReason, Generated, GenerationParams, MemoryPlan, TokenId};
 
 /// Generates from `prompt` with `params`, one step at a time, without pipelining.
 ///
@@ -16,7 +16,7 @@ pub async fn generate(
     params: &GenerationParams,
 ) -> Result<Generated, EngineError> {
     let prompt_tokens = model.tokenize(prompt);
-    let sequence = model.prefill(Prefill::new(&model.memory_plan(), &prompt_tokens, &[], params)?).await?;
+    let sequence = prefill(model, &prompt_tokens, &[], params).await?;
     let mut detokenizer = model.detokenizer();
     let mut stops = StopMatcher::new(&params.stop);
     let mut previous = prompt_tokens.last().copied();
@@ -50,6 +50,17 @@ pub async fn generate(
         generation.text.push_str(&stops.finish());
     }
     Ok(generation)
+}
+
+/// Prefills `model` with `prompt` and the tokens already `generated`, the input checked against the
+/// model's own plan ([`Prefill::new`]): what a test or a tool that drives one model calls.
+pub async fn prefill(
+    model: &dyn LoadedModel,
+    prompt: &[TokenId],
+    generated: &[TokenId],
+    params: &GenerationParams,
+) -> Result<Box<dyn Sequence>, EngineError> {
+    model.prefill(Prefill::new(&model.memory_plan(), prompt, generated, params)?).await
 }
 
 /// Fails with [`EngineError::ContextOverflow`] when `prompt_tokens + max_tokens` exceeds the plan's

@@ -70,10 +70,7 @@ fn decode(bencher: Bencher<'_, '_>, size: &str, quantization: &str, threads: usi
         .counter(ItemsCount::new(TOKENS - 1))
         .with_inputs(|| {
             runtime.block_on(async {
-                let sequence = model
-                    .prefill(usine_engine::Prefill::new(&model.memory_plan(), &prompt, &[], &params).unwrap())
-                    .await
-                    .unwrap();
+                let sequence = usine_engine::prefill(model.as_ref(), &prompt, &[], &params).await.unwrap();
                 let first = sequence.compute(sequence.prepare(0).await.unwrap(), prompt.last().copied()).await.unwrap();
                 (sequence, first.id)
             })

@@ -108,7 +108,7 @@ async fn run(gguf: &Path, threads: usize, tokens: u32) -> Result<(), Error> {
     let model = engine.load(&graph).await?;
     let loaded = start.elapsed();
     let prompt = model.tokenize(PROMPT);
-    let sequence = model.prefill(usine_engine::Prefill::new(&model.memory_plan(), &prompt, &[], &params)?).await?;
+    let sequence = usine_engine::prefill(model.as_ref(), &prompt, &[], &params).await?;
     let mut generated = Vec::with_capacity(tokens as usize);
     let mut first = None;
     for step in 0..tokens {

@@ -58,10 +58,7 @@ fn load(runtime: &tokio::runtime::Runtime, engine: &dyn Engine, spec: &ModelSpec
 fn decode(runtime: &tokio::runtime::Runtime, model: &dyn LoadedModel) {
     runtime.block_on(async {
         let params = GenerationParams { max_tokens: STEPS, ..GenerationParams::default() };
-        let sequence = model
-            .prefill(usine_engine::Prefill::new(&model.memory_plan(), &[], &[], &params).expect("a valid input"))
-            .await
-            .expect("prefills");
+        let sequence = usine_engine::prefill(model, &[], &[], &params).await.expect("prefills");
         let mut prepared = sequence.prepare(0).await.expect("prepares");
         let mut previous = None;
         for step in 0..STEPS {

@@ -80,8 +80,7 @@ async fn a_resume_of_an_empty_prompt_goes_on_as_an_unbroken_run() {
     assert_eq!(unbroken.len(), 12, "greedy on random weights runs to the end");
     let half = &unbroken[..6];
     let left = GenerationParams { max_tokens: 6, ..params.clone() };
-    let sequence =
-        model.prefill(usine_engine::Prefill::new(&model.memory_plan(), &[], half, &left).unwrap()).await.unwrap();
+    let sequence = usine_engine::prefill(model.as_ref(), &[], half, &left).await.unwrap();
     let mut resumed = Vec::new();
     let mut previous = half.last().copied();
     for step in 6..12 {

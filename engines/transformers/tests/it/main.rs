@@ -42,18 +42,10 @@ async fn the_cpu_profile_optimizes_in_1_5_s_loads_in_300_ms_and_decodes_12_token
     assert_eq!(start.elapsed(), Duration::from_millis(300));
     model.warm_up().await.unwrap();
 
-    let sequence = model
-        .prefill(
-            usine_engine::Prefill::new(
-                &model.memory_plan(),
-                &model.tokenize("The kernel"),
-                &[],
-                &GenerationParams::default(),
-            )
-            .unwrap(),
-        )
-        .await
-        .unwrap();
+    let sequence =
+        usine_engine::prefill(model.as_ref(), &model.tokenize("The kernel"), &[], &GenerationParams::default())
+            .await
+            .unwrap();
     let start = Instant::now();
     let prepared = sequence.prepare(0).await.unwrap();
     let (token, next) = tokio::join!(sequence.compute(prepared, None), sequence.prepare(1));
@@ -69,10 +61,7 @@ async fn decode_scales_with_threads() {
         let engine = cpu(SimConfig::default(), threads);
         let model = engine.load(&engine.compile(&spec("cpu-1b"), &NoProgress).await.unwrap()).await.unwrap();
         model.warm_up().await.unwrap();
-        let sequence = model
-            .prefill(usine_engine::Prefill::new(&model.memory_plan(), &[], &[], &GenerationParams::default()).unwrap())
-            .await
-            .unwrap();
+        let sequence = usine_engine::prefill(model.as_ref(), &[], &[], &GenerationParams::default()).await.unwrap();
         let prepared = sequence.prepare(0).await.unwrap();
         let start = Instant::now();
         sequence.compute(prepared, None).await.unwrap();
@@ -95,12 +84,7 @@ async fn prefill_costs_6_ms_a_token_and_the_first_use_400_ms_unless_warmed() {
             assert_eq!(start.elapsed(), Duration::from_millis(400));
         }
         let start = Instant::now();
-        model
-            .prefill(
-                usine_engine::Prefill::new(&model.memory_plan(), &prompt, &[], &GenerationParams::default()).unwrap(),
-            )
-            .await
-            .unwrap();
+        usine_engine::prefill(model.as_ref(), &prompt, &[], &GenerationParams::default()).await.unwrap();
         let penalty = if warm { 0 } else { 400 };
         assert_eq!(start.elapsed(), Duration::from_millis(penalty + 5 * 6), "warmed: {warm}");
     }
@@ -115,12 +99,7 @@ async fn the_tiny_profile_takes_milliseconds() {
     let model = engine.load(&graph).await.unwrap();
     assert_eq!(start.elapsed(), Duration::from_millis(100));
     model.warm_up().await.unwrap();
-    let sequence = model
-        .prefill(
-            usine_engine::Prefill::new(&model.memory_plan(), &[300, 301], &[], &GenerationParams::default()).unwrap(),
-        )
-        .await
-        .unwrap();
+    let sequence = usine_engine::prefill(model.as_ref(), &[300, 301], &[], &GenerationParams::default()).await.unwrap();
     assert_eq!(start.elapsed(), Duration::from_millis(121)); // 20 ms first use, 2 x 0.5 ms of prefill
     let prepared = sequence.prepare(0).await.unwrap();
     sequence.compute(prepared, None).await.unwrap();

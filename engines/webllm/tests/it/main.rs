@@ -79,11 +79,10 @@ async fn the_7b_loads_in_150_ms_and_decodes_at_28_tokens_a_second() {
     assert_eq!(prompt.len(), 10);
     let params = GenerationParams { max_tokens: 10, ..Default::default() };
     let start = Instant::now();
-    let sequence =
-        model.prefill(usine_engine::Prefill::new(&model.memory_plan(), &prompt, &[], &params).unwrap()).await.unwrap();
+    let sequence = usine_engine::prefill(model.as_ref(), &prompt, &[], &params).await.unwrap();
     assert_eq!(start.elapsed(), Duration::from_millis(800 + 15));
     let start = Instant::now();
-    model.prefill(usine_engine::Prefill::new(&model.memory_plan(), &prompt, &[], &params).unwrap()).await.unwrap();
+    usine_engine::prefill(model.as_ref(), &prompt, &[], &params).await.unwrap();
     assert_eq!(start.elapsed(), Duration::from_millis(15), "no penalty the second time");
 
     // One step: 2 ms of CPU preparation, then 36 ms on the device.
@@ -106,16 +105,7 @@ async fn warming_up_removes_the_first_generation_penalty() {
     model.warm_up().await.unwrap();
     assert_eq!(start.elapsed(), Duration::from_millis(800));
     let start = Instant::now();
-    model
-        .prefill(
-            usine_engine::Prefill::new(
-                &model.memory_plan(),
-                &model.tokenize("The kernel"),
-                &[],
-                &GenerationParams::default(),
-            )
-            .unwrap(),
-        )
+    usine_engine::prefill(model.as_ref(), &model.tokenize("The kernel"), &[], &GenerationParams::default())
         .await
         .unwrap();
     assert_eq!(start.elapsed(), Duration::from_millis(3));
@@ -140,8 +130,7 @@ async fn memory_plans_come_from_the_shape_and_q5_is_bigger_and_slower() {
     let mut step = Vec::new();
     for model in [&q4, &q5] {
         model.warm_up().await.unwrap();
-        let sequence =
-            model.prefill(usine_engine::Prefill::new(&model.memory_plan(), &[], &[], &params).unwrap()).await.unwrap();
+        let sequence = usine_engine::prefill(model.as_ref(), &[], &[], &params).await.unwrap();
         let prepared = sequence.prepare(0).await.unwrap();
         let start = Instant::now();
         sequence.compute(prepared, None).await.unwrap();
@@ -202,10 +191,7 @@ async fn faults_are_injected_where_asked() {
         ..Default::default()
     };
     let model = loaded(SimConfig { faults, ..Default::default() }, &spec("tiny")).await;
-    let sequence = model
-        .prefill(usine_engine::Prefill::new(&model.memory_plan(), &[], &[], &GenerationParams::default()).unwrap())
-        .await
-        .unwrap();
+    let sequence = usine_engine::prefill(model.as_ref(), &[], &[], &GenerationParams::default()).await.unwrap();
     let mut outcomes = Vec::new();
     for step in [0, 1, 2, 2, 2, 3, 4, 5] {
         let prepared = sequence.prepare(step).await.unwrap();
@@ -247,8 +233,8 @@ async fn sequences_of_one_model_take_turns_on_its_device() {
     model.warm_up().await.unwrap();
     let params = GenerationParams::default();
     let (a, b) = (
-        model.prefill(usine_engine::Prefill::new(&model.memory_plan(), &[], &[], &params).unwrap()).await.unwrap(),
-        model.prefill(usine_engine::Prefill::new(&model.memory_plan(), &[], &[], &params).unwrap()).await.unwrap(),
+        usine_engine::prefill(model.as_ref(), &[], &[], &params).await.unwrap(),
+        usine_engine::prefill(model.as_ref(), &[], &[], &params).await.unwrap(),
     );
     let (pa, pb) = (a.prepare(0).await.unwrap(), b.prepare(0).await.unwrap());
     let start = Instant::now();
