@@ -197,16 +197,16 @@ pub(crate) async fn load(
                     Some(report) => display.show(&report),
                     None => break,
                 },
-                event = events.recv(), if listening => match event {
-                    Ok(KernelEvent::WaitingForCompile { model }) if model == model_id => {
+                event = futures_util::StreamExt::next(&mut events), if listening => match event {
+                    Some(Ok(KernelEvent::WaitingForCompile { model })) if model == model_id => {
                         display.note("waiting", "another usine process is compiling it; waiting for its graph", None);
                     }
-                    Ok(KernelEvent::GraphQuarantined { model, reason }) if model == model_id => {
+                    Some(Ok(KernelEvent::GraphQuarantined { model, reason })) if model == model_id => {
                         let text = format!("its stored graph was damaged ({reason}); compiling it again");
                         display.note("quarantined", &text, Some(&reason));
                     }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => listening = false,
-                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    None => listening = false,
+                    Some(_) => {}
                 },
                 _ = &mut stopped => break,
             }

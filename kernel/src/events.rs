@@ -115,3 +115,59 @@ pub enum KernelEvent {
         message: String,
     },
 }
+
+/// The kernel's events from a [`RuntimeManager::subscribe`](crate::RuntimeManager::subscribe) on: a
+/// [`Stream`](tokio_stream::Stream), as the memory manager's and the executor's are. A subscriber that
+/// falls behind is told how many it missed ([`Lagged`]), then reads on.
+pub struct KernelEvents {
+    inner: tokio_stream::wrappers::BroadcastStream<KernelEvent>,
+}
+
+/// Events a slow subscriber missed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{missed} kernel events missed by a slow subscriber")]
+pub struct Lagged {
+    /// How many.
+    pub missed: u64,
+}
+
+impl KernelEvents {
+    pub(crate) fn new(receiver: tokio::sync::broadcast::Receiver<KernelEvent>) -> Self {
+        Self { inner: tokio_stream::wrappers::BroadcastStream::new(receiver) }
+    }
+
+    /// The next event already sent, without waiting (missed ones skipped); `None` when there is none yet.
+    pub fn try_next(&mut self) -> Option<KernelEvent> {
+        let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+        loop {
+            match tokio_stream::Stream::poll_next(std::pin::Pin::new(&mut self.inner), &mut context) {
+                std::task::Poll::Ready(Some(Ok(event))) => return Some(event),
+                std::task::Poll::Ready(Some(Err(_))) => {}
+                std::task::Poll::Ready(None) | std::task::Poll::Pending => return None,
+            }
+        }
+    }
+}
+
+impl tokio_stream::Stream for KernelEvents {
+    type Item = Result<KernelEvent, Lagged>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        std::pin::Pin::new(&mut self.inner).poll_next(cx).map(|item| {
+            item.map(|received| {
+                received.map_err(|tokio_stream::wrappers::errors::BroadcastStreamRecvError::Lagged(missed)| Lagged {
+                    missed,
+                })
+            })
+        })
+    }
+}
+
+impl std::fmt::Debug for KernelEvents {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KernelEvents").finish_non_exhaustive()
+    }
+}

@@ -18,7 +18,7 @@ mod usage;
 
 pub use config::{KeepAlive, KernelConfig, LoadOptions};
 pub use error::{Holder, KernelError};
-pub use events::{EvictReason, KernelEvent, LoadSource};
+pub use events::{EvictReason, KernelEvent, KernelEvents, Lagged, LoadSource};
 pub use handle::ModelHandle;
 pub use progress::{ProgressEnd, ProgressStream};
 pub use runtime::RuntimeManager;

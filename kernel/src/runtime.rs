@@ -4,7 +4,6 @@
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 
-use tokio::sync::broadcast;
 use usine_engine::{Engine, ModelSpec};
 use usine_memory::{MemoryManager, PoolConfig};
 use usine_storage::StorageManager;
@@ -12,7 +11,7 @@ use usine_storage::StorageManager;
 use crate::catalog::Catalog;
 use crate::config::{KernelConfig, LoadOptions};
 use crate::error::KernelError;
-use crate::events::{EvictReason, KernelEvent};
+use crate::events::{EvictReason, KernelEvents};
 use crate::handle::ModelHandle;
 use crate::loads::{blocking, graph_key};
 use crate::progress::ProgressStream;
@@ -120,9 +119,9 @@ impl RuntimeManager {
         self.loads.warm_queue()
     }
 
-    /// A stream of kernel events from now on.
-    pub fn subscribe(&self) -> broadcast::Receiver<KernelEvent> {
-        self.loads.telemetry.events.subscribe()
+    /// The kernel's events from now on, as a stream.
+    pub fn subscribe(&self) -> KernelEvents {
+        KernelEvents::new(self.loads.telemetry.events.subscribe())
     }
 
     /// The progress of `model`'s next (or current) compile, until its load ends (see

@@ -133,7 +133,7 @@ async fn ten_concurrent_loads_of_one_model_compile_once() {
     assert_eq!(start.elapsed(), COMPILE + LOAD);
     assert_eq!(f.engine.compiles.load(Ordering::SeqCst), 1);
     let mut started = 0;
-    while let Ok(event) = events.try_recv() {
+    while let Some(event) = events.try_next() {
         started += usize::from(matches!(event, KernelEvent::LoadStarted { .. }));
     }
     assert_eq!(started, 1);
@@ -266,9 +266,9 @@ async fn a_damaged_stored_graph_means_compile_again() {
 }
 
 /// The evictions among the events received so far.
-fn evictions(events: &mut tokio::sync::broadcast::Receiver<KernelEvent>) -> Vec<KernelEvent> {
+fn evictions(events: &mut usine_kernel::KernelEvents) -> Vec<KernelEvent> {
     let mut seen = Vec::new();
-    while let Ok(event) = events.try_recv() {
+    while let Some(event) = events.try_next() {
         if matches!(event, KernelEvent::Evicted { .. }) {
             seen.push(event);
         }
@@ -291,7 +291,7 @@ async fn a_user_load_is_as_fast_with_twenty_warm_ups_queued_as_with_none() {
     assert_eq!(start.elapsed(), COMPILE + LOAD, "as with an empty queue");
     assert_eq!(user.source(), LoadSource::Compile);
     let mut preempted = Vec::new();
-    while let Ok(event) = events.try_recv() {
+    while let Some(event) = events.try_next() {
         if let KernelEvent::WarmupPreempted { model } = event {
             preempted.push(model);
         }
