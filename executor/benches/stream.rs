@@ -3,9 +3,9 @@
 //! - `pipeline`: tokens/s of one stream whose engine takes 2 ms to prepare a step and 5 ms to compute it,
 //!   pipelined and not; the ideal is one token per 5 ms (`1 / max(cpu, gpu)`), the sequential sum one per
 //!   7 ms; 100 tokens also wait for the first prepare, so the pipelined ceiling is 100 / 502 ms
-//!   = 199.2 tokens/s. Each stage of the bench engine measures how much longer its sleep took than asked
-//!   and pays that back in its next sleep, so the timer's millisecond granularity is not counted against
-//!   the executor; any delay outside the sleep (the executor's own) is.
+//!   = 199.2 tokens/s. The scripted engine runs paced: each stage measures how much longer its sleep
+//!   took than asked and pays that back in its next sleep, so the timer's millisecond granularity is not
+//!   counted against the executor; any delay outside the sleep (the executor's own) is.
 //! - `overhead`: the zero-cost engine, so that only usine is measured: one stream of 1,000 tokens against
 //!   the floor of a bare tokio bounded channel passing 1,000 items between two tasks (both on one thread,
 //!   so that the per-token cost is measured, not thread wake-ups), and the aggregate over 1, 100 and
@@ -20,12 +20,8 @@ use std::time::Duration;
 
 use divan::Bencher;
 use divan::counter::ItemsCount;
-use parking_lot::Mutex;
-use tokio::time::Instant;
-use usine_engine::{
-    CompiledGraph, Detokenizer, Engine, EngineDescriptor, EngineError, LoadedModel, MemoryPlan, ModelSpec, Prefill,
-    Prepared, ProgressSink, Sequence, Token, TokenId, ZeroEngine,
-};
+use usine_engine::scripted::{Script, ScriptedEngine};
+use usine_engine::{Engine, MemoryPlan, ModelSpec, ZeroEngine};
 use usine_executor::{ExecutorConfig, Request, TaskExecutor, Timeouts};
 use usine_kernel::{KernelConfig, ModelHandle, RuntimeManager};
 use usine_memory::{MemoryManager, StandardPools};
@@ -83,7 +79,8 @@ const PIPELINE_TOKENS: u32 = 100;
 #[divan::bench(args = [true, false], sample_count = 10, sample_size = 1)]
 fn pipeline(bencher: Bencher<'_, '_>, pipelining: bool) {
     let runtime = runtime();
-    let engine = Arc::new(Paced { zero: ZeroEngine::with_plan(PLAN) });
+    let script = Script { prepare: PREPARE, compute: COMPUTE, paced: true, ..Script::default() };
+    let engine = Arc::new(ScriptedEngine::with_plan(PLAN, script));
     let setup = setup(&runtime, engine, ExecutorConfig { pipelining, ..ExecutorConfig::default() });
     bencher.counter(ItemsCount::new(PIPELINE_TOKENS)).bench_local(|| {
         runtime.block_on(async {
@@ -175,92 +172,4 @@ fn overhead_concurrent_streams(bencher: Bencher<'_, '_>, streams: u32) {
             }
         });
     });
-}
-
-/// The zero engine with a prepare stage of [`PREPARE`] and a compute stage of [`COMPUTE`], each paced
-/// on its own schedule.
-struct Paced {
-    zero: ZeroEngine,
-}
-
-#[async_trait::async_trait]
-impl Engine for Paced {
-    fn descriptor(&self) -> &EngineDescriptor {
-        self.zero.descriptor()
-    }
-
-    fn memory_plan(&self, graph: &CompiledGraph) -> Result<MemoryPlan, EngineError> {
-        self.zero.memory_plan(graph)
-    }
-
-    async fn compile(&self, spec: &ModelSpec, progress: &dyn ProgressSink) -> Result<CompiledGraph, EngineError> {
-        self.zero.compile(spec, progress).await
-    }
-
-    async fn load(&self, graph: &CompiledGraph) -> Result<Arc<dyn LoadedModel>, EngineError> {
-        Ok(Arc::new(PacedModel { inner: self.zero.load(graph).await? }))
-    }
-}
-
-struct PacedModel {
-    inner: Arc<dyn LoadedModel>,
-}
-
-#[async_trait::async_trait]
-impl LoadedModel for PacedModel {
-    fn memory_plan(&self) -> MemoryPlan {
-        self.inner.memory_plan()
-    }
-
-    fn tokenize(&self, text: &str) -> Vec<TokenId> {
-        self.inner.tokenize(text)
-    }
-
-    fn detokenizer(&self) -> Box<dyn Detokenizer> {
-        self.inner.detokenizer()
-    }
-
-    async fn prefill(&self, input: Prefill<'_>) -> Result<Box<dyn Sequence>, EngineError> {
-        let inner = self.inner.prefill(input).await?;
-        Ok(Box::new(PacedSequence { inner, schedule: Schedule::default() }))
-    }
-}
-
-/// The timer's overshoot of each stage's past sleeps, not yet paid back: measured inside the sleep
-/// (the time it took beyond what was asked) and taken off the next sleep of the same stage. Time spent
-/// between sleeps is never forgiven.
-#[derive(Default)]
-struct Schedule(Mutex<[Duration; 2]>);
-
-const CPU: usize = 0;
-const DEVICE: usize = 1;
-
-impl Schedule {
-    async fn wait(&self, stage: usize, duration: Duration) {
-        let owed = self.0.lock()[stage].min(duration);
-        let asked = duration - owed;
-        let started = Instant::now();
-        tokio::time::sleep(asked).await;
-        let overshoot = started.elapsed().saturating_sub(asked);
-        let mut debt = self.0.lock();
-        debt[stage] = debt[stage].saturating_sub(owed) + overshoot;
-    }
-}
-
-struct PacedSequence {
-    inner: Box<dyn Sequence>,
-    schedule: Schedule,
-}
-
-#[async_trait::async_trait]
-impl Sequence for PacedSequence {
-    async fn prepare(&self, step: u32) -> Result<Prepared, EngineError> {
-        self.schedule.wait(CPU, PREPARE).await;
-        self.inner.prepare(step).await
-    }
-
-    async fn compute(&self, prepared: Prepared, previous: Option<TokenId>) -> Result<Token, EngineError> {
-        self.schedule.wait(DEVICE, COMPUTE).await;
-        self.inner.compute(prepared, previous).await
-    }
 }

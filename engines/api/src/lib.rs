@@ -6,6 +6,8 @@ pub mod conformance;
 mod engine;
 mod error;
 mod generate;
+#[cfg(feature = "test-util")]
+pub mod scripted;
 mod text;
 mod types;
 mod zero;

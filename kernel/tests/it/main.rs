@@ -8,13 +8,11 @@
 )]
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
-use usine_engine::{
-    CompiledGraph, Engine, EngineDescriptor, EngineError, LoadedModel, MemoryPlan, ModelSpec, ProgressSink, ZeroEngine,
-};
+use usine_engine::scripted::{Script, ScriptHandle, ScriptedEngine};
+use usine_engine::{MemoryPlan, ModelSpec};
 use usine_kernel::{
     EvictReason, KeepAlive, KernelConfig, KernelError, KernelEvent, LoadOptions, LoadSource, ProgressEnd,
     RuntimeManager,
@@ -26,43 +24,11 @@ const COMPILE: Duration = Duration::from_secs(4);
 const LOAD: Duration = Duration::from_millis(150);
 const WEIGHTS: u64 = 1000;
 
-/// The zero engine with a compile of 4 s and a load of 150 ms, counting compiles; the load of the model
-/// named in `failing` fails.
-struct Slow {
-    zero: ZeroEngine,
-    compiles: AtomicUsize,
-    failing: Option<&'static str>,
-}
-
-#[async_trait::async_trait]
-impl Engine for Slow {
-    fn descriptor(&self) -> &EngineDescriptor {
-        self.zero.descriptor()
-    }
-
-    fn memory_plan(&self, graph: &CompiledGraph) -> Result<MemoryPlan, EngineError> {
-        self.zero.memory_plan(graph)
-    }
-
-    async fn compile(&self, spec: &ModelSpec, progress: &dyn ProgressSink) -> Result<CompiledGraph, EngineError> {
-        self.compiles.fetch_add(1, Ordering::SeqCst);
-        tokio::time::sleep(COMPILE).await;
-        self.zero.compile(spec, progress).await
-    }
-
-    async fn load(&self, graph: &CompiledGraph) -> Result<Arc<dyn LoadedModel>, EngineError> {
-        tokio::time::sleep(LOAD).await;
-        if self.failing == Some(graph.spec.id.as_str()) {
-            return Err(EngineError::Fatal { message: "injected".into() });
-        }
-        self.zero.load(graph).await
-    }
-}
-
 struct Fixture {
     _dir: tempfile::TempDir,
     kernel: RuntimeManager,
-    engine: Arc<Slow>,
+    /// The scripted engine's script: a compile of 4 s, a load of 150 ms, the compiles counted.
+    script: ScriptHandle,
     storage: StorageManager,
 }
 
@@ -80,12 +46,14 @@ fn fixture_failing(config: KernelConfig, models: &[&str], failing: Option<&'stat
         activation_bytes_per_step: 0,
         max_context_tokens: 4096,
     };
-    let engine = Arc::new(Slow { zero: ZeroEngine::with_plan(plan), compiles: AtomicUsize::new(0), failing });
-    kernel.register_engine(engine.clone());
+    let script = Script { compile: COMPILE, load: LOAD, fail_load: failing.map(str::to_owned), ..Script::default() };
+    let engine = ScriptedEngine::with_plan(plan, script);
+    let script = engine.script();
+    kernel.register_engine(Arc::new(engine));
     for model in models {
         kernel.register_model(ModelSpec::new(*model, "zero", "default"));
     }
-    Fixture { _dir: dir, kernel, engine, storage }
+    Fixture { _dir: dir, kernel, script, storage }
 }
 
 fn config(models_that_fit: u64) -> KernelConfig {
@@ -113,7 +81,7 @@ async fn compile_once_then_memory_hits_then_disk_after_an_unload() {
     assert_eq!((stats.compiles, stats.disk_hits, stats.memory_hits), (1, 1, 1));
     assert_eq!(stats.load_time[&LoadSource::Compile], COMPILE + LOAD);
     assert_eq!(stats.evictions[&EvictReason::Unloaded], 1);
-    assert_eq!(f.engine.compiles.load(Ordering::SeqCst), 1);
+    assert_eq!(f.script.lock().compiles, 1);
 }
 
 #[tokio::test(start_paused = true)]
@@ -131,7 +99,7 @@ async fn ten_concurrent_loads_of_one_model_compile_once() {
         load.await.unwrap().unwrap();
     }
     assert_eq!(start.elapsed(), COMPILE + LOAD);
-    assert_eq!(f.engine.compiles.load(Ordering::SeqCst), 1);
+    assert_eq!(f.script.lock().compiles, 1);
     let mut started = 0;
     while let Some(event) = events.try_next() {
         started += usize::from(matches!(event, KernelEvent::LoadStarted { .. }));
@@ -262,7 +230,7 @@ async fn a_damaged_stored_graph_means_compile_again() {
     let start = Instant::now();
     let handle = f.kernel.load_model("a").await.unwrap();
     assert_eq!((handle.source(), start.elapsed()), (LoadSource::Compile, COMPILE + LOAD));
-    assert_eq!(f.engine.compiles.load(Ordering::SeqCst), 2);
+    assert_eq!(f.script.lock().compiles, 2);
 }
 
 /// The evictions among the events received so far.
@@ -320,7 +288,7 @@ async fn a_user_load_of_a_warming_model_takes_over_its_load_and_a_queued_one_lea
     let start = Instant::now();
     let b = f.kernel.load_model("b").await.unwrap();
     assert_eq!(start.elapsed(), COMPILE + LOAD, "joined b's warm-up, which had just started");
-    assert_eq!((b.source(), f.engine.compiles.load(Ordering::SeqCst)), (LoadSource::Compile, 2));
+    assert_eq!((b.source(), f.script.lock().compiles), (LoadSource::Compile, 2));
 }
 
 #[tokio::test(start_paused = true)]

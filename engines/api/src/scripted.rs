@@ -1,0 +1,213 @@
+//! One scripted engine for the tests and benchmarks of the layers above (feature `test-util`): the zero
+//! engine, each stage taking the time its [`Script`] says on tokio's clock (paused in tests, so
+//! timelines are exact), faults injected where the script says, and a log of what it was asked.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::time::Instant;
+
+use crate::engine::{Detokenizer, Engine, LoadedModel, Prefill, Prepared, Sequence};
+use crate::error::EngineError;
+use crate::types::{CompiledGraph, EngineDescriptor, MemoryPlan, ModelSpec, ProgressSink, Token, TokenId};
+use crate::zero::ZeroEngine;
+
+/// What the scripted engine does, and what it saw. Change it at any time through
+/// [`ScriptedEngine::script`]: every stage reads it when it starts.
+#[derive(Debug, Default)]
+pub struct Script {
+    /// Time of a compile.
+    pub compile: Duration,
+    /// Time of a load.
+    pub load: Duration,
+    /// Time of a prefill.
+    pub prefill: Duration,
+    /// Time of a step's prepare stage.
+    pub prepare: Duration,
+    /// Time of a step's compute stage.
+    pub compute: Duration,
+    /// Each stage of a sequence pays back the timer's overshoot of its earlier waits (measured inside
+    /// each wait), so that a benchmark on a real clock keeps the script's pace.
+    pub paced: bool,
+    /// The load of this model fails (fatal), after its time.
+    pub fail_load: Option<String>,
+    /// Step → failures left: the compute of that step fails with a transient error.
+    pub transient: BTreeMap<u32, u32>,
+    /// The compute of this step fails with a fatal error.
+    pub fatal: Option<u32>,
+    /// The compute of this step takes this much longer.
+    pub stall: Option<(u32, Duration)>,
+    /// The compute of this step ends the sequence.
+    pub end_at: Option<u32>,
+    /// The compute of this step panics (an engine bug).
+    pub panic_at: Option<u32>,
+    /// Log: compiles started.
+    pub compiles: usize,
+    /// Log: every prefill, as prompt tokens, tokens already generated, `max_tokens` asked.
+    pub prefills: Vec<(usize, usize, u32)>,
+    /// Log: computes started.
+    pub computes: u32,
+}
+
+/// A shared [`Script`].
+#[derive(Debug, Clone, Default)]
+pub struct ScriptHandle(Arc<Mutex<Script>>);
+
+impl ScriptHandle {
+    /// The script, to read or change (a panic while it was held does not poison it).
+    pub fn lock(&self) -> MutexGuard<'_, Script> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The zero engine as its script says. See the module's documentation.
+#[derive(Debug, Clone)]
+pub struct ScriptedEngine {
+    zero: ZeroEngine,
+    script: ScriptHandle,
+}
+
+impl ScriptedEngine {
+    /// The engine of `script`, with the zero engine's memory plan.
+    pub fn new(script: Script) -> Self {
+        Self { zero: ZeroEngine::new(), script: ScriptHandle(Arc::new(Mutex::new(script))) }
+    }
+
+    /// The engine of `script`, its models needing `plan`.
+    pub fn with_plan(plan: MemoryPlan, script: Script) -> Self {
+        Self { zero: ZeroEngine::with_plan(plan), script: ScriptHandle(Arc::new(Mutex::new(script))) }
+    }
+
+    /// Its script, shared.
+    pub fn script(&self) -> ScriptHandle {
+        self.script.clone()
+    }
+}
+
+#[async_trait]
+impl Engine for ScriptedEngine {
+    fn descriptor(&self) -> &EngineDescriptor {
+        self.zero.descriptor()
+    }
+
+    fn memory_plan(&self, graph: &CompiledGraph) -> Result<MemoryPlan, EngineError> {
+        self.zero.memory_plan(graph)
+    }
+
+    async fn compile(&self, spec: &ModelSpec, progress: &dyn ProgressSink) -> Result<CompiledGraph, EngineError> {
+        let delay = {
+            let mut script = self.script.lock();
+            script.compiles += 1;
+            script.compile
+        };
+        tokio::time::sleep(delay).await;
+        self.zero.compile(spec, progress).await
+    }
+
+    async fn load(&self, graph: &CompiledGraph) -> Result<Arc<dyn LoadedModel>, EngineError> {
+        let delay = self.script.lock().load;
+        tokio::time::sleep(delay).await;
+        if self.script.lock().fail_load.as_deref() == Some(graph.spec.id.as_str()) {
+            return Err(EngineError::Fatal { message: "injected".into() });
+        }
+        Ok(Arc::new(ScriptedModel { inner: self.zero.load(graph).await?, script: self.script.clone() }))
+    }
+}
+
+struct ScriptedModel {
+    inner: Arc<dyn LoadedModel>,
+    script: ScriptHandle,
+}
+
+#[async_trait]
+impl LoadedModel for ScriptedModel {
+    fn memory_plan(&self) -> MemoryPlan {
+        self.inner.memory_plan()
+    }
+
+    fn tokenize(&self, text: &str) -> Vec<TokenId> {
+        self.inner.tokenize(text)
+    }
+
+    fn detokenizer(&self) -> Box<dyn Detokenizer> {
+        self.inner.detokenizer()
+    }
+
+    async fn prefill(&self, input: Prefill<'_>) -> Result<Box<dyn Sequence>, EngineError> {
+        let (delay, paced) = {
+            let mut script = self.script.lock();
+            script.prefills.push((input.prompt().len(), input.generated().len(), input.params().max_tokens));
+            (script.prefill, script.paced)
+        };
+        tokio::time::sleep(delay).await;
+        let inner = self.inner.prefill(input).await?;
+        let debts = paced.then(|| Mutex::new([Duration::ZERO; 2]));
+        Ok(Box::new(ScriptedSequence { inner, script: self.script.clone(), debts }))
+    }
+}
+
+struct ScriptedSequence {
+    inner: Box<dyn Sequence>,
+    script: ScriptHandle,
+    /// Paced: each stage's timer overshoot not yet paid back (prepare, compute).
+    debts: Option<Mutex<[Duration; 2]>>,
+}
+
+const PREPARE: usize = 0;
+const COMPUTE: usize = 1;
+
+impl ScriptedSequence {
+    /// Waits `duration` for `stage`, less what its earlier waits overshot when paced.
+    async fn wait(&self, stage: usize, duration: Duration) {
+        let Some(debts) = &self.debts else {
+            tokio::time::sleep(duration).await;
+            return;
+        };
+        let owed = debts.lock().unwrap_or_else(PoisonError::into_inner)[stage].min(duration);
+        let asked = duration - owed;
+        let started = Instant::now();
+        tokio::time::sleep(asked).await;
+        let overshoot = started.elapsed().saturating_sub(asked);
+        let mut debts = debts.lock().unwrap_or_else(PoisonError::into_inner);
+        debts[stage] = debts[stage].saturating_sub(owed) + overshoot;
+    }
+}
+
+#[async_trait]
+impl Sequence for ScriptedSequence {
+    async fn prepare(&self, step: u32) -> Result<Prepared, EngineError> {
+        let delay = self.script.lock().prepare;
+        self.wait(PREPARE, delay).await;
+        self.inner.prepare(step).await
+    }
+
+    async fn compute(&self, prepared: Prepared, previous: Option<TokenId>) -> Result<Token, EngineError> {
+        let step = prepared.step();
+        let delay = {
+            let mut script = self.script.lock();
+            script.computes += 1;
+            script.compute + script.stall.filter(|&(at, _)| at == step).map_or(Duration::ZERO, |(_, d)| d)
+        };
+        self.wait(COMPUTE, delay).await;
+        let injected = {
+            let mut script = self.script.lock();
+            assert_ne!(script.panic_at, Some(step), "injected panic at {step}");
+            if script.fatal == Some(step) {
+                Some(Err(EngineError::Fatal { message: format!("injected at {step}") }))
+            } else if let Some(left) = script.transient.get_mut(&step).filter(|left| **left > 0) {
+                *left -= 1;
+                Some(Err(EngineError::Transient { message: format!("injected at {step}") }))
+            } else if script.end_at == Some(step) {
+                Some(Ok(Token { id: ZeroEngine::END_OF_SEQUENCE, end_of_sequence: true }))
+            } else {
+                None
+            }
+        };
+        if let Some(injected) = injected {
+            return injected;
+        }
+        self.inner.compute(prepared, previous).await
+    }
+}
