@@ -227,7 +227,8 @@ mod tests {
     fn the_layer_table_reads_from_architecture_md() {
         let table = table();
         let row = |krate: &str| table.iter().find(|(name, _)| name == krate).map(|(_, allowed)| allowed.clone());
-        assert_eq!(row("usine-memory"), Some(Some(Vec::new())));
+        assert_eq!(row("usine-engine"), Some(Some(Vec::new())), "nothing");
+        assert_eq!(row("usine-memory"), Some(Some(vec!["usine-engine".to_owned()])), "a note in words is not a crate");
         assert_eq!(row("usine-cli"), Some(None), "everything");
         let kernel = row("usine-kernel").unwrap().unwrap();
         assert_eq!(kernel, ["usine-memory", "usine-storage", "usine-engine"]);

@@ -1,6 +1,7 @@
-//! One scripted engine for the tests and benchmarks of the layers above (feature `test-util`): the zero
-//! engine, each stage taking the time its [`Script`] says on tokio's clock (paused in tests, so
-//! timelines are exact), faults injected where the script says, and a log of what it was asked.
+//! What the tests and benchmarks of usine's crates share (feature `test-util`): one scripted engine, the
+//! zero engine with each stage taking the time its [`Script`] says on tokio's clock (paused in tests, so
+//! timelines are exact), faults injected where the script says, and a log of what it was asked; and
+//! [`metrics_snapshot`], what a debugging recorder received, by rendered key.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -210,4 +211,22 @@ impl Sequence for ScriptedSequence {
         }
         self.inner.compute(prepared, previous).await
     }
+}
+
+/// What `recorder` received, by metric name and labels rendered as `name{label=value,...}`, with each
+/// value and description.
+pub fn metrics_snapshot(
+    recorder: &metrics_util::debugging::DebuggingRecorder,
+) -> BTreeMap<String, (metrics_util::debugging::DebugValue, Option<String>)> {
+    recorder
+        .snapshotter()
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .map(|(key, _unit, description, value)| {
+            let key = key.key();
+            let labels: Vec<String> = key.labels().map(|label| format!("{}={}", label.key(), label.value())).collect();
+            (format!("{}{{{}}}", key.name(), labels.join(",")), (value, description.map(|text| text.to_string())))
+        })
+        .collect()
 }

@@ -1,6 +1,7 @@
 //! Telemetry: what the executor emits through the `metrics` facade.
 
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+use usine_engine::scripted::metrics_snapshot;
 use usine_executor::{ExecutorConfig, Request, metrics as names};
 
 use crate::{config, fixture};
@@ -8,7 +9,6 @@ use crate::{config, fixture};
 #[tokio::test(start_paused = true)]
 async fn requests_tokens_retries_and_latencies_are_emitted() {
     let recorder = DebuggingRecorder::new();
-    let snapshotter = recorder.snapshotter();
     let f = metrics::with_local_recorder(&recorder, || fixture(ExecutorConfig { max_concurrent: 1, ..config() }));
     f.script.lock().transient.insert(2, 1);
     let _model = f.loaded().await;
@@ -16,15 +16,16 @@ async fn requests_tokens_retries_and_latencies_are_emitted() {
     drop(f.executor.generate(Request::prompt("lab", "Hi").max_tokens(5)).unwrap());
     tokio::task::yield_now().await;
 
-    let snapshot = snapshotter.snapshot().into_vec();
+    let seen = metrics_snapshot(&recorder);
     let value = |name: &str, label: Option<(&str, &str)>| {
-        snapshot
-            .iter()
-            .find(|(key, _, _, _)| {
-                key.key().name() == name
-                    && label.is_none_or(|(k, v)| key.key().labels().any(|l| l.key() == k && l.value() == v))
+        seen.iter()
+            .find(|(key, _)| {
+                let labels = key.strip_prefix(name).and_then(|rest| rest.strip_prefix('{')?.strip_suffix('}'));
+                labels.is_some_and(|labels| {
+                    label.is_none_or(|(k, v)| labels.split(',').any(|pair| pair == format!("{k}={v}")))
+                })
             })
-            .map(|(_, _, _, value)| value)
+            .map(|(_, (value, _))| value)
             .unwrap_or_else(|| panic!("no {name} {label:?}"))
     };
     assert_eq!(*value(names::REQUESTS_TOTAL, Some(("outcome", "completed"))), DebugValue::Counter(1));

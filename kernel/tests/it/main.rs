@@ -329,19 +329,8 @@ async fn loads_and_evictions_reach_the_metrics_facade_described() {
     drop(f.kernel.load_model("a").await.unwrap());
     drop(f.kernel.load_model("a").await.unwrap());
     drop(f.kernel.load_model("b").await.unwrap()); // evicts a
-    let seen: Vec<(String, DebugValue, bool)> = recorder
-        .snapshotter()
-        .snapshot()
-        .into_vec()
-        .into_iter()
-        .map(|(key, _, description, value)| {
-            let key = key.key();
-            let labels: Vec<String> = key.labels().map(|l| format!("{}={}", l.key(), l.value())).collect();
-            (format!("{}{{{}}}", key.name(), labels.join(",")), value, description.is_some())
-        })
-        .collect();
-    let value =
-        |name: &str| seen.iter().find(|(key, _, _)| key == name).map(|(_, value, described)| (value, *described));
+    let seen = usine_engine::scripted::metrics_snapshot(&recorder);
+    let value = |name: &str| seen.get(name).map(|(value, description)| (value, description.is_some()));
     assert_eq!(value("usine_kernel_loads_total{source=compile}"), Some((&DebugValue::Counter(2), true)));
     assert_eq!(value("usine_kernel_loads_total{source=memory}"), Some((&DebugValue::Counter(1), true)));
     assert_eq!(value("usine_kernel_evictions_total{reason=lru}"), Some((&DebugValue::Counter(1), true)));

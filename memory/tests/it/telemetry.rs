@@ -1,28 +1,8 @@
 //! Telemetry: the figures the `metrics` facade receives, checked with a debugging recorder.
 
-use std::collections::HashMap;
-
-use metrics::{Key, Label};
-use metrics_util::CompositeKey;
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+use usine_engine::scripted::metrics_snapshot as snapshot;
 use usine_memory::{MemoryManager, PoolConfig, ScopeId, metrics as names};
-
-/// Metric name and labels, rendered as `name{label=value,...}`, with its value and description.
-fn snapshot(recorder: &DebuggingRecorder) -> HashMap<String, (DebugValue, Option<String>)> {
-    let render = |key: &CompositeKey| {
-        let key: &Key = key.key();
-        let labels: Vec<String> =
-            key.labels().map(|label: &Label| format!("{}={}", label.key(), label.value())).collect();
-        format!("{}{{{}}}", key.name(), labels.join(","))
-    };
-    recorder
-        .snapshotter()
-        .snapshot()
-        .into_vec()
-        .into_iter()
-        .map(|(key, _unit, description, value)| (render(&key), (value, description.map(|d| d.to_string()))))
-        .collect()
-}
 
 fn gauge(value: f64) -> DebugValue {
     DebugValue::Gauge(value.into())

@@ -1,8 +1,7 @@
 //! Telemetry: what the `metrics` facade receives from a store, checked with a debugging recorder.
 
-use std::collections::HashMap;
-
 use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+use usine_engine::scripted::metrics_snapshot;
 use usine_storage::{Migrations, StorageConfig, StorageManager, metrics as names};
 
 use crate::{Graph, key};
@@ -20,17 +19,7 @@ fn hits_misses_quarantine_and_bytes_reach_the_metrics_facade_described() {
     std::fs::write(&saved.path, b"garbage").unwrap();
     store.get::<Graph>(&key("a")).unwrap();
 
-    let seen: HashMap<String, (DebugValue, Option<String>)> = recorder
-        .snapshotter()
-        .snapshot()
-        .into_vec()
-        .into_iter()
-        .map(|(key, _, description, value)| {
-            let key = key.key();
-            let labels: Vec<String> = key.labels().map(|label| format!("{}={}", label.key(), label.value())).collect();
-            (format!("{}{{{}}}", key.name(), labels.join(",")), (value, description.map(|text| text.to_string())))
-        })
-        .collect();
+    let seen = metrics_snapshot(&recorder);
     let value = |name: &str| seen.get(name).map(|(value, _)| value);
     assert_eq!(value("usine_storage_hits_total{}"), Some(&DebugValue::Counter(1)));
     assert_eq!(value("usine_storage_misses_total{reason=absent}"), Some(&DebugValue::Counter(1)));
