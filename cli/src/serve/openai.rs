@@ -101,7 +101,7 @@ pub(crate) async fn completions(
     };
     check_prompt_len(&state, prompt.len())?;
     let request = Request::prompt(&body.model, prompt);
-    generate(&state, body.model, request, body.sampling, Kind::Completion).await
+    generate(&state, request, body.sampling, Kind::Completion).await
 }
 
 pub(crate) async fn chat_completions(
@@ -129,7 +129,7 @@ pub(crate) async fn chat_completions(
     }
     let request = Request::chat(&body.model, messages);
     check_prompt_len(&state, request.input.render().len())?; // the messages, plainly (a template adds its markers)
-    generate(&state, body.model, request, body.sampling, Kind::Chat).await
+    generate(&state, request, body.sampling, Kind::Chat).await
 }
 
 fn check_prompt_len(state: &AppState, bytes: usize) -> Result<(), ApiError> {
@@ -188,7 +188,6 @@ fn params(state: &AppState, sampling: &Sampling) -> Result<GenerationParams, Api
 /// loaded, a prompt too long for the context, a queue that is full), then the body follows.
 async fn generate(
     state: &AppState,
-    model: String,
     request: Request,
     sampling: Sampling,
     kind: Kind,
@@ -198,6 +197,7 @@ async fn generate(
     // A server default for `max_tokens`, not the client's: what fits the context is generated.
     let fit = sampling.max_completion_tokens.or(sampling.max_tokens).is_none();
     let request = if fit { request.fit_to_context() } else { request };
+    let model = request.model.clone();
     super::error::known_model(state, &model)?; // a 404 before anything queues
     let mut stream = state.app.executor.generate(request.params(params))?;
     let prompt_tokens = match stream.next().await {
