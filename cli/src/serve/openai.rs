@@ -186,12 +186,7 @@ fn params(state: &AppState, sampling: &Sampling) -> Result<GenerationParams, Api
 
 /// Starts the generation and answers: the status is decided by the first event (a model that cannot be
 /// loaded, a prompt too long for the context, a queue that is full), then the body follows.
-async fn generate(
-    state: &AppState,
-    request: Request,
-    sampling: Sampling,
-    kind: Kind,
-) -> Result<Response, ApiError> {
+async fn generate(state: &AppState, request: Request, sampling: Sampling, kind: Kind) -> Result<Response, ApiError> {
     state.ready()?;
     let params = params(state, &sampling)?;
     // A server default for `max_tokens`, not the client's: what fits the context is generated.
