@@ -135,6 +135,7 @@ impl ExecutorError {
             Self::Timeout { .. } => "timeout",
             Self::Kernel(KernelError::UnknownModel { .. }) => "unknown_model",
             Self::Kernel(KernelError::TooManyProgressStreams { .. }) => "too_many_streams",
+            Self::Kernel(KernelError::ShuttingDown) => "shutting_down",
             Self::Kernel(_) => "model_unavailable",
             Self::InvalidRequest { .. } => "invalid_request",
             Self::Memory { .. } => "out_of_memory",

@@ -78,7 +78,9 @@ pub trait LoadedModel: Send + Sync {
 
 /// A prefill's input, checked once: every parameter within its limit ([`GenerationParams::validate`])
 /// and the context (the prompt, the tokens already generated, and `max_tokens`) within the model's
-/// ([`check_context`]). Made only by [`Prefill::new`], so an engine that receives one knows it holds.
+/// ([`check_context`]). Made only by [`Prefill::new`], against the model's plan (its
+/// [`LoadedModel::memory_plan`], which is the plan [`Engine::memory_plan`] gave for its graph), so an
+/// engine that receives one knows it holds.
 #[derive(Debug, Clone, Copy)]
 pub struct Prefill<'a> {
     prompt: &'a [TokenId],
@@ -87,7 +89,7 @@ pub struct Prefill<'a> {
 }
 
 impl<'a> Prefill<'a> {
-    /// Checks `params` and the context against `plan` (the model's).
+    /// Checks `params` and the context against `plan`, the model's.
     pub fn new(
         plan: &MemoryPlan,
         prompt: &'a [TokenId],

@@ -524,6 +524,7 @@ impl LoadedModel for CandleModel {
 
     async fn prefill(&self, input: Prefill<'_>) -> Result<Box<dyn Sequence>, EngineError> {
         let (prompt, generated, params) = (input.prompt(), input.generated(), input.params());
+        debug_assert!(input.capacity() <= self.plan.max_context_tokens as usize, "checked against another plan");
         // An empty prompt starts from the end-of-sequence token, which takes position 0; a resume of it
         // must run that token too, or every position after would shift.
         let start = if prompt.is_empty() { vec![self.model.start_token()] } else { Vec::new() };
