@@ -159,6 +159,9 @@ async fn load_task(
             Ok(handle)
         }
     };
+    // Out of the loads under way before the outcome is told: a caller that comes after a failure starts
+    // a new load rather than joining this one and its error.
+    drop(leave);
     let _ = done.send(Some(outcome)); // nobody waits any more: the model is loaded all the same
 }
 

@@ -102,6 +102,16 @@ pub struct ModelInfo {
     pub expires_in: Option<Duration>,
 }
 
+/// When `entry`'s keep-alive runs out once idle; `None` for never (a keep-alive too long to add to a
+/// clock is forever).
+fn expiry(entry: &Entry) -> Option<Instant> {
+    match *entry.keep_alive.lock() {
+        KeepAlive::For(keep) => entry.last_use.lock().checked_add(keep),
+        KeepAlive::UnloadNow => Some(*entry.last_use.lock()),
+        KeepAlive::Forever => None,
+    }
+}
+
 /// Why a reservation could not be made at once.
 enum Blocked {
     TooMany,
@@ -266,12 +276,7 @@ impl Table {
                 .values()
                 .filter(|entry| entry.idle() && !models.pinned.contains(&entry.id))
                 .filter_map(|entry| {
-                    let expiry = match *entry.keep_alive.lock() {
-                        // A keep-alive too long to add to a clock is forever.
-                        KeepAlive::For(keep) => entry.last_use.lock().checked_add(keep)?,
-                        KeepAlive::UnloadNow => *entry.last_use.lock(),
-                        KeepAlive::Forever => return None,
-                    };
+                    let expiry = expiry(entry)?;
                     if expiry <= now {
                         return Some(entry.id.clone());
                     }
@@ -280,8 +285,11 @@ impl Table {
                 })
                 .collect()
         };
+        // Used again since the list was made (a handle taken and dropped): not expired any more.
         for model in expired {
-            self.unload_if(&model, EvictReason::KeepAlive, |entry| entry.idle());
+            self.unload_if(&model, EvictReason::KeepAlive, |entry| {
+                entry.idle() && expiry(entry).is_some_and(|at| at <= now)
+            });
         }
         next
     }
