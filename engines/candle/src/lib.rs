@@ -516,8 +516,10 @@ impl LoadedModel for CandleModel {
 
     /// Builds the tokenizer and parses the chat template, so that the first request does not.
     async fn warm_up(&self) -> Result<(), EngineError> {
+        let tokenizer = self.tokenizer();
+        let _ = tokenizer.encode("", false, true); // builds the special tokens' finder
         if self.template().is_some() {
-            let _ = self.tokenizer().guard();
+            let _ = tokenizer.guard();
         }
         Ok(())
     }

@@ -626,6 +626,8 @@ pub struct Tokenizer {
     end_of_generation: Vec<TokenId>,
     /// What a chat message may not spell, built at the first chat.
     guard: std::sync::OnceLock<Guard>,
+    /// Finds which of `specials` a text holds (their order), built at the first tokenizing.
+    special_finder: std::sync::OnceLock<aho_corasick::AhoCorasick>,
 }
 
 impl Tokenizer {
@@ -670,6 +672,7 @@ impl Tokenizer {
             bpe,
             end_of_generation,
             guard: std::sync::OnceLock::new(),
+            special_finder: std::sync::OnceLock::new(),
         }
     }
 
@@ -777,7 +780,17 @@ impl Tokenizer {
     /// The text cut at special tokens, longest token first (as llama.cpp).
     fn partition<'t>(&self, text: &'t str, parse_special: bool) -> Vec<Fragment<'t>> {
         let mut fragments = if text.is_empty() { Vec::new() } else { vec![Fragment::Text(text)] };
-        for &id in &self.specials {
+        // Only the special texts found anywhere in `text` (one pass of an automaton over them all) are
+        // cut for, in llama.cpp's order: a vocabulary may hold thousands, a text spells few or none.
+        let finder = self.special_finder.get_or_init(|| {
+            let texts = self.specials.iter().map(|&id| self.vocabulary.tokens[id as usize].as_str());
+            aho_corasick::AhoCorasick::new(texts).expect("special texts build an automaton")
+        });
+        let mut present = vec![false; self.specials.len()];
+        for found in finder.find_overlapping_iter(text) {
+            present[found.pattern().as_usize()] = true;
+        }
+        for (&id, _) in self.specials.iter().zip(&present).filter(|(_, present)| **present) {
             let kind = self.vocabulary.types[id as usize];
             if !parse_special && matches!(kind, TokenType::Control | TokenType::Unknown) {
                 continue;
