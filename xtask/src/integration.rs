@@ -486,15 +486,8 @@ fn chat_models(root: &Path, work: &Path) -> Result<ChatModels> {
     let models = work.join("models");
     std::fs::create_dir_all(&models)?;
     let chats = work.join("chats.bin");
-    let mut bytes = Vec::new();
-    for chat in CHATS {
-        bytes.extend(u32::try_from(chat.len())?.to_le_bytes());
-        for text in chat.iter().flat_map(|(role, content)| [role, content]) {
-            bytes.extend(u32::try_from(text.len())?.to_le_bytes());
-            bytes.extend_from_slice(text.as_bytes());
-        }
-    }
-    std::fs::write(&chats, bytes)?;
+    let conversations: Vec<Vec<(&str, &str)>> = CHATS.iter().map(|chat| chat.to_vec()).collect();
+    std::fs::write(&chats, crate::tokens::chats_file(&conversations))?;
     let mut expected = Vec::new();
     for (name, preset, vocabulary) in [("chatml", "tiny-qwen2", "qwen2"), ("llama2", "tiny-llama", "llama2")] {
         let gguf = models.join(format!("{name}.gguf"));
@@ -508,26 +501,11 @@ fn chat_models(root: &Path, work: &Path) -> Result<ChatModels> {
         let status =
             Command::new(examples.join("parity")).arg("template").arg(&gguf).arg(&chats).arg(&rendered).status()?;
         ensure!(status.success(), "the parity example's template mode failed on {name}");
-        let out = std::fs::read(&rendered)?;
-        let mut at = 0;
-        let mut take = |n: usize| -> Result<&[u8]> {
-            let slice = out.get(at..at + n).context("a truncated template output")?;
-            at += n;
-            Ok(slice)
-        };
-        let mut lengths = Vec::new();
-        for _ in CHATS {
-            let ok = take(1)?[0] == 1;
-            let len = u32::from_le_bytes(take(4)?.try_into()?) as usize;
-            take(len)?;
-            if ok {
-                let ids = u32::from_le_bytes(take(4)?.try_into()?) as usize;
-                take(ids * 4)?;
-                lengths.push(Some(ids));
-            } else {
-                lengths.push(None);
-            }
-        }
+        // The prompt tokens of each conversation, `None` where the template refuses it.
+        let lengths = crate::tokens::read_chats(&rendered, CHATS.len())?
+            .into_iter()
+            .map(|chat| chat.ok().map(|(_, ids)| ids.len()))
+            .collect();
         expected.push((format!("candle/{name}"), lengths));
     }
     Ok(ChatModels { expected })

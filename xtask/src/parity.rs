@@ -73,16 +73,8 @@ fn argmax_cell(logits: &Logits) -> String {
 
 /// `count` pseudo-random token ids below `vocab`, the same for a seed on every run (SplitMix64).
 fn token_ids(seed: u64, count: usize, vocab: usize) -> Vec<u64> {
-    let mut state = seed;
-    (0..count)
-        .map(|_| {
-            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            (z ^ (z >> 31)) % vocab as u64
-        })
-        .collect()
+    let mut seeded = crate::tokens::Seeded(seed);
+    (0..count).map(|_| seeded.next() % vocab as u64).collect()
 }
 
 fn id_list(ids: &[u64]) -> String {

@@ -33,11 +33,11 @@ pub(crate) const VOCABULARIES: [(&str, &str); 7] = [
 pub(crate) const SPEED_BYTES: usize = 1 << 20;
 pub(crate) const SPEED_TURNS: usize = 5;
 
-/// SplitMix64: the corpus's random strings, the same on every run.
-struct Seeded(u64);
+/// SplitMix64: the corpus's random strings and parity's token ids, the same on every run.
+pub(crate) struct Seeded(pub(crate) u64);
 
 impl Seeded {
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -215,26 +215,29 @@ pub(crate) fn chats() -> Vec<Vec<(&'static str, &'static str)>> {
     ]
 }
 
+/// Appends `text` as the modes read it: a little-endian u32 length, then the bytes.
+fn push_string(bytes: &mut Vec<u8>, text: &str) {
+    bytes.extend(u32::try_from(text.len()).expect("short strings").to_le_bytes());
+    bytes.extend_from_slice(text.as_bytes());
+}
+
 fn strings_file(strings: &[String]) -> Vec<u8> {
     let mut bytes = Vec::new();
     for text in strings {
-        bytes.extend(u32::try_from(text.len()).expect("short strings").to_le_bytes());
-        bytes.extend_from_slice(text.as_bytes());
+        push_string(&mut bytes, text);
     }
     bytes
 }
 
-fn chats_file(chats: &[Vec<(&str, &str)>]) -> Vec<u8> {
+/// The conversations as the `template` modes read them: a u32 count of messages, then role and
+/// content as strings.
+pub(crate) fn chats_file(chats: &[Vec<(&str, &str)>]) -> Vec<u8> {
     let mut bytes = Vec::new();
-    let push = |text: &str, bytes: &mut Vec<u8>| {
-        bytes.extend(u32::try_from(text.len()).expect("short strings").to_le_bytes());
-        bytes.extend_from_slice(text.as_bytes());
-    };
     for chat in chats {
         bytes.extend(u32::try_from(chat.len()).expect("short chats").to_le_bytes());
         for (role, content) in chat {
-            push(role, &mut bytes);
-            push(content, &mut bytes);
+            push_string(&mut bytes, role);
+            push_string(&mut bytes, content);
         }
     }
     bytes
@@ -290,9 +293,9 @@ fn read_tokens(path: &Path, count: usize) -> Result<Vec<Tokens>> {
 }
 
 /// One conversation on one side: the rendered text and its ids, or the template's error.
-type Chat = std::result::Result<(Vec<u8>, Vec<u32>), String>;
+pub(crate) type Chat = std::result::Result<(Vec<u8>, Vec<u32>), String>;
 
-fn read_chats(path: &Path, count: usize) -> Result<Vec<Chat>> {
+pub(crate) fn read_chats(path: &Path, count: usize) -> Result<Vec<Chat>> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let mut reader = Reader { bytes: &bytes };
     let mut out = Vec::with_capacity(count);
