@@ -19,12 +19,13 @@
 //! holds together and is the loaded model's; text survives tokenizing and detokenizing; the same seed
 //! gives the same text; `max_tokens` and stop sequences are honoured; bad parameters and a context
 //! overflow are typed errors from `prefill`; decoding with the prepare stage of step N+1 running during
-//! the compute stage of step N gives the same tokens as one stage after the other; and a generation
-//! resumed after a break goes on with the tokens the unbroken one had.
+//! the compute stage of step N gives the same tokens as one stage after the other; sequences stepped
+//! together through `compute_batch` get the tokens each gets alone; and a generation resumed after a
+//! break goes on with the tokens the unbroken one had.
 
 use std::sync::Mutex;
 
-use crate::engine::{Engine, LoadedModel, Prefill};
+use crate::engine::{BatchStep, Engine, LoadedModel, Prefill, Sequence};
 use crate::error::{EngineError, ErrorKind};
 use crate::generate::generate;
 use crate::types::{CompiledGraph, FinishReason, GenerationParams, ModelSpec, Progress, TokenId};
@@ -163,6 +164,9 @@ pub async fn check(engine: &dyn Engine, spec: &ModelSpec) -> Result<Report, Fail
     })?;
     passed("prepare N+1 during compute N");
 
+    batched(model.as_ref(), &tokens, &params).await?;
+    passed("batched steps, each sequence's own tokens");
+
     let half = first.tokens.len() / 2;
     let resumed = decode(model.as_ref(), &tokens, &first.tokens[..half], &params, false).await?;
     ensure("resume", resumed == first.tokens[half..], || {
@@ -188,6 +192,59 @@ async fn stop_sequences(model: &dyn LoadedModel, params: &GenerationParams, text
     ensure("stop sequences", out.finish == FinishReason::Stop && out.text == expected, || {
         format!("stop {stop:?}: expected {expected:?} and a stop, got {:?} ({:?})", out.text, out.finish)
     })
+}
+
+/// Steps three sequences (other seeds, other prompt lengths) together through
+/// [`LoadedModel::compute_batch`], in batches of at most [`LoadedModel::max_batch`], and checks each
+/// gets the tokens it gets alone; the sequences leave the batch as they end.
+async fn batched(model: &dyn LoadedModel, tokens: &[TokenId], params: &GenerationParams) -> Result<(), Failure> {
+    const CHECK: &str = "batching";
+    let inputs: Vec<(usize, GenerationParams)> = (0..3_u64)
+        .map(|index| {
+            let prompt = tokens.len() - usize::try_from(index).expect("small") % tokens.len();
+            (prompt, GenerationParams { seed: params.seed + index, ..params.clone() })
+        })
+        .collect();
+    let mut alone = Vec::new();
+    for (prompt, params) in &inputs {
+        alone.push(decode(model, &tokens[..*prompt], &[], params, false).await?);
+    }
+    let mut sequences: Vec<(std::sync::Arc<dyn Sequence>, Option<TokenId>, Vec<TokenId>, bool)> = Vec::new();
+    for (prompt, params) in &inputs {
+        let input = Prefill::new(&model.memory_plan(), &tokens[..*prompt], &[], params).map_err(engine_error(CHECK))?;
+        let sequence = model.prefill(input).await.map_err(engine_error(CHECK))?;
+        sequences.push((sequence.into(), tokens[..*prompt].last().copied(), Vec::new(), false));
+    }
+    let most = model.max_batch().max(1);
+    for step in 0..params.max_tokens {
+        let live: Vec<usize> = (0..sequences.len()).filter(|&index| !sequences[index].3).collect();
+        for chunk in live.chunks(most) {
+            let mut steps = Vec::with_capacity(chunk.len());
+            for &index in chunk {
+                let (sequence, previous, ..) = &sequences[index];
+                let prepared = sequence.prepare(step).await.map_err(engine_error(CHECK))?;
+                steps.push(BatchStep { sequence: std::sync::Arc::clone(sequence), prepared, previous: *previous });
+            }
+            let results = model.compute_batch(steps).await;
+            ensure(CHECK, results.len() == chunk.len(), || {
+                format!("{} results for {} steps", results.len(), chunk.len())
+            })?;
+            for (&index, result) in chunk.iter().zip(results) {
+                let token = result.map_err(engine_error(CHECK))?;
+                let (_, previous, out, done) = &mut sequences[index];
+                if token.end_of_sequence {
+                    *done = true;
+                } else {
+                    out.push(token.id);
+                    *previous = Some(token.id);
+                }
+            }
+        }
+    }
+    for ((_, _, out, _), alone) in sequences.iter().zip(&alone) {
+        ensure(CHECK, out == alone, || format!("batched {out:?}, alone {alone:?}"))?;
+    }
+    Ok(())
 }
 
 /// Decodes the steps after `generated` up to `max_tokens` (or an end of sequence), one stage after the

@@ -1,5 +1,5 @@
-//! The traits: an `Engine` compiles and loads, a `LoadedModel` tokenizes and prefills, a `Sequence`
-//! decodes in two stages that can overlap.
+//! The traits: an `Engine` compiles and loads, a `LoadedModel` tokenizes, prefills and steps several
+//! sequences in one pass, a `Sequence` decodes in two stages that can overlap.
 
 use std::any::Any;
 use std::sync::Arc;
@@ -74,6 +74,40 @@ pub trait LoadedModel: Send + Sync {
     /// there and produces what an uninterrupted run would have (so a reader never sees a token twice,
     /// nor a different one). The input was checked when it was made: the engine checks nothing again.
     async fn prefill(&self, input: Prefill<'_>) -> Result<Box<dyn Sequence>, EngineError>;
+
+    /// Most sequences one [`compute_batch`](Self::compute_batch) advances in one pass: 1 (the default)
+    /// for a model that does not batch, whose sequences the executor steps each on its own.
+    fn max_batch(&self) -> usize {
+        1
+    }
+
+    /// Runs the compute stage of each of `steps` (sequences of this model, at most
+    /// [`max_batch`](Self::max_batch), each at most once) and returns their tokens in the same order:
+    /// for each, what its [`Sequence::compute`] would have returned. An engine that batches reads its
+    /// weights once for all of them; the default computes them one after another.
+    async fn compute_batch(&self, steps: Vec<BatchStep>) -> Vec<Result<Token, EngineError>> {
+        let mut tokens = Vec::with_capacity(steps.len());
+        for BatchStep { sequence, prepared, previous } in steps {
+            tokens.push(sequence.compute(prepared, previous).await);
+        }
+        tokens
+    }
+}
+
+/// One sequence's step in a [`LoadedModel::compute_batch`]: what its [`Sequence::compute`] takes.
+pub struct BatchStep {
+    /// The sequence (shared: the executor's scheduler holds it between steps).
+    pub sequence: std::sync::Arc<dyn Sequence>,
+    /// Its prepared step.
+    pub prepared: Prepared,
+    /// The token before the step (`None` for step 0 of an empty prompt).
+    pub previous: Option<TokenId>,
+}
+
+impl std::fmt::Debug for BatchStep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BatchStep").field("prepared", &self.prepared).field("previous", &self.previous).finish()
+    }
 }
 
 /// A prefill's input, checked once: every parameter within its limit ([`GenerationParams::validate`])
@@ -148,9 +182,13 @@ pub trait Detokenizer: Send {
 ///
 /// After an error from either stage, the sequence is done: resume with a new one from `prefill`.
 /// Activations: at most two steps are in flight (one prepared, one computing), and the engine's
-/// [`MemoryPlan::activation_bytes_per_step`] covers one step; reserve it for each.
+/// [`MemoryPlan::activation_bytes_per_step`] covers one step (or one batched step of up to
+/// [`LoadedModel::max_batch`] sequences); reserve it for each.
+///
+/// A sequence is `Any`, so that a model's [`LoadedModel::compute_batch`] can reach its own sequences'
+/// state (`let any: &dyn Any = sequence;`).
 #[async_trait]
-pub trait Sequence: Send + Sync {
+pub trait Sequence: Any + Send + Sync {
     /// The prepare stage of `step`.
     async fn prepare(&self, step: u32) -> Result<Prepared, EngineError>;
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::time::Instant;
 
-use crate::engine::{Detokenizer, Engine, LoadedModel, Prefill, Prepared, Sequence};
+use crate::engine::{BatchStep, Detokenizer, Engine, LoadedModel, Prefill, Prepared, Sequence};
 use crate::error::EngineError;
 use crate::types::{CompiledGraph, EngineDescriptor, MemoryPlan, ModelSpec, ProgressSink, Token, TokenId};
 use crate::zero::ZeroEngine;
@@ -29,6 +29,10 @@ pub struct Script {
     pub prepare: Duration,
     /// Time of a step's compute stage.
     pub compute: Duration,
+    /// The model batches: a [`LoadedModel::compute_batch`] of up to this many sequences takes one
+    /// `compute` plus `per_sequence` for each sequence after the first (`None`: the model does not
+    /// batch, and its sequences compute one at a time).
+    pub batch: Option<Batching>,
     /// Each stage of a sequence pays back the timer's overshoot of its earlier waits (measured inside
     /// each wait), so that a benchmark on a real clock keeps the script's pace.
     pub paced: bool,
@@ -50,6 +54,16 @@ pub struct Script {
     pub prefills: Vec<(usize, usize, u32)>,
     /// Log: computes started.
     pub computes: u32,
+}
+
+/// How a scripted model batches: at most `max` sequences a pass, each after the first adding
+/// `per_sequence` to the pass's `compute` (a GPU's is small, a CPU's larger).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Batching {
+    /// Most sequences a pass.
+    pub max: usize,
+    /// Time a pass takes for each sequence after the first.
+    pub per_sequence: Duration,
 }
 
 /// A shared [`Script`].
@@ -147,6 +161,63 @@ impl LoadedModel for ScriptedModel {
         let debts = paced.then(|| Mutex::new([Duration::ZERO; 2]));
         Ok(Box::new(ScriptedSequence { inner, script: self.script.clone(), debts }))
     }
+
+    fn max_batch(&self) -> usize {
+        self.script.lock().batch.map_or(1, |batching| batching.max.max(1))
+    }
+
+    /// One pass for all of `steps` when the script batches: `compute`, `per_sequence` for each after the
+    /// first, and the longest stall among them; then each step's faults, as its own compute would have.
+    async fn compute_batch(&self, steps: Vec<BatchStep>) -> Vec<Result<Token, EngineError>> {
+        let Some(batching) = self.script.lock().batch else {
+            let mut tokens = Vec::with_capacity(steps.len());
+            for BatchStep { sequence, prepared, previous } in steps {
+                tokens.push(sequence.compute(prepared, previous).await);
+            }
+            return tokens;
+        };
+        let delay = {
+            let mut script = self.script.lock();
+            script.computes += u32::try_from(steps.len()).unwrap_or(u32::MAX);
+            let stall = steps
+                .iter()
+                .filter_map(|step| script.stall.filter(|&(at, _)| at == step.prepared.step()).map(|(_, d)| d))
+                .max()
+                .unwrap_or_default();
+            let others = u32::try_from(steps.len().saturating_sub(1)).unwrap_or(u32::MAX);
+            script.compute + batching.per_sequence * others + stall
+        };
+        tokio::time::sleep(delay).await;
+        let mut tokens = Vec::with_capacity(steps.len());
+        for BatchStep { sequence, prepared, previous } in steps {
+            let any: &dyn std::any::Any = &*sequence;
+            let token = match any.downcast_ref::<ScriptedSequence>() {
+                Some(own) => match injected(&self.script, prepared.step()) {
+                    Some(injected) => injected,
+                    None => own.inner.compute(prepared, previous).await,
+                },
+                None => Err(EngineError::Fatal { message: "a step of another model's sequence".to_owned() }),
+            };
+            tokens.push(token);
+        }
+        tokens
+    }
+}
+
+/// The fault the script injects at `step`'s compute, if any (a transient one is used up).
+fn injected(script: &ScriptHandle, step: u32) -> Option<Result<Token, EngineError>> {
+    let mut script = script.lock();
+    assert_ne!(script.panic_at, Some(step), "injected panic at {step}");
+    if script.fatal == Some(step) {
+        Some(Err(EngineError::Fatal { message: format!("injected at {step}") }))
+    } else if let Some(left) = script.transient.get_mut(&step).filter(|left| **left > 0) {
+        *left -= 1;
+        Some(Err(EngineError::Transient { message: format!("injected at {step}") }))
+    } else if script.end_at == Some(step) {
+        Some(Ok(Token { id: ZeroEngine::END_OF_SEQUENCE, end_of_sequence: true }))
+    } else {
+        None
+    }
 }
 
 struct ScriptedSequence {
@@ -192,21 +263,7 @@ impl Sequence for ScriptedSequence {
             script.compute + script.stall.filter(|&(at, _)| at == step).map_or(Duration::ZERO, |(_, d)| d)
         };
         self.wait(COMPUTE, delay).await;
-        let injected = {
-            let mut script = self.script.lock();
-            assert_ne!(script.panic_at, Some(step), "injected panic at {step}");
-            if script.fatal == Some(step) {
-                Some(Err(EngineError::Fatal { message: format!("injected at {step}") }))
-            } else if let Some(left) = script.transient.get_mut(&step).filter(|left| **left > 0) {
-                *left -= 1;
-                Some(Err(EngineError::Transient { message: format!("injected at {step}") }))
-            } else if script.end_at == Some(step) {
-                Some(Ok(Token { id: ZeroEngine::END_OF_SEQUENCE, end_of_sequence: true }))
-            } else {
-                None
-            }
-        };
-        if let Some(injected) = injected {
+        if let Some(injected) = injected(&self.script, step) {
             return injected;
         }
         self.inner.compute(prepared, previous).await

@@ -149,6 +149,12 @@ impl Config {
         (tokens * self.product_width()).max(self.vocab)
     }
 
+    /// The exchange buffers of a batched pass of `sequences` one-token sequences whose logits come
+    /// `group` at a time: every token's products, or a group's logits.
+    pub(crate) fn batch_exchange_width(&self, sequences: usize, group: usize) -> usize {
+        (sequences * self.product_width()).max(sequences.min(group) * self.vocab)
+    }
+
     /// Parameters in all (an output tied to the embeddings counted once).
     pub fn params(&self) -> usize {
         let attention = 2 * self.dim * self.heads * self.head_dim + 2 * self.kv_dim() * self.dim;

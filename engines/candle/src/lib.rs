@@ -21,9 +21,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use usine_engine::{
-    CompiledGraph, Detokenizer, Device, Engine, EngineDescriptor, EngineError, GenerationParams, LoadedModel,
-    MemoryPlan, Message, ModelSpec, Prefill, Prepared, Progress, ProgressSink, Sequence, Token, TokenId, check_graph,
-    check_spec, render_plain,
+    BatchStep, CompiledGraph, Detokenizer, Device, Engine, EngineDescriptor, EngineError, GenerationParams,
+    LoadedModel, MemoryPlan, Message, ModelSpec, Prefill, Prepared, Progress, ProgressSink, Sequence, Token, TokenId,
+    check_graph, check_spec, render_plain,
 };
 
 pub use config::{Architecture, Config};
@@ -514,6 +514,27 @@ impl LoadedModel for CandleModel {
         }
     }
 
+    /// As many sequences as a pass's activations cover (the plan counts a prompt's chunk of tokens).
+    fn max_batch(&self) -> usize {
+        model::PREFILL_CHUNK
+    }
+
+    /// One pass for all (a single step takes the one-token pass, the fastest alone); a failed pass fails
+    /// each step with its error.
+    async fn compute_batch(&self, steps: Vec<BatchStep>) -> Vec<Result<Token, EngineError>> {
+        if steps.len() == 1 {
+            let mut tokens = Vec::with_capacity(1);
+            for BatchStep { sequence, prepared, previous } in steps {
+                tokens.push(sequence.compute(prepared, previous).await);
+            }
+            return tokens;
+        }
+        match self.compute_together(&steps).await {
+            Ok(tokens) => tokens.into_iter().map(Ok).collect(),
+            Err(error) => steps.iter().map(|_| Err(error.clone())).collect(),
+        }
+    }
+
     /// Builds the tokenizer and parses the chat template, so that the first request does not.
     async fn warm_up(&self) -> Result<(), EngineError> {
         let tokenizer = self.tokenizer();
@@ -565,6 +586,45 @@ impl LoadedModel for CandleModel {
             params: params.clone(),
             end_of_generation: Arc::clone(&self.end_of_generation),
         }))
+    }
+}
+
+impl CandleModel {
+    /// One pass for `steps`, each a sequence of this model's: its token at its position, every product
+    /// reading each weight once for all, each token sampled as its own compute samples it.
+    async fn compute_together(&self, steps: &[BatchStep]) -> Result<Vec<Token>, EngineError> {
+        let mut batch = Vec::with_capacity(steps.len());
+        for step in steps {
+            let any: &dyn std::any::Any = &*step.sequence;
+            let sequence = any
+                .downcast_ref::<CandleSequence>()
+                .filter(|sequence| Arc::ptr_eq(&sequence.model, &self.model))
+                .ok_or_else(|| EngineError::Fatal {
+                    message: "a batched step of another model's sequence".to_owned(),
+                })?;
+            let position = *step.prepared.data::<usize>().ok_or_else(|| EngineError::Fatal {
+                message: format!("step {} was prepared by another engine's sequence", step.prepared.step()),
+            })?;
+            batch.push((
+                step.previous,
+                position,
+                Arc::clone(&sequence.cache),
+                sequence.params.clone(),
+                step.prepared.step(),
+                Arc::clone(&sequence.end_of_generation),
+            ));
+        }
+        let (model, team) = (Arc::clone(&self.model), Arc::clone(&self.team));
+        blocking(move || {
+            let inputs: Vec<_> =
+                batch.iter().map(|(token, position, cache, ..)| (*token, *position, &**cache)).collect();
+            model.forward_batch(&team, &inputs, |index, logits| {
+                let (.., params, step, end) = &batch[index];
+                let id = sample::sample(logits, params, *step);
+                Token { id, end_of_sequence: end.contains(&id) }
+            })
+        })
+        .await
     }
 }
 

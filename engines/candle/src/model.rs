@@ -45,11 +45,26 @@ pub(crate) struct Model {
     tuner: Mutex<Tuner>,
     /// The same for its prefill passes, which are far longer.
     prefill_tuner: Mutex<Tuner>,
+    /// The same for its batched passes.
+    batch_tuner: Mutex<Tuner>,
 }
 
 /// Most tokens of a prompt run in one pass: their products read each weight once (a tile of rows at a
 /// time, see `Rank::matmul`) instead of once a token.
 pub(crate) const PREFILL_CHUNK: usize = 64;
+
+/// Sequences whose logits one product of a batched pass computes: the exchange buffers hold a group's
+/// logits, not the whole batch's (at 64 sequences of a 151,936-token vocabulary those would be 39 MB a
+/// buffer), and the output projection is read once a group.
+pub(crate) const LOGITS_GROUP: usize = 16;
+
+/// One sequence's part of a pass: its tokens (vocabulary indices, checked) at positions `start..`, and
+/// the cache their keys and values go to.
+struct Segment<'a> {
+    tokens: &'a [usize],
+    start: usize,
+    cache: &'a KvCache,
+}
 
 /// Keys and values of one sequence, allocated once for `capacity` tokens: per layer and key-value
 /// head, `capacity` rows of `head_dim` (each head behind its own lock: a head belongs to one thread of
@@ -99,8 +114,10 @@ impl KvCache {
 ///   product, three product outputs, its share of a product, and the vector quantized for a product
 ///   (quants, scales and lane sums: about two bytes and an eighth per value, at most the feed-forward's
 ///   width); once per thread, the attention's scores (a full context; the attention reads the kv-cache
-///   in place) and the logits and their sampling copy; and once, the two exchange buffers, a chunk's
-///   vectors wide.
+///   in place) and the logits of a batched pass's group of [`LOGITS_GROUP`] sequences, gathered and
+///   its share; and once, the two exchange buffers, a chunk's vectors or a group's logits wide.
+///
+/// So one step's activations cover a batched step of up to [`PREFILL_CHUNK`] sequences too.
 pub(crate) fn plan_of(
     config: &Config,
     weight_bytes: u64,
@@ -112,8 +129,10 @@ pub(crate) fn plan_of(
     let (dim, ffn) = (config.dim, config.ffn);
     let quantized_vector = (ffn.max(dim) * 17 / 8).div_ceil(f32_bytes);
     let per_token = 7 * dim + 2 * config.kv_dim() + 3 * ffn + config.product_width() + quantized_vector;
-    let per_thread = PREFILL_CHUNK * per_token + context + 2 * config.vocab;
-    let activations = threads * per_thread + 2 * config.chunk_exchange_width(PREFILL_CHUNK);
+    let per_thread = PREFILL_CHUNK * per_token + context + 2 * LOGITS_GROUP * config.vocab;
+    let exchange =
+        config.chunk_exchange_width(PREFILL_CHUNK).max(config.batch_exchange_width(PREFILL_CHUNK, LOGITS_GROUP));
+    let activations = threads * per_thread + 2 * exchange;
     usine_engine::MemoryPlan {
         weights_bytes: weight_bytes,
         kv_bytes_per_token: (2 * config.layers * config.kv_dim() * f32_bytes) as u64,
@@ -186,8 +205,9 @@ impl Model {
             .collect();
         share_arena(&mut matrices).map_err(|error| Refused(format!("mapping memory for the weights: {error}")))?;
         let rope_factors = file.rope_factors.clone();
-        let prefill_tuner = Mutex::new(Tuner::patient(tuner.lock().map_or(1, |tuner| tuner.team_size())));
-        Ok(Self { config, embeddings, layers, norm, output, rope_factors, tuner, prefill_tuner })
+        let team_size = tuner.lock().map_or(1, |tuner| tuner.team_size());
+        let (prefill_tuner, batch_tuner) = (Mutex::new(Tuner::patient(team_size)), Mutex::new(Tuner::new(team_size)));
+        Ok(Self { config, embeddings, layers, norm, output, rope_factors, tuner, prefill_tuner, batch_tuner })
     }
 
     /// The compiled graph of the model: its table and its raw section (see `graph.rs`).
@@ -245,8 +265,9 @@ impl Model {
                 w2: graph.matrix(&name("w2"), (dim, config.ffn), isa)?,
             });
         }
-        let prefill_tuner = Mutex::new(Tuner::patient(tuner.lock().map_or(1, |tuner| tuner.team_size())));
-        Ok(Self { config, embeddings, layers, norm, output, rope_factors, tuner, prefill_tuner })
+        let team_size = tuner.lock().map_or(1, |tuner| tuner.team_size());
+        let (prefill_tuner, batch_tuner) = (Mutex::new(Tuner::patient(team_size)), Mutex::new(Tuner::new(team_size)));
+        Ok(Self { config, embeddings, layers, norm, output, rope_factors, tuner, prefill_tuner, batch_tuner })
     }
 
     /// The token that starts an empty sequence: the file's start token, else its end token, else 0.
@@ -297,49 +318,111 @@ impl Model {
                 message: format!("positions {start}..{end} in a kv-cache of {} tokens", cache.capacity),
             });
         }
-        if let Some(token) = tokens.iter().find(|token| **token as usize >= self.config.vocab) {
-            return Err(EngineError::InvalidParams {
-                name: "token",
-                value: token.to_string(),
-                limit: format!("the vocabulary's 0..{}", self.config.vocab),
-            });
-        }
+        let tokens = self.checked_tokens(tokens)?;
         let mut logits = Vec::new();
         for (index, chunk) in tokens.chunks(PREFILL_CHUNK).enumerate() {
             if stop() {
                 return Err(EngineError::Cancelled);
             }
-            let at = start + index * PREFILL_CHUNK;
-            let chunk: Vec<usize> = chunk.iter().map(|token| *token as usize).collect();
+            let segment = Segment { tokens: chunk, start: start + index * PREFILL_CHUNK, cache };
             let width = self.config.chunk_exchange_width(chunk.len());
-            logits = team.run(width, &self.prefill_tuner, |rank| self.pass_many(rank, &chunk, at, cache))?;
+            logits = team.run(width, &self.prefill_tuner, |rank| {
+                let last = self.pass_segments(rank, std::slice::from_ref(&segment))?;
+                rank.matvec(&self.output, &last[0])
+            })?;
         }
         Ok(logits)
     }
 
-    /// One thread's part of a pass over several tokens (see [`prefill`](Self::prefill)): every
-    /// product a matrix product, the attention token by token in order.
-    fn pass_many(
+    /// Runs one token of each sequence of `batch` (a token, `None` for [`Self::start_token`], its
+    /// position and its sequence's cache) in one pass whose products read each weight once for all, and
+    /// returns `choose` applied to each one's logits (in `batch`'s order): the logits are those
+    /// [`forward`](Self::forward) gives each alone, to the bit. At most [`PREFILL_CHUNK`] sequences.
+    pub(crate) fn forward_batch<T: Send>(
         &self,
-        rank: &Rank<'_>,
-        tokens: &[usize],
-        start: usize,
-        cache: &KvCache,
-    ) -> Result<Vec<f32>, Abandoned> {
+        team: &Team,
+        batch: &[(Option<u32>, usize, &KvCache)],
+        choose: impl Fn(usize, &[f32]) -> T + Sync,
+    ) -> Result<Vec<T>, EngineError> {
+        if batch.is_empty() || batch.len() > PREFILL_CHUNK {
+            return Err(EngineError::Fatal {
+                message: format!("a batch of {} sequences (1 to {PREFILL_CHUNK})", batch.len()),
+            });
+        }
+        let mut tokens = Vec::with_capacity(batch.len());
+        for &(token, position, cache) in batch {
+            if position >= cache.capacity || position >= self.config.context {
+                return Err(EngineError::Fatal {
+                    message: format!("position {position} is beyond the kv-cache of {} tokens", cache.capacity),
+                });
+            }
+            tokens.push(token.unwrap_or_else(|| self.start_token()));
+        }
+        let tokens = self.checked_tokens(&tokens)?;
+        let segments: Vec<Segment<'_>> = batch
+            .iter()
+            .zip(&tokens)
+            .map(|(&(_, start, cache), token)| Segment { tokens: std::slice::from_ref(token), start, cache })
+            .collect();
+        let width = self.config.batch_exchange_width(batch.len(), LOGITS_GROUP);
+        team.run(width, &self.batch_tuner, |rank| {
+            let last = self.pass_segments(rank, &segments)?;
+            // The logits a group of sequences at a time, so that the widest exchange holds a group's, not
+            // the whole batch's; only the first thread keeps what `choose` makes of them.
+            let mut chosen = Vec::with_capacity(if rank.is_first() { last.len() } else { 0 });
+            for (group, hs) in last.chunks(LOGITS_GROUP).enumerate() {
+                let logits = rank.matmul(&self.output, hs)?;
+                if rank.is_first() {
+                    chosen.extend(
+                        logits.iter().enumerate().map(|(index, logits)| choose(group * LOGITS_GROUP + index, logits)),
+                    );
+                }
+            }
+            Ok(chosen)
+        })
+    }
+
+    /// `tokens` as indices, each checked against the vocabulary.
+    fn checked_tokens(&self, tokens: &[u32]) -> Result<Vec<usize>, EngineError> {
+        tokens
+            .iter()
+            .map(|&token| {
+                let index = token as usize;
+                if index < self.config.vocab {
+                    Ok(index)
+                } else {
+                    Err(EngineError::InvalidParams {
+                        name: "token",
+                        value: token.to_string(),
+                        limit: format!("the vocabulary's 0..{}", self.config.vocab),
+                    })
+                }
+            })
+            .collect()
+    }
+
+    /// One thread's part of a pass over several segments of tokens (see [`prefill`](Self::prefill) and
+    /// [`forward_batch`](Self::forward_batch)): every product a matrix product over all their tokens,
+    /// the attention token by token in order, each against its own segment's cache. Returns the last
+    /// token's final normalized state of each segment (what the output projection takes).
+    fn pass_segments(&self, rank: &Rank<'_>, segments: &[Segment<'_>]) -> Result<Vec<Vec<f32>>, Abandoned> {
         let config = &self.config;
         let (head_dim, kv_dim, ffn) = (config.head_dim, config.kv_dim(), config.ffn);
         let q_dim = config.heads * head_dim;
         let group = config.heads / config.kv_heads;
+        let positions: Vec<usize> =
+            segments.iter().flat_map(|segment| segment.start..segment.start + segment.tokens.len()).collect();
         let angles: Vec<_> =
-            (0..tokens.len()).map(|t| rotary_angles(config, self.rope_factors.as_deref(), start + t)).collect();
+            positions.iter().map(|&position| rotary_angles(config, self.rope_factors.as_deref(), position)).collect();
         let rope = config.rope();
         #[expect(clippy::cast_precision_loss, reason = "a small head width")]
         let scale = 1.0 / (head_dim as f32).sqrt();
         let kv_heads = rank.share(config.kv_heads);
         let embeddings = self.embeddings.as_ref().unwrap_or(&self.output);
-        let mut xs: Vec<Vec<f32>> = tokens.iter().map(|token| embeddings.row(*token)).collect();
-        let mut hs = vec![vec![0.0; config.dim]; tokens.len()];
-        let mut scores = vec![0.0; start + tokens.len()];
+        let mut xs: Vec<Vec<f32>> =
+            segments.iter().flat_map(|segment| segment.tokens).map(|token| embeddings.row(*token)).collect();
+        let mut hs = vec![vec![0.0; config.dim]; xs.len()];
+        let mut scores = vec![0.0; positions.iter().max().map_or(0, |last| last + 1)];
         for (index, layer) in self.layers.iter().enumerate() {
             for (x, h) in xs.iter().zip(&mut hs) {
                 rms_norm(x, &layer.attention_norm, config.rms_epsilon, h);
@@ -348,39 +431,47 @@ impl Model {
             if let Some(bias) = &layer.qkv_bias {
                 qkvs.iter_mut().for_each(|qkv| add(qkv, bias));
             }
-            let mut attention = vec![vec![0.0; kv_heads.len() * group * head_dim]; tokens.len()];
+            let mut attention = vec![vec![0.0; kv_heads.len() * group * head_dim]; xs.len()];
             for (slot, kv_head) in kv_heads.clone().enumerate() {
-                let mut head = cache.heads[index * config.kv_heads + kv_head]
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                // Every token's key and value first: each token then attends to those before it.
-                for (t, qkv) in qkvs.iter_mut().enumerate() {
-                    let (cos, sin) = &angles[t];
-                    let position = start + t;
-                    let (keys, values) = qkv[q_dim..].split_at_mut(kv_dim);
-                    let key = &mut keys[kv_head * head_dim..][..head_dim];
-                    rotate(rope, key, cos, sin);
-                    head.keys[position * head_dim..][..head_dim].copy_from_slice(key);
-                    head.values[position * head_dim..][..head_dim]
-                        .copy_from_slice(&values[kv_head * head_dim..][..head_dim]);
-                }
-                for (t, qkv) in qkvs.iter_mut().enumerate() {
-                    let (cos, sin) = &angles[t];
-                    let known = start + t + 1;
-                    let scores = &mut scores[..known];
-                    for query_head in 0..group {
-                        let query = &mut qkv[(kv_head * group + query_head) * head_dim..][..head_dim];
-                        rotate(rope, query, cos, sin);
-                        for (score, key) in scores.iter_mut().zip(head.keys[..known * head_dim].chunks_exact(head_dim))
-                        {
-                            *score = dot(query, key) * scale;
-                        }
-                        softmax(scores);
-                        let out = &mut attention[t][(slot * group + query_head) * head_dim..][..head_dim];
-                        for (weight, value) in scores.iter().zip(head.values[..known * head_dim].chunks_exact(head_dim))
-                        {
-                            for (out, value) in out.iter_mut().zip(value) {
-                                *out += weight * value;
+                let mut first = 0;
+                for segment in segments {
+                    let rows = first..first + segment.tokens.len();
+                    first = rows.end;
+                    let mut head = segment.cache.heads[index * config.kv_heads + kv_head]
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let (qkvs, angles) = (&mut qkvs[rows.clone()], &angles[rows.clone()]);
+                    // Every token's key and value first: each token then attends to those before it.
+                    for (t, qkv) in qkvs.iter_mut().enumerate() {
+                        let (cos, sin) = &angles[t];
+                        let position = segment.start + t;
+                        let (keys, values) = qkv[q_dim..].split_at_mut(kv_dim);
+                        let key = &mut keys[kv_head * head_dim..][..head_dim];
+                        rotate(rope, key, cos, sin);
+                        head.keys[position * head_dim..][..head_dim].copy_from_slice(key);
+                        head.values[position * head_dim..][..head_dim]
+                            .copy_from_slice(&values[kv_head * head_dim..][..head_dim]);
+                    }
+                    for ((t, qkv), attention) in qkvs.iter_mut().enumerate().zip(&mut attention[rows]) {
+                        let (cos, sin) = &angles[t];
+                        let known = segment.start + t + 1;
+                        let scores = &mut scores[..known];
+                        for query_head in 0..group {
+                            let query = &mut qkv[(kv_head * group + query_head) * head_dim..][..head_dim];
+                            rotate(rope, query, cos, sin);
+                            for (score, key) in
+                                scores.iter_mut().zip(head.keys[..known * head_dim].chunks_exact(head_dim))
+                            {
+                                *score = dot(query, key) * scale;
+                            }
+                            softmax(scores);
+                            let out = &mut attention[(slot * group + query_head) * head_dim..][..head_dim];
+                            for (weight, value) in
+                                scores.iter().zip(head.values[..known * head_dim].chunks_exact(head_dim))
+                            {
+                                for (out, value) in out.iter_mut().zip(value) {
+                                    *out += weight * value;
+                                }
                             }
                         }
                     }
@@ -405,9 +496,16 @@ impl Model {
                 add(x, &out);
             }
         }
-        let mut h = vec![0.0; config.dim];
-        rms_norm(xs.last().expect("one token or more"), &self.norm, config.rms_epsilon, &mut h);
-        rank.matvec(&self.output, &h)
+        let mut last = 0;
+        Ok(segments
+            .iter()
+            .map(|segment| {
+                last += segment.tokens.len();
+                let mut h = vec![0.0; config.dim];
+                rms_norm(&xs[last - 1], &self.norm, config.rms_epsilon, &mut h);
+                h
+            })
+            .collect())
     }
 
     /// One thread's part of a pass.
@@ -667,6 +765,57 @@ mod tests {
         assert!(matches!(model.prefill(&team, &[1, 2, 3], 0, &cache, &|| true), Err(EngineError::Cancelled)));
         assert!(model.prefill(&team, &[1, 2, 3, 4, 5], 0, &cache, &|| false).is_err(), "past the cache");
         assert!(model.prefill(&team, &[1, 999], 0, &cache, &|| false).is_err(), "past the vocabulary");
+    }
+
+    // Would catch: a batched pass computing anything else than each sequence's own pass (a key written
+    // into another sequence's cache, a position or a row of logits swapped, a group of logits skipped),
+    // for more sequences than a group of logits, at different positions, on one thread and two.
+    #[test]
+    fn a_batched_pass_gives_each_sequence_the_logits_of_its_own_pass_to_the_bit() {
+        for (preset, kind) in [(&presets()[0], "q8_0"), (&presets()[1], "q4_0")] {
+            let bytes = random_gguf(preset, 2, kind, 9).unwrap();
+            let file = ModelFile::read(&bytes).unwrap();
+            for threads in [1, 2] {
+                let team = Team::new(threads).unwrap();
+                let model = Model::new(&file, 64, team.tuner()).unwrap();
+                let sequences = LOGITS_GROUP + 3;
+                let (alone, together): (Vec<KvCache>, Vec<KvCache>) = (0..sequences)
+                    .map(|_| (KvCache::new(&model.config, 8).unwrap(), KvCache::new(&model.config, 8).unwrap()))
+                    .unzip();
+                // Sequence s has s % 4 tokens before: the batch mixes positions 0 to 3.
+                let token = |s: usize, position: usize| u32::try_from((s * 31 + position * 7) % 384).unwrap();
+                let mut expected = Vec::new();
+                for s in 0..sequences {
+                    let length = s % 4;
+                    for position in 0..length {
+                        model.forward(&team, Some(token(s, position)), position, &alone[s]).unwrap();
+                        model.forward(&team, Some(token(s, position)), position, &together[s]).unwrap();
+                    }
+                    expected.push(model.forward(&team, Some(token(s, length)), length, &alone[s]).unwrap());
+                }
+                let batch: Vec<_> = (0..sequences).map(|s| (Some(token(s, s % 4)), s % 4, &together[s])).collect();
+                let logits = model.forward_batch(&team, &batch, |index, logits| (index, logits.to_vec())).unwrap();
+                assert_eq!(logits.len(), sequences);
+                for (s, (index, logits)) in logits.into_iter().enumerate() {
+                    assert_eq!(index, s);
+                    assert_eq!(logits, expected[s], "{} {kind}, sequence {s} on {threads} threads", preset.name);
+                }
+                // Each cache holds what its own pass wrote: the next token agrees too.
+                let (last, at) = (sequences - 1, (sequences - 1) % 4 + 1);
+                let next = model.forward(&team, Some(5), at, &together[last]).unwrap();
+                assert_eq!(next, model.forward(&team, Some(5), at, &alone[last]).unwrap());
+            }
+        }
+        let team = Team::new(1).unwrap();
+        let bytes = random_gguf(&presets()[0], 1, "q8_0", 5).unwrap();
+        let model = Model::new(&ModelFile::read(&bytes).unwrap(), 64, team.tuner()).unwrap();
+        let cache = KvCache::new(&model.config, 2).unwrap();
+        let none: [(Option<u32>, usize, &KvCache); 0] = [];
+        assert!(model.forward_batch(&team, &none, |_, _| ()).is_err(), "an empty batch");
+        assert!(model.forward_batch(&team, &[(Some(1), 2, &cache)], |_, _| ()).is_err(), "past the cache");
+        assert!(model.forward_batch(&team, &[(Some(999), 0, &cache)], |_, _| ()).is_err(), "past the vocabulary");
+        let many = vec![(Some(1), 0, &cache); PREFILL_CHUNK + 1];
+        assert!(model.forward_batch(&team, &many, |_, _| ()).is_err(), "more than a pass's activations cover");
     }
 
     // Would catch: halves and adjacent pairs confused, or a rotation that changes a vector's length.

@@ -336,6 +336,11 @@ pub(crate) struct Rank<'a> {
 }
 
 impl Rank<'_> {
+    /// Whether this is the pass's first thread, whose result [`Team::run`] returns.
+    pub(crate) fn is_first(&self) -> bool {
+        self.index == 0
+    }
+
     /// This thread's share of `count` items: an even split, in order.
     pub(crate) fn share(&self, count: usize) -> Range<usize> {
         count * self.index / self.threads..count * (self.index + 1) / self.threads

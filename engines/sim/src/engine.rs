@@ -8,9 +8,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::{Mutex, OnceCell};
 use usine_engine::{
-    CompiledGraph, Detokenizer, Device, Engine, EngineDescriptor, EngineError, GenerationParams, LoadedModel,
-    MemoryPlan, ModelSpec, Prefill, Prepared, Progress, ProgressSink, Sequence, Token, TokenId, check_graph,
-    check_spec,
+    BatchStep, CompiledGraph, Detokenizer, Device, Engine, EngineDescriptor, EngineError, GenerationParams,
+    LoadedModel, MemoryPlan, ModelSpec, Prefill, Prepared, Progress, ProgressSink, Sequence, Token, TokenId,
+    check_graph, check_spec,
 };
 
 use crate::pace::Pacer;
@@ -277,8 +277,10 @@ impl Engine for SimEngine {
         }
         // Whole milliseconds, tokio's timer resolution, so that timelines stay exact on paused time.
         let step_ms = (profile.timeline.compute.as_secs_f64() * 1e3 * quantization.step_factor).round();
+        let per_sequence = profile.timeline.batch.per_sequence.mul_f64(quantization.step_factor);
         Ok(Arc::new(SimModel {
             step: Duration::from_secs_f64(step_ms / 1e3),
+            per_sequence,
             profile,
             plan,
             device: self.flavor.device,
@@ -297,6 +299,8 @@ struct SimModel {
     device: Device,
     /// The compute stage of one step, with this quantization.
     step: Duration,
+    /// What each sequence after the first adds to a batched step, with this quantization.
+    per_sequence: Duration,
     config: SimConfig,
     language: Arc<Language>,
     transient_left: Arc<AtomicU32>,
@@ -336,6 +340,43 @@ impl LoadedModel for SimModel {
         Ok(())
     }
 
+    fn max_batch(&self) -> usize {
+        self.profile.timeline.batch.max.max(1)
+    }
+
+    /// One turn on the device for all: a step's compute, the profile's share for each sequence after
+    /// the first, and the longest stall injected among them (paced by the first sequence's device).
+    async fn compute_batch(&self, steps: Vec<BatchStep>) -> Vec<Result<Token, EngineError>> {
+        let mut own = Vec::with_capacity(steps.len());
+        for step in &steps {
+            let any: &dyn std::any::Any = &*step.sequence;
+            match any.downcast_ref::<SimSequence>() {
+                Some(sequence) if sequence.model == Arc::as_ptr(&self.hardware).cast::<()>() as usize => {
+                    own.push(sequence);
+                }
+                _ => {
+                    let message = "a batched step of another model's sequence".to_owned();
+                    return steps.iter().map(|_| Err(EngineError::Fatal { message: message.clone() })).collect();
+                }
+            }
+        }
+        let Some(first) = own.first() else { return Vec::new() };
+        let stall = steps
+            .iter()
+            .zip(&own)
+            .filter_map(|(step, sequence)| {
+                sequence.faults.stall_at.filter(|&(at, _)| at == step.prepared.step()).map(|(_, stall)| stall)
+            })
+            .max()
+            .unwrap_or_default();
+        let others = u32::try_from(steps.len() - 1).unwrap_or(u32::MAX);
+        {
+            let _device = self.hardware.lock().await;
+            first.device.lock().await.wait(self.step + self.per_sequence * others + stall).await;
+        }
+        steps.iter().zip(own).map(|(step, sequence)| sequence.draw(step.prepared.step(), step.previous)).collect()
+    }
+
     async fn prefill(&self, input: Prefill<'_>) -> Result<Box<dyn Sequence>, EngineError> {
         let (prompt, generated, params) = (input.prompt(), input.generated(), input.params());
         self.first_use().await;
@@ -361,6 +402,7 @@ impl LoadedModel for SimModel {
             language: Arc::clone(&self.language),
             transient_left: Arc::clone(&self.transient_left),
             hardware: Arc::clone(&self.hardware),
+            model: Arc::as_ptr(&self.hardware).cast::<()>() as usize,
             prepare_on_hardware: self.device == Device::Cpu,
             cpu,
             device,
@@ -377,6 +419,8 @@ struct SimSequence {
     transient_left: Arc<AtomicU32>,
     /// The model's device: compute stages of all its sequences take turns on it.
     hardware: Arc<Mutex<()>>,
+    /// Which model's it is (its device's address).
+    model: usize,
     /// On a CPU engine the prepare stage needs the same cores, so it takes its turn too; on a GPU engine
     /// it runs on the CPU beside the device's work.
     prepare_on_hardware: bool,
@@ -399,6 +443,13 @@ impl Sequence for SimSequence {
             let _device = self.hardware.lock().await;
             self.device.lock().await.wait(self.step + stall).await;
         }
+        self.draw(step, previous)
+    }
+}
+
+impl SimSequence {
+    /// The token of `step` after `previous`, or the fault injected there.
+    fn draw(&self, step: u32, previous: Option<TokenId>) -> Result<Token, EngineError> {
         if self.faults.fatal_at == Some(step) {
             return Err(EngineError::Fatal { message: format!("injected: fatal error at token {step}") });
         }

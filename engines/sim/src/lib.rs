@@ -8,5 +8,5 @@ pub mod text;
 
 pub use engine::{ConfigError, Faults, Flavor, GRAPH_SCHEMA, SimConfig, SimEngine};
 pub use pace::Pacer;
-pub use profile::{Profile, Q4, Q5, Quantization, Shape, TINY, Timeline};
+pub use profile::{Batching, Profile, Q4, Q5, Quantization, Shape, TINY, Timeline};
 pub use rng::Rng;

@@ -85,6 +85,20 @@ pub struct Timeline {
     pub compute: Duration,
     /// Paid by the first generation after a load, unless the model was warmed up.
     pub first_use: Duration,
+    /// How a batched step of several sequences costs.
+    pub batch: Batching,
+}
+
+/// A batched step: one step's compute plus `per_sequence` for each sequence after the first, at most
+/// `max` sequences. Decode reads every weight once a step whoever it is for, so a GPU's steps are
+/// nearly flat in the batch (on an H100 an 8B-shaped step took 6.06 ms for one sequence, 6.30 ms for
+/// 64); a CPU's grow faster, its arithmetic being nearer its memory's speed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Batching {
+    /// Most sequences a step advances; 1 for a model that does not batch.
+    pub max: usize,
+    /// What each sequence after the first adds to a step (with the first quantization).
+    pub per_sequence: Duration,
 }
 
 impl Timeline {

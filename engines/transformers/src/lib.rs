@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use usine_engine::Device;
-use usine_engine_sim::{ConfigError, Flavor, Profile, Q4, Q5, Shape, SimConfig, SimEngine, TINY, Timeline};
+use usine_engine_sim::{Batching, ConfigError, Flavor, Profile, Q4, Q5, Shape, SimConfig, SimEngine, TINY, Timeline};
 
 /// The engine's name, as model specs name it.
 pub const NAME: &str = "transformers";
@@ -39,6 +39,7 @@ pub fn tiny(threads: usize) -> Profile {
             prepare: ms(1),
             compute: scaled(ms(4), threads),
             first_use: ms(20),
+            batch: Batching { max: 16, per_sequence: scaled(Duration::from_micros(500), threads) }, // 1/8 of a step
         },
         graph_bytes: 32 << 10,
     }
@@ -67,6 +68,7 @@ pub fn cpu_1b(threads: usize) -> Profile {
             prepare: ms(5),
             compute: scaled(ms(84), threads), // 11.9 tokens/s on 4 threads
             first_use: ms(400),
+            batch: Batching { max: 16, per_sequence: scaled(Duration::from_micros(10_500), threads) }, // 1/8 of a step
         },
         graph_bytes: 2 << 20,
     }

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use usine_engine::Device;
-use usine_engine_sim::{ConfigError, Flavor, Profile, Q4, Q5, Shape, SimConfig, SimEngine, TINY, Timeline};
+use usine_engine_sim::{Batching, ConfigError, Flavor, Profile, Q4, Q5, Shape, SimConfig, SimEngine, TINY, Timeline};
 
 /// The engine's name, as model specs name it.
 pub const NAME: &str = "webllm";
@@ -34,6 +34,7 @@ pub fn tiny() -> Profile {
             prepare: ms(1),
             compute: ms(2),
             first_use: ms(30),
+            batch: Batching { max: 64, per_sequence: Duration::from_micros(20) }, // 1 % of a step
         },
         graph_bytes: 64 << 10,
     }
@@ -69,6 +70,7 @@ pub fn seven_b() -> Profile {
             prepare: ms(2),
             compute: ms(36), // 27.8 tokens/s
             first_use: ms(800),
+            batch: Batching { max: 64, per_sequence: Duration::from_micros(360) }, // 1 % of a step
         },
         graph_bytes: 4 << 20,
     }

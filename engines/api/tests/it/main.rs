@@ -32,6 +32,7 @@ async fn the_zero_engine_passes_the_conformance_kit() {
             "stop sequences honoured",
             "typed errors",
             "prepare N+1 during compute N",
+            "batched steps, each sequence's own tokens",
             "resume after a break",
         ]
     );

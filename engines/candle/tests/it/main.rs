@@ -30,7 +30,7 @@ async fn the_engine_passes_the_conformance_kit_at_both_quantizations() {
         let dir = tempfile::tempdir().unwrap();
         let report = usine_engine::conformance::check(&CandleEngine::new(), &spec(&dir, quantization)).await;
         let report = report.unwrap_or_else(|failure| panic!("{quantization}: {failure}"));
-        assert_eq!(report.checks.len(), 12, "{quantization}: {:?}", report.checks);
+        assert_eq!(report.checks.len(), 13, "{quantization}: {:?}", report.checks);
     }
 }
 

@@ -113,3 +113,26 @@ fn a_jitter_outside_its_range_is_a_typed_error() {
         assert!(err.to_string().starts_with("jitter"), "{err}");
     }
 }
+
+// Would catch: a CPU profile whose batched step is as flat as a GPU's (a CPU's arithmetic is nearer its
+// memory's speed), or one that does not batch at all.
+#[tokio::test(start_paused = true)]
+async fn a_batched_step_on_the_cpu_adds_an_eighth_of_a_step_a_sequence() {
+    let engine = cpu(SimConfig::default(), 4);
+    let graph = engine.compile(&spec("cpu-1b"), &NoProgress).await.unwrap();
+    let model = engine.load(&graph).await.unwrap();
+    model.warm_up().await.unwrap();
+    assert_eq!(model.max_batch(), 16);
+    let mut steps = Vec::new();
+    for seed in 0..3 {
+        let params = GenerationParams { max_tokens: 4, seed, ..Default::default() };
+        let sequence: std::sync::Arc<dyn usine_engine::Sequence> =
+            usine_engine::prefill(model.as_ref(), &[], &[], &params).await.unwrap().into();
+        let prepared = sequence.prepare(0).await.unwrap();
+        steps.push(usine_engine::BatchStep { sequence, prepared, previous: None });
+    }
+    let start = Instant::now();
+    let tokens = model.compute_batch(steps).await;
+    assert_eq!(start.elapsed(), Duration::from_millis(84 + 2 * 21 / 2)); // 84 ms, and 10.5 ms twice
+    assert!(tokens.iter().all(Result::is_ok));
+}

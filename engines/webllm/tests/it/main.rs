@@ -264,3 +264,25 @@ async fn a_graph_of_schema_1_is_upgraded_with_its_memory_plan_and_loads() {
     assert_eq!(error.to_string(), engine.load(&planless).await.err().unwrap().to_string());
     assert!(error.to_string().contains("`kv_bytes_per_token` missing"), "{error}");
 }
+
+// Would catch: a batched step that costs what its sequences cost one at a time (no batching for the
+// applications built on the simulator), or one that ignores the profile's share per sequence.
+#[tokio::test(start_paused = true)]
+async fn a_batched_step_of_26_sequences_takes_45_ms_where_one_at_a_time_take_936() {
+    let model = loaded(SimConfig::default(), &spec("7b")).await;
+    model.warm_up().await.unwrap();
+    assert_eq!(model.max_batch(), 64);
+    let mut steps = Vec::new();
+    for seed in 0..26 {
+        let params = GenerationParams { max_tokens: 4, seed, ..Default::default() };
+        let sequence: Arc<dyn usine_engine::Sequence> =
+            usine_engine::prefill(model.as_ref(), &[], &[], &params).await.unwrap().into();
+        let prepared = sequence.prepare(0).await.unwrap();
+        steps.push(usine_engine::BatchStep { sequence, prepared, previous: None });
+    }
+    let start = Instant::now();
+    let tokens = model.compute_batch(steps).await;
+    assert_eq!(start.elapsed(), Duration::from_millis(36 + 25 * 360 / 1000)); // a step, and 1 % of one a sequence more
+    assert_eq!(tokens.len(), 26);
+    assert!(tokens.iter().all(Result::is_ok));
+}
