@@ -8,6 +8,8 @@ use usine_memory::{ACTIVATIONS, KV_CACHE};
 pub const MAX_SLOTS: usize = 1 << 16;
 /// Most tokens buffered between a generation and its reader.
 pub const MAX_CHANNEL_CAPACITY: usize = 1 << 16;
+/// Most sequences one batched step may advance.
+pub const MAX_BATCH: usize = 1 << 10;
 /// The longest wait between two tries of a request.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(3600);
 
@@ -146,6 +148,9 @@ pub struct ExecutorConfig {
     pub retry: RetryPolicy,
     /// Time limits; a request may set its own.
     pub timeouts: Timeouts,
+    /// Most sequences of one model one batched step advances (64), where the model batches (its
+    /// engine's own bound applies too); 1 turns batching off, each sequence then steps on its own.
+    pub max_batch: usize,
 }
 
 impl Default for ExecutorConfig {
@@ -162,6 +167,7 @@ impl Default for ExecutorConfig {
             memory_wait: Duration::from_millis(500),
             retry: RetryPolicy::default(),
             timeouts: Timeouts::standard(),
+            max_batch: 64,
         }
     }
 }
@@ -191,6 +197,9 @@ impl ExecutorConfig {
         if !(1..=MAX_CHANNEL_CAPACITY).contains(&self.channel_capacity) {
             let limit = format!("1..={MAX_CHANNEL_CAPACITY}");
             return outside("channel_capacity", self.channel_capacity.to_string(), limit);
+        }
+        if !(1..=MAX_BATCH).contains(&self.max_batch) {
+            return outside("max_batch", self.max_batch.to_string(), format!("1..={MAX_BATCH}"));
         }
         if !(0.0..=1.0).contains(&self.kv_up_front_share) {
             return outside("kv_up_front_share", self.kv_up_front_share.to_string(), "0..=1".into());

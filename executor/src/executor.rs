@@ -55,6 +55,10 @@ pub struct ExecutorStats {
     pub retries: u64,
     /// Time compute stages sat idle waiting for prepare stages.
     pub pipeline_idle: Duration,
+    /// Batched steps run (each advancing one or more sequences of a model that batches).
+    pub batches: u64,
+    /// Sequence steps those advanced: over `batches`, the mean batch size.
+    pub batched_steps: u64,
 }
 
 impl TaskExecutor {
@@ -74,7 +78,14 @@ impl TaskExecutor {
         let activations = pool("activations_pool", &config.activations_pool)?;
         let metrics = Arc::new(ExecutorMetrics::register());
         let admission = Admission::new(config.max_concurrent, config.queue_capacity, Arc::clone(&metrics));
-        let shared = Arc::new(Shared { kernel: kernel.clone(), kv, activations, config, metrics });
+        let shared = Arc::new(Shared {
+            kernel: kernel.clone(),
+            kv,
+            activations,
+            config,
+            metrics,
+            batchers: crate::batch::Batchers::default(),
+        });
         Ok(Self {
             shared,
             admission,
@@ -176,6 +187,8 @@ impl TaskExecutor {
             tokens: metrics.counts.tokens.load(Ordering::Relaxed),
             retries: metrics.counts.retries.load(Ordering::Relaxed),
             pipeline_idle: Duration::from_nanos(metrics.counts.pipeline_idle_nanos.load(Ordering::Relaxed)),
+            batches: metrics.counts.batches.load(Ordering::Relaxed),
+            batched_steps: metrics.counts.batched_steps.load(Ordering::Relaxed),
         }
     }
 }

@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 mod admission;
+mod batch;
 mod config;
 mod error;
 mod event;
@@ -11,7 +12,7 @@ mod run;
 mod stream;
 
 pub use config::{
-    ConfigError, ExecutorConfig, KvReservation, MAX_BACKOFF, MAX_CHANNEL_CAPACITY, MAX_SLOTS, RetryPolicy,
+    ConfigError, ExecutorConfig, KvReservation, MAX_BACKOFF, MAX_BATCH, MAX_CHANNEL_CAPACITY, MAX_SLOTS, RetryPolicy,
     TimeoutOverrides, Timeouts,
 };
 pub use error::{ExecutorError, Phase};

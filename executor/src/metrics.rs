@@ -27,6 +27,9 @@ pub const RUNNING: &str = "usine_executor_running";
 /// Time the compute stage waited for the prepare stage, per generation (its sum is the total dead time).
 pub const PIPELINE_IDLE_SECONDS: &str = "usine_executor_pipeline_idle_seconds";
 
+/// Sequences a batched step advanced.
+pub const BATCH_SIZE: &str = "usine_executor_batch_size";
+
 /// How a request ended, as a metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Outcome {
@@ -84,6 +87,7 @@ pub fn describe_metrics() {
     describe_counter!(RETRIES_TOTAL, Unit::Count, "Transient engine failures retried.");
     describe_gauge!(QUEUE_DEPTH, Unit::Count, "Requests waiting for a generation slot.");
     describe_gauge!(RUNNING, Unit::Count, "Generations running.");
+    describe_histogram!(BATCH_SIZE, Unit::Count, "Sequences one batched step of a model advanced.");
     describe_histogram!(
         PIPELINE_IDLE_SECONDS,
         Unit::Seconds,
@@ -102,6 +106,7 @@ pub(crate) struct ExecutorMetrics {
     queue_depth: Gauge,
     running: Gauge,
     pipeline_idle: Histogram,
+    batch_size: Histogram,
     pub(crate) counts: Counts,
 }
 
@@ -113,6 +118,8 @@ pub(crate) struct Counts {
     pub(crate) tokens: AtomicU64,
     pub(crate) retries: AtomicU64,
     pub(crate) pipeline_idle_nanos: AtomicU64,
+    pub(crate) batches: AtomicU64,
+    pub(crate) batched_steps: AtomicU64,
 }
 
 impl ExecutorMetrics {
@@ -128,8 +135,17 @@ impl ExecutorMetrics {
             queue_depth: metrics::gauge!(QUEUE_DEPTH),
             running: metrics::gauge!(RUNNING),
             pipeline_idle: metrics::histogram!(PIPELINE_IDLE_SECONDS),
+            batch_size: metrics::histogram!(BATCH_SIZE),
             counts: Counts::default(),
         }
+    }
+
+    /// A batched step of `sequences`.
+    pub(crate) fn batch(&self, sequences: usize) {
+        #[expect(clippy::cast_precision_loss, reason = "at most MAX_BATCH")]
+        self.batch_size.record(sequences as f64);
+        self.counts.batches.fetch_add(1, Ordering::Relaxed);
+        self.counts.batched_steps.fetch_add(sequences as u64, Ordering::Relaxed);
     }
 
     pub(crate) fn set_load(&self, running: usize, queued: usize) {

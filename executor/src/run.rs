@@ -15,11 +15,12 @@ use usine_kernel::RuntimeManager;
 use usine_memory::{Lease, MemoryError, Pool, ScopeId};
 
 use crate::admission::{Slot, Ticket};
+use crate::batch::{Batcher, Batchers, LoopContext, Seat, StepFailure, Stepped};
 use crate::config::{ExecutorConfig, KvReservation, Timeouts};
 use crate::error::{ExecutorError, Phase};
 use crate::event::{Event, Usage};
 use crate::metrics::{ExecutorMetrics, Outcome};
-use crate::request::{Input, Request};
+use crate::request::{Input, Priority, Request};
 
 /// Prompts up to this many bytes are tokenized on the runtime's thread: microseconds, less than the
 /// trip to a blocking thread.
@@ -36,6 +37,8 @@ pub(crate) struct Shared {
     pub(crate) activations: Pool,
     pub(crate) config: ExecutorConfig,
     pub(crate) metrics: Arc<ExecutorMetrics>,
+    /// The batching loops of the models that batch.
+    pub(crate) batchers: Batchers,
 }
 
 pub(crate) type Sender = mpsc::Sender<Result<Event, ExecutorError>>;
@@ -179,10 +182,12 @@ enum Failure {
     Memory(MemoryError),
 }
 
-/// The sequence being decoded, and the step prepared ahead of it.
+/// The sequence being decoded, and the step prepared ahead of it; or, where the model batches, its
+/// seat in the model's batching loop.
 #[derive(Default)]
 struct Pipe {
     sequence: Option<Box<dyn Sequence>>,
+    seat: Option<Seat>,
     ahead: Option<Ready>,
     /// A failure of the step prepared ahead, met after the token before it came out.
     failed_ahead: Option<Failure>,
@@ -233,6 +238,16 @@ impl Run<'_> {
         let checked = Prefill::new(&plan, &prompt, &[], params).map_err(|source| self.invalid(source))?;
         let scope = ScopeId::fresh();
         let mut kv = bounded(first_token, self.reserve_kv(&plan, prompt.len(), params.max_tokens, scope)).await??;
+        let batcher = (self.shared.config.max_batch > 1 && model.max_batch() > 1).then(|| {
+            self.shared.batchers.of(&model, || LoopContext {
+                activations: self.shared.activations.clone(),
+                activation_bytes: plan.activation_bytes_per_step,
+                memory_wait: self.shared.config.memory_wait,
+                max_batch: self.shared.config.max_batch,
+                pipelining: self.shared.config.pipelining,
+                metrics: Arc::clone(&self.shared.metrics),
+            })
+        });
 
         let prompt_tokens = u32::try_from(prompt.len()).expect("the context check bounds the prompt");
         let queued = started - self.limits.submitted;
@@ -260,6 +275,8 @@ impl Run<'_> {
                 params,
                 checked,
                 scope,
+                priority: request.priority,
+                batcher: batcher.as_ref(),
             };
             let outcome = bounded(deadline, self.step(&context, &mut pipe, &mut kv, &mut tally.idle)).await?;
             let token = match outcome {
@@ -350,18 +367,11 @@ impl Run<'_> {
         idle: &mut Duration,
     ) -> Result<Token, Failure> {
         let step = u32::try_from(context.generated.len()).expect("steps are bounded by max_tokens");
+        if let Some(batcher) = context.batcher {
+            return self.step_batched(context, batcher, pipe, kv, idle).await;
+        }
         if pipe.sequence.is_none() {
-            let sequence = if context.generated.is_empty() {
-                context.model.prefill(context.checked).await
-            } else {
-                // A resume asks for what is left, so that the context counts each token once.
-                let left = GenerationParams { max_tokens: context.params.max_tokens - step, ..context.params.clone() };
-                match Prefill::new(context.plan, context.prompt, context.generated, &left) {
-                    Ok(input) => context.model.prefill(input).await,
-                    Err(error) => Err(error),
-                }
-            };
-            pipe.sequence = Some(sequence.map_err(Failure::Engine)?);
+            pipe.sequence = Some(self.prefill(context, step).await?);
             kv.touch().map_err(Failure::Memory)?; // a long prefill is use, not idleness
         }
         let sequence = pipe.sequence.as_deref().expect("set just above");
@@ -409,6 +419,60 @@ impl Run<'_> {
             }
         }
         Ok(token)
+    }
+
+    /// The sequence, prefilled with the prompt, or for a resume with the prompt and the tokens already
+    /// sent.
+    async fn prefill(&self, context: &Step<'_>, step: u32) -> Result<Box<dyn Sequence>, Failure> {
+        let sequence = if context.generated.is_empty() {
+            context.model.prefill(context.checked).await
+        } else {
+            // A resume asks for what is left, so that the context counts each token once.
+            let left = GenerationParams { max_tokens: context.params.max_tokens - step, ..context.params.clone() };
+            match Prefill::new(context.plan, context.prompt, context.generated, &left) {
+                Ok(input) => context.model.prefill(input).await,
+                Err(error) => Err(error),
+            }
+        };
+        sequence.map_err(Failure::Engine)
+    }
+
+    /// One step where the model batches: the sequence seated in the model's loop (prefilled again
+    /// after a failure), the kv-cache covered for this step and, pipelining, the next, those steps
+    /// allowed, and this step's token from the loop.
+    async fn step_batched(
+        &self,
+        context: &Step<'_>,
+        batcher: &Arc<Batcher>,
+        pipe: &mut Pipe,
+        kv: &mut KvCache,
+        idle: &mut Duration,
+    ) -> Result<Token, Failure> {
+        let step = u32::try_from(context.generated.len()).expect("steps are bounded by max_tokens");
+        if pipe.seat.is_none() {
+            let sequence = self.prefill(context, step).await?;
+            kv.touch().map_err(Failure::Memory)?; // a long prefill is use, not idleness
+            let previous = context.generated.last().or(context.prompt.last()).copied();
+            let end = context.params.max_tokens;
+            pipe.seat = Some(batcher.join(Arc::from(sequence), step, end, previous, context.priority));
+        }
+        let seat = pipe.seat.as_mut().expect("seated just above");
+        let ahead = if self.shared.config.pipelining { 2 } else { 1 };
+        let allowed = (step + ahead).min(context.params.max_tokens);
+        kv.cover(context.prompt.len() + allowed as usize, self, context.scope).await?;
+        seat.allow(allowed);
+        match seat.next().await {
+            Ok(Stepped { token, idle: waited }) => {
+                *idle += waited;
+                Ok(token)
+            }
+            Err(StepFailure::Engine(error)) => Err(Failure::Engine(error)),
+            Err(StepFailure::Memory(error)) => Err(Failure::Memory(error)),
+            // Ends this generation's task as the engine's panic would have in a step of its own.
+            Err(StepFailure::Panicked(message)) => {
+                std::panic::resume_unwind(Box::new(format!("the engine panicked in a batched step: {message}")))
+            }
+        }
     }
 
     /// A step's activations if they are free now (`Some(None)` when the model needs none).
@@ -591,6 +655,9 @@ struct Step<'a> {
     /// The request's input, checked once at its start: a new sequence's prefill.
     checked: Prefill<'a>,
     scope: ScopeId,
+    priority: Priority,
+    /// The model's batching loop, where it batches.
+    batcher: Option<&'a Arc<Batcher>>,
 }
 
 impl KvCache {

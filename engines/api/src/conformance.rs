@@ -209,7 +209,9 @@ async fn batched(model: &dyn LoadedModel, tokens: &[TokenId], params: &Generatio
     for (prompt, params) in &inputs {
         alone.push(decode(model, &tokens[..*prompt], &[], params, false).await?);
     }
-    let mut sequences: Vec<(std::sync::Arc<dyn Sequence>, Option<TokenId>, Vec<TokenId>, bool)> = Vec::new();
+    /// A sequence, its last token, its tokens so far, and whether it ended.
+    type Running = (std::sync::Arc<dyn Sequence>, Option<TokenId>, Vec<TokenId>, bool);
+    let mut sequences: Vec<Running> = Vec::new();
     for (prompt, params) in &inputs {
         let input = Prefill::new(&model.memory_plan(), &tokens[..*prompt], &[], params).map_err(engine_error(CHECK))?;
         let sequence = model.prefill(input).await.map_err(engine_error(CHECK))?;

@@ -7,7 +7,7 @@ use tokio::time::Instant;
 use usine_executor::{Event, ExecutorConfig, ExecutorError, KvReservation, Request};
 use usine_memory::{ACTIVATIONS, KV_CACHE, MemoryError, ScopeId};
 
-use crate::{ACTIVATIONS_PER_STEP, COMPUTE, KV_PER_TOKEN, PREPARE, config, fixture, fixture_with_pools};
+use crate::{ACTIVATIONS_PER_STEP, AHEAD, COMPUTE, KV_PER_TOKEN, PREPARE, config, fixture, fixture_with_pools};
 
 #[tokio::test(start_paused = true)]
 async fn the_kv_cache_of_prompt_and_max_tokens_is_reserved_up_front() {
@@ -25,12 +25,14 @@ async fn per_token_the_kv_cache_grows_with_the_sequence() {
     let f = fixture(ExecutorConfig { kv_reservation: KvReservation::PerToken, ..config() });
     let mut stream = f.executor.generate(Request::prompt("lab", "Hello").max_tokens(20)).unwrap();
     assert!(matches!(stream.next().await, Some(Ok(Event::Started { .. }))));
-    assert_eq!(f.used(KV_CACHE), (5 + 1) * KV_PER_TOKEN, "the prompt, and room for the token being computed");
+    let ahead = u64::from(AHEAD);
+    let room = (5 + 1 + ahead) * KV_PER_TOKEN;
+    assert_eq!(f.used(KV_CACHE), room, "the prompt, and room for the token being computed (and the one ahead)");
     for _ in 0..10 {
         stream.next().await.unwrap().unwrap();
     }
-    // Ten tokens read; the eleventh is being computed, with its room.
-    assert_eq!(f.used(KV_CACHE), (5 + 11) * KV_PER_TOKEN);
+    // Ten tokens read; the eleventh is being computed, with its room (and the twelfth's, batching).
+    assert_eq!(f.used(KV_CACHE), (5 + 11 + ahead) * KV_PER_TOKEN);
     let output = stream.output().await.unwrap();
     assert_eq!(output.usage.generated_tokens, 20);
     assert_eq!(f.memory.pool_stats(KV_CACHE).unwrap().peak, 25 * KV_PER_TOKEN);
