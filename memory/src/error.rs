@@ -103,6 +103,28 @@ pub enum MemoryError {
         /// The revoked lease.
         lease: LeaseId,
     },
+    /// A kv block space that cannot be laid over its pool (see [`KvBlocks::new`](crate::KvBlocks::new)).
+    #[error(
+        "invalid kv blocks of {block_tokens} tokens at {bytes_per_token} bytes a token over pool `{pool}` ({capacity} bytes): {reason}"
+    )]
+    InvalidKvBlocks {
+        /// The pool.
+        pool: String,
+        /// Its capacity in bytes.
+        capacity: u64,
+        /// Tokens per block asked for.
+        block_tokens: u32,
+        /// Kv bytes per token asked for.
+        bytes_per_token: u64,
+        /// Which rule they break.
+        reason: &'static str,
+    },
+    /// A block table was passed to a kv block space other than the one that made it.
+    #[error("the block table belongs to another kv block space (over pool `{pool}`)")]
+    ForeignBlockTable {
+        /// The pool of the table's own space.
+        pool: String,
+    },
     /// Waiting and the GC sweeper need a tokio runtime (with time enabled).
     #[error("no tokio runtime to {purpose}")]
     NoRuntime {

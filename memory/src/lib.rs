@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+mod blocks;
 mod config;
 mod error;
 mod events;
@@ -9,6 +10,7 @@ pub mod metrics;
 mod pool;
 mod stats;
 
+pub use blocks::{BlockInfo, BlockStats, BlockTable, DEFAULT_BLOCK_TOKENS, KvBlocks, PublishedBlock};
 pub use config::{
     ACTIVATIONS, DEFAULT_BLOCK_SIZE, DEFAULT_HIGH_WATER_PERCENT, DEFAULT_IDLE_TIMEOUT, DEFAULT_LOW_WATER_PERCENT,
     KV_CACHE, MAX_EVENT_CAPACITY, MAX_POOL_NAME_LEN, ManagerConfig, PoolConfig, StandardPools, UNIFORMS,

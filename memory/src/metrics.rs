@@ -28,6 +28,15 @@ pub const RECLAIMED_TOTAL: &str = "usine_memory_reclaimed_total";
 /// How long requests waited for space.
 pub const WAIT_DURATION_SECONDS: &str = "usine_memory_wait_duration_seconds";
 
+/// Blocks of the kv block spaces over a pool, by state: `in_use`, `cached` or `free` (summed over the
+/// spaces of the pool, one per loaded model).
+pub const KV_BLOCKS: &str = "usine_memory_kv_blocks";
+/// Tokens a sequence's start looked up in the prefix cache, by outcome: `hit` (found, not computed
+/// again) or `miss`.
+pub const KV_PREFIX_TOKENS_TOTAL: &str = "usine_memory_kv_prefix_tokens_total";
+/// Cached kv blocks dropped from the cache other than by a hit.
+pub const KV_EVICTIONS_TOTAL: &str = "usine_memory_kv_evictions_total";
+
 /// Describes every metric of this crate to the installed recorder.
 ///
 /// [`MemoryManager`](crate::MemoryManager) calls it when it is built; calling it again is harmless.
@@ -54,6 +63,47 @@ pub fn describe_metrics() {
         Unit::Seconds,
         "Time requests waited for space in a memory pool: granted, timed out, cancelled or released."
     );
+    describe_gauge!(
+        KV_BLOCKS,
+        Unit::Count,
+        "Kv-cache blocks over a memory pool, by state: in_use (held by sequences), cached (kept for a prefix hit), free."
+    );
+    describe_counter!(
+        KV_PREFIX_TOKENS_TOTAL,
+        Unit::Count,
+        "Prompt tokens looked up in the kv prefix cache, by outcome: hit (kv reused) or miss (computed)."
+    );
+    describe_counter!(
+        KV_EVICTIONS_TOTAL,
+        Unit::Count,
+        "Cached kv-cache blocks dropped other than by a hit: reused for new blocks, revoked by the GC, or unreachable."
+    );
+}
+
+/// The metric handles of the kv block spaces over one pool. Gauges move by differences, so that the
+/// spaces of several models over one pool add up.
+pub(crate) struct BlockMetrics {
+    pub(crate) in_use: Gauge,
+    pub(crate) cached: Gauge,
+    pub(crate) free: Gauge,
+    pub(crate) hit_tokens: Counter,
+    pub(crate) miss_tokens: Counter,
+    pub(crate) evictions: Counter,
+}
+
+impl BlockMetrics {
+    pub(crate) fn register(pool: &str) -> Self {
+        let blocks = |state: &'static str| metrics::gauge!(KV_BLOCKS, "pool" => pool.to_owned(), "state" => state);
+        let tokens = |outcome: &'static str| metrics::counter!(KV_PREFIX_TOKENS_TOTAL, "pool" => pool.to_owned(), "outcome" => outcome);
+        Self {
+            in_use: blocks("in_use"),
+            cached: blocks("cached"),
+            free: blocks("free"),
+            hit_tokens: tokens("hit"),
+            miss_tokens: tokens("miss"),
+            evictions: metrics::counter!(KV_EVICTIONS_TOTAL, "pool" => pool.to_owned()),
+        }
+    }
 }
 
 /// The metric handles of one pool.

@@ -279,6 +279,21 @@ impl PoolShared {
         Ok(())
     }
 
+    /// Marks `leases` of this pool in use now, in order, under one lock; returns how many were touched
+    /// before the first revoked one (all of them when none was).
+    pub(crate) fn touch_all<'a>(&self, leases: impl IntoIterator<Item = &'a Lease>) -> usize {
+        let mut st = self.state.lock();
+        let now = Instant::now();
+        let mut touched = 0;
+        for lease in leases {
+            debug_assert!(std::ptr::eq(Arc::as_ptr(&lease.pool), self), "a lease of this pool");
+            let Some(record) = Self::record_mut(&mut st, lease) else { break };
+            record.last_use = now;
+            touched += 1;
+        }
+        touched
+    }
+
     pub(crate) fn is_revoked(&self, lease: &Lease) -> bool {
         Self::record_mut(&mut self.state.lock(), lease).is_none()
     }

@@ -6,6 +6,8 @@
 )]
 
 mod backpressure;
+mod blocks;
+mod blocks_model;
 mod concurrency;
 mod events;
 mod gc;
