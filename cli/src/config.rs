@@ -53,6 +53,8 @@ pub(crate) struct Config {
     pub(crate) pipelining: bool,
     /// Most generations at once.
     pub(crate) max_concurrent: usize,
+    /// Most generations of one model a batched step advances, where the engine batches; 1 for none.
+    pub(crate) max_batch: usize,
     /// Most requests waiting for a generation slot.
     pub(crate) queue_capacity: usize,
     /// Most time a request waits for a slot, in milliseconds.
@@ -134,6 +136,7 @@ impl Default for Config {
             warm: true,
             pipelining: true,
             max_concurrent: 4,
+            max_batch: 64,
             queue_capacity: 64,
             queue_timeout_ms: 60_000,
             first_token_timeout_ms: 300_000,
@@ -182,6 +185,7 @@ pub(crate) const KEYS: &[&str] = &[
     "warm",
     "pipelining",
     "max_concurrent",
+    "max_batch",
     "queue_capacity",
     "queue_timeout_ms",
     "first_token_timeout_ms",
@@ -418,6 +422,10 @@ impl Loaded {
         if config.max_context == Some(0) {
             return Err(outside("max_context", "0".into(), "at least 1 token (leave it unset for the model's own)"));
         }
+        if !(1..=usine_executor::MAX_BATCH).contains(&config.max_batch) {
+            let expected = format!("1..={} (1: no batching)", usine_executor::MAX_BATCH);
+            return Err(outside("max_batch", config.max_batch.to_string(), &expected));
+        }
         if config.threads == Some(0) {
             return Err(outside("threads", "0".into(), "at least 1"));
         }
@@ -495,6 +503,7 @@ impl Loaded {
         let millis = std::time::Duration::from_millis;
         usine_executor::ExecutorConfig {
             max_concurrent: config.max_concurrent,
+            max_batch: config.max_batch,
             queue_capacity: config.queue_capacity,
             pipelining: config.pipelining,
             timeouts: usine_executor::Timeouts {

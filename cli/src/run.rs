@@ -340,6 +340,7 @@ mod tests {
         Usage {
             finish: FinishReason::Length,
             prompt_tokens: 2,
+            cached_tokens: 0,
             generated_tokens,
             time_to_first_token: Duration::from_millis(50),
             tokens_per_second: 27.65,

@@ -45,6 +45,9 @@ pub struct Usage {
     pub finish: FinishReason,
     /// Tokens in the prompt.
     pub prompt_tokens: u32,
+    /// Leading prompt tokens whose kv-cache an earlier generation computed (the prefix cache, where
+    /// the model pages its kv-cache): not computed again.
+    pub cached_tokens: u32,
     /// Tokens generated (an end-of-sequence token is not counted).
     pub generated_tokens: u32,
     /// From submission to the first token.

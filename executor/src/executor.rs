@@ -85,6 +85,7 @@ impl TaskExecutor {
             config,
             metrics,
             batchers: crate::batch::Batchers::default(),
+            spaces: crate::run::Spaces::default(),
         });
         Ok(Self {
             shared,

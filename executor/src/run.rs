@@ -8,11 +8,11 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use usine_engine::{
-    EngineError, ErrorKind, FinishReason, GenerationParams, LoadedModel, MemoryPlan, Prefill, Prepared, Sequence,
-    StopMatcher, Token, TokenId,
+    Blocks, EngineError, ErrorKind, FinishReason, GenerationParams, LoadedModel, MemoryPlan, Prefill, Prepared,
+    Sequence, StopMatcher, Token, TokenId,
 };
 use usine_kernel::RuntimeManager;
-use usine_memory::{Lease, MemoryError, Pool, ScopeId};
+use usine_memory::{BlockTable, KvBlocks, Lease, MemoryError, Pool, ScopeId};
 
 use crate::admission::{Slot, Ticket};
 use crate::batch::{Batcher, Batchers, LoopContext, Seat, StepFailure, Stepped};
@@ -39,6 +39,34 @@ pub(crate) struct Shared {
     pub(crate) metrics: Arc<ExecutorMetrics>,
     /// The batching loops of the models that batch.
     pub(crate) batchers: Batchers,
+    /// The kv blocks of the models that page their kv-cache.
+    pub(crate) spaces: Spaces,
+}
+
+/// The kv blocks of each loaded model that pages its kv-cache: made at its first generation, and kept
+/// while the model lives (its cached blocks serve later generations), then dropped with their memory
+/// at the next generation of any model.
+#[derive(Default)]
+pub(crate) struct Spaces {
+    spaces: parking_lot::Mutex<std::collections::HashMap<usize, Space>>,
+}
+
+/// A model (while it lives) and its kv blocks.
+type Space = (std::sync::Weak<dyn LoadedModel>, KvBlocks);
+
+impl Spaces {
+    /// The blocks of `model`, made now over `pool` if it has none.
+    fn of(&self, model: &Arc<dyn LoadedModel>, block_tokens: u32, pool: &Pool) -> Result<KvBlocks, MemoryError> {
+        let key = Arc::as_ptr(model).cast::<()>() as usize;
+        let mut spaces = self.spaces.lock();
+        spaces.retain(|_, (model, _)| model.strong_count() > 0);
+        if let Some((_, space)) = spaces.get(&key) {
+            return Ok(space.clone());
+        }
+        let space = KvBlocks::new(pool.clone(), key as u64, block_tokens, model.memory_plan().kv_bytes_per_token)?;
+        spaces.insert(key, (Arc::downgrade(model), space.clone()));
+        Ok(space)
+    }
 }
 
 pub(crate) type Sender = mpsc::Sender<Result<Event, ExecutorError>>;
@@ -186,7 +214,7 @@ enum Failure {
 /// seat in the model's batching loop.
 #[derive(Default)]
 struct Pipe {
-    sequence: Option<Box<dyn Sequence>>,
+    sequence: Option<Arc<dyn Sequence>>,
     seat: Option<Seat>,
     ahead: Option<Ready>,
     /// A failure of the step prepared ahead, met after the token before it came out.
@@ -202,11 +230,13 @@ struct Run<'a> {
     events: &'a Sender,
 }
 
-/// The kv-cache of one sequence: one lease, grown in place, and more leases when it cannot grow.
+/// The kv-cache of one sequence: one lease, grown in place, and more leases when it cannot grow; or,
+/// where the model pages it, a table of blocks of the model's, the leading ones perhaps cached.
 struct KvCache {
     leases: Vec<Lease>,
     per_token: u64,
     tokens: u64,
+    paged: Option<(KvBlocks, BlockTable)>,
 }
 
 impl Run<'_> {
@@ -237,7 +267,14 @@ impl Run<'_> {
         // The one check of the request against the model: its parameters (fitted) and its context.
         let checked = Prefill::new(&plan, &prompt, &[], params).map_err(|source| self.invalid(source))?;
         let scope = ScopeId::fresh();
-        let mut kv = bounded(first_token, self.reserve_kv(&plan, prompt.len(), params.max_tokens, scope)).await??;
+        let space = match model.kv_block_tokens() {
+            Some(block_tokens) if plan.kv_bytes_per_token > 0 => Some(
+                self.shared.spaces.of(&model, block_tokens, &self.shared.kv).map_err(|source| self.memory(source))?,
+            ),
+            _ => None,
+        };
+        let reserved = self.reserve_kv(&plan, &prompt, params.max_tokens, scope, space);
+        let mut kv = bounded(first_token, reserved).await??;
         let batcher = (self.shared.config.max_batch > 1 && model.max_batch() > 1).then(|| {
             self.shared.batchers.of(&model, || LoopContext {
                 activations: self.shared.activations.clone(),
@@ -321,6 +358,8 @@ impl Run<'_> {
             phase = (Phase::BetweenTokens, Instant::now()); // time blocked on the reader is not the engine's
         }
         drop(pipe); // flush: a step prepared ahead returns its activations
+        let cached_tokens = kv.paged.as_ref().map_or(0, |(_, table)| table.cached_tokens());
+        let cached_tokens = u32::try_from(cached_tokens).expect("at most the prompt");
         drop((kv, handle, slot)); // memory, model and slot go back before the reader hears the end
         if finish != FinishReason::Stop {
             let released = stops.push(&detokenizer.finish());
@@ -346,6 +385,7 @@ impl Run<'_> {
         Ok(Usage {
             finish,
             prompt_tokens,
+            cached_tokens,
             generated_tokens,
             time_to_first_token: first_at.map_or(Duration::ZERO, |first| first - self.limits.submitted),
             tokens_per_second,
@@ -371,11 +411,11 @@ impl Run<'_> {
             return self.step_batched(context, batcher, pipe, kv, idle).await;
         }
         if pipe.sequence.is_none() {
-            pipe.sequence = Some(self.prefill(context, step).await?);
+            pipe.sequence = Some(self.prefill(context, step, kv).await?);
             kv.touch().map_err(Failure::Memory)?; // a long prefill is use, not idleness
         }
         let sequence = pipe.sequence.as_deref().expect("set just above");
-        kv.cover(context.prompt.len() + context.generated.len() + 1, self, context.scope).await?;
+        kv.cover(context.prompt.len() + context.generated.len() + 1, self, context.scope, sequence).await?;
         let current = match pipe.ahead.take() {
             Some(ready) => ready,
             None => {
@@ -423,18 +463,31 @@ impl Run<'_> {
 
     /// The sequence, prefilled with the prompt, or for a resume with the prompt and the tokens already
     /// sent.
-    async fn prefill(&self, context: &Step<'_>, step: u32) -> Result<Box<dyn Sequence>, Failure> {
-        let sequence = if context.generated.is_empty() {
-            context.model.prefill(context.checked).await
+    /// Where the model pages its kv-cache, the prefill takes the sequence's blocks (its leading ones
+    /// perhaps cached, and not computed again), and its full blocks are published after it.
+    async fn prefill(&self, context: &Step<'_>, step: u32, kv: &mut KvCache) -> Result<Arc<dyn Sequence>, Failure> {
+        // A resume asks for what is left, so that the context counts each token once.
+        let left = GenerationParams { max_tokens: context.params.max_tokens - step, ..context.params.clone() };
+        let input = if context.generated.is_empty() {
+            Ok(context.checked)
         } else {
-            // A resume asks for what is left, so that the context counts each token once.
-            let left = GenerationParams { max_tokens: context.params.max_tokens - step, ..context.params.clone() };
-            match Prefill::new(context.plan, context.prompt, context.generated, &left) {
-                Ok(input) => context.model.prefill(input).await,
-                Err(error) => Err(error),
-            }
+            Prefill::new(context.plan, context.prompt, context.generated, &left)
         };
-        sequence.map_err(Failure::Engine)
+        let input = match (input, &kv.paged) {
+            (Ok(input), Some((space, table))) => input
+                .with_blocks(space.block_tokens(), Blocks { ids: table.ids(), cached_tokens: table.cached_tokens() }),
+            (input, _) => input,
+        };
+        let sequence = match input {
+            Ok(input) => context.model.prefill(input).await.map_err(Failure::Engine)?,
+            Err(error) => return Err(Failure::Engine(error)),
+        };
+        if let Some((space, table)) = &mut kv.paged {
+            // The kv of the prompt but its last token (the first step's) is computed now.
+            let computed = &context.prompt[..context.prompt.len().saturating_sub(1)];
+            space.publish(table, computed).map_err(Failure::Memory)?;
+        }
+        Ok(Arc::from(sequence))
     }
 
     /// One step where the model batches: the sequence seated in the model's loop (prefilled again
@@ -450,16 +503,18 @@ impl Run<'_> {
     ) -> Result<Token, Failure> {
         let step = u32::try_from(context.generated.len()).expect("steps are bounded by max_tokens");
         if pipe.seat.is_none() {
-            let sequence = self.prefill(context, step).await?;
+            let sequence = self.prefill(context, step, kv).await?;
             kv.touch().map_err(Failure::Memory)?; // a long prefill is use, not idleness
             let previous = context.generated.last().or(context.prompt.last()).copied();
             let end = context.params.max_tokens;
-            pipe.seat = Some(batcher.join(Arc::from(sequence), step, end, previous, context.priority));
+            pipe.seat = Some(batcher.join(Arc::clone(&sequence), step, end, previous, context.priority));
+            pipe.sequence = Some(sequence);
         }
-        let seat = pipe.seat.as_mut().expect("seated just above");
+        let (seat, sequence) = (pipe.seat.as_mut().expect("seated just above"), pipe.sequence.as_deref());
         let ahead = if self.shared.config.pipelining { 2 } else { 1 };
         let allowed = (step + ahead).min(context.params.max_tokens);
-        kv.cover(context.prompt.len() + allowed as usize, self, context.scope).await?;
+        let sequence = sequence.expect("seated with its sequence");
+        kv.cover(context.prompt.len() + allowed as usize, self, context.scope, sequence).await?;
         seat.allow(allowed);
         match seat.next().await {
             Ok(Stepped { token, idle: waited }) => {
@@ -541,11 +596,13 @@ impl Run<'_> {
     async fn reserve_kv(
         &self,
         plan: &MemoryPlan,
-        prompt: usize,
+        prompt_tokens: &[TokenId],
         max_tokens: u32,
         scope: ScopeId,
+        space: Option<KvBlocks>,
     ) -> Result<KvCache, ExecutorError> {
-        let mut kv = KvCache { leases: Vec::new(), per_token: plan.kv_bytes_per_token, tokens: 0 };
+        let prompt = prompt_tokens.len();
+        let mut kv = KvCache { leases: Vec::new(), per_token: plan.kv_bytes_per_token, tokens: 0, paged: None };
         if kv.per_token == 0 {
             kv.tokens = u64::MAX;
             return Ok(kv);
@@ -575,6 +632,16 @@ impl Run<'_> {
             return Err(self.memory(MemoryError::TooLarge { pool, requested: u64::MAX, capacity }));
         };
         let wait = self.shared.config.memory_wait;
+        if let Some(space) = space {
+            // The leading blocks another sequence computed, then blocks for the rest (the empty
+            // prompt's start token takes a position too).
+            let mut table = space.start(prompt_tokens);
+            let covered = usize::try_from(tokens.max(1)).unwrap_or(usize::MAX);
+            space.cover_wait(&mut table, covered, wait).await.map_err(|source| self.memory(source))?;
+            kv.tokens = covered as u64;
+            kv.paged = Some((space, table));
+            return Ok(kv);
+        }
         let lease = self.shared.kv.allocate_wait(bytes, scope, wait).await.map_err(|source| self.memory(source))?;
         kv.leases.push(lease);
         kv.tokens = tokens;
@@ -663,12 +730,33 @@ struct Step<'a> {
 impl KvCache {
     /// Marks every lease in use now, so that the GC leaves them alone for another idle period.
     fn touch(&self) -> Result<(), MemoryError> {
+        if let Some((space, table)) = &self.paged {
+            space.touch(table)?;
+        }
         self.leases.iter().try_for_each(Lease::touch)
     }
 
-    /// Makes the cache hold `tokens` tokens, growing it by one token's worth at a time (waiting under
-    /// pressure).
-    async fn cover(&mut self, tokens: usize, generation: &Run<'_>, scope: ScopeId) -> Result<(), Failure> {
+    /// Makes the cache hold `tokens` tokens, growing it by one token's worth at a time, or a block at a
+    /// time where it is paged (then `sequence` learns its new blocks), waiting under pressure.
+    async fn cover(
+        &mut self,
+        tokens: usize,
+        generation: &Run<'_>,
+        scope: ScopeId,
+        sequence: &dyn Sequence,
+    ) -> Result<(), Failure> {
+        if let Some((space, table)) = &mut self.paged {
+            if self.tokens < tokens as u64 {
+                let had = table.ids().len();
+                let wait = generation.shared.config.memory_wait;
+                space.cover_wait(table, tokens, wait).await.map_err(Failure::Memory)?;
+                self.tokens = tokens as u64;
+                if table.ids().len() > had {
+                    sequence.set_blocks(table.ids());
+                }
+            }
+            return Ok(());
+        }
         while self.tokens < tokens as u64 {
             let grown = match self.leases.last_mut() {
                 Some(lease) => lease.try_grow(self.per_token),

@@ -75,6 +75,14 @@ pub trait LoadedModel: Send + Sync {
     /// nor a different one). The input was checked when it was made: the engine checks nothing again.
     async fn prefill(&self, input: Prefill<'_>) -> Result<Box<dyn Sequence>, EngineError>;
 
+    /// Tokens per kv block, where the model keeps its sequences' kv-cache in blocks whose ids the
+    /// executor hands it ([`Prefill::with_blocks`], [`Sequence::set_blocks`]): a paged kv-cache, whose
+    /// full blocks an earlier sequence computed can serve a later one with the same leading tokens (a
+    /// prefix cache). `None` (the default): each sequence keeps a kv-cache of its own.
+    fn kv_block_tokens(&self) -> Option<u32> {
+        None
+    }
+
     /// Most sequences one [`compute_batch`](Self::compute_batch) advances in one pass: 1 (the default)
     /// for a model that does not batch, whose sequences the executor steps each on its own.
     fn max_batch(&self) -> usize {
@@ -120,6 +128,17 @@ pub struct Prefill<'a> {
     prompt: &'a [TokenId],
     generated: &'a [TokenId],
     params: &'a GenerationParams,
+    blocks: Option<Blocks<'a>>,
+}
+
+/// A paged sequence's kv blocks at its prefill (see [`LoadedModel::kv_block_tokens`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Blocks<'a> {
+    /// The block ids, in order: block `i` holds the kv of positions `i × block tokens` onwards.
+    pub ids: &'a [u32],
+    /// Leading context tokens (the prompt, then the tokens generated before) whose kv the blocks hold
+    /// already: the prefill computes the others only.
+    pub cached_tokens: usize,
 }
 
 impl<'a> Prefill<'a> {
@@ -132,7 +151,28 @@ impl<'a> Prefill<'a> {
     ) -> Result<Self, EngineError> {
         params.validate()?;
         check_context(plan, prompt.len() + generated.len(), params)?;
-        Ok(Self { prompt, generated, params })
+        Ok(Self { prompt, generated, params, blocks: None })
+    }
+
+    /// The same input for a paged model ([`LoadedModel::kv_block_tokens`] is `block_tokens`): its kv
+    /// blocks, which must hold the context's tokens, and how many of those are cached already (fewer
+    /// than the context: the last token's kv is the first step's).
+    pub fn with_blocks(self, block_tokens: u32, blocks: Blocks<'a>) -> Result<Self, EngineError> {
+        let context = self.prompt.len() + self.generated.len();
+        let room = blocks.ids.len().saturating_mul(block_tokens as usize);
+        if block_tokens == 0 || room < context.max(1) || (blocks.cached_tokens > 0 && blocks.cached_tokens >= context) {
+            return Err(EngineError::InvalidParams {
+                name: "blocks",
+                value: format!("{} blocks of {block_tokens} tokens, {} cached", blocks.ids.len(), blocks.cached_tokens),
+                limit: format!("room for the context's {context} tokens, fewer of them cached"),
+            });
+        }
+        Ok(Self { blocks: Some(blocks), ..self })
+    }
+
+    /// The kv blocks of a paged sequence ([`with_blocks`](Self::with_blocks)).
+    pub fn blocks(&self) -> Option<Blocks<'a>> {
+        self.blocks
     }
 
     /// The prompt's tokens.
@@ -189,6 +229,13 @@ pub trait Detokenizer: Send {
 /// state (`let any: &dyn Any = sequence;`).
 #[async_trait]
 pub trait Sequence: Any + Send + Sync {
+    /// A paged sequence's kv blocks now, as its tokens outgrow those it had (the ids it had first,
+    /// then more): the executor calls it before the steps that need them. Ignored by a sequence that
+    /// keeps its own kv-cache (the default).
+    fn set_blocks(&self, ids: &[u32]) {
+        let _ = ids;
+    }
+
     /// The prepare stage of `step`.
     async fn prepare(&self, step: u32) -> Result<Prepared, EngineError>;
 

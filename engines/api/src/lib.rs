@@ -13,7 +13,9 @@ mod types;
 mod zero;
 
 pub use chat::{Message, Role, render_plain};
-pub use engine::{BatchStep, Detokenizer, Engine, LoadedModel, Prefill, Prepared, Sequence, check_graph, check_spec};
+pub use engine::{
+    BatchStep, Blocks, Detokenizer, Engine, LoadedModel, Prefill, Prepared, Sequence, check_graph, check_spec,
+};
 pub use error::{EngineError, ErrorKind};
 pub use generate::{check_context, generate, prefill};
 pub use text::{ByteDetokenizer, Released, StopMatcher, Utf8Decoder};

@@ -33,6 +33,8 @@ pub struct Script {
     /// `compute` plus `per_sequence` for each sequence after the first (`None`: the model does not
     /// batch, and its sequences compute one at a time).
     pub batch: Option<Batching>,
+    /// The model pages its kv-cache in blocks of this many tokens (`None`: each sequence keeps its own).
+    pub kv_block_tokens: Option<u32>,
     /// Each stage of a sequence pays back the timer's overshoot of its earlier waits (measured inside
     /// each wait), so that a benchmark on a real clock keeps the script's pace.
     pub paced: bool,
@@ -54,6 +56,9 @@ pub struct Script {
     pub prefills: Vec<(usize, usize, u32)>,
     /// Log: computes started.
     pub computes: u32,
+    /// Log: the kv blocks of every paged prefill (their ids, and how many leading tokens were cached),
+    /// and then each time its sequence's blocks grew.
+    pub blocks: Vec<(Vec<u32>, usize)>,
 }
 
 /// How a scripted model batches: at most `max` sequences a pass, each after the first adding
@@ -154,12 +159,19 @@ impl LoadedModel for ScriptedModel {
         let (delay, paced) = {
             let mut script = self.script.lock();
             script.prefills.push((input.prompt().len(), input.generated().len(), input.params().max_tokens));
+            if let Some(blocks) = input.blocks() {
+                script.blocks.push((blocks.ids.to_vec(), blocks.cached_tokens));
+            }
             (script.prefill, script.paced)
         };
         tokio::time::sleep(delay).await;
         let inner = self.inner.prefill(input).await?;
         let debts = paced.then(|| Mutex::new([Duration::ZERO; 2]));
         Ok(Box::new(ScriptedSequence { inner, script: self.script.clone(), debts }))
+    }
+
+    fn kv_block_tokens(&self) -> Option<u32> {
+        self.script.lock().kv_block_tokens
     }
 
     fn max_batch(&self) -> usize {
@@ -249,6 +261,10 @@ impl ScriptedSequence {
 
 #[async_trait]
 impl Sequence for ScriptedSequence {
+    fn set_blocks(&self, ids: &[u32]) {
+        self.script.lock().blocks.push((ids.to_vec(), 0));
+    }
+
     async fn prepare(&self, step: u32) -> Result<Prepared, EngineError> {
         let delay = self.script.lock().prepare;
         self.wait(PREPARE, delay).await;

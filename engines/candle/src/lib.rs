@@ -33,7 +33,10 @@ pub use kernel::ISA_VARIABLE;
 pub use shape::{END_OF_SEQUENCE, Shape, VOCAB};
 
 use crate::config::{ModelFile, Refused};
-use crate::model::{KvCache, Model};
+use crate::model::{Arena, KvCache, Model};
+
+/// Tokens per kv block of a paged sequence: vLLM's default.
+const KV_BLOCK_TOKENS: u32 = 16;
 use crate::team::Team;
 use crate::tokenizer::{Packed, Tokenizer, Vocabulary};
 
@@ -436,7 +439,9 @@ impl Engine for CandleEngine {
             .and_then(|packed| packed.check(model.config.vocab))
             .map_err(|error| corrupt(format!("the vocabulary: {error}")))?
             .into();
+        let arena = Arc::new(Arena::new(&model.config, KV_BLOCK_TOKENS as usize));
         Ok(Arc::new(CandleModel {
+            arena,
             model: Arc::new(model),
             plan,
             team: Arc::clone(&self.team),
@@ -450,6 +455,8 @@ impl Engine for CandleEngine {
 
 struct CandleModel {
     model: Arc<Model>,
+    /// The kv storage of its paged sequences.
+    arena: Arc<Arena>,
     plan: MemoryPlan,
     team: Arc<Team>,
     /// Where the vocabulary lies (checked at the load), for the tokenizer built at its first use (or
@@ -514,6 +521,11 @@ impl LoadedModel for CandleModel {
         }
     }
 
+    /// Its sequences' kv in blocks of the model's arena, where the executor hands them out.
+    fn kv_block_tokens(&self) -> Option<u32> {
+        Some(KV_BLOCK_TOKENS)
+    }
+
     /// As many sequences as a pass's activations cover (the plan counts a prompt's chunk of tokens).
     fn max_batch(&self) -> usize {
         model::PREFILL_CHUNK
@@ -561,15 +573,24 @@ impl LoadedModel for CandleModel {
         // A dropped prefill stops at the next token instead of running the whole prompt.
         let cancelled = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let guard = CancelOnDrop(Arc::clone(&cancelled));
+        // A paged sequence's kv goes to the model's arena through its blocks, whose first tokens may be
+        // cached already; another's to a cache of its own, allocated now.
+        let paged = input.blocks().map(|blocks| (self.arena.view(blocks.ids), blocks.cached_tokens));
         let (model, cache) = blocking(move || {
-            let cache = KvCache::new(&model.config, capacity.max(1))?;
-            // The tensors are the bytes the plan announced: what the pool's figures count.
-            debug_assert_eq!(cache.bytes() as u64, capacity.max(1) as u64 * per_token);
-            // The context but its last token: that one is the first step's input. A pass per chunk of
-            // tokens on the engine's threads, so that other sequences' steps interleave.
-            if base > 0 {
+            let (cache, cached) = match paged {
+                Some(paged) => paged,
+                None => {
+                    let cache = KvCache::new(&model.config, capacity.max(1))?;
+                    // The tensors are the bytes the plan announced: what the pool's figures count.
+                    debug_assert_eq!(cache.bytes() as u64, capacity.max(1) as u64 * per_token);
+                    (cache, 0)
+                }
+            };
+            // The context but its last token (the first step's input), less what is cached. A pass per
+            // chunk of tokens on the engine's threads, so that other sequences' steps interleave.
+            if base > cached {
                 let stop = || cancelled.load(std::sync::atomic::Ordering::Relaxed);
-                model.prefill(&team, &context[..base], 0, &cache, &stop)?;
+                model.prefill(&team, &context[cached..base], cached, &cache, &stop)?;
             }
             Ok((model, cache))
         })
@@ -579,7 +600,8 @@ impl LoadedModel for CandleModel {
         let team = Arc::clone(&self.team);
         Ok(Box::new(CandleSequence {
             model,
-            cache: Arc::new(cache),
+            cache: std::sync::Mutex::new(Arc::new(cache)),
+            arena: input.blocks().map(|_| Arc::clone(&self.arena)),
             team,
             base,
             first_step,
@@ -608,7 +630,7 @@ impl CandleModel {
             batch.push((
                 step.previous,
                 position,
-                Arc::clone(&sequence.cache),
+                sequence.cache(),
                 sequence.params.clone(),
                 step.prepared.step(),
                 Arc::clone(&sequence.end_of_generation),
@@ -656,7 +678,10 @@ impl Drop for CancelOnDrop {
 
 struct CandleSequence {
     model: Arc<Model>,
-    cache: Arc<KvCache>,
+    /// Its kv-cache: its own, or a view of the model's arena through its blocks (replaced as they grow).
+    cache: std::sync::Mutex<Arc<KvCache>>,
+    /// The arena, for a paged sequence.
+    arena: Option<Arc<Arena>>,
     team: Arc<Team>,
     /// The position of the first step's input token.
     base: usize,
@@ -665,8 +690,22 @@ struct CandleSequence {
     end_of_generation: Arc<[TokenId]>,
 }
 
+impl CandleSequence {
+    /// Its kv-cache as it is now.
+    fn cache(&self) -> Arc<KvCache> {
+        Arc::clone(&self.cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+}
+
 #[async_trait]
 impl Sequence for CandleSequence {
+    /// A paged sequence's view grows with its blocks.
+    fn set_blocks(&self, ids: &[u32]) {
+        if let Some(arena) = &self.arena {
+            *self.cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(arena.view(ids));
+        }
+    }
+
     async fn prepare(&self, step: u32) -> Result<Prepared, EngineError> {
         let offset = step.checked_sub(self.first_step).ok_or_else(|| EngineError::Fatal {
             message: format!("step {step} comes before this sequence's first, {}", self.first_step),
@@ -679,7 +718,7 @@ impl Sequence for CandleSequence {
         let position = *prepared.data::<usize>().ok_or_else(|| EngineError::Fatal {
             message: format!("step {step} was prepared by another engine's sequence"),
         })?;
-        let (model, cache, team) = (Arc::clone(&self.model), Arc::clone(&self.cache), Arc::clone(&self.team));
+        let (model, cache, team) = (Arc::clone(&self.model), self.cache(), Arc::clone(&self.team));
         let logits = blocking(move || model.forward(&team, previous, position, &cache)).await?;
         let id = sample::sample(&logits, &self.params, step);
         Ok(Token { id, end_of_sequence: self.end_of_generation.contains(&id) })

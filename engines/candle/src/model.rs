@@ -66,17 +66,30 @@ struct Segment<'a> {
     cache: &'a KvCache,
 }
 
-/// Keys and values of one sequence, allocated once for `capacity` tokens: per layer and key-value
-/// head, `capacity` rows of `head_dim` (each head behind its own lock: a head belongs to one thread of
-/// the team during a pass).
+/// Keys and values of one sequence: per layer and key-value head, a row of `head_dim` a position (each
+/// head behind its own lock: a head belongs to one thread of the team during a pass). Either its own
+/// storage, allocated once for `capacity` tokens, position `p` in row `p`; or a view of its model's
+/// [`Arena`] through its block table, position `p` in row `ids[p / block] × block + p % block`.
 pub(crate) struct KvCache {
-    heads: Vec<Mutex<Head>>,
+    heads: std::sync::Arc<[Mutex<Head>]>,
+    /// The block size and the block table of a view of an arena.
+    pages: Option<(usize, Vec<u32>)>,
     capacity: usize,
 }
 
 struct Head {
     keys: Vec<f32>,
     values: Vec<f32>,
+}
+
+impl Head {
+    /// Makes room for rows `..rows` (an arena grows as higher block ids come into use).
+    fn reserve(&mut self, rows: usize, head_dim: usize) {
+        if self.keys.len() < rows * head_dim {
+            self.keys.resize(rows * head_dim, 0.0);
+            self.values.resize(rows * head_dim, 0.0);
+        }
+    }
 }
 
 impl KvCache {
@@ -88,10 +101,10 @@ impl KvCache {
         let heads = (0..config.layers * config.kv_heads)
             .map(|_| Mutex::new(Head { keys: vec![0.0; size], values: vec![0.0; size] }))
             .collect();
-        Ok(Self { heads, capacity })
+        Ok(Self { heads, pages: None, capacity })
     }
 
-    /// Bytes held by the cache.
+    /// Bytes held by the cache (an arena's view: the arena's).
     pub(crate) fn bytes(&self) -> usize {
         self.heads
             .iter()
@@ -100,6 +113,64 @@ impl KvCache {
                 (head.keys.len() + head.values.len()) * size_of::<f32>()
             })
             .sum()
+    }
+
+    /// The row of `position`.
+    fn row(&self, position: usize) -> usize {
+        match &self.pages {
+            None => position,
+            Some((block, ids)) => ids[position / block] as usize * block + position % block,
+        }
+    }
+
+    /// The rows of positions `..known`, in order, as runs of consecutive rows.
+    fn runs(&self, known: usize) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
+        let (block, ids) = match &self.pages {
+            None => (known.max(1), &[][..]),
+            Some((block, ids)) => (*block, &ids[..]),
+        };
+        (0..known.div_ceil(block)).map(move |index| {
+            let first = ids.get(index).map_or(0, |&id| id as usize * block);
+            let length = block.min(known - index * block);
+            first..first + length
+        })
+    }
+
+    /// The lock of `layer`'s key-value head `kv_head`, with room for the rows of positions `..end`.
+    fn head(&self, config: &Config, layer: usize, kv_head: usize, end: usize) -> std::sync::MutexGuard<'_, Head> {
+        let mut head =
+            self.heads[layer * config.kv_heads + kv_head].lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((block, ids)) = &self.pages {
+            let rows = ids[..end.div_ceil(*block)].iter().map(|&id| (id as usize + 1) * block).max().unwrap_or(0);
+            head.reserve(rows, config.head_dim);
+        }
+        head
+    }
+}
+
+/// A model's kv storage for its paged sequences: rows of blocks of `block` tokens, block `i` in rows
+/// `i × block..`, each head growing as higher block ids come into use (the executor hands out the
+/// lowest free ids first, so it stays as large as the most blocks in use at once).
+pub(crate) struct Arena {
+    heads: std::sync::Arc<[Mutex<Head>]>,
+    block: usize,
+}
+
+impl Arena {
+    /// An empty arena of blocks of `block` tokens.
+    pub(crate) fn new(config: &Config, block: usize) -> Self {
+        let heads =
+            (0..config.layers * config.kv_heads).map(|_| Mutex::new(Head { keys: Vec::new(), values: Vec::new() }));
+        Self { heads: heads.collect(), block }
+    }
+
+    /// The cache of a sequence whose block table is `ids`.
+    pub(crate) fn view(&self, ids: &[u32]) -> KvCache {
+        KvCache {
+            heads: std::sync::Arc::clone(&self.heads),
+            pages: Some((self.block, ids.to_vec())),
+            capacity: ids.len() * self.block,
+        }
     }
 }
 
@@ -437,9 +508,8 @@ impl Model {
                 for segment in segments {
                     let rows = first..first + segment.tokens.len();
                     first = rows.end;
-                    let mut head = segment.cache.heads[index * config.kv_heads + kv_head]
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    let cache = segment.cache;
+                    let mut head = cache.head(config, index, kv_head, segment.start + segment.tokens.len());
                     let (qkvs, angles) = (&mut qkvs[rows.clone()], &angles[rows.clone()]);
                     // Every token's key and value first: each token then attends to those before it.
                     for (t, qkv) in qkvs.iter_mut().enumerate() {
@@ -448,8 +518,9 @@ impl Model {
                         let (keys, values) = qkv[q_dim..].split_at_mut(kv_dim);
                         let key = &mut keys[kv_head * head_dim..][..head_dim];
                         rotate(rope, key, cos, sin);
-                        head.keys[position * head_dim..][..head_dim].copy_from_slice(key);
-                        head.values[position * head_dim..][..head_dim]
+                        let row = cache.row(position);
+                        head.keys[row * head_dim..][..head_dim].copy_from_slice(key);
+                        head.values[row * head_dim..][..head_dim]
                             .copy_from_slice(&values[kv_head * head_dim..][..head_dim]);
                     }
                     for ((t, qkv), attention) in qkvs.iter_mut().enumerate().zip(&mut attention[rows]) {
@@ -459,20 +530,9 @@ impl Model {
                         for query_head in 0..group {
                             let query = &mut qkv[(kv_head * group + query_head) * head_dim..][..head_dim];
                             rotate(rope, query, cos, sin);
-                            for (score, key) in
-                                scores.iter_mut().zip(head.keys[..known * head_dim].chunks_exact(head_dim))
-                            {
-                                *score = dot(query, key) * scale;
-                            }
-                            softmax(scores);
-                            let out = &mut attention[(slot * group + query_head) * head_dim..][..head_dim];
-                            for (weight, value) in
-                                scores.iter().zip(head.values[..known * head_dim].chunks_exact(head_dim))
-                            {
-                                for (out, value) in out.iter_mut().zip(value) {
-                                    *out += weight * value;
-                                }
-                            }
+                            attend(&head, cache, known, query, scale, scores, {
+                                &mut attention[(slot * group + query_head) * head_dim..][..head_dim]
+                            });
                         }
                     }
                 }
@@ -534,29 +594,19 @@ impl Model {
             let (queries, rest) = qkv.split_at_mut(q_dim);
             let (keys, values) = rest.split_at_mut(kv_dim);
             for (slot, kv_head) in kv_heads.clone().enumerate() {
-                let mut head = cache.heads[index * config.kv_heads + kv_head]
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let mut head = cache.head(config, index, kv_head, position + 1);
                 let key = &mut keys[kv_head * head_dim..][..head_dim];
                 rotate(rope, key, cos, sin);
-                head.keys[position * head_dim..][..head_dim].copy_from_slice(key);
-                head.values[position * head_dim..][..head_dim]
-                    .copy_from_slice(&values[kv_head * head_dim..][..head_dim]);
+                let row = cache.row(position);
+                head.keys[row * head_dim..][..head_dim].copy_from_slice(key);
+                head.values[row * head_dim..][..head_dim].copy_from_slice(&values[kv_head * head_dim..][..head_dim]);
                 let known = position + 1;
                 for query_head in 0..group {
                     let query = &mut queries[(kv_head * group + query_head) * head_dim..][..head_dim];
                     rotate(rope, query, cos, sin);
-                    for (score, key) in scores.iter_mut().zip(head.keys[..known * head_dim].chunks_exact(head_dim)) {
-                        *score = dot(query, key) * scale;
-                    }
-                    softmax(&mut scores);
                     let out = &mut attention[(slot * group + query_head) * head_dim..][..head_dim];
                     out.fill(0.0);
-                    for (weight, value) in scores.iter().zip(head.values[..known * head_dim].chunks_exact(head_dim)) {
-                        for (out, value) in out.iter_mut().zip(value) {
-                            *out += weight * value;
-                        }
-                    }
+                    attend(&head, cache, known, query, scale, &mut scores, out);
                 }
             }
             let attention = rank.gather(&attention, kv_heads.start * group * head_dim, q_dim)?;
@@ -569,6 +619,29 @@ impl Model {
         }
         rms_norm(&x, &self.norm, config.rms_epsilon, &mut h);
         rank.matvec(&self.output, &h)
+    }
+}
+
+/// One query head's attention over positions `..known` of `cache` (read from `head`, its lock held):
+/// the scores of every key, their softmax, and the values they weigh added into `out` (zeros).
+fn attend(head: &Head, cache: &KvCache, known: usize, query: &[f32], scale: f32, scores: &mut [f32], out: &mut [f32]) {
+    let head_dim = query.len();
+    let scores = &mut scores[..known];
+    let mut score = scores.iter_mut();
+    for rows in cache.runs(known) {
+        for key in head.keys[rows.start * head_dim..rows.end * head_dim].chunks_exact(head_dim) {
+            *score.next().expect("a score a position") = dot(query, key) * scale;
+        }
+    }
+    softmax(scores);
+    let mut weight = scores.iter();
+    for rows in cache.runs(known) {
+        for value in head.values[rows.start * head_dim..rows.end * head_dim].chunks_exact(head_dim) {
+            let weight = weight.next().expect("a weight a position");
+            for (out, value) in out.iter_mut().zip(value) {
+                *out += weight * value;
+            }
+        }
     }
 }
 

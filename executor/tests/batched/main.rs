@@ -16,6 +16,8 @@ mod cancel;
 mod memory;
 #[path = "../it/pipeline.rs"]
 mod pipeline;
+#[path = "../it/prefix.rs"]
+mod prefix;
 #[path = "../it/reader.rs"]
 mod reader;
 #[path = "../it/retry.rs"]

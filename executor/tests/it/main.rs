@@ -11,6 +11,7 @@ mod admission;
 mod cancel;
 mod memory;
 mod pipeline;
+mod prefix;
 mod reader;
 mod retry;
 mod telemetry;

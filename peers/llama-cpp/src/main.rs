@@ -86,13 +86,80 @@ fn main() -> Result<(), Error> {
         ["tokenize", gguf, strings, out] => tokenize(gguf, strings, out),
         ["tokenize-speed", gguf, text, turns] => tokenize_speed(gguf, text, turns.parse()?),
         ["template", gguf, chats, out] => template(gguf, chats, out),
+        ["batch", gguf, threads, streams, tokens, prompt] => {
+            batch(gguf, threads.parse()?, streams.parse()?, tokens.parse()?, &token_ids(prompt)?)
+        }
         [gguf, threads, tokens, prompt] => greedy(gguf, threads.parse()?, tokens.parse()?, &token_ids(prompt)?),
         _ => Err("usage: usine-peer-llama-cpp MODEL.gguf THREADS TOKENS PROMPT_IDS | usine-peer-llama-cpp logits \
                   MODEL.gguf THREADS IDS OUT.bin (ids comma-separated) | usine-peer-llama-cpp tokenize MODEL.gguf \
                   STRINGS.bin OUT.bin | usine-peer-llama-cpp tokenize-speed MODEL.gguf TEXT TURNS | \
-                  usine-peer-llama-cpp template MODEL.gguf CHATS.bin OUT.bin"
+                  usine-peer-llama-cpp template MODEL.gguf CHATS.bin OUT.bin | usine-peer-llama-cpp batch MODEL.gguf \
+                  THREADS STREAMS TOKENS PROMPT_IDS"
             .into()),
     }
+}
+
+/// `streams` sequences decoded together, as llama.cpp's server batches its slots: each starts from
+/// `prompt` (all the prompts in one batch), then every step advances all of them in one batch, greedy,
+/// `tokens` tokens each (an end of sequence does not stop one: every step has all the sequences). Prints
+/// the aggregate tokens a second over the whole, prompts included, and the time to the first tokens.
+fn batch(gguf: &str, threads: i32, streams: usize, tokens: usize, prompt: &[LlamaToken]) -> Result<(), Error> {
+    if prompt.is_empty() || streams == 0 || tokens == 0 {
+        return Err("a prompt of 1 or more tokens, 1 or more streams and tokens".into());
+    }
+    let backend = backend()?;
+    let model = LlamaModel::load_from_file(&backend, gguf, &LlamaModelParams::default())?;
+    // One cache for all the sequences, each taking its prompt and tokens; a batch holds every prompt.
+    let context_size = u32::try_from(streams * (prompt.len() + tokens))?;
+    let batch_size = u32::try_from(streams * prompt.len().max(1))?;
+    let params = LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(context_size))
+        .with_n_batch(batch_size)
+        .with_n_ubatch(batch_size)
+        .with_n_seq_max(u32::try_from(streams)?)
+        .with_kv_unified(true)
+        .with_n_threads(threads)
+        .with_n_threads_batch(threads);
+    let mut context = model.new_context(&backend, params)?;
+    let start = Instant::now();
+    let mut batch = LlamaBatch::new(streams * prompt.len(), i32::try_from(streams)?);
+    let last = prompt.len() - 1;
+    for stream in 0..streams {
+        let sequence = i32::try_from(stream)?;
+        for (position, token) in prompt.iter().enumerate() {
+            batch.add(*token, i32::try_from(position)?, &[sequence], position == last)?;
+        }
+    }
+    context.decode(&mut batch)?;
+    let mut outputs: Vec<i32> = (0..streams).map(|stream| i32::try_from((stream + 1) * prompt.len() - 1)).collect::<Result<_, _>>()?;
+    let mut first = None;
+    let mut generated = 0;
+    for step in 0..tokens {
+        let next: Vec<usize> = outputs
+            .iter()
+            .map(|&output| top_two(context.get_logits_ith(output)).map(|(best, ..)| best))
+            .collect::<Result<_, _>>()?;
+        first.get_or_insert_with(|| start.elapsed());
+        generated += streams;
+        if step + 1 == tokens {
+            break;
+        }
+        batch.clear();
+        let position = i32::try_from(prompt.len() + step)?;
+        for (stream, token) in next.iter().enumerate() {
+            batch.add(LlamaToken::new(i32::try_from(*token)?), position, &[i32::try_from(stream)?], true)?;
+        }
+        context.decode(&mut batch)?;
+        outputs = (0..streams).map(i32::try_from).collect::<Result<_, _>>()?;
+    }
+    let total = start.elapsed();
+    println!(
+        "{{\"streams\": {streams}, \"tokens\": {generated}, \"total_seconds\": {}, \"first_token_seconds\": {}, \"tokens_per_second\": {}}}",
+        total.as_secs_f64(),
+        first.ok_or("no token")?.as_secs_f64(),
+        generated as f64 / total.as_secs_f64(),
+    );
+    Ok(())
 }
 
 /// Comma-separated token ids.

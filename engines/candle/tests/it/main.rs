@@ -154,3 +154,56 @@ async fn a_tokenizer_json_beside_the_weights_is_the_models_tokenizer() {
     let refused = engine.compile(&spec, &NoProgress).await.unwrap_err();
     assert!(refused.to_string().contains("holds 400 tokens; the weights' embeddings hold 257"), "{refused}");
 }
+
+/// Greedy tokens of `sequence` after `prompt`, `steps` of them, its blocks set to `grown` before the
+/// steps past its first blocks (a paged sequence's table grows as it goes).
+async fn decode(sequence: &dyn usine_engine::Sequence, prompt: &[u32], steps: u32, grown: &[u32]) -> Vec<u32> {
+    let mut previous = prompt.last().copied();
+    let mut tokens = Vec::new();
+    for step in 0..steps {
+        if step == 1 {
+            sequence.set_blocks(grown);
+        }
+        let prepared = sequence.prepare(step).await.unwrap();
+        let token = sequence.compute(prepared, previous).await.unwrap();
+        tokens.push(token.id);
+        previous = Some(token.id);
+    }
+    tokens
+}
+
+// Would catch: a paged sequence reading its keys at the wrong rows (a block table misread, a block
+// boundary off by one), a prefill that recomputes or skips other tokens than the cached ones, or blocks
+// that grew without the sequence seeing them: each must generate what a sequence with a kv-cache of its
+// own does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paged_sequence_on_cached_blocks_generates_what_one_with_its_own_cache_does() {
+    use usine_engine::{Blocks, Prefill};
+    let dir = tempfile::tempdir().unwrap();
+    let engine = CandleEngine::new();
+    let graph = engine.compile(&spec(&dir, "q8_0"), &NoProgress).await.unwrap();
+    let model = engine.load(&graph).await.unwrap();
+    let block = model.kv_block_tokens().unwrap();
+    assert_eq!(block, 16);
+    let prompt = model.tokenize("The mill by the river turned all winter.");
+    assert!(prompt.len() > 2 * block as usize && prompt.len() < 3 * block as usize, "{} tokens", prompt.len());
+    let params = GenerationParams { max_tokens: 12, temperature: 0.0, ..Default::default() };
+    let plan = model.memory_plan();
+    let own = usine_engine::prefill(model.as_ref(), &prompt, &[], &params).await.unwrap();
+    let expected = decode(own.as_ref(), &prompt, 12, &[]).await;
+
+    // The first computes every block; the second finds the first two cached, in other blocks after them.
+    for (ids, grown, cached) in [(&[0, 1, 2][..], &[0, 1, 2, 3][..], 0), (&[0, 1, 5][..], &[0, 1, 5, 6][..], 32)] {
+        let input = Prefill::new(&plan, &prompt, &[], &params)
+            .unwrap()
+            .with_blocks(block, Blocks { ids, cached_tokens: cached })
+            .unwrap();
+        let paged = model.prefill(input).await.unwrap();
+        assert_eq!(decode(paged.as_ref(), &prompt, 12, grown).await, expected, "{cached} tokens cached");
+    }
+    // Blocks without room for the context, or everything cached, are refused.
+    let input = Prefill::new(&plan, &prompt, &[], &params).unwrap();
+    assert!(input.with_blocks(block, Blocks { ids: &[0, 1], cached_tokens: 0 }).is_err());
+    let all = prompt.len();
+    assert!(input.with_blocks(block, Blocks { ids: &[0, 1, 2], cached_tokens: all }).is_err());
+}
