@@ -49,6 +49,9 @@ enum Suite {
     /// 1, 4, 16 and 64 generations at once: their aggregate tokens a second, batched (not in `all`:
     /// minutes on a real model).
     Streams,
+    /// The first token of a prompt whose first 200 tokens repeat an earlier one's, against a prompt
+    /// of the same length that shares nothing (the prefix cache; not in `all`).
+    Prefix,
 }
 
 /// Everything measured, for the table, the JSON and the plot.
@@ -61,6 +64,20 @@ pub(crate) struct Results {
     pub(crate) max_tokens: Vec<LengthRow>,
     pub(crate) pipeline: Option<Pipeline>,
     streams: Option<Streams>,
+    prefix: Option<Prefix>,
+}
+
+#[derive(Debug, Serialize)]
+struct Prefix {
+    runs: u32,
+    prompt_tokens: u32,
+    /// Tokens of the repeating prompt served by the prefix cache (the median run's).
+    cached_tokens: u32,
+    /// Medians over the runs.
+    cold_first_token_seconds: f64,
+    warm_first_token_seconds: f64,
+    /// Warm over cold.
+    ratio: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -168,7 +185,8 @@ pub(crate) async fn bench(loaded: &Loaded, args: &BenchArgs) -> anyhow::Result<(
     }
     let app = App::build(loaded)?;
     let model = app.model(loaded)?.id.clone();
-    let runs = |suite| args.suite == suite || (args.suite == Suite::All && suite != Suite::Streams);
+    let runs =
+        |suite| args.suite == suite || (args.suite == Suite::All && !matches!(suite, Suite::Streams | Suite::Prefix));
     let mut results = Results { model: model.clone(), ..Results::default() };
     let say = |what: &str| {
         if !args.json {
@@ -180,7 +198,7 @@ pub(crate) async fn bench(loaded: &Loaded, args: &BenchArgs) -> anyhow::Result<(
         results.cold = Some(cold(&app, &model, loaded).await?);
     }
     // The other suites run on a loaded, warm model.
-    let _model = app.kernel.load_with(&model, LoadOptions { warm: true, ..LoadOptions::default() }).await?;
+    let handle = app.kernel.load_with(&model, LoadOptions { warm: true, ..LoadOptions::default() }).await?;
     if runs(Suite::Warm) {
         say(&format!("{} warm runs", args.runs));
         results.warm = Some(warm(&app.executor, &model, loaded, args.runs).await?);
@@ -236,6 +254,10 @@ pub(crate) async fn bench(loaded: &Loaded, args: &BenchArgs) -> anyhow::Result<(
             rows.push(concurrent(&app, &model, loaded, streams).await?);
         }
         results.streams = Some(Streams { prompt: SENTENCE, tokens: STREAM_TOKENS, rows });
+    }
+    if runs(Suite::Prefix) {
+        say(&format!("{} prompts repeating {PREFIX_TOKENS} tokens, and as many sharing none", args.runs));
+        results.prefix = Some(prefix(&app.executor, &model, handle.model().as_ref(), loaded, args.runs).await?);
     }
     if args.json {
         output::json(&serde_json::to_value(&results).context("the results are plain data")?);
@@ -304,6 +326,49 @@ async fn concurrent(app: &App, model: &str, loaded: &Loaded, streams: u32) -> an
         tokens_per_second: f64::from(tokens) / total,
         first_token_seconds: first[first.len() / 2],
         mean_batch,
+    })
+}
+
+/// Tokens the prefix suite's prompts repeat.
+const PREFIX_TOKENS: usize = 200;
+
+/// `runs` times: a prompt of [`PREFIX_TOKENS`] tokens and more whose start no earlier prompt had (cold),
+/// then one with the same start and another end (warm); the median first tokens of each.
+async fn prefix(
+    executor: &TaskExecutor,
+    model: &str,
+    loaded_model: &dyn usine_engine::LoadedModel,
+    loaded: &Loaded,
+    runs: u32,
+) -> anyhow::Result<Prefix> {
+    let (mut cold, mut warm, mut cached) = (Vec::new(), Vec::new(), Vec::new());
+    let mut prompt_tokens = 0;
+    for run in 0..runs {
+        // A start of its own (the run's number first), long enough, cut at a token's end.
+        let mut start = format!("Run {run}. ");
+        while loaded_model.tokenize(&start).len() <= PREFIX_TOKENS {
+            start.push_str(SENTENCE);
+        }
+        let first = generate(executor, model, &format!("{start}First."), loaded, Some(1)).await?;
+        let second = generate(executor, model, &format!("{start}Second."), loaded, Some(1)).await?;
+        cold.push(first.time_to_first_token.as_secs_f64());
+        warm.push(second.time_to_first_token.as_secs_f64());
+        cached.push(second.cached_tokens);
+        prompt_tokens = second.prompt_tokens;
+    }
+    let median = |values: &mut Vec<f64>| {
+        values.sort_by(f64::total_cmp);
+        values[values.len() / 2]
+    };
+    cached.sort_unstable();
+    let (cold, warm) = (median(&mut cold), median(&mut warm));
+    Ok(Prefix {
+        runs,
+        prompt_tokens,
+        cached_tokens: cached[cached.len() / 2],
+        cold_first_token_seconds: cold,
+        warm_first_token_seconds: warm,
+        ratio: if cold > 0.0 { warm / cold } else { 0.0 },
     })
 }
 
@@ -448,6 +513,20 @@ fn print_tables(results: &Results) {
         outln!(
             "\npipelining (greedy)\n{}",
             output::table(["tokens", "on, tokens/s", "off, tokens/s", "speed-up"], [row])
+        );
+    }
+    if let Some(prefix) = &results.prefix {
+        let row = [
+            prefix.prompt_tokens.to_string(),
+            prefix.cached_tokens.to_string(),
+            seconds(prefix.cold_first_token_seconds),
+            seconds(prefix.warm_first_token_seconds),
+            format!("{:.2}×", prefix.ratio),
+        ];
+        outln!(
+            "\nfirst token of a prompt repeating an earlier one's start (medians of {})\n{}",
+            prefix.runs,
+            output::table(["prompt tokens", "cached", "cold", "repeating", "repeating / cold"], [row])
         );
     }
     if let Some(streams) = &results.streams {

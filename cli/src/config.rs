@@ -505,6 +505,9 @@ impl Loaded {
             max_concurrent: config.max_concurrent,
             max_batch: config.max_batch,
             queue_capacity: config.queue_capacity,
+            // A reader behind by this many tokens gets them in one server-sent event: at 16, 100 streams
+            // of the zero engine went through HTTP at 0.3 of the executor's rate; at 64, above half.
+            channel_capacity: 64,
             pipelining: config.pipelining,
             timeouts: usine_executor::Timeouts {
                 queue: Some(millis(config.queue_timeout_ms)),

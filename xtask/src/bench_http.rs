@@ -1,6 +1,10 @@
 //! `cargo xtask bench-http`: streaming tokens/s through `usine serve` to local clients, with the
 //! zero-cost engine, for 1 and 100 concurrent streams: the HTTP layer's share of the cost, to set beside
-//! the executor's own figures (`cargo bench -p usine-executor`).
+//! the executor's own figures (`cargo bench -p usine-executor`). A reader that falls behind gets the
+//! tokens waiting for it in one event, so the table says how many tokens an event carried on average.
+//!
+//! `USINE_BENCH_BINARY=PATH` measures that `usine` binary instead of building the workspace's: two builds
+//! measured in turns on the same machine, as a shared one's load drifts between runs.
 
 use std::io::{BufRead as _, BufReader};
 use std::path::Path;
@@ -16,20 +20,28 @@ const RUNS: usize = 5;
 
 #[allow(clippy::print_stdout, reason = "the table is the command's output")]
 pub(crate) fn run(root: &Path) -> Result<ExitCode> {
-    eprintln!("bench-http: building usine (release)");
-    let status = Command::new(env!("CARGO"))
-        .args(["build", "--quiet", "--release", "-p", "usine-cli"])
-        .current_dir(root)
-        .status()?;
-    ensure!(status.success(), "cargo build --release -p usine-cli failed");
-    let metadata = cargo_metadata::MetadataCommand::new().current_dir(root).no_deps().exec()?;
-    let binary = metadata.target_directory.join("release").join(format!("usine{}", std::env::consts::EXE_SUFFIX));
+    let binary = match std::env::var_os("USINE_BENCH_BINARY") {
+        Some(binary) => std::path::PathBuf::from(binary),
+        None => {
+            eprintln!("bench-http: building usine (release)");
+            let status = Command::new(env!("CARGO"))
+                .args(["build", "--quiet", "--release", "-p", "usine-cli"])
+                .current_dir(root)
+                .status()?;
+            ensure!(status.success(), "cargo build --release -p usine-cli failed");
+            let metadata = cargo_metadata::MetadataCommand::new().current_dir(root).no_deps().exec()?;
+            let binary =
+                metadata.target_directory.join("release").join(format!("usine{}", std::env::consts::EXE_SUFFIX));
+            binary.into_std_path_buf()
+        }
+    };
     let work = tempfile::Builder::new().prefix("usine-bench-http-").tempdir()?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let base = format!("http://127.0.0.1:{port}");
-    let mut server = Command::new(binary.as_std_path())
+    let mut server = Command::new(&binary)
         .arg("serve")
         .current_dir(work.path())
+        .env_remove("USINE_BENCH_BINARY") // not a setting of the server's
         .env("USINE_CACHE_DIR", work.path().join("cache"))
         .env("XDG_CONFIG_HOME", work.path().join("config"))
         .env("USINE_BIND", format!("127.0.0.1:{port}"))
@@ -43,17 +55,28 @@ pub(crate) fn run(root: &Path) -> Result<ExitCode> {
     let _ = server.kill();
     let _ = server.wait();
     let rows = result?;
-    println!("| streams | tokens in all | median time | tokens/s through HTTP |");
-    println!("|---|---|---|---|");
-    for (streams, tokens, time) in rows {
+    println!("| streams | tokens in all | median time | tokens/s through HTTP | tokens per event |");
+    println!("|---|---|---|---|---|");
+    for Row { streams, tokens, time, tokens_per_event } in rows {
         #[expect(clippy::cast_precision_loss, reason = "a figure for people")]
         let rate = tokens as f64 / time.as_secs_f64();
-        println!("| {streams} | {tokens} | {time:.2?} | {rate:.0} |");
+        println!("| {streams} | {tokens} | {time:.2?} | {rate:.0} | {tokens_per_event:.1} |");
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn measure(base: &str) -> Result<Vec<(usize, u64, Duration)>> {
+/// One line of the table.
+struct Row {
+    streams: usize,
+    /// Tokens of one run, all streams together.
+    tokens: u64,
+    /// The median run's time.
+    time: Duration,
+    /// Tokens over text events, every run together.
+    tokens_per_event: f64,
+}
+
+fn measure(base: &str) -> Result<Vec<Row>> {
     let http = ureq::AgentBuilder::new().timeout(Duration::from_secs(120)).build();
     let start = Instant::now();
     while http.get(&format!("{base}/health")).call().is_err() {
@@ -66,45 +89,52 @@ fn measure(base: &str) -> Result<Vec<(usize, u64, Duration)>> {
     let mut rows = Vec::new();
     for (streams, max_tokens) in CASES {
         let mut times = Vec::new();
-        let mut tokens = 0;
+        let (mut tokens, mut all_tokens, mut all_events) = (0, 0, 0);
         for _ in 0..RUNS {
-            let (counted, time) = round(base, streams, max_tokens)?;
-            tokens = counted;
+            let (counted, events, time) = round(base, streams, max_tokens)?;
+            (tokens, all_tokens, all_events) = (counted, all_tokens + counted, all_events + events);
             times.push(time);
         }
         times.sort();
-        rows.push((streams, tokens, times[RUNS / 2]));
+        #[expect(clippy::cast_precision_loss, reason = "a figure for people")]
+        let tokens_per_event = all_tokens as f64 / all_events as f64;
+        rows.push(Row { streams, tokens, time: times[RUNS / 2], tokens_per_event });
     }
     Ok(rows)
 }
 
-/// `streams` concurrent streams of `max_tokens` each; the tokens received and the time they took.
-fn round(base: &str, streams: usize, max_tokens: u32) -> Result<(u64, Duration)> {
+/// `streams` concurrent streams of `max_tokens` each; the tokens received (as the usage at each stream's
+/// end counts them), the events that carried their text, and the time they took.
+fn round(base: &str, streams: usize, max_tokens: u32) -> Result<(u64, u64, Duration)> {
     let barrier = Arc::new(Barrier::new(streams + 1));
     let threads: Vec<_> = (0..streams)
         .map(|_| {
             let (barrier, base) = (Arc::clone(&barrier), base.to_owned());
-            std::thread::spawn(move || -> Result<u64> {
+            std::thread::spawn(move || -> Result<(u64, u64)> {
                 let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(120)).build();
-                let body = format!("{{\"model\": \"zero/default\", \"prompt\": \"Hi\", \"max_tokens\": {max_tokens}, \"stream\": true}}");
+                let body = format!("{{\"model\": \"zero/default\", \"prompt\": \"Hi\", \"max_tokens\": {max_tokens}, \"stream\": true, \"stream_options\": {{\"include_usage\": true}}}}");
                 barrier.wait();
                 let response = agent.post(&format!("{base}/v1/completions")).set("Content-Type", "application/json").send_string(&body)?;
-                let mut tokens = 0;
+                let (mut tokens, mut events) = (0, 0);
                 for line in BufReader::new(response.into_reader()).lines() {
                     let line = line?;
                     if line.starts_with("data: {") && line.contains("\"finish_reason\":null") {
-                        tokens += 1;
+                        events += 1;
+                    } else if let Some(usage) = line.strip_prefix("data: ").filter(|data| data.contains("\"usage\"")) {
+                        let usage: serde_json::Value = serde_json::from_str(usage)?;
+                        tokens = usage["usage"]["completion_tokens"].as_u64().context("a usage without its tokens")?;
                     }
                 }
-                Ok(tokens)
+                Ok((tokens, events))
             })
         })
         .collect();
     barrier.wait();
     let start = Instant::now();
-    let mut tokens = 0;
+    let (mut tokens, mut events) = (0, 0);
     for thread in threads {
-        tokens += thread.join().expect("a client thread").context("a stream")?;
+        let (stream_tokens, stream_events) = thread.join().expect("a client thread").context("a stream")?;
+        (tokens, events) = (tokens + stream_tokens, events + stream_events);
     }
     let time = start.elapsed();
     ensure!(
@@ -112,5 +142,5 @@ fn round(base: &str, streams: usize, max_tokens: u32) -> Result<(u64, Duration)>
         "{tokens} tokens received of {}",
         streams as u64 * u64::from(max_tokens)
     );
-    Ok((tokens, time))
+    Ok((tokens, events, time))
 }

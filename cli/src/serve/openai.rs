@@ -1,7 +1,10 @@
 //! The OpenAI-compatible endpoints: completions and chat completions (one JSON body, or server-sent
 //! events ending with `[DONE]`), and the list of models.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Json;
@@ -10,10 +13,11 @@ use axum::extract::rejection::JsonRejection;
 use axum::http::StatusCode;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
+use futures_util::{Stream, StreamExt as _};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use usine_engine::{FinishReason, GenerationParams};
-use usine_executor::{Event, GenerationStream, Message, Request, Role, Usage};
+use usine_executor::{Event, ExecutorError, GenerationStream, Message, Request, Role, Usage};
 
 use super::{ApiError, AppState};
 
@@ -321,73 +325,138 @@ impl Answer {
     }
 }
 
+/// The most generation events (tokens, or text held back to the end) that one server-sent event carries.
+/// A reader that keeps up gets an event per token; one that falls behind gets the tokens already waiting
+/// for it in one event, their texts joined, as OpenAI's clients join chunks anyway. The executor's
+/// channel holds 16 events by default, so today a reader's whole backlog fits in one event; the bound
+/// keeps an event small (64 tokens' text) were the channel larger.
+const MAX_TOKENS_PER_EVENT: usize = 64;
+
 /// The answer as server-sent events: a chunk per piece of text, a last chunk with the finish reason
 /// (and, when asked, one with the usage), then `[DONE]`. A failure after the start becomes an `error`
 /// event. When the client goes away, the body is dropped, and with it the generation.
 fn stream_body(answer: Answer, first: Event, stream: GenerationStream, include_usage: bool) -> impl IntoResponse {
-    struct Progress {
-        answer: Answer,
-        stream: GenerationStream,
-        /// The event read before the answer was committed, handled first.
-        held: Option<Event>,
-        first: bool,
-        pending: std::collections::VecDeque<String>,
-        done: bool,
-        include_usage: bool,
+    let events = Chunks::new(answer, first, stream, include_usage)
+        .map(|data| Ok::<_, Infallible>(SseEvent::default().data(data)));
+    Sse::new(events).keep_alive(KeepAlive::default())
+}
+
+/// The `data` of an answer's server-sent events, read from the generation's events. Each poll takes every
+/// token already waiting (at most [`MAX_TOKENS_PER_EVENT`]) without waiting for more, and makes them one
+/// chunk: a reader that falls behind catches up in fewer, larger events, and one that keeps up gets each
+/// token as soon as it comes. The end (finish, usage, `[DONE]`) or an error follows the text taken before
+/// it, in the generation's order. A chunk carries no per-token field (`logprobs` is always null).
+struct Chunks<S> {
+    answer: Answer,
+    events: S,
+    /// The event read before the answer was committed, handled first.
+    held: Option<Event>,
+    /// No chunk sent yet (a chat's first chunk names the role).
+    first: bool,
+    /// Data made and not yet sent, in order.
+    pending: VecDeque<String>,
+    /// The generation's last event was read: what remains is `pending`.
+    done: bool,
+    include_usage: bool,
+}
+
+impl<S> Chunks<S> {
+    fn new(answer: Answer, first: Event, events: S, include_usage: bool) -> Self {
+        Self { answer, events, held: Some(first), first: true, pending: VecDeque::new(), done: false, include_usage }
     }
-    let start = Progress {
-        answer,
-        stream,
-        held: Some(first),
-        first: true,
-        pending: std::collections::VecDeque::new(),
-        done: false,
-        include_usage,
-    };
-    let events = futures_util::stream::unfold(start, |mut progress| async move {
+
+    /// A chunk of the text of the tokens taken together, unless it is empty (a chat's first chunk is sent
+    /// even so, for the role).
+    fn text(&mut self, text: &str) {
+        if !text.is_empty() || (self.first && self.answer.kind == Kind::Chat) {
+            let chunk = self.answer.chunk(Some(text), None, self.first);
+            self.first = false;
+            self.pending.push_back(chunk.to_string());
+        }
+    }
+
+    /// The generation's last event, or its end without one (`None`).
+    fn end(&mut self, end: Option<Result<Event, ExecutorError>>) {
+        self.done = true;
+        match end {
+            Some(Ok(Event::Finished(usage))) => {
+                let last = self.answer.chunk(None, Some(finish_reason(usage.finish)), self.first);
+                self.pending.push_back(last.to_string());
+                if self.include_usage {
+                    let answer = &self.answer;
+                    let usage = json!({
+                        "id": answer.id, "object": answer.object(true), "created": answer.created,
+                        "model": answer.model, "choices": [], "usage": answer.usage(&usage),
+                    });
+                    self.pending.push_back(usage.to_string());
+                }
+                self.pending.push_back("[DONE]".to_owned());
+            }
+            Some(Err(error)) => self.pending.push_back(ApiError::from(error).body().to_string()),
+            // Tokens and `Started` are taken before `end` is called. A stream that ends without its last
+            // event ends the body as it is (the executor's stream reports that end as an error first).
+            Some(Ok(Event::Token { .. } | Event::Text(_) | Event::Started { .. })) | None => {}
+        }
+    }
+}
+
+impl<S> Stream for Chunks<S>
+where
+    S: Stream<Item = Result<Event, ExecutorError>> + Unpin,
+{
+    type Item = String;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<String>> {
+        let this = self.get_mut();
         loop {
-            if let Some(data) = progress.pending.pop_front() {
-                return Some((Ok::<_, Infallible>(SseEvent::default().data(data)), progress));
+            if let Some(data) = this.pending.pop_front() {
+                return Poll::Ready(Some(data));
             }
-            if progress.done {
-                return None;
+            if this.done {
+                return Poll::Ready(None);
             }
-            let event = match progress.held.take() {
-                Some(event) => Some(Ok(event)),
-                None => progress.stream.next().await,
-            };
-            match event {
-                Some(Ok(Event::Token { text, .. } | Event::Text(text))) => {
-                    if !text.is_empty() || (progress.first && progress.answer.kind == Kind::Chat) {
-                        let chunk = progress.answer.chunk(Some(&text), None, progress.first);
-                        progress.first = false;
-                        progress.pending.push_back(chunk.to_string());
+            // Every token ready now, and the event that ends the batch if it is the last.
+            let mut text: Option<String> = None;
+            let mut taken = 0;
+            let mut end = None;
+            let mut waiting = false;
+            while taken < MAX_TOKENS_PER_EVENT {
+                let event = match this.held.take() {
+                    Some(event) => Some(Ok(event)),
+                    None => match this.events.poll_next_unpin(cx) {
+                        Poll::Ready(event) => event,
+                        Poll::Pending => {
+                            waiting = true; // the waker is registered: a token to come wakes the body
+                            break;
+                        }
+                    },
+                };
+                match event {
+                    Some(Ok(Event::Token { text: piece, .. } | Event::Text(piece))) => {
+                        match &mut text {
+                            None => text = Some(piece),
+                            Some(text) => text.push_str(&piece),
+                        }
+                        taken += 1;
+                    }
+                    Some(Ok(Event::Started { .. })) => {}
+                    last => {
+                        end = Some(last);
+                        break;
                     }
                 }
-                Some(Ok(Event::Started { .. })) => {}
-                Some(Ok(Event::Finished(usage))) => {
-                    let last = progress.answer.chunk(None, Some(finish_reason(usage.finish)), progress.first);
-                    progress.pending.push_back(last.to_string());
-                    if progress.include_usage {
-                        let answer = &progress.answer;
-                        let usage = json!({
-                            "id": answer.id, "object": answer.object(true), "created": answer.created,
-                            "model": answer.model, "choices": [], "usage": answer.usage(&usage),
-                        });
-                        progress.pending.push_back(usage.to_string());
-                    }
-                    progress.pending.push_back("[DONE]".to_owned());
-                    progress.done = true;
-                }
-                Some(Err(error)) => {
-                    progress.pending.push_back(ApiError::from(error).body().to_string());
-                    progress.done = true;
-                }
-                None => progress.done = true,
+            }
+            if let Some(text) = text {
+                this.text(&text);
+            }
+            if let Some(end) = end {
+                this.end(end);
+            }
+            if waiting && this.pending.is_empty() {
+                return Poll::Pending;
             }
         }
-    });
-    Sse::new(events).keep_alive(KeepAlive::default())
+    }
 }
 
 /// `GET /v1/models`.
@@ -401,4 +470,75 @@ pub(crate) async fn models(State(state): State<AppState>) -> Json<Value> {
         .map(|model| json!({ "id": model.id, "object": "model", "created": created, "owned_by": "usine" }))
         .collect();
     Json(json!({ "object": "list", "data": data }))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "a panic is a test failure with its message")]
+
+    use std::time::Duration;
+
+    use futures_util::FutureExt as _;
+
+    use super::*;
+
+    fn answer(kind: Kind) -> Answer {
+        Answer { id: "cmpl-test".into(), created: 0, model: "zero/default".into(), kind, prompt_tokens: 2 }
+    }
+
+    fn token(index: u32, text: &str) -> Event {
+        Event::Token { index, id: 0, text: text.into() }
+    }
+
+    fn finished(generated_tokens: u32) -> Event {
+        Event::Finished(Usage {
+            finish: FinishReason::Length,
+            prompt_tokens: 2,
+            cached_tokens: 0,
+            generated_tokens,
+            time_to_first_token: Duration::ZERO,
+            tokens_per_second: 0.0,
+            queued: Duration::ZERO,
+            total: Duration::ZERO,
+            retries: 0,
+            pipeline_idle: Duration::ZERO,
+        })
+    }
+
+    /// The data of every event of an answer whose generation's events (after the first) are all ready at
+    /// once, as for a reader that fell far behind.
+    fn all_ready(kind: Kind, first: Event, rest: Vec<Result<Event, ExecutorError>>) -> Vec<Value> {
+        let chunks = Chunks::new(answer(kind), first, futures_util::stream::iter(rest), true);
+        let data = chunks.collect::<Vec<String>>().now_or_never().expect("every event is ready");
+        data.iter().map(|data| serde_json::from_str(data).unwrap_or_else(|_| json!(data))).collect()
+    }
+
+    // Would catch: a backlog sent in one event of any size (no bound), a bound off by one, or text lost or
+    // reordered at a batch's edge.
+    #[test]
+    fn a_backlog_is_sent_in_events_of_at_most_64_tokens_in_order() {
+        let texts: Vec<String> = (0..150).map(|i| format!("{i} ")).collect();
+        let rest = (1..150).map(|i| Ok(token(i, &texts[i as usize]))).chain([Ok(finished(150))]).collect();
+        let data = all_ready(Kind::Completion, token(0, &texts[0]), rest);
+        let pieces: Vec<&str> = data[..3].iter().map(|chunk| chunk["choices"][0]["text"].as_str().unwrap()).collect();
+        assert_eq!(pieces, [texts[..64].concat(), texts[64..128].concat(), texts[128..].concat()]);
+        assert!(data[..3].iter().all(|chunk| chunk["choices"][0]["finish_reason"].is_null()));
+        assert_eq!(
+            data[3]["choices"][0],
+            json!({ "index": 0, "text": "", "logprobs": null, "finish_reason": "length" })
+        );
+        assert_eq!(data[4]["usage"]["completion_tokens"], 150);
+        assert_eq!(data[5], "[DONE]");
+        assert_eq!(data.len(), 6);
+    }
+
+    // Would catch: an error that waited behind tokens sent before their text, or their text dropped.
+    #[test]
+    fn an_error_behind_waiting_tokens_comes_after_their_text() {
+        let rest = vec![Ok(token(1, "b")), Ok(Event::Text("c".into())), Err(ExecutorError::Aborted)];
+        let data = all_ready(Kind::Chat, token(0, "a"), rest);
+        assert_eq!(data.len(), 2, "{data:?}");
+        assert_eq!(data[0]["choices"][0]["delta"], json!({ "role": "assistant", "content": "abc" }));
+        assert_eq!(data[1], ApiError::from(ExecutorError::Aborted).body());
+    }
 }

@@ -1,5 +1,6 @@
-//! The router, in process: answers in the OpenAI shapes, the statuses of every error, auth, health and
-//! the warm-up at start, lifecycle, and a dropped stream's memory coming back.
+//! The router, in process: answers in the OpenAI shapes, streamed to a reader that keeps up and to one
+//! that falls behind, the statuses of every error, auth, health and the warm-up at start, lifecycle, and
+//! a dropped stream's memory coming back.
 
 #![allow(clippy::unwrap_used, reason = "a panic is a test failure with its message")]
 
@@ -501,6 +502,122 @@ async fn a_stalled_reader_is_cut_at_reader_timeout_ms_and_the_next_request_is_se
     let data = sse_data(std::str::from_utf8(&text).unwrap());
     let last: Value = serde_json::from_str(data.last().unwrap()).unwrap();
     assert_eq!(last["error"]["message"], "wait for the reader exceeded its limit of 1s");
+}
+
+/// A streamed answer read event by event: each event's data (`[DONE]` as a string) and when it came,
+/// from the request's start. The reader starts reading `behind` after the answer's head came.
+async fn read_stream(s: &Server, path: &str, request: &Value, behind: Duration) -> Vec<(Duration, Value)> {
+    let start = tokio::time::Instant::now();
+    let request = Request::post(path)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(request.to_string()))
+        .unwrap();
+    let response = router(Arc::clone(&s.state)).oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    if !behind.is_zero() {
+        tokio::time::sleep(behind).await;
+    }
+    let mut body = response.into_body();
+    let mut events = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let at = start.elapsed();
+        let Ok(bytes) = frame.unwrap().into_data() else { continue };
+        for data in sse_data(std::str::from_utf8(&bytes).unwrap()) {
+            events.push((at, serde_json::from_str(&data).unwrap_or(Value::String(data))));
+        }
+    }
+    events
+}
+
+/// The text a chunk adds (a completion's `text`, a chat's `delta.content`); `None` for the chunk with
+/// the finish reason, the usage and `[DONE]`.
+fn chunk_text(chunk: &Value) -> Option<&str> {
+    let choice = chunk["choices"].get(0).filter(|choice| choice["finish_reason"].is_null())?;
+    choice["text"].as_str().or_else(|| choice["delta"]["content"].as_str())
+}
+
+/// A chunk without what differs between two answers to the same request (`id`, `created`).
+fn without_id(mut chunk: Value) -> Value {
+    if let Some(fields) = chunk.as_object_mut() {
+        fields.remove("id");
+        fields.remove("created");
+    }
+    chunk
+}
+
+/// A streamed request of 12 tokens from the tiny simulated model, with its usage at the end.
+fn twelve_tokens(path: &str) -> Value {
+    let mut request = json!({ "model": "webllm/tiny", "max_tokens": 12, "seed": 7, "stream": true,
+                              "stream_options": { "include_usage": true } });
+    if path == "/v1/chat/completions" {
+        request["messages"] = json!([{ "role": "user", "content": "Hi" }]);
+    } else {
+        request["prompt"] = json!("Hi");
+    }
+    request
+}
+
+// Would catch: a reader that fell behind still sent an event per token, text lost, doubled or reordered
+// when tokens are joined, a chat's role missing from the joined chunk, or the end (finish reason, usage,
+// `[DONE]`) changed by the joining.
+#[tokio::test(start_paused = true)]
+async fn a_reader_that_falls_behind_gets_the_waiting_tokens_in_one_event_with_the_same_text_and_end() {
+    let s = server(&[("jitter", json!(0))]);
+    for path in ["/v1/completions", "/v1/chat/completions"] {
+        let request = twelve_tokens(path);
+        let prompt = read_stream(&s, path, &request, Duration::ZERO).await;
+        // A second behind: the 12 tokens and the end wait in the generation's channel (16 places).
+        let behind = read_stream(&s, path, &request, Duration::from_secs(1)).await;
+
+        let texts = |events: &[(Duration, Value)]| -> Vec<String> {
+            events.iter().filter_map(|(_, chunk)| chunk_text(chunk).map(str::to_owned)).collect()
+        };
+        let (prompt_texts, behind_texts) = (texts(&prompt), texts(&behind));
+        assert_eq!(prompt_texts.len(), 12, "{path}: one event per token for a reader that keeps up");
+        assert_eq!(behind_texts, [prompt_texts.concat()], "{path}: one event with the same text");
+        let ends = |events: &[(Duration, Value)]| -> Vec<Value> {
+            events.iter().filter(|(_, chunk)| chunk_text(chunk).is_none()).map(|(_, c)| without_id(c.clone())).collect()
+        };
+        let end = ends(&behind);
+        assert_eq!(end, ends(&prompt), "{path}");
+        assert_eq!(end.len(), 3, "{path}: the finish, the usage, [DONE]: {end:?}");
+        assert_eq!(end[1]["usage"]["completion_tokens"], 12, "{path}");
+        assert_eq!(end[2], "[DONE]");
+        if path == "/v1/chat/completions" {
+            assert_eq!(behind[0].1["choices"][0]["delta"]["role"], "assistant");
+        }
+    }
+}
+
+// Would catch: a reader that keeps up made to wait for a batch to fill (a token held back until the next
+// one comes, or a timer), or the end sent before the last token's text.
+#[tokio::test(start_paused = true)]
+async fn a_reader_that_keeps_up_gets_each_token_in_its_own_event_the_moment_the_executor_sends_it() {
+    let s = server(&[("jitter", json!(0))]);
+    let request = twelve_tokens("/v1/completions");
+    read_stream(&s, "/v1/completions", &request, Duration::ZERO).await; // the model's first use is slower
+
+    // When the executor's own reader gets each token of the same generation, from the request's start.
+    let mut params = s.state.loaded.params();
+    (params.max_tokens, params.seed) = (12, 7);
+    let start = tokio::time::Instant::now();
+    let mut stream =
+        s.state.app.executor.generate(usine_executor::Request::prompt("webllm/tiny", "Hi").params(params)).unwrap();
+    let mut sent = Vec::new();
+    while let Some(event) = stream.next().await {
+        if let usine_executor::Event::Token { .. } = event.unwrap() {
+            sent.push(start.elapsed());
+        }
+    }
+    assert_eq!(sent.len(), 12);
+
+    let events = read_stream(&s, "/v1/completions", &request, Duration::ZERO).await;
+    let came: Vec<Duration> =
+        events.iter().filter(|(_, chunk)| chunk_text(chunk).is_some()).map(|(at, _)| *at).collect();
+    assert_eq!(came, sent, "each token's event comes the moment the executor sends the token");
+    assert!(sent.windows(2).all(|pair| pair[1] > pair[0]), "tokens come apart: {sent:?}");
+    let (finish, last_token) = (&events[12], sent[11]);
+    assert_eq!((finish.0, &finish.1["choices"][0]["finish_reason"]), (last_token, &json!("length")));
 }
 
 /// Every access log line of this test process, as JSON, from a subscriber installed once for the whole
