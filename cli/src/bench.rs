@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use serde::Serialize;
 use tokio::time::Instant;
-use usine_executor::{ExecutorConfig, Request, TaskExecutor, Usage};
+use usine_executor::{Event, ExecutorConfig, Request, TaskExecutor, Usage};
 use usine_kernel::LoadOptions;
 
 use crate::app::App;
@@ -98,6 +98,9 @@ struct StreamsRow {
     total_seconds: f64,
     /// `tokens` over `total_seconds`: prompts, queueing and decode together.
     tokens_per_second: f64,
+    /// Decode alone, all streams together: the tokens that came while every stream was past its
+    /// first token and none had ended, over that time (with one stream, its decode speed).
+    decode_tokens_per_second: f64,
     /// The median generation's time to its first token.
     first_token_seconds: f64,
     /// Sequences a batched step advanced, on average.
@@ -305,14 +308,40 @@ async fn concurrent(app: &App, model: &str, loaded: &Loaded, streams: u32) -> an
     let requests = (0..streams).map(|_| Request::prompt(model, SENTENCE).params(params.clone())).collect();
     let generations = executor.generate_batch(requests)?;
     let mut waiting = Vec::with_capacity(generations.len());
-    for generation in generations {
-        waiting.push(tokio::spawn(generation.output()));
+    for mut generation in generations {
+        // Each token's arrival, and the usage at the end.
+        waiting.push(tokio::spawn(async move {
+            let mut arrivals = Vec::new();
+            while let Some(event) = generation.next().await {
+                match event? {
+                    Event::Token { .. } => arrivals.push(Instant::now()),
+                    Event::Finished(usage) => return Ok::<_, anyhow::Error>((arrivals, usage)),
+                    _ => {}
+                }
+            }
+            anyhow::bail!("a generation ended without its usage")
+        }));
     }
     let mut usages = Vec::with_capacity(waiting.len());
+    let mut arrivals = Vec::with_capacity(waiting.len());
     for output in waiting {
-        usages.push(output.await.context("a generation's task")??.usage);
+        let (times, usage) = output.await.context("a generation's task")??;
+        usages.push(usage);
+        arrivals.push(times);
     }
     let total = start.elapsed().as_secs_f64();
+    // The window where all streams decode: after the last first token, before the first last one.
+    let from = arrivals.iter().filter_map(|times| times.first()).max().copied();
+    let to = arrivals.iter().filter_map(|times| times.last()).min().copied();
+    let decode_tokens_per_second = match (from, to) {
+        (Some(from), Some(to)) if to > from => {
+            let inside = arrivals.iter().flatten().filter(|&&at| at > from && at <= to).count();
+            #[expect(clippy::cast_precision_loss, reason = "tokens of one run")]
+            let rate = inside as f64 / (to - from).as_secs_f64();
+            rate
+        }
+        _ => 0.0,
+    };
     let tokens: u32 = usages.iter().map(|usage| usage.generated_tokens).sum();
     let mut first: Vec<f64> = usages.iter().map(|usage| usage.time_to_first_token.as_secs_f64()).collect();
     first.sort_by(f64::total_cmp);
@@ -324,6 +353,7 @@ async fn concurrent(app: &App, model: &str, loaded: &Loaded, streams: u32) -> an
         tokens,
         total_seconds: total,
         tokens_per_second: f64::from(tokens) / total,
+        decode_tokens_per_second,
         first_token_seconds: first[first.len() / 2],
         mean_batch,
     })
@@ -535,6 +565,7 @@ fn print_tables(results: &Results) {
                 row.streams.to_string(),
                 row.tokens.to_string(),
                 format!("{:.1}", row.tokens_per_second),
+                format!("{:.1}", row.decode_tokens_per_second),
                 seconds(row.first_token_seconds),
                 format!("{:.1}", row.mean_batch),
             ]
@@ -542,7 +573,10 @@ fn print_tables(results: &Results) {
         outln!(
             "\nstreams at once ({} greedy tokens each)\n{}",
             streams.tokens,
-            output::table(["streams", "tokens", "tokens/s, all", "first token, median", "mean batch"], rows)
+            output::table(
+                ["streams", "tokens", "tokens/s, all", "decode tokens/s, all", "first token, median", "mean batch"],
+                rows
+            )
         );
     }
 }

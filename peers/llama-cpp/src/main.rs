@@ -152,11 +152,13 @@ fn batch(gguf: &str, threads: i32, streams: usize, tokens: usize, prompt: &[Llam
         context.decode(&mut batch)?;
         outputs = (0..streams).map(i32::try_from).collect::<Result<_, _>>()?;
     }
-    let total = start.elapsed();
+    let (total, first) = (start.elapsed(), first.ok_or("no token")?);
+    // Decode alone: the steps after the prompts' batch, every stream's token each.
+    let decode = (streams * (tokens - 1)) as f64 / (total - first).as_secs_f64();
     println!(
-        "{{\"streams\": {streams}, \"tokens\": {generated}, \"total_seconds\": {}, \"first_token_seconds\": {}, \"tokens_per_second\": {}}}",
+        "{{\"streams\": {streams}, \"tokens\": {generated}, \"total_seconds\": {}, \"first_token_seconds\": {}, \"tokens_per_second\": {}, \"decode_tokens_per_second\": {decode}}}",
         total.as_secs_f64(),
-        first.ok_or("no token")?.as_secs_f64(),
+        first.as_secs_f64(),
         generated as f64 / total.as_secs_f64(),
     );
     Ok(())
