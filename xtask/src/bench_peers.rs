@@ -16,6 +16,8 @@
 //! build and of `cargo test`); it needs cmake and libclang, installed from Debian's packages when missing.
 //!
 //! `--real` measures another table instead ([`real`]): models of real shapes, through the `usine` binary.
+//! `--batch` another ([`batch`]): many generations at once, usine's continuous batching against
+//! llama.cpp's batch API.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
@@ -23,6 +25,7 @@ use std::process::{Command, ExitCode, Stdio};
 use anyhow::{Context as _, Result, bail, ensure};
 use serde_json::Value;
 
+pub(crate) mod batch;
 pub(crate) mod real;
 
 const SIZES: [&str; 2] = ["17m", "58m"];

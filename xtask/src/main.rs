@@ -7,7 +7,8 @@
 //! - `bench-http`: tokens/s through `usine serve` to local clients with the zero-cost engine.
 //! - `train`, `random-model`: the candle engine's models (see `model.rs`).
 //! - `bench-peers`: the candle engine against llama.cpp (see `bench_peers.rs`); `--real` on models of real
-//!   shapes through the `usine` binary (see `bench_peers/real.rs`).
+//!   shapes through the `usine` binary (see `bench_peers/real.rs`); `--batch` 1 to 64 generations at once,
+//!   usine's continuous batching against llama.cpp's batch API (see `bench_peers/batch.rs`).
 //! - `parity`: the candle engine's logits and greedy tokens against llama.cpp's, per architecture and
 //!   weight type (see `parity.rs`); `parity --bless` writes llama.cpp's logits on the smallest files into
 //!   the engine's test fixtures.
@@ -34,7 +35,7 @@ mod tolerance;
 const USAGE: &str = "usage: cargo xtask <verb>\n\nverbs:\n  tidy         check the architecture invariants of ARCHITECTURE.md\n  \
                      integration  run usine serve with Prometheus and the OpenAI client on loopback, and check it\n  \
                      bench-http   tokens/s streamed through usine serve with the zero engine, 1 and 100 streams\n  \
-                     bench-peers  the candle engine against llama.cpp on the same GGUF files (17M, 58M; Q8_0, Q4_0); --busy beside a process spinning on a core; --real: usine run on Qwen2.5-0.5B and TinyLlama-1.1B shapes (Q8_0, Q4_K_M), decode, prefill and cached load\n  \
+                     bench-peers  the candle engine against llama.cpp on the same GGUF files (17M, 58M; Q8_0, Q4_0); --busy beside a process spinning on a core; --real: usine run on Qwen2.5-0.5B and TinyLlama-1.1B shapes (Q8_0, Q4_K_M), decode, prefill and cached load; --batch [--models 58m,qwen2.5-0.5b]: 1, 4, 16 and 64 generations at once, usine's batching against llama.cpp's\n  \
                      parity       the candle engine's logits and greedy tokens against llama.cpp's, every weight type; tiny llama and qwen2, or --preset qwen2.5-0.5b|tinyllama-1.1b (2 layers); --bless rewrites the engine's test fixtures of llama.cpp's logits; with the tiny ones, the tokenizers and chat templates of every vocabulary (--tokenizers: only those)\n  \
                      train        train the candle engine's tiny byte-level llama (writes its committed weights)\n  \
                      publish      cargo publish --dry-run of every library crate, and a consumer crate outside the workspace built from their docs\n  \
@@ -68,7 +69,15 @@ fn main() -> Result<ExitCode> {
                 None => bench_peers::run(root, false),
                 Some("--busy") => bench_peers::run(root, true),
                 Some("--real") => bench_peers::real::run(root),
-                Some(other) => bail!("bench-peers takes `--busy`, `--real` or nothing, not `{other}`"),
+                Some("--batch") => {
+                    let args: Vec<String> = std::env::args().skip(3).collect();
+                    match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+                        [] => bench_peers::batch::run(root, None),
+                        ["--models", names] => bench_peers::batch::run(root, Some(names)),
+                        _ => bail!("bench-peers --batch takes `--models NAME,...` or nothing"),
+                    }
+                }
+                Some(other) => bail!("bench-peers takes `--busy`, `--real`, `--batch` or nothing, not `{other}`"),
             }
         }
         Some("parity") => {

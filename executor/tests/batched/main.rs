@@ -27,7 +27,13 @@ mod telemetry;
 #[path = "../it/timeouts.rs"]
 mod timeouts;
 
+#[path = "../it/lab.rs"]
+mod lab;
+
+use std::time::Duration;
+
+use lab::*;
+use usine_engine::scripted::Batching;
+
 /// The lab's model batches: up to 8 sequences a pass, each after the first adding 1 ms to the pass.
 const BATCHING: Option<Batching> = Some(Batching { max: 8, per_sequence: Duration::from_millis(1) });
-
-include!("../it/lab.rs");

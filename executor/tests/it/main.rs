@@ -17,7 +17,10 @@ mod retry;
 mod telemetry;
 mod timeouts;
 
+mod lab;
+
+use lab::*;
+use usine_engine::scripted::Batching;
+
 /// The lab's model does not batch: each generation steps its sequence on its own.
 const BATCHING: Option<Batching> = None;
-
-include!("lab.rs");

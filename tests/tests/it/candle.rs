@@ -64,9 +64,11 @@ async fn the_kv_cache_pool_holds_the_plan_while_decoding_and_nothing_after_a_can
     let executor = TaskExecutor::new(ExecutorConfig::default(), &s.kernel, &s.memory).unwrap();
     let mut stream = executor.generate(Request::prompt("random", "Hello").max_tokens(400)).unwrap();
     let Some(Ok(Event::Started { prompt_tokens, .. })) = stream.next().await else { panic!("no start") };
-    // The pool reserves whole blocks of 4 KiB.
-    let planned = (u64::from(prompt_tokens) + 400) * plan.kv_bytes_per_token;
-    assert_eq!(s.memory.pool_stats(KV_CACHE).unwrap().used, planned.div_ceil(4096) * 4096);
+    // The engine pages its kv-cache: the prompt and max_tokens in kv blocks of 16 tokens, each a whole
+    // number of the pool's 4 KiB blocks.
+    let blocks = (u64::from(prompt_tokens) + 400).div_ceil(16);
+    let block_bytes = (16 * plan.kv_bytes_per_token).div_ceil(4096) * 4096;
+    assert_eq!(s.memory.pool_stats(KV_CACHE).unwrap().used, blocks * block_bytes);
     for _ in 0..5 {
         stream.next().await.unwrap().unwrap();
     }

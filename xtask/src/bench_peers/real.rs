@@ -71,7 +71,7 @@ pub(super) fn prompt() -> String {
 
 /// The kernels usine picks here (`USINE_ISA` when set, else the best this CPU runs, read from
 /// `/proc/cpuinfo` by the engine's rule), and whether the AVX2 kernels are another column.
-fn kernels() -> (String, bool) {
+pub(super) fn kernels() -> (String, bool) {
     if let Ok(chosen) = std::env::var("USINE_ISA") {
         return (chosen, false);
     }
@@ -118,20 +118,21 @@ fn cpu_ticks() -> Result<(u64, u64)> {
 }
 
 /// A process's output, its wall time and the CPU time other programs took meanwhile.
-struct Timed {
-    stdout: String,
-    seconds: f64,
-    others: f64,
+pub(super) struct Timed {
+    pub(super) stdout: String,
+    pub(super) seconds: f64,
+    pub(super) others: f64,
 }
 
 impl Timed {
     /// Other programs' share of the run's time, less [`TICKS_SLACK`].
-    fn disturbance(&self) -> f64 {
+    pub(super) fn disturbance(&self) -> f64 {
         (self.others - TICKS_SLACK).max(0.0) / self.seconds.max(f64::MIN_POSITIVE)
     }
 }
 
-fn timed(command: &mut Command) -> Result<Timed> {
+/// Runs `command` to its end, and fails unless it succeeds.
+pub(super) fn timed(command: &mut Command) -> Result<Timed> {
     let before = cpu_ticks()?;
     let start = Instant::now();
     let output = command.output().with_context(|| format!("starting {command:?}"))?;
@@ -233,20 +234,20 @@ pub(super) fn parting(tokens: &[u64], reference: &Value) -> Result<(usize, Strin
 }
 
 /// The median and range of `values`.
-fn spread(values: &[f64]) -> (f64, f64, f64) {
+pub(super) fn spread(values: &[f64]) -> (f64, f64, f64) {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
     (sorted[sorted.len() / 2], sorted[0], sorted[sorted.len() - 1])
 }
 
 /// A cell: the median with the range, `digits` after the point, times `scale`.
-fn cell(values: &[f64], scale: f64, digits: usize) -> String {
+pub(super) fn cell(values: &[f64], scale: f64, digits: usize) -> String {
     let (median, low, high) = spread(values);
     format!("{:.digits$} ({:.digits$}–{:.digits$})", median * scale, low * scale, high * scale)
 }
 
 /// The ratio of two sides' medians.
-fn ratio(ours: &[f64], theirs: &[f64]) -> String {
+pub(super) fn ratio(ours: &[f64], theirs: &[f64]) -> String {
     format!("{:.2}", spread(ours).0 / spread(theirs).0.max(f64::MIN_POSITIVE))
 }
 
@@ -418,7 +419,7 @@ impl Bench {
 
 /// The commit, and which files of the crates in `usine` differ from it, as `git status` says (the
 /// `usine` measured is built from the working tree).
-fn source_state(root: &Path) -> String {
+pub(super) fn source_state(root: &Path) -> String {
     let git = |args: &[&str]| {
         Command::new("git")
             .args(args)
