@@ -8,6 +8,8 @@ use usine_memory::{ACTIVATIONS, KV_CACHE};
 pub const MAX_SLOTS: usize = 1 << 16;
 /// Most tokens buffered between a generation and its reader.
 pub const MAX_CHANNEL_CAPACITY: usize = 1 << 16;
+/// Most pre-emptions of one generation one setting allows.
+pub const MAX_PREEMPTIONS: u32 = 1 << 10;
 /// Most sequences one batched step may advance.
 pub const MAX_BATCH: usize = 1 << 10;
 /// The longest wait between two tries of a request.
@@ -151,6 +153,10 @@ pub struct ExecutorConfig {
     /// Most sequences of one model one batched step advances (64), where the model batches (its
     /// engine's own bound applies too); 1 turns batching off, each sequence then steps on its own.
     pub max_batch: usize,
+    /// Most times one generation is pre-empted (16): a paged sequence that finds no kv block within
+    /// `memory_wait` gives its blocks back and resumes by recompute once blocks come free; past this,
+    /// it fails with the memory error.
+    pub max_preemptions: u32,
 }
 
 impl Default for ExecutorConfig {
@@ -168,6 +174,7 @@ impl Default for ExecutorConfig {
             retry: RetryPolicy::default(),
             timeouts: Timeouts::standard(),
             max_batch: 64,
+            max_preemptions: 16,
         }
     }
 }
@@ -197,6 +204,9 @@ impl ExecutorConfig {
         if !(1..=MAX_CHANNEL_CAPACITY).contains(&self.channel_capacity) {
             let limit = format!("1..={MAX_CHANNEL_CAPACITY}");
             return outside("channel_capacity", self.channel_capacity.to_string(), limit);
+        }
+        if self.max_preemptions > MAX_PREEMPTIONS {
+            return outside("max_preemptions", self.max_preemptions.to_string(), format!("0..={MAX_PREEMPTIONS}"));
         }
         if !(1..=MAX_BATCH).contains(&self.max_batch) {
             return outside("max_batch", self.max_batch.to_string(), format!("1..={MAX_BATCH}"));

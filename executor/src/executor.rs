@@ -59,6 +59,8 @@ pub struct ExecutorStats {
     pub batches: u64,
     /// Sequence steps those advanced: over `batches`, the mean batch size.
     pub batched_steps: u64,
+    /// Generations pre-empted for kv blocks, each resumed by recompute.
+    pub preemptions: u64,
 }
 
 impl TaskExecutor {
@@ -190,6 +192,7 @@ impl TaskExecutor {
             pipeline_idle: Duration::from_nanos(metrics.counts.pipeline_idle_nanos.load(Ordering::Relaxed)),
             batches: metrics.counts.batches.load(Ordering::Relaxed),
             batched_steps: metrics.counts.batched_steps.load(Ordering::Relaxed),
+            preemptions: metrics.counts.preemptions.load(Ordering::Relaxed),
         }
     }
 }

@@ -27,6 +27,8 @@ pub const RUNNING: &str = "usine_executor_running";
 /// Time the compute stage waited for the prepare stage, per generation (its sum is the total dead time).
 pub const PIPELINE_IDLE_SECONDS: &str = "usine_executor_pipeline_idle_seconds";
 
+/// Generations pre-empted for kv blocks (resumed by recompute).
+pub const PREEMPTIONS_TOTAL: &str = "usine_executor_preemptions_total";
 /// Sequences a batched step advanced.
 pub const BATCH_SIZE: &str = "usine_executor_batch_size";
 
@@ -88,6 +90,7 @@ pub fn describe_metrics() {
     describe_gauge!(QUEUE_DEPTH, Unit::Count, "Requests waiting for a generation slot.");
     describe_gauge!(RUNNING, Unit::Count, "Generations running.");
     describe_histogram!(BATCH_SIZE, Unit::Count, "Sequences one batched step of a model advanced.");
+    describe_counter!(PREEMPTIONS_TOTAL, Unit::Count, "Generations pre-empted for kv blocks, resumed by recompute.");
     describe_histogram!(
         PIPELINE_IDLE_SECONDS,
         Unit::Seconds,
@@ -107,6 +110,7 @@ pub(crate) struct ExecutorMetrics {
     running: Gauge,
     pipeline_idle: Histogram,
     batch_size: Histogram,
+    preemptions: Counter,
     pub(crate) counts: Counts,
 }
 
@@ -120,6 +124,7 @@ pub(crate) struct Counts {
     pub(crate) pipeline_idle_nanos: AtomicU64,
     pub(crate) batches: AtomicU64,
     pub(crate) batched_steps: AtomicU64,
+    pub(crate) preemptions: AtomicU64,
 }
 
 impl ExecutorMetrics {
@@ -136,6 +141,7 @@ impl ExecutorMetrics {
             running: metrics::gauge!(RUNNING),
             pipeline_idle: metrics::histogram!(PIPELINE_IDLE_SECONDS),
             batch_size: metrics::histogram!(BATCH_SIZE),
+            preemptions: metrics::counter!(PREEMPTIONS_TOTAL),
             counts: Counts::default(),
         }
     }
@@ -146,6 +152,12 @@ impl ExecutorMetrics {
         self.batch_size.record(sequences as f64);
         self.counts.batches.fetch_add(1, Ordering::Relaxed);
         self.counts.batched_steps.fetch_add(sequences as u64, Ordering::Relaxed);
+    }
+
+    /// A generation pre-empted for kv blocks.
+    pub(crate) fn preemption(&self) {
+        self.preemptions.increment(1);
+        self.counts.preemptions.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn set_load(&self, running: usize, queued: usize) {

@@ -51,21 +51,72 @@ pub(crate) struct Spaces {
     spaces: parking_lot::Mutex<std::collections::HashMap<usize, Space>>,
 }
 
-/// A model (while it lives) and its kv blocks.
-type Space = (std::sync::Weak<dyn LoadedModel>, KvBlocks);
+/// A model (while it lives), its kv blocks, and the generations holding some.
+type Space = (std::sync::Weak<dyn LoadedModel>, KvBlocks, Holders);
+
+/// The generations that hold a model's kv blocks, by age: when blocks run out, all but the oldest give
+/// theirs back, so that the oldest goes on, and one that gave its blocks back takes blocks again only
+/// once it is the oldest (two pre-empting each other in turn would never end).
+#[derive(Clone, Default)]
+pub(crate) struct Holders(Arc<(parking_lot::Mutex<std::collections::BTreeSet<u64>>, tokio::sync::Notify)>);
+
+/// A generation's place among its model's holders, left when dropped.
+struct Holding {
+    holders: Holders,
+    age: u64,
+}
+
+impl Holders {
+    fn join(&self) -> Holding {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let age = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.0.0.lock().insert(age);
+        Holding { holders: self.clone(), age }
+    }
+}
+
+impl Holding {
+    fn is_oldest(&self) -> bool {
+        self.holders.0.0.lock().first() == Some(&self.age)
+    }
+
+    /// Waits until no older generation holds blocks.
+    async fn turn(&self) {
+        loop {
+            let older_left = self.holders.0.1.notified();
+            if self.is_oldest() {
+                return;
+            }
+            older_left.await;
+        }
+    }
+}
+
+impl Drop for Holding {
+    fn drop(&mut self) {
+        self.holders.0.0.lock().remove(&self.age);
+        self.holders.0.1.notify_waiters();
+    }
+}
 
 impl Spaces {
     /// The blocks of `model`, made now over `pool` if it has none.
-    fn of(&self, model: &Arc<dyn LoadedModel>, block_tokens: u32, pool: &Pool) -> Result<KvBlocks, MemoryError> {
+    fn of(
+        &self,
+        model: &Arc<dyn LoadedModel>,
+        block_tokens: u32,
+        pool: &Pool,
+    ) -> Result<(KvBlocks, Holders), MemoryError> {
         let key = Arc::as_ptr(model).cast::<()>() as usize;
         let mut spaces = self.spaces.lock();
-        spaces.retain(|_, (model, _)| model.strong_count() > 0);
-        if let Some((_, space)) = spaces.get(&key) {
-            return Ok(space.clone());
+        spaces.retain(|_, (model, ..)| model.strong_count() > 0);
+        if let Some((_, space, holders)) = spaces.get(&key) {
+            return Ok((space.clone(), holders.clone()));
         }
         let space = KvBlocks::new(pool.clone(), key as u64, block_tokens, model.memory_plan().kv_bytes_per_token)?;
-        spaces.insert(key, (Arc::downgrade(model), space.clone()));
-        Ok(space)
+        let holders = Holders::default();
+        spaces.insert(key, (Arc::downgrade(model), space.clone(), holders.clone()));
+        Ok((space, holders))
     }
 }
 
@@ -124,6 +175,7 @@ pub(crate) fn run(
             model_id: &request.model,
             limits,
             retries: 0,
+            preemptions: 0,
             jitter: fastrand::Rng::with_seed(seed),
             events: &events,
         };
@@ -208,6 +260,9 @@ struct Ready {
 enum Failure {
     Engine(EngineError),
     Memory(MemoryError),
+    /// A paged sequence found no kv block in time: it gives its blocks back, so that the others can go
+    /// on, and resumes by recompute once blocks come free.
+    Preempted(MemoryError),
 }
 
 /// The sequence being decoded, and the step prepared ahead of it; or, where the model batches, its
@@ -226,6 +281,8 @@ struct Run<'a> {
     model_id: &'a str,
     limits: Limits,
     retries: u32,
+    /// Times its sequence was pre-empted for kv blocks.
+    preemptions: u32,
     jitter: fastrand::Rng,
     events: &'a Sender,
 }
@@ -237,6 +294,10 @@ struct KvCache {
     per_token: u64,
     tokens: u64,
     paged: Option<(KvBlocks, BlockTable)>,
+    /// Its place among the paged model's generations.
+    holding: Option<Holding>,
+    /// It gave its blocks back (pre-empted), and takes blocks again only as the oldest.
+    preempted: bool,
 }
 
 impl Run<'_> {
@@ -300,7 +361,7 @@ impl Run<'_> {
         let mut finish = FinishReason::Length;
         while let Some(step) = u32::try_from(generated.len()).ok().filter(|&step| step < params.max_tokens) {
             if let Some(failure) = pipe.failed_ahead.take() {
-                self.recover(failure, &mut pipe, phase).await?;
+                self.recover(failure, &mut pipe, &mut kv, &prompt, phase).await?;
                 continue;
             }
             let deadline = self.limits.deadline(phase.0, phase.1);
@@ -319,7 +380,7 @@ impl Run<'_> {
             let token = match outcome {
                 Ok(token) => token,
                 Err(failure) => {
-                    self.recover(failure, &mut pipe, phase).await?;
+                    self.recover(failure, &mut pipe, &mut kv, &prompt, phase).await?;
                     continue;
                 }
             };
@@ -410,12 +471,14 @@ impl Run<'_> {
         if let Some(batcher) = context.batcher {
             return self.step_batched(context, batcher, pipe, kv, idle).await;
         }
+        let needed = context.prompt.len() + context.generated.len() + 1;
         if pipe.sequence.is_none() {
+            kv.cover(needed, self, context.scope, None).await?; // again, after a pre-emption
             pipe.sequence = Some(self.prefill(context, step, kv).await?);
             kv.touch().map_err(Failure::Memory)?; // a long prefill is use, not idleness
         }
         let sequence = pipe.sequence.as_deref().expect("set just above");
-        kv.cover(context.prompt.len() + context.generated.len() + 1, self, context.scope, sequence).await?;
+        kv.cover(needed, self, context.scope, Some(sequence)).await?;
         let current = match pipe.ahead.take() {
             Some(ready) => ready,
             None => {
@@ -503,6 +566,8 @@ impl Run<'_> {
     ) -> Result<Token, Failure> {
         let step = u32::try_from(context.generated.len()).expect("steps are bounded by max_tokens");
         if pipe.seat.is_none() {
+            let needed = context.prompt.len() + context.generated.len() + 1;
+            kv.cover(needed, self, context.scope, None).await?; // again, after a pre-emption
             let sequence = self.prefill(context, step, kv).await?;
             kv.touch().map_err(Failure::Memory)?; // a long prefill is use, not idleness
             let previous = context.generated.last().or(context.prompt.last()).copied();
@@ -514,7 +579,7 @@ impl Run<'_> {
         let ahead = if self.shared.config.pipelining { 2 } else { 1 };
         let allowed = (step + ahead).min(context.params.max_tokens);
         let sequence = sequence.expect("seated with its sequence");
-        kv.cover(context.prompt.len() + allowed as usize, self, context.scope, sequence).await?;
+        kv.cover(context.prompt.len() + allowed as usize, self, context.scope, Some(sequence)).await?;
         seat.allow(allowed);
         match seat.next().await {
             Ok(Stepped { token, idle: waited }) => {
@@ -557,11 +622,24 @@ impl Run<'_> {
         &mut self,
         failure: Failure,
         pipe: &mut Pipe,
+        kv: &mut KvCache,
+        prompt: &[TokenId],
         phase: (Phase, Instant),
     ) -> Result<(), ExecutorError> {
         *pipe = Pipe::default();
         let error = match failure {
             Failure::Memory(source) => return Err(ExecutorError::Memory { model: self.model_id.to_owned(), source }),
+            Failure::Preempted(source) => {
+                if self.preemptions >= self.shared.config.max_preemptions {
+                    return Err(ExecutorError::Memory { model: self.model_id.to_owned(), source });
+                }
+                self.preemptions += 1;
+                self.shared.metrics.preemption();
+                kv.release(prompt);
+                let (model, preemptions) = (self.model_id, self.preemptions);
+                tracing::debug!(model, preemptions, "no kv block in time; pre-empted, resuming by recompute");
+                return Ok(());
+            }
             Failure::Engine(error) => error,
         };
         match error.kind() {
@@ -599,10 +677,17 @@ impl Run<'_> {
         prompt_tokens: &[TokenId],
         max_tokens: u32,
         scope: ScopeId,
-        space: Option<KvBlocks>,
+        space: Option<(KvBlocks, Holders)>,
     ) -> Result<KvCache, ExecutorError> {
         let prompt = prompt_tokens.len();
-        let mut kv = KvCache { leases: Vec::new(), per_token: plan.kv_bytes_per_token, tokens: 0, paged: None };
+        let mut kv = KvCache {
+            leases: Vec::new(),
+            per_token: plan.kv_bytes_per_token,
+            tokens: 0,
+            paged: None,
+            holding: None,
+            preempted: false,
+        };
         if kv.per_token == 0 {
             kv.tokens = u64::MAX;
             return Ok(kv);
@@ -632,7 +717,7 @@ impl Run<'_> {
             return Err(self.memory(MemoryError::TooLarge { pool, requested: u64::MAX, capacity }));
         };
         let wait = self.shared.config.memory_wait;
-        if let Some(space) = space {
+        if let Some((space, holders)) = space {
             // The leading blocks another sequence computed, then blocks for the rest (the empty
             // prompt's start token takes a position too).
             let mut table = space.start(prompt_tokens);
@@ -640,6 +725,7 @@ impl Run<'_> {
             space.cover_wait(&mut table, covered, wait).await.map_err(|source| self.memory(source))?;
             kv.tokens = covered as u64;
             kv.paged = Some((space, table));
+            kv.holding = Some(holders.join());
             return Ok(kv);
         }
         let lease = self.shared.kv.allocate_wait(bytes, scope, wait).await.map_err(|source| self.memory(source))?;
@@ -728,6 +814,16 @@ struct Step<'a> {
 }
 
 impl KvCache {
+    /// Gives a paged sequence's blocks back (its published ones stay cached, and its prompt takes
+    /// those it finds again): the next prefill covers its context anew.
+    fn release(&mut self, prompt: &[TokenId]) {
+        if let Some((space, table)) = &mut self.paged {
+            *table = space.start(prompt);
+            self.tokens = 0;
+            self.preempted = true;
+        }
+    }
+
     /// Marks every lease in use now, so that the GC leaves them alone for another idle period.
     fn touch(&self) -> Result<(), MemoryError> {
         if let Some((space, table)) = &self.paged {
@@ -743,15 +839,31 @@ impl KvCache {
         tokens: usize,
         generation: &Run<'_>,
         scope: ScopeId,
-        sequence: &dyn Sequence,
+        sequence: Option<&dyn Sequence>,
     ) -> Result<(), Failure> {
         if let Some((space, table)) = &mut self.paged {
             if self.tokens < tokens as u64 {
+                if std::mem::take(&mut self.preempted)
+                    && let Some(holding) = &self.holding
+                {
+                    holding.turn().await;
+                }
                 let had = table.ids().len();
                 let wait = generation.shared.config.memory_wait;
-                space.cover_wait(table, tokens, wait).await.map_err(Failure::Memory)?;
+                loop {
+                    match space.cover_wait(table, tokens, wait).await {
+                        Ok(()) => break,
+                        // The oldest waits on while the others give their blocks back.
+                        Err(MemoryError::TimedOut { .. }) if self.holding.as_ref().is_some_and(Holding::is_oldest) => {}
+                        // Blocks held by others: give ours back and resume later (`Failure::Preempted`).
+                        Err(error @ (MemoryError::TimedOut { .. } | MemoryError::Exhausted { .. })) => {
+                            return Err(Failure::Preempted(error));
+                        }
+                        Err(error) => return Err(Failure::Memory(error)),
+                    }
+                }
                 self.tokens = tokens as u64;
-                if table.ids().len() > had {
+                if let Some(sequence) = sequence.filter(|_| table.ids().len() > had) {
                     sequence.set_blocks(table.ids());
                 }
             }
