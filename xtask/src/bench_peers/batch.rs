@@ -246,26 +246,7 @@ impl Bench {
     /// `command` run until other programs took at most [`MAX_OTHERS`] of its time, or the least
     /// disturbed of [`TRIES`] runs.
     fn quiet(&mut self, command: &mut Command) -> Result<Timed> {
-        let mut least: Option<(f64, Timed)> = None;
-        for _ in 0..TRIES {
-            let output = timed(command)?;
-            let share = output.disturbance();
-            let quiet = share <= MAX_OTHERS;
-            if least.as_ref().is_none_or(|(least, _)| share < *least) {
-                least = Some((share, output));
-            }
-            if quiet {
-                break;
-            }
-            self.repeated += 1;
-            // Let a burst of other work pass.
-            std::thread::sleep(std::time::Duration::from_millis(500));
-        }
-        let (share, output) = least.expect("TRIES is more than zero");
-        if share > MAX_OTHERS {
-            self.kept += 1;
-        }
-        Ok(output)
+        super::real::least_disturbed(command, &mut self.repeated, &mut self.kept)
     }
 
     /// The table's lines for `gguf`, shown as `label`.

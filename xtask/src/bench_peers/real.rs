@@ -268,6 +268,31 @@ struct Bench {
     kept: usize,
 }
 
+/// `command` run until other programs took at most [`MAX_OTHERS`] of its time, or the least disturbed
+/// of [`TRIES`] runs; counts the runs repeated, and those kept over the limit.
+pub(super) fn least_disturbed(command: &mut Command, repeated: &mut usize, kept: &mut usize) -> Result<Timed> {
+    let mut least: Option<(f64, Timed)> = None;
+    for _ in 0..TRIES {
+        let output = timed(command)?;
+        let share = output.disturbance();
+        let quiet = share <= MAX_OTHERS;
+        if least.as_ref().is_none_or(|(least, _)| share < *least) {
+            least = Some((share, output));
+        }
+        if quiet {
+            break;
+        }
+        *repeated += 1;
+        // Let a burst of other work pass.
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    let (share, output) = least.expect("TRIES is more than zero");
+    if share > MAX_OTHERS {
+        *kept += 1;
+    }
+    Ok(output)
+}
+
 /// Which side a run is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Side {
@@ -318,35 +343,16 @@ impl Bench {
     /// One measured run of `side`, run again while other programs took over [`MAX_OTHERS`] of its time
     /// (up to [`TRIES`] runs; the least disturbed kept). Returns the peer's line too.
     fn measure(&mut self, side: Side, gguf: &Path, threads: usize) -> Result<(Run, Option<Value>)> {
-        let mut least: Option<(f64, Timed)> = None;
-        for _ in 0..TRIES {
-            let output = match side {
-                Side::Usine => timed(&mut self.usine(gguf, threads, None, &self.prompt, TOKENS))?,
-                Side::UsineExtra => timed(&mut self.usine(gguf, threads, self.extra, &self.prompt, TOKENS))?,
-                Side::Peer => timed(
-                    Command::new(&self.peer)
-                        .arg(gguf)
-                        .arg(threads.to_string())
-                        .arg(TOKENS.to_string())
-                        .arg(&self.prompt_ids),
-                )?,
-            };
-            let share = output.disturbance();
-            let quiet = share <= MAX_OTHERS;
-            if least.as_ref().is_none_or(|(least, _)| share < *least) {
-                least = Some((share, output));
+        let mut command = match side {
+            Side::Usine => self.usine(gguf, threads, None, &self.prompt, TOKENS),
+            Side::UsineExtra => self.usine(gguf, threads, self.extra, &self.prompt, TOKENS),
+            Side::Peer => {
+                let mut command = Command::new(&self.peer);
+                command.arg(gguf).arg(threads.to_string()).arg(TOKENS.to_string()).arg(&self.prompt_ids);
+                command
             }
-            if quiet {
-                break;
-            }
-            self.repeated += 1;
-            // Let a burst of other work pass.
-            std::thread::sleep(std::time::Duration::from_millis(500));
-        }
-        let (share, output) = least.expect("TRIES is more than zero");
-        if share > MAX_OTHERS {
-            self.kept += 1;
-        }
+        };
+        let output = least_disturbed(&mut command, &mut self.repeated, &mut self.kept)?;
         if side == Side::Peer {
             let (run, line) = peer_run(&output.stdout)?;
             return Ok((run, Some(line)));
