@@ -457,6 +457,15 @@ impl Inner {
         };
         shift(&metrics.in_use, shown.in_use, books.in_use);
         shift(&metrics.cached, shown.cached, books.cached);
+        match books.cached.cmp(&shown.cached) {
+            std::cmp::Ordering::Greater => {
+                metrics.cached_bytes.increment(to_f64(u64::from(books.cached - shown.cached) * self.block_bytes));
+            }
+            std::cmp::Ordering::Less => {
+                metrics.cached_bytes.decrement(to_f64(u64::from(shown.cached - books.cached) * self.block_bytes));
+            }
+            std::cmp::Ordering::Equal => {}
+        }
         shift(&metrics.free, self.total - shown.in_use - shown.cached, self.total - books.in_use - books.cached);
         metrics.hit_tokens.increment(books.hit_tokens - shown.hit_tokens);
         metrics.miss_tokens.increment(books.miss_tokens - shown.miss_tokens);
@@ -558,6 +567,7 @@ impl Drop for Inner {
         // Every table is gone (each holds the space); the cached blocks' leases go with the books.
         let books = self.books.get_mut();
         self.metrics.cached.decrement(to_f64(u64::from(books.shown.cached)));
+        self.metrics.cached_bytes.decrement(to_f64(u64::from(books.shown.cached) * self.block_bytes));
         self.metrics.in_use.decrement(to_f64(u64::from(books.shown.in_use)));
         self.metrics.free.decrement(to_f64(u64::from(self.total - books.shown.cached - books.shown.in_use)));
     }

@@ -34,6 +34,9 @@ pub const KV_BLOCKS: &str = "usine_memory_kv_blocks";
 /// Tokens a sequence's start looked up in the prefix cache, by outcome: `hit` (found, not computed
 /// again) or `miss`.
 pub const KV_PREFIX_TOKENS_TOTAL: &str = "usine_memory_kv_prefix_tokens_total";
+/// Bytes of a pool that cached kv blocks hold (kept for a prefix hit, no sequence holding them): the
+/// part of the pool's use that outlives every generation.
+pub const KV_CACHED_BYTES: &str = "usine_memory_kv_cached_bytes";
 /// Cached kv blocks dropped from the cache other than by a hit.
 pub const KV_EVICTIONS_TOTAL: &str = "usine_memory_kv_evictions_total";
 
@@ -68,6 +71,11 @@ pub fn describe_metrics() {
         Unit::Count,
         "Kv-cache blocks over a memory pool, by state: in_use (held by sequences), cached (kept for a prefix hit), free."
     );
+    describe_gauge!(
+        KV_CACHED_BYTES,
+        Unit::Bytes,
+        "Bytes of a memory pool held by cached kv blocks (kept for a prefix hit, held by no sequence)."
+    );
     describe_counter!(
         KV_PREFIX_TOKENS_TOTAL,
         Unit::Count,
@@ -85,6 +93,7 @@ pub fn describe_metrics() {
 pub(crate) struct BlockMetrics {
     pub(crate) in_use: Gauge,
     pub(crate) cached: Gauge,
+    pub(crate) cached_bytes: Gauge,
     pub(crate) free: Gauge,
     pub(crate) hit_tokens: Counter,
     pub(crate) miss_tokens: Counter,
@@ -98,6 +107,7 @@ impl BlockMetrics {
         Self {
             in_use: blocks("in_use"),
             cached: blocks("cached"),
+            cached_bytes: metrics::gauge!(KV_CACHED_BYTES, "pool" => pool.to_owned()),
             free: blocks("free"),
             hit_tokens: tokens("hit"),
             miss_tokens: tokens("miss"),

@@ -797,6 +797,8 @@ fn overload(http: &ureq::Agent, base: &str) -> Result<String> {
 }
 
 /// Waits for the kv-cache and activations pools to be back at zero.
+/// Every generation's memory back within `within`: the activations at 0 bytes, and the kv-cache holding
+/// only the blocks its prefix cache keeps (as `/metrics` counts them), no sequence's.
 fn pools_at_zero(http: &ureq::Agent, base: &str, within: Duration) -> Result<String> {
     let start = Instant::now();
     loop {
@@ -806,19 +808,26 @@ fn pools_at_zero(http: &ureq::Agent, base: &str, within: Duration) -> Result<Str
             pools["pools"]
                 .as_array()
                 .and_then(|pools| pools.iter().find(|pool| pool["name"] == name))
-                .map(|pool| pool["used"].clone())
+                .and_then(|pool| pool["used"].as_f64())
         };
-        let in_use: Vec<String> = ["kv-cache", "activations"]
+        let (_, metrics) = get(http, &format!("{base}/metrics"))?;
+        let cached = sample(&metrics, "usine_memory_kv_cached_bytes{pool=\"kv-cache\"}").unwrap_or(0.0);
+        let in_use = sample(&metrics, "usine_memory_kv_blocks{pool=\"kv-cache\",state=\"in_use\"}").unwrap_or(0.0);
+        let held: Vec<String> = [("kv-cache", cached), ("activations", 0.0)]
             .into_iter()
-            .filter_map(|pool| match used(pool) {
-                Some(used) if used == 0 => None,
-                other => Some(format!("{pool}: {other:?}")),
+            .filter_map(|(pool, kept)| match used(pool) {
+                Some(used) if used == kept => None,
+                other => Some(format!("{pool}: {other:?} bytes, {kept} kept by the prefix cache")),
             })
+            .chain((in_use > 0.0).then(|| format!("{in_use} kv blocks held by sequences")))
             .collect();
-        if in_use.is_empty() {
-            return Ok(format!("kv-cache and activations at 0 bytes after {:?}", start.elapsed()));
+        if held.is_empty() {
+            return Ok(format!(
+                "activations at 0 bytes, the kv-cache at the {cached} bytes of cached prefix blocks, after {:?}",
+                start.elapsed()
+            ));
         }
-        ensure!(start.elapsed() < within, "still in use after {within:?}: {}", in_use.join(", "));
+        ensure!(start.elapsed() < within, "still in use after {within:?}: {}", held.join(", "));
         std::thread::sleep(Duration::from_millis(50));
     }
 }

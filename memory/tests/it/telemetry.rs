@@ -108,7 +108,12 @@ fn kv_block_figures_reach_the_metrics_facade_summed_over_the_models_of_a_pool() 
         |outcome: &str| value(&format!("usine_memory_kv_prefix_tokens_total{{pool=kv-cache,outcome={outcome}}}"));
     assert_eq!((tokens("hit"), tokens("miss")), (Some(&DebugValue::Counter(8)), Some(&DebugValue::Counter(10))));
     assert_eq!(value("usine_memory_kv_evictions_total{pool=kv-cache}"), Some(&DebugValue::Counter(1)));
-    for name in [names::KV_BLOCKS, names::KV_PREFIX_TOKENS_TOTAL, names::KV_EVICTIONS_TOTAL] {
+    assert_eq!(
+        value("usine_memory_kv_cached_bytes{pool=kv-cache}"),
+        Some(&gauge(1024.0)),
+        "one block of 4 × 256 bytes"
+    );
+    for name in [names::KV_BLOCKS, names::KV_CACHED_BYTES, names::KV_PREFIX_TOKENS_TOTAL, names::KV_EVICTIONS_TOTAL] {
         let described = seen.iter().find(|(key, _)| key.starts_with(&format!("{name}{{")));
         let (_, (_, description)) = described.unwrap_or_else(|| panic!("{name} was not registered"));
         assert!(description.as_ref().is_some_and(|text| !text.is_empty()), "{name} has no description");
@@ -121,5 +126,6 @@ fn kv_block_figures_reach_the_metrics_facade_summed_over_the_models_of_a_pool() 
         let key = format!("usine_memory_kv_blocks{{pool=kv-cache,state={state}}}");
         assert_eq!(seen[&key].0, gauge(-before), "{state}: both spaces are gone");
     }
+    assert_eq!(seen["usine_memory_kv_cached_bytes{pool=kv-cache}"].0, gauge(-1024.0));
     assert_eq!(pool.stats().used, 0);
 }
