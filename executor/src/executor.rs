@@ -87,7 +87,7 @@ impl TaskExecutor {
             config,
             metrics,
             batchers: crate::batch::Batchers::default(),
-            spaces: crate::run::Spaces::default(),
+            spaces: crate::paged::Spaces::default(),
         });
         Ok(Self {
             shared,

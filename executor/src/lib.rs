@@ -7,6 +7,7 @@ mod error;
 mod event;
 mod executor;
 pub mod metrics;
+mod paged;
 mod request;
 mod run;
 mod stream;

@@ -94,12 +94,18 @@ pub trait LoadedModel: Send + Sync {
     /// for each, what its [`Sequence::compute`] would have returned. An engine that batches reads its
     /// weights once for all of them; the default computes them one after another.
     async fn compute_batch(&self, steps: Vec<BatchStep>) -> Vec<Result<Token, EngineError>> {
-        let mut tokens = Vec::with_capacity(steps.len());
-        for BatchStep { sequence, prepared, previous } in steps {
-            tokens.push(sequence.compute(prepared, previous).await);
-        }
-        tokens
+        compute_each(steps).await
     }
+}
+
+/// Each of `steps` computed by its own sequence, one after another: [`LoadedModel::compute_batch`]'s
+/// default, and what an engine that batches falls back to where a pass would not pay.
+pub async fn compute_each(steps: Vec<BatchStep>) -> Vec<Result<Token, EngineError>> {
+    let mut tokens = Vec::with_capacity(steps.len());
+    for BatchStep { sequence, prepared, previous } in steps {
+        tokens.push(sequence.compute(prepared, previous).await);
+    }
+    tokens
 }
 
 /// One sequence's step in a [`LoadedModel::compute_batch`]: what its [`Sequence::compute`] takes.

@@ -182,11 +182,7 @@ impl LoadedModel for ScriptedModel {
     /// first, and the longest stall among them; then each step's faults, as its own compute would have.
     async fn compute_batch(&self, steps: Vec<BatchStep>) -> Vec<Result<Token, EngineError>> {
         let Some(batching) = self.script.lock().batch else {
-            let mut tokens = Vec::with_capacity(steps.len());
-            for BatchStep { sequence, prepared, previous } in steps {
-                tokens.push(sequence.compute(prepared, previous).await);
-            }
-            return tokens;
+            return crate::engine::compute_each(steps).await;
         };
         let delay = {
             let mut script = self.script.lock();

@@ -535,11 +535,7 @@ impl LoadedModel for CandleModel {
     /// each step with its error.
     async fn compute_batch(&self, steps: Vec<BatchStep>) -> Vec<Result<Token, EngineError>> {
         if steps.len() == 1 {
-            let mut tokens = Vec::with_capacity(1);
-            for BatchStep { sequence, prepared, previous } in steps {
-                tokens.push(sequence.compute(prepared, previous).await);
-            }
-            return tokens;
+            return usine_engine::compute_each(steps).await;
         }
         match self.compute_together(&steps).await {
             Ok(tokens) => tokens.into_iter().map(Ok).collect(),
