@@ -271,6 +271,10 @@ impl App {
         let kernel_config =
             KernelConfig { weights_capacity: config.weights_budget_mib << 20, ..KernelConfig::default() };
         let kernel = RuntimeManager::new(kernel_config, &memory, storage.clone())?;
+        #[cfg(feature = "remote")]
+        if let Some(url) = &config.remote {
+            kernel.share_through(usine_storage::remote::RemoteTier::new(loaded.remote_config(url))?);
+        }
         let sim = SimConfig { jitter: config.jitter, seed: config.seed, ..SimConfig::default() };
         kernel.register_engine(Arc::new(usine_engine_webllm::webllm(sim.clone())?));
         kernel.register_engine(Arc::new(usine_engine_transformers::transformers(sim, threads(loaded))?));

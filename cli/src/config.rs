@@ -26,6 +26,20 @@ pub(crate) struct Config {
     pub(crate) cache_dir: Option<PathBuf>,
     /// A folder whose GGUF files (`*.gguf`) join the catalog as `candle/<file name>`.
     pub(crate) models_dir: Option<PathBuf>,
+    /// The fleet's shared graph tier: `redis://[user:password@]host[:port][/db]`. A graph missing from
+    /// the cache is fetched from it, and one compiled here is published to it; none when unset.
+    pub(crate) remote: Option<String>,
+    /// Most time one call to the remote tier may take, in milliseconds; past it, loads go on without it.
+    pub(crate) remote_timeout_ms: u64,
+    /// How long the remote tier is left alone after an error, in milliseconds.
+    pub(crate) remote_cool_down_ms: u64,
+    /// How long a published graph stays in the remote tier, in seconds; 0 for as long as Redis keeps it.
+    pub(crate) remote_ttl_seconds: u64,
+    /// The largest graph published to (or fetched from) the remote tier, in MiB.
+    pub(crate) remote_max_graph_mib: u64,
+    /// Most time to wait for another host's compile of the same graph, in milliseconds, before
+    /// compiling here.
+    pub(crate) remote_wait_ms: u64,
     /// MiB shared by the `kv-cache`, `activations` and `uniforms` pools (70 / 25 / 5 %).
     pub(crate) memory_budget_mib: u64,
     /// MiB of the `weights` pool: loaded models.
@@ -123,6 +137,12 @@ impl Default for Config {
             model: None,
             cache_dir: None,
             models_dir: None,
+            remote: None,
+            remote_timeout_ms: 2_000,
+            remote_cool_down_ms: 30_000,
+            remote_ttl_seconds: 7 * 24 * 3600,
+            remote_max_graph_mib: 8 << 10,
+            remote_wait_ms: 600_000,
             memory_budget_mib: 4096,
             weights_budget_mib: 16384,
             threads: None,
@@ -172,6 +192,12 @@ pub(crate) const KEYS: &[&str] = &[
     "model",
     "cache_dir",
     "models_dir",
+    "remote",
+    "remote_timeout_ms",
+    "remote_cool_down_ms",
+    "remote_ttl_seconds",
+    "remote_max_graph_mib",
+    "remote_wait_ms",
     "memory_budget_mib",
     "weights_budget_mib",
     "threads",
@@ -231,6 +257,11 @@ pub(crate) const HEADER_BYTES: std::ops::RangeInclusive<usize> = (8 << 10)..=(1 
 /// The smallest and largest `send_buffer_bytes`: Linux takes no less than 4,608 bytes (it doubles what
 /// it is given), and autotunes up to 4 MiB when left alone.
 pub(crate) const SEND_BUFFER_BYTES: std::ops::RangeInclusive<usize> = (4 << 10)..=(4 << 20);
+
+/// The longest remote tier time limit, in milliseconds: 10 minutes.
+pub(crate) const REMOTE_MAX_MS: u64 = 600_000;
+
+pub(crate) use usine_storage::redact_url as redact;
 
 /// The name of the configuration file.
 pub(crate) const FILE_NAME: &str = "usine.toml";
@@ -464,6 +495,30 @@ impl Loaded {
             let expected = format!("{}..={} (4 KiB to 4 MiB)", SEND_BUFFER_BYTES.start(), SEND_BUFFER_BYTES.end());
             return Err(outside("send_buffer_bytes", config.send_buffer_bytes.to_string(), &expected));
         }
+        for (key, millis) in [
+            ("remote_timeout_ms", config.remote_timeout_ms),
+            ("remote_cool_down_ms", config.remote_cool_down_ms),
+            ("remote_wait_ms", config.remote_wait_ms),
+        ] {
+            if !(1..=REMOTE_MAX_MS).contains(&millis) {
+                return Err(outside(key, millis.to_string(), &format!("1..={REMOTE_MAX_MS} (10 minutes)")));
+            }
+        }
+        if !(1..=MAX_BUDGET_MIB).contains(&config.remote_max_graph_mib) {
+            let expected = format!("1..={MAX_BUDGET_MIB}");
+            return Err(outside("remote_max_graph_mib", config.remote_max_graph_mib.to_string(), &expected));
+        }
+        if let Some(url) = &config.remote {
+            #[cfg(feature = "remote")]
+            usine_storage::remote::RemoteTier::new(self.remote_config(url))
+                .map_err(|error| outside("remote", format!("`{}`", redact(url)), &error.to_string()))?;
+            #[cfg(not(feature = "remote"))]
+            return Err(outside(
+                "remote",
+                format!("`{}`", redact(url)),
+                "unset: this build has no remote tier (feature `remote`)",
+            ));
+        }
         let executor = self.executor_config();
         executor.validate().map_err(|error| outside(error.name, error.value, &error.limit))?;
         if config.models_dir.as_ref().is_some_and(|dir| dir.as_os_str().is_empty()) {
@@ -495,6 +550,20 @@ impl Loaded {
             seed: config.seed,
             stop: Vec::new(),
         }
+    }
+
+    /// The remote tier's settings the configuration gives, for the server at `url`.
+    #[cfg(feature = "remote")]
+    pub(crate) fn remote_config(&self, url: &str) -> usine_storage::remote::RemoteConfig {
+        let config = &self.config;
+        let millis = std::time::Duration::from_millis;
+        let mut remote = usine_storage::remote::RemoteConfig::new(url);
+        remote.timeout = millis(config.remote_timeout_ms);
+        remote.cool_down = millis(config.remote_cool_down_ms);
+        remote.wait = millis(config.remote_wait_ms);
+        remote.ttl = (config.remote_ttl_seconds > 0).then(|| std::time::Duration::from_secs(config.remote_ttl_seconds));
+        remote.max_graph_bytes = config.remote_max_graph_mib << 20;
+        remote
     }
 
     /// The executor's settings the configuration gives.
@@ -535,7 +604,11 @@ impl Loaded {
                         Err(_) => "?".to_owned(),
                     },
                 };
-                let value = if key == "api_key" && value != "(unset)" { "(set, hidden)".to_owned() } else { value };
+                let value = match key {
+                    "api_key" if value != "(unset)" => "(set, hidden)".to_owned(),
+                    "remote" => redact(&value),
+                    _ => value,
+                };
                 (key, value, self.origin_of(key))
             })
             .collect()

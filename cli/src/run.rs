@@ -67,6 +67,10 @@ pub(crate) async fn run(
                 );
             }
             LoadSource::Disk => eprintln!("{}: loaded from the compiled-graph cache{warmed} in {took}", model.id),
+            LoadSource::Remote => {
+                let remote = loaded.config.remote.as_deref().map(crate::config::redact).unwrap_or_default();
+                eprintln!("{}: fetched from the fleet's graph tier {remote}{warmed} in {took}", model.id);
+            }
             LoadSource::Memory => eprintln!("{}: already in memory", model.id),
         }
     }
@@ -200,6 +204,9 @@ pub(crate) async fn load(
                 event = futures_util::StreamExt::next(&mut events), if listening => match event {
                     Some(Ok(KernelEvent::WaitingForCompile { model })) if model == model_id => {
                         display.note("waiting", "another usine process is compiling it; waiting for its graph", None);
+                    }
+                    Some(Ok(KernelEvent::WaitingForHost { model })) if model == model_id => {
+                        display.note("waiting", "another host is compiling it; waiting for its graph in the remote tier", None);
                     }
                     Some(Ok(KernelEvent::GraphQuarantined { model, reason })) if model == model_id => {
                         let text = format!("its stored graph was damaged ({reason}); compiling it again");

@@ -11,6 +11,8 @@ pub enum LoadSource {
     Memory,
     /// A stored graph.
     Disk,
+    /// A graph another host compiled, fetched from the fleet's remote tier into the local store.
+    Remote,
     /// Compiled (and saved).
     Compile,
 }
@@ -21,8 +23,14 @@ impl LoadSource {
         match self {
             Self::Memory => "memory",
             Self::Disk => "disk",
+            Self::Remote => "remote",
             Self::Compile => "compile",
         }
+    }
+
+    /// Read from the local store (a graph stored there, or fetched there from the remote tier).
+    pub(crate) fn stored(self) -> bool {
+        matches!(self, Self::Disk | Self::Remote)
     }
 }
 
@@ -97,6 +105,12 @@ pub enum KernelEvent {
     },
     /// Another process compiles the model (it holds the graph's lock): this load waits for its graph.
     WaitingForCompile {
+        /// The model.
+        model: String,
+    },
+    /// Another host of the fleet compiles the model (it holds the remote tier's lease): this load waits
+    /// for its graph, up to the tier's bound.
+    WaitingForHost {
         /// The model.
         model: String,
     },

@@ -1,5 +1,6 @@
-//! The load path: a stored graph or a compile (one per key across processes), room for the weights,
-//! then the engine's load. A stored graph the engine cannot use is compiled again.
+//! The load path: a stored graph, a graph another host published in the remote tier (feature
+//! `remote`), or a compile (one per key across processes, and across the fleet's hosts); room for the
+//! weights, then the engine's load. A stored graph the engine cannot use is compiled again.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,6 +27,16 @@ pub(crate) struct LoadPath<'a> {
     pub(crate) telemetry: &'a Telemetry,
     pub(crate) load_timeout: Duration,
     pub(crate) keep_alive: KeepAlive,
+    /// The fleet's shared tier, if one is configured.
+    #[cfg(feature = "remote")]
+    pub(crate) remote: Option<&'a usine_storage::remote::RemoteTier>,
+}
+
+/// What the fleet says about a graph missing here: fetched, or compile (holding its lease, if any).
+#[cfg(feature = "remote")]
+enum Fleet {
+    Fetched(CompiledGraph),
+    Compile(Option<usine_storage::remote::Lease>),
 }
 
 /// The key of a model's graph: every part that decides the engine's output.
@@ -62,11 +73,14 @@ impl LoadPath<'_> {
         for attempt in 0..2 {
             let (graph, source) = match self.stored(&model, &key, attempt).await? {
                 Some(graph) => (graph, LoadSource::Disk),
-                None => self.compile_once(spec, engine, &key, attempt).await?,
+                None => match self.fetched(&model, &key, attempt).await? {
+                    Some(graph) => (graph, LoadSource::Remote),
+                    None => self.compile_once(spec, engine, &key, attempt).await?,
+                },
             };
             let plan = match engine.memory_plan(&graph) {
                 Ok(plan) => plan,
-                Err(error) if error.kind() == ErrorKind::UnusableGraph && source == LoadSource::Disk => {
+                Err(error) if error.kind() == ErrorKind::UnusableGraph && source.stored() => {
                     tracing::warn!(model, %error, "stored graph unusable; compiling again");
                     continue;
                 }
@@ -76,7 +90,7 @@ impl LoadPath<'_> {
             let reservation = self.table.reserve(&model, plan.weights_bytes, timeout, &preempt).await?;
             let loaded = match engine.load(&graph).await {
                 Ok(loaded) => loaded,
-                Err(error) if error.kind() == ErrorKind::UnusableGraph && source == LoadSource::Disk => {
+                Err(error) if error.kind() == ErrorKind::UnusableGraph && source.stored() => {
                     tracing::warn!(model, %error, "stored graph unusable; compiling again");
                     continue;
                 }
@@ -107,6 +121,69 @@ impl LoadPath<'_> {
         }
         .map_err(storage_error(model))?;
         Ok(self.hit(model, lookup))
+    }
+
+    /// On a local miss, the graph another host published, fetched into the local store (none without a
+    /// remote tier, on a second attempt, or when the tier has none or is down).
+    #[cfg(feature = "remote")]
+    async fn fetched(&self, model: &str, key: &GraphKey, attempt: usize) -> Result<Option<CompiledGraph>, KernelError> {
+        let Some(remote) = self.remote.filter(|_| attempt == 0) else { return Ok(None) };
+        self.fetch_remote(remote, model, key).await
+    }
+
+    #[cfg(not(feature = "remote"))]
+    async fn fetched(&self, _: &str, _: &GraphKey, _: usize) -> Result<Option<CompiledGraph>, KernelError> {
+        Ok(None)
+    }
+
+    /// Fetches `key`'s graph from the tier into the store, then reads it as any stored graph.
+    #[cfg(feature = "remote")]
+    async fn fetch_remote(
+        &self,
+        remote: &usine_storage::remote::RemoteTier,
+        model: &str,
+        key: &GraphKey,
+    ) -> Result<Option<CompiledGraph>, KernelError> {
+        match remote.fetch(self.storage, key).await {
+            usine_storage::remote::Fetched::Hit { .. } => self.stored(model, key, 0).await,
+            _ => Ok(None),
+        }
+    }
+
+    /// Under the local key lock, on a miss everywhere: the fleet's lease to compile, or the graph of the
+    /// host that holds it, once published. Without a tier, or with the tier down, compile without one.
+    #[cfg(feature = "remote")]
+    async fn fleet(&self, model: &str, key: &GraphKey, attempt: usize) -> Result<Fleet, KernelError> {
+        use usine_storage::remote::{Leased, Waited};
+        let Some(remote) = self.remote.filter(|_| attempt == 0) else { return Ok(Fleet::Compile(None)) };
+        // Twice at most: a lease that ends without a graph (its host failed) is taken again once.
+        for _ in 0..2 {
+            match remote.lease(key).await {
+                Leased::Acquired(lease) => {
+                    // Published between this host's fetch and its lease: no compile.
+                    if let Some(graph) = self.fetch_remote(remote, model, key).await? {
+                        lease.release().await;
+                        return Ok(Fleet::Fetched(graph));
+                    }
+                    return Ok(Fleet::Compile(Some(lease)));
+                }
+                Leased::Unavailable { .. } => return Ok(Fleet::Compile(None)),
+                Leased::Busy => {
+                    self.telemetry.emit(KernelEvent::WaitingForHost { model: model.to_owned() });
+                    match remote.wait_published(key).await {
+                        Waited::Published => {
+                            return Ok(match self.fetch_remote(remote, model, key).await? {
+                                Some(graph) => Fleet::Fetched(graph),
+                                None => Fleet::Compile(None),
+                            });
+                        }
+                        Waited::Abandoned => continue,
+                        Waited::TimedOut | Waited::Unavailable { .. } => return Ok(Fleet::Compile(None)),
+                    }
+                }
+            }
+        }
+        Ok(Fleet::Compile(None))
     }
 
     /// A lookup's graph; a damaged or foreign one is told (the store quarantined it).
@@ -153,6 +230,11 @@ impl LoadPath<'_> {
         let found = match self.hit(model, stored).filter(|_| attempt == 0) {
             Some(graph) => (graph, LoadSource::Disk),
             None => {
+                #[cfg(feature = "remote")]
+                let lease = match self.fleet(model, key, attempt).await? {
+                    Fleet::Fetched(graph) => return Ok((graph, LoadSource::Remote)),
+                    Fleet::Compile(lease) => lease,
+                };
                 let events = self.telemetry.events.clone();
                 let id = model.to_owned();
                 let progress = move |progress: Progress| {
@@ -166,10 +248,25 @@ impl LoadPath<'_> {
                 let store = self.storage.clone();
                 let (save_key, saved) = (key.clone(), graph.clone());
                 let save = move || store.save_with_raw(&save_key, &saved, saved.raw.as_bytes());
-                if let Err(error) = blocking(save).await.and_then(|saved| saved.map_err(storage_error(model))) {
+                match blocking(save).await.and_then(|saved| saved.map_err(storage_error(model))) {
                     // The model still loads; the next load compiles again.
-                    self.telemetry
-                        .emit(KernelEvent::SaveFailed { model: model.to_owned(), message: error.to_string() });
+                    Err(error) => self
+                        .telemetry
+                        .emit(KernelEvent::SaveFailed { model: model.to_owned(), message: error.to_string() }),
+                    // Published before the lease ends: a host waiting on it finds the graph.
+                    #[cfg(feature = "remote")]
+                    Ok(_) => {
+                        if let Some(remote) = self.remote {
+                            let published = remote.publish(self.storage, key).await;
+                            tracing::info!(model, ?published, "published to the remote tier");
+                        }
+                    }
+                    #[cfg(not(feature = "remote"))]
+                    Ok(_) => {}
+                }
+                #[cfg(feature = "remote")]
+                if let Some(lease) = lease {
+                    lease.release().await;
                 }
                 (graph, LoadSource::Compile)
             }

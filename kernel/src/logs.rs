@@ -23,6 +23,9 @@ pub(crate) fn log(event: &KernelEvent) {
         KernelEvent::WaitingForCompile { model } => {
             tracing::info!(model, "another process compiles it; waiting for its graph");
         }
+        KernelEvent::WaitingForHost { model } => {
+            tracing::info!(model, "another host compiles it; waiting for its graph in the remote tier");
+        }
         // The store said so at `warn`, with the file; this says which model compiles again.
         KernelEvent::GraphQuarantined { model, reason } => {
             tracing::info!(model, reason, "stored graph damaged; compiling again");

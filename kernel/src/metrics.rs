@@ -6,16 +6,20 @@ use metrics::{Counter, Histogram, Unit, describe_counter, describe_histogram};
 
 use crate::events::{EvictReason, LoadSource};
 
-/// Loads, by source (memory, disk, compile).
+/// Loads, by source (memory, disk, remote, compile).
 pub const LOADS_TOTAL: &str = "usine_kernel_loads_total";
 /// Evictions, by reason.
 pub const EVICTIONS_TOTAL: &str = "usine_kernel_evictions_total";
-/// Load durations, by source (disk, compile).
+/// Load durations, by source (disk, remote, compile).
 pub const LOAD_DURATION_SECONDS: &str = "usine_kernel_load_duration_seconds";
 
 /// Describes every metric of this crate to the installed recorder.
 pub fn describe_metrics() {
-    describe_counter!(LOADS_TOTAL, Unit::Count, "Model loads, by source: memory, disk, compile.");
+    describe_counter!(
+        LOADS_TOTAL,
+        Unit::Count,
+        "Model loads, by source: memory, disk, remote (another host's compile, through Redis), compile."
+    );
     describe_counter!(
         EVICTIONS_TOTAL,
         Unit::Count,
@@ -25,12 +29,12 @@ pub fn describe_metrics() {
 }
 
 pub(crate) struct KernelMetrics {
-    loads: [Counter; 3],
-    durations: [Histogram; 3],
+    loads: [Counter; 4],
+    durations: [Histogram; 4],
     evictions: [Counter; 4],
 }
 
-const SOURCES: [LoadSource; 3] = [LoadSource::Memory, LoadSource::Disk, LoadSource::Compile];
+const SOURCES: [LoadSource; 4] = [LoadSource::Memory, LoadSource::Disk, LoadSource::Remote, LoadSource::Compile];
 const REASONS: [EvictReason; 4] =
     [EvictReason::Lru, EvictReason::MaxLoaded, EvictReason::KeepAlive, EvictReason::Unloaded];
 

@@ -51,6 +51,21 @@ impl RuntimeManager {
         Ok(Self { catalog, loads: Arc::new(loads), progress_streams: Arc::new(AtomicUsize::new(0)) })
     }
 
+    /// Shares compiled graphs with a fleet through `tier`: a graph missing from the local store is
+    /// fetched from it, and one compiled here is published to it, one compile per graph for the whole
+    /// fleet. Set once, before the first load; returns `false` (and changes nothing) when a tier is
+    /// already set.
+    #[cfg(feature = "remote")]
+    pub fn share_through(&self, tier: usine_storage::remote::RemoteTier) -> bool {
+        self.loads.remote.set(tier).is_ok()
+    }
+
+    /// The fleet's shared tier, if one is set.
+    #[cfg(feature = "remote")]
+    pub fn remote_tier(&self) -> Option<&usine_storage::remote::RemoteTier> {
+        self.loads.remote.get()
+    }
+
     /// Registers an engine under its descriptor's name.
     pub fn register_engine(&self, engine: Arc<dyn Engine>) {
         self.catalog.register_engine(engine);

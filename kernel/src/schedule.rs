@@ -50,6 +50,9 @@ pub(crate) struct Loads {
     pub(crate) table: Arc<Table>,
     pub(crate) telemetry: Arc<Telemetry>,
     pub(crate) usage: Arc<Usage>,
+    /// The fleet's shared tier, set once ([`RuntimeManager::share_through`](crate::RuntimeManager::share_through)).
+    #[cfg(feature = "remote")]
+    pub(crate) remote: std::sync::OnceLock<usine_storage::remote::RemoteTier>,
     state: Mutex<LoadState>,
     /// The runtime the kernel was made on: loads are spawned there, also from synchronous calls.
     runtime: tokio::runtime::Handle,
@@ -136,6 +139,8 @@ async fn load_task(
         telemetry: &inner.telemetry,
         load_timeout: inner.config.load_timeout,
         keep_alive: inner.config.keep_alive,
+        #[cfg(feature = "remote")]
+        remote: inner.remote.get(),
     };
     // A user's load may take the room of a warm-up under way.
     let preempt = || !options.warm && inner.preempt_in(&mut inner.state.lock(), &model);
@@ -193,7 +198,18 @@ impl Loads {
         (table, telemetry, usage): (Arc<Table>, Arc<Telemetry>, Arc<Usage>),
         runtime: tokio::runtime::Handle,
     ) -> Self {
-        Self { config, catalog, storage, table, telemetry, usage, state: Mutex::default(), runtime }
+        Self {
+            config,
+            catalog,
+            storage,
+            table,
+            telemetry,
+            usage,
+            #[cfg(feature = "remote")]
+            remote: std::sync::OnceLock::new(),
+            state: Mutex::default(),
+            runtime,
+        }
     }
 
     /// `model`, from memory or by a load shared with its other callers (see

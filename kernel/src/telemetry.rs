@@ -17,6 +17,8 @@ pub struct KernelStats {
     pub memory_hits: u64,
     /// Loads served from a stored graph.
     pub disk_hits: u64,
+    /// Loads served by a graph fetched from the remote tier (another host's compile).
+    pub remote_hits: u64,
     /// Loads that compiled.
     pub compiles: u64,
     /// Evictions, by reason.
@@ -48,6 +50,7 @@ impl Telemetry {
             let mut stats = self.stats.lock();
             match source {
                 LoadSource::Disk => stats.disk_hits += 1,
+                LoadSource::Remote => stats.remote_hits += 1,
                 LoadSource::Compile => stats.compiles += 1,
                 LoadSource::Memory => stats.memory_hits += 1,
             }

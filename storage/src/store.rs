@@ -131,8 +131,8 @@ pub struct Hit<T> {
 /// renaming a new one over it, never writes in place: what it shows does not change.
 #[derive(Clone)]
 pub struct RawBytes {
-    file: Arc<FileBytes>,
-    range: std::ops::Range<usize>,
+    pub(crate) file: Arc<FileBytes>,
+    pub(crate) range: std::ops::Range<usize>,
 }
 
 impl RawBytes {
@@ -326,7 +326,7 @@ pub(crate) struct Counters {
 }
 
 /// The bytes of a file, mapped or read.
-enum FileBytes {
+pub(crate) enum FileBytes {
     Mapped(memmap2::Mmap),
     Read(Vec<u8>),
 }
@@ -372,9 +372,9 @@ impl FileId {
 }
 
 /// A file opened for reading, with its bytes and its identity.
-struct Opened {
+pub(crate) struct Opened {
     file: File,
-    bytes: Arc<FileBytes>,
+    pub(crate) bytes: Arc<FileBytes>,
     id: FileId,
 }
 
@@ -593,25 +593,46 @@ impl StorageManager {
     /// Writes `pieces` to a temporary file beside `target` (in `dir`, named after `stem`), syncs it and
     /// renames it over `target`.
     fn write_atomically(&self, dir: &Path, stem: &str, pieces: &[&[u8]], target: &Path) -> Result<()> {
+        let mut temp = self.temp_file(dir, stem)?;
+        let temp_path = temp.path().to_owned();
+        let file = temp.as_file_mut();
+        for piece in pieces {
+            file.write_all(piece).map_err(StorageError::io("writing", &temp_path))?;
+        }
+        self.persist(temp, target)
+    }
+
+    /// A temporary file in `dir` named after `stem`, locked until it is renamed or dropped (the sweeper
+    /// leaves a locked file alone).
+    pub(crate) fn temp_file(&self, dir: &Path, stem: &str) -> Result<tempfile::NamedTempFile> {
         let prefix = format!("{TEMP_PREFIX}{stem}-");
         let mut builder = tempfile::Builder::new();
         builder.prefix(&prefix);
         #[cfg(unix)]
         builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644)); // readable by other users, as a cache
-        let mut temp = builder.tempfile_in(dir).map_err(StorageError::io("creating a temporary file in", dir))?;
+        let temp = builder.tempfile_in(dir).map_err(StorageError::io("creating a temporary file in", dir))?;
+        temp.as_file().lock().map_err(StorageError::io("locking", temp.path()))?;
+        Ok(temp)
+    }
+
+    /// Stamps, syncs and renames a written temporary file over `target`.
+    fn persist(&self, mut temp: tempfile::NamedTempFile, target: &Path) -> Result<()> {
         let temp_path = temp.path().to_owned();
-        // Held until the file is closed after the rename: the sweeper leaves a locked file alone.
-        temp.as_file().lock().map_err(StorageError::io("locking", &temp_path))?;
         let file = temp.as_file_mut();
-        for piece in pieces {
-            file.write_all(piece).map_err(StorageError::io("writing", &temp_path))?;
-        }
         // The last use, at full precision: the kernel stamps writes with a coarse clock, which would tie
         // graphs saved within a few milliseconds in the LRU order.
         file.set_modified(SystemTime::now()).map_err(StorageError::io("stamping", &temp_path))?;
         file.sync_all().map_err(StorageError::io("syncing", &temp_path))?;
         temp.persist(target).map_err(|error| StorageError::io("renaming into", target)(error.error))?;
         Ok(())
+    }
+
+    /// Puts an imported graph file (written and verified) in place, as a save would: refuses to replace
+    /// a newer usine's file, then syncs, renames and syncs the folder.
+    pub(crate) fn install(&self, temp: tempfile::NamedTempFile, target: &Path) -> Result<()> {
+        self.refuse_foreign(target)?;
+        self.persist(temp, target)?;
+        sync_dir(&self.inner.graphs)
     }
 
     /// [`write_atomically`](Self::write_atomically), once more if a store opening in another process
@@ -739,7 +760,7 @@ impl StorageManager {
     }
 
     /// Opens and reads (or maps) a graph file; `None` when it does not exist.
-    fn read_file(&self, path: &Path) -> Result<Option<Opened>> {
+    pub(crate) fn read_file(&self, path: &Path) -> Result<Option<Opened>> {
         let file = match File::options().read(true).open(path) {
             Ok(file) => file,
             Err(error) if error.kind() == ErrorKind::NotFound => return Ok(None),
@@ -940,6 +961,16 @@ impl std::fmt::Debug for StorageManager {
 #[derive(Debug)]
 pub struct KeyLock {
     _file: File,
+}
+
+/// The bytes of a file of `len` bytes: mapped, or read when small or empty.
+pub(crate) fn map_or_read(file: &File, len: u64) -> std::io::Result<FileBytes> {
+    if len >= DEFAULT_MAP_THRESHOLD && len > 0 {
+        return map(file).map(FileBytes::Mapped);
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+    (&*file).read_to_end(&mut bytes)?;
+    Ok(FileBytes::Read(bytes))
 }
 
 /// Maps a graph file. Graph files are never modified in place: writers rename a complete new file over
