@@ -367,3 +367,42 @@ mod tests {
         assert_eq!(catalog.resolve("zero", None).unwrap().id, "zero/default");
     }
 }
+
+/// The remote tier the configuration names, and whether it answers: `None` when `remote` is unset.
+pub(crate) async fn remote_status(loaded: &Loaded) -> anyhow::Result<Option<RemoteStatus>> {
+    let Some(url) = &loaded.config.remote else { return Ok(None) };
+    #[cfg(feature = "remote")]
+    {
+        let tier = usine_storage::remote::RemoteTier::new(loaded.remote_config(url))?;
+        Ok(Some(RemoteStatus { url: tier.url().to_owned(), ping: tier.ping().await }))
+    }
+    #[cfg(not(feature = "remote"))]
+    {
+        let _ = url;
+        anyhow::bail!("`remote` is set, but this build has no remote tier (feature `remote`)")
+    }
+}
+
+/// A remote tier's address (its password hidden) and its answer to a `PING`: the round trip, or why not.
+pub(crate) struct RemoteStatus {
+    pub(crate) url: String,
+    pub(crate) ping: Result<std::time::Duration, String>,
+}
+
+impl RemoteStatus {
+    pub(crate) fn json(&self) -> serde_json::Value {
+        match &self.ping {
+            Ok(took) => {
+                serde_json::json!({ "url": self.url, "reachable": true, "round_trip_seconds": took.as_secs_f64() })
+            }
+            Err(error) => serde_json::json!({ "url": self.url, "reachable": false, "error": error }),
+        }
+    }
+
+    pub(crate) fn line(&self) -> String {
+        match &self.ping {
+            Ok(took) => format!("{} (answers in {})", self.url, crate::output::duration(*took)),
+            Err(error) => format!("{} (unreachable: {error}; loads go on without it)", self.url),
+        }
+    }
+}

@@ -44,6 +44,20 @@ pub(crate) enum CacheCommand {
     /// Upgrades stored graphs of older schemas through the engines' migrations (a load also upgrades its own).
     #[command(after_help = "Example:\n  usine cache migrate")]
     Migrate(Json),
+    /// Fetches a model's graph from the fleet's remote tier (`remote`) into the cache, verified: a new
+    /// host ready before its first load.
+    #[command(
+        after_help = "Examples:\n  usine cache pull 7b\n  usine cache pull --engine candle candle/qwen.gguf --json"
+    )]
+    Pull {
+        /// The model (as `--model`).
+        #[arg(value_name = "MODEL", conflicts_with = "model")]
+        name: Option<String>,
+        #[command(flatten)]
+        model: crate::ModelArgs,
+        #[command(flatten)]
+        json: Json,
+    },
     /// Removes every stored graph.
     #[command(after_help = "Example:\n  usine cache clear --yes")]
     Clear {
@@ -64,7 +78,7 @@ impl CacheCommand {
     /// The flags that set configuration values.
     pub(crate) fn flags(&self) -> Flags {
         match self {
-            Self::Explain { model, name, .. } => {
+            Self::Explain { model, name, .. } | Self::Pull { model, name, .. } => {
                 let mut model = model.clone();
                 model.model = model.model.or_else(|| name.clone());
                 crate::model_flags(&model)
@@ -81,7 +95,8 @@ pub(crate) async fn cache(loaded: &Loaded, command: CacheCommand) -> anyhow::Res
     let storage = crate::app::storage(loaded)?;
     match command {
         CacheCommand::Ls(Json { json }) => ls(&storage, json),
-        CacheCommand::Stats(Json { json }) => stats(&storage, json),
+        CacheCommand::Stats(Json { json }) => stats(&storage, crate::app::remote_status(loaded).await?, json),
+        CacheCommand::Pull { json: Json { json }, .. } => pull(loaded, &storage, json).await,
         CacheCommand::Verify(Json { json }) => {
             let report = storage.verify()?;
             if json {
@@ -231,12 +246,12 @@ fn ls(storage: &StorageManager, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn stats(storage: &StorageManager, json: bool) -> anyhow::Result<()> {
+fn stats(storage: &StorageManager, remote: Option<crate::app::RemoteStatus>, json: bool) -> anyhow::Result<()> {
     let stats = storage.stats()?;
     if json {
         output::json(&json!({
             "root": storage.root(), "graphs": stats.graphs, "bytes": stats.bytes, "quarantined": stats.quarantined,
-            "evicted": stats.evicted,
+            "evicted": stats.evicted, "remote": remote.as_ref().map(crate::app::RemoteStatus::json),
         }));
         return Ok(());
     }
@@ -246,7 +261,53 @@ fn stats(storage: &StorageManager, json: bool) -> anyhow::Result<()> {
         output::bytes(stats.bytes),
         storage.graphs_dir().display()
     );
+    if let Some(remote) = remote {
+        outln!("remote tier: {}", remote.line());
+    }
     Ok(())
+}
+
+/// `cache pull`: the model's graph from the remote tier into the store; an error when the tier has
+/// none, or is unreachable.
+#[cfg(feature = "remote")]
+async fn pull(loaded: &Loaded, storage: &StorageManager, json: bool) -> anyhow::Result<()> {
+    use usine_storage::remote::{Fetched, RemoteTier};
+    let Some(url) = &loaded.config.remote else {
+        anyhow::bail!("no remote tier to pull from: set `remote` (redis://host:port) in usine.toml or USINE_REMOTE")
+    };
+    let app = App::build(loaded)?;
+    let model = app.model(loaded)?;
+    let key = app.kernel.graph_key(&model.id)?;
+    let tier = RemoteTier::new(loaded.remote_config(url))?;
+    let started = std::time::Instant::now();
+    let fetched = tier.fetch(storage, &key).await;
+    let seconds = started.elapsed().as_secs_f64();
+    let bytes = match fetched {
+        Fetched::Hit { bytes } => bytes,
+        Fetched::Absent => anyhow::bail!("{}: the remote tier {} has no graph of it", model.id, tier.url()),
+        Fetched::Damaged { reason } => {
+            anyhow::bail!("{}: the remote tier's graph was damaged ({reason}); it was not stored", model.id)
+        }
+        Fetched::Unavailable { reason } => anyhow::bail!("{}: the remote tier {}: {reason}", model.id, tier.url()),
+    };
+    if json {
+        output::json(&json!({ "model": model.id, "bytes": bytes, "seconds": seconds, "file": storage.path_of(&key) }));
+    } else {
+        outln!(
+            "{}: {} fetched from {} in {}; stored in {}",
+            model.id,
+            output::bytes(bytes),
+            tier.url(),
+            output::duration(std::time::Duration::from_secs_f64(seconds)),
+            storage.path_of(&key).display()
+        );
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "remote"))]
+async fn pull(_: &Loaded, _: &StorageManager, _: bool) -> anyhow::Result<()> {
+    anyhow::bail!("this build has no remote tier (feature `remote`)")
 }
 
 fn maintenance(verb: &str, done: &Maintenance, json: bool) {

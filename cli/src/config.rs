@@ -510,8 +510,13 @@ impl Loaded {
         }
         if let Some(url) = &config.remote {
             #[cfg(feature = "remote")]
-            usine_storage::remote::RemoteTier::new(self.remote_config(url))
-                .map_err(|error| outside("remote", format!("`{}`", redact(url)), &error.to_string()))?;
+            usine_storage::remote::RemoteTier::new(self.remote_config(url)).map_err(|error| match error {
+                usine_storage::remote::RemoteConfigError::Url { message, .. } => {
+                    let expected = format!("a Redis URL, redis://[user:password@]host[:port][/db] ({message})");
+                    outside("remote", format!("`{}`", redact(url)), &expected)
+                }
+                other => outside("remote", format!("`{}`", redact(url)), &other.to_string()),
+            })?;
             #[cfg(not(feature = "remote"))]
             return Err(outside(
                 "remote",

@@ -44,7 +44,7 @@ fn gpus() -> Result<Vec<Gpu>, String> {
     Err("built without the `nvml` feature: GPUs are not read".to_owned())
 }
 
-pub(crate) fn doctor(loaded: &Loaded, json: bool) -> anyhow::Result<()> {
+pub(crate) fn doctor(loaded: &Loaded, remote: Option<crate::app::RemoteStatus>, json: bool) -> anyhow::Result<()> {
     let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     let mut system = System::new();
     system.refresh_memory();
@@ -65,6 +65,7 @@ pub(crate) fn doctor(loaded: &Loaded, json: bool) -> anyhow::Result<()> {
             "gpu_note": gpu_note,
             "profile": { "name": name, "engine": engine, "model": model, "why": why },
             "threads": threads,
+            "remote": remote.as_ref().map(crate::app::RemoteStatus::json),
             "pools": {
                 "kv-cache": pools.kv_cache.capacity, "activations": pools.activations.capacity,
                 "uniforms": pools.uniforms.capacity, "weights": loaded.config.weights_budget_mib << 20,
@@ -98,6 +99,9 @@ pub(crate) fn doctor(loaded: &Loaded, json: bool) -> anyhow::Result<()> {
         loaded.config.memory_budget_mib,
         output::bytes(loaded.config.weights_budget_mib << 20)
     );
+    if let Some(remote) = remote {
+        outln!("  remote tier  {}", remote.line());
+    }
     Ok(())
 }
 

@@ -346,8 +346,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Doctor(JsonArg { json }) => {
             let loaded = configure(file, cache_dir, config::Flags::default())?;
-            doctor::doctor(&loaded, json)?;
-            Ok(ExitCode::SUCCESS)
+            block_on(Box::pin(async {
+                let remote = app::remote_status(&loaded).await?;
+                doctor::doctor(&loaded, remote, json).map(|()| ExitCode::SUCCESS)
+            }))
         }
         Command::Config(ConfigCommand::Show(JsonArg { json })) => {
             let loaded = configure(file, cache_dir, config::Flags::default())?;

@@ -112,7 +112,7 @@ fn cache_dir(work: &Path) -> PathBuf {
 }
 
 /// Builds `usine` and returns its path.
-fn build(root: &Path) -> Result<PathBuf> {
+pub(crate) fn build(root: &Path) -> Result<PathBuf> {
     eprintln!("integration: building usine");
     let status =
         Command::new(env!("CARGO")).args(["build", "--quiet", "-p", "usine-cli"]).current_dir(root).status()?;

@@ -20,6 +20,7 @@ use anyhow::{Result, bail};
 
 mod bench_http;
 mod bench_peers;
+mod fleet;
 mod integration;
 mod model;
 mod parity;
@@ -34,6 +35,7 @@ mod tolerance;
 
 const USAGE: &str = "usage: cargo xtask <verb>\n\nverbs:\n  tidy         check the architecture invariants of ARCHITECTURE.md\n  \
                      integration  run usine serve with Prometheus and the OpenAI client on loopback, and check it\n  \
+                     fleet        hosts sharing compiled graphs through a real redis-server: one compile for the fleet, Redis killed, paused, damaged; --bench: a graph's load from Redis against plain GETs and a compile\n  \
                      bench-http   tokens/s streamed through usine serve with the zero engine, 1 and 100 streams; --model FILE.gguf: a real model, 1 and 16 streams, and the time between events\n  \
                      bench-peers  the candle engine against llama.cpp on the same GGUF files (17M, 58M; Q8_0, Q4_0); --busy beside a process spinning on a core; --real: usine run on Qwen2.5-0.5B and TinyLlama-1.1B shapes (Q8_0, Q4_K_M), decode, prefill and cached load; --batch [--models 58m,qwen2.5-0.5b]: 1, 4, 16 and 64 generations at once, usine's batching against llama.cpp's\n  \
                      parity       the candle engine's logits and greedy tokens against llama.cpp's, every weight type; tiny llama and qwen2, or --preset qwen2.5-0.5b|tinyllama-1.1b (2 layers); --bless rewrites the engine's test fixtures of llama.cpp's logits; with the tiny ones, the tokenizers and chat templates of every vocabulary (--tokenizers: only those)\n  \
@@ -114,6 +116,14 @@ fn main() -> Result<ExitCode> {
         Some("vocab") => {
             let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace root");
             tokens::train(root)
+        }
+        Some("fleet") => {
+            let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace root");
+            match std::env::args().nth(2).as_deref() {
+                None => fleet::run(root),
+                Some("--bench") => fleet::bench(root),
+                Some(other) => bail!("fleet takes `--bench` or nothing, not `{other}`"),
+            }
         }
         Some("integration") => {
             let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace root");

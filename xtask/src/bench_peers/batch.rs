@@ -41,7 +41,7 @@ use super::{MAX_OTHERS, build, build_peer, load_average, number, run_json};
 
 /// A model of the table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Model {
+pub(crate) enum Model {
     /// usine's own byte-level model of this size (`random_model SIZE`), compiled to GGUF by the
     /// engine's `speed` example, as plain bench-peers makes it.
     Size(&'static str),
@@ -300,7 +300,7 @@ impl Bench {
 
 /// Writes `model`'s GGUF file in `work` (the 58 M model's weights kept in bench-peers' folder, where
 /// plain bench-peers keeps them), and returns its path.
-fn gguf(model: Model, root: &Path, work: &Path, generator: &Path, speed: Option<&Path>) -> Result<PathBuf> {
+pub(crate) fn gguf(model: Model, root: &Path, work: &Path, generator: &Path, speed: Option<&Path>) -> Result<PathBuf> {
     match model {
         Model::Preset(preset, layers) => {
             Ok(crate::model::generated_gguf(generator, work, preset, layers, QUANTIZATION)?.0)
