@@ -348,26 +348,6 @@ mod candle {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn models_resolve_by_profile_by_id_or_by_default() {
-        let catalog = Catalog::standard();
-        assert_eq!(catalog.resolve("webllm", None).unwrap().id, "webllm/7b");
-        assert_eq!(catalog.resolve("transformers", None).unwrap().id, "transformers/cpu-1b");
-        assert_eq!(catalog.resolve("webllm", Some("tiny")).unwrap().id, "webllm/tiny");
-        assert_eq!(catalog.resolve("webllm", Some("transformers/tiny")).unwrap().id, "transformers/tiny");
-        let error = catalog.resolve("webllm", Some("13b")).unwrap_err().to_string();
-        assert_eq!(error, "engine `webllm` has no model `13b` (it has: tiny, 7b)");
-        let error = catalog.resolve("cuda", None).unwrap_err().to_string();
-        assert_eq!(error, "unknown engine `cuda` (known: webllm, transformers, zero, candle)");
-        assert_eq!(catalog.resolve("candle", None).unwrap().id, "candle/tiny-llama");
-        assert_eq!(catalog.resolve("zero", None).unwrap().id, "zero/default");
-    }
-}
-
 /// The remote tier the configuration names, and whether it answers: `None` when `remote` is unset.
 pub(crate) async fn remote_status(loaded: &Loaded) -> anyhow::Result<Option<RemoteStatus>> {
     let Some(url) = &loaded.config.remote else { return Ok(None) };
@@ -404,5 +384,25 @@ impl RemoteStatus {
             Ok(took) => format!("{} (answers in {})", self.url, crate::output::duration(*took)),
             Err(error) => format!("{} (unreachable: {error}; loads go on without it)", self.url),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn models_resolve_by_profile_by_id_or_by_default() {
+        let catalog = Catalog::standard();
+        assert_eq!(catalog.resolve("webllm", None).unwrap().id, "webllm/7b");
+        assert_eq!(catalog.resolve("transformers", None).unwrap().id, "transformers/cpu-1b");
+        assert_eq!(catalog.resolve("webllm", Some("tiny")).unwrap().id, "webllm/tiny");
+        assert_eq!(catalog.resolve("webllm", Some("transformers/tiny")).unwrap().id, "transformers/tiny");
+        let error = catalog.resolve("webllm", Some("13b")).unwrap_err().to_string();
+        assert_eq!(error, "engine `webllm` has no model `13b` (it has: tiny, 7b)");
+        let error = catalog.resolve("cuda", None).unwrap_err().to_string();
+        assert_eq!(error, "unknown engine `cuda` (known: webllm, transformers, zero, candle)");
+        assert_eq!(catalog.resolve("candle", None).unwrap().id, "candle/tiny-llama");
+        assert_eq!(catalog.resolve("zero", None).unwrap().id, "zero/default");
     }
 }

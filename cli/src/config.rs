@@ -511,7 +511,7 @@ impl Loaded {
         if let Some(url) = &config.remote {
             #[cfg(feature = "remote")]
             usine_storage::remote::RemoteTier::new(self.remote_config(url)).map_err(|error| match error {
-                usine_storage::remote::RemoteConfigError::Url { message, .. } => {
+                usine_storage::StorageError::RemoteUrl { message, .. } => {
                     let expected = format!("a Redis URL, redis://[user:password@]host[:port][/db] ({message})");
                     outside("remote", format!("`{}`", redact(url)), &expected)
                 }

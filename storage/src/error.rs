@@ -65,6 +65,24 @@ pub enum StorageError {
         /// The codec the file's header names.
         codec: String,
     },
+    /// The remote tier's URL does not name a Redis server.
+    #[error("remote `{url}` is not a Redis URL (redis://[user:password@]host[:port][/db]): {message}")]
+    RemoteUrl {
+        /// The URL, its password hidden.
+        url: String,
+        /// The client's message.
+        message: String,
+    },
+    /// A remote tier setting out of its range.
+    #[error("remote {setting} is {value}; it must be {range}")]
+    RemoteSetting {
+        /// Which setting.
+        setting: &'static str,
+        /// Its value.
+        value: String,
+        /// What it may be.
+        range: &'static str,
+    },
     /// A note's name that could become a path outside the cache root, or a hidden file.
     #[error("`{name}` is not a note name: 1 to 64 letters, digits, `.`, `-` or `_`, not starting with `.`")]
     NoteName {

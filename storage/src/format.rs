@@ -219,43 +219,62 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded<'_>, Corruption> {
     if XxHash3_128::oneshot(body) != expected {
         return Err(Corruption::Checksum);
     }
-    let (version, header_len) = prefix(bytes)?;
+    Ok(match layout(body, body.len() as u64)? {
+        Layout::Newer { format } => Decoded::Newer { format },
+        Layout::Valid { header, payload, raw } => Decoded::Valid { header, payload: &body[payload], raw },
+    })
+}
+
+/// Where a file's parts lie, by [`layout`].
+pub(crate) enum Layout {
+    Newer { format: u16 },
+    Valid { header: Box<Header>, payload: std::ops::Range<usize>, raw: std::ops::Range<usize> },
+}
+
+/// The layout of a file whose checksum holds, from its start alone: `head` is the start of its body
+/// (at least the prefix and the header, or the whole body), `body_len` the length of all but the
+/// trailer. A file that arrives in pieces is checked this way without being read again.
+pub(crate) fn layout(head: &[u8], body_len: u64) -> Result<Layout, Corruption> {
+    let (version, header_len) = prefix(head)?;
     if version > FORMAT_VERSION {
-        return Ok(Decoded::Newer { format: version });
+        return Ok(Layout::Newer { format: version });
     }
-    let room = body.len() - PREFIX_LEN;
-    if header_len > room {
-        return Err(Corruption::BadLength { field: "header", claimed: header_len as u64, actual: room as u64 });
+    let room = body_len - PREFIX_LEN as u64;
+    if header_len as u64 > room || PREFIX_LEN + header_len > head.len() {
+        return Err(Corruption::BadLength { field: "header", claimed: header_len as u64, actual: room });
     }
-    let header: Header = serde_json::from_slice(&body[PREFIX_LEN..PREFIX_LEN + header_len])
+    let header: Header = serde_json::from_slice(&head[PREFIX_LEN..PREFIX_LEN + header_len])
         .map_err(|error| Corruption::Header(error.to_string()))?;
     if header.format != version {
         return Err(Corruption::Header(format!("format {} in the header, {version} in the prefix", header.format)));
     }
-    let start = PREFIX_LEN + header_len;
-    let room = (body.len() - start) as u64;
+    let start = (PREFIX_LEN + header_len) as u64;
+    let room = body_len - start;
     if header.payload_len > room {
         return Err(Corruption::BadLength { field: "payload", claimed: header.payload_len, actual: room });
     }
-    let end = start + usize::try_from(header.payload_len).expect("at most the file's length");
-    let payload = &body[start..end];
+    let end = start + header.payload_len;
+    let index = |at: u64| {
+        usize::try_from(at).map_err(|_| Corruption::BadLength { field: "payload", claimed: at, actual: room })
+    };
+    let payload = index(start)?..index(end)?;
     if header.raw_len == 0 {
         // No raw section: the payload ends the body (as in every version 1 file).
-        if end != body.len() {
+        if end != body_len {
             return Err(Corruption::BadLength { field: "payload", claimed: header.payload_len, actual: room });
         }
-        return Ok(Decoded::Valid { header: Box::new(header), payload, raw: end..end });
+        return Ok(Layout::Valid { header: Box::new(header), raw: payload.end..payload.end, payload });
     }
     // A raw section: aligned, after the payload, and last.
     let fits = header.raw_offset.is_multiple_of(RAW_ALIGN)
-        && header.raw_offset >= end as u64
-        && header.raw_offset.checked_add(header.raw_len) == Some(body.len() as u64);
+        && header.raw_offset >= end
+        && header.raw_offset.checked_add(header.raw_len) == Some(body_len);
     if version < 2 || !fits {
-        let actual = (body.len() as u64).saturating_sub(header.raw_offset);
+        let actual = body_len.saturating_sub(header.raw_offset);
         return Err(Corruption::BadLength { field: "raw", claimed: header.raw_len, actual });
     }
-    let raw = usize::try_from(header.raw_offset).expect("checked against the body")..body.len();
-    Ok(Decoded::Valid { header: Box::new(header), payload, raw })
+    let raw = index(header.raw_offset)?..index(body_len)?;
+    Ok(Layout::Valid { header: Box::new(header), payload, raw })
 }
 
 /// Where a raw section of a file whose payload ends at `payload_end` starts, and the padding before it.

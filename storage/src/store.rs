@@ -963,16 +963,6 @@ pub struct KeyLock {
     _file: File,
 }
 
-/// The bytes of a file of `len` bytes: mapped, or read when small or empty.
-pub(crate) fn map_or_read(file: &File, len: u64) -> std::io::Result<FileBytes> {
-    if len >= DEFAULT_MAP_THRESHOLD && len > 0 {
-        return map(file).map(FileBytes::Mapped);
-    }
-    let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
-    (&*file).read_to_end(&mut bytes)?;
-    Ok(FileBytes::Read(bytes))
-}
-
 /// Maps a graph file. Graph files are never modified in place: writers rename a complete new file over
 /// the old one, which leaves a mapping of the old file intact.
 #[allow(unsafe_code, reason = "mapping is what makes large loads fast; see the safety note")]

@@ -450,6 +450,11 @@ pub(crate) fn bench(root: &Path) -> Result<ExitCode> {
     let speed = build(&["build", "--release", "--quiet", "-p", "usine-engine-candle", "--example", "speed"], "speed")?;
     let models = work.join("models");
     std::fs::create_dir_all(&models)?;
+    // Every host starts with an empty cache.
+    let hosts = work.join("hosts");
+    if hosts.exists() {
+        std::fs::remove_dir_all(&hosts).with_context(|| format!("removing {}", hosts.display()))?;
+    }
     let redis = Redis::start(&work)?;
     let mut fleet = Fleet { binary: usine, work: work.clone(), models: models.clone(), redis };
     let mut rows = Vec::new();
@@ -463,10 +468,12 @@ pub(crate) fn bench(root: &Path) -> Result<ExitCode> {
         let id = format!("candle/{}", name.trim_end_matches(".gguf"));
         rows.push(bench_model(&mut fleet, &id)?);
     }
-    println!("| graph | bytes | plain GETs (floor) | `usine cache pull` | pull / floor | compile |");
-    println!("|---|---|---|---|---|---|");
+    eprintln!(
+        "| graph | bytes | plain GETs (floor) | the bytes written by dd, direct and synced | `usine cache pull` | pull / GETs | pull / dd | compile |"
+    );
+    eprintln!("|---|---|---|---|---|---|---|---|");
     for row in rows {
-        println!("{row}");
+        eprintln!("{row}");
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -502,7 +509,7 @@ fn bench_model(fleet: &mut Fleet, id: &str) -> Result<String> {
         let file = explained["file"].as_str().context("file")?.trim_end_matches(".graph").to_owned();
         format!("usine:graph:f2:{file}:{}", manifest["checksum"].as_str().context("checksum")?)
     };
-    let (mut floor, mut pulls) = (Vec::new(), Vec::new());
+    let (mut floor, mut pulls, mut disk) = (Vec::new(), Vec::new(), Vec::new());
     for turn in 0..TURNS {
         // The floor: the same chunks by plain GETs, one after the other, into memory.
         let mut client = fleet.redis.client()?;
@@ -514,16 +521,37 @@ fn bench_model(fleet: &mut Fleet, id: &str) -> Result<String> {
         }
         floor.push(started.elapsed().as_secs_f64());
         ensure!(got as u64 == bytes, "the plain GETs read {got} bytes of {bytes}");
+        // The disk's own floor: as many bytes written past the page cache and synced, by `dd`.
+        let file = fleet.work.join("dd-floor");
+        let started = Instant::now();
+        let status = Command::new("dd")
+            .arg("if=/dev/zero")
+            .arg(format!("of={}", file.display()))
+            .args(["bs=2M", &format!("count={}", bytes.div_ceil(2 << 20)), "oflag=direct", "conv=fsync"])
+            .stderr(Stdio::null())
+            .status()?;
+        disk.push(started.elapsed().as_secs_f64());
+        ensure!(status.success(), "dd failed");
+        std::fs::remove_file(&file)?;
         let mut command = fresh(fleet, &format!("pull{turn}"));
         let output = command.args(["cache", "pull", "--json", "--model", id]).output()?;
         ensure!(output.status.success(), "cache pull: {}", String::from_utf8_lossy(&output.stderr));
         let pulled: Value = serde_json::from_slice(&output.stdout)?;
         pulls.push(pulled["seconds"].as_f64().context("seconds")?);
     }
-    let (floor, pull, compile) = (spread(&mut floor), spread(&mut pulls), spread(&mut compiles));
+    let (floor, pull, compile, disk) =
+        (spread(&mut floor), spread(&mut pulls), spread(&mut compiles), spread(&mut disk));
     #[expect(clippy::cast_precision_loss, reason = "a file's size in MB")]
     let megabytes = bytes as f64 / 1e6;
-    Ok(format!("| {id} | {megabytes:.0} MB | {} | {} | {:.2} | {} |", floor.1, pull.1, pull.0 / floor.0, compile.1))
+    Ok(format!(
+        "| {id} | {megabytes:.0} MB | {} | {} | {} | {:.2} | {:.2} | {} |",
+        floor.1,
+        disk.1,
+        pull.1,
+        pull.0 / floor.0,
+        pull.0 / disk.0,
+        compile.1
+    ))
 }
 
 /// The median of `values` and "median s (min–max)".

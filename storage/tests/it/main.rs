@@ -12,6 +12,7 @@ mod crash;
 mod full;
 mod fuzz;
 mod housekeeping;
+mod imports;
 mod locks;
 mod migrations;
 mod model;
