@@ -415,3 +415,25 @@ async fn progress_streams_are_capped_and_a_dropped_one_gives_its_place_back() {
     drop(first);
     f.kernel.progress("a").unwrap();
 }
+
+/// Would catch: a fleet's tier that is down failing a load, or being asked again at once. Nothing
+/// listens at its address: the load compiles as it would without a tier, the tier counts one error and
+/// steps aside for its cool-down, so the next load of another model does not call it.
+#[cfg(feature = "remote")]
+#[tokio::test(start_paused = true)]
+async fn a_remote_tier_that_is_down_never_fails_a_load() {
+    use usine_storage::remote::{RemoteConfig, RemoteTier};
+    let f = fixture(config(4), &["a", "b"]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let tier = RemoteTier::new(RemoteConfig::new(format!("redis://127.0.0.1:{port}"))).unwrap();
+    assert!(f.kernel.share_through(tier.clone()));
+    assert!(!f.kernel.share_through(tier.clone()), "a tier is set once");
+    assert_eq!(f.kernel.load_model("a").await.unwrap().source(), LoadSource::Compile);
+    assert_eq!(tier.stats().errors, 1);
+    assert!(tier.cooling_down().is_some());
+    assert_eq!(f.kernel.load_model("b").await.unwrap().source(), LoadSource::Compile);
+    let stats = tier.stats();
+    assert_eq!((stats.errors, stats.hits, stats.published), (1, 0, 0));
+    assert!(stats.skipped >= 1, "{stats:?}");
+    assert_eq!(f.script.lock().compiles, 2);
+}
