@@ -170,14 +170,17 @@ impl fmt::Debug for Lease {
 }
 
 impl Lease {
-    /// Gives the lease back, if it is still this host's.
+    /// Gives the lease back, if it is still this host's: whatever the cool-down (hosts waiting on it
+    /// would wait for it to expire), once, within the time bound.
     pub async fn release(self) {
         self.renewal.abort();
-        let (tier, key, token) = (self.tier.clone(), self.key.clone(), self.token.clone());
+        let (key, token) = (self.key.clone(), self.token.clone());
         let release = async move |mut conn: MultiplexedConnection| {
-            RELEASE.key(&key).arg(&token).invoke_async::<i64>(&mut conn).await.map(drop)
+            RELEASE.key(&key).arg(&token).invoke_async::<i64>(&mut conn).await
         };
-        let _ = tier.call("release", release).await;
+        if let Err(reason) = self.tier.best_effort(release).await {
+            tracing::info!(remote = self.tier.url(), reason, "compile lease left to expire");
+        }
     }
 }
 
@@ -190,6 +193,14 @@ impl Drop for Lease {
 /// Deletes a key only if it still holds the value given: a lease's token, or a manifest as read.
 static RELEASE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
     redis::Script::new("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0")
+});
+/// Deletes a failed publish's chunks (`KEYS[2..]`) unless the manifest (`KEYS[1]`) names their file's
+/// checksum (`ARGV[1]`).
+static DISCARD: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        "local m = redis.call('GET', KEYS[1]) if m and string.find(m, ARGV[1], 1, true) then return 0 end \
+         local n = 0 for i = 2, #KEYS do n = n + redis.call('DEL', KEYS[i]) end return n",
+    )
 });
 /// Extends a lease only if it is still this host's.
 static RENEW: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
@@ -530,15 +541,18 @@ impl RemoteTier {
         let count = bytes.len().div_ceil(chunk_bytes);
         let mut sums = Vec::with_capacity(count);
         let mut in_flight = JoinSet::new();
+        let chunk_keys: Vec<String> = (0..count).map(|index| format!("{base}:{checksum}:{index}")).collect();
+        let manifest_key = format!("{base}:manifest");
         for index in 0..count {
             if in_flight.len() >= self.inner.config.window
                 && let Some(Ok(Err(reason))) = in_flight.join_next().await
             {
+                self.discard(&manifest_key, &checksum, &chunk_keys).await;
                 return Published::Unavailable { reason };
             }
             let range = index * chunk_bytes..((index + 1) * chunk_bytes).min(bytes.len());
             sums.push(XxHash3_64::oneshot(&bytes[range.clone()]));
-            let (tier, bytes, chunk_key) = (self.clone(), Arc::clone(&bytes), format!("{base}:{checksum}:{index}"));
+            let (tier, bytes, chunk_key) = (self.clone(), Arc::clone(&bytes), chunk_keys[index].clone());
             in_flight.spawn(async move {
                 let set = async move |mut conn: MultiplexedConnection| {
                     set(&mut conn, &chunk_key, &bytes[range], ttl_ms).await
@@ -548,6 +562,8 @@ impl RemoteTier {
         }
         while let Some(joined) = in_flight.join_next().await {
             if let Ok(Err(reason)) = joined {
+                in_flight.shutdown().await;
+                self.discard(&manifest_key, &checksum, &chunk_keys).await;
                 return Published::Unavailable { reason };
             }
         }
@@ -556,13 +572,16 @@ impl RemoteTier {
             file: key.file_name(),
             len,
             chunk_bytes: chunk_bytes as u64,
-            checksum,
+            checksum: checksum.clone(),
             chunks: sums,
         };
         let text = serde_json::to_vec(&manifest).expect("a manifest serializes");
-        let manifest_key = format!("{base}:manifest");
-        let commit = async move |mut conn: MultiplexedConnection| set(&mut conn, &manifest_key, &text, ttl_ms).await;
+        let commit = {
+            let manifest_key = manifest_key.clone();
+            async move |mut conn: MultiplexedConnection| set(&mut conn, &manifest_key, &text, ttl_ms).await
+        };
         if let Err(reason) = self.call("publish", commit).await {
+            self.discard(&manifest_key, &checksum, &chunk_keys).await;
             return Published::Unavailable { reason };
         }
         self.inner.counters.published.fetch_add(1, Ordering::Relaxed);
@@ -570,6 +589,40 @@ impl RemoteTier {
         self.inner.metrics.published_bytes.increment(len);
         self.inner.metrics.publish.record(started.elapsed().as_secs_f64());
         Published::Done { bytes: len }
+    }
+
+    /// After a failed publish, removes the chunks it wrote (a full Redis keeps no orphans until their
+    /// TTL), unless a manifest names them: another host published the same file. Once, within the time
+    /// bound, whatever the cool-down; failures are only logged.
+    async fn discard(&self, manifest_key: &str, checksum: &str, chunk_keys: &[String]) {
+        let (manifest_key, checksum, chunk_keys) = (manifest_key.to_owned(), checksum.to_owned(), chunk_keys.to_vec());
+        let discard = async move |mut conn: MultiplexedConnection| {
+            let mut discard = DISCARD.prepare_invoke();
+            discard.key(&manifest_key).arg(&checksum);
+            for chunk in &chunk_keys {
+                discard.key(chunk);
+            }
+            discard.invoke_async::<i64>(&mut conn).await
+        };
+        match self.best_effort(discard).await {
+            Ok(removed) => tracing::info!(remote = self.url(), removed, "chunks of a failed publish removed"),
+            Err(reason) => tracing::info!(remote = self.url(), reason, "chunks of a failed publish left to expire"),
+        }
+    }
+
+    /// A call that cleans up after this host, made whatever the cool-down, within the time bound; its
+    /// failure starts no cool-down.
+    async fn best_effort<T, F, Fut>(&self, work: F) -> Result<T, String>
+    where
+        F: FnOnce(MultiplexedConnection) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let conn = self.connect().await?;
+        match tokio::time::timeout(self.inner.config.timeout, work(conn)).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(error)) => Err(error.to_string()),
+            Err(_) => Err(self.timed_out()),
+        }
     }
 
     /// Asks for the fleet's lease to compile `key`.

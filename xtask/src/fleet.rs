@@ -192,8 +192,9 @@ pub(crate) fn run(root: &Path) -> Result<ExitCode> {
     check("eight hosts started at once on an empty store compile once", stampede(&fleet));
     check("damaged remote graphs are never run, and are replaced", damage(&fleet));
     check("Redis paused past the time bound: loads go on locally", paused(&fleet));
+    check("Redis full: the load goes on, nothing half-published is served", full(&fleet));
     check("Redis killed: every host answers, and picks it up again", killed(&mut fleet));
-    eprintln!("\nfleet: 5 checks, {} failed", failed.len());
+    eprintln!("\nfleet: 6 checks, {} failed", failed.len());
     if !failed.is_empty() {
         eprintln!("redis log:\n{}", std::fs::read_to_string(work.path().join("redis.log")).unwrap_or_default());
     }
@@ -218,7 +219,9 @@ fn generate_models(root: &Path, models: &Path) -> Result<()> {
         Ok(())
     };
     make("tiny-llama", "2", &small)?;
-    for name in ["paused", "published", "killed", "back"].into_iter().chain(DAMAGES.iter().map(|(name, _)| *name)) {
+    for name in
+        ["paused", "published", "killed", "back", "full"].into_iter().chain(DAMAGES.iter().map(|(name, _)| *name))
+    {
         std::fs::copy(&small, models.join(format!("{name}.gguf")))?;
     }
     make("qwen2.5-0.5b", "2", &models.join("stampede.gguf"))
@@ -331,6 +334,44 @@ fn paused(fleet: &Fleet) -> Result<String> {
     ensure!(took < PAUSE, "the loads took {took:?}, past the {PAUSE:?} pause: they waited for Redis");
     redis::cmd("CLIENT").arg("UNPAUSE").query::<()>(&mut fleet.redis.client()?)?;
     Ok(format!("{} (bound {TIMEOUT_MS} ms), both within the {PAUSE:?} pause", detail.join(", ")))
+}
+
+/// Redis out of memory (`maxmemory` just above what it holds, no eviction): a publish fails part-way;
+/// the host answers all the same, and its chunks without a manifest are never served. Room again: the
+/// next host compiles and publishes, and the one after loads from Redis.
+fn full(fleet: &Fleet) -> Result<String> {
+    let mut redis = fleet.redis.client()?;
+    let info: String = redis::cmd("INFO").arg("memory").query(&mut redis)?;
+    let used: u64 = info
+        .lines()
+        .find_map(|line| line.strip_prefix("used_memory:"))
+        .context("INFO memory has no used_memory")?
+        .trim()
+        .parse()?;
+    redis::cmd("CONFIG").arg("SET").arg("maxmemory-policy").arg("noeviction").query::<()>(&mut redis)?;
+    redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg(used + (256 << 10)).query::<()>(&mut redis)?;
+    let outcome = (|| {
+        let output = fleet.run_command("f0", "candle/full").output()?;
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        let first = ran("f0", output, Duration::ZERO)?;
+        ensure!(first.source == "compile", "the host under a full Redis loaded from `{}`", first.source);
+        ensure!(stderr.contains("OOM"), "the host did not say Redis refused the publish: {stderr}");
+        let output = fleet.usine("f0").args(["cache", "explain", "--json", "--model", "candle/full"]).output()?;
+        let explained: Value = serde_json::from_slice(&output.stdout)?;
+        let digest = explained["file"].as_str().context("cache explain gave no file")?.trim_end_matches(".graph");
+        let left: Vec<String> = redis::cmd("KEYS").arg(format!("usine:graph:f2:{digest}:*")).query(&mut redis)?;
+        ensure!(left.is_empty(), "the failed publish left {left:?} in Redis");
+        let second = fleet.run("f1", "candle/full")?;
+        ensure!(second.source == "compile", "a half-published graph was loaded from `{}`", second.source);
+        Ok(first.text)
+    })();
+    redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg(0).query::<()>(&mut redis)?;
+    let text = outcome?;
+    let published = fleet.run("f2", "candle/full")?;
+    ensure!(published.source == "compile", "with room again, a fresh host loaded from `{}`", published.source);
+    let served = fleet.run("f3", "candle/full")?;
+    ensure!(served.source == "remote" && served.text == text, "after the republish: {served:?}");
+    Ok("Redis answered OOM to the publish; the host answered, compiling, and removed the chunks it had written; with room again, published then served".into())
 }
 
 /// Four `usine serve` hosts; Redis killed: each answers a model nobody compiled yet (compiling it);
