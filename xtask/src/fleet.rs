@@ -194,7 +194,8 @@ pub(crate) fn run(root: &Path) -> Result<ExitCode> {
     check("Redis paused past the time bound: loads go on locally", paused(&fleet));
     check("Redis full: the load goes on, nothing half-published is served", full(&fleet));
     check("Redis killed: every host answers, and picks it up again", killed(&mut fleet));
-    eprintln!("\nfleet: 6 checks, {} failed", failed.len());
+    check("TLS and a password (rediss://): verified, or refused and compiled", tls(&fleet));
+    eprintln!("\nfleet: 7 checks, {} failed", failed.len());
     if !failed.is_empty() {
         eprintln!("redis log:\n{}", std::fs::read_to_string(work.path().join("redis.log")).unwrap_or_default());
     }
@@ -219,8 +220,9 @@ fn generate_models(root: &Path, models: &Path) -> Result<()> {
         Ok(())
     };
     make("tiny-llama", "2", &small)?;
-    for name in
-        ["paused", "published", "killed", "back", "full"].into_iter().chain(DAMAGES.iter().map(|(name, _)| *name))
+    for name in ["paused", "published", "killed", "back", "full", "tls"]
+        .into_iter()
+        .chain(DAMAGES.iter().map(|(name, _)| *name))
     {
         std::fs::copy(&small, models.join(format!("{name}.gguf")))?;
     }
@@ -404,6 +406,95 @@ fn killed(fleet: &mut Fleet) -> Result<String> {
     for host in &mut hosts {
         host.stop();
     }
+    outcome
+}
+
+/// A second server, on TLS only with a password, its certificate signed by a CA made for the run: a
+/// host that trusts the CA (`SSL_CERT_FILE`) publishes and another loads; one that does not refuses the
+/// server (an unknown issuer) and compiles; a wrong password is refused the same way.
+fn tls(fleet: &Fleet) -> Result<String> {
+    let openssl = installed("openssl", "openssl")?;
+    let dir = fleet.work.join("tls");
+    std::fs::create_dir_all(&dir)?;
+    let ssl = |args: &[&str]| -> Result<()> {
+        let output = Command::new(&openssl).args(args).current_dir(&dir).output()?;
+        ensure!(output.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+        Ok(())
+    };
+    let ca_subject = "/CN=usine fleet CA";
+    ssl(&[
+        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "1", "-subj",
+        ca_subject,
+    ])?;
+    ssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+    ])?;
+    std::fs::write(dir.join("san.cnf"), "subjectAltName=DNS:localhost\n")?;
+    let sign = ["x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial"];
+    ssl(&[&sign[..], &["-out", "server.crt", "-days", "1", "-extfile", "san.cnf"]].concat())?;
+    let port = free_port()?;
+    let password = "fleet-password-for-the-run";
+    let log = std::fs::File::create(dir.join("redis-tls.log"))?;
+    let mut server = Command::new(&fleet.redis.binary)
+        .args([
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .args(["--tls-cert-file", "server.crt", "--tls-key-file", "server.key", "--tls-ca-cert-file", "ca.crt"])
+        .args(["--tls-auth-clients", "no", "--requirepass", password])
+        .current_dir(&dir)
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("starting redis-server with TLS")?;
+    let outcome = (|| {
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            ensure!(started.elapsed() < Duration::from_secs(10), "redis-server with TLS did not listen within 10 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let url = format!("rediss://:{password}@localhost:{port}");
+        let host = |name: &str, url: &str, trusted: bool| {
+            let mut command = fleet.run_command(name, "candle/tls");
+            command.env("USINE_REMOTE", url);
+            // Without the CA: a file of no certificate, so that the system's own do not decide.
+            command.env("SSL_CERT_FILE", dir.join(if trusted { "ca.crt" } else { "san.cnf" }));
+            let output = command.output()?;
+            let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+            Ok::<_, anyhow::Error>((ran(name, output, Duration::ZERO)?, stderr))
+        };
+        let (first, _) = host("t0", &url, true)?;
+        ensure!(first.source == "compile", "the first TLS host loaded from `{}`", first.source);
+        let (second, _) = host("t1", &url, true)?;
+        ensure!(second.source == "remote", "a host trusting the CA loaded from `{}`", second.source);
+        let (stranger, stderr) = host("t2", &url, false)?;
+        ensure!(stranger.source == "compile", "a host without the CA loaded from `{}`", stranger.source);
+        ensure!(stderr.contains("UnknownIssuer"), "the host without the CA did not say why: {stderr}");
+        let (wrong, stderr) = host("t3", &format!("rediss://:not-the-password@localhost:{port}"), true)?;
+        ensure!(wrong.source == "compile", "a wrong password loaded from `{}`", wrong.source);
+        ensure!(stderr.contains("AuthenticationFailed"), "a wrong password was not said: {stderr}");
+        ensure!(!stderr.contains("not-the-password"), "a password was printed: {stderr}");
+        Ok("published and loaded over TLS with the password; an unknown issuer and a wrong password refused, the hosts compiling".to_owned())
+    })();
+    let _ = server.kill();
+    let _ = server.wait();
     outcome
 }
 
