@@ -23,15 +23,7 @@ pub(crate) enum CacheCommand {
     Verify(Json),
     /// Says whether a model's graph is stored, and else what differs from the closest one.
     #[command(after_help = "Examples:\n  usine cache explain 7b\n  usine cache explain --engine transformers cpu-1b")]
-    Explain {
-        /// The model (as `--model`).
-        #[arg(value_name = "MODEL", conflicts_with = "model")]
-        name: Option<String>,
-        #[command(flatten)]
-        model: crate::ModelArgs,
-        #[command(flatten)]
-        json: Json,
-    },
+    Explain(OfModel),
     /// Removes graphs of engine versions no longer built, and graphs unused for a while.
     #[command(after_help = "Examples:\n  usine cache gc\n  usine cache gc --unused-for-days 30")]
     Gc {
@@ -49,15 +41,7 @@ pub(crate) enum CacheCommand {
     #[command(
         after_help = "Examples:\n  usine cache pull 7b\n  usine cache pull --engine candle candle/qwen.gguf --json"
     )]
-    Pull {
-        /// The model (as `--model`).
-        #[arg(value_name = "MODEL", conflicts_with = "model")]
-        name: Option<String>,
-        #[command(flatten)]
-        model: crate::ModelArgs,
-        #[command(flatten)]
-        json: Json,
-    },
+    Pull(OfModel),
     /// Removes every stored graph.
     #[command(after_help = "Example:\n  usine cache clear --yes")]
     Clear {
@@ -65,6 +49,18 @@ pub(crate) enum CacheCommand {
         #[arg(long)]
         yes: bool,
     },
+}
+
+/// A command about one model: its name (as `--model`) or the model flags, and `--json`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct OfModel {
+    /// The model (as `--model`).
+    #[arg(value_name = "MODEL", conflicts_with = "model")]
+    name: Option<String>,
+    #[command(flatten)]
+    model: crate::ModelArgs,
+    #[command(flatten)]
+    json: Json,
 }
 
 #[derive(Debug, Clone, Copy, clap::Args)]
@@ -78,7 +74,7 @@ impl CacheCommand {
     /// The flags that set configuration values.
     pub(crate) fn flags(&self) -> Flags {
         match self {
-            Self::Explain { model, name, .. } | Self::Pull { model, name, .. } => {
+            Self::Explain(OfModel { model, name, .. }) | Self::Pull(OfModel { model, name, .. }) => {
                 let mut model = model.clone();
                 model.model = model.model.or_else(|| name.clone());
                 crate::model_flags(&model)
@@ -96,7 +92,7 @@ pub(crate) async fn cache(loaded: &Loaded, command: CacheCommand) -> anyhow::Res
     match command {
         CacheCommand::Ls(Json { json }) => ls(&storage, json),
         CacheCommand::Stats(Json { json }) => stats(&storage, crate::app::remote_status(loaded).await?, json),
-        CacheCommand::Pull { json: Json { json }, .. } => pull(loaded, &storage, json).await,
+        CacheCommand::Pull(OfModel { json: Json { json }, .. }) => pull(loaded, &storage, json).await,
         CacheCommand::Verify(Json { json }) => {
             let report = storage.verify()?;
             if json {
@@ -116,7 +112,7 @@ pub(crate) async fn cache(loaded: &Loaded, command: CacheCommand) -> anyhow::Res
             }
             Ok(())
         }
-        CacheCommand::Explain { json: Json { json }, .. } => {
+        CacheCommand::Explain(OfModel { json: Json { json }, .. }) => {
             let app = App::build(loaded)?;
             let model = app.model(loaded)?;
             let key = app.kernel.graph_key(&model.id)?;
