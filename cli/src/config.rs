@@ -568,6 +568,8 @@ impl Loaded {
         remote.wait = millis(config.remote_wait_ms);
         remote.ttl = (config.remote_ttl_seconds > 0).then(|| std::time::Duration::from_secs(config.remote_ttl_seconds));
         remote.max_graph_bytes = config.remote_max_graph_mib << 20;
+        // Renewed every third of its life, each renewal within the timeout.
+        remote.lease = remote.lease.max(3 * remote.timeout);
         remote
     }
 

@@ -156,6 +156,8 @@ impl LoadPath<'_> {
     async fn fleet(&self, model: &str, key: &GraphKey, attempt: usize) -> Result<Fleet, KernelError> {
         use usine_storage::remote::{Leased, Waited};
         let Some(remote) = self.remote.filter(|_| attempt == 0) else { return Ok(Fleet::Compile(None)) };
+        // One bound for the whole wait, even across a second lease.
+        let deadline = tokio::time::Instant::now() + remote.config().wait;
         // Twice at most: a lease that ends without a graph (its host failed) is taken again once.
         for _ in 0..2 {
             match remote.lease(key).await {
@@ -170,7 +172,7 @@ impl LoadPath<'_> {
                 Leased::Unavailable { .. } => return Ok(Fleet::Compile(None)),
                 Leased::Busy => {
                     self.telemetry.emit(KernelEvent::WaitingForHost { model: model.to_owned() });
-                    match remote.wait_published(key).await {
+                    match remote.wait_published(key, deadline).await {
                         Waited::Published => {
                             return Ok(match self.fetch_remote(remote, model, key).await? {
                                 Some(graph) => Fleet::Fetched(graph),
@@ -241,10 +243,17 @@ impl LoadPath<'_> {
                     let _ = events.send(KernelEvent::Progress { model: id.clone(), progress });
                 };
                 tracing::info!(model, "compiling");
-                let graph = engine
-                    .compile(spec, &progress)
-                    .await
-                    .map_err(|source| KernelError::Engine { model: model.to_owned(), source })?;
+                let graph = match engine.compile(spec, &progress).await {
+                    Ok(graph) => graph,
+                    Err(source) => {
+                        // Given back at once: the hosts waiting on it compile now, not at its expiry.
+                        #[cfg(feature = "remote")]
+                        if let Some(lease) = lease {
+                            lease.release().await;
+                        }
+                        return Err(KernelError::Engine { model: model.to_owned(), source });
+                    }
+                };
                 let store = self.storage.clone();
                 let (save_key, saved) = (key.clone(), graph.clone());
                 let save = move || store.save_with_raw(&save_key, &saved, saved.raw.as_bytes());

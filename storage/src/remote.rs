@@ -37,6 +37,8 @@ use crate::store::{Miss, StorageManager};
 
 /// Redis refuses values over 512 MiB, and large values stall its one thread: chunks are at most this.
 pub const MAX_CHUNK_BYTES: usize = 256 << 20;
+/// The smallest chunk: a graph of gigabytes in tiny chunks would be millions of calls.
+pub const MIN_CHUNK_BYTES: usize = 64 << 10;
 
 /// How the remote tier reaches its server and what it may do there.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,7 +58,7 @@ pub struct RemoteConfig {
     /// The size of a chunk, in bytes, at most [`MAX_CHUNK_BYTES`]. Default 2 MiB: a 60 MB graph came
     /// in 1.7 times faster than in 8 MiB chunks (a finer pipeline, and Redis serves small values best).
     pub chunk_bytes: usize,
-    /// Chunks in flight at once. Default 4.
+    /// Chunks in flight at once. Default 8.
     pub window: usize,
     /// How long a compile lease lives without renewal (a host that dies holding one frees it after
     /// this); renewed every third of it while the compile runs. Default 30 s.
@@ -194,6 +196,14 @@ impl Drop for Lease {
 static RELEASE: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
     redis::Script::new("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0")
 });
+/// Deletes a damaged graph: its manifest (`KEYS[1]`) if it still holds what was read (`ARGV[1]`), and
+/// then its chunks (`KEYS[2..]`).
+static DROP_DAMAGED: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        "if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end \
+         for i = 1, #KEYS do redis.call('DEL', KEYS[i]) end return 1",
+    )
+});
 /// Deletes a failed publish's chunks (`KEYS[2..]`) unless the manifest (`KEYS[1]`) names their file's
 /// checksum (`ARGV[1]`).
 static DISCARD: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
@@ -292,14 +302,15 @@ impl RemoteTier {
         if config.timeout.is_zero() || config.timeout > Duration::from_secs(600) {
             return Err(out_of_range("timeout", format!("{:?}", config.timeout), "from 1 ms to 10 min"));
         }
-        if !(1..=MAX_CHUNK_BYTES).contains(&config.chunk_bytes) {
-            return Err(out_of_range("chunk_bytes", config.chunk_bytes.to_string(), "from 1 byte to 256 MiB"));
+        if !(MIN_CHUNK_BYTES..=MAX_CHUNK_BYTES).contains(&config.chunk_bytes) {
+            return Err(out_of_range("chunk_bytes", config.chunk_bytes.to_string(), "from 64 KiB to 256 MiB"));
         }
         if !(1..=64).contains(&config.window) {
             return Err(out_of_range("window", config.window.to_string(), "from 1 to 64"));
         }
-        if config.lease < Duration::from_millis(30) {
-            return Err(out_of_range("lease", format!("{:?}", config.lease), "at least 30 ms"));
+        if config.lease < 3 * config.timeout {
+            // Renewed every third of its life, each renewal bounded by the timeout.
+            return Err(out_of_range("lease", format!("{:?}", config.lease), "at least 3 times the timeout"));
         }
         if config.ttl.is_some_and(|ttl| ttl < Duration::from_secs(1)) {
             return Err(out_of_range("ttl", format!("{:?}", config.ttl), "at least 1 s, or none"));
@@ -354,7 +365,7 @@ impl RemoteTier {
     /// Asks the server for a `PING`, ignoring any cool-down: its round trip, or why it failed.
     pub async fn ping(&self) -> Result<Duration, String> {
         let started = Instant::now();
-        let conn = self.connect().await?;
+        let conn = self.connect_anyway().await?;
         let ping =
             async move |mut conn: MultiplexedConnection| redis::cmd("PING").query_async::<String>(&mut conn).await;
         match tokio::time::timeout(self.inner.config.timeout, ping(conn)).await {
@@ -382,9 +393,13 @@ impl RemoteTier {
             }
             Err(reason) => return Fetched::Unavailable { reason },
         };
-        let outcome = match self.check_manifest(&text, key) {
-            Ok(manifest) => self.fetch_chunks(store, key, &base, &manifest).await,
-            Err(reason) => Err(Fault::Damaged(reason)),
+        let (outcome, chunk_keys) = match self.check_manifest(&text, key) {
+            Ok(manifest) => {
+                let chunk_keys =
+                    (0..manifest.chunks.len()).map(|index| format!("{base}:{}:{index}", manifest.checksum)).collect();
+                (self.fetch_chunks(store, key, &base, &manifest).await, chunk_keys)
+            }
+            Err(reason) => (Err(Fault::Damaged(reason)), Vec::new()),
         };
         match outcome {
             Ok(bytes) => {
@@ -401,8 +416,14 @@ impl RemoteTier {
                 self.inner.counters.damaged.fetch_add(1, Ordering::Relaxed);
                 self.inner.metrics.damaged.increment(1);
                 tracing::warn!(remote = self.url(), file = key.file_name(), reason, "damaged remote graph; not used");
+                // The manifest, if it is still the one read, and its chunks (never a newer publish's).
                 let delete = async move |mut conn: MultiplexedConnection| {
-                    RELEASE.key(&manifest_key).arg(&text).invoke_async::<i64>(&mut conn).await.map(drop)
+                    let mut delete = DROP_DAMAGED.prepare_invoke();
+                    delete.key(&manifest_key).arg(&text);
+                    for chunk in &chunk_keys {
+                        delete.key(chunk);
+                    }
+                    delete.invoke_async::<i64>(&mut conn).await.map(drop)
                 };
                 let _ = self.call("delete", delete).await;
                 Fetched::Damaged { reason }
@@ -421,7 +442,7 @@ impl RemoteTier {
             let limit = self.inner.config.max_graph_bytes;
             return Err(format!("the graph is {} bytes, over max_graph_bytes ({limit})", manifest.len));
         }
-        if manifest.chunk_bytes == 0
+        if manifest.chunk_bytes < MIN_CHUNK_BYTES as u64
             || manifest.chunk_bytes > MAX_CHUNK_BYTES as u64
             || manifest.chunks.len() as u64 != expected_chunks
             || manifest.checksum.len() != 32
@@ -617,12 +638,22 @@ impl RemoteTier {
         F: FnOnce(MultiplexedConnection) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
-        let conn = self.connect().await?;
-        match tokio::time::timeout(self.inner.config.timeout, work(conn)).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(error)) => Err(error.to_string()),
-            Err(_) => Err(self.timed_out()),
+        let bounded = tokio::time::timeout(self.inner.config.timeout, async {
+            let conn = self.connect_anyway().await?;
+            work(conn).await.map_err(|error| error.to_string())
+        });
+        bounded.await.unwrap_or_else(|_| Err(self.timed_out()))
+    }
+
+    /// A connection whatever the cool-down (for cleanup and `PING`).
+    async fn connect_anyway(&self) -> Result<MultiplexedConnection, String> {
+        let mut slot = self.inner.connection.lock().await;
+        if let Some(conn) = &*slot {
+            return Ok(conn.clone());
         }
+        let conn = self.open().await?;
+        *slot = Some(conn.clone());
+        Ok(conn)
     }
 
     /// Asks for the fleet's lease to compile `key`.
@@ -667,17 +698,19 @@ impl RemoteTier {
             let renew = async move |mut conn: MultiplexedConnection| {
                 RENEW.key(&lease_key).arg(&token).arg(lease_ms).invoke_async::<i64>(&mut conn).await
             };
-            if !matches!(self.call("lease", renew).await, Ok(1)) {
-                return; // lost or unreachable: the compile goes on, the fleet may compile too
+            // Whatever the cool-down (an error elsewhere must not let the fleet compile too); only a
+            // lease found lost ends the renewal. Unreachable, it is tried again a third later.
+            if matches!(self.best_effort(renew).await, Ok(0)) {
+                return; // lost: the compile goes on, and another host may compile too
             }
         }
     }
 
     /// Waits for another host's compile of `key`: until its manifest appears, its lease ends without
-    /// one, or [`RemoteConfig::wait`] passes.
-    pub async fn wait_published(&self, key: &GraphKey) -> Waited {
+    /// one, or `deadline` passes (a caller that waits again keeps its first deadline, so that it waits
+    /// [`RemoteConfig::wait`] in all).
+    pub async fn wait_published(&self, key: &GraphKey, deadline: Instant) -> Waited {
         let base = base(key);
-        let deadline = Instant::now() + self.inner.config.wait;
         let poll = Duration::from_millis(50).min(self.inner.config.lease / 3);
         loop {
             let (manifest_key, lease_key) = (format!("{base}:manifest"), format!("{base}:lease"));
@@ -705,28 +738,34 @@ impl RemoteTier {
         Some(format!("cooling down after an error for {} ms more", left.as_millis()))
     }
 
-    /// A connection, made within the time bound when there is none.
+    /// A connection, made when there is none. One caller connects at a time; those queued behind a
+    /// failed attempt give up at once (the cool-down it started), rather than each trying in turn.
     async fn connect(&self) -> Result<MultiplexedConnection, String> {
         let mut slot = self.inner.connection.lock().await;
         if let Some(conn) = &*slot {
             return Ok(conn.clone());
         }
+        if let Some(left) = self.cooling_down() {
+            return Err(format!("cooling down after an error for {} ms more", left.as_millis()));
+        }
+        let conn = self.open().await?;
+        *slot = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// A new connection, within the time bound.
+    async fn open(&self) -> Result<MultiplexedConnection, String> {
         let timeout = self.inner.config.timeout;
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(timeout))
             .set_response_timeout(Some(timeout));
-        let conn = match tokio::time::timeout(
-            timeout,
-            self.inner.client.get_multiplexed_async_connection_with_config(&config),
-        )
-        .await
+        match tokio::time::timeout(timeout, self.inner.client.get_multiplexed_async_connection_with_config(&config))
+            .await
         {
-            Ok(Ok(conn)) => conn,
-            Ok(Err(error)) => return Err(format!("connecting: {error}")),
-            Err(_) => return Err(self.timed_out()),
-        };
-        *slot = Some(conn.clone());
-        Ok(conn)
+            Ok(Ok(conn)) => Ok(conn),
+            Ok(Err(error)) => Err(format!("connecting: {error}")),
+            Err(_) => Err(self.timed_out()),
+        }
     }
 
     fn timed_out(&self) -> String {
@@ -742,24 +781,30 @@ impl RemoteTier {
         if let Some(reason) = self.skip() {
             return Err(reason);
         }
-        let result = match self.connect().await {
-            Ok(conn) => match tokio::time::timeout(self.inner.config.timeout, work(conn)).await {
-                Ok(Ok(value)) => return Ok(value),
-                Ok(Err(error)) => error.to_string(),
-                Err(_) => self.timed_out(),
-            },
-            Err(reason) => reason,
+        // Connecting and the call under one bound.
+        let bounded = tokio::time::timeout(self.inner.config.timeout, async {
+            let conn = self.connect().await?;
+            work(conn).await.map_err(|error| error.to_string())
+        });
+        let result = match bounded.await {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(reason)) => reason,
+            Err(_) => self.timed_out(),
         };
-        self.failed(op, &result).await;
+        self.failed(op, &result);
         Err(result)
     }
 
-    async fn failed(&self, op: &'static str, reason: &str) {
+    /// Starts the cool-down (first, so that callers queued for the connection give up), then drops
+    /// the connection unless another caller holds its slot (a broken one fails its next call at once).
+    fn failed(&self, op: &'static str, reason: &str) {
         self.inner.counters.errors.fetch_add(1, Ordering::Relaxed);
         self.inner.metrics.error(op).increment(1);
-        *self.inner.connection.lock().await = None;
         let until = Instant::now() + self.inner.config.cool_down;
         let was_up = self.inner.down_until.lock().replace(until).is_none_or(|before| before <= Instant::now());
+        if let Ok(mut slot) = self.inner.connection.try_lock() {
+            *slot = None;
+        }
         if was_up {
             let cool_down_ms = self.inner.config.cool_down.as_millis();
             tracing::warn!(
@@ -845,6 +890,8 @@ mod tests {
         assert!(refused(|c| c.timeout = Duration::ZERO).contains("timeout"));
         assert!(refused(|c| c.window = 0).contains("window"));
         assert!(refused(|c| c.ttl = Some(Duration::from_millis(10))).contains("ttl"));
+        assert!(refused(|c| c.chunk_bytes = 1000).contains("chunk_bytes"));
+        assert!(refused(|c| c.lease = Duration::from_secs(5)).contains("lease"));
         assert!(RemoteTier::new(RemoteConfig::new("redis://127.0.0.1:1")).is_ok());
     }
 
