@@ -77,3 +77,21 @@ fn an_import_over_the_size_limit_or_past_its_length_is_refused() {
     assert!(error.contains("more than 60000 bytes"), "{error}");
     assert!(store.stored_len(&key("llama")).is_none());
 }
+
+/// Would catch: an import that only works where direct writes do. In a memory file system (`/dev/shm`,
+/// where the kernel may refuse `O_DIRECT`), the same file comes in whole; skipped where there is none.
+#[test]
+fn an_import_into_a_memory_file_system_is_served_too() {
+    let shm = std::path::Path::new("/dev/shm");
+    if !shm.is_dir() {
+        return;
+    }
+    let graph = Graph::sample(9, 100_000);
+    let bytes = published("llama", &graph);
+    let dir = tempfile::tempdir_in(shm).unwrap();
+    let store = StorageManager::open(StorageConfig::at(dir.path()), usine_storage::Migrations::new()).unwrap();
+    let mut import = store.begin_import(&key("llama"), bytes.len() as u64).unwrap();
+    import.write(&bytes).unwrap();
+    import.commit().unwrap().unwrap();
+    assert_eq!(store.get::<Graph>(&key("llama")).unwrap().hit().unwrap(), graph);
+}
