@@ -33,7 +33,7 @@ use crate::StorageError;
 use crate::format::FORMAT_VERSION;
 use crate::key::GraphKey;
 use crate::metrics::RemoteMetrics;
-use crate::store::{Miss, StorageManager};
+use crate::store::StorageManager;
 
 /// Redis refuses values over 512 MiB, and large values stall its one thread: chunks are at most this.
 pub const MAX_CHUNK_BYTES: usize = 256 << 20;
@@ -528,7 +528,7 @@ impl RemoteTier {
         };
         match blocking(move || import.commit()).await?.map_err(Fault::local)? {
             Ok(saved) => Ok(saved.bytes),
-            Err(miss) => Err(Fault::Damaged(format!("the file: {}", describe(&miss)))),
+            Err(miss) => Err(Fault::Damaged(format!("the file: {miss}"))),
         }
     }
 
@@ -837,10 +837,6 @@ impl fmt::Display for Fault {
             Self::Damaged(reason) | Self::Unavailable(reason) | Self::Local(reason) => f.write_str(reason),
         }
     }
-}
-
-fn describe(miss: &Miss) -> String {
-    miss.to_string()
 }
 
 /// The prefix of a key's entries: the storage format and the local file name's digest.
