@@ -267,14 +267,14 @@ fn stats(storage: &StorageManager, remote: Option<crate::app::RemoteStatus>, jso
 /// none, or is unreachable.
 #[cfg(feature = "remote")]
 async fn pull(loaded: &Loaded, storage: &StorageManager, json: bool) -> anyhow::Result<()> {
-    use usine_storage::remote::{Fetched, RemoteTier};
-    let Some(url) = &loaded.config.remote else {
+    use usine_storage::remote::Fetched;
+    let app = App::build(loaded)?;
+    // The tier the kernel shares through, made by `App::build` from `remote`.
+    let Some(tier) = app.kernel.remote_tier() else {
         anyhow::bail!("no remote tier to pull from: set `remote` (redis://host:port) in usine.toml or USINE_REMOTE")
     };
-    let app = App::build(loaded)?;
     let model = app.model(loaded)?;
     let key = app.kernel.graph_key(&model.id)?;
-    let tier = RemoteTier::new(loaded.remote_config(url))?;
     let started = std::time::Instant::now();
     let fetched = tier.fetch(storage, &key).await;
     let seconds = started.elapsed().as_secs_f64();
