@@ -69,6 +69,8 @@ pub(crate) struct Config {
     pub(crate) max_concurrent: usize,
     /// Most generations of one model a batched step advances, where the engine batches; 1 for none.
     pub(crate) max_batch: usize,
+    /// The token budget of one batched step: a step counts one, a prompt's chunk its tokens.
+    pub(crate) max_pass_tokens: usize,
     /// Most requests waiting for a generation slot.
     pub(crate) queue_capacity: usize,
     /// Most time a request waits for a slot, in milliseconds.
@@ -157,6 +159,7 @@ impl Default for Config {
             pipelining: true,
             max_concurrent: 4,
             max_batch: 64,
+            max_pass_tokens: 512,
             queue_capacity: 64,
             queue_timeout_ms: 60_000,
             first_token_timeout_ms: 300_000,
@@ -212,6 +215,7 @@ pub(crate) const KEYS: &[&str] = &[
     "pipelining",
     "max_concurrent",
     "max_batch",
+    "max_pass_tokens",
     "queue_capacity",
     "queue_timeout_ms",
     "first_token_timeout_ms",
@@ -457,6 +461,10 @@ impl Loaded {
             let expected = format!("1..={} (1: no batching)", usine_executor::MAX_BATCH);
             return Err(outside("max_batch", config.max_batch.to_string(), &expected));
         }
+        if !(1..=usine_executor::MAX_PASS_TOKENS).contains(&config.max_pass_tokens) {
+            let expected = format!("1..={} tokens", usine_executor::MAX_PASS_TOKENS);
+            return Err(outside("max_pass_tokens", config.max_pass_tokens.to_string(), &expected));
+        }
         if config.threads == Some(0) {
             return Err(outside("threads", "0".into(), "at least 1"));
         }
@@ -580,6 +588,7 @@ impl Loaded {
         usine_executor::ExecutorConfig {
             max_concurrent: config.max_concurrent,
             max_batch: config.max_batch,
+            max_pass_tokens: config.max_pass_tokens,
             queue_capacity: config.queue_capacity,
             // A reader behind by this many tokens gets them in one server-sent event: at 16, 100 streams
             // of the zero engine went through HTTP at 0.3 of the executor's rate; at 64, above half.

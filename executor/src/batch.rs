@@ -9,10 +9,15 @@
 //! and every sequence of a pass is ready again for the next without waiting for its task. A generation
 //! whose reader falls behind stops allowing, and its sequence sits out the passes until it catches up.
 //!
-//! The loop takes the ready sequences by priority, at most the batch's bound a pass; one passed over
+//! Where the model prefills in passes ([`LoadedModel::open`]), a sequence's context is computed in
+//! chunks in the same passes as the others' steps (chunked prefill), so a long prompt holds no one's
+//! next token back for longer than a pass.
+//!
+//! The loop fills a pass by priority within a token budget (a step counts one token, a chunk its
+//! tokens) and the batch's bound of sequences; at one priority, steps before chunks. One passed over
 //! [`AGING_PASSES`] times in a row goes first, whatever its priority (no starvation). A pass's
 //! activations come from the pool, one step's worth for the whole pass (an engine's plan covers a
-//! batched step).
+//! batched step of its [`LoadedModel::max_pass_tokens`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -23,7 +28,7 @@ use futures_util::FutureExt;
 use parking_lot::Mutex;
 use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
-use usine_engine::{BatchStep, EngineError, LoadedModel, Prepared, Sequence, Token, TokenId};
+use usine_engine::{BatchStep, EngineError, Fill, LoadedModel, Prepared, Sequence, Token, TokenId};
 use usine_memory::{Lease, MemoryError, Pool, ScopeId};
 
 use crate::metrics::ExecutorMetrics;
@@ -66,6 +71,8 @@ pub(crate) struct LoopContext {
     pub(crate) activation_bytes: u64,
     pub(crate) memory_wait: Duration,
     pub(crate) max_batch: usize,
+    /// Most tokens a pass computes.
+    pub(crate) max_pass_tokens: usize,
     /// Prepare the next pass's steps while this one computes.
     pub(crate) pipelining: bool,
     pub(crate) metrics: Arc<ExecutorMetrics>,
@@ -119,7 +126,8 @@ pub(crate) struct Seat {
 
 impl Batcher {
     /// Seats `sequence`, whose next step is `first` (its token before it `previous`), ending before
-    /// `end`; no step runs until the generation allows it.
+    /// `end`; its unfilled context is computed in passes at once, but no step runs until the generation
+    /// allows it.
     pub(crate) fn join(
         self: &Arc<Self>,
         sequence: Arc<dyn Sequence>,
@@ -132,6 +140,8 @@ impl Batcher {
         let (sender, tokens) = mpsc::unbounded_channel();
         let member = Member {
             lane: Arc::clone(&lane),
+            unfilled: sequence.unfilled(),
+            filled: 0,
             sequence,
             next: first,
             end,
@@ -174,6 +184,9 @@ impl Drop for Seat {
 struct Member {
     lane: Arc<Lane>,
     sequence: Arc<dyn Sequence>,
+    /// Its context tokens to compute in passes before its first step, and those computed.
+    unfilled: usize,
+    filled: usize,
     /// Its next step, and the step it ends before.
     next: u32,
     end: u32,
@@ -188,7 +201,12 @@ struct Member {
 
 impl Member {
     fn ready(&self) -> bool {
-        self.next < self.end && self.next < self.lane.allowed.load(Ordering::Acquire)
+        self.filled == self.unfilled && self.next < self.end && self.next < self.lane.allowed.load(Ordering::Acquire)
+    }
+
+    /// Context tokens it still has to fill (none once it may step).
+    fn filling(&self) -> usize {
+        if self.next < self.end { self.unfilled - self.filled } else { 0 }
     }
 
     fn left(&self) -> bool {
@@ -209,6 +227,7 @@ async fn run(
     context: LoopContext,
 ) {
     let max_batch = context.max_batch.min(model.max_batch()).max(1);
+    let max_tokens = context.max_pass_tokens.min(model.max_pass_tokens()).max(1);
     let scope = ScopeId::fresh();
     let mut members: Vec<Member> = Vec::new();
     // The activations of the steps prepared ahead, during the last pass.
@@ -232,7 +251,8 @@ async fn run(
         if closed && members.is_empty() {
             return; // no generation holds a seat, and none can take one
         }
-        let mut ready: Vec<usize> = (0..members.len()).filter(|&index| members[index].ready()).collect();
+        let mut ready: Vec<usize> =
+            (0..members.len()).filter(|&index| members[index].ready() || members[index].filling() > 0).collect();
         if ready.is_empty() {
             // Nothing to run until a generation allows a step: the steps prepared ahead give their
             // activations back meanwhile (they are prepared again when they run).
@@ -249,28 +269,41 @@ async fn run(
             }
             continue;
         }
-        // The long-passed-over first, then by priority, then in order of joining.
+        // The long-passed-over first, then by priority, steps before chunks, then in order of joining.
         ready.sort_by_key(|&index| {
             let member = &members[index];
-            (member.passed_over < AGING_PASSES, std::cmp::Reverse(member.priority))
+            (member.passed_over < AGING_PASSES, std::cmp::Reverse(member.priority), member.filling() > 0)
         });
-        for &index in &ready[max_batch.min(ready.len())..] {
-            members[index].passed_over += 1;
+        let (mut chosen, mut fills, mut budget) = (Vec::new(), Vec::new(), max_tokens);
+        for index in ready {
+            let member = &mut members[index];
+            let filling = member.filling();
+            if budget == 0 || chosen.len() + fills.len() == max_batch {
+                member.passed_over += 1;
+            } else if filling > 0 {
+                let tokens = filling.min(budget);
+                fills.push((index, tokens));
+                budget -= tokens;
+            } else {
+                chosen.push(index);
+                budget -= 1;
+            }
         }
-        ready.truncate(max_batch);
-        ready.sort_unstable(); // the batch in joining order (an engine's pass does not care; tests read it)
-        ahead = pass(&model, &mut members, &ready, &context, scope, ahead.take(), &wake).await;
+        chosen.sort_unstable(); // the batch in joining order (an engine's pass does not care; tests read it)
+        fills.sort_unstable();
+        ahead = pass(&model, &mut members, (&chosen, &fills), &context, scope, ahead.take(), &wake).await;
     }
 }
 
-/// One pass over `chosen` members: their activations (those of the steps prepared ahead, or new),
-/// their prepare stages where none was made ahead, one batched compute beside the prepare stages of
-/// their next steps (pipelining), and each token sent to its generation. Returns the activations of the
-/// steps prepared ahead.
+/// One pass over `chosen` members' steps and `fills` (members, and the tokens of their contexts to
+/// compute): their activations (those of the steps prepared ahead, or new), the steps' prepare stages
+/// where none was made ahead, one compute beside the prepare stages of their next steps (pipelining,
+/// and the first step of a sequence this pass fills up), and each token sent to its generation.
+/// Returns the activations of the steps prepared ahead.
 async fn pass(
     model: &Arc<dyn LoadedModel>,
     members: &mut [Member],
-    chosen: &[usize],
+    (chosen, fills): (&[usize], &[(usize, usize)]),
     context: &LoopContext,
     scope: ScopeId,
     ahead: Option<Lease>,
@@ -282,7 +315,7 @@ async fn pass(
         (None, bytes) => match context.activations.allocate_wait(bytes, scope, context.memory_wait).await {
             Ok(lease) => Some(lease),
             Err(error) => {
-                for &index in chosen {
+                for &index in chosen.iter().chain(fills.iter().map(|(index, _)| index)) {
                     fail(&mut members[index], StepFailure::Memory(error.clone()));
                 }
                 return None;
@@ -316,16 +349,34 @@ async fn pass(
         }
     }
     let waited = since.elapsed();
-    if steps.is_empty() {
+    if steps.is_empty() && fills.is_empty() {
         return None;
     }
-    context.metrics.batch(steps.len());
+    let filled: Vec<Fill> = fills
+        .iter()
+        .map(|&(index, tokens)| {
+            let member = &mut members[index];
+            member.passed_over = 0;
+            Fill { sequence: Arc::clone(&member.sequence), done: member.filled, tokens }
+        })
+        .collect();
+    let tokens = steps.len() + fills.iter().map(|(_, tokens)| tokens).sum::<usize>();
+    context.metrics.batch(steps.len(), filled.len(), tokens);
     // The next steps prepared during the compute, with activations of their own if free now (waiting
-    // for them would hold back this pass's tokens).
+    // for them would hold back this pass's tokens): a stepped member's next, a member filled up now's
+    // first.
     let next: Vec<(usize, Arc<dyn Sequence>, u32)> = stepped
         .iter()
-        .filter(|&&index| context.pipelining && members[index].next + 1 < members[index].end)
-        .map(|&index| (index, Arc::clone(&members[index].sequence), members[index].next + 1))
+        .filter(|&&index| members[index].next + 1 < members[index].end)
+        .map(|&index| (index, members[index].next + 1))
+        .chain(
+            fills
+                .iter()
+                .filter(|&&(index, tokens)| members[index].filled + tokens == members[index].unfilled)
+                .map(|&(index, _)| (index, members[index].next)),
+        )
+        .filter(|_| context.pipelining)
+        .map(|(index, step)| (index, Arc::clone(&members[index].sequence), step))
         .collect();
     let ahead_activations = match context.activation_bytes {
         _ if next.is_empty() => None,
@@ -333,7 +384,7 @@ async fn pass(
         bytes => context.activations.allocate(bytes, scope).ok().map(Some),
     };
     let compute = async {
-        let outcomes = std::panic::AssertUnwindSafe(model.compute_batch(steps)).catch_unwind().await;
+        let outcomes = std::panic::AssertUnwindSafe(model.compute_pass(filled, steps)).catch_unwind().await;
         drop(activations); // the next pass's compute may need the room
         (outcomes, Instant::now())
     };
@@ -345,7 +396,8 @@ async fn pass(
         (futures_util::future::join_all(preparing).await, Instant::now())
     };
     // A pass whose generations all left is dropped at once, and its activations with it.
-    let lanes: Vec<Arc<Lane>> = stepped.iter().map(|&index| Arc::clone(&members[index].lane)).collect();
+    let passed: Vec<usize> = stepped.iter().copied().chain(fills.iter().map(|&(index, _)| index)).collect();
+    let lanes: Vec<Arc<Lane>> = passed.iter().map(|&index| Arc::clone(&members[index].lane)).collect();
     let all_gone = async {
         loop {
             let notified = wake.notified();
@@ -358,29 +410,44 @@ async fn pass(
     let ((outcomes, computed_at), (prepared, prepared_at)) = tokio::select! {
         done = async { tokio::join!(compute, prepare) } => done,
         () = all_gone => {
-            for &index in &stepped {
+            for &index in &passed {
                 members[index].end = members[index].next;
             }
             return None;
         }
     };
-    let outcomes = match outcomes {
+    let (fill_outcomes, outcomes) = match outcomes {
         Ok(outcomes) => outcomes,
         Err(panic) => {
             let message = panic_message(panic.as_ref());
-            for &index in &stepped {
+            for &index in &passed {
                 fail(&mut members[index], StepFailure::Panicked(message.clone()));
             }
             return None;
         }
     };
     let ahead_idle = prepared_at.saturating_duration_since(computed_at);
-    if outcomes.len() != stepped.len() {
-        let message = format!("the engine returned {} tokens for a batch of {}", outcomes.len(), stepped.len());
-        for &index in &stepped {
+    if outcomes.len() != stepped.len() || fill_outcomes.len() != fills.len() {
+        let message = format!(
+            "the engine returned {} tokens and {} fills for a pass of {} steps and {} fills",
+            outcomes.len(),
+            fill_outcomes.len(),
+            stepped.len(),
+            fills.len()
+        );
+        for &index in &passed {
             fail(&mut members[index], StepFailure::Engine(EngineError::Fatal { message: message.clone() }));
         }
         return None;
+    }
+    for (&(index, tokens), outcome) in fills.iter().zip(fill_outcomes) {
+        match outcome {
+            Ok(()) => members[index].filled += tokens,
+            Err(error) => {
+                members[index].ahead = None;
+                fail(&mut members[index], StepFailure::Engine(error));
+            }
+        }
     }
     let mut failed_ahead = Vec::new();
     for (index, prepared) in prepared {

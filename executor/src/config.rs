@@ -12,6 +12,8 @@ pub const MAX_CHANNEL_CAPACITY: usize = 1 << 16;
 pub const MAX_PREEMPTIONS: u32 = 1 << 10;
 /// Most sequences one batched step may advance.
 pub const MAX_BATCH: usize = 1 << 10;
+/// Most tokens one batched step may compute.
+pub const MAX_PASS_TOKENS: usize = 1 << 16;
 /// The longest wait between two tries of a request.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(3600);
 
@@ -153,6 +155,10 @@ pub struct ExecutorConfig {
     /// Most sequences of one model one batched step advances (64), where the model batches (its
     /// engine's own bound applies too); 1 turns batching off, each sequence then steps on its own.
     pub max_batch: usize,
+    /// The token budget of one batched step (512; the engine's own bound applies too): a sequence's step
+    /// counts one token, a chunk of a prompt computed in the step (where the model prefills in passes)
+    /// its tokens. Steps go first at one priority; the budget left takes prompts' chunks.
+    pub max_pass_tokens: usize,
     /// Most times one generation is pre-empted (16): a paged sequence that finds no kv block within
     /// `memory_wait` gives its blocks back and resumes by recompute once blocks come free; past this,
     /// it fails with the memory error.
@@ -174,6 +180,7 @@ impl Default for ExecutorConfig {
             retry: RetryPolicy::default(),
             timeouts: Timeouts::standard(),
             max_batch: 64,
+            max_pass_tokens: 512,
             max_preemptions: 16,
         }
     }
@@ -210,6 +217,9 @@ impl ExecutorConfig {
         }
         if !(1..=MAX_BATCH).contains(&self.max_batch) {
             return outside("max_batch", self.max_batch.to_string(), format!("1..={MAX_BATCH}"));
+        }
+        if !(1..=MAX_PASS_TOKENS).contains(&self.max_pass_tokens) {
+            return outside("max_pass_tokens", self.max_pass_tokens.to_string(), format!("1..={MAX_PASS_TOKENS}"));
         }
         if !(0.0..=1.0).contains(&self.kv_up_front_share) {
             return outside("kv_up_front_share", self.kv_up_front_share.to_string(), "0..=1".into());

@@ -59,6 +59,8 @@ pub struct ExecutorStats {
     pub batches: u64,
     /// Sequence steps those advanced: over `batches`, the mean batch size.
     pub batched_steps: u64,
+    /// Prompt tokens computed in chunks in those passes (chunked prefill).
+    pub filled_tokens: u64,
     /// Generations pre-empted for kv blocks, each resumed by recompute.
     pub preemptions: u64,
 }
@@ -192,6 +194,7 @@ impl TaskExecutor {
             pipeline_idle: Duration::from_nanos(metrics.counts.pipeline_idle_nanos.load(Ordering::Relaxed)),
             batches: metrics.counts.batches.load(Ordering::Relaxed),
             batched_steps: metrics.counts.batched_steps.load(Ordering::Relaxed),
+            filled_tokens: metrics.counts.filled_tokens.load(Ordering::Relaxed),
             preemptions: metrics.counts.preemptions.load(Ordering::Relaxed),
         }
     }

@@ -13,8 +13,8 @@ mod run;
 mod stream;
 
 pub use config::{
-    ConfigError, ExecutorConfig, KvReservation, MAX_BACKOFF, MAX_BATCH, MAX_CHANNEL_CAPACITY, MAX_PREEMPTIONS,
-    MAX_SLOTS, RetryPolicy, TimeoutOverrides, Timeouts,
+    ConfigError, ExecutorConfig, KvReservation, MAX_BACKOFF, MAX_BATCH, MAX_CHANNEL_CAPACITY, MAX_PASS_TOKENS,
+    MAX_PREEMPTIONS, MAX_SLOTS, RetryPolicy, TimeoutOverrides, Timeouts,
 };
 pub use error::{ExecutorError, Phase};
 pub use event::{Event, Usage};

@@ -31,6 +31,8 @@ pub const PIPELINE_IDLE_SECONDS: &str = "usine_executor_pipeline_idle_seconds";
 pub const PREEMPTIONS_TOTAL: &str = "usine_executor_preemptions_total";
 /// Sequences a batched step advanced.
 pub const BATCH_SIZE: &str = "usine_executor_batch_size";
+/// Tokens a batched step computed: a step's one, a prompt chunk's all.
+pub const PASS_TOKENS: &str = "usine_executor_pass_tokens";
 
 /// How a request ended, as a metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,7 +91,16 @@ pub fn describe_metrics() {
     describe_counter!(RETRIES_TOTAL, Unit::Count, "Transient engine failures retried.");
     describe_gauge!(QUEUE_DEPTH, Unit::Count, "Requests waiting for a generation slot.");
     describe_gauge!(RUNNING, Unit::Count, "Generations running.");
-    describe_histogram!(BATCH_SIZE, Unit::Count, "Sequences one batched step of a model advanced.");
+    describe_histogram!(
+        BATCH_SIZE,
+        Unit::Count,
+        "Sequences one batched step of a model advanced (steps and prompt chunks)."
+    );
+    describe_histogram!(
+        PASS_TOKENS,
+        Unit::Count,
+        "Tokens one batched step of a model computed: a step's one, a prompt chunk's all."
+    );
     describe_counter!(PREEMPTIONS_TOTAL, Unit::Count, "Generations pre-empted for kv blocks, resumed by recompute.");
     describe_histogram!(
         PIPELINE_IDLE_SECONDS,
@@ -110,6 +121,7 @@ pub(crate) struct ExecutorMetrics {
     running: Gauge,
     pipeline_idle: Histogram,
     batch_size: Histogram,
+    pass_tokens: Histogram,
     preemptions: Counter,
     pub(crate) counts: Counts,
 }
@@ -124,6 +136,7 @@ pub(crate) struct Counts {
     pub(crate) pipeline_idle_nanos: AtomicU64,
     pub(crate) batches: AtomicU64,
     pub(crate) batched_steps: AtomicU64,
+    pub(crate) filled_tokens: AtomicU64,
     pub(crate) preemptions: AtomicU64,
 }
 
@@ -141,17 +154,20 @@ impl ExecutorMetrics {
             running: metrics::gauge!(RUNNING),
             pipeline_idle: metrics::histogram!(PIPELINE_IDLE_SECONDS),
             batch_size: metrics::histogram!(BATCH_SIZE),
+            pass_tokens: metrics::histogram!(PASS_TOKENS),
             preemptions: metrics::counter!(PREEMPTIONS_TOTAL),
             counts: Counts::default(),
         }
     }
 
-    /// A batched step of `sequences`.
-    pub(crate) fn batch(&self, sequences: usize) {
-        #[expect(clippy::cast_precision_loss, reason = "at most MAX_BATCH")]
-        self.batch_size.record(sequences as f64);
+    /// A batched step of `steps` and `fills` prompt chunks, `tokens` in all.
+    #[expect(clippy::cast_precision_loss, reason = "at most MAX_BATCH sequences and MAX_PASS_TOKENS tokens")]
+    pub(crate) fn batch(&self, steps: usize, fills: usize, tokens: usize) {
+        self.batch_size.record((steps + fills) as f64);
+        self.pass_tokens.record(tokens as f64);
         self.counts.batches.fetch_add(1, Ordering::Relaxed);
-        self.counts.batched_steps.fetch_add(sequences as u64, Ordering::Relaxed);
+        self.counts.batched_steps.fetch_add(steps as u64, Ordering::Relaxed);
+        self.counts.filled_tokens.fetch_add((tokens - steps) as u64, Ordering::Relaxed);
     }
 
     /// A generation pre-empted for kv blocks.

@@ -198,6 +198,9 @@ struct Pipe {
     ahead: Option<Ready>,
     /// A failure of the step prepared ahead, met after the token before it came out.
     failed_ahead: Option<Failure>,
+    /// The sequence's context is being computed in the loop's passes: its full blocks are published
+    /// once its first token is out.
+    publish: bool,
 }
 
 struct Run<'a> {
@@ -266,6 +269,7 @@ impl Run<'_> {
                 activation_bytes: plan.activation_bytes_per_step,
                 memory_wait: self.shared.config.memory_wait,
                 max_batch: self.shared.config.max_batch,
+                max_pass_tokens: self.shared.config.max_pass_tokens,
                 pipelining: self.shared.config.pipelining,
                 metrics: Arc::clone(&self.shared.metrics),
             })
@@ -452,6 +456,9 @@ impl Run<'_> {
     /// sent.
     /// Where the model pages its kv-cache, the prefill takes the sequence's blocks (its leading ones
     /// perhaps cached, and not computed again), and its full blocks are published after it.
+    ///
+    /// Where the model batches, the sequence is opened instead ([`LoadedModel::open`]): a model that
+    /// prefills in passes leaves its context to the loop, and its blocks are published after.
     async fn prefill(&self, context: &Step<'_>, step: u32, kv: &mut KvCache) -> Result<Arc<dyn Sequence>, Failure> {
         // A resume asks for what is left, so that the context counts each token once.
         let left = GenerationParams { max_tokens: context.params.max_tokens - step, ..context.params.clone() };
@@ -465,14 +472,13 @@ impl Run<'_> {
                 .with_blocks(space.block_tokens(), Blocks { ids: table.ids(), cached_tokens: table.cached_tokens() }),
             (input, _) => input,
         };
-        let sequence = match input {
-            Ok(input) => context.model.prefill(input).await.map_err(Failure::Engine)?,
-            Err(error) => return Err(Failure::Engine(error)),
+        let sequence = match (input, context.batcher) {
+            (Ok(input), None) => context.model.prefill(input).await.map_err(Failure::Engine)?,
+            (Ok(input), Some(_)) => context.model.open(input).await.map_err(Failure::Engine)?,
+            (Err(error), _) => return Err(Failure::Engine(error)),
         };
-        if let Some((space, table)) = &mut kv.paged {
-            // The kv of the prompt but its last token (the first step's) is computed now.
-            let computed = &context.prompt[..context.prompt.len().saturating_sub(1)];
-            space.publish(table, computed).map_err(Failure::Memory)?;
+        if sequence.unfilled() == 0 {
+            publish(kv, context.prompt)?;
         }
         Ok(Arc::from(sequence))
     }
@@ -494,6 +500,7 @@ impl Run<'_> {
             kv.cover(needed, self, context.scope, None).await?; // again, after a pre-emption
             let sequence = self.prefill(context, step, kv).await?;
             kv.touch().map_err(Failure::Memory)?; // a long prefill is use, not idleness
+            pipe.publish = sequence.unfilled() > 0;
             let previous = context.generated.last().or(context.prompt.last()).copied();
             let end = context.params.max_tokens;
             pipe.seat = Some(batcher.join(Arc::clone(&sequence), step, end, previous, context.priority));
@@ -508,6 +515,9 @@ impl Run<'_> {
         match seat.next().await {
             Ok(Stepped { token, idle: waited }) => {
                 *idle += waited;
+                if std::mem::take(&mut pipe.publish) {
+                    publish(kv, context.prompt)?; // the passes computed the context before this token
+                }
                 Ok(token)
             }
             Err(StepFailure::Engine(error)) => Err(Failure::Engine(error)),
@@ -825,4 +835,13 @@ fn fitted_max_tokens(request: &Request, plan: &MemoryPlan, prompt_tokens: usize)
     let room = u64::from(plan.max_context_tokens).checked_sub(prompt_tokens as u64)?;
     let room = u32::try_from(room).expect("at most the context");
     (request.fit_to_context && room > 0 && room < request.params.max_tokens).then_some(room)
+}
+
+/// Publishes the full blocks of a paged sequence's prompt, whose kv (but the last token's, the first
+/// step's) is computed.
+fn publish(kv: &mut KvCache, prompt: &[TokenId]) -> Result<(), Failure> {
+    if let Some((space, table)) = &mut kv.paged {
+        space.publish(table, &prompt[..prompt.len().saturating_sub(1)]).map_err(Failure::Memory)?;
+    }
+    Ok(())
 }

@@ -19,13 +19,14 @@
 //! holds together and is the loaded model's; text survives tokenizing and detokenizing; the same seed
 //! gives the same text; `max_tokens` and stop sequences are honoured; bad parameters and a context
 //! overflow are typed errors from `prefill`; decoding with the prepare stage of step N+1 running during
-//! the compute stage of step N gives the same tokens as one stage after the other; sequences stepped
-//! together through `compute_batch` get the tokens each gets alone; and a generation resumed after a
-//! break goes on with the tokens the unbroken one had.
+//! the compute stage of step N gives the same tokens as one stage after the other; sequences opened and
+//! run together through `compute_pass` (their contexts in chunks, where the model prefills in passes)
+//! get the tokens each gets alone; and a generation resumed after a break goes on with the tokens the
+//! unbroken one had.
 
 use std::sync::Mutex;
 
-use crate::engine::{BatchStep, Engine, LoadedModel, Prefill, Sequence};
+use crate::engine::{BatchStep, Engine, Fill, LoadedModel, Prefill, Sequence};
 use crate::error::{EngineError, ErrorKind};
 use crate::generate::generate;
 use crate::types::{CompiledGraph, FinishReason, GenerationParams, ModelSpec, Progress, TokenId};
@@ -194,11 +195,24 @@ async fn stop_sequences(model: &dyn LoadedModel, params: &GenerationParams, text
     })
 }
 
-/// Steps three sequences (other seeds, other prompt lengths) together through
-/// [`LoadedModel::compute_batch`], in batches of at most [`LoadedModel::max_batch`], and checks each
-/// gets the tokens it gets alone; the sequences leave the batch as they end.
+/// Opens three sequences (other seeds, other prompt lengths) and runs them together through
+/// [`LoadedModel::compute_pass`], at most [`LoadedModel::max_batch`] sequences and
+/// [`LoadedModel::max_pass_tokens`] tokens a pass: where the model prefills in passes, their contexts in
+/// chunks of several sizes beside the others' steps. Checks each gets the tokens it gets alone, and
+/// that its unfilled count falls by each chunk; the sequences leave the passes as they end.
 async fn batched(model: &dyn LoadedModel, tokens: &[TokenId], params: &GenerationParams) -> Result<(), Failure> {
     const CHECK: &str = "batching";
+    /// A sequence, its last token, its tokens so far, its next step, its unfilled tokens and those
+    /// filled, and whether it ended.
+    struct Running {
+        sequence: std::sync::Arc<dyn Sequence>,
+        previous: Option<TokenId>,
+        out: Vec<TokenId>,
+        step: u32,
+        unfilled: usize,
+        filled: usize,
+        done: bool,
+    }
     let inputs: Vec<(usize, GenerationParams)> = (0..3_u64)
         .map(|index| {
             let prompt = tokens.len() - usize::try_from(index).expect("small") % tokens.len();
@@ -209,42 +223,75 @@ async fn batched(model: &dyn LoadedModel, tokens: &[TokenId], params: &Generatio
     for (prompt, params) in &inputs {
         alone.push(decode(model, &tokens[..*prompt], &[], params, false).await?);
     }
-    /// A sequence, its last token, its tokens so far, and whether it ended.
-    type Running = (std::sync::Arc<dyn Sequence>, Option<TokenId>, Vec<TokenId>, bool);
     let mut sequences: Vec<Running> = Vec::new();
     for (prompt, params) in &inputs {
         let input = Prefill::new(&model.memory_plan(), &tokens[..*prompt], &[], params).map_err(engine_error(CHECK))?;
-        let sequence = model.prefill(input).await.map_err(engine_error(CHECK))?;
-        sequences.push((sequence.into(), tokens[..*prompt].last().copied(), Vec::new(), false));
+        let sequence: std::sync::Arc<dyn Sequence> = model.open(input).await.map_err(engine_error(CHECK))?.into();
+        let unfilled = sequence.unfilled();
+        ensure(CHECK, unfilled < (*prompt).max(1), || format!("{unfilled} unfilled of a prompt of {prompt}"))?;
+        let previous = tokens[..*prompt].last().copied();
+        sequences.push(Running { sequence, previous, out: Vec::new(), step: 0, unfilled, filled: 0, done: false });
     }
-    let most = model.max_batch().max(1);
-    for step in 0..params.max_tokens {
-        let live: Vec<usize> = (0..sequences.len()).filter(|&index| !sequences[index].3).collect();
-        for chunk in live.chunks(most) {
-            let mut steps = Vec::with_capacity(chunk.len());
-            for &index in chunk {
-                let (sequence, previous, ..) = &sequences[index];
-                let prepared = sequence.prepare(step).await.map_err(engine_error(CHECK))?;
-                steps.push(BatchStep { sequence: std::sync::Arc::clone(sequence), prepared, previous: *previous });
+    let (most, budget) = (model.max_batch().max(1), model.max_pass_tokens().max(1));
+    for pass in 0.. {
+        let (mut fills, mut filling, mut steps, mut stepping) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut used = 0;
+        for (index, running) in sequences.iter().enumerate().filter(|(_, running)| !running.done) {
+            if fills.len() + steps.len() == most || used == budget {
+                break;
             }
-            let results = model.compute_batch(steps).await;
-            ensure(CHECK, results.len() == chunk.len(), || {
-                format!("{} results for {} steps", results.len(), chunk.len())
+            if running.filled < running.unfilled {
+                // Chunks of 1 to 5 tokens, changing from pass to pass.
+                let chunk = (1 + (index + pass) % 5).min(running.unfilled - running.filled).min(budget - used);
+                let sequence = std::sync::Arc::clone(&running.sequence);
+                fills.push(Fill { sequence, done: running.filled, tokens: chunk });
+                filling.push((index, chunk));
+                used += chunk;
+            } else {
+                let prepared = running.sequence.prepare(running.step).await.map_err(engine_error(CHECK))?;
+                let sequence = std::sync::Arc::clone(&running.sequence);
+                steps.push(BatchStep { sequence, prepared, previous: running.previous });
+                stepping.push(index);
+                used += 1;
+            }
+        }
+        if stepping.is_empty() && filling.is_empty() {
+            break;
+        }
+        let (filled, results) = model.compute_pass(fills, steps).await;
+        ensure(CHECK, results.len() == stepping.len() && filled.len() == filling.len(), || {
+            format!(
+                "{} and {} results for {} steps and {} fills",
+                results.len(),
+                filled.len(),
+                stepping.len(),
+                filling.len()
+            )
+        })?;
+        for (&(index, chunk), result) in filling.iter().zip(filled) {
+            result.map_err(engine_error(CHECK))?;
+            let running = &mut sequences[index];
+            running.filled += chunk;
+            let left = running.sequence.unfilled();
+            ensure(CHECK, left == running.unfilled - running.filled, || {
+                format!("{left} unfilled after {} of {}", running.filled, running.unfilled)
             })?;
-            for (&index, result) in chunk.iter().zip(results) {
-                let token = result.map_err(engine_error(CHECK))?;
-                let (_, previous, out, done) = &mut sequences[index];
-                if token.end_of_sequence {
-                    *done = true;
-                } else {
-                    out.push(token.id);
-                    *previous = Some(token.id);
-                }
+        }
+        for (&index, result) in stepping.iter().zip(results) {
+            let token = result.map_err(engine_error(CHECK))?;
+            let running = &mut sequences[index];
+            running.step += 1;
+            if token.end_of_sequence {
+                running.done = true;
+            } else {
+                running.out.push(token.id);
+                running.previous = Some(token.id);
+                running.done = running.step == params.max_tokens;
             }
         }
     }
-    for ((_, _, out, _), alone) in sequences.iter().zip(&alone) {
-        ensure(CHECK, out == alone, || format!("batched {out:?}, alone {alone:?}"))?;
+    for (running, alone) in sequences.iter().zip(&alone) {
+        ensure(CHECK, &running.out == alone, || format!("batched {:?}, alone {alone:?}", running.out))?;
     }
     Ok(())
 }

@@ -89,6 +89,33 @@ pub trait LoadedModel: Send + Sync {
         1
     }
 
+    /// Most tokens one [`compute_pass`](Self::compute_pass) takes: a step counts one, a fill its
+    /// tokens. By default [`max_batch`](Self::max_batch).
+    fn max_pass_tokens(&self) -> usize {
+        self.max_batch()
+    }
+
+    /// Starts a sequence as [`prefill`](Self::prefill) does, except where the model prefills in passes:
+    /// then it computes none of the context, and the sequence's [`Sequence::unfilled`] tokens are
+    /// computed in chunks ([`Fill`]) by [`compute_pass`](Self::compute_pass), mixed with other
+    /// sequences' steps, before its first step can run. By default, [`prefill`](Self::prefill).
+    async fn open(&self, input: Prefill<'_>) -> Result<Box<dyn Sequence>, EngineError> {
+        self.prefill(input).await
+    }
+
+    /// One pass of `fills` (each a chunk of an opened sequence's context, at most one per sequence) and
+    /// `steps` (as [`compute_batch`](Self::compute_batch) takes them, none of a sequence still
+    /// unfilled), at most [`max_pass_tokens`](Self::max_pass_tokens) in all: each fill's outcome, then
+    /// each step's token, in their orders. By default the steps go to
+    /// [`compute_batch`](Self::compute_batch), and a fill fails: a model that does not override this
+    /// opens no sequence with anything unfilled.
+    async fn compute_pass(&self, fills: Vec<Fill>, steps: Vec<BatchStep>) -> PassOutcome {
+        let refused = |_: Fill| Err(EngineError::Fatal { message: "this model does not prefill in passes".to_owned() });
+        let filled = fills.into_iter().map(refused).collect();
+        let tokens = if steps.is_empty() { Vec::new() } else { self.compute_batch(steps).await };
+        (filled, tokens)
+    }
+
     /// Runs the compute stage of each of `steps` (sequences of this model, at most
     /// [`max_batch`](Self::max_batch), each at most once) and returns their tokens in the same order:
     /// for each, what its [`Sequence::compute`] would have returned. An engine that batches reads its
@@ -106,6 +133,27 @@ pub async fn compute_each(steps: Vec<BatchStep>) -> Vec<Result<Token, EngineErro
         tokens.push(sequence.compute(prepared, previous).await);
     }
     tokens
+}
+
+/// What a [`LoadedModel::compute_pass`] returns: each fill's outcome, then each step's token.
+pub type PassOutcome = (Vec<Result<(), EngineError>>, Vec<Result<Token, EngineError>>);
+
+/// A chunk of an opened sequence's context in a [`LoadedModel::compute_pass`]: of its
+/// [`Sequence::unfilled`] tokens, `done` were computed by earlier passes, and this pass computes the
+/// next `tokens` (at least one; `done + tokens` at most the unfilled).
+pub struct Fill {
+    /// The sequence (shared: the executor's scheduler holds it between passes).
+    pub sequence: std::sync::Arc<dyn Sequence>,
+    /// Its unfilled tokens computed before this pass.
+    pub done: usize,
+    /// Its unfilled tokens this pass computes.
+    pub tokens: usize,
+}
+
+impl std::fmt::Debug for Fill {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fill").field("done", &self.done).field("tokens", &self.tokens).finish()
+    }
 }
 
 /// One sequence's step in a [`LoadedModel::compute_batch`]: what its [`Sequence::compute`] takes.
@@ -240,6 +288,13 @@ pub trait Sequence: Any + Send + Sync {
     /// keeps its own kv-cache (the default).
     fn set_blocks(&self, ids: &[u32]) {
         let _ = ids;
+    }
+
+    /// Context tokens still to compute before the first step can run: those of a sequence that a model
+    /// prefilling in passes [opened](LoadedModel::open), for [`LoadedModel::compute_pass`] to fill.
+    /// None by default (a prefill computes the whole context).
+    fn unfilled(&self) -> usize {
+        0
     }
 
     /// The prepare stage of `step`.

@@ -14,8 +14,8 @@ mod zero;
 
 pub use chat::{Message, Role, render_plain};
 pub use engine::{
-    BatchStep, Blocks, Detokenizer, Engine, LoadedModel, Prefill, Prepared, Sequence, check_graph, check_spec,
-    compute_each,
+    BatchStep, Blocks, Detokenizer, Engine, Fill, LoadedModel, PassOutcome, Prefill, Prepared, Sequence, check_graph,
+    check_spec, compute_each,
 };
 pub use error::{EngineError, ErrorKind};
 pub use generate::{check_context, generate, prefill};

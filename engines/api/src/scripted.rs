@@ -10,7 +10,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::time::Instant;
 
-use crate::engine::{BatchStep, Detokenizer, Engine, LoadedModel, Prefill, Prepared, Sequence};
+use crate::engine::{BatchStep, Detokenizer, Engine, Fill, LoadedModel, PassOutcome, Prefill, Prepared, Sequence};
 use crate::error::EngineError;
 use crate::types::{CompiledGraph, EngineDescriptor, MemoryPlan, ModelSpec, ProgressSink, Token, TokenId};
 use crate::zero::ZeroEngine;
@@ -35,6 +35,10 @@ pub struct Script {
     pub batch: Option<Batching>,
     /// The model pages its kv-cache in blocks of this many tokens (`None`: each sequence keeps its own).
     pub kv_block_tokens: Option<u32>,
+    /// Where the model batches, it prefills in passes: [`LoadedModel::open`] computes nothing (it takes
+    /// no `prefill` time), and each context token a pass fills adds this to the pass's time (`None`:
+    /// a sequence is prefilled whole).
+    pub fill: Option<Duration>,
     /// Each stage of a sequence pays back the timer's overshoot of its earlier waits (measured inside
     /// each wait), so that a benchmark on a real clock keeps the script's pace.
     pub paced: bool,
@@ -56,6 +60,8 @@ pub struct Script {
     pub prefills: Vec<(usize, usize, u32)>,
     /// Log: computes started.
     pub computes: u32,
+    /// Log: every pass that filled contexts, as each fill's tokens, and the steps beside them.
+    pub passes: Vec<(Vec<usize>, usize)>,
     /// Log: the kv blocks of every paged prefill (their ids, and how many leading tokens were cached),
     /// and then each time its sequence's blocks grew.
     pub blocks: Vec<(Vec<u32>, usize)>,
@@ -167,7 +173,80 @@ impl LoadedModel for ScriptedModel {
         tokio::time::sleep(delay).await;
         let inner = self.inner.prefill(input).await?;
         let debts = paced.then(|| Mutex::new([Duration::ZERO; 2]));
-        Ok(Box::new(ScriptedSequence { inner, script: self.script.clone(), debts }))
+        Ok(Box::new(ScriptedSequence { inner, script: self.script.clone(), debts, unfilled: 0, filled: 0.into() }))
+    }
+
+    /// Where the script fills in passes: the context but its last token, less the cached tokens, left
+    /// unfilled, at no cost now.
+    async fn open(&self, input: Prefill<'_>) -> Result<Box<dyn Sequence>, EngineError> {
+        let fills = {
+            let script = self.script.lock();
+            script.fill.is_some() && script.batch.is_some()
+        };
+        if !fills {
+            return self.prefill(input).await;
+        }
+        let paced = {
+            let mut script = self.script.lock();
+            script.prefills.push((input.prompt().len(), input.generated().len(), input.params().max_tokens));
+            if let Some(blocks) = input.blocks() {
+                script.blocks.push((blocks.ids.to_vec(), blocks.cached_tokens));
+            }
+            script.paced
+        };
+        let context = (input.prompt().len() + input.generated().len()).max(1);
+        let unfilled = (context - 1).saturating_sub(input.blocks().map_or(0, |blocks| blocks.cached_tokens));
+        let inner = self.inner.prefill(input).await?;
+        let debts = paced.then(|| Mutex::new([Duration::ZERO; 2]));
+        Ok(Box::new(ScriptedSequence { inner, script: self.script.clone(), debts, unfilled, filled: 0.into() }))
+    }
+
+    fn max_pass_tokens(&self) -> usize {
+        self.max_batch()
+    }
+
+    /// One pass: `compute`, `per_sequence` for each step after the first, `fill` for each filled token,
+    /// and the longest stall among the steps; then each step's faults, as its own compute would have.
+    async fn compute_pass(&self, fills: Vec<Fill>, steps: Vec<BatchStep>) -> PassOutcome {
+        let (batching, fill) = {
+            let script = self.script.lock();
+            (script.batch, script.fill)
+        };
+        let (Some(batching), Some(fill)) = (batching, fill) else {
+            let refused = |_| Err(EngineError::Fatal { message: "this model does not prefill in passes".to_owned() });
+            return (fills.into_iter().map(refused).collect(), self.compute_batch(steps).await);
+        };
+        let tokens: usize = fills.iter().map(|fill| fill.tokens).sum();
+        let delay = {
+            let mut script = self.script.lock();
+            if !fills.is_empty() {
+                script.passes.push((fills.iter().map(|fill| fill.tokens).collect(), steps.len()));
+            }
+            let filled = u32::try_from(tokens).unwrap_or(u32::MAX);
+            self.batch_delay(&mut script, &steps, batching) + fill * filled
+        };
+        tokio::time::sleep(delay).await;
+        let filled = fills
+            .iter()
+            .map(|fill| {
+                let any: &dyn std::any::Any = &*fill.sequence;
+                let own = any
+                    .downcast_ref::<ScriptedSequence>()
+                    .ok_or_else(|| EngineError::Fatal { message: "a fill of another model's sequence".to_owned() })?;
+                let done = own.filled.load(std::sync::atomic::Ordering::Acquire);
+                if fill.done != done || fill.tokens == 0 || done + fill.tokens > own.unfilled {
+                    return Err(EngineError::Fatal {
+                        message: format!(
+                            "a fill of {} at {} of {done} filled of {}",
+                            fill.tokens, fill.done, own.unfilled
+                        ),
+                    });
+                }
+                own.filled.fetch_add(fill.tokens, std::sync::atomic::Ordering::AcqRel);
+                Ok(())
+            })
+            .collect();
+        (filled, self.step_each(steps).await)
     }
 
     fn kv_block_tokens(&self) -> Option<u32> {
@@ -184,18 +263,28 @@ impl LoadedModel for ScriptedModel {
         let Some(batching) = self.script.lock().batch else {
             return crate::engine::compute_each(steps).await;
         };
-        let delay = {
-            let mut script = self.script.lock();
-            script.computes += u32::try_from(steps.len()).unwrap_or(u32::MAX);
-            let stall = steps
-                .iter()
-                .filter_map(|step| script.stall.filter(|&(at, _)| at == step.prepared.step()).map(|(_, d)| d))
-                .max()
-                .unwrap_or_default();
-            let others = u32::try_from(steps.len().saturating_sub(1)).unwrap_or(u32::MAX);
-            script.compute + batching.per_sequence * others + stall
-        };
+        let delay = self.batch_delay(&mut self.script.lock(), &steps, batching);
         tokio::time::sleep(delay).await;
+        self.step_each(steps).await
+    }
+}
+
+impl ScriptedModel {
+    /// A batched pass of `steps`: `compute`, `per_sequence` for each after the first, and the longest
+    /// stall among them (each step's compute counted).
+    fn batch_delay(&self, script: &mut Script, steps: &[BatchStep], batching: Batching) -> Duration {
+        script.computes += u32::try_from(steps.len()).unwrap_or(u32::MAX);
+        let stall = steps
+            .iter()
+            .filter_map(|step| script.stall.filter(|&(at, _)| at == step.prepared.step()).map(|(_, d)| d))
+            .max()
+            .unwrap_or_default();
+        let others = u32::try_from(steps.len().saturating_sub(1)).unwrap_or(u32::MAX);
+        script.compute + batching.per_sequence * others + stall
+    }
+
+    /// Each step's token once its pass's time is up, or the fault the script injects there.
+    async fn step_each(&self, steps: Vec<BatchStep>) -> Vec<Result<Token, EngineError>> {
         let mut tokens = Vec::with_capacity(steps.len());
         for BatchStep { sequence, prepared, previous } in steps {
             let any: &dyn std::any::Any = &*sequence;
@@ -233,6 +322,9 @@ struct ScriptedSequence {
     script: ScriptHandle,
     /// Paced: each stage's timer overshoot not yet paid back (prepare, compute).
     debts: Option<Mutex<[Duration; 2]>>,
+    /// Context tokens an opened sequence's passes fill, and those filled.
+    unfilled: usize,
+    filled: std::sync::atomic::AtomicUsize,
 }
 
 const PREPARE: usize = 0;
@@ -259,6 +351,10 @@ impl ScriptedSequence {
 impl Sequence for ScriptedSequence {
     fn set_blocks(&self, ids: &[u32]) {
         self.script.lock().blocks.push((ids.to_vec(), 0));
+    }
+
+    fn unfilled(&self) -> usize {
+        self.unfilled - self.filled.load(std::sync::atomic::Ordering::Acquire)
     }
 
     async fn prepare(&self, step: u32) -> Result<Prepared, EngineError> {

@@ -21,9 +21,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use usine_engine::{
-    BatchStep, CompiledGraph, Detokenizer, Device, Engine, EngineDescriptor, EngineError, GenerationParams,
-    LoadedModel, MemoryPlan, Message, ModelSpec, Prefill, Prepared, Progress, ProgressSink, Sequence, Token, TokenId,
-    check_graph, check_spec, render_plain,
+    BatchStep, CompiledGraph, Detokenizer, Device, Engine, EngineDescriptor, EngineError, Fill, GenerationParams,
+    LoadedModel, MemoryPlan, Message, ModelSpec, PassOutcome, Prefill, Prepared, Progress, ProgressSink, Sequence,
+    Token, TokenId, check_graph, check_spec, render_plain,
 };
 
 pub use config::{Architecture, Config};
@@ -537,7 +537,7 @@ impl LoadedModel for CandleModel {
         if steps.len() == 1 {
             return usine_engine::compute_each(steps).await;
         }
-        match self.compute_together(&steps).await {
+        match self.compute_together(&[], &steps).await {
             Ok(tokens) => tokens.into_iter().map(Ok).collect(),
             Err(error) => steps.iter().map(|_| Err(error.clone())).collect(),
         }
@@ -554,6 +554,37 @@ impl LoadedModel for CandleModel {
     }
 
     async fn prefill(&self, input: Prefill<'_>) -> Result<Box<dyn Sequence>, EngineError> {
+        self.start(input, true).await
+    }
+
+    /// The sequence with its kv-cache, its context computed by [`compute_pass`](Self::compute_pass).
+    async fn open(&self, input: Prefill<'_>) -> Result<Box<dyn Sequence>, EngineError> {
+        self.start(input, false).await
+    }
+
+    fn max_pass_tokens(&self) -> usize {
+        model::PREFILL_CHUNK
+    }
+
+    /// Fills and steps in one pass: every product reads each weight once for all their tokens.
+    async fn compute_pass(&self, fills: Vec<Fill>, steps: Vec<BatchStep>) -> PassOutcome {
+        if fills.is_empty() {
+            return (Vec::new(), self.compute_batch(steps).await);
+        }
+        match self.compute_together(&fills, &steps).await {
+            Ok(tokens) => (fills.iter().map(|_| Ok(())).collect(), tokens.into_iter().map(Ok).collect()),
+            Err(error) => {
+                (fills.iter().map(|_| Err(error.clone())).collect(), steps.iter().map(|_| Err(error.clone())).collect())
+            }
+        }
+    }
+}
+
+impl CandleModel {
+    /// A sequence of `input` with its kv-cache, the context but its last token (the first step's input)
+    /// computed now if `now`, else left to passes ([`Sequence::unfilled`]); tokens the paged blocks
+    /// hold already are not computed again.
+    async fn start(&self, input: Prefill<'_>, now: bool) -> Result<Box<dyn Sequence>, EngineError> {
         let (prompt, generated, params) = (input.prompt(), input.generated(), input.params());
         debug_assert!(input.capacity() <= self.plan.max_context_tokens as usize, "checked against another plan");
         // An empty prompt starts from the end-of-sequence token, which takes position 0; a resume of it
@@ -572,7 +603,7 @@ impl LoadedModel for CandleModel {
         // A paged sequence's kv goes to the model's arena through its blocks, whose first tokens may be
         // cached already; another's to a cache of its own, allocated now.
         let paged = input.blocks().map(|blocks| (self.arena.view(blocks.ids), blocks.cached_tokens));
-        let (model, cache) = blocking(move || {
+        let (model, cache, cached, context) = blocking(move || {
             let (cache, cached) = match paged {
                 Some(paged) => paged,
                 None => {
@@ -582,44 +613,64 @@ impl LoadedModel for CandleModel {
                     (cache, 0)
                 }
             };
-            // The context but its last token (the first step's input), less what is cached. A pass per
-            // chunk of tokens on the engine's threads, so that other sequences' steps interleave.
-            if base > cached {
+            // A pass per chunk of tokens on the engine's threads, so that other sequences' steps
+            // interleave.
+            if now && base > cached {
                 let stop = || cancelled.load(std::sync::atomic::Ordering::Relaxed);
                 model.prefill(&team, &context[cached..base], cached, &cache, &stop)?;
             }
-            Ok((model, cache))
+            Ok((model, cache, cached, context))
         })
         .await?;
         drop(guard);
-        let first_step = input.first_step();
-        let team = Arc::clone(&self.team);
+        let unfilled = if now { Vec::new() } else { context.get(cached..base).unwrap_or_default().to_vec() };
         Ok(Box::new(CandleSequence {
             model,
             cache: std::sync::Mutex::new(Arc::new(cache)),
             arena: input.blocks().map(|_| Arc::clone(&self.arena)),
-            team,
+            team: Arc::clone(&self.team),
             base,
-            first_step,
+            first_step: input.first_step(),
             params: params.clone(),
             end_of_generation: Arc::clone(&self.end_of_generation),
+            unfilled,
+            filled: std::sync::atomic::AtomicUsize::new(0),
         }))
     }
-}
 
-impl CandleModel {
-    /// One pass for `steps`, each a sequence of this model's: its token at its position, every product
-    /// reading each weight once for all, each token sampled as its own compute samples it.
-    async fn compute_together(&self, steps: &[BatchStep]) -> Result<Vec<Token>, EngineError> {
+    /// `sequence` as this model's own.
+    fn own<'s>(&self, sequence: &'s Arc<dyn Sequence>) -> Result<&'s CandleSequence, EngineError> {
+        let any: &dyn std::any::Any = &**sequence;
+        any.downcast_ref::<CandleSequence>()
+            .filter(|sequence| Arc::ptr_eq(&sequence.model, &self.model))
+            .ok_or_else(|| EngineError::Fatal { message: "a pass with another model's sequence".to_owned() })
+    }
+
+    /// One pass for `fills` and `steps`, each of a sequence of this model's: the fills' tokens at their
+    /// positions, each step's token at its position, every product reading each weight once for all,
+    /// each step's token sampled as its own compute samples it.
+    async fn compute_together(&self, fills: &[Fill], steps: &[BatchStep]) -> Result<Vec<Token>, EngineError> {
+        let mut chunks = Vec::with_capacity(fills.len());
+        for fill in fills {
+            let sequence = self.own(&fill.sequence)?;
+            let filled = sequence.filled.load(std::sync::atomic::Ordering::Acquire);
+            let end = fill.done + fill.tokens;
+            if fill.done != filled || end > sequence.unfilled.len() {
+                return Err(EngineError::Fatal {
+                    message: format!(
+                        "a fill of tokens {}..{end} of a sequence with {filled} of {} filled",
+                        fill.done,
+                        sequence.unfilled.len()
+                    ),
+                });
+            }
+            let start = sequence.base - sequence.unfilled.len() + fill.done;
+            chunks.push((sequence.unfilled[fill.done..end].to_vec(), start, sequence.cache()));
+        }
         let mut batch = Vec::with_capacity(steps.len());
         for step in steps {
-            let any: &dyn std::any::Any = &*step.sequence;
-            let sequence = any
-                .downcast_ref::<CandleSequence>()
-                .filter(|sequence| Arc::ptr_eq(&sequence.model, &self.model))
-                .ok_or_else(|| EngineError::Fatal {
-                    message: "a batched step of another model's sequence".to_owned(),
-                })?;
+            let sequence = self.own(&step.sequence)?;
+            sequence.check_filled()?;
             let position = *step.prepared.data::<usize>().ok_or_else(|| EngineError::Fatal {
                 message: format!("step {} was prepared by another engine's sequence", step.prepared.step()),
             })?;
@@ -633,16 +684,21 @@ impl CandleModel {
             ));
         }
         let (model, team) = (Arc::clone(&self.model), Arc::clone(&self.team));
-        blocking(move || {
+        let tokens = blocking(move || {
+            let fills: Vec<_> = chunks.iter().map(|(tokens, start, cache)| (&tokens[..], *start, &**cache)).collect();
             let inputs: Vec<_> =
                 batch.iter().map(|(token, position, cache, ..)| (*token, *position, &**cache)).collect();
-            model.forward_batch(&team, &inputs, |index, logits| {
+            model.forward_pass(&team, &fills, &inputs, |index, logits| {
                 let (.., params, step, end) = &batch[index];
                 let id = sample::sample(logits, params, *step);
                 Token { id, end_of_sequence: end.contains(&id) }
             })
         })
-        .await
+        .await?;
+        for fill in fills {
+            self.own(&fill.sequence)?.filled.fetch_add(fill.tokens, std::sync::atomic::Ordering::AcqRel);
+        }
+        Ok(tokens)
     }
 }
 
@@ -684,12 +740,24 @@ struct CandleSequence {
     first_step: u32,
     params: GenerationParams,
     end_of_generation: Arc<[TokenId]>,
+    /// The context tokens an opened sequence has its passes compute (positions up to `base`), and how
+    /// many of them they have.
+    unfilled: Vec<TokenId>,
+    filled: std::sync::atomic::AtomicUsize,
 }
 
 impl CandleSequence {
     /// Its kv-cache as it is now.
     fn cache(&self) -> Arc<KvCache> {
         Arc::clone(&self.cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    /// Refuses a step while context tokens are still unfilled (their kv is not there yet).
+    fn check_filled(&self) -> Result<(), EngineError> {
+        match self.unfilled() {
+            0 => Ok(()),
+            left => Err(EngineError::Fatal { message: format!("a step with {left} context tokens unfilled") }),
+        }
     }
 }
 
@@ -700,6 +768,10 @@ impl Sequence for CandleSequence {
         if let Some(arena) = &self.arena {
             *self.cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(arena.view(ids));
         }
+    }
+
+    fn unfilled(&self) -> usize {
+        self.unfilled.len() - self.filled.load(std::sync::atomic::Ordering::Acquire)
     }
 
     async fn prepare(&self, step: u32) -> Result<Prepared, EngineError> {
@@ -714,6 +786,7 @@ impl Sequence for CandleSequence {
         let position = *prepared.data::<usize>().ok_or_else(|| EngineError::Fatal {
             message: format!("step {step} was prepared by another engine's sequence"),
         })?;
+        self.check_filled()?;
         let (model, cache, team) = (Arc::clone(&self.model), self.cache(), Arc::clone(&self.team));
         let logits = blocking(move || model.forward(&team, previous, position, &cache)).await?;
         let id = sample::sample(&logits, &self.params, step);

@@ -409,16 +409,42 @@ impl Model {
     /// position and its sequence's cache) in one pass whose products read each weight once for all, and
     /// returns `choose` applied to each one's logits (in `batch`'s order): the logits are those
     /// [`forward`](Self::forward) gives each alone, to the bit. At most [`PREFILL_CHUNK`] sequences.
+    #[cfg(test)]
     pub(crate) fn forward_batch<T: Send>(
         &self,
         team: &Team,
         batch: &[(Option<u32>, usize, &KvCache)],
         choose: impl Fn(usize, &[f32]) -> T + Sync,
     ) -> Result<Vec<T>, EngineError> {
-        if batch.is_empty() || batch.len() > PREFILL_CHUNK {
+        self.forward_pass(team, &[], batch, choose)
+    }
+
+    /// [`forward_batch`](Self::forward_batch) with chunks of other sequences' contexts in the same pass
+    /// (`fills`: tokens, the position of the first, and the sequence's cache), whose keys and values
+    /// it writes as [`prefill`](Self::prefill) would, to the bit, and whose logits nobody needs. At
+    /// most [`PREFILL_CHUNK`] tokens in all, at least one.
+    pub(crate) fn forward_pass<T: Send>(
+        &self,
+        team: &Team,
+        fills: &[(&[u32], usize, &KvCache)],
+        batch: &[(Option<u32>, usize, &KvCache)],
+        choose: impl Fn(usize, &[f32]) -> T + Sync,
+    ) -> Result<Vec<T>, EngineError> {
+        let total = batch.len() + fills.iter().map(|(tokens, ..)| tokens.len()).sum::<usize>();
+        if total == 0 || total > PREFILL_CHUNK || fills.iter().any(|(tokens, ..)| tokens.is_empty()) {
             return Err(EngineError::Fatal {
-                message: format!("a batch of {} sequences (1 to {PREFILL_CHUNK})", batch.len()),
+                message: format!("a pass of {total} tokens (1 to {PREFILL_CHUNK}, each fill at least one)"),
             });
+        }
+        let mut filled = Vec::with_capacity(fills.len());
+        for &(tokens, start, cache) in fills {
+            let end = start + tokens.len();
+            if end > cache.capacity || end > self.config.context {
+                return Err(EngineError::Fatal {
+                    message: format!("positions {start}..{end} in a kv-cache of {} tokens", cache.capacity),
+                });
+            }
+            filled.push(self.checked_tokens(tokens)?);
         }
         let mut tokens = Vec::with_capacity(batch.len());
         for &(token, position, cache) in batch {
@@ -430,18 +456,23 @@ impl Model {
             tokens.push(token.unwrap_or_else(|| self.start_token()));
         }
         let tokens = self.checked_tokens(&tokens)?;
-        let segments: Vec<Segment<'_>> = batch
+        let segments: Vec<Segment<'_>> = fills
             .iter()
-            .zip(&tokens)
-            .map(|(&(_, start, cache), token)| Segment { tokens: std::slice::from_ref(token), start, cache })
+            .zip(&filled)
+            .map(|(&(_, start, cache), tokens)| Segment { tokens, start, cache })
+            .chain(batch.iter().zip(&tokens).map(|(&(_, start, cache), token)| Segment {
+                tokens: std::slice::from_ref(token),
+                start,
+                cache,
+            }))
             .collect();
-        let width = self.config.batch_exchange_width(batch.len(), LOGITS_GROUP);
+        let width = self.config.batch_exchange_width(total, LOGITS_GROUP);
         team.run(width, &self.batch_tuner, |rank| {
             let last = self.pass_segments(rank, &segments)?;
             // The logits a group of sequences at a time, so that the widest exchange holds a group's, not
             // the whole batch's; only the first thread keeps what `choose` makes of them.
-            let mut chosen = Vec::with_capacity(if rank.is_first() { last.len() } else { 0 });
-            for (group, hs) in last.chunks(LOGITS_GROUP).enumerate() {
+            let mut chosen = Vec::with_capacity(if rank.is_first() { batch.len() } else { 0 });
+            for (group, hs) in last[fills.len()..].chunks(LOGITS_GROUP).enumerate() {
                 let logits = rank.matmul(&self.output, hs)?;
                 if rank.is_first() {
                     chosen.extend(
@@ -889,6 +920,67 @@ mod tests {
         assert!(model.forward_batch(&team, &[(Some(999), 0, &cache)], |_, _| ()).is_err(), "past the vocabulary");
         let many = vec![(Some(1), 0, &cache); PREFILL_CHUNK + 1];
         assert!(model.forward_batch(&team, &many, |_, _| ()).is_err(), "more than a pass's activations cover");
+    }
+
+    // Would catch: a chunk of a prompt in a pass writing other keys than its prefill would (a position
+    // shifted by the steps beside it, a row of another sequence's), a step's logits disturbed by the
+    // chunks before it, or a pass over the activations' bound accepted.
+    #[test]
+    fn a_pass_of_prompt_chunks_and_steps_writes_and_gives_what_each_alone_does_to_the_bit() {
+        let bytes = random_gguf(&presets()[0], 2, "q8_0", 3).unwrap();
+        let file = ModelFile::read(&bytes).unwrap();
+        let prompt: Vec<u32> = (0..23).map(|index| u32::try_from((index * 53 + 7) % 384).unwrap()).collect();
+        for threads in [1, 2] {
+            let team = Team::new(threads).unwrap();
+            let model = Model::new(&file, 64, team.tuner()).unwrap();
+            let new = || KvCache::new(&model.config, 32).unwrap();
+            // Alone: the prompt's prefill, then its next token; and a sequence's step at position 2.
+            let (alone, stepping_alone) = (new(), new());
+            model.prefill(&team, &prompt, 0, &alone, &|| false).unwrap();
+            let expected_next = model.forward(&team, Some(9), prompt.len(), &alone).unwrap();
+            for position in 0..2 {
+                model.forward(&team, Some(4), position, &stepping_alone).unwrap();
+            }
+            let expected_step = model.forward(&team, Some(5), 2, &stepping_alone).unwrap();
+            // Together: the prompt in chunks of 10, 9 and 4, beside the same steps of the other sequence.
+            let (filled, stepping) = (new(), new());
+            for position in 0..2 {
+                model.forward(&team, Some(4), position, &stepping).unwrap();
+            }
+            let mut start = 0;
+            for (index, size) in [10, 9, 4].into_iter().enumerate() {
+                let chunk = &prompt[start..start + size];
+                let at = 2 + index;
+                let token = if index == 0 { 5 } else { 6 };
+                let logits = model
+                    .forward_pass(&team, &[(chunk, start, &filled)], &[(Some(token), at, &stepping)], |_, logits| {
+                        logits.to_vec()
+                    })
+                    .unwrap();
+                if index == 0 {
+                    assert_eq!(logits, [expected_step.clone()], "the step beside a chunk, on {threads} threads");
+                }
+                start += size;
+            }
+            let next = model.forward(&team, Some(9), prompt.len(), &filled).unwrap();
+            assert_eq!(next, expected_next, "after a prompt filled in chunks, on {threads} threads");
+            // Chunks alone (no step): nothing to choose.
+            let only = model.forward_pass(&team, &[(&prompt[..3], 0, &new())], &[], |_, _| ()).unwrap();
+            assert!(only.is_empty());
+        }
+        let team = Team::new(1).unwrap();
+        let model = Model::new(&file, 64, team.tuner()).unwrap();
+        let cache = KvCache::new(&model.config, 4).unwrap();
+        let none: [(Option<u32>, usize, &KvCache); 0] = [];
+        let big = vec![1; PREFILL_CHUNK];
+        let wide = KvCache::new(&model.config, PREFILL_CHUNK + 1).unwrap();
+        let refused = |fills: &[(&[u32], usize, &KvCache)], steps: &[(Option<u32>, usize, &KvCache)]| {
+            model.forward_pass(&team, fills, steps, |_, _| ()).is_err()
+        };
+        assert!(refused(&[(&big, 0, &wide)], &[(Some(1), 0, &cache)]), "more tokens than a pass's activations cover");
+        assert!(refused(&[(&[], 0, &cache)], &none), "an empty chunk");
+        assert!(refused(&[(&[1, 2, 3], 2, &cache)], &none), "a chunk past the cache");
+        assert!(refused(&[(&[1, 999], 0, &cache)], &none), "a chunk past the vocabulary");
     }
 
     // Would catch: halves and adjacent pairs confused, or a rotation that changes a vector's length.

@@ -16,8 +16,8 @@
 //! - decode tokens/s: all the streams' tokens while they decode together, over that time: usine's
 //!   `decode_tokens_per_second` (the tokens that came while every stream was past its first token and
 //!   none had ended), the peer's (its steps after the prompts' batch). Prompts are left out: usine
-//!   prefills each prompt on its own (not yet mixed into the batched steps), llama.cpp all in one batch;
-//!   the first-token column shows what that costs.
+//!   fills them in chunks within its passes' token budget as the streams arrive, llama.cpp in one batch
+//!   of all; the first-token column shows each way's cost.
 //! - first token: usine's median generation's time to its first token, from its request; the peer's,
 //!   from the start of the prompts' batch to the first tokens of all the sequences.
 //! - mean batch: the sequences a batched step of usine advanced, on average. Over one stream it must be
