@@ -4,6 +4,11 @@
 //! the first token. The model is compiled and loaded from bytes in memory once per benchmark (those
 //! times are printed), not read from a file: for the file to the first token, and for llama.cpp on the
 //! same GGUF files (the same weights and seed), see `bench-peers`.
+//!
+//! `batched`: the aggregate of 1, 4 and 16 sequences stepped together through `compute_batch` (each
+//! weight read once a pass for all), 58 M at Q8_0 on two threads: all sequences' tokens over the
+//! [`BATCH_STEPS`] passes after their first, untimed; over the one-sequence figure, the gain batching
+//! brings. For it against llama.cpp's batch API in the same run, see `bench-peers --batch`.
 
 #![allow(clippy::unwrap_used, clippy::print_stderr, reason = "a benchmark's setup failing is a bug to see at once")]
 
@@ -12,7 +17,7 @@ use std::time::Instant;
 
 use divan::Bencher;
 use divan::counter::ItemsCount;
-use usine_engine::{Engine, GenerationParams, LoadedModel, ModelSpec, NoProgress};
+use usine_engine::{BatchStep, Engine, GenerationParams, LoadedModel, ModelSpec, NoProgress, Sequence, TokenId};
 use usine_engine_candle::{CandleEngine, NAME, PROFILE, Shape, WEIGHTS_OPTION, random_weights};
 
 fn main() {
@@ -25,6 +30,8 @@ const SIZES: [(&str, Shape); 2] = [
 ];
 /// Greedy tokens per sample, the first untimed.
 const TOKENS: u32 = 128;
+/// Timed passes per sample of `batched`.
+const BATCH_STEPS: u32 = 32;
 
 fn model(size: &str, quantization: &str, threads: usize) -> (tokio::runtime::Runtime, Arc<dyn LoadedModel>) {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
@@ -83,5 +90,44 @@ fn decode(bencher: Bencher<'_, '_>, size: &str, quantization: &str, threads: usi
                 }
             });
             sequence // dropped after the sample, untimed
+        });
+}
+
+#[divan::bench(args = [1, 4, 16], sample_count = 5, sample_size = 1)]
+fn batched(bencher: Bencher<'_, '_>, streams: usize) {
+    let (runtime, model) = model("58m", "q8_0", 2);
+    let prompt = model.tokenize("The kernel");
+    let count = u32::try_from(streams).unwrap() * BATCH_STEPS;
+    bencher
+        .counter(ItemsCount::new(count))
+        .with_inputs(|| {
+            runtime.block_on(async {
+                let mut running: Vec<(Arc<dyn Sequence>, TokenId)> = Vec::new();
+                for seed in 0..streams as u64 {
+                    let params = GenerationParams { max_tokens: BATCH_STEPS + 1, seed, ..GenerationParams::default() };
+                    let sequence: Arc<dyn Sequence> =
+                        usine_engine::prefill(model.as_ref(), &prompt, &[], &params).await.unwrap().into();
+                    let first =
+                        sequence.compute(sequence.prepare(0).await.unwrap(), prompt.last().copied()).await.unwrap();
+                    running.push((sequence, first.id));
+                }
+                running
+            })
+        })
+        .bench_local_values(|mut running| {
+            runtime.block_on(async {
+                for step in 1..=BATCH_STEPS {
+                    let mut steps = Vec::with_capacity(running.len());
+                    for (sequence, previous) in &running {
+                        let prepared = sequence.prepare(step).await.unwrap();
+                        steps.push(BatchStep { sequence: Arc::clone(sequence), prepared, previous: Some(*previous) });
+                    }
+                    let tokens = model.compute_batch(steps).await;
+                    for ((_, previous), token) in running.iter_mut().zip(tokens) {
+                        *previous = token.unwrap().id;
+                    }
+                }
+            });
+            running // dropped after the sample, untimed
         });
 }

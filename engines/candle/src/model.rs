@@ -397,7 +397,7 @@ impl Model {
             }
             let segment = Segment { tokens: chunk, start: start + index * PREFILL_CHUNK, cache };
             let width = self.config.chunk_exchange_width(chunk.len());
-            logits = team.run(width, &self.prefill_tuner, |rank| {
+            logits = team.run_tokens(width, (&self.prefill_tuner, chunk.len()), |rank| {
                 let last = self.pass_segments(rank, std::slice::from_ref(&segment))?;
                 rank.matvec(&self.output, &last[0])
             })?;
@@ -467,7 +467,9 @@ impl Model {
             }))
             .collect();
         let width = self.config.batch_exchange_width(total, LOGITS_GROUP);
-        team.run(width, &self.batch_tuner, |rank| {
+        // Passes with prompts' chunks are timed apart from steps alone, each per token.
+        let tuner = if fills.is_empty() { &self.batch_tuner } else { &self.prefill_tuner };
+        team.run_tokens(width, (tuner, total), |rank| {
             let last = self.pass_segments(rank, &segments)?;
             // The logits a group of sequences at a time, so that the widest exchange holds a group's, not
             // the whole batch's; only the first thread keeps what `choose` makes of them.

@@ -139,6 +139,18 @@ impl Team {
         tuner: &Mutex<Tuner>,
         pass: impl Fn(&Rank<'_>) -> Result<T, Abandoned> + Sync,
     ) -> Result<T, EngineError> {
+        self.run_tokens(width, (tuner, 1), pass)
+    }
+
+    /// [`run`](Self::run) for a pass of `tokens` tokens, whose time `tuner` takes per token: a tuner
+    /// whose passes vary in size (a batch's steps, a prompt's chunks beside them) compares like with
+    /// like, and a long pass does not look like a slowdown.
+    pub(crate) fn run_tokens<T: Send>(
+        &self,
+        width: usize,
+        (tuner, tokens): (&Mutex<Tuner>, usize),
+        pass: impl Fn(&Rank<'_>) -> Result<T, Abandoned> + Sync,
+    ) -> Result<T, EngineError> {
         let mut guard = self.exchange.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         // Always taken after the exchange's lock: passes are serialized by it, so this never waits.
         let mut tuner = tuner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -170,7 +182,7 @@ impl Team {
                 .expect("rank 0 is always active"),
             _ => run_rank(0),
         }));
-        tuner.record(started.elapsed());
+        tuner.record(started.elapsed() / u32::try_from(tokens.max(1)).unwrap_or(u32::MAX));
         match outcome {
             Ok(Ok(result)) => Ok(result),
             Ok(Err(Abandoned)) | Err(_) => {
