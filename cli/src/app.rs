@@ -280,12 +280,18 @@ impl App {
         kernel.register_engine(Arc::new(usine_engine_transformers::transformers(sim, threads(loaded))?));
         kernel.register_engine(Arc::new(ZeroEngine::with_plan(ZERO_PLAN)));
         #[cfg(feature = "candle")]
-        kernel.register_engine(Arc::new(
-            usine_engine_candle::CandleEngine::with_threads(
+        let device_option = {
+            let target = config.device.parse().map_err(|message: String| anyhow::anyhow!("device: {message}"))?;
+            let engine = usine_engine_candle::CandleEngine::with_target(
                 loaded.config.threads.unwrap_or_else(usine_engine_candle::default_threads),
+                target,
             )?
-            .with_builtin(candle::MODEL, candle::WEIGHTS),
-        ));
+            .with_builtin(candle::MODEL, candle::WEIGHTS);
+            // A graph compiled for a card holds its kernels: its key names the card.
+            let option = engine.kernels_key();
+            kernel.register_engine(Arc::new(engine));
+            option
+        };
         let catalog = Catalog::new(config)?;
         for model in &catalog.models {
             let mut spec = ModelSpec::new(&model.id, model.engine, model.profile);
@@ -297,6 +303,9 @@ impl App {
                 };
                 if let Some(tokens) = config.max_context {
                     spec.options.insert(usine_engine_candle::CONTEXT_OPTION.to_owned(), tokens.to_string());
+                }
+                if let Some(kernels) = &device_option {
+                    spec.options.insert(usine_engine_candle::DEVICE_OPTION.to_owned(), kernels.clone());
                 }
             }
             kernel.register_model(spec);

@@ -46,6 +46,9 @@ pub(crate) struct Config {
     pub(crate) weights_budget_mib: u64,
     /// Threads of the CPU engine; cores minus two, at least one, when unset.
     pub(crate) threads: Option<usize>,
+    /// Where the candle engine runs its passes: `auto` (an NVIDIA card where the build has the `cuda`
+    /// feature and the machine a card, else the CPU), `cpu`, `cuda` or `cuda:N`.
+    pub(crate) device: String,
     /// The longest context of a model file run by the candle engine, in tokens; the file's own when
     /// unset (a context shorter than the file's is a smaller memory plan).
     pub(crate) max_context: Option<u32>,
@@ -148,6 +151,7 @@ impl Default for Config {
             memory_budget_mib: 4096,
             weights_budget_mib: 16384,
             threads: None,
+            device: "auto".to_owned(),
             max_context: None,
             jitter: 0.05,
             max_tokens: 64,
@@ -204,6 +208,7 @@ pub(crate) const KEYS: &[&str] = &[
     "memory_budget_mib",
     "weights_budget_mib",
     "threads",
+    "device",
     "max_context",
     "jitter",
     "max_tokens",
@@ -464,6 +469,10 @@ impl Loaded {
         if !(1..=usine_executor::MAX_PASS_TOKENS).contains(&config.max_pass_tokens) {
             let expected = format!("1..={} tokens", usine_executor::MAX_PASS_TOKENS);
             return Err(outside("max_pass_tokens", config.max_pass_tokens.to_string(), &expected));
+        }
+        #[cfg(feature = "candle")]
+        if let Err(expected) = config.device.parse::<usine_engine_candle::Target>() {
+            return Err(outside("device", config.device.clone(), &expected));
         }
         if config.threads == Some(0) {
             return Err(outside("threads", "0".into(), "at least 1"));

@@ -55,7 +55,8 @@ pub struct ExecutorStats {
     pub retries: u64,
     /// Time compute stages sat idle waiting for prepare stages.
     pub pipeline_idle: Duration,
-    /// Batched steps run (each advancing one or more sequences of a model that batches).
+    /// Batched steps run (each advancing one or more sequences of a model that batches; a pass that
+    /// only computed prompts' chunks is not one).
     pub batches: u64,
     /// Sequence steps those advanced: over `batches`, the mean batch size.
     pub batched_steps: u64,

@@ -165,7 +165,9 @@ impl ExecutorMetrics {
     pub(crate) fn batch(&self, steps: usize, fills: usize, tokens: usize) {
         self.batch_size.record((steps + fills) as f64);
         self.pass_tokens.record(tokens as f64);
-        self.counts.batches.fetch_add(1, Ordering::Relaxed);
+        if steps > 0 {
+            self.counts.batches.fetch_add(1, Ordering::Relaxed); // a pass of prompt chunks only steps none
+        }
         self.counts.batched_steps.fetch_add(steps as u64, Ordering::Relaxed);
         self.counts.filled_tokens.fetch_add((tokens - steps) as u64, Ordering::Relaxed);
     }

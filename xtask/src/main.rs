@@ -9,6 +9,8 @@
 //! - `bench-peers`: the candle engine against llama.cpp (see `bench_peers.rs`); `--real` on models of real
 //!   shapes through the `usine` binary (see `bench_peers/real.rs`); `--batch` 1 to 64 generations at once,
 //!   usine's continuous batching against llama.cpp's batch API (see `bench_peers/batch.rs`).
+//! - `gpu`: the candle engine on an NVIDIA card: `--bundle` builds what the GPU machine runs, then
+//!   `gpu-bundle/xtask gpu` there checks and measures it (see `gpu.rs`).
 //! - `parity`: the candle engine's logits and greedy tokens against llama.cpp's, per architecture and
 //!   weight type (see `parity.rs`); `parity --bless` writes llama.cpp's logits on the smallest files into
 //!   the engine's test fixtures.
@@ -21,6 +23,7 @@ use anyhow::{Result, bail};
 mod bench_http;
 mod bench_peers;
 mod fleet;
+mod gpu;
 mod integration;
 mod model;
 mod parity;
@@ -38,6 +41,7 @@ const USAGE: &str = "usage: cargo xtask <verb>\n\nverbs:\n  tidy         check t
                      fleet        hosts sharing compiled graphs through a real redis-server: one compile for the fleet, Redis killed, paused, damaged; --bench: a graph's load from Redis against plain GETs and a compile\n  \
                      bench-http   tokens/s streamed through usine serve with the zero engine, 1 and 100 streams; --model FILE.gguf: a real model, 1 and 16 streams, and the time between events\n  \
                      bench-peers  the candle engine against llama.cpp on the same GGUF files (17M, 58M; Q8_0, Q4_0); --busy beside a process spinning on a core; --real: usine run on Qwen2.5-0.5B and TinyLlama-1.1B shapes (Q8_0, Q4_K_M), decode, prefill and cached load; --batch [--models 58m,qwen2.5-0.5b]: 1, 4, 16 and 64 generations at once, usine's batching against llama.cpp's\n  \
+                     gpu          the candle engine on an NVIDIA card: --bundle builds gpu-bundle/ here (usine with cuda, the model generator, this xtask); gpu-bundle/xtask gpu on the GPU machine checks the card's tokens against the CPU's and measures decode, batching and starts\n  \
                      parity       the candle engine's logits and greedy tokens against llama.cpp's, every weight type; tiny llama and qwen2, or --preset qwen2.5-0.5b|tinyllama-1.1b (2 layers); --bless rewrites the engine's test fixtures of llama.cpp's logits; with the tiny ones, the tokenizers and chat templates of every vocabulary (--tokenizers: only those)\n  \
                      train        train the candle engine's tiny byte-level llama (writes its committed weights)\n  \
                      publish      cargo publish --dry-run of every library crate, and a consumer crate outside the workspace built from their docs\n  \
@@ -125,6 +129,18 @@ fn main() -> Result<ExitCode> {
                 Some(other) => bail!("fleet takes `--bench` or nothing, not `{other}`"),
             }
         }
+        Some("gpu") => match std::env::args().nth(2).as_deref() {
+            Some("--bundle") => {
+                let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace root");
+                gpu::bundle(root)
+            }
+            None => gpu::run(None),
+            Some("--models") => match std::env::args().nth(3) {
+                Some(names) => gpu::run(Some(&names)),
+                None => bail!("gpu --models takes NAME,... (of PRESET-TYPE: 1b, 8b-q4_0)"),
+            },
+            Some(other) => bail!("gpu takes `--bundle`, `--models NAME,...` or nothing, not `{other}`"),
+        },
         Some("integration") => {
             let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace root");
             integration::run(root)

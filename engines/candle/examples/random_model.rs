@@ -3,7 +3,8 @@
 //! - `random_model 17m|58m|tiny OUT.safetensors`: usine's own byte-level model of that size, as
 //!   safetensors (for speed work; `cargo xtask random-model`).
 //! - `random_model gguf PRESET TYPE OUT.gguf [LAYERS [VOCAB]]`: a GGUF file of a preset's widths
-//!   (`tiny-llama`, `tiny-qwen2`, `qwen2.5-0.5b`, `tinyllama-1.1b`), its matrices of TYPE (`f32`,
+//!   (`tiny-llama`, `tiny-qwen2`, `qwen2.5-0.5b`, `tinyllama-1.1b`, `llama-3.2-1b`, `llama-3.1-8b`), its
+//!   matrices of TYPE (`f32`,
 //!   `f16`, `bf16`, `q8_0`, `q4_0`, `q4_k_m`, `q5_k_m`, `q6_k`), with LAYERS layers (default: 2) and
 //!   the vocabulary VOCAB (default `bytes`; the trained ones: `mistral`, `llama2`, `gpt2`, `qwen2`,
 //!   `llama3`, `smollm`, each with its family's pre-tokenizer and chat template);

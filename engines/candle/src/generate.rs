@@ -24,7 +24,7 @@ pub struct Preset {
 }
 
 /// The presets: a tiny one of each architecture for the tests (K-quant blocks need widths of 256),
-/// and two of real widths whose layers the caller chooses.
+/// and four of real widths whose layers the caller chooses.
 pub fn presets() -> Vec<Preset> {
     let base = |architecture, name, rope_factors| Preset {
         name,
@@ -79,7 +79,35 @@ pub fn presets() -> Vec<Preset> {
         vocab: 32_000,
         ..tinyllama.config
     };
-    vec![tiny_llama, tiny_qwen2, qwen, tinyllama]
+    // Llama 3's shapes (the GPU's benchmark): tied embeddings at 1B, rotary factors at both.
+    let mut llama_1b = base(Architecture::Llama, "llama-3.2-1b", true);
+    llama_1b.config = Config {
+        dim: 2048,
+        layers: 16,
+        heads: 32,
+        kv_heads: 8,
+        head_dim: 64,
+        ffn: 8192,
+        context: 8192,
+        vocab: 128_256,
+        rope_theta: 500_000.0,
+        tied_output: true,
+        ..llama_1b.config
+    };
+    let mut llama_8b = base(Architecture::Llama, "llama-3.1-8b", true);
+    llama_8b.config = Config {
+        dim: 4096,
+        layers: 32,
+        heads: 32,
+        kv_heads: 8,
+        head_dim: 128,
+        ffn: 14_336,
+        context: 8192,
+        vocab: 128_256,
+        rope_theta: 500_000.0,
+        ..llama_8b.config
+    };
+    vec![tiny_llama, tiny_qwen2, qwen, tinyllama, llama_1b, llama_8b]
 }
 
 /// The tensor types a generated file can take: one type for every matrix, or llama.cpp's mixes.

@@ -125,6 +125,15 @@ impl Writer {
     }
 }
 
+/// Appends the bytes `name` to a written graph (its table and raw section), as [`Writer::bytes`] would.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code, reason = "the CUDA kernels' entry"))]
+pub(crate) fn append_bytes(table: &mut Vec<u8>, raw: &mut Vec<u8>, name: &str, bytes: &[u8]) {
+    let at = raw.len().next_multiple_of(ALIGN);
+    raw.resize(at, 0);
+    raw.extend_from_slice(bytes);
+    table.extend_from_slice(format!("b {name} {at} {}\n", bytes.len()).as_bytes());
+}
+
 enum Entry {
     Quantized {
         format: Format,

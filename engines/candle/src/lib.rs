@@ -1,12 +1,16 @@
 #![doc = include_str!("../README.md")]
 
 mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod generate;
 mod gguf;
 mod graph;
 mod kernel;
 mod matrix;
 mod model;
+#[cfg(feature = "cuda")]
+mod on_gpu;
 mod sample;
 mod shape;
 mod team;
@@ -57,14 +61,51 @@ pub const BUILTIN_PREFIX: &str = "builtin:";
 pub const WEIGHTS_DIGEST_OPTION: &str = "weights_blake3";
 /// The spec option capping the context, in tokens (default: the model's own).
 pub const CONTEXT_OPTION: &str = "context";
+/// The spec option naming the card a graph is compiled for ([`CandleEngine::kernels_key`]): its
+/// kernels are in the graph, and the key of a graph for another card differs.
+pub const DEVICE_OPTION: &str = "device";
 /// The one profile: the CPU.
 pub const PROFILE: &str = "cpu";
+
+/// Where the engine runs its forward passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Target {
+    /// The first NVIDIA card where the build has the `cuda` feature and the machine a card and its
+    /// driver; the CPU otherwise.
+    #[default]
+    Auto,
+    /// The CPU's cores.
+    Cpu,
+    /// The NVIDIA card of this ordinal (feature `cuda`).
+    Cuda(usize),
+}
+
+impl std::str::FromStr for Target {
+    type Err = String;
+
+    /// `auto`, `cpu`, `cuda` (card 0) or `cuda:N`.
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "auto" => Ok(Self::Auto),
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|ordinal| ordinal.parse().ok())
+                .map(Self::Cuda)
+                .ok_or_else(|| format!("`{other}`: expected auto, cpu, cuda or cuda:N")),
+        }
+    }
+}
 
 /// The candle engine.
 pub struct CandleEngine {
     descriptor: EngineDescriptor,
     /// The threads its forward passes use.
     team: Arc<Team>,
+    /// The card its passes run on, if any.
+    #[cfg(feature = "cuda")]
+    card: Option<cuda::Card>,
     /// Weights held by the program (a binary that ships its model), by name.
     builtin: std::collections::BTreeMap<String, &'static [u8]>,
 }
@@ -101,8 +142,62 @@ impl CandleEngine {
         Self::with_threads(default_threads()).expect("the default thread count is valid")
     }
 
-    /// The engine, its forward passes on `threads` threads (1 to [`MAX_THREADS`]).
+    /// The engine, its forward passes on `threads` threads (1 to [`MAX_THREADS`]) of the CPU.
     pub fn with_threads(threads: usize) -> Result<Self, EngineError> {
+        Self::with_target(threads, Target::Cpu)
+    }
+
+    /// The engine, its forward passes on `target` (its CPU work on `threads` threads). A card asked
+    /// for that this build or machine lacks is [`EngineError::Unsupported`]; [`Target::Auto`] then
+    /// takes the CPU.
+    pub fn with_target(threads: usize, target: Target) -> Result<Self, EngineError> {
+        let mut engine = Self::cpu(threads)?;
+        let unavailable = |why: String| EngineError::Unsupported {
+            engine: NAME.to_owned(),
+            what: "device",
+            name: format!("{target:?}"),
+            known: vec![why],
+        };
+        match target {
+            Target::Cpu => {}
+            #[cfg(not(feature = "cuda"))]
+            Target::Auto => {}
+            #[cfg(not(feature = "cuda"))]
+            Target::Cuda(_) => return Err(unavailable("cpu (this build has no `cuda` feature)".to_owned())),
+            #[cfg(feature = "cuda")]
+            Target::Auto | Target::Cuda(_) => {
+                let ordinal = if let Target::Cuda(ordinal) = target { ordinal } else { 0 };
+                match cuda::detect(ordinal) {
+                    Some(card) => {
+                        engine.descriptor.device = Device::Gpu;
+                        engine.card = Some(card);
+                    }
+                    None if target == Target::Auto => {}
+                    None => return Err(unavailable(format!("cpu (no CUDA card {ordinal} or driver on this machine)"))),
+                }
+            }
+        }
+        Ok(engine)
+    }
+
+    /// The spec option ([`DEVICE_OPTION`]) of a graph compiled for the engine's card: the name of the
+    /// kernels it holds (architecture, driver, source). `None` on the CPU.
+    pub fn kernels_key(&self) -> Option<String> {
+        #[cfg(feature = "cuda")]
+        return self.card.as_ref().map(cuda::Card::kernels_name);
+        #[cfg(not(feature = "cuda"))]
+        None
+    }
+
+    /// The card the engine's passes run on (feature `cuda`), described.
+    pub fn card(&self) -> Option<String> {
+        #[cfg(feature = "cuda")]
+        return self.card.as_ref().map(ToString::to_string);
+        #[cfg(not(feature = "cuda"))]
+        None
+    }
+
+    fn cpu(threads: usize) -> Result<Self, EngineError> {
         if !(1..=MAX_THREADS).contains(&threads) {
             return Err(EngineError::InvalidParams {
                 name: "threads",
@@ -121,6 +216,8 @@ impl CandleEngine {
                 profiles: vec![PROFILE.into()],
             },
             team: Arc::new(team),
+            #[cfg(feature = "cuda")]
+            card: None,
             builtin: std::collections::BTreeMap::new(),
         })
     }
@@ -407,6 +504,18 @@ impl Engine for CandleEngine {
         while let Ok(report) = reports.try_recv() {
             progress.report(report);
         }
+        #[cfg(feature = "cuda")]
+        let (table, raw) = match self.card.clone() {
+            None => (table, raw),
+            Some(card) => {
+                blocking(move || {
+                    let (mut table, mut raw) = (table, raw);
+                    graph::append_bytes(&mut table, &mut raw, &card.kernels_name(), &cuda::compile(&card)?);
+                    Ok((table, raw))
+                })
+                .await?
+            }
+        };
         let mut metadata = std::collections::BTreeMap::new();
         metadata.insert("source_blake3".to_owned(), digest);
         metadata.insert("architecture".to_owned(), described.architecture.name().to_owned());
@@ -440,7 +549,7 @@ impl Engine for CandleEngine {
             .map_err(|error| corrupt(format!("the vocabulary: {error}")))?
             .into();
         let arena = Arc::new(Arena::new(&model.config, KV_BLOCK_TOKENS as usize));
-        Ok(Arc::new(CandleModel {
+        let model = CandleModel {
             arena,
             model: Arc::new(model),
             plan,
@@ -449,7 +558,24 @@ impl Engine for CandleEngine {
             tokenizer: std::sync::OnceLock::new(),
             template: std::sync::OnceLock::new(),
             end_of_generation,
-        }))
+        };
+        #[cfg(feature = "cuda")]
+        if let Some(card) = self.card.clone() {
+            // The kernels the compile stored for this card, or (a graph compiled elsewhere) made now.
+            let stored =
+                reader.bytes_range(&card.kernels_name()).ok().map(|range| graph.raw.as_bytes()[range].to_vec());
+            let host = Arc::clone(&model.model);
+            let gpu = blocking(move || {
+                let cubin = match stored {
+                    Some(cubin) => cubin,
+                    None => cuda::compile(&card)?,
+                };
+                cuda::GpuModel::new(cuda::Gpu::open(card.ordinal, cubin)?, host)
+            })
+            .await?;
+            return Ok(Arc::new(on_gpu::CudaModel { base: model, gpu: Arc::new(gpu) }));
+        }
+        Ok(Arc::new(model))
     }
 }
 

@@ -17,17 +17,17 @@ use crate::kernel::{Isa, share_arena};
 use crate::matrix::Matrix;
 use crate::team::{Abandoned, Rank, Team, Tuner};
 
-struct Layer {
-    attention_norm: Vec<f32>,
+pub(crate) struct Layer {
+    pub(crate) attention_norm: Vec<f32>,
     /// The query, key and value projections stacked: one product gives all three.
-    wqkv: Matrix,
+    pub(crate) wqkv: Matrix,
     /// Their biases, stacked alike (`qwen2`).
-    qkv_bias: Option<Vec<f32>>,
-    wo: Matrix,
-    ffn_norm: Vec<f32>,
+    pub(crate) qkv_bias: Option<Vec<f32>>,
+    pub(crate) wo: Matrix,
+    pub(crate) ffn_norm: Vec<f32>,
     /// The gate and up projections stacked.
-    w13: Matrix,
-    w2: Matrix,
+    pub(crate) w13: Matrix,
+    pub(crate) w2: Matrix,
 }
 
 /// A loaded model: its weights (matrices repacked for the kernels, or dense) and its rotary tables.
@@ -35,12 +35,12 @@ pub(crate) struct Model {
     pub(crate) config: Config,
     /// The token embeddings, looked up a row at a time; none where the output projection is tied to
     /// them (it is then the one matrix).
-    embeddings: Option<Matrix>,
-    layers: Vec<Layer>,
-    norm: Vec<f32>,
-    output: Matrix,
+    pub(crate) embeddings: Option<Matrix>,
+    pub(crate) layers: Vec<Layer>,
+    pub(crate) norm: Vec<f32>,
+    pub(crate) output: Matrix,
     /// Llama 3's frequency factors of the rotary embedding, one per pair of a head.
-    rope_factors: Option<Vec<f32>>,
+    pub(crate) rope_factors: Option<Vec<f32>>,
     /// How many of the team's threads its passes use, timed on its own passes.
     tuner: Mutex<Tuner>,
     /// The same for its prefill passes, which are far longer.
@@ -681,7 +681,7 @@ fn attend(head: &Head, cache: &KvCache, known: usize, query: &[f32], scale: f32,
 /// cos and sin of `position`'s angle for each pair of a head: position × scale × base^(−2i/d), over
 /// the pair's frequency factor where the file has them (Llama 3), computed in f64. (A few dozen values
 /// a pass: cheaper computed than a table of every position of a 128k context.)
-fn rotary_angles(config: &Config, factors: Option<&[f32]>, position: usize) -> (Vec<f32>, Vec<f32>) {
+pub(crate) fn rotary_angles(config: &Config, factors: Option<&[f32]>, position: usize) -> (Vec<f32>, Vec<f32>) {
     let half = config.head_dim / 2;
     let (mut cos, mut sin) = (Vec::with_capacity(half), Vec::with_capacity(half));
     for i in 0..half {
@@ -960,7 +960,11 @@ mod tests {
                     })
                     .unwrap();
                 if index == 0 {
-                    assert_eq!(logits, [expected_step.clone()], "the step beside a chunk, on {threads} threads");
+                    assert_eq!(
+                        logits,
+                        std::slice::from_ref(&expected_step),
+                        "the step beside a chunk, on {threads} threads"
+                    );
                 }
                 start += size;
             }
