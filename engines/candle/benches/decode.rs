@@ -5,7 +5,7 @@
 //! times are printed), not read from a file: for the file to the first token, and for llama.cpp on the
 //! same GGUF files (the same weights and seed), see `bench-peers`.
 //!
-//! `batched`: the aggregate of 1, 4 and 16 sequences stepped together through `compute_batch` (each
+//! `batched`: the aggregate of 1, 4, 16 and 64 sequences stepped together through `compute_batch` (each
 //! weight read once a pass for all), 58 M at Q8_0 on two threads: all sequences' tokens over the
 //! [`BATCH_STEPS`] passes after their first, untimed; over the one-sequence figure, the gain batching
 //! brings. For it against llama.cpp's batch API in the same run, see `bench-peers --batch`.
@@ -93,7 +93,7 @@ fn decode(bencher: Bencher<'_, '_>, size: &str, quantization: &str, threads: usi
         });
 }
 
-#[divan::bench(args = [1, 4, 16], sample_count = 5, sample_size = 1)]
+#[divan::bench(args = [1, 4, 16, 64], sample_count = 5, sample_size = 1)]
 fn batched(bencher: Bencher<'_, '_>, streams: usize) {
     let (runtime, model) = model("58m", "q8_0", 2);
     let prompt = model.tokenize("The kernel");

@@ -151,7 +151,7 @@ impl CandleEngine {
     /// for that this build or machine lacks is [`EngineError::Unsupported`]; [`Target::Auto`] then
     /// takes the CPU.
     pub fn with_target(threads: usize, target: Target) -> Result<Self, EngineError> {
-        let mut engine = Self::cpu(threads)?;
+        let engine = Self::cpu(threads)?;
         let unavailable = |why: String| EngineError::Unsupported {
             engine: NAME.to_owned(),
             what: "device",
@@ -169,8 +169,10 @@ impl CandleEngine {
                 let ordinal = if let Target::Cuda(ordinal) = target { ordinal } else { 0 };
                 match cuda::detect(ordinal) {
                     Some(card) => {
+                        let mut engine = engine;
                         engine.descriptor.device = Device::Gpu;
                         engine.card = Some(card);
+                        return Ok(engine);
                     }
                     None if target == Target::Auto => {}
                     None => return Err(unavailable(format!("cpu (no CUDA card {ordinal} or driver on this machine)"))),
