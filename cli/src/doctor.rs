@@ -44,6 +44,32 @@ fn gpus() -> Result<Vec<Gpu>, String> {
     Err("built without the `nvml` feature: GPUs are not read".to_owned())
 }
 
+/// Where the candle engine would run its passes with this configuration's `device`: a card described,
+/// or the CPU and why.
+fn candle_device(loaded: &Loaded) -> String {
+    #[cfg(feature = "candle")]
+    {
+        let device = &loaded.config.device;
+        let engine = device
+            .parse::<usine_engine_candle::Target>()
+            .map_err(|error| anyhow::anyhow!(error))
+            .and_then(|target| Ok(usine_engine_candle::CandleEngine::with_target(1, target)?));
+        match engine {
+            Ok(engine) => match engine.card() {
+                Some(card) => format!("{card} (`device` {device})"),
+                None if cfg!(feature = "cuda") => format!("the CPU (`device` {device}: no CUDA card here)"),
+                None => format!("the CPU (`device` {device}; a build without the `cuda` feature)"),
+            },
+            Err(error) => format!("none: {error}"),
+        }
+    }
+    #[cfg(not(feature = "candle"))]
+    {
+        let _ = loaded;
+        "none (a build without the candle engine)".to_owned()
+    }
+}
+
 pub(crate) fn doctor(loaded: &Loaded, remote: Option<crate::app::RemoteStatus>, json: bool) -> anyhow::Result<()> {
     let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     let mut system = System::new();
@@ -57,6 +83,7 @@ pub(crate) fn doctor(loaded: &Loaded, remote: Option<crate::app::RemoteStatus>, 
     let threads = crate::app::threads(loaded);
     let pools = crate::app::pools(loaded)?;
     let (name, engine, model, why) = profile(gpus.first());
+    let candle = candle_device(loaded);
     if json {
         let gpus: Vec<_> =
             gpus.iter().map(|gpu| json!({ "name": gpu.name, "memory_bytes": gpu.memory_bytes })).collect();
@@ -65,6 +92,7 @@ pub(crate) fn doctor(loaded: &Loaded, remote: Option<crate::app::RemoteStatus>, 
             "gpu_note": gpu_note,
             "profile": { "name": name, "engine": engine, "model": model, "why": why },
             "threads": threads,
+            "candle_device": candle,
             "remote": remote.as_ref().map(crate::app::RemoteStatus::json),
             "pools": {
                 "kv-cache": pools.kv_cache.capacity, "activations": pools.activations.capacity,
@@ -91,6 +119,7 @@ pub(crate) fn doctor(loaded: &Loaded, remote: Option<crate::app::RemoteStatus>, 
         "  engine       {engine}, model {model} recommended (the default is webllm/7b, simulated; set `engine` and `model`)"
     );
     outln!("  threads      {threads} (cores minus two, at least one; `threads` overrides)");
+    outln!("  candle       passes on {candle}");
     outln!(
         "  pools        kv-cache {}, activations {}, uniforms {} (memory_budget_mib {}); weights {}",
         output::bytes(pools.kv_cache.capacity),
