@@ -40,35 +40,18 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
-// The sum of `v` over the block (at most 1024 threads), in every thread.
-__device__ float block_sum(float v) {
+// The sum (or, `largest`, the maximum) of `v` over the block (at most 1024 threads), in every thread.
+__device__ float block_reduce(float v, bool largest) {
     __shared__ float partial[32];
     __shared__ float total;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    v = warp_sum(v);
+    v = largest ? warp_max(v) : warp_sum(v);
     if (lane == 0) partial[warp] = v;
     __syncthreads();
     if (warp == 0) {
-        float w = lane < (int)((blockDim.x + 31) >> 5) ? partial[lane] : 0.0f;
-        w = warp_sum(w);
-        if (lane == 0) total = w;
-    }
-    __syncthreads();
-    float result = total;
-    __syncthreads();
-    return result;
-}
-
-__device__ float block_max(float v) {
-    __shared__ float partial[32];
-    __shared__ float total;
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    v = warp_max(v);
-    if (lane == 0) partial[warp] = v;
-    __syncthreads();
-    if (warp == 0) {
-        float w = lane < (int)((blockDim.x + 31) >> 5) ? partial[lane] : -3.402823466e38f;
-        w = warp_max(w);
+        float none = largest ? -3.402823466e38f : 0.0f;
+        float w = lane < (int)((blockDim.x + 31) >> 5) ? partial[lane] : none;
+        w = largest ? warp_max(w) : warp_sum(w);
         if (lane == 0) total = w;
     }
     __syncthreads();
@@ -85,7 +68,7 @@ extern "C" __global__ void rms_norm(const float* x, const int* rows, const float
     float* o = out + (size_t)blockIdx.x * dim;
     float sum = 0.0f;
     for (int i = threadIdx.x; i < dim; i += blockDim.x) sum += row[i] * row[i];
-    sum = block_sum(sum);
+    sum = block_reduce(sum, false);
     float inverse = 1.0f / sqrtf(sum / (float)dim + eps);
     for (int i = threadIdx.x; i < dim; i += blockDim.x) o[i] = row[i] * inverse * weight[i];
 }
@@ -260,14 +243,14 @@ extern "C" __global__ void attention(const float* qkv, int qkv_dim, float* out, 
     __syncthreads();
     float largest = -3.402823466e38f;
     for (int p = threadIdx.x; p < known; p += blockDim.x) largest = fmaxf(largest, scores[p]);
-    largest = block_max(largest);
+    largest = block_reduce(largest, true);
     float sum = 0.0f;
     for (int p = threadIdx.x; p < known; p += blockDim.x) {
         float e = expf(scores[p] - largest);
         scores[p] = e;
         sum += e;
     }
-    sum = block_sum(sum);
+    sum = block_reduce(sum, false);
     float inverse = 1.0f / sum;
     for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
         float acc = 0.0f;

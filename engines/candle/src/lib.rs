@@ -752,17 +752,15 @@ impl CandleModel {
         .await?;
         drop(guard);
         let unfilled = if now { Vec::new() } else { context.get(cached..base).unwrap_or_default().to_vec() };
+        let course = Course::new(base, input.first_step(), unfilled);
         Ok(Box::new(CandleSequence {
             model,
             cache: std::sync::Mutex::new(Arc::new(cache)),
             arena: input.blocks().map(|_| Arc::clone(&self.arena)),
             team: Arc::clone(&self.team),
-            base,
-            first_step: input.first_step(),
+            course,
             params: params.clone(),
             end_of_generation: Arc::clone(&self.end_of_generation),
-            unfilled,
-            filled: std::sync::atomic::AtomicUsize::new(0),
         }))
     }
 
@@ -781,27 +779,13 @@ impl CandleModel {
         let mut chunks = Vec::with_capacity(fills.len());
         for fill in fills {
             let sequence = self.own(&fill.sequence)?;
-            let filled = sequence.filled.load(std::sync::atomic::Ordering::Acquire);
-            let end = fill.done + fill.tokens;
-            if fill.done != filled || end > sequence.unfilled.len() {
-                return Err(EngineError::Fatal {
-                    message: format!(
-                        "a fill of tokens {}..{end} of a sequence with {filled} of {} filled",
-                        fill.done,
-                        sequence.unfilled.len()
-                    ),
-                });
-            }
-            let start = sequence.base - sequence.unfilled.len() + fill.done;
-            chunks.push((sequence.unfilled[fill.done..end].to_vec(), start, sequence.cache()));
+            let (tokens, start) = sequence.course.chunk(fill)?;
+            chunks.push((tokens.to_vec(), start, sequence.cache()));
         }
         let mut batch = Vec::with_capacity(steps.len());
         for step in steps {
             let sequence = self.own(&step.sequence)?;
-            sequence.check_filled()?;
-            let position = *step.prepared.data::<usize>().ok_or_else(|| EngineError::Fatal {
-                message: format!("step {} was prepared by another engine's sequence", step.prepared.step()),
-            })?;
+            let position = sequence.course.position(&step.prepared)?;
             batch.push((
                 step.previous,
                 position,
@@ -824,7 +808,7 @@ impl CandleModel {
         })
         .await?;
         for fill in fills {
-            self.own(&fill.sequence)?.filled.fetch_add(fill.tokens, std::sync::atomic::Ordering::AcqRel);
+            self.own(&fill.sequence)?.course.filled(fill);
         }
         Ok(tokens)
     }
@@ -863,29 +847,76 @@ struct CandleSequence {
     /// The arena, for a paged sequence.
     arena: Option<Arc<Arena>>,
     team: Arc<Team>,
-    /// The position of the first step's input token.
-    base: usize,
-    first_step: u32,
+    course: Course,
     params: GenerationParams,
     end_of_generation: Arc<[TokenId]>,
-    /// The context tokens an opened sequence has its passes compute (positions up to `base`), and how
-    /// many of them they have.
+}
+
+/// Where a sequence of either device stands: the position of its first step's input token, its first
+/// step, and the context tokens an opened sequence has its passes compute (positions up to `base`),
+/// with how many of them they have.
+pub(crate) struct Course {
+    base: usize,
+    first_step: u32,
     unfilled: Vec<TokenId>,
     filled: std::sync::atomic::AtomicUsize,
+}
+
+impl Course {
+    pub(crate) fn new(base: usize, first_step: u32, unfilled: Vec<TokenId>) -> Self {
+        Self { base, first_step, unfilled, filled: std::sync::atomic::AtomicUsize::new(0) }
+    }
+
+    /// Context tokens still to fill.
+    pub(crate) fn unfilled(&self) -> usize {
+        self.unfilled.len() - self.filled.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The prepared stage of `step`: its input token's position.
+    pub(crate) fn prepare(&self, step: u32) -> Result<Prepared, EngineError> {
+        let offset = step.checked_sub(self.first_step).ok_or_else(|| EngineError::Fatal {
+            message: format!("step {step} comes before this sequence's first, {}", self.first_step),
+        })?;
+        Ok(Prepared::new(step, self.base + offset as usize))
+    }
+
+    /// The position `prepared` was made for, once the context is filled (its kv is there).
+    pub(crate) fn position(&self, prepared: &Prepared) -> Result<usize, EngineError> {
+        let position = *prepared.data::<usize>().ok_or_else(|| EngineError::Fatal {
+            message: format!("step {} was prepared by another engine's sequence", prepared.step()),
+        })?;
+        match self.unfilled() {
+            0 => Ok(position),
+            left => Err(EngineError::Fatal { message: format!("a step with {left} context tokens unfilled") }),
+        }
+    }
+
+    /// The tokens `fill` computes and the position of the first, checked against what is filled.
+    pub(crate) fn chunk(&self, fill: &Fill) -> Result<(&[TokenId], usize), EngineError> {
+        let filled = self.filled.load(std::sync::atomic::Ordering::Acquire);
+        let end = fill.done + fill.tokens;
+        if fill.done != filled || end > self.unfilled.len() || fill.tokens == 0 {
+            return Err(EngineError::Fatal {
+                message: format!(
+                    "a fill of tokens {}..{end} of a sequence with {filled} of {} filled",
+                    fill.done,
+                    self.unfilled.len()
+                ),
+            });
+        }
+        Ok((&self.unfilled[fill.done..end], self.base - self.unfilled.len() + fill.done))
+    }
+
+    /// Counts `fill`'s tokens as computed.
+    pub(crate) fn filled(&self, fill: &Fill) {
+        self.filled.fetch_add(fill.tokens, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 impl CandleSequence {
     /// Its kv-cache as it is now.
     fn cache(&self) -> Arc<KvCache> {
         Arc::clone(&self.cache.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
-    }
-
-    /// Refuses a step while context tokens are still unfilled (their kv is not there yet).
-    fn check_filled(&self) -> Result<(), EngineError> {
-        match self.unfilled() {
-            0 => Ok(()),
-            left => Err(EngineError::Fatal { message: format!("a step with {left} context tokens unfilled") }),
-        }
     }
 }
 
@@ -899,22 +930,15 @@ impl Sequence for CandleSequence {
     }
 
     fn unfilled(&self) -> usize {
-        self.unfilled.len() - self.filled.load(std::sync::atomic::Ordering::Acquire)
+        self.course.unfilled()
     }
 
     async fn prepare(&self, step: u32) -> Result<Prepared, EngineError> {
-        let offset = step.checked_sub(self.first_step).ok_or_else(|| EngineError::Fatal {
-            message: format!("step {step} comes before this sequence's first, {}", self.first_step),
-        })?;
-        Ok(Prepared::new(step, self.base + offset as usize))
+        self.course.prepare(step)
     }
 
     async fn compute(&self, prepared: Prepared, previous: Option<TokenId>) -> Result<Token, EngineError> {
-        let step = prepared.step();
-        let position = *prepared.data::<usize>().ok_or_else(|| EngineError::Fatal {
-            message: format!("step {step} was prepared by another engine's sequence"),
-        })?;
-        self.check_filled()?;
+        let (step, position) = (prepared.step(), self.course.position(&prepared)?);
         let (model, cache, team) = (Arc::clone(&self.model), self.cache(), Arc::clone(&self.team));
         let logits = blocking(move || model.forward(&team, previous, position, &cache)).await?;
         let id = sample::sample(&logits, &self.params, step);

@@ -3,7 +3,6 @@
 //! paging, so no prefix cache yet); it batches and prefills in passes as the CPU model does.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use async_trait::async_trait;
 use usine_engine::{
@@ -13,7 +12,7 @@ use usine_engine::{
 
 use crate::cuda::{GpuCache, GpuModel};
 use crate::model::PREFILL_CHUNK;
-use crate::{CandleModel, blocking, sample};
+use crate::{CandleModel, Course, blocking, sample};
 
 pub(crate) struct CudaModel {
     /// The tokenizer, chat template, plan and end tokens.
@@ -99,15 +98,13 @@ impl CudaModel {
         })
         .await?;
         let (cache, context) = cache;
+        let unfilled = if now { Vec::new() } else { context[..base].to_vec() };
         Ok(Box::new(CudaSequence {
             gpu: Arc::clone(&self.gpu),
             cache: Arc::new(cache),
-            base,
-            first_step: input.first_step(),
+            course: Course::new(base, input.first_step(), unfilled),
             params: input.params().clone(),
             end_of_generation: Arc::clone(&self.base.end_of_generation),
-            unfilled: if now { Vec::new() } else { context[..base].to_vec() },
-            filled: AtomicUsize::new(0),
         }))
     }
 
@@ -124,25 +121,15 @@ impl CudaModel {
         let mut tokens: Vec<(u32, usize, Arc<GpuCache>)> = Vec::new();
         for fill in fills {
             let sequence = self.own(&fill.sequence)?;
-            let filled = sequence.filled.load(Ordering::Acquire);
-            let end = fill.done + fill.tokens;
-            if fill.done != filled || end > sequence.unfilled.len() || fill.tokens == 0 {
-                return Err(EngineError::Fatal {
-                    message: format!("a fill of tokens {}..{end} of a sequence with {filled} filled", fill.done),
-                });
-            }
-            let start = sequence.base - sequence.unfilled.len() + fill.done;
-            for (offset, &token) in sequence.unfilled[fill.done..end].iter().enumerate() {
+            let (chunk, start) = sequence.course.chunk(fill)?;
+            for (offset, &token) in chunk.iter().enumerate() {
                 tokens.push((token, start + offset, Arc::clone(&sequence.cache)));
             }
         }
         let mut sampling = Vec::with_capacity(steps.len());
         for step in steps {
             let sequence = self.own(&step.sequence)?;
-            sequence.check_filled()?;
-            let position = *step.prepared.data::<usize>().ok_or_else(|| EngineError::Fatal {
-                message: format!("step {} was prepared by another engine's sequence", step.prepared.step()),
-            })?;
+            let position = sequence.course.position(&step.prepared)?;
             sampling.push((
                 tokens.len(),
                 sequence.params.clone(),
@@ -160,7 +147,7 @@ impl CudaModel {
         })
         .await?;
         for fill in fills {
-            self.own(&fill.sequence)?.filled.fetch_add(fill.tokens, Ordering::AcqRel);
+            self.own(&fill.sequence)?.course.filled(fill);
         }
         Ok(logits
             .iter()
@@ -176,44 +163,23 @@ impl CudaModel {
 struct CudaSequence {
     gpu: Arc<GpuModel>,
     cache: Arc<GpuCache>,
-    /// The position of the first step's input token.
-    base: usize,
-    first_step: u32,
+    course: Course,
     params: GenerationParams,
     end_of_generation: Arc<[TokenId]>,
-    /// The context tokens its passes compute, and how many they have.
-    unfilled: Vec<TokenId>,
-    filled: AtomicUsize,
-}
-
-impl CudaSequence {
-    fn check_filled(&self) -> Result<(), EngineError> {
-        match self.unfilled() {
-            0 => Ok(()),
-            left => Err(EngineError::Fatal { message: format!("a step with {left} context tokens unfilled") }),
-        }
-    }
 }
 
 #[async_trait]
 impl Sequence for CudaSequence {
     fn unfilled(&self) -> usize {
-        self.unfilled.len() - self.filled.load(Ordering::Acquire)
+        self.course.unfilled()
     }
 
     async fn prepare(&self, step: u32) -> Result<Prepared, EngineError> {
-        let offset = step.checked_sub(self.first_step).ok_or_else(|| EngineError::Fatal {
-            message: format!("step {step} comes before this sequence's first, {}", self.first_step),
-        })?;
-        Ok(Prepared::new(step, self.base + offset as usize))
+        self.course.prepare(step)
     }
 
     async fn compute(&self, prepared: Prepared, previous: Option<TokenId>) -> Result<Token, EngineError> {
-        let step = prepared.step();
-        let position = *prepared.data::<usize>().ok_or_else(|| EngineError::Fatal {
-            message: format!("step {step} was prepared by another engine's sequence"),
-        })?;
-        self.check_filled()?;
+        let (step, position) = (prepared.step(), self.course.position(&prepared)?);
         let token = previous.unwrap_or_else(|| self.gpu.start_token());
         let (gpu, cache) = (Arc::clone(&self.gpu), Arc::clone(&self.cache));
         let logits = blocking(move || gpu.forward(&[(token, position, &cache)], &[0])).await?;
