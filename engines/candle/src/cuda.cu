@@ -84,7 +84,7 @@ extern "C" __global__ void quantize(const float* x, i8* quants, float* scales, i
     float largest = warp_max(fabsf(v));
     float scale = largest / 127.0f;
     float inverse = scale > 0.0f ? 1.0f / scale : 0.0f;
-    float scaled = v * inverse;
+    float scaled = __fmul_rn(v, inverse);  // rounded before the add, as the CPU's (no fused multiply-add)
     int q = (int)(scaled + copysignf(0.5f, scaled));
     quants[(size_t)block * 32 + lane] = (i8)q;
     int sum = warp_sum_int(q);

@@ -274,6 +274,16 @@ pub(crate) struct GpuCache {
     keys: CudaSlice<f32>,
     values: CudaSlice<f32>,
     capacity: usize,
+    context: Arc<CudaContext>,
+}
+
+/// cudarc frees a slice on the dropping thread's current context without making its own current; a
+/// sequence ends on an executor thread where no context is, and the free would fail (the memory kept,
+/// the error reported by the next pass). So the context is made current first.
+impl Drop for GpuCache {
+    fn drop(&mut self) {
+        let _ = self.context.bind_to_thread();
+    }
 }
 
 /// The buffers of a pass of up to [`PREFILL_CHUNK`] tokens, made once.
@@ -292,6 +302,15 @@ struct Workspace {
     /// The attention's scores: a row of `scores_stride` a token and head, grown to the longest context.
     scores: CudaSlice<f32>,
     scores_stride: usize,
+    /// Each token's rotary angles, position, cache capacity and cache pointers, and the rows whose
+    /// logits are wanted: copied up each pass into buffers made once.
+    cos: CudaSlice<f32>,
+    sin: CudaSlice<f32>,
+    positions: CudaSlice<i32>,
+    capacities: CudaSlice<i32>,
+    keys: CudaSlice<u64>,
+    values: CudaSlice<u64>,
+    chosen: CudaSlice<i32>,
 }
 
 /// A model's weights on the card.
@@ -303,6 +322,13 @@ pub(crate) struct GpuModel {
     norm: CudaSlice<f32>,
     output: GpuMatrix,
     work: Mutex<Workspace>,
+}
+
+/// Its weights are freed with the context current, as a cache's are (see [`GpuCache`]'s `Drop`).
+impl Drop for GpuModel {
+    fn drop(&mut self) {
+        let _ = self.gpu.context.bind_to_thread();
+    }
 }
 
 /// Tokens of a pass: a token, its position and its sequence's cache.
@@ -345,6 +371,13 @@ impl GpuModel {
             logits: gpu.zeros(tokens * config.vocab)?,
             scores: gpu.zeros(tokens * config.heads * 256)?,
             scores_stride: 256,
+            cos: gpu.zeros(tokens * config.head_dim / 2)?,
+            sin: gpu.zeros(tokens * config.head_dim / 2)?,
+            positions: gpu.zeros(tokens)?,
+            capacities: gpu.zeros(tokens)?,
+            keys: gpu.zeros(tokens)?,
+            values: gpu.zeros(tokens)?,
+            chosen: gpu.zeros(tokens)?,
         };
         Ok(Self { gpu, host, layers, norm, output, work: Mutex::new(work) })
     }
@@ -362,7 +395,12 @@ impl GpuModel {
     pub(crate) fn cache(&self, capacity: usize) -> Result<GpuCache, EngineError> {
         let config = self.config();
         let values = config.layers * config.kv_heads * capacity.max(1) * config.head_dim;
-        Ok(GpuCache { keys: self.gpu.zeros(values)?, values: self.gpu.zeros(values)?, capacity: capacity.max(1) })
+        Ok(GpuCache {
+            keys: self.gpu.zeros(values)?,
+            values: self.gpu.zeros(values)?,
+            capacity: capacity.max(1),
+            context: Arc::clone(&self.gpu.context),
+        })
     }
 
     /// One pass over `tokens` (at most [`PREFILL_CHUNK`]), writing each one's key and value into its
@@ -415,9 +453,13 @@ impl GpuModel {
         let capacities: Vec<i32> = tokens.iter().map(|&(.., cache)| int(cache.capacity)).collect();
         let keys: Vec<u64> = tokens.iter().map(|&(.., cache)| cache.keys.device_ptr(stream).0).collect();
         let values: Vec<u64> = tokens.iter().map(|&(.., cache)| cache.values.device_ptr(stream).0).collect();
-        let (cos, sin) = (gpu.upload(&cos)?, gpu.upload(&sin)?);
-        let (positions_on, capacities) = (gpu.upload(&positions)?, gpu.upload(&capacities)?);
-        let (keys, values) = (gpu.upload(&keys)?, gpu.upload(&values)?);
+        let copy = driver_error("a pass's positions");
+        stream.memcpy_htod(&cos, &mut work.cos.slice_mut(..cos.len())).map_err(&copy)?;
+        stream.memcpy_htod(&sin, &mut work.sin.slice_mut(..sin.len())).map_err(&copy)?;
+        stream.memcpy_htod(&positions, &mut work.positions.slice_mut(..count)).map_err(&copy)?;
+        stream.memcpy_htod(&capacities, &mut work.capacities.slice_mut(..count)).map_err(&copy)?;
+        stream.memcpy_htod(&keys, &mut work.keys.slice_mut(..count)).map_err(&copy)?;
+        stream.memcpy_htod(&values, &mut work.values.slice_mut(..count)).map_err(&copy)?;
         let longest = tokens.iter().map(|&(_, position, _)| position + 1).max().unwrap_or(1);
         if longest > work.scores_stride {
             let stride = longest.next_power_of_two();
@@ -434,10 +476,9 @@ impl GpuModel {
             shared_mem_bytes: 0,
         };
         let flat = |n: usize| LaunchConfig::for_num_elems(u32::try_from(n).expect("a pass's values"));
-        let no_rows: Option<&CudaSlice<i32>> = None;
         for (index, layer) in self.layers.iter().enumerate() {
             // Attention.
-            self.norm(work, no_rows, &layer.attention_norm, count, eps)?;
+            self.norm(work, false, &layer.attention_norm, count, eps)?;
             self.quantize(work, count * dim)?;
             self.matmul(work, &layer.wqkv, count, Out::Qkv)?;
             if let Some(bias) = &layer.qkv_bias {
@@ -453,16 +494,16 @@ impl GpuModel {
             launch
                 .arg(&mut work.qkv)
                 .arg(&qkv_width)
-                .arg(&cos)
-                .arg(&sin)
+                .arg(&work.cos)
+                .arg(&work.sin)
                 .arg(&heads_n)
                 .arg(&kv_n)
                 .arg(&head_n)
                 .arg(&halves)
-                .arg(&keys)
-                .arg(&values)
-                .arg(&capacities)
-                .arg(&positions_on)
+                .arg(&work.keys)
+                .arg(&work.values)
+                .arg(&work.capacities)
+                .arg(&work.positions)
                 .arg(&layer_n);
             unsafe { launch.launch(rows(count)) }.map_err(&launch_error)?;
             let stride = int(work.scores_stride);
@@ -471,10 +512,10 @@ impl GpuModel {
                 .arg(&work.qkv)
                 .arg(&qkv_width)
                 .arg(&mut work.attention)
-                .arg(&keys)
-                .arg(&values)
-                .arg(&capacities)
-                .arg(&positions_on)
+                .arg(&work.keys)
+                .arg(&work.values)
+                .arg(&work.capacities)
+                .arg(&work.positions)
                 .arg(&layer_n)
                 .arg(&heads_n)
                 .arg(&kv_n)
@@ -492,7 +533,7 @@ impl GpuModel {
             self.matmul(work, &layer.wo, count, Out::Y)?;
             self.residual(work, count * dim)?;
             // Feed-forward.
-            self.norm(work, no_rows, &layer.ffn_norm, count, eps)?;
+            self.norm(work, false, &layer.ffn_norm, count, eps)?;
             self.quantize(work, count * dim)?;
             self.matmul(work, &layer.w13, count, Out::GateUp)?;
             let n = count * config.ffn;
@@ -509,8 +550,8 @@ impl GpuModel {
             return Ok(Vec::new());
         }
         let chosen: Vec<i32> = logits.iter().map(|&index| int(index)).collect();
-        let chosen = gpu.upload(&chosen)?;
-        self.norm(work, Some(&chosen), &self.norm, logits.len(), eps)?;
+        stream.memcpy_htod(&chosen, &mut work.chosen.slice_mut(..chosen.len())).map_err(&copy)?;
+        self.norm(work, true, &self.norm, logits.len(), eps)?;
         self.quantize(work, logits.len() * dim)?;
         self.matmul(work, &self.output, logits.len(), Out::Logits)?;
         let vocab = config.vocab;
@@ -519,11 +560,11 @@ impl GpuModel {
         Ok(host.chunks_exact(vocab).map(<[f32]>::to_vec).collect())
     }
 
-    /// `h` = the RMS norm of `x`'s rows (or of its rows `chosen`).
+    /// `h` = the RMS norm of `x`'s rows (or, `chosen`, of its rows in `work.chosen`).
     fn norm(
         &self,
         work: &mut Workspace,
-        chosen: Option<&CudaSlice<i32>>,
+        chosen: bool,
         weight: &CudaSlice<f32>,
         count: usize,
         eps: f32,
@@ -532,10 +573,11 @@ impl GpuModel {
         let null: u64 = 0;
         let mut launch = self.gpu.stream.launch_builder(&self.gpu.functions.rms_norm);
         launch.arg(&work.x);
-        match chosen {
-            Some(chosen) => launch.arg(chosen),
-            None => launch.arg(&null),
-        };
+        if chosen {
+            launch.arg(&work.chosen);
+        } else {
+            launch.arg(&null);
+        }
         launch.arg(weight).arg(&mut work.h).arg(&dim).arg(&eps);
         let config = LaunchConfig {
             grid_dim: (u32::try_from(count).expect("rows"), 1, 1),

@@ -12,7 +12,7 @@ use usine_engine::{
 
 use crate::cuda::{GpuCache, GpuModel};
 use crate::model::PREFILL_CHUNK;
-use crate::{CandleModel, Course, blocking, sample};
+use crate::{CancelOnDrop, CandleModel, Course, blocking, sample};
 
 pub(crate) struct CudaModel {
     /// The tokenizer, chat template, plan and end tokens.
@@ -82,10 +82,16 @@ impl CudaModel {
         let base = context.len().saturating_sub(1);
         let capacity = input.capacity().max(1);
         let gpu = Arc::clone(&self.gpu);
+        // A dropped prefill stops at the next chunk instead of running the whole prompt.
+        let cancelled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let guard = CancelOnDrop(Arc::clone(&cancelled));
         let cache = blocking(move || {
             let cache = gpu.cache(capacity)?;
             if now {
                 for (index, chunk) in context[..base].chunks(PREFILL_CHUNK).enumerate() {
+                    if cancelled.load(std::sync::atomic::Ordering::Relaxed) {
+                        return Err(EngineError::Cancelled);
+                    }
                     let tokens: Vec<_> = chunk
                         .iter()
                         .enumerate()
@@ -97,6 +103,7 @@ impl CudaModel {
             Ok((cache, context))
         })
         .await?;
+        drop(guard);
         let (cache, context) = cache;
         let unfilled = if now { Vec::new() } else { context[..base].to_vec() };
         Ok(Box::new(CudaSequence {
