@@ -699,12 +699,17 @@ impl LoadedModel for CandleModel {
         if fills.is_empty() {
             return (Vec::new(), self.compute_batch(steps).await);
         }
-        match self.compute_together(&fills, &steps).await {
-            Ok(tokens) => (fills.iter().map(|_| Ok(())).collect(), tokens.into_iter().map(Ok).collect()),
-            Err(error) => {
-                (fills.iter().map(|_| Err(error.clone())).collect(), steps.iter().map(|_| Err(error.clone())).collect())
-            }
-        }
+        let together = self.compute_together(&fills, &steps).await;
+        pass_outcome(fills.len(), steps.len(), together)
+    }
+}
+
+/// A pass's outcome for its `fills` and `steps` from one result for all: each its own, or the error for
+/// each (a pass fails whole).
+pub(crate) fn pass_outcome(fills: usize, steps: usize, together: Result<Vec<Token>, EngineError>) -> PassOutcome {
+    match together {
+        Ok(tokens) => (vec![Ok(()); fills], tokens.into_iter().map(Ok).collect()),
+        Err(error) => (vec![Err(error.clone()); fills], vec![Err(error); steps]),
     }
 }
 

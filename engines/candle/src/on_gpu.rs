@@ -12,7 +12,7 @@ use usine_engine::{
 
 use crate::cuda::{GpuCache, GpuModel};
 use crate::model::PREFILL_CHUNK;
-use crate::{CancelOnDrop, CandleModel, Course, blocking, sample};
+use crate::{CancelOnDrop, CandleModel, Course, blocking, pass_outcome, sample};
 
 pub(crate) struct CudaModel {
     /// The tokenizer, chat template, plan and end tokens.
@@ -63,12 +63,8 @@ impl LoadedModel for CudaModel {
     }
 
     async fn compute_pass(&self, fills: Vec<Fill>, steps: Vec<BatchStep>) -> PassOutcome {
-        match self.together(&fills, &steps).await {
-            Ok(tokens) => (fills.iter().map(|_| Ok(())).collect(), tokens.into_iter().map(Ok).collect()),
-            Err(error) => {
-                (fills.iter().map(|_| Err(error.clone())).collect(), steps.iter().map(|_| Err(error.clone())).collect())
-            }
-        }
+        let together = self.together(&fills, &steps).await;
+        pass_outcome(fills.len(), steps.len(), together)
     }
 }
 
