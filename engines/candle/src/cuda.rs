@@ -470,11 +470,6 @@ impl GpuModel {
         #[expect(clippy::cast_precision_loss, reason = "a small head width")]
         let scale = 1.0 / (head_dim as f32).sqrt();
         let eps = config.rms_epsilon;
-        let rows = |n: usize| LaunchConfig {
-            grid_dim: (u32::try_from(n).expect("rows"), 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
         let flat = |n: usize| LaunchConfig::for_num_elems(u32::try_from(n).expect("a pass's values"));
         for (index, layer) in self.layers.iter().enumerate() {
             // Attention.
@@ -505,7 +500,7 @@ impl GpuModel {
                 .arg(&work.capacities)
                 .arg(&work.positions)
                 .arg(&layer_n);
-            unsafe { launch.launch(rows(count)) }.map_err(&launch_error)?;
+            unsafe { launch.launch(grid(count, 256)) }.map_err(&launch_error)?;
             let stride = int(work.scores_stride);
             let mut launch = stream.launch_builder(&gpu.functions.attention);
             launch
@@ -523,12 +518,7 @@ impl GpuModel {
                 .arg(&scale)
                 .arg(&mut work.scores)
                 .arg(&stride);
-            let config_attention = LaunchConfig {
-                grid_dim: (u32::try_from(count * heads).expect("heads"), 1, 1),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            unsafe { launch.launch(config_attention) }.map_err(&launch_error)?;
+            unsafe { launch.launch(grid(count * heads, 128)) }.map_err(&launch_error)?;
             self.quantize_from(work, From::Attention, count * q_dim)?;
             self.matmul(work, &layer.wo, count, Out::Y)?;
             self.residual(work, count * dim)?;
@@ -579,12 +569,7 @@ impl GpuModel {
             launch.arg(&null);
         }
         launch.arg(weight).arg(&mut work.h).arg(&dim).arg(&eps);
-        let config = LaunchConfig {
-            grid_dim: (u32::try_from(count).expect("rows"), 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        unsafe { launch.launch(config) }.map_err(driver_error("rms_norm"))?;
+        unsafe { launch.launch(grid(count, 256)) }.map_err(driver_error("rms_norm"))?;
         Ok(())
     }
 
@@ -603,12 +588,8 @@ impl GpuModel {
         let blocks_n = i32::try_from(blocks).expect("blocks");
         let mut launch = self.gpu.stream.launch_builder(&self.gpu.functions.quantize);
         launch.arg(source).arg(&mut work.quants).arg(&mut work.scales).arg(&mut work.sums).arg(&blocks_n);
-        let config = LaunchConfig {
-            grid_dim: (u32::try_from(blocks.div_ceil(8)).expect("blocks"), 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        unsafe { launch.launch(config) }.map_err(driver_error("quantize"))?;
+        // A warp a block of 32 values: 8 blocks a 256-thread block.
+        unsafe { launch.launch(grid(blocks.div_ceil(8), 256)) }.map_err(driver_error("quantize"))?;
         Ok(())
     }
 
@@ -617,11 +598,7 @@ impl GpuModel {
         let functions = if matrix.q4 { &self.gpu.functions.matmul_q4 } else { &self.gpu.functions.matmul_q8 };
         let (rows, blocks) = (matrix.rows, matrix.blocks);
         let groups = rows.div_ceil(crate::kernel::ROWS);
-        let config = LaunchConfig {
-            grid_dim: (u32::try_from((groups * 32).div_ceil(128)).expect("groups"), 1, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let config = grid((groups * 32).div_ceil(128), 128); // a warp a group of rows
         let (rows_n, blocks_n) = (i32::try_from(rows).expect("rows"), i32::try_from(blocks).expect("blocks"));
         let mut first = 0;
         while first < count {
@@ -669,6 +646,12 @@ impl GpuModel {
             .map_err(driver_error("add"))?;
         Ok(())
     }
+}
+
+/// `blocks` blocks of `threads` threads, in one dimension.
+fn grid(blocks: usize, threads: u32) -> LaunchConfig {
+    let blocks = u32::try_from(blocks).expect("a pass's blocks fit a grid");
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
 }
 
 /// Which activations a quantization reads.
